@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap on first use:
+# the Debian package dataset-fashion-mnist (when root with apt-get), a .venv, and
+# `pip install -e '.[dev]'` (torch pinned to the 2.13.0 CPU wheel). Later runs reuse the venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+FMNIST := /usr/share/datasets/fashion-mnist
+OUT    ?= runs/demo
+
+.PHONY: help setup data demo test test-slow lint bench clean
+
+help:
+	@echo "make demo       train normal + bit-flip-trained BNNs, sweep, metrics (Fashion-MNIST)"
+	@echo "make test       lint + default test suite (< 10 min on 2 cores)"
+	@echo "make test-slow  the slow tests too"
+	@echo "make bench      benchmarks -> benchmarks/RESULTS.md"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) data
+
+data:
+	@if [ ! -f $(FMNIST)/t10k-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing dataset-fashion-mnist with apt-get"; \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } || \
+	  echo "warning: could not install dataset-fashion-mnist; tests that need it are skipped"; \
+	fi
+
+demo: setup
+	$(BIN)/bnn-tol demo --out $(OUT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check bnn_tol tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,332 @@
+"""Datasets without torchvision: IDX files (MNIST, Fashion-MNIST, KMNIST), CIFAR-10 python
+batches, and scikit-learn's ``digits`` as a tiny built-in set.
+
+Images are kept as ``uint8`` ``(N, C, H, W)`` tensors; batches are converted to float with
+
+    x = (p - 128) / 128       p in {0, ..., 255}
+
+a dyadic scaling: first-layer sums of up to 2^16 terms ``+-x`` are exact in float32 in any
+summation order, and ``p - 128`` fits in int8 for integer kernels.
+
+>>> train = load("fashion-mnist", "train")          # doctest: +SKIP
+>>> x, y = next(train.batches(256, shuffle=True, seed=0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "BNNDataset",
+    "DatasetNotFound",
+    "CorruptDataset",
+    "load",
+    "read_idx",
+    "to_float",
+    "search_paths",
+    "available",
+    "SYSTEM_DIR",
+]
+
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_SETS = {"fashion-mnist": "fashion-mnist", "mnist": "mnist", "kmnist": "kmnist"}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset's files were not found in any searched location."""
+
+
+class CorruptDataset(ValueError):
+    """A dataset file exists but is truncated or malformed."""
+
+
+def to_float(images: Tensor) -> Tensor:
+    """``uint8`` pixels ``(N, C, H, W)`` -> float32 ``(p - 128) / 128`` in ``[-1, 0.9921875]``."""
+    return (images.to(torch.float32) - 128.0) / 128.0
+
+
+class BNNDataset(Dataset):
+    """Images and labels held in memory.
+
+    Attributes:
+        images: ``uint8`` tensor ``(N, C, H, W)``.
+        labels: ``int64`` tensor ``(N,)``.
+        name: dataset name; ``split``: ``"train"``/``"test"``; ``classes``: class names.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        name: str = "custom",
+        split: str = "",
+        classes: tuple[str, ...] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got "
+                             f"{tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.name = name
+        self.split = split
+        n_cls = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = tuple(classes) if classes else tuple(str(c) for c in range(n_cls))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return to_float(self.images[i : i + 1])[0], self.labels[i]
+
+    def __repr__(self) -> str:
+        return (f"BNNDataset({self.name!r}, split={self.split!r}, n={len(self)}, "
+                f"shape={tuple(self.images.shape[1:])}, classes={len(self.classes)})")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of one image ``(C, H, W)``."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, n: int | None = None, *, seed: int | None = None) -> BNNDataset:
+        """The first ``n`` samples, or a random ``n`` if ``seed`` is given."""
+        if n is None or n >= len(self):
+            return self
+        if seed is None:
+            idx = torch.arange(n)
+        else:
+            idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return BNNDataset(self.images[idx], self.labels[idx], name=self.name, split=self.split,
+                          classes=self.classes)
+
+    def batches(
+        self,
+        batch_size: int = 1024,
+        *,
+        shuffle: bool = False,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)``: float32 ``(B, C, H, W)`` and int64 ``(B,)`` on ``device``.
+
+        Shuffling draws from ``generator`` (or a fresh one seeded with ``seed``).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        if shuffle:
+            if generator is None:
+                if seed is None:
+                    raise ValueError("shuffle=True needs a seed or a generator")
+                generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = None
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size] if order is not None else slice(
+                start, start + batch_size)
+            x = to_float(self.images[idx].to(device, non_blocking=True))
+            yield x, self.labels[idx].to(device, non_blocking=True)
+
+
+def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Directories searched for dataset ``name``, in order.
+
+    ``data_dir``, ``$BNN_TOL_DATA``, ``./data`` (each as is and with ``/<name>``), then
+    ``/usr/share/datasets/<name>`` (the Debian ``dataset-fashion-mnist`` package).
+    """
+    roots: list[Path] = []
+    if data_dir is not None:
+        roots.append(Path(data_dir))
+    env = os.environ.get("BNN_TOL_DATA")
+    if env:
+        roots.append(Path(env))
+    roots.append(Path("data"))
+    out: list[Path] = []
+    for r in roots:
+        out += [r / name, r]
+    out.append(Path("/usr/share/datasets") / name)
+    return out
+
+
+def _open(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise CorruptDataset(f"{path}: cannot read ({e}); the file is corrupt or truncated, "
+                             "delete it and reinstall the dataset") from e
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array.
+
+    Format: magic ``0x0000 TT DD`` (TT = type code, DD = number of dims), DD big-endian
+    uint32 sizes, then the data.
+
+    Raises:
+        CorruptDataset: bad magic, unknown type, or fewer bytes than the header announces.
+    """
+    path = Path(path)
+    raw = _open(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise CorruptDataset(f"{path}: not an IDX file (bad magic number)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES or ndim == 0:
+        raise CorruptDataset(f"{path}: unknown IDX type 0x{code:02x} or 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise CorruptDataset(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    need = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header < need:
+        raise CorruptDataset(f"{path}: truncated: header announces {dims} ({need} bytes of data),"
+                             f" file has {len(raw) - header}")
+    return np.frombuffer(raw, dtype=dtype, count=int(np.prod(dims)), offset=header).reshape(dims)
+
+
+def _find_idx(name: str, split: str, data_dir) -> tuple[Path, Path]:
+    stems = _IDX_FILES[split]
+    looked = search_paths(name, data_dir)
+    for d in looked:
+        found = []
+        for stem in stems:
+            hits = [d / (stem + ext) for ext in ("", ".gz")]
+            hits += [d / (stem.replace("-idx", ".idx") + ext) for ext in ("", ".gz")]
+            hits = [h for h in hits if h.is_file()]
+            if not hits:
+                break
+            found.append(hits[0])
+        if len(found) == 2:
+            return found[0], found[1]
+    env = os.environ.get("BNN_TOL_DATA")
+    where = ", ".join(str(p) for p in dict.fromkeys(looked))
+    hint = (" Install it with `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist"
+            else "")
+    raise DatasetNotFound(
+        f"{name} ({split}) not found. Looked in: {where} ($BNN_TOL_DATA "
+        f"{'=' + env if env else 'unset'}).{hint} or pass --data-dir DIR (data_dir=DIR) "
+        f"containing {stems[0]}.gz and {stems[1]}.gz."
+    )
+
+
+def _load_idx(name: str, split: str, data_dir) -> BNNDataset:
+    img_path, lbl_path = _find_idx(name, split, data_dir)
+    images = read_idx(img_path)
+    labels = read_idx(lbl_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise CorruptDataset(f"{img_path} / {lbl_path}: shapes {images.shape} and {labels.shape}"
+                             " do not form an image/label pair")
+    classes = FASHION_CLASSES if name == "fashion-mnist" else None
+    return BNNDataset(torch.from_numpy(images.astype(np.uint8))[:, None],
+                      torch.from_numpy(labels.astype(np.int64)), name=name, split=split,
+                      classes=classes)
+
+
+def _load_cifar10(split: str, data_dir) -> BNNDataset:
+    looked = search_paths("cifar-10-batches-py", data_dir) + search_paths("cifar10", data_dir)
+    files = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    for d in looked:
+        if all((d / f).is_file() for f in files):
+            xs, ys = [], []
+            for f in files:
+                try:
+                    with open(d / f, "rb") as fh:
+                        # CIFAR batches are pickles of plain dicts: allow only numpy/builtins.
+                        batch = _SafeUnpickler(fh, encoding="bytes").load()
+                    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                    y = np.asarray(batch[b"labels"], dtype=np.int64)
+                except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+                    raise CorruptDataset(f"{d / f}: not a CIFAR-10 python batch ({e})") from e
+                xs.append(x)
+                ys.append(y)
+            return BNNDataset(torch.from_numpy(np.concatenate(xs)),
+                              torch.from_numpy(np.concatenate(ys)), name="cifar10", split=split,
+                              classes=CIFAR_CLASSES)
+    raise DatasetNotFound(
+        f"cifar10 ({split}) not found. Looked in: {', '.join(map(str, dict.fromkeys(looked)))}. "
+        "Download the CIFAR-10 python version, unpack it and pass --data-dir DIR containing "
+        "cifar-10-batches-py/."
+    )
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_digits(split: str) -> BNNDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
+    perm = np.random.default_rng(0).permutation(len(images))  # fixed split, not a global seed
+    cut = int(0.8 * len(images))
+    idx = perm[:cut] if split == "train" else perm[cut:]
+    labels = torch.from_numpy(d.target[idx].astype(np.int64))
+    return BNNDataset(torch.from_numpy(images[idx]), labels, name="digits", split=split)
+
+
+def available() -> list[str]:
+    """Dataset names accepted by :func:`load`."""
+    return [*sorted(_IDX_SETS), "cifar10", "digits"]
+
+
+def load(
+    name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None
+) -> BNNDataset:
+    """Load a dataset split into memory.
+
+    Args:
+        name: ``"fashion-mnist"`` (alias ``"fmnist"``), ``"mnist"``, ``"kmnist"``,
+            ``"cifar10"``, or ``"digits"`` (scikit-learn's 8x8 digits, fixed 80/20 split).
+        split: ``"train"`` or ``"test"``.
+        data_dir: extra directory searched first (see :func:`search_paths`).
+
+    Raises:
+        DatasetNotFound: names every directory searched and how to install or point to it.
+        CorruptDataset: truncated or malformed files.
+    """
+    key = name.lower().replace("_", "-")
+    key = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(
+        key, key)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if key in _IDX_SETS:
+        return _load_idx(key, split, data_dir)
+    if key == "cifar10":
+        return _load_cifar10(split, data_dir)
+    if key == "digits":
+        return _load_digits(split)
+    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available())}")

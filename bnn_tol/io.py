@@ -1,0 +1,119 @@
+"""Checkpoints: ``model.safetensors`` (tensors only, loading executes no code) plus a
+``config.json`` beside it (architecture, training recipe and history, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .models import BNN, build
+
+__all__ = ["save", "load", "CheckpointError", "WEIGHTS", "CONFIG"]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not match its config."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: BNN, path: str | os.PathLike, **extra: Any) -> Path:
+    """Write ``model`` to directory ``path`` (created if needed); atomic per file.
+
+    ``config.json`` holds ``format``, ``model`` (``{"name", "kwargs"}``), ``meta`` (training
+    recipe, history, anything in ``model.meta`` and ``extra``) and library versions.
+
+    Returns:
+        The checkpoint directory.
+    """
+    if not isinstance(model, BNN):
+        raise TypeError(f"save() expects a bnn_tol BNN, got {type(model).__name__}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {**model.meta, **extra}
+    config = {
+        "format": FORMAT,
+        "model": model.config,
+        "meta": meta,
+        "versions": {"bnn_tol": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+    text = json.dumps(config, indent=2, default=_json_default)
+    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(path / CONFIG, lambda p: Path(p).write_text(text))
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot store {type(o).__name__} in config.json")
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> BNN:
+    """Load a checkpoint written by :func:`save` (no code is executed), in eval mode.
+
+    Raises:
+        CheckpointError: missing files, unreadable JSON/safetensors, unknown model, or
+            tensors that do not match the architecture in the config (names the keys).
+    """
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG, path / WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise CheckpointError(f"{path} is not a bnn_tol checkpoint: {p.name} is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+        name, kwargs = config["model"]["name"], config["model"]["kwargs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable config ({e})") from e
+    if config.get("format", 0) > FORMAT:
+        raise CheckpointError(f"{cfg_path}: format {config['format']} is newer than this "
+                              f"bnn_tol ({__version__}) understands")
+    try:
+        model = build(name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot build model {name!r}: {e}") from e
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{w_path}: unreadable weights ({e})") from e
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not match {name} {kwargs}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    model.load_state_dict(state)
+    model.meta = dict(config.get("meta", {}))
+    return model.to(device).eval()

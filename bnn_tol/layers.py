@@ -1,0 +1,280 @@
+"""Binarized layers: sign with straight-through estimator, binary linear/conv, BN thresholds.
+
+Conventions (DESIGN.md section 2):
+
+* ``sign(x) = +1 if x >= 0 else -1`` -- never 0.
+* Straight-through estimator (hardtanh STE): ``d sign(x) / dx = 1 if |x| <= 1 else 0``.
+* A binary layer keeps real *latent* weights for training; the deployed weight is
+  ``sign(w)``. A ``fault`` callable attached to the layer (set by :mod:`bnn_tol.errors`:
+  bit flip training or a persistent fault map) transforms the binarized weight before use.
+* A hidden unit computes ``y = sign(BN(a))`` from its pre-activation ``a``; that equals a
+  comparison of ``a`` with a threshold ``tau`` (:func:`bn_threshold`), folded into an exact
+  integer comparator for integer ``a`` (:func:`fold_threshold`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "sign",
+    "SignSTE",
+    "BinaryLinear",
+    "BinaryConv2d",
+    "BinaryLayer",
+    "Threshold",
+    "bn_threshold",
+    "FoldedThreshold",
+    "fold_threshold",
+    "apply_folded",
+]
+
+Fault = Callable[[Tensor], Tensor]
+
+
+class SignSTE(torch.autograd.Function):
+    """``sign`` forward (sign(0) = +1), hardtanh straight-through gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def sign(x: Tensor) -> Tensor:
+    """Binarize ``x`` to {-1, +1} with ``sign(0) = +1``; STE gradient ``1{|x| <= 1}``.
+
+    Args:
+        x: tensor of any shape.
+
+    Returns:
+        Tensor of the same shape and dtype with values in {-1, +1}.
+    """
+    return SignSTE.apply(x)
+
+
+class BinaryLayer(nn.Module):
+    """Mixin for layers whose deployed weight is ``sign(latent weight)``.
+
+    Attributes:
+        fault: optional callable ``wb -> wb'`` applied to the binarized weight on every
+            forward pass (bit flip training, fault-map injection). ``None`` = error free.
+    """
+
+    weight: nn.Parameter
+    fault: Fault | None
+
+    def binary_weight(self) -> Tensor:
+        """Deployed weight: ``fault(sign(w))``, values in {-1, +1}, shape of ``weight``."""
+        wb = sign(self.weight)
+        if self.fault is not None:
+            wb = self.fault(wb)
+        return wb
+
+    @property
+    def fan_in(self) -> int:
+        """Number of weights feeding one output unit."""
+        return int(self.weight[0].numel())
+
+
+class BinaryLinear(nn.Linear, BinaryLayer):
+    """Linear layer with binary weights: ``a = x @ sign(W).T`` (no bias by default).
+
+    Shapes: input ``(N, in_features)``, weight ``(out_features, in_features)``,
+    output ``(N, out_features)``. With inputs in {-1, +1} the output is an integer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.fault = None
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return F.linear(x, self.binary_weight(), self.bias)
+
+
+class BinaryConv2d(nn.Conv2d, BinaryLayer):
+    """2-D convolution with binary weights: ``a = conv2d(x, sign(W))`` (no bias by default).
+
+    Shapes: input ``(N, C_in, H, W)``, weight ``(C_out, C_in, k, k)``, output
+    ``(N, C_out, H', W')``. Zero padding contributes 0 to the sum.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        padding: int = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=bias)
+        self.fault = None
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self._conv_forward(x, self.binary_weight(), self.bias)
+
+
+class Threshold(NamedTuple):
+    """Real batch-norm threshold per channel (see :func:`bn_threshold`).
+
+    Attributes:
+        tau: ``(C,)`` float64, the real threshold; ``nan`` where ``gamma == 0``.
+        direction: ``(C,)`` int8: +1 (``y = sign(a - tau)``), -1 (``y = sign(tau - a)``),
+            0 for dead neurons (``gamma == 0``: constant output ``sign(beta)``).
+    """
+
+    tau: Tensor
+    direction: Tensor
+
+
+def _bn_params(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, ...]:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics (track_running_stats=False)")
+    c = bn.num_features
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(c)
+    return bn.running_mean.double(), bn.running_var.double(), gamma.cpu(), beta.cpu()
+
+
+def bn_threshold(bn: nn.modules.batchnorm._BatchNorm) -> Threshold:
+    """Threshold form of ``sign(BN(a))`` in eval mode, per channel.
+
+    With running mean ``mu``, running variance ``s2``, ``eps``, scale ``gamma``, shift
+    ``beta``::
+
+        y = sign(gamma * (a - mu) / sqrt(s2 + eps) + beta)
+          = sign(a - tau)   if gamma > 0
+          = sign(tau - a)   if gamma < 0
+          = sign(beta)      if gamma == 0  (dead neuron, infinite margin)
+        tau = mu - beta * sqrt(s2 + eps) / gamma
+
+    Exact arithmetic (float64); ties ``a == tau`` give +1. For the comparator that matches
+    the float32 forward pass bit for bit on integer inputs use :func:`fold_threshold`.
+
+    Returns:
+        :class:`Threshold` with ``tau`` ``(C,)`` float64 (on CPU) and ``direction`` ``(C,)`` int8.
+    """
+    mu, s2, gamma, beta = (t.cpu() for t in _bn_params(bn))
+    std = torch.sqrt(s2 + bn.eps)
+    direction = torch.sign(gamma).to(torch.int8)
+    safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+    tau = mu - beta * std / safe
+    tau = torch.where(gamma == 0, torch.full_like(tau, math.nan), tau)
+    return Threshold(tau, direction)
+
+
+class FoldedThreshold(NamedTuple):
+    """Integer comparator equal to the float ``sign(BN(a))`` on integer ``a``.
+
+    ``y = +1`` iff ``a >= t`` (direction +1), iff ``a <= t`` (direction -1); for
+    direction 0 the output is the constant ``const``.
+
+    Attributes:
+        t: ``(C,)`` int64 integer threshold.
+        direction: ``(C,)`` int8 in {-1, 0, +1}.
+        const: ``(C,)`` int8, the constant output of dead neurons (+1/-1), 0 elsewhere.
+    """
+
+    t: Tensor
+    direction: Tensor
+    const: Tensor
+
+
+def _eval_bn(bn: nn.modules.batchnorm._BatchNorm, a: Tensor) -> Tensor:
+    """Evaluate ``bn`` in eval mode on ``a`` of shape ``(K, C)``; float32 result ``(K, C)``."""
+    p = next(iter(bn.buffers()))
+    x = a.to(device=p.device, dtype=torch.float32)
+    if isinstance(bn, nn.BatchNorm2d):
+        x = x[:, :, None, None]
+    w = bn.weight.detach() if bn.weight is not None else None
+    b = bn.bias.detach() if bn.bias is not None else None
+    y = F.batch_norm(x, bn.running_mean, bn.running_var, w, b, False, 0.0, bn.eps)
+    return y.reshape(a.shape).cpu()
+
+
+def fold_threshold(bn: nn.modules.batchnorm._BatchNorm, window: int = 3) -> FoldedThreshold:
+    """Fold eval-mode ``sign(BN(a))`` into an exact integer comparator.
+
+    The float forward pass rounds (with ``tau = 5`` exactly, BN can return ``-6e-8`` at
+    ``a = 5``), so the integer threshold is found from the float BN itself: it is
+    evaluated at the integers around the real ``tau`` (float ops are monotone, so
+    ``{a : BN(a) >= 0}`` is an integer half-line) and ``t`` is its end point::
+
+        gamma > 0:  t = min{k integer : BN(k) >= 0},   y = +1  iff  a >= t
+        gamma < 0:  t = max{k integer : BN(k) >= 0},   y = +1  iff  a <= t
+
+    Args:
+        bn: a BatchNorm1d/2d module with running statistics.
+        window: initial half-width of the search window around ``tau`` (widened until the
+            boundary is inside it).
+
+    Returns:
+        :class:`FoldedThreshold` with ``(C,)`` tensors on CPU.
+    """
+    thr = bn_threshold(bn)
+    c = thr.tau.numel()
+    direction = thr.direction
+    dead = direction == 0
+    _, _, _, beta = _bn_params(bn)
+    const = torch.where(dead, torch.where(beta >= 0, 1, -1), 0).to(torch.int8)
+    center = torch.where(dead, torch.zeros_like(thr.tau), thr.tau).clamp(-2**52, 2**52)
+    center = torch.floor(center).to(torch.int64)
+    t = torch.zeros(c, dtype=torch.int64)
+    todo = ~dead
+    w = window
+    while bool(todo.any()):
+        ks = center[None, :] + torch.arange(-w, w + 1)[:, None]  # (2w+1, C)
+        pos = _eval_bn(bn, ks.double()) >= 0  # (2w+1, C) bool
+        up = direction > 0
+        # gamma > 0: pos is False...False True...True; need a False then True inside window.
+        # gamma < 0: pos is True...True False...False.
+        first = torch.where(up, ~pos[0], pos[0])
+        last = torch.where(up, pos[-1], ~pos[-1])
+        ok = first & last & todo
+        n_true = pos.sum(0)
+        idx_up = (2 * w + 1) - n_true  # index of the first True (gamma > 0)
+        idx_dn = n_true - 1  # index of the last True (gamma < 0)
+        idx = torch.where(up, idx_up, idx_dn).clamp(0, 2 * w)
+        val = ks.gather(0, idx[None, :])[0]
+        t = torch.where(ok, val, t)
+        todo = todo & ~ok
+        w *= 4
+        if w > 2**40:
+            raise ValueError("could not fold BatchNorm threshold: non-finite parameters?")
+    return FoldedThreshold(t, direction, const)
+
+
+def apply_folded(a: Tensor, folded: FoldedThreshold, channel_dim: int = 1) -> Tensor:
+    """Apply an integer comparator to pre-activations.
+
+    Args:
+        a: integer-valued pre-activations (any dtype), channels along ``channel_dim``.
+        folded: from :func:`fold_threshold`.
+        channel_dim: axis of ``a`` holding the channels.
+
+    Returns:
+        Tensor like ``a`` (dtype of ``a``) with values in {-1, +1}.
+    """
+    shape = [1] * a.dim()
+    shape[channel_dim] = -1
+    t = folded.t.to(a.device).view(shape)
+    d = folded.direction.to(a.device).view(shape)
+    const = folded.const.to(a.device).view(shape)
+    t = t.to(a.dtype) if a.is_floating_point() else t
+    pos = torch.where(d > 0, a >= t, a <= t)
+    out = torch.where(pos, 1, -1)
+    out = torch.where(d == 0, const.to(out.dtype), out)
+    return out.to(a.dtype)

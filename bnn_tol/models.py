@@ -1,0 +1,272 @@
+"""BNN models of the anchor work (fc, vgg3, vgg7) built from :class:`BinaryBlock` s.
+
+Every model is a :class:`BNN`: a flat sequence of blocks, each
+
+    [flatten] -> binary layer (a = W_b x) -> BatchNorm -> sign -> [max-pool]
+
+The last block has no sign: its BatchNorm output is the vector of class scores. The first
+block sees real-valued inputs (pixels scaled to ``(p - 128) / 128``), all others see
+{-1, +1} activations, so their pre-activations ``a`` are integers.
+
+>>> model = build("fc", hidden=(256, 256))
+>>> print(summary(model))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, sign
+
+__all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "fc", "vgg3", "vgg7"]
+
+
+class BinaryBlock(nn.Module):
+    """One hidden (or output) unit group: ``[flatten] -> layer -> bn -> [sign] -> [pool]``.
+
+    Args:
+        layer: a :class:`BinaryLinear` or :class:`BinaryConv2d`.
+        bn: BatchNorm1d/2d matching the layer's outputs.
+        binary_output: apply ``sign`` after BN (hidden block) or not (output block).
+        pool: max-pool kernel (conv blocks), applied after ``sign``; ``None`` for none.
+        flatten: flatten ``(N, ...)`` to ``(N, -1)`` before the layer.
+    """
+
+    def __init__(
+        self,
+        layer: BinaryLayer,
+        bn: nn.modules.batchnorm._BatchNorm,
+        *,
+        binary_output: bool = True,
+        pool: int | None = None,
+        flatten: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.bn = bn
+        self.binary_output = binary_output
+        self.pool = pool
+        self.flatten = flatten
+
+    def preact(self, x: Tensor) -> Tensor:
+        """Pre-activation ``a = layer(x)`` (after flattening if configured)."""
+        if self.flatten:
+            x = x.flatten(1)
+        return self.layer(x)
+
+    def post(self, a: Tensor) -> Tensor:
+        """Block output from the pre-activation: ``pool(sign(bn(a)))`` (or ``bn(a)``)."""
+        y = self.bn(a)
+        if not self.binary_output:
+            return y
+        y = sign(y)
+        if self.pool:
+            y = nn.functional.max_pool2d(y, self.pool)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.post(self.preact(x))
+
+
+class BNN(nn.Module):
+    """A binarized network: a sequence of :class:`BinaryBlock`.
+
+    Attributes:
+        blocks: ``nn.ModuleList`` of blocks; all but the last have binary outputs.
+        config: ``{"name": ..., "kwargs": {...}}`` -- enough to rebuild the architecture.
+        meta: free-form metadata (training recipe, history) saved with checkpoints.
+    """
+
+    def __init__(self, blocks: Sequence[BinaryBlock], config: dict[str, Any]) -> None:
+        super().__init__()
+        if not blocks:
+            raise ValueError("a BNN needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+        self.config = dict(config)
+        self.meta: dict[str, Any] = {}
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Input shape of one sample, e.g. ``(1, 28, 28)``."""
+        return tuple(self.config["kwargs"]["in_shape"])
+
+    def binary_layers(self) -> dict[str, BinaryLayer]:
+        """Binary layers by qualified name (``"blocks.0.layer"``, ...), in forward order."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, BinaryLayer)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class scores ``(N, n_classes)`` for inputs ``(N, *in_shape)``."""
+        expected = self.in_shape
+        if tuple(x.shape[1:]) != expected and x[0].numel() != math.prod(expected):
+            dims = ", ".join(map(str, expected))
+            raise ValueError(f"{self.config['name']} expects inputs of shape (N, {dims}),"
+                             f" got {tuple(x.shape)}")
+        if x.dim() == 2 and len(expected) == 3:
+            x = x.view(-1, *expected)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+_REGISTRY: dict[str, Callable[..., BNN]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., BNN]], Callable[..., BNN]]:
+    """Decorator adding a model factory to the registry under ``name``."""
+
+    def deco(fn: Callable[..., BNN]) -> Callable[..., BNN]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`build`."""
+    return sorted(_REGISTRY)
+
+
+def _init(model: BNN, generator: torch.Generator) -> BNN:
+    """Deterministic init from ``generator``: latent weights ~ U(-b, b), b = sqrt(6/fan_in)."""
+    for layer in model.binary_layers().values():
+        bound = math.sqrt(6.0 / layer.fan_in)
+        with torch.no_grad():
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.weight.clamp_(-1, 1)
+    return model
+
+
+def build(name: str, *, seed: int = 0, **kwargs: Any) -> BNN:
+    """Build a registered model by name with deterministic initialization.
+
+    Args:
+        name: one of :func:`available` (``"fc"``, ``"vgg3"``, ``"vgg7"``).
+        seed: seed of the weight initialization (same seed -> identical weights).
+        **kwargs: architecture options of the factory (``in_shape``, ``n_classes``,
+            widths such as ``hidden=(2048, 2048)``).
+
+    Raises:
+        ValueError: unknown name, listing the known ones.
+    """
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    model = _REGISTRY[key](**kwargs)
+    return _init(model, torch.Generator().manual_seed(int(seed)))
+
+
+def _check_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in in_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+@register("fc")
+def fc(
+    hidden: Sequence[int] = (2048, 2048),
+    *,
+    in_shape: Sequence[int] = (1, 28, 28),
+    n_classes: int = 10,
+) -> BNN:
+    """Fully connected BNN ``784-2048-2048-10`` (hidden widths configurable).
+
+    Blocks: ``flatten -> BinaryLinear -> BN1d -> sign`` per hidden layer, then
+    ``BinaryLinear -> BN1d`` (class scores).
+    """
+    shape = _check_shape(in_shape)
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"hidden widths must be positive, got {hidden!r}")
+    widths = (math.prod(shape), *hidden)
+    blocks = [
+        BinaryBlock(BinaryLinear(i, o), nn.BatchNorm1d(o), flatten=(k == 0))
+        for k, (i, o) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+    ]
+    blocks.append(BinaryBlock(BinaryLinear(widths[-1], n_classes), nn.BatchNorm1d(n_classes),
+                              binary_output=False))
+    cfg = {"name": "fc", "kwargs": {"hidden": list(hidden), "in_shape": list(shape),
+                                    "n_classes": int(n_classes)}}
+    return BNN(blocks, cfg)
+
+
+def _vgg(
+    name: str,
+    channels: Sequence[Sequence[int]],
+    fc_width: int,
+    in_shape: Sequence[int],
+    n_classes: int,
+) -> BNN:
+    shape = _check_shape(in_shape)
+    c_in, h, w = shape
+    blocks: list[BinaryBlock] = []
+    for stage in channels:
+        for k, c_out in enumerate(stage):
+            last = k == len(stage) - 1
+            blocks.append(BinaryBlock(BinaryConv2d(c_in, c_out), nn.BatchNorm2d(c_out),
+                                      pool=2 if last else None))
+            c_in = c_out
+        h, w = h // 2, w // 2
+    if h < 1 or w < 1:
+        raise ValueError(f"input {tuple(shape)} too small for {len(channels)} pooling stages")
+    blocks.append(BinaryBlock(BinaryLinear(c_in * h * w, fc_width), nn.BatchNorm1d(fc_width),
+                              flatten=True))
+    blocks.append(BinaryBlock(BinaryLinear(fc_width, n_classes), nn.BatchNorm1d(n_classes),
+                              binary_output=False))
+    cfg = {"name": name, "kwargs": {"channels": [list(s) for s in channels],
+                                    "fc_width": int(fc_width), "in_shape": list(shape),
+                                    "n_classes": int(n_classes)}}
+    return BNN(blocks, cfg)
+
+
+@register("vgg3")
+def vgg3(
+    channels: Sequence[Sequence[int]] = ((64,), (64,)),
+    fc_width: int = 2048,
+    *,
+    in_shape: Sequence[int] = (1, 28, 28),
+    n_classes: int = 10,
+) -> BNN:
+    """VGG3: ``64C3-MP2-64C3-MP2-2048FC-10`` (conv blocks: conv -> BN -> sign -> pool)."""
+    return _vgg("vgg3", channels, fc_width, in_shape, n_classes)
+
+
+@register("vgg7")
+def vgg7(
+    channels: Sequence[Sequence[int]] = ((128, 128), (256, 256), (512, 512)),
+    fc_width: int = 1024,
+    *,
+    in_shape: Sequence[int] = (3, 32, 32),
+    n_classes: int = 10,
+) -> BNN:
+    """VGG7: ``2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10``."""
+    return _vgg("vgg7", channels, fc_width, in_shape, n_classes)
+
+
+def summary(model: BNN) -> str:
+    """One line per block plus a total, like ``larq.models.summary``.
+
+    Columns: block, layer type, output units, fan-in, binary parameters, memory (bits of
+    binary weights; BN as 32-bit floats).
+    """
+    rows = [f"{'block':<6} {'layer':<13} {'units':>6} {'fan_in':>7} {'binary params':>14}"
+            f" {'bn params':>10}"]
+    total_bin = total_bn = 0
+    for k, block in enumerate(model.blocks):
+        layer = block.layer
+        n_bin = layer.weight.numel()
+        n_bn = 2 * block.bn.num_features
+        total_bin += n_bin
+        total_bn += n_bn
+        rows.append(f"{k:<6} {type(layer).__name__:<13} {layer.weight.shape[0]:>6}"
+                    f" {layer.fan_in:>7} {n_bin:>14,} {n_bn:>10,}")
+    bits = total_bin + 32 * total_bn
+    rows.append(f"{model.config['name']}: {total_bin:,} binary weights ({total_bin / 8 / 1024:.1f}"
+                f" KiB at 1 bit), {total_bn:,} BN params; total memory {bits:,} bits"
+                f" ({bits / 8 / 1024:.1f} KiB)")
+    return "\n".join(rows)

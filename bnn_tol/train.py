@@ -1,0 +1,188 @@
+"""Normal and bit flip training (BFT) of BNNs.
+
+The anchor recipe: Adam (lr 1e-3), batch 256, StepLR (gamma 0.5), hardtanh STE, cross-entropy
+or the modified hinge loss. Bit flip training binarizes the latent weights on every forward
+pass, flips them with a fresh transient map at the training BER (``p`` or ``(p01, p10)``), and
+backpropagates straight through the flips (:class:`bnn_tol.errors.TransientFlip`).
+
+Latent weights are clipped to ``[-1, 1]`` after every step (the STE is zero outside).
+Same seed, same device -> identical weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import errors
+from .data import BNNDataset
+from .evaluate import accuracy, resolve_device
+
+__all__ = ["fit", "modified_hinge_loss", "LOSSES", "child_seeds"]
+
+
+def modified_hinge_loss(scores: Tensor, target: Tensor, b: float = 1.0) -> Tensor:
+    """Modified hinge loss with margin ``b`` (squared hinge of BNN work, margin ``b``).
+
+    With ``t_nc = +1`` for the true class and ``-1`` otherwise::
+
+        L = mean_n sum_c max(0, b - t_nc z_nc)^2 / C
+
+    Args:
+        scores: ``(N, C)`` class scores; target: ``(N,)`` int64; b: the margin.
+    """
+    t = 2.0 * F.one_hot(target, scores.shape[1]).to(scores.dtype) - 1.0
+    return torch.clamp(b - t * scores, min=0).pow(2).mean()
+
+
+LOSSES = {"ce": "cross-entropy", "mhl": "modified hinge loss"}
+
+
+def child_seeds(seed: int, n: int) -> list[int]:
+    """``n`` independent 63-bit seeds derived from ``seed`` (numpy ``SeedSequence``)."""
+    state = np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint64)
+    return [int(s) & ((1 << 63) - 1) for s in state]
+
+
+def _loss_fn(loss: str, b: float):
+    if loss == "ce":
+        return F.cross_entropy
+    if loss == "mhl":
+        return lambda z, y: modified_hinge_loss(z, y, b)
+    raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def _ber_at(epoch: int, target: tuple[float, float], warmup: int) -> tuple[float, float]:
+    """Linear BER warm-up: ``p(epoch) = p * min(1, (epoch + 1) / (warmup + 1))``."""
+    f = 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / (warmup + 1))
+    return target[0] * f, target[1] * f
+
+
+def fit(
+    model: nn.Module,
+    train: BNNDataset,
+    test: BNNDataset | None = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    lr_step: int | None = None,
+    lr_gamma: float = 0.5,
+    loss: str = "ce",
+    mhl_margin: float = 1.0,
+    flip_ber: errors.BER | None = None,
+    flip_layers: Sequence[str | int] | str | None = None,
+    flip_warmup: int = 0,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train ``model`` in place; optionally with bit flip training.
+
+    Args:
+        model: a :class:`~bnn_tol.models.BNN` (or any module of binary layers).
+        train, test: datasets; ``test`` is evaluated after every epoch when given.
+        epochs, batch_size, lr: Adam recipe.
+        lr_step: StepLR period in epochs (default ``max(1, epochs // 4)``);
+            ``lr_gamma``: its factor (0.5).
+        loss: ``"ce"`` (cross-entropy) or ``"mhl"`` (modified hinge loss, margin ``mhl_margin``).
+        flip_ber: training BER ``p`` or ``(p01, p10)``; ``None``/0 = normal training.
+        flip_layers: layers with flips (see :func:`bnn_tol.errors.select_layers`); default all.
+        flip_warmup: epochs of linear BER warm-up (0 = full BER from the start).
+        seed: seeds shuffling and flips (init is seeded by :func:`bnn_tol.models.build`).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        out: checkpoint directory, written after every epoch (nothing lost on interruption).
+        progress: show tqdm progress bars.
+
+    Returns:
+        History, one row per epoch: ``epoch, lr, p01, p10, train_loss, train_acc, test_acc,
+        seconds``. Also stored in ``model.meta["history"]`` with the recipe in
+        ``model.meta["training"]``.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    dev = resolve_device(device)
+    model.to(dev)
+    loss_fn = _loss_fn(loss, mhl_margin)
+    p_target = errors.rates(flip_ber) if flip_ber is not None else (0.0, 0.0)
+    flipping = max(p_target) > 0
+    layers = errors.select_layers(model, flip_layers)
+    s_shuffle, s_flip = child_seeds(seed, 2)
+    shuffle_gen = torch.Generator().manual_seed(s_shuffle)
+    flip_gen = torch.Generator(device=dev).manual_seed(s_flip)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    step = lr_step if lr_step is not None else max(1, epochs // 4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=lr_gamma)
+    recipe: dict[str, Any] = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_step": step,
+        "lr_gamma": lr_gamma, "loss": loss, "mhl_margin": mhl_margin,
+        "flip_ber": list(p_target), "flip_layers": list(layers) if flipping else [],
+        "flip_warmup": flip_warmup, "seed": seed, "device": str(dev),
+        "dataset": getattr(train, "name", "custom"),
+    }
+    meta = getattr(model, "meta", None)
+    if meta is None:
+        meta = {}
+        model.meta = meta  # type: ignore[attr-defined]
+    meta["training"] = recipe
+    rows: list[dict[str, Any]] = []
+    n_batches = math.ceil(len(train) / batch_size)
+    bar = tqdm(range(epochs), desc="epochs", disable=not progress, unit="ep")
+    try:
+        for epoch in bar:
+            p01, p10 = _ber_at(epoch, p_target, flip_warmup)
+            for layer in layers.values():
+                layer.fault = errors.TransientFlip((p01, p10), flip_gen) if flipping else None
+            model.train()
+            t0 = time.perf_counter()
+            tot_loss = torch.zeros((), dtype=torch.float64, device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            inner = tqdm(train.batches(batch_size, shuffle=True, generator=shuffle_gen, device=dev),
+                         total=n_batches, desc=f"epoch {epoch + 1}", leave=False,
+                         disable=not progress, unit="batch")
+            for x, y in inner:
+                z = model(x)
+                batch_loss = loss_fn(z, y)
+                opt.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for layer in layers.values():
+                        layer.weight.clamp_(-1.0, 1.0)
+                    tot_loss += batch_loss.detach().double() * len(y)
+                    correct += (z.argmax(1) == y).sum()
+            lr_now = opt.param_groups[0]["lr"]
+            sched.step()
+            for layer in layers.values():
+                layer.fault = None
+            row = {"epoch": epoch + 1, "lr": lr_now, "p01": p01, "p10": p10,
+                   "train_loss": float(tot_loss) / len(train),
+                   "train_acc": float(correct) / len(train),
+                   "test_acc": accuracy(model, test) if test is not None else math.nan,
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            meta["history"] = rows
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
+            if out is not None:
+                from .io import save
+
+                save(model, out)
+    finally:
+        for layer in layers.values():
+            layer.fault = None
+        model.eval()
+    return pd.DataFrame(rows, columns=["epoch", "lr", "p01", "p10", "train_loss", "train_acc",
+                                       "test_acc", "seconds"])
