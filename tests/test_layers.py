@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnn_tol.layers import (
+    BinaryConv2d,
+    BinaryLinear,
+    apply_folded,
+    bn_threshold,
+    fold_threshold,
+    sign,
+)
+
+
+def test_sign_of_zero_is_plus_one_and_never_zero():
+    x = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0])
+    assert sign(x).tolist() == [-1, -1, 1, 1, 1, 1]
+
+
+def test_ste_gradient_is_hardtanh_window():
+    x = torch.tensor([-1.5, -1.0, -0.3, 0.0, 0.7, 1.0, 1.01], requires_grad=True)
+    sign(x).sum().backward()
+    assert x.grad.tolist() == [0, 1, 1, 1, 1, 1, 0]
+
+
+def test_binary_linear_uses_sign_of_latent_weight_and_fault():
+    layer = BinaryLinear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.2, -0.1, 0.0], [-0.5, 0.5, -1.0]]))
+    x = torch.tensor([[1.0, 2.0, 4.0]])
+    assert layer(x).tolist() == [[1 - 2 + 4, -1 + 2 - 4]]
+    layer.fault = lambda wb: -wb
+    assert layer(x).tolist() == [[-3.0, 3.0]]
+
+
+def test_binary_conv_matches_conv_with_sign_weights():
+    conv = BinaryConv2d(2, 3)
+    x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    ref = nn.functional.conv2d(x, torch.where(conv.weight >= 0, 1.0, -1.0), padding=1)
+    assert torch.equal(conv(x), ref)
+    assert conv.fan_in == 18
+
+
+def _bn(gamma, beta, mean, var, eps=1e-5, two_d=False):
+    c = len(gamma)
+    bn = (nn.BatchNorm2d(c, eps=eps) if two_d else nn.BatchNorm1d(c, eps=eps)).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(gamma))
+        bn.bias.copy_(torch.tensor(beta))
+        bn.running_mean.copy_(torch.tensor(mean))
+        bn.running_var.copy_(torch.tensor(var))
+    return bn
+
+
+def test_bn_threshold_hand_computed_including_negative_and_zero_gamma():
+    # tau = mu - beta * sqrt(var + eps) / gamma
+    bn = _bn([2.0, -0.5, 0.0], [1.0, 1.0, -3.0], [3.0, -1.0, 0.0], [4.0 - 1e-5, 1.0 - 1e-5, 1.0])
+    thr = bn_threshold(bn)
+    assert thr.direction.tolist() == [1, -1, 0]
+    assert thr.tau[0].item() == pytest.approx(3.0 - 1.0 * 2.0 / 2.0)
+    assert thr.tau[1].item() == pytest.approx(-1.0 - 1.0 * 1.0 / -0.5)
+    assert math.isnan(thr.tau[2].item())
+    folded = fold_threshold(bn)
+    assert folded.const.tolist() == [0, 0, -1]  # dead neuron outputs sign(beta) = -1
+
+
+def _float_forward(bn, a, two_d):
+    x = a[:, :, None, None] if two_d else a
+    return sign(bn(x)).reshape(a.shape)
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_folded_threshold_matches_float_batchnorm_including_ties(two_d):
+    g = torch.Generator().manual_seed(1)
+    c = 64
+    gamma = torch.randn(c, generator=g)
+    gamma[:8] = -gamma[:8].abs()  # negative gamma
+    gamma[8] = 0.0  # dead
+    beta = torch.randn(c, generator=g)
+    mean = torch.randn(c, generator=g) * 20
+    var = torch.rand(c, generator=g) * 30 + 0.1
+    # adversarial: make tau an exact integer for some channels (ties at a == tau)
+    std = torch.sqrt(var + 1e-5)
+    beta[10:40] = ((mean[10:40].round() - mean[10:40]) * 0 + 1.0)
+    mean[10:40] = mean[10:40].round() + beta[10:40] * std[10:40] / gamma[10:40]
+    bn = _bn(gamma.tolist(), beta.tolist(), mean.tolist(), var.tolist(), two_d=two_d)
+    folded = fold_threshold(bn)
+    thr = bn_threshold(bn)
+    # every integer around every threshold, plus random integers
+    centers = torch.nan_to_num(thr.tau, nan=0.0).round()
+    offsets = torch.arange(-6, 7, dtype=torch.float64)[:, None]
+    a = (centers[None, :] + offsets).float()
+    a = torch.cat([a, torch.randint(-200, 200, (500, c), generator=g).float()])
+    ref = _float_forward(bn, a, two_d)
+    assert torch.equal(apply_folded(a, folded), ref)
+    # the real tau and the folded integer threshold differ by less than 1 (up to the float32
+    # rounding of BN itself, relative 1e-6)
+    alive = folded.direction != 0
+    diff = (folded.t[alive].double() - thr.tau[alive]).abs()
+    assert (diff <= 1.0 + 1e-6 * thr.tau[alive].abs().clamp(min=1)).all()
+
+
+def test_folded_threshold_matches_in_full_conv_feature_maps():
+    g = torch.Generator().manual_seed(2)
+    gamma, beta = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    mean, var = torch.randn(16, generator=g) * 5, torch.rand(16, generator=g) + 0.5
+    bn = _bn(gamma.tolist(), beta.tolist(), mean.tolist(), var.tolist(), two_d=True)
+    folded = fold_threshold(bn)
+    a = torch.randint(-30, 30, (8, 16, 14, 14), generator=g).float()
+    assert torch.equal(apply_folded(a, folded), sign(bn(a)))
+
+
+def test_float_batchnorm_rounding_is_real_so_folding_is_needed():
+    # tau = 5 exactly; the exact decision at a = 5 is +1. Whatever float BN does, the folded
+    # comparator reproduces it.
+    bn = _bn([1.7], [0.0], [5.0], [0.3])
+    a = torch.tensor([[4.0], [5.0], [6.0]])
+    assert torch.equal(apply_folded(a, fold_threshold(bn)), sign(bn(a)))

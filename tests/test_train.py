@@ -1,0 +1,180 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from bnn_tol import data, errors, models, train
+from bnn_tol.layers import BinaryLinear
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "train"), data.load("digits", "test")
+
+
+def _small(seed=0):
+    return models.build("fc", hidden=(64, 64), in_shape=(1, 8, 8), seed=seed)
+
+
+def test_training_learns_digits(digits):
+    tr, te = digits
+    m = _small()
+    hist = train.fit(m, tr, te, epochs=4, batch_size=32, lr=1e-2, seed=0, progress=False)
+    assert list(hist.columns) == ["epoch", "lr", "p01", "p10", "train_loss", "train_acc",
+                                  "test_acc", "seconds"]
+    assert hist["test_acc"].iloc[-1] > 0.85
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert m.meta["training"]["flip_ber"] == [0.0, 0.0] and len(m.meta["history"]) == 4
+
+
+def test_same_seed_gives_identical_weights_bit_for_bit(digits):
+    tr, _ = digits
+    runs = []
+    for _ in range(2):
+        m = _small(seed=5)
+        train.fit(m, tr, epochs=1, batch_size=64, seed=7, flip_ber=(0.02, 0.1), progress=False)
+        runs.append(m.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    m = _small(seed=5)
+    train.fit(m, tr, epochs=1, batch_size=64, seed=8, flip_ber=(0.02, 0.1), progress=False)
+    assert not torch.equal(m.blocks[0].layer.weight, runs[0]["blocks.0.layer.weight"])
+
+
+def test_flip_training_keeps_accuracy_and_removes_faults_afterwards(digits):
+    tr, te = digits
+    m = _small()
+    hist = train.fit(m, tr, te, epochs=4, batch_size=32, lr=1e-2, flip_ber=0.05, seed=0,
+                     progress=False)
+    assert hist["test_acc"].iloc[-1] > 0.8
+    assert all(layer.fault is None for layer in m.binary_layers().values())
+
+
+def test_latent_weights_stay_clipped(digits):
+    tr, _ = digits
+    m = _small()
+    train.fit(m, tr, epochs=1, batch_size=64, lr=0.5, seed=0, progress=False)
+    assert all(layer.weight.abs().max() <= 1 for layer in m.binary_layers().values())
+
+
+@pytest.mark.parametrize(("p01", "p10"), [(0.02, 0.12), (0.3, 0.05), (0.1, 0.1)])
+def test_transient_flip_rates_match_p01_p10_binomial(p01, p10):
+    gen = torch.Generator().manual_seed(11)
+    wb = torch.where(torch.rand(300, 1000, generator=gen) < 0.4, -1.0, 1.0)
+    flip = errors.TransientFlip((p01, p10), gen)
+    n_minus, n_plus = int((wb < 0).sum()), int((wb > 0).sum())
+    k01 = k10 = 0
+    draws = []
+    for _ in range(3):
+        out = flip(wb)
+        k01 += int(((wb < 0) & (out > 0)).sum())
+        k10 += int(((wb > 0) & (out < 0)).sum())
+        draws.append(out)
+    assert stats.binomtest(k01, 3 * n_minus, p01).pvalue > 1e-3
+    assert stats.binomtest(k10, 3 * n_plus, p10).pvalue > 1e-3
+    assert not torch.equal(draws[0], draws[1])  # transient: fresh flips each call
+
+
+def test_realized_flip_rates_during_bit_flip_training(digits, monkeypatch):
+    """Record the flips of every forward pass of a real training run and test their rates."""
+    tr, _ = digits
+    m = _small()
+    counts = {"01": [0, 0], "10": [0, 0]}
+
+    original = errors.TransientFlip.__call__
+
+    def recording_call(self, wb):
+        out = original(self, wb)
+        counts["01"][0] += int(((wb < 0) & (out > 0)).sum())
+        counts["01"][1] += int((wb < 0).sum())
+        counts["10"][0] += int(((wb > 0) & (out < 0)).sum())
+        counts["10"][1] += int((wb > 0).sum())
+        return out
+
+    monkeypatch.setattr(errors.TransientFlip, "__call__", recording_call)
+    train.fit(m, tr.subset(512), epochs=1, batch_size=128, flip_ber=(0.03, 0.15), seed=0,
+              progress=False)
+    assert stats.binomtest(*counts["01"], 0.03).pvalue > 1e-3
+    assert stats.binomtest(*counts["10"], 0.15).pvalue > 1e-3
+
+
+def test_ste_gradient_passes_straight_through_the_flips():
+    layer = BinaryLinear(50, 4)
+    x = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()
+    clean = layer.weight.grad.clone()
+    layer.weight.grad = None
+    layer.fault = errors.TransientFlip(0.3, torch.Generator().manual_seed(1))
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(layer.weight.grad, clean)  # gradient w.r.t. latent weight unchanged
+    assert layer.fault.last_flips.numel() > 0
+
+
+def test_flip_layers_selection_only_flips_chosen_layers(digits, monkeypatch):
+    tr, _ = digits
+    m = _small()
+    seen = []
+    original = errors.TransientFlip.__call__
+
+    def spy(self, wb):
+        seen.append(tuple(wb.shape))
+        return original(self, wb)
+
+    monkeypatch.setattr(errors.TransientFlip, "__call__", spy)
+    train.fit(m, tr.subset(64), epochs=1, batch_size=64, flip_ber=0.1, flip_layers="hidden",
+              seed=0, progress=False)
+    assert set(seen) == {(64, 64)}
+    with pytest.raises(ValueError, match="binary layers are"):
+        train.fit(m, tr.subset(64), epochs=1, flip_ber=0.1, flip_layers=["nope"], progress=False)
+
+
+def test_ber_warmup_is_linear():
+    got = [train._ber_at(e, (0.1, 0.2), 3) for e in range(5)]
+    want = [(0.025, 0.05), (0.05, 0.1), (0.075, 0.15), (0.1, 0.2), (0.1, 0.2)]
+    assert got == [pytest.approx(w) for w in want]
+
+
+def test_modified_hinge_loss_formula():
+    z = torch.tensor([[2.0, -0.5, 0.3]])
+    y = torch.tensor([0])
+    # t = [1, -1, -1]: max(0, b - t z)^2 = [0, 0.25, 1.69] (b = 1), mean over classes
+    assert train.modified_hinge_loss(z, y, 1.0).item() == pytest.approx((0.25 + 1.69) / 3)
+    assert train.modified_hinge_loss(z, y, 3.0).item() == pytest.approx((1 + 6.25 + 10.89) / 3)
+
+
+def test_invalid_arguments_are_clear_errors(digits):
+    tr, _ = digits
+    with pytest.raises(ValueError, match="outside"):
+        train.fit(_small(), tr, epochs=1, flip_ber=1.5, progress=False)
+    with pytest.raises(ValueError, match="unknown loss"):
+        train.fit(_small(), tr, epochs=1, loss="mse", progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        train.fit(_small(), tr.subset(0), epochs=1, progress=False)
+
+
+def test_bernoulli_indices_count_and_positions_are_unbiased():
+    gen = torch.Generator().manual_seed(3)
+    n, p = 200_000, 0.01
+    counts = [bernoulli_count(n, p, gen) for _ in range(20)]
+    total = sum(c.numel() for c in counts)
+    assert stats.binomtest(total, 20 * n, p).pvalue > 1e-3
+    idx = torch.cat(counts)
+    assert all(bool((c[1:] > c[:-1]).all()) for c in counts)  # sorted, no repeats
+    hist = torch.bincount(idx // (n // 10), minlength=10).double()
+    assert stats.chisquare(hist.numpy()).pvalue > 1e-3
+    # gaps between successes are geometric: P(gap = 1) = p
+    gaps = torch.diff(counts[0])
+    assert math.isclose(float((gaps == 1).double().mean()), p, abs_tol=0.01)
+
+
+def bernoulli_count(n, p, gen):
+    return errors.bernoulli_indices(n, p, generator=gen)
+
+
+def test_bernoulli_indices_dense_path_and_edges():
+    gen = torch.Generator().manual_seed(4)
+    idx = errors.bernoulli_indices(100_000, 0.5, generator=gen)
+    assert stats.binomtest(idx.numel(), 100_000, 0.5).pvalue > 1e-3
+    assert errors.bernoulli_indices(10, 0.0, generator=gen).numel() == 0
+    assert errors.bernoulli_indices(10, 1.0, generator=gen).tolist() == list(range(10))
