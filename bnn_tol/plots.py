@@ -1,0 +1,223 @@
+"""Figures (matplotlib/seaborn). Every function returns a ``matplotlib.figure.Figure`` built
+without pyplot (no global state, never ``plt.show()``): display it in Jupyter, or
+``fig.savefig("x.png")``.
+
+Several engineers add their functions here: append, do not rewrite others' functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = [
+    "accuracy_vs_ber",
+    "margin_distributions",
+    "importance_distributions",
+    "metric_scatter",
+    "correlation_heatmap",
+]
+
+
+# -- study figures (issue 6) ------------------------------------------------------------------
+
+def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (4.2, 3.3)):
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _hue_str(df: pd.DataFrame, hue: str) -> tuple[pd.DataFrame, list[str] | None]:
+    """``hue`` as strings (a categorical legend, not a colour bar) in sorted value order."""
+    if hue not in df.columns:
+        return df, None
+    vals = sorted(df[hue].dropna().unique())
+    return df.assign(**{hue: df[hue].map(str)}), [str(v) for v in vals]
+
+
+def _hue_label(col: str) -> str:
+    return {"train_ber": "training BER", "model": "model", "model_id": "network"}.get(col, col)
+
+
+def accuracy_vs_ber(
+    sweeps: pd.DataFrame,
+    *,
+    hue: str = "train_ber",
+    col: str | None = "model",
+    errorbar: str | tuple = ("ci", 95),
+    y: str = "accuracy",
+) -> Figure:
+    """Accuracy under BER: mean over fault maps (and seeds) per ``hue`` with a band.
+
+    One panel per value of ``col`` (e.g. per architecture); x = evaluation BER; the band is
+    seaborn's ``errorbar`` over all rows at that BER (maps x seeds), e.g. ``("ci", 95)``
+    (bootstrap CI of the mean, seeded) or ``"sd"``.
+
+    Args:
+        sweeps: tidy sweep rows (``ber``, ``accuracy``, the ``hue``/``col`` columns).
+    """
+    import seaborn as sns
+
+    panels = [None] if col is None or col not in sweeps.columns else sorted(sweeps[col].unique())
+    fig, axes = _grid(len(panels))
+    for ax, p in zip(axes, panels, strict=True):
+        d = sweeps if p is None else sweeps[sweeps[col] == p]
+        d, order = _hue_str(d, hue)
+        sns.lineplot(d, x="ber", y=y, hue=hue if order else None, hue_order=order, marker="o",
+                     errorbar=errorbar, seed=0, ax=ax)
+        ax.set(xlabel="bit error rate", ylabel=y, title=str(p) if p is not None else "")
+        if ax.get_legend() is not None:
+            ax.get_legend().set_title(_hue_label(hue))
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _per_layer_hist(df: pd.DataFrame, value: str, hue: str, xlabel: str, log: bool) -> Figure:
+    import seaborn as sns
+
+    if value not in df.columns:
+        raise ValueError(f"column {value!r} not in the table; it has {list(df.columns)}")
+    order = (df.drop_duplicates("layer").sort_values("layer_index")["layer"].tolist()
+             if "layer_index" in df.columns else list(dict.fromkeys(df["layer"])))
+    fig, axes = _grid(len(order))
+    d, hue_order = _hue_str(df, hue)
+    for ax, layer in zip(axes, order, strict=True):
+        dl = d[d["layer"] == layer]
+        dl = dl[np.isfinite(dl[value].to_numpy(float))]
+        sns.histplot(dl, x=value, hue=hue if hue_order else None, hue_order=hue_order,
+                     stat="density",
+                     common_norm=False, element="step", fill=False, log_scale=(log, False),
+                     ax=ax)
+        ax.set(title=str(layer), xlabel=xlabel)
+        if ax.get_legend() is not None:
+            ax.get_legend().set_title(_hue_label(hue))
+    return fig
+
+
+def margin_distributions(
+    margins: pd.DataFrame,
+    *,
+    value: str = "mean_margin_norm",
+    hue: str = "train_ber",
+) -> Figure:
+    """Per-layer distributions of a per-neuron margin, normal vs flip-trained (``hue``).
+
+    One panel per layer; densities of ``value`` (default the normalized mean margin
+    ``mean_n |a_nj - tau_j| / fan_in``) over neurons (and networks), one curve per ``hue``.
+
+    Args:
+        margins: per-neuron margin rows (``metrics.margin`` or a study's ``margins.csv``).
+    """
+    return _per_layer_hist(margins, value, hue, value.replace("_", " "), log=False)
+
+
+def importance_distributions(
+    importance: pd.DataFrame,
+    *,
+    value: str = "importance",
+    hue: str = "train_ber",
+    log: bool = False,
+) -> Figure:
+    """Per-layer distributions of neuron importance ``I_j``, one curve per ``hue``.
+
+    The spread of these curves is the inter-neuron importance variance: flip-trained
+    networks are expected to show narrower curves.
+    """
+    return _per_layer_hist(importance, value, hue, "neuron importance", log=log)
+
+
+def metric_scatter(
+    metrics: pd.DataFrame,
+    sweeps: pd.DataFrame,
+    *,
+    metric: str,
+    ber: float,
+    layer: str = "network",
+    hue: str = "train_ber",
+    method: str = "spearman",
+) -> Figure:
+    """Metric vs accuracy at one BER, one point per network, with a least-squares line.
+
+    The legend gives Pearson's r of the line and the ``method`` coefficient with its
+    p-value (:func:`bnn_tol.analysis.correlate`, no bootstrap).
+    """
+    import seaborn as sns
+
+    from . import analysis
+
+    feats = analysis.feature_table(metrics, level="all")
+    name = analysis.feature_name(metric, layer)
+    if name not in feats.columns:
+        raise ValueError(f"no metric {metric!r} at layer {layer!r}; available: "
+                         f"{sorted(feats.columns)[:20]}")
+    acc = analysis.accuracy_at_ber(sweeps)
+    acc = acc[np.isclose(acc["ber"].astype(float), float(ber))]
+    if acc.empty:
+        raise ValueError(f"BER {ber} is not in the sweep; it has {sorted(sweeps['ber'].unique())}")
+    d = acc.join(feats[name].rename("x"), on="model_id").dropna(subset=["x"])
+    sel = metrics[(metrics["metric"] == metric) & (metrics["layer"] == layer)]
+    stats_ = analysis.correlate(sel, sweeps[np.isclose(sweeps["ber"].astype(float), float(ber))],
+                                methods=["pearson", method], n_boot=0)
+    r = stats_.set_index("method")
+    fig = Figure(figsize=(5.2, 4.0), layout="constrained")
+    ax = fig.subplots()
+    sns.regplot(d, x="x", y="accuracy", ax=ax, scatter=False, ci=None, color="0.3",
+                line_kws={"label": f"least squares, pearson r = {r.loc['pearson', 'r']:.2f}"})
+    hd, hue_order = _hue_str(d, hue)
+    sns.scatterplot(hd, x="x", y="accuracy", hue=hue if hue_order else None,
+                    hue_order=hue_order, ax=ax, s=45)
+    ax.plot([], [], " ", label=f"{method} = {r.loc[method, 'r']:.2f} "
+                               f"(p = {r.loc[method, 'p_value']:.2g}, n = {len(d)})")
+    ax.legend(fontsize=8)
+    ax.set(xlabel=name, ylabel=f"accuracy at BER {ber:g}", title=f"{name} vs accuracy")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def correlation_heatmap(
+    corr: pd.DataFrame,
+    *,
+    method: str = "spearman",
+    layer: str | Sequence[str] | None = "network",
+    group: str = "all",
+    annot: bool = True,
+) -> Figure:
+    """Heatmap of correlation coefficients over (metric, evaluation BER).
+
+    Args:
+        corr: output of :func:`bnn_tol.analysis.correlate`.
+        method: which coefficient.
+        layer: rows to show: ``"network"`` (default), a list of layers, or ``None`` for all
+            (rows are then ``metric@layer``).
+        group: the ``group`` of ``correlate(by=...)`` to show.
+    """
+    import seaborn as sns
+
+    from .analysis import feature_name
+
+    c = corr[(corr["method"] == method) & (corr["group"] == group)]
+    if layer is not None:
+        c = c[c["layer"].isin([layer] if isinstance(layer, str) else list(layer))]
+    if c.empty:
+        raise ValueError(f"no correlations for method={method!r}, group={group!r}, "
+                         f"layer={layer!r}")
+    c = c.assign(row=[feature_name(m, lay) for m, lay in zip(c["metric"], c["layer"],
+                                                             strict=True)])
+    table = c.pivot_table(index="row", columns="ber", values="r", aggfunc="first")
+    table = table[sorted(table.columns, key=float)] if len(table.columns) else table
+    table.columns = [f"{float(b):g}" for b in table.columns]
+    fig = Figure(figsize=(1.1 * len(table.columns) + 3.5, 0.42 * len(table) + 1.6),
+                 layout="constrained")
+    ax = fig.subplots()
+    sns.heatmap(table, vmin=-1, vmax=1, cmap="RdBu_r", center=0, annot=annot, fmt=".2f",
+                cbar_kws={"label": f"{method} correlation with accuracy"}, ax=ax)
+    ax.set(xlabel="evaluation BER", ylabel="")
+    return fig
