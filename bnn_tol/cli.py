@@ -134,5 +134,113 @@ def demo(out, dataset, data_dir, epochs, seed, device) -> None:
                  device=device, echo=click.echo)
 
 
+def _parse_bers(text: str) -> list:
+    """``"0:0.1:0.01"`` (inclusive range), ``"0,0.01,0.05"`` or pairs ``"0.01/0.05"`` (p01/p10)."""
+    text = text.replace(" ", "")
+    try:
+        if ":" in text:
+            parts = [float(v) for v in text.split(":")]
+            if len(parts) != 3 or parts[2] <= 0:
+                raise ValueError
+            start, stop, step = parts
+            n = int(round((stop - start) / step)) + 1
+            return [round(start + k * step, 12) for k in range(max(n, 0))]
+        out: list = []
+        for item in (v for v in text.split(",") if v):
+            if "/" in item:
+                a, b = item.split("/")
+                out.append((float(a), float(b)))
+            else:
+                out.append(float(item))
+        return out
+    except ValueError as e:
+        raise click.BadParameter(f"{text!r}: use START:STOP:STEP, a list p1,p2,... or "
+                                 f"p01/p10 pairs") from e
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--bers", default="0:0.1:0.01", show_default=True,
+              help="BERs: START:STOP:STEP (inclusive), a list 0,0.01,0.05, or p01/p10 pairs.")
+@click.option("--maps", "n_maps", type=int, default=20, show_default=True,
+              help="Fault maps (chips) per BER.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fault maps.")
+@click.option("--layers", default=None,
+              help="Layers with errors: 'all' (default), 'hidden', or comma-separated "
+                   "positions/names.")
+@click.option("--targets", default="weights", show_default=True,
+              help="Comma-separated: weights, activations, thresholds.")
+@click.option("--dataset", default=None,
+              help="Test set (default: the dataset the first checkpoint was trained on).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory searched first for the dataset files.")
+@click.option("--subset", type=int, default=None, help="Use only the first N test samples.")
+@click.option("--batch-size", type=int, default=None, help="Test samples per chunk.")
+@click.option("--engine", type=click.Choice(["auto", "int8", "fp32", "reference"]),
+              default="auto", show_default=True, help="Evaluation engine (all exact).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where to compute.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="CSV file; rows are appended per (model, BER) as they finish.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --out file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, batch_size,
+          engine, device, out, resume, quiet) -> None:
+    """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map)."""
+    from . import data, evaluate, io
+
+    models = {Path(r).name: io.load(r) for r in runs}
+    if len(models) != len(runs):
+        raise click.BadParameter("two checkpoints have the same directory name")
+    first = next(iter(models.values()))
+    name = dataset or first.meta.get("training", {}).get("dataset", "fashion-mnist")
+    test = data.load(name, "test", data_dir=data_dir)
+    if subset:
+        test = test.subset(subset)
+    sel = None
+    if layers and layers not in ("all", "hidden"):
+        sel = [int(v) if v.lstrip("-").isdigit() else v for v in layers.split(",")]
+    elif layers:
+        sel = layers
+    try:
+        df = evaluate.sweep(models, test, bers=_parse_bers(bers), n_maps=n_maps, seed=seed,
+                            layers=sel, batch_size=batch_size, device=device,
+                            progress=not quiet, engine=engine,
+                            targets=[t for t in targets.split(",") if t], out=out,
+                            resume=resume)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    summ = evaluate.summarize(df)
+    click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if out:
+        click.echo(f"wrote {len(df)} rows to {out}")
+
+
+if "plot" not in main.commands:  # the `plot` group: others add sub-commands to it
+
+    @main.group()
+    def plot() -> None:
+        """Figures from result tables (PNG/PDF/SVG by the --out suffix)."""
+
+
+@main.commands["plot"].command("sweep")
+@click.argument("csv", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Image file (png, pdf, svg).")
+@click.option("--metric", type=click.Choice(["accuracy", "rerr"]), default="accuracy",
+              show_default=True, help="Plot accuracy or robust error.")
+@click.option("--level", type=float, default=0.95, show_default=True,
+              help="Confidence level of the band over fault maps.")
+def plot_sweep(csv, out, metric, level) -> None:
+    """Accuracy vs BER from a sweep CSV: mean and confidence band per model."""
+    import pandas as pd
+
+    from . import plots
+
+    fig = plots.sweep(pd.read_csv(csv), level=level, metric=metric)
+    fig.savefig(out, dpi=150)
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

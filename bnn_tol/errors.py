@@ -18,15 +18,36 @@ process over ``n`` bits are drawn as geometric gaps,
     G_k = floor(log(U_k) / log(1 - p)),  position_k = sum_{i<=k} (G_i + 1) - 1,
 
 which needs about ``n p`` uniforms instead of ``n`` and has exactly the Bernoulli law.
+
+Persistent fault maps (:func:`fault_map`, :func:`draw_maps`, :func:`inject`) model one chip:
+every stored bit ``i`` gets one uniform ``u_i ~ U(0, 1)`` and flips iff ``u_i < p`` (iff
+``u_i < p01`` for a stored 0, ``u_i < p10`` for a stored 1). Maps are therefore nested across
+BERs (the flips at 1 % are a subset of those at 2 % for the same seed) and identical on every
+run and every device (they are always drawn on CPU). Only the ``u_i`` below a cap are ever
+materialized (see :func:`fault_map`), so low BERs cost about ``n p`` draws, not ``n``.
+
+Seed -> map (what :func:`inject` and :func:`bnn_tol.evaluate.sweep` both use, so any sweep row
+can be replayed with ``inject(model, ber, seed=row.seed)``)::
+
+    layer_seed(seed, k) = SeedSequence(seed, spawn_key=(k,)).generate_state(1, uint64) & (2**63-1)
+    map of binary layer k = fault_map(layer.weight.numel(), cap,
+                                      generator=torch.Generator().manual_seed(layer_seed(seed, k)))
+
+with ``k`` the position of the layer among *all* binary layers of the model (forward order), so
+selecting fewer layers does not change the other layers' maps. The map does not depend on the
+cap (it only decides how many ``u_i`` are materialized).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "BER",
@@ -35,6 +56,15 @@ __all__ = [
     "flip_binary",
     "TransientFlip",
     "DENSE_ABOVE",
+    "select_layers",
+    "FaultMap",
+    "fault_map",
+    "layer_seed",
+    "map_seeds",
+    "draw_maps",
+    "PersistentFlip",
+    "inject",
+    "BAND_EDGES",
 ]
 
 #: Above this rate one dense uniform per bit is cheaper than geometric gaps.
@@ -214,3 +244,389 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
             raise ValueError(f"unknown layer {key!r}; binary layers are: {', '.join(names)}")
         chosen[name] = found[name]
     return {n: chosen[n] for n in names if n in chosen}
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent, nested fault maps
+# ---------------------------------------------------------------------------------------------
+
+#: Edges ``0 = b_0 < b_1 < ... < b_J = 1`` of the bands in which per-bit uniforms are drawn
+#: (``2^-20, 2^-19, ..., 1/2``): a map capped at ``p`` materializes at most ``2 p n`` uniforms.
+BAND_EDGES: tuple[float, ...] = (0.0, *(2.0 ** -k for k in range(20, 0, -1)), 1.0)
+
+
+@dataclass(frozen=True)
+class FaultMap:
+    """Per-bit uniforms of one stored tensor, materialized below a cap.
+
+    Bit ``i`` (flat index) flips at rate ``p`` iff ``u_i < p``; only the ``u_i < cap`` are
+    stored, so the map answers every query with ``p <= cap``.
+
+    Attributes:
+        numel: number of stored bits.
+        idx: int64 ``(K,)`` sorted, unique flat indices with ``u_i < cap`` (CPU).
+        u: float64 ``(K,)`` their uniforms.
+        cap: the largest rate the map can answer (a band edge, see :data:`BAND_EDGES`).
+    """
+
+    numel: int
+    idx: Tensor
+    u: Tensor
+    cap: float
+
+    def flips(self, stored: Tensor, p01: float, p10: float) -> Tensor:
+        """Flat indices that flip: ``u_i < p10`` where ``stored_i > 0``, ``u_i < p01`` else.
+
+        Args:
+            stored: the stored {-1, +1} values, any shape with ``numel`` elements (any device).
+            p01, p10: rates ``<= cap``.
+
+        Returns:
+            int64 ``(F,)`` sorted flat indices on ``stored.device``.
+        """
+        if max(p01, p10) > self.cap:
+            raise ValueError(f"this fault map was drawn up to p={self.cap}; it cannot answer "
+                             f"p01={p01}, p10={p10}: draw it with a larger cap")
+        dev = stored.device
+        idx = self.idx.to(dev)
+        u = self.u.to(dev)
+        if p01 == p10:
+            return idx[u < p01]
+        s = stored.reshape(-1)[idx] > 0
+        return idx[u < torch.where(s, p10, p01)]
+
+
+def _band_cap(cap: float) -> int:
+    """Number of bands needed so that the materialized range covers ``[0, cap)``."""
+    for j, hi in enumerate(BAND_EDGES[1:]):
+        if cap <= hi:
+            return j + 1
+    return len(BAND_EDGES) - 1
+
+
+def fault_map(numel: int, cap: float, *, generator: torch.Generator) -> FaultMap:
+    """Draw the per-bit uniforms ``u_i < cap`` of ``numel`` bits (all ``u_i`` iid U(0, 1)).
+
+    The range ``[0, 1)`` is cut into the bands of :data:`BAND_EDGES`. Band ``j = [b_j, b_{j+1})``
+    draws independent "hits" at rate ``r_j = (b_{j+1} - b_j) / (1 - b_j)`` with
+    :func:`bernoulli_indices` (geometric gaps) and a uniform value in the band for each hit;
+    ``u_i`` is the value of bit ``i``'s first hit. Then ``P(first hit in band j) =
+    prod_{l<j}(1 - r_l) r_j = b_{j+1} - b_j`` and ``u_i`` is uniform inside its band: exactly
+    one U(0, 1) per bit. Bands are drawn in a fixed order from ``generator`` and stop at the
+    first band edge ``>= cap``, so a smaller cap yields a prefix of the same draws: the map of a
+    bit does not depend on the cap. Cost: about ``2 cap numel`` uniforms.
+
+    Args:
+        numel: number of bits ``n``.
+        cap: largest rate to be answered, in ``[0, 1]``.
+        generator: a CPU ``torch.Generator`` (maps are device independent).
+
+    Returns:
+        :class:`FaultMap` with ``cap`` rounded up to a band edge.
+    """
+    if not 0.0 <= cap <= 1.0:
+        raise ValueError(f"cap {cap} is outside [0, 1]")
+    if generator.device.type != "cpu":
+        raise ValueError("fault maps are drawn on CPU: pass a CPU torch.Generator")
+    n_bands = _band_cap(cap) if cap > 0 else 0
+    idx_parts: list[Tensor] = []
+    u_parts: list[Tensor] = []
+    for j in range(n_bands):
+        lo, hi = BAND_EDGES[j], BAND_EDGES[j + 1]
+        hit = bernoulli_indices(numel, (hi - lo) / (1.0 - lo), generator=generator)
+        v = torch.rand(hit.numel(), generator=generator, dtype=torch.float64)
+        u = (lo + (hi - lo) * v).clamp_(max=math.nextafter(hi, lo))
+        idx_parts.append(hit)
+        u_parts.append(u)
+    top = BAND_EDGES[n_bands]
+    if not idx_parts:
+        empty = torch.empty(0, dtype=torch.int64)
+        return FaultMap(numel, empty, torch.empty(0, dtype=torch.float64), top)
+    idx = torch.cat(idx_parts)
+    u = torch.cat(u_parts)
+    # keep each bit's first hit (lowest band = smallest u): stable sort by index
+    idx, order = torch.sort(idx, stable=True)
+    u = u[order]
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[1:] = idx[1:] != idx[:-1]
+    return FaultMap(numel, idx[first], u[first], top)
+
+
+def layer_seed(seed: int, position: int, stream: int = 0) -> int:
+    """Seed of one tensor's map: ``SeedSequence(seed, spawn_key=(position, stream))`` (63 bits).
+
+    ``stream`` 0 is the weights (spawn key ``(position,)``), 1 the activations, 2 the BN
+    thresholds of binary layer ``position``.
+    """
+    key = (int(position),) if stream == 0 else (int(position), int(stream))
+    state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(1, dtype=np.uint64)
+    return int(state[0]) & ((1 << 63) - 1)
+
+
+def map_seeds(seed: int, n_maps: int) -> list[int]:
+    """Seeds of the ``n_maps`` fault maps of a sweep: ``SeedSequence(seed).generate_state``.
+
+    The same derivation as :func:`bnn_tol.train.child_seeds`; each is a 63-bit int usable as
+    ``inject(..., seed=s)``.
+    """
+    if n_maps < 0:
+        raise ValueError(f"n_maps must be >= 0, got {n_maps}")
+    state = np.random.SeedSequence(int(seed)).generate_state(n_maps, dtype=np.uint64)
+    return [int(s) & ((1 << 63) - 1) for s in state]
+
+
+def _positions(model: nn.Module) -> dict[str, int]:
+    from .layers import BinaryLayer
+
+    names = [n for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
+    return {n: k for k, n in enumerate(names)}
+
+
+def draw_maps(
+    model: nn.Module,
+    seed: int,
+    cap: float,
+    *,
+    layers: Sequence[str | int] | str | None = None,
+) -> dict[str, FaultMap]:
+    """Fault maps of the weights of the selected binary layers for chip ``seed``.
+
+    Layer ``k`` (position among all binary layers) uses
+    ``torch.Generator().manual_seed(layer_seed(seed, k))``.
+
+    Returns:
+        ``{layer name: FaultMap}`` in forward order.
+    """
+    pos = _positions(model)
+    chosen = select_layers(model, layers)
+    return {
+        name: fault_map(layer.weight.numel(), cap,
+                        generator=torch.Generator().manual_seed(layer_seed(seed, pos[name])))
+        for name, layer in chosen.items()
+    }
+
+
+class PersistentFlip:
+    """Layer fault: the flips of a persistent :class:`FaultMap` at rates ``(p01, p10)``.
+
+    Forward: ``w'_i = -w_i`` iff ``u_i < p10`` (``w_i = +1``) or ``u_i < p01`` (``w_i = -1``),
+    decided from the binarized weight it is called with. Backward: straight through.
+    """
+
+    def __init__(self, fmap: FaultMap, p01: float, p10: float) -> None:
+        self.fmap = fmap
+        self.p01, self.p10 = p01, p10
+        self.last_flips: Tensor | None = None
+
+    def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
+        idx = self.fmap.flips(wb.detach(), self.p01, self.p10)
+        self.last_flips = idx
+        if idx.numel() == 0:
+            return wb
+        flat = wb.detach().reshape(-1).clone()
+        flat[idx] = -flat[idx]
+        return wb + (flat.view_as(wb) - wb).detach()
+
+    def __repr__(self) -> str:
+        return (f"PersistentFlip(p01={self.p01}, p10={self.p10}, "
+                f"candidates={self.fmap.idx.numel()})")
+
+
+def _activation_hook(fmap: FaultMap, p01: float, p10: float):
+    def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
+        shape = out.shape[1:]
+        ref = out[:1].reshape(-1)
+        idx = fmap.flips(ref, p01, p10) if p01 == p10 else None
+        if idx is None:  # asymmetric: the stored value differs per sample
+            u = torch.full((fmap.numel,), 2.0, dtype=torch.float64, device=out.device)
+            u[fmap.idx.to(out.device)] = fmap.u.to(out.device)
+            flat = out.reshape(out.shape[0], -1)
+            rate = torch.where(flat > 0, p10, p01)
+            return torch.where(u[None, :] < rate, -flat, flat).view_as(out)
+        sign = torch.ones(int(np.prod(shape)), dtype=out.dtype, device=out.device)
+        sign[idx] = -1
+        return out * sign.view(shape)
+
+    return hook
+
+
+def _threshold_hook(folded, fmap: FaultMap, p01: float, p10: float, bits: int, scale: int):
+    """Replace ``sign(bn(a))`` by the comparator with a corrupted ``bits``-bit integer threshold."""
+    t = folded.t.clone()
+    lim = 1 << (bits - 1)
+    if bool(((t < -lim) | (t >= lim)).any()):
+        raise ValueError(f"a folded BN threshold does not fit in {bits} bits: raise threshold_bits")
+    stored = (t[:, None] >> torch.arange(bits)) & 1  # (C, bits) two's complement bits
+    flat = stored.reshape(-1) * 2 - 1
+    idx = fmap.flips(flat, p01, p10)
+    stored.view(-1)[idx] ^= 1
+    weights = 1 << torch.arange(bits, dtype=torch.int64)
+    weights[-1] = -weights[-1]
+    t_bad = (stored * weights).sum(1)
+    d = folded.direction.to(torch.int64)
+    const = folded.const.to(torch.float32)
+
+    def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
+        a = inputs[0] * scale
+        shape = [1, -1] + [1] * (a.dim() - 2)
+        tt = t_bad.to(a.device, a.dtype).view(shape)
+        dd = d.to(a.device).view(shape)
+        y = torch.where(dd > 0, a - tt, tt - a)
+        y = torch.where(dd == 0, const.to(a.device, a.dtype).view(shape), y)
+        return torch.where(y >= 0, 1.0, -1.0).to(out.dtype)
+
+    return hook, t_bad
+
+
+@contextlib.contextmanager
+def inject(
+    model: nn.Module,
+    ber: BER,
+    seed: int = 0,
+    *,
+    layers: Sequence[str | int] | str | None = None,
+    mode: str = "persistent",
+    targets: Sequence[str] | str = ("weights",),
+    threshold_bits: int = 16,
+) -> Iterator[dict[str, object]]:
+    """Context manager: run ``model`` on fault map (chip) ``seed`` at bit error rate ``ber``.
+
+    ``mode="persistent"``: weight bit ``i`` of binary layer ``k`` flips iff
+    ``u_i < p10`` (stored +1) or ``u_i < p01`` (stored -1), with the ``u_i`` of
+    :func:`draw_maps` -- the same map on every run, nested across BERs, and exactly the map of
+    the sweep row with this ``seed``. ``mode="transient"``: a fresh draw on every forward pass
+    (:class:`TransientFlip`, what bit flip training uses), seeded by ``layer_seed(seed, k)``.
+
+    The weights themselves are never modified: the context sets each selected layer's
+    ``fault`` and restores the previous one on exit, also when the block raises.
+
+    Args:
+        model: a module with binary layers (a :class:`~bnn_tol.models.BNN` for the activation
+            and threshold targets).
+        ber: ``p`` or ``(p01, p10)``.
+        seed: the chip.
+        layers: see :func:`select_layers` (``None``: all, ``"hidden"``: all but first/last).
+        mode: ``"persistent"`` or ``"transient"``.
+        targets: any of ``"weights"``, ``"activations"`` (binary outputs of the selected
+            layers' blocks; a persistent map over the per-sample activation buffer: the same
+            positions flip on every sample), ``"thresholds"`` (the folded integer BN threshold
+            of each selected hidden block, stored as ``threshold_bits``-bit two's complement;
+            first layer in units of 1/128). Activations/thresholds are persistent only.
+
+    Yields:
+        ``{layer name: fault}`` of the weight faults (``PersistentFlip`` / ``TransientFlip``).
+
+    Raises:
+        ValueError: bad rates, unknown layer names or targets, no binary layers.
+    """
+    p01, p10 = rates(ber)
+    if mode not in ("persistent", "transient"):
+        raise ValueError(f"mode must be 'persistent' or 'transient', got {mode!r}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    bad = set(targets) - {"weights", "activations", "thresholds"}
+    if bad or not targets:
+        raise ValueError(f"unknown targets {sorted(bad)}; use weights, activations, thresholds")
+    chosen = select_layers(model, layers)
+    pos = _positions(model)
+    cap = max(p01, p10)
+    saved = {name: layer.fault for name, layer in chosen.items()}
+    handles: list = []
+    faults: dict[str, object] = {}
+    try:
+        if "weights" in targets:
+            for name, layer in chosen.items():
+                gen = torch.Generator().manual_seed(layer_seed(seed, pos[name]))
+                if mode == "persistent":
+                    fmap = fault_map(layer.weight.numel(), cap, generator=gen)
+                    fault: object = PersistentFlip(fmap, p01, p10)
+                else:
+                    dev = layer.weight.device
+                    tgen = torch.Generator(device=dev).manual_seed(layer_seed(seed, pos[name]))
+                    fault = TransientFlip((p01, p10), tgen)
+                layer.fault = fault  # type: ignore[assignment]
+                faults[name] = fault
+        if {"activations", "thresholds"} & set(targets):
+            if mode != "persistent":
+                raise ValueError("activation/threshold errors are persistent only")
+            handles += _hook_blocks(model, chosen, pos, seed, p01, p10, targets, threshold_bits)
+        yield faults
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in chosen.items():
+            layer.fault = saved[name]
+
+
+def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
+    from .layers import fold_threshold
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError("activation/threshold errors need a bnn_tol BNN (model.blocks)")
+    handles = []
+    cap = max(p01, p10)
+    for k, block in enumerate(blocks):
+        name = next((n for n, m in chosen.items() if m is block.layer), None)
+        if name is None or not block.binary_output:
+            continue
+        if "thresholds" in targets:
+            gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
+            scale = 128 if k == 0 else 1
+            folded = _fold_scaled(block.bn, scale) if scale != 1 else fold_threshold(block.bn)
+            fmap = fault_map(folded.t.numel() * bits, cap, generator=gen)
+            hook, _ = _threshold_hook(folded, fmap, p01, p10, bits, scale)
+            handles.append(block.bn.register_forward_hook(hook))
+        if "activations" in targets:
+            gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 1))
+            n_out = _block_out_numel(model, k)
+            fmap = fault_map(n_out, cap, generator=gen)
+            handles.append(block.register_forward_hook(_activation_hook(fmap, p01, p10)))
+    return handles
+
+
+def _block_out_numel(model, k: int) -> int:
+    x = torch.zeros(1, *model.in_shape, device=next(model.parameters()).device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for block in model.blocks[: k + 1]:
+                x = block(x)
+    finally:
+        model.train(was)
+    return int(x[0].numel())
+
+
+def _fold_scaled(bn: nn.modules.batchnorm._BatchNorm, scale: int):
+    """:func:`~bnn_tol.layers.fold_threshold` for pre-activations ``a = k / scale``, ``k`` integer.
+
+    Returns a ``FoldedThreshold`` on the integer ``k = scale * a``: ``+1`` iff ``k >= t``
+    (direction +1) / ``k <= t`` (direction -1), equal to the float ``BN(k / scale) >= 0``.
+    """
+    from .layers import FoldedThreshold, _bn_params, _eval_bn, bn_threshold
+
+    thr = bn_threshold(bn)
+    direction = thr.direction
+    dead = direction == 0
+    _, _, _, beta = _bn_params(bn)
+    const = torch.where(dead, torch.where(beta >= 0, 1, -1), 0).to(torch.int8)
+    center = torch.where(dead, torch.zeros_like(thr.tau), thr.tau * scale).clamp(-2**52, 2**52)
+    center = torch.floor(center).to(torch.int64)
+    t = torch.zeros_like(center)
+    todo = ~dead
+    w = 3
+    up = direction > 0
+    while bool(todo.any()):
+        ks = center[None, :] + torch.arange(-w, w + 1)[:, None]
+        pos = _eval_bn(bn, ks.double() / scale) >= 0
+        first = torch.where(up, ~pos[0], pos[0])
+        last = torch.where(up, pos[-1], ~pos[-1])
+        ok = first & last & todo
+        n_true = pos.sum(0)
+        idx = torch.where(up, (2 * w + 1) - n_true, n_true - 1).clamp(0, 2 * w)
+        t = torch.where(ok, ks.gather(0, idx[None, :])[0], t)
+        todo = todo & ~ok
+        w *= 4
+        if w > 2**40:
+            raise ValueError("could not fold BatchNorm threshold: non-finite parameters?")
+    return FoldedThreshold(t, direction, const)

@@ -1,13 +1,22 @@
-"""Evaluation of BNNs: clean accuracy (and, built on it, BER sweeps)."""
+"""Evaluation of BNNs: clean accuracy and BER sweeps.
+
+>>> from bnn_tol import errors, evaluate
+>>> with errors.inject(model, ber=0.05, seed=3):      # doctest: +SKIP
+...     acc = evaluate.accuracy(model, test)
+>>> df = evaluate.sweep(model, test, bers=[0, .01, .05], n_maps=50, seed=0)  # doctest: +SKIP
+>>> evaluate.summarize(df)                             # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BNNDataset
 
-__all__ = ["accuracy", "predict", "resolve_device"]
+__all__ = ["accuracy", "predict", "resolve_device", "sweep", "summarize", "COLUMNS"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -42,3 +51,582 @@ def predict(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> Te
 def accuracy(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> float:
     """Fraction of correctly classified samples: ``mean_n 1{argmax_c z_nc == y_n}``."""
     return float((predict(model, data, batch_size=batch_size) == data.labels).double().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# BER sweeps
+# ---------------------------------------------------------------------------------------------
+
+COLUMNS = ["model", "ber", "p01", "p10", "map", "seed", "accuracy", "rerr"]
+
+#: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
+MEMORY_BUDGET = 2**28
+
+
+def _int8_ok(device: torch.device) -> bool:
+    """``torch._int_mm`` (int8 x int8 -> int32) is used on CPU only; CUDA uses exact fp32."""
+    return device.type == "cpu" and hasattr(torch, "_int_mm")
+
+
+class _Stage:
+    """One block compiled for the engines (clean weights and the folded comparator)."""
+
+    def __init__(self, k: int, block: nn.Module, name: str) -> None:
+        from .errors import _fold_scaled
+        from .layers import BinaryConv2d, fold_threshold
+
+        self.k, self.name, self.block = k, name, block
+        self.conv = isinstance(block.layer, BinaryConv2d)
+        if self.conv and (block.layer.stride != (1, 1) or block.layer.groups != 1
+                          or block.layer.dilation != (1, 1)):
+            raise ValueError(f"{name}: the sweep engine supports stride 1, ungrouped convs only")
+        if block.layer.bias is not None:
+            raise ValueError(f"{name}: binary layers with a bias are not supported by the engine")
+        self.flatten, self.pool, self.hidden = block.flatten, block.pool, block.binary_output
+        self.scale = 128 if k == 0 else 1  # first-layer inputs are (p - 128) / 128
+        with torch.no_grad():
+            self.wb = torch.where(block.layer.weight.detach() >= 0, 1.0, -1.0).cpu()
+        if self.hidden:
+            f = _fold_scaled(block.bn, 128) if k == 0 else fold_threshold(block.bn)
+            self.t, self.d, self.const = f.t, f.direction.to(torch.int64), f.const.to(torch.int64)
+
+
+def _compile(model: nn.Module) -> list[_Stage]:
+    from .layers import BinaryLayer
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not len(blocks):
+        raise ValueError(f"sweep needs a bnn_tol BNN (with .blocks), got {type(model).__name__}")
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
+    stages = []
+    for k, block in enumerate(blocks):
+        if not isinstance(getattr(block, "layer", None), BinaryLayer):
+            raise ValueError(f"block {k} has no binary layer; the model has no supported layout")
+        stages.append(_Stage(k, block, names[id(block.layer)]))
+    if stages[-1].hidden:
+        raise ValueError("the last block must output class scores (binary_output=False)")
+    return stages
+
+
+# -- int8 engine (fully connected models, CPU) -------------------------------------------------
+
+
+class _Int8Net:
+    """Exact integer evaluation of an all-linear BNN with ``torch._int_mm``.
+
+    Activations are kept neuron-major ``(features, B)``. The first layer multiplies int8
+    ``q = p - 128`` (so ``128 a = W q`` exactly); hidden outputs are stored as bits
+    ``b = (h + 1) / 2`` in {0, 1}, so the next pre-activation is ``a = 2 W b - rowsum(W)``.
+    Rows of ``W`` are multiplied by the BN direction ``d`` so that every comparator reads
+    ``W_d b >= ceil((t_d + rowsum(W_d)) / 2)`` (``t_d = d t``; dead neurons: zero row,
+    ``t_d = 0`` for constant +1 and ``1`` for constant -1). The last layer feeds the exact
+    ``a`` to the model's float BatchNorm and takes ``argmax``: bit-identical to ``model(x)``.
+    """
+
+    def __init__(self, stages: list[_Stage], device: torch.device) -> None:
+        self.stages, self.device = stages, device
+        self.w: list[Tensor] = []  # direction-folded int8 weights (out, in) on device
+        self.t: list[Tensor | None] = []  # folded integer thresholds (out,) int64
+        self.s: list[Tensor] = []  # row sums of self.w, int64
+        for st in stages:
+            w = st.wb.to(torch.int8)
+            if st.hidden:
+                d = st.d
+                w = w * d[:, None].to(torch.int8)
+                t = torch.where(d > 0, st.t, -st.t)
+                t = torch.where(d == 0, torch.where(st.const > 0, 0, 1), t)
+                self.t.append(t)
+            else:
+                self.t.append(None)
+            self.w.append(w.contiguous())
+            self.s.append(w.sum(1, dtype=torch.int64))
+        self.w_dev = [w.to(device) for w in self.w]
+
+    def unit_weights(self, flips: dict[int, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Weights and row sums with the stored bits at ``flips[k]`` (flat indices) negated."""
+        ws, ss = list(self.w_dev), list(self.s)
+        for k, idx in flips.items():
+            if idx.numel() == 0:
+                continue
+            w = self.w[k].clone()
+            flat = w.view(-1)
+            old = flat[idx]
+            flat[idx] = -old
+            rows = torch.div(idx, w.shape[1], rounding_mode="floor")
+            ss[k] = self.s[k].index_add(0, rows, -2 * old.to(torch.int64))
+            ws[k] = w.to(self.device)
+        return ws, ss
+
+    def input(self, images: Tensor) -> Tensor:
+        """uint8 ``(B, C, H, W)`` -> int8 ``q = p - 128`` neuron-major ``(C H W, B)``."""
+        q = (images.reshape(images.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
+        return q.t().contiguous().to(self.device)
+
+    def run(self, h: Tensor, start: int, ws: list[Tensor], ss: list[Tensor]) -> Tensor:
+        """Forward from stage ``start`` (input ``h`` neuron-major) -> predictions ``(B,)``."""
+        for k in range(start, len(self.stages)):
+            h = self.step(k, h, ws[k], ss[k])
+        return h
+
+    def step(self, k: int, h: Tensor, w: Tensor, s: Tensor) -> Tensor:
+        st = self.stages[k]
+        r = torch._int_mm(w, h)  # (out, B) int32, exact
+        if st.hidden:
+            t = self.t[k]
+            thr = t if k == 0 else -torch.div(-(t + s), 2, rounding_mode="floor")
+            return (r >= thr.to(torch.int32).to(r.device)[:, None]).view(torch.int8)
+        a = r.t().to(torch.float64)
+        a = a / 128.0 if k == 0 else 2.0 * a - s.to(a.device, torch.float64)
+        z = st.block.bn(a.to(torch.float32))
+        return z.argmax(1)
+
+
+# -- fp32 engine (any BinaryBlock model, CPU or CUDA; G maps batched) ---------------------------
+
+
+def _fp32_forward(
+    stages: list[_Stage], x: Tensor, ws: list[Tensor], start: int = 0
+) -> Tensor:
+    """Predictions ``(G, B)`` of ``G`` fault maps at once.
+
+    ``x``: ``(B, ...)`` input of stage ``start`` shared by all maps (float, exact values);
+    ``ws[k]``: ``(G, *weight.shape)`` per-map ±1 weights, or ``weight.shape`` when shared.
+    Maps ride in the batch/group dimension: a shared input meets stacked weights
+    (``(G out, in)`` / ``(G C_out, C_in, k, k)``), per-map inputs use ``bmm`` / grouped conv.
+    Pre-activations are rounded to the exact integers ``scale a`` they equal in exact
+    arithmetic (float rounding errors of any GEMM/conv algorithm are far below 1/2), then
+    compared with the folded thresholds; the last layer's float BatchNorm gets the exact ``a``.
+    """
+    h, shared, g = x, True, None
+    for k in range(start, len(stages)):
+        st, w = stages[k], ws[k]
+        per_map = w.dim() == st.wb.dim() + 1
+        if per_map:
+            g = w.shape[0]
+        if st.flatten:
+            h = h.flatten(1) if shared else h.flatten(2)
+        if not st.conv:
+            if shared and per_map:
+                a = (h @ w.reshape(-1, w.shape[-1]).t()).view(h.shape[0], g, -1).transpose(0, 1)
+            elif shared:
+                a = h @ w.t()
+            elif per_map:
+                a = torch.bmm(h, w.transpose(1, 2))
+            else:
+                a = h @ w.t()
+        else:
+            pad = st.block.layer.padding
+            if shared and per_map:
+                a = F.conv2d(h, w.reshape(-1, *w.shape[2:]), padding=pad)
+                a = a.view(a.shape[0], g, -1, *a.shape[2:]).transpose(0, 1)
+            elif shared:
+                a = F.conv2d(h, w, padding=pad)
+            elif per_map:
+                gb = h.shape[1]
+                hh = h.transpose(0, 1).reshape(gb, -1, *h.shape[3:])
+                a = F.conv2d(hh, w.reshape(-1, *w.shape[2:]), padding=pad, groups=g)
+                a = a.view(gb, g, -1, *a.shape[2:]).transpose(0, 1)
+            else:
+                a = F.conv2d(h.reshape(-1, *h.shape[2:]), w, padding=pad)
+                a = a.view(h.shape[0], h.shape[1], *a.shape[1:])
+        shared = shared and not per_map
+        ai = torch.round(a * st.scale)  # exact integer scale * a
+        cdim = 1 if shared else 2
+        if st.hidden:
+            shape = [1] * ai.dim()
+            shape[cdim] = -1
+            t = st.t.to(ai.device, ai.dtype).view(shape)
+            d = st.d.to(ai.device).view(shape)
+            pos = torch.where(d > 0, ai >= t, ai <= t)
+            pos = torch.where(d == 0, st.const.to(ai.device).view(shape) > 0, pos)
+            h = torch.where(pos, 1.0, -1.0).to(x.dtype)
+            if st.pool:
+                lead = h.shape[: cdim]
+                h = F.max_pool2d(h.reshape(-1, *h.shape[cdim:]), st.pool)
+                h = h.view(*lead, *h.shape[1:])
+        else:
+            a = ai / st.scale
+            z = st.block.bn(a.reshape(-1, a.shape[-1]))
+            return z.argmax(1).view(a.shape[:-1])
+    raise AssertionError("unreachable: the last stage returns")
+
+
+# -- sweep driver --------------------------------------------------------------------------------
+
+
+def _ber_list(bers) -> list[tuple[float, float]]:
+    from .errors import rates
+
+    if isinstance(bers, int | float):
+        bers = [bers]
+    out = [rates(b) for b in bers]
+    if not out:
+        raise ValueError("bers is empty: give at least one BER, e.g. bers=[0, 0.01, 0.05]")
+    return out
+
+
+def _ber_value(p01: float, p10: float) -> float:
+    return p01 if p01 == p10 else 0.5 * (p01 + p10)
+
+
+def _read_done(path) -> tuple[pd.DataFrame, set]:
+    """Rows already in a sweep CSV (a torn last line is cut off) and their keys."""
+    import os
+
+    path = os.fspath(path)
+    with open(path, "rb+") as fh:
+        raw = fh.read()
+        if raw and not raw.endswith(b"\n"):  # torn append: drop the partial line
+            cut = raw.rfind(b"\n") + 1
+            fh.truncate(cut)
+            raw = raw[:cut]
+    if not raw.strip():
+        return pd.DataFrame(columns=COLUMNS), set()
+    df = pd.read_csv(path)
+    missing = set(COLUMNS) - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} is not a sweep CSV (missing columns {sorted(missing)})")
+    df["model"] = df["model"].astype(str)
+    keys = set(zip(df["model"], df["p01"], df["p10"], df["map"], df["seed"], strict=True))
+    return df[COLUMNS], keys
+
+
+def _append_rows(path, rows: list[dict], header: bool) -> None:
+    """Append rows with one write, then flush + fsync (a crash leaves at most a torn line)."""
+    import io as _io
+    import os
+
+    buf = _io.StringIO()
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(buf, header=header, index=False,
+                                               float_format="%.17g")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def sweep(
+    models,
+    data: BNNDataset,
+    *,
+    bers,
+    n_maps: int = 20,
+    seed: int = 0,
+    layers=None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    engine: str = "auto",
+    targets=("weights",),
+    out=None,
+    resume: bool = False,
+    maps_per_step: int | None = None,
+) -> pd.DataFrame:
+    """Accuracy under persistent bit errors for every (model, BER, fault map).
+
+    Map ``m`` has seed ``s_m = errors.map_seeds(seed, n_maps)[m]``; its flips at BER
+    ``(p01, p10)`` are those of ``errors.inject(model, (p01, p10), seed=s_m, layers=layers)``
+    (nested across BERs, identical on every run/device), so any row can be replayed alone
+    and gives exactly the same accuracy.
+
+    Engines (all exact: they reproduce ``model(x).argmax(1)`` of the faulty model bit for bit):
+
+    * ``"int8"`` (auto for fully connected models on CPU): ``torch._int_mm`` int8 x int8 ->
+      int32 on ±1 weights, folded integer thresholds, bit-packed activations; the clean
+      prefix before the first faulty layer is computed once per data chunk.
+    * ``"fp32"`` (auto otherwise, also CUDA): ``maps_per_step`` maps batched through stacked
+      weights / ``bmm`` / grouped conv.
+    * ``"reference"``: ``inject`` + :func:`accuracy` per map (needed for activation and
+      threshold ``targets``).
+
+    Args:
+        models: a BNN, or ``{label: BNN}``.
+        data: test set (streamed in chunks of ``batch_size``; default from a ~256 MiB budget).
+        bers: list of ``p`` or ``(p01, p10)``.
+        n_maps: fault maps (chips) per BER; ``seed``: the sweep's seed.
+        layers: layers with errors (:func:`bnn_tol.errors.select_layers`); default all.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        progress: tqdm bar over (model, BER, map).
+        targets: see :func:`bnn_tol.errors.inject`.
+        out: CSV path; rows of each finished (model, BER) are appended atomically.
+        resume: with ``out``: skip the (model, BER, map) rows already in the file.
+
+    Returns:
+        One row per (model, BER, map): ``model, ber, p01, p10, map, seed, accuracy, rerr``
+        (``ber = p`` for symmetric rates, ``(p01 + p10) / 2`` otherwise; ``rerr = 1 -
+        accuracy``). With ``out`` the returned frame holds the file's rows of this sweep too.
+
+    Raises:
+        ValueError: BER outside [0, 1], empty ``bers``, unknown layers, models without binary
+            layers, an existing ``out`` without ``resume``.
+    """
+    import os
+
+    from tqdm.auto import tqdm
+
+    from .errors import draw_maps, map_seeds, select_layers
+
+    if isinstance(models, nn.Module):
+        models = {str(getattr(models, "config", {}).get("name", "model")): models}
+    if not models:
+        raise ValueError("no models given")
+    ber_list = _ber_list(bers)
+    if n_maps < 1:
+        raise ValueError(f"n_maps must be >= 1, got {n_maps}")
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    if engine not in ("auto", "int8", "fp32", "reference"):
+        raise ValueError(f"engine must be auto, int8, fp32 or reference, got {engine!r}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if set(targets) != {"weights"}:
+        if engine not in ("auto", "reference"):
+            raise ValueError("activation/threshold targets need engine='reference'")
+        engine = "reference"
+    dev = resolve_device(device)
+    seeds = map_seeds(seed, n_maps)
+    done: set = set()
+    old = pd.DataFrame(columns=COLUMNS)
+    header = True
+    if out is not None:
+        if os.path.exists(out) and os.path.getsize(out) > 0:
+            if not resume:
+                raise ValueError(f"{out} exists: pass resume=True (--resume) to continue that "
+                                 f"sweep, or choose another file")
+            old, done = _read_done(out)
+            header = os.path.getsize(out) == 0
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for model in models.values():
+        select_layers(model, layers)  # validates names and that there are binary layers
+    cap = max(max(p) for p in ber_list)
+    total = len(models) * len(ber_list) * n_maps
+    bar = tqdm(total=total, desc="sweep", unit="map", disable=not progress)
+    rows_all: list[dict] = []
+    try:
+        for label, model in models.items():
+            runner = _Runner(model, data, layers=layers, device=dev, engine=engine,
+                             batch_size=batch_size, maps_per_step=maps_per_step,
+                             targets=targets)
+            maps: dict[int, dict] = {}
+            for p01, p10 in ber_list:
+                todo = [m for m in range(n_maps)
+                        if (str(label), p01, p10, m, seeds[m]) not in done]
+                bar.update(n_maps - len(todo))
+                for m in todo:
+                    if m not in maps and runner.engine != "reference":
+                        maps[m] = draw_maps(model, seeds[m], cap, layers=layers)
+                accs = runner.accuracies([maps.get(m) for m in todo], [seeds[m] for m in todo],
+                                         p01, p10, bar)
+                rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
+                         "p10": p10, "map": m, "seed": seeds[m], "accuracy": a,
+                         "rerr": 1.0 - a} for m, a in zip(todo, accs, strict=True)]
+                if out is not None and rows:
+                    _append_rows(out, rows, header)
+                    header = False
+                rows_all += rows
+    finally:
+        bar.close()
+    df = pd.DataFrame(rows_all, columns=COLUMNS)
+    if len(old):
+        keys = {(str(lb), p01, p10) for lb in models for p01, p10 in ber_list}
+        mask = [(m, a, b) in keys and s == seeds[k] if k < n_maps else False
+                for m, a, b, k, s in zip(old["model"], old["p01"], old["p10"], old["map"],
+                                         old["seed"], strict=True)]
+        df = pd.concat([old[mask], df], ignore_index=True)
+    order_m = {str(lb): i for i, lb in enumerate(models)}
+    order_b = {b: i for i, b in enumerate(ber_list)}
+    df = df.assign(_m=df["model"].map(order_m),
+                   _b=[order_b[(a, b)] for a, b in zip(df["p01"], df["p10"], strict=True)])
+    df = df.sort_values(["_m", "_b", "map"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+    df["map"] = df["map"].astype("int64")
+    df["seed"] = df["seed"].astype("int64")
+    return df
+
+
+class _Runner:
+    """Evaluates lists of fault maps of one model at one BER with the chosen engine."""
+
+    def __init__(self, model, data, *, layers, device, engine, batch_size, maps_per_step,
+                 targets) -> None:
+        from .errors import select_layers
+
+        self.model, self.data, self.layers, self.device = model, data, layers, device
+        self.targets = targets
+        self.labels = data.labels
+        model.eval()
+        if engine == "reference":
+            self.engine = "reference"
+            self.batch_size = batch_size or 2048
+            return
+        self.stages = _compile(model)
+        chosen = select_layers(model, layers)
+        self.faulty = [k for k, st in enumerate(self.stages) if st.name in chosen]
+        all_linear = not any(st.conv for st in self.stages)
+        if engine == "auto":
+            engine = "int8" if all_linear and _int8_ok(device) else "fp32"
+        if engine == "int8" and not (all_linear and _int8_ok(device)):
+            raise ValueError("engine='int8' needs an all-linear model (fc) on CPU; use 'fp32'")
+        self.engine = engine
+        # first stage that differs between maps (the last one if no layer is faulty)
+        self.start = min(self.faulty[0] if self.faulty else len(self.stages),
+                         len(self.stages) - 1)
+        width = self._max_width()
+        self.g = maps_per_step or (1 if engine == "int8" else 8)
+        per_sample = width * (5 if engine == "int8" else 12 * self.g)
+        self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET // per_sample))
+        self._prefix: list[tuple[Tensor, Tensor]] | None = None
+        self._clean: float | None = None
+        if engine == "int8":
+            self.net = _Int8Net(self.stages, device)
+        else:
+            self.w_dev = [st.wb.to(device) for st in self.stages]
+
+    def _max_width(self) -> int:
+        x = torch.zeros(1, *self.data.shape)
+        widths = [x.numel()]
+        with torch.no_grad():
+            for block in self.model.blocks:
+                x = _cpu_block(block, x)
+                widths.append(x.numel())
+        return max(widths)
+
+    def _chunks(self):
+        """Clean prefix (input of the first faulty stage) per data chunk, computed once."""
+        if self._prefix is None:
+            self._prefix = []
+            imgs, labels = self.data.images, self.data.labels
+            for i in range(0, len(self.data), self.batch_size):
+                im = imgs[i: i + self.batch_size]
+                y = labels[i: i + self.batch_size]
+                if self.engine == "int8":
+                    h = self.net.input(im)
+                    for k in range(self.start):
+                        h = self.net.step(k, h, self.net.w_dev[k], self.net.s[k])
+                else:
+                    h = (im.to(self.device, torch.float32) - 128.0) / 128.0
+                    if self.start > 0:
+                        h = _fp32_prefix(self.stages, h, self.w_dev, self.start)
+                self._prefix.append((h, y.to(self.device)))
+        return self._prefix
+
+    def _clean_accuracy(self) -> float:
+        if self._clean is None:
+            self._clean = accuracy(self.model, self.data, batch_size=2048) \
+                if self.engine == "reference" else self._eval_group([{}])[0]
+        return self._clean
+
+    def accuracies(self, maps, seeds, p01, p10, bar) -> list[float]:
+        from .errors import inject
+
+        if self.engine == "reference":
+            out = []
+            for s in seeds:
+                with inject(self.model, (p01, p10), seed=s, layers=self.layers,
+                            targets=self.targets):
+                    out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
+                bar.update(1)
+            return out
+        flips = []
+        for fm in maps:
+            f = {k: fm[self.stages[k].name].flips(self.stages[k].wb, p01, p10)
+                 for k in self.faulty}
+            flips.append(f)
+        results: list[float | None] = [None] * len(flips)
+        todo = []
+        for i, f in enumerate(flips):
+            if all(v.numel() == 0 for v in f.values()):
+                results[i] = self._clean_accuracy()
+                bar.update(1)
+            else:
+                todo.append(i)
+        for j in range(0, len(todo), self.g):
+            grp = todo[j: j + self.g]
+            for i, a in zip(grp, self._eval_group([flips[i] for i in grp]), strict=True):
+                results[i] = a
+            bar.update(len(grp))
+        return results  # type: ignore[return-value]
+
+    def _eval_group(self, flips: list[dict[int, Tensor]]) -> list[float]:
+        n = len(self.data)
+        if self.engine == "int8":
+            out = []
+            for f in flips:
+                ws, ss = self.net.unit_weights(f)
+                correct = 0
+                for h, y in self._chunks():
+                    pred = self.net.run(h, self.start, ws, ss)
+                    correct += int((pred.to(y.device) == y).sum())
+                out.append(correct / n)
+            return out
+        ws = list(self.w_dev)
+        for k in self.faulty:
+            w = self.stages[k].wb.expand(len(flips), *self.stages[k].wb.shape).clone()
+            for g, f in enumerate(flips):
+                idx = f.get(k)
+                if idx is not None and idx.numel():
+                    flat = w[g].view(-1)
+                    flat[idx] = -flat[idx]
+            ws[k] = w.to(self.device)
+        correct = torch.zeros(len(flips), dtype=torch.int64, device=self.device)
+        for h, y in self._chunks():
+            pred = _fp32_forward(self.stages, h, ws, self.start)
+            pred = pred if pred.dim() == 2 else pred.expand(len(flips), -1)
+            correct += (pred == y[None, :]).sum(1)
+        return [int(c) / n for c in correct.cpu()]
+
+
+def _cpu_block(block: nn.Module, x: Tensor) -> Tensor:
+    """Shape probe: run a copy-free block on a CPU zero input (weights may live on CUDA)."""
+    p = next(block.parameters())
+    was = block.training
+    block.eval()
+    try:
+        return block(x.to(p.device)).cpu()
+    finally:
+        block.train(was)
+
+
+def _fp32_prefix(stages, x: Tensor, ws: list[Tensor], stop: int) -> Tensor:
+    """Clean, shared output of stages ``0 .. stop-1`` (input of stage ``stop``)."""
+    h = x
+    for k in range(stop):
+        st = stages[k]
+        if st.flatten:
+            h = h.flatten(1)
+        a = h @ ws[k].t() if not st.conv else F.conv2d(h, ws[k], padding=st.block.layer.padding)
+        ai = torch.round(a * st.scale)
+        shape = [1] * ai.dim()
+        shape[1] = -1
+        t = st.t.to(ai.device, ai.dtype).view(shape)
+        d = st.d.to(ai.device).view(shape)
+        pos = torch.where(d > 0, ai >= t, ai <= t)
+        pos = torch.where(d == 0, st.const.to(ai.device).view(shape) > 0, pos)
+        h = torch.where(pos, 1.0, -1.0).to(x.dtype)
+        if st.pool:
+            h = F.max_pool2d(h, st.pool)
+    return h
+
+
+def summarize(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """Mean, std and a ``level`` confidence interval of the accuracy per (model, ber).
+
+    ``ci = mean +- t_{(1+level)/2, n-1} std / sqrt(n)`` (Student t over the fault maps; with
+    ``n = 1`` the interval collapses to the mean and ``std`` is NaN).
+
+    Returns:
+        One row per (model, ber, p01, p10): ``model, ber, p01, p10, mean, std, ci_low,
+        ci_high, n`` (also ``rerr_mean = 1 - mean``).
+    """
+    from scipy import stats
+
+    need = {"model", "ber", "p01", "p10", "accuracy"}
+    if not need <= set(df.columns):
+        raise ValueError(f"summarize needs a sweep frame with columns {sorted(need)}")
+    g = df.groupby(["model", "ber", "p01", "p10"], sort=False)["accuracy"]
+    s = g.agg(mean="mean", std="std", n="count").reset_index()
+    tq = stats.t.ppf(0.5 + level / 2, (s["n"] - 1).clip(lower=1))
+    half = (tq * s["std"] / s["n"].pow(0.5)).where(s["n"] > 1, 0.0)
+    s["ci_low"] = s["mean"] - half
+    s["ci_high"] = s["mean"] + half
+    s["rerr_mean"] = 1.0 - s["mean"]
+    return s[["model", "ber", "p01", "p10", "mean", "std", "ci_low", "ci_high", "n",
+              "rerr_mean"]]

@@ -20,6 +20,7 @@ __all__ = [
     "importance_distributions",
     "metric_scatter",
     "correlation_heatmap",
+    "sweep",
 ]
 
 
@@ -220,4 +221,43 @@ def correlation_heatmap(
     sns.heatmap(table, vmin=-1, vmax=1, cmap="RdBu_r", center=0, annot=annot, fmt=".2f",
                 cbar_kws={"label": f"{method} correlation with accuracy"}, ax=ax)
     ax.set(xlabel="evaluation BER", ylabel="")
+    return fig
+
+
+# -- BER sweeps (issue 4) -----------------------------------------------------------------------
+
+def sweep(df: pd.DataFrame, *, level: float = 0.95, metric: str = "accuracy",
+          title: str | None = None) -> Figure:
+    """Accuracy (or ``metric="rerr"``) vs BER: mean over fault maps and a ``level`` band per model.
+
+    Args:
+        df: a sweep frame (:func:`bnn_tol.evaluate.sweep`, one row per model, BER, map) or its
+            :func:`bnn_tol.evaluate.summarize` (columns ``mean, ci_low, ci_high``).
+        level: confidence level of the Student-t band over maps (sweep frames only).
+        metric: ``"accuracy"`` or ``"rerr"`` (robust error ``1 - accuracy``).
+
+    Returns:
+        A Figure with one line + shaded band per model.
+    """
+    from .evaluate import summarize
+
+    if metric not in ("accuracy", "rerr"):
+        raise ValueError(f"metric must be 'accuracy' or 'rerr', got {metric!r}")
+    s = df if {"mean", "ci_low", "ci_high"} <= set(df.columns) else summarize(df, level=level)
+    if not len(s):
+        raise ValueError("the sweep frame is empty: nothing to plot")
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for model, g in s.groupby("model", sort=False):
+        g = g.sort_values("ber")
+        mean, lo, hi = g["mean"], g["ci_low"], g["ci_high"]
+        if metric == "rerr":
+            mean, lo, hi = 1 - mean, 1 - hi, 1 - lo
+        line, = ax.plot(g["ber"], mean, marker="o", ms=3, label=str(model))
+        ax.fill_between(g["ber"], lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    ax.set_xlabel("bit error rate p")
+    ax.set_ylabel("accuracy" if metric == "accuracy" else "RErr (1 - accuracy)")
+    ax.set_title(title or f"mean over fault maps, {level:.0%} band")
+    ax.grid(alpha=0.3)
+    ax.legend(title="model")
     return fig
