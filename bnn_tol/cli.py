@@ -242,5 +242,85 @@ def plot_sweep(csv, out, metric, level) -> None:
     click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.argument("study_file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--preset", default=None,
+              help="A study shipped with bnn_tol instead of STUDY_FILE: tiny, quick or fmnist.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Results directory (models/<task>/ checkpoints, models.csv, sweeps.csv, "
+                   "metrics.csv, report.html). Finished tasks found there are skipped.")
+@click.option("--scheduler", default=None,
+              help="dask.distributed scheduler address (tcp://host:8786) to run the tasks on; "
+                   "default: one after the other in this process. Same results either way.")
+@click.option("--epochs", type=int, default=None, help="Override [train] epochs.")
+@click.option("--train-subset", type=int, default=None,
+              help="Override [data] train_subset (training images per network).")
+@click.option("--test-subset", type=int, default=None, help="Override [data] test_subset.")
+@click.option("--seeds", default=None, help="Override [train] seeds, e.g. 0,1,2.")
+@click.option("--train-bers", default=None, help="Override [train] bers, e.g. 0,0.05,0.1.")
+@click.option("--eval-bers", default=None, help="Override [eval] bers, e.g. 0,0.01,0.05.")
+@click.option("--maps", "n_maps", type=int, default=None, help="Override [eval] n_maps.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Override [run] device.")
+@click.option("--threads", type=int, default=None,
+              help="Override [run] threads (torch threads per task; results depend on it).")
+@click.option("--report/--no-report", "make_report", default=True, show_default=True,
+              help="Write report.html into --out at the end.")
+def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset, seeds,
+          train_bers, eval_bers, n_maps, device, threads, make_report) -> None:
+    """Train the model family, sweep it under bit errors, measure margins and importance."""
+    from . import report as report_mod
+    from . import study as study_mod
+
+    if (study_file is None) == (preset is None):
+        raise click.UsageError("give a STUDY_FILE (TOML) or --preset NAME "
+                               f"({', '.join(study_mod.presets())}), not both")
+    sections: dict = {"data": {"train_subset": train_subset, "test_subset": test_subset},
+                      "train": {"epochs": epochs, "seeds": _parse_ints(seeds, "--seeds"),
+                                "bers": _parse_floats(train_bers, "--train-bers")},
+                      "eval": {"bers": _parse_floats(eval_bers, "--eval-bers"),
+                               "n_maps": n_maps},
+                      "run": {"device": device, "threads": threads}}
+    overrides = {s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
+                     if v is not None} for s, d in sections.items()}
+    try:
+        res = study_mod.run(study_file or preset, out, scheduler=scheduler,
+                            overrides=overrides, echo=click.echo)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if make_report and Path(res["models"]).stat().st_size > 0 and not res["failed"]:
+        path = report_mod.write(out, Path(out) / "report.html", echo=click.echo)
+        click.echo(f"[study] report: {path}")
+    if res["failed"]:
+        sys.exit(1)
+
+
+def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from e
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="HTML file to write (default RESULTS/report.html).")
+@click.option("--n-boot", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples of the correlation intervals.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def report(results, out, n_boot, seed) -> None:
+    """Write the HTML report (figures, tables, summary) of a study results directory."""
+    from . import report as report_mod
+
+    try:
+        path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(str(path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

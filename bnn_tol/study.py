@@ -6,8 +6,8 @@ A study is a grid of independent tasks ``(model, training BER, seed)``. Each tas
    (``train.fit(..., flip_ber=train_ber, seed=seed)``; ``train_ber == 0`` is normal training),
 2. saves the checkpoint (``bnn_tol.save``) in ``out/models/<task-id>/``,
 3. sweeps it (``evaluate.sweep`` over the evaluation BERs x fault maps),
-4. measures it (``metrics.margin`` + ``margin_summary``, ``metrics.importance`` +
-   ``importance_variance``),
+4. measures it (``metrics.margin`` + ``margin_summary``, ``metrics.score_margin`` of the last
+   layer, ``metrics.importance`` + ``importance_variance``),
 
 and writes its tables into the task directory (each file atomically, the ``done`` marker
 last). Re-running skips tasks whose ``done`` marker matches the task spec; a failed task
@@ -21,7 +21,12 @@ tables are concatenated into tidy files in ``out/``:
   p10, map, map_seed, accuracy, rerr`` (``map_seed`` is the fault-map seed that
   ``evaluate.sweep`` calls ``seed``);
 - ``metrics.csv``: long form ``model_id, model, train_ber, seed, layer, metric, value``
-  (``layer == "network"`` for network-level aggregates);
+  (``layer == "network"`` for network-level aggregates). Metrics: the per-layer and network
+  statistics of ``margin_summary`` (``mean_margin, median_margin, mean_min_margin,
+  mean_q10_margin, mean_margin_half, mean_margin_norm, mean_margin_bn``), ``score_margin``
+  and ``score_margin_flips`` (last layer: mean over correctly classified samples) and
+  ``importance_variance``, ``importance_cv`` (and any other numeric column of
+  ``importance_variance``, prefixed ``importance_``);
 - ``margins.csv`` / ``importance.csv``: per-neuron tables of ``metrics.margin`` /
   ``metrics.importance`` with the task columns in front;
 - ``status.csv``: ``model_id, status (done|cached|failed), seconds, error``.
@@ -209,6 +214,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -237,16 +243,17 @@ def _subset(ds, n, seed):
 def _long_metrics(summary: pd.DataFrame, prefix: str) -> pd.DataFrame:
     """Melt a per-layer summary (``layer`` + numeric columns) to ``layer, metric, value``.
 
-    Columns that identify rather than measure (``layer_index, n, n_neurons, fan_in``) are
-    dropped; metric names are ``<prefix>_<column>`` unless the column already contains
-    the prefix.
+    Columns that identify or count rather than measure (``layer_index, n_neurons, n_dead,
+    fan_in``) and ``value`` (a copy of the headline column) are dropped; metric names are
+    ``<prefix>_<column>`` unless the column already contains the prefix.
     """
-    skip = {"layer", "layer_index", "kind", "n", "n_neurons", "neurons", "fan_in", "estimator"}
+    skip = {"layer", "layer_index", "kind", "n", "n_neurons", "n_dead", "neurons", "fan_in",
+            "estimator", "value", "model"}
     cols = [c for c in summary.columns
             if c not in skip and pd.api.types.is_numeric_dtype(summary[c])
             and not pd.api.types.is_bool_dtype(summary[c])]
-    long = summary.melt(id_vars=["layer"], value_vars=cols, var_name="metric",
-                        value_name="value")
+    long = summary[["layer", *cols]].melt(id_vars=["layer"], var_name="metric",
+                                          value_name="value")
     long["metric"] = [c if prefix in c else f"{prefix}_{c}" for c in long["metric"]]
     long["layer"] = long["layer"].astype(str)
     long["value"] = long["value"].astype(float)
@@ -330,7 +337,13 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
 
     mg = metrics.margin(model, metric_ds, batch_size=mt["batch_size"])
     imp = metrics.importance(model, metric_ds, estimator=mt["importance"])
-    long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin"),
+    sm = metrics.score_margin(model, metric_ds, batch_size=mt["batch_size"])
+    sm = sm[sm["correct"].astype(bool)]
+    last = list(model.binary_layers())[-1]
+    score = pd.DataFrame({"layer": last, "metric": ["score_margin", "score_margin_flips"],
+                          "value": [float(sm["score_margin"].mean()),
+                                    float(sm["score_margin_flips"].mean())]})
+    long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin"), score,
                       _long_metrics(metrics.importance_variance(imp), "importance")],
                      ignore_index=True)
     _write_csv(front(mg), tdir / "margin.csv")
@@ -340,9 +353,9 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
     clean = sw[sw["p01"].eq(0) & sw["p10"].eq(0)]
     clean_acc = (float(clean["accuracy"].mean()) if len(clean)
                  else evaluate.accuracy(model, test_ds))
-    last = hist.iloc[-1] if len(hist) else None
+    final = hist.iloc[-1] if len(hist) else None
     row = {**ids, "arch": name, "clean_acc": clean_acc,
-           "train_acc": float(last["train_acc"]) if last is not None else math.nan,
+           "train_acc": float(final["train_acc"]) if final is not None else math.nan,
            "epochs": int(tr["epochs"]), "checkpoint": str(Path("models") / spec["model_id"])}
     _write_csv(pd.DataFrame([row]), tdir / "model.csv")
     _write_csv(hist, tdir / "history.csv")
