@@ -450,12 +450,22 @@ def _activation_hook(fmap: FaultMap, p01: float, p10: float):
     return hook
 
 
-def _threshold_hook(folded, fmap: FaultMap, p01: float, p10: float, bits: int, scale: int):
-    """Replace ``sign(bn(a))`` by the comparator with a corrupted ``bits``-bit integer threshold."""
-    t = folded.t.clone()
-    lim = 1 << (bits - 1)
-    if bool(((t < -lim) | (t >= lim)).any()):
-        raise ValueError(f"a folded BN threshold does not fit in {bits} bits: raise threshold_bits")
+def _threshold_bits(reach: int) -> int:
+    """Bits of a two's complement integer holding ``[-reach - 1, reach + 1]``."""
+    return int(reach + 1).bit_length() + 1
+
+
+def _threshold_hook(folded, fmap: FaultMap, p01: float, p10: float, bits: int, scale: int,
+                    reach: int):
+    """Replace ``sign(bn(a))`` by the comparator with a corrupted ``bits``-bit integer threshold.
+
+    ``reach`` bounds ``|scale a|``; thresholds beyond it are clamped to ``+-(reach + 1)``
+    first (the same comparator on every reachable ``a``).
+    """
+    t = folded.t.clamp(-reach - 1, reach + 1)
+    if bits < _threshold_bits(reach):
+        raise ValueError(f"BN thresholds of this layer need {_threshold_bits(reach)} bits "
+                         f"(|a| <= {reach}); threshold_bits={bits} is too small")
     stored = (t[:, None] >> torch.arange(bits)) & 1  # (C, bits) two's complement bits
     flat = stored.reshape(-1) * 2 - 1
     idx = fmap.flips(flat, p01, p10)
@@ -487,7 +497,7 @@ def inject(
     layers: Sequence[str | int] | str | None = None,
     mode: str = "persistent",
     targets: Sequence[str] | str = ("weights",),
-    threshold_bits: int = 16,
+    threshold_bits: int | None = None,
 ) -> Iterator[dict[str, object]]:
     """Context manager: run ``model`` on fault map (chip) ``seed`` at bit error rate ``ber``.
 
@@ -510,8 +520,10 @@ def inject(
         targets: any of ``"weights"``, ``"activations"`` (binary outputs of the selected
             layers' blocks; a persistent map over the per-sample activation buffer: the same
             positions flip on every sample), ``"thresholds"`` (the folded integer BN threshold
-            of each selected hidden block, stored as ``threshold_bits``-bit two's complement;
-            first layer in units of 1/128). Activations/thresholds are persistent only.
+            of each selected hidden block, clamped to the reachable range ``|a| <= R`` (``R =
+            fan_in``; first layer in units of 1/128: ``R = 128 fan_in``) and stored as
+            ``threshold_bits``-bit two's complement (default: the fewest bits holding
+            ``+-(R + 1)``). Activations/thresholds are persistent only.
 
     Yields:
         ``{layer name: fault}`` of the weight faults (``PersistentFlip`` / ``TransientFlip``).
@@ -573,8 +585,10 @@ def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
             gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
             scale = 128 if k == 0 else 1
             folded = _fold_scaled(block.bn, scale) if scale != 1 else fold_threshold(block.bn)
-            fmap = fault_map(folded.t.numel() * bits, cap, generator=gen)
-            hook, _ = _threshold_hook(folded, fmap, p01, p10, bits, scale)
+            reach = block.layer.fan_in * scale
+            nb = bits or _threshold_bits(reach)
+            fmap = fault_map(folded.t.numel() * nb, cap, generator=gen)
+            hook, _ = _threshold_hook(folded, fmap, p01, p10, nb, scale, reach)
             handles.append(block.bn.register_forward_hook(hook))
         if "activations" in targets:
             gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 1))
