@@ -264,7 +264,8 @@ class FaultMap:
 
     Attributes:
         numel: number of stored bits.
-        idx: int64 ``(K,)`` sorted, unique flat indices with ``u_i < cap`` (CPU).
+        idx: int64 ``(K,)`` unique flat indices with ``u_i < cap`` (CPU), ordered by band
+            (increasing within a band).
         u: float64 ``(K,)`` their uniforms.
         cap: the largest rate the map can answer (a band edge, see :data:`BAND_EDGES`).
     """
@@ -282,7 +283,7 @@ class FaultMap:
             p01, p10: rates ``<= cap``.
 
         Returns:
-            int64 ``(F,)`` sorted flat indices on ``stored.device``.
+            int64 ``(F,)`` unique flat indices on ``stored.device``.
         """
         if max(p01, p10) > self.cap:
             raise ValueError(f"this fault map was drawn up to p={self.cap}; it cannot answer "
@@ -342,14 +343,14 @@ def fault_map(numel: int, cap: float, *, generator: torch.Generator) -> FaultMap
     if not idx_parts:
         empty = torch.empty(0, dtype=torch.int64)
         return FaultMap(numel, empty, torch.empty(0, dtype=torch.float64), top)
-    idx = torch.cat(idx_parts)
-    u = torch.cat(u_parts)
-    # keep each bit's first hit (lowest band = smallest u): stable sort by index
-    idx, order = torch.sort(idx, stable=True)
-    u = u[order]
-    first = torch.ones_like(idx, dtype=torch.bool)
-    first[1:] = idx[1:] != idx[:-1]
-    return FaultMap(numel, idx[first], u[first], top)
+    # keep each bit's first hit (lowest band = smallest u); later bands skip bits already hit
+    seen = torch.zeros(numel, dtype=torch.bool)
+    for j, hit in enumerate(idx_parts):
+        if j:
+            new = ~seen[hit]
+            idx_parts[j], u_parts[j] = hit[new], u_parts[j][new]
+        seen[idx_parts[j]] = True
+    return FaultMap(numel, torch.cat(idx_parts), torch.cat(u_parts), top)
 
 
 def layer_seed(seed: int, position: int, stream: int = 0) -> int:
