@@ -44,12 +44,12 @@ class SignSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
         ctx.save_for_backward(x)
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
+        return grad.masked_fill(x.abs() > 1, 0.0)
 
 
 def sign(x: Tensor) -> Tensor:
