@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["write", "load_results", "summarize"]
+__all__ = ["write", "load_results", "summarize", "HEADLINE"]
+
+#: Network-level metrics the summary talks about (all metrics are in the tables).
+HEADLINE = ["mean_margin_norm", "mean_q10_margin", "importance_variance", "importance_cv"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;
@@ -83,14 +86,20 @@ def _extremes(models: pd.DataFrame) -> tuple[float, float] | None:
 
 def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
               comp: pd.DataFrame) -> list[str]:
-    """Plain-language findings (HTML list items) computed from the tables, hedged by ``n``."""
+    """Plain-language findings (HTML list items) computed from the tables, hedged by ``n``.
+
+    Covers clean accuracy and tolerance by training BER, then for the :data:`HEADLINE`
+    metrics: normal vs most flip-trained (effect sizes), Spearman correlation at the
+    highest evaluation BER with its interval, and the regression against the baseline.
+    """
     models, sweeps = res["models"], res["sweeps"]
     lines = []
     n = len(models)
     lines.append(f"{n} networks were trained ({', '.join(sorted(models['model'].unique()))}; "
                  f"training BERs {', '.join(f'{b:g}' for b in sorted(models.train_ber.unique()))}"
-                 f"; {models['seed'].nunique()} seed(s) each). With so few networks every "
-                 "correlation below is a rough indication; look at the intervals.")
+                 f"; {models['seed'].nunique()} seed(s) each)."
+                 + (" With so few networks every correlation below is a rough indication; look "
+                    "at the intervals." if n < 20 else ""))
     from .analysis import accuracy_at_ber
 
     acc = accuracy_at_ber(sweeps)
@@ -106,10 +115,18 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
             f"clean accuracy ({clean[lo]:.3f} &rarr; {clean[hi]:.3f}) and makes the networks "
             f"{verdict} tolerant: at evaluation BER {top:g} they reach {by[hi]:.3f} against "
             f"{by[lo]:.3f} for normally trained ones.")
+    names = sorted(res["metrics"].loc[res["metrics"].layer == "network", "metric"].unique())
+    headline = [m for m in HEADLINE if m in names] or names
     if not comp.empty:
-        net = comp[comp["layer"] == "network"]
+        net = comp[(comp["layer"] == "network") & comp["metric"].isin(headline)]
         for r in net.itertuples():
             if not np.isfinite(r.diff):
+                continue
+            if abs(r.cliff_delta) < 0.33 and abs(r.cohen_d) < 0.5:
+                lines.append(
+                    f"<code>{html.escape(r.metric)}</code> barely differs between normal and "
+                    f"flip-trained networks ({r.mean_normal:.4g} vs {r.mean_flip:.4g}; Cohen's d "
+                    f"{r.cohen_d:.2f}, Cliff's &delta; {r.cliff_delta:.2f}).")
                 continue
             direction = "larger" if r.diff > 0 else "smaller"
             expect = ("larger" if "margin" in r.metric else
@@ -124,7 +141,7 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
                 f"n = {r.n_normal} vs {r.n_flip}){note}.")
     if not corr.empty:
         c = corr[(corr.layer == "network") & (corr.method == "spearman") & (corr.group == "all")
-                 & np.isclose(corr.ber.astype(float), top)]
+                 & np.isclose(corr.ber.astype(float), top) & corr.metric.isin(headline)]
         for r in c.sort_values("r", key=lambda s: -s.abs()).itertuples():
             if not np.isfinite(r.r):
                 continue

@@ -25,8 +25,9 @@ tables are concatenated into tidy files in ``out/``:
   statistics of ``margin_summary`` (``mean_margin, median_margin, mean_min_margin,
   mean_q10_margin, mean_margin_half, mean_margin_norm, mean_margin_bn``), ``score_margin``
   and ``score_margin_flips`` (last layer: mean over correctly classified samples) and
-  ``importance_variance``, ``importance_cv`` (and any other numeric column of
-  ``importance_variance``, prefixed ``importance_``);
+  ``importance_variance``, ``importance_cv``, ``importance_mean``, ``importance_std`` (the
+  numeric columns of ``importance_variance``; with several estimators in ``[metrics]
+  importance = [...]`` they are named ``importance_<estimator>_variance`` etc.);
 - ``margins.csv`` / ``importance.csv``: per-neuron tables of ``metrics.margin`` /
   ``metrics.importance`` with the task columns in front;
 - ``status.csv``: ``model_id, status (done|cached|failed), seconds, error``.
@@ -40,7 +41,7 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``)::
     [data]    dataset, train_subset, test_subset, metric_subset, subset_seed, data_dir
     [train]   bers, seeds, epochs, batch_size, lr, lr_step, loss, flip_layers, flip_warmup
     [eval]    bers, n_maps, seed, layers, batch_size
-    [metrics] importance (estimator), batch_size
+    [metrics] importance (estimator name or list of names), batch_size
     [run]     device, threads
     [[models]] label, name, and the model's keyword arguments (hidden = [256, 256], ...)
 """
@@ -336,15 +337,20 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
     _write_csv(front(sw), tdir / "sweep.csv")
 
     mg = metrics.margin(model, metric_ds, batch_size=mt["batch_size"])
-    imp = metrics.importance(model, metric_ds, estimator=mt["importance"])
+    ests = [mt["importance"]] if isinstance(mt["importance"], str) else list(mt["importance"])
+    imp = metrics.importance(model, metric_ds, estimator=ests)
     sm = metrics.score_margin(model, metric_ds, batch_size=mt["batch_size"])
     sm = sm[sm["correct"].astype(bool)]
     last = list(model.binary_layers())[-1]
     score = pd.DataFrame({"layer": last, "metric": ["score_margin", "score_margin_flips"],
                           "value": [float(sm["score_margin"].mean()),
                                     float(sm["score_margin_flips"].mean())]})
+    iv = metrics.importance_variance(imp)
+    iv = iv if "estimator" in iv.columns else iv.assign(estimator=ests[0])
     long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin"), score,
-                      _long_metrics(metrics.importance_variance(imp), "importance")],
+                      *[_long_metrics(iv[iv["estimator"] == e],
+                                      "importance" if len(ests) == 1 else f"importance_{e}")
+                        for e in ests]],
                      ignore_index=True)
     _write_csv(front(mg), tdir / "margin.csv")
     _write_csv(front(imp), tdir / "importance.csv")
