@@ -1,0 +1,18 @@
+"""Tolerance metrics of trained BNNs (Buschjäger et al.): neuron-level margin and
+inter-neuron importance variance, plus the analytic flip probability of a neuron's output.
+
+>>> from bnn_tol import metrics
+>>> m = metrics.margin(model, test)              # doctest: +SKIP
+>>> metrics.margin_summary(m)                    # doctest: +SKIP
+>>> imp = metrics.importance(model, test)        # doctest: +SKIP
+>>> metrics.importance_variance(imp)             # doctest: +SKIP
+>>> metrics.flip_probability(model, test, ber=0.05)  # doctest: +SKIP
+"""
+
+from .flipprob import flip_probability, flip_tables
+from .importance import ESTIMATORS, importance, importance_variance, negation_logits
+from .margin import MARGIN_COLUMNS, margin, margin_positions, margin_summary, score_margin
+
+__all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS",
+           "importance", "importance_variance", "negation_logits", "ESTIMATORS",
+           "flip_probability", "flip_tables"]

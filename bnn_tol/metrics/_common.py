@@ -1,0 +1,165 @@
+"""Shared plumbing of the metrics: model/data validation, per-layer constants, clean forward.
+
+Private: the public functions live in :mod:`.margin`, :mod:`.importance`, :mod:`.flipprob`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..data import BNNDataset
+from ..layers import BinaryConv2d, BinaryLinear, FoldedThreshold, bn_threshold, fold_threshold
+
+#: Largest histogram (entries) kept per layer by the margin pass (int64: 1 GiB).
+MAX_HIST = 2**27
+
+
+@dataclass
+class LayerInfo:
+    """Constants of one hidden block ``k`` (a binary layer followed by BN and sign).
+
+    Attributes:
+        index: block index ``k`` (``layer_index`` in the tables).
+        name: qualified name of the binary layer (``"blocks.0.layer"``).
+        kind: ``"first"`` (real-valued inputs) or ``"hidden"`` ({-1, +1} inputs).
+        conv: the layer is a :class:`BinaryConv2d`.
+        fan_in: weights per output unit (conv: ``C_in * kh * kw``, the full kernel).
+        tau: ``(C,)`` float64 real BN threshold (nan for dead neurons).
+        direction: ``(C,)`` int8 in {+1, -1, 0}.
+        scale: ``(C,)`` float64 ``|gamma| / sqrt(s2 + eps)`` (BN-scaled margin factor).
+        folded: integer comparator equal to the float BN + sign (hidden layers).
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    kind: str
+    conv: bool
+    fan_in: int
+    tau: Tensor
+    direction: Tensor
+    scale: Tensor
+    folded: FoldedThreshold
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a :class:`~bnn_tol.models.BNN`, validated.
+
+    Raises:
+        TypeError: ``model`` has no ``blocks`` of ``BinaryBlock`` shape (``layer``, ``bn``,
+            ``preact``, ``post``).
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise TypeError(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build it with "
+                        "bnn_tol.models.build or BNN([BinaryBlock(...), ...])")
+    for k, b in enumerate(blocks):
+        for attr in ("layer", "bn", "preact", "post"):
+            if not hasattr(b, attr):
+                raise TypeError(f"blocks.{k} ({type(b).__name__}) has no .{attr}; metrics need "
+                                "BinaryBlock-shaped blocks")
+        if not isinstance(b.layer, BinaryLinear | BinaryConv2d):
+            raise TypeError(f"blocks.{k}.layer is {type(b.layer).__name__}, not a BinaryLinear "
+                            "or BinaryConv2d")
+    return list(blocks)
+
+
+def layer_names(model: nn.Module) -> dict[int, str]:
+    """``id(layer) -> qualified name`` for every module of ``model``."""
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def hidden_layers(model: nn.Module) -> list[LayerInfo]:
+    """:class:`LayerInfo` of every hidden block (all blocks but the last).
+
+    Raises:
+        ValueError: naming the layer, when a hidden binary layer is not followed by a
+            BatchNorm with running statistics, or its block has no sign.
+    """
+    blocks = blocks_of(model)
+    names = layer_names(model)
+    out = []
+    for k, b in enumerate(blocks[:-1]):
+        name = names.get(id(b.layer), f"blocks.{k}.layer")
+        if not isinstance(b.bn, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"{name}: binary layer is not followed by BatchNorm (found "
+                             f"{type(b.bn).__name__}); the neuron threshold tau comes from the "
+                             "BN running statistics -- build the block with nn.BatchNorm1d/2d")
+        if b.bn.running_mean is None:
+            raise ValueError(f"{name}: its BatchNorm has no running statistics "
+                             "(track_running_stats=False); the threshold is undefined")
+        if not getattr(b, "binary_output", True):
+            raise ValueError(f"{name}: hidden block {k} has binary_output=False; only the last "
+                             "block may output real values")
+        thr = bn_threshold(b.bn)
+        bn = b.bn
+        gamma = (bn.weight.detach().double().cpu() if bn.weight is not None
+                 else torch.ones(bn.num_features, dtype=torch.float64))
+        scale = gamma.abs() / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps)
+        out.append(LayerInfo(k, name, b, "first" if k == 0 else "hidden",
+                             isinstance(b.layer, BinaryConv2d), int(b.layer.fan_in), thr.tau,
+                             thr.direction, scale, fold_threshold(bn)))
+    return out
+
+
+def check_data(model: nn.Module, data: BNNDataset) -> None:
+    """Raise ``ValueError`` for an empty dataset or one whose images do not fit the model."""
+    if not isinstance(data, BNNDataset):
+        raise TypeError(f"data must be a bnn_tol.data.BNNDataset, got {type(data).__name__}; "
+                        "wrap tensors with BNNDataset(images_uint8, labels)")
+    if len(data) == 0:
+        raise ValueError(f"dataset {data.name!r} is empty: the metrics average over samples, "
+                         "pass at least one sample")
+    blocks = blocks_of(model)
+    name = layer_names(model).get(id(blocks[0].layer), "blocks.0.layer")
+    expected = None
+    try:
+        expected = tuple(model.in_shape)
+    except (AttributeError, KeyError, TypeError):
+        pass
+    if expected is not None and tuple(data.shape) != expected:
+        raise ValueError(f"{name} expects inputs of shape {expected} but dataset {data.name!r} "
+                         f"has images of shape {tuple(data.shape)}; evaluate the model on the "
+                         "dataset it was trained for")
+    layer = blocks[0].layer
+    if isinstance(layer, BinaryLinear) and math.prod(data.shape) != layer.in_features:
+        raise ValueError(f"{name} has {layer.in_features} inputs but images of shape "
+                         f"{tuple(data.shape)} have {math.prod(data.shape)} values")
+    if isinstance(layer, BinaryConv2d) and data.shape[0] != layer.in_channels:
+        raise ValueError(f"{name} expects {layer.in_channels} input channels, images have "
+                         f"{data.shape[0]}")
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block, restore the previous mode afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def run_block(fn, x: Tensor, name: str) -> Tensor:
+    """Call ``fn(x)``, turning shape errors into a ``ValueError`` that names the layer."""
+    try:
+        return fn(x)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: cannot apply to input of shape {tuple(x.shape)} ({e})") from e
+
+
+def binary_weight(layer: nn.Module) -> Tensor:
+    """Deployed {-1, +1} weight (faults included), detached."""
+    return layer.binary_weight().detach()

@@ -1,0 +1,479 @@
+"""Neuron-level margin (NLM): how far each pre-activation sits from its batch-norm threshold.
+
+For hidden neuron ``j`` of a binary layer (BN + sign after it) and input sample ``n``,
+
+    m_nj = |a_nj - tau_j|,      tau_j = mu_j - beta_j sqrt(s2_j + eps) / gamma_j,
+
+with ``a_nj`` the pre-activation (an integer for {-1, +1} inputs) and ``tau_j`` the real
+threshold of :func:`bnn_tol.layers.bn_threshold` (``gamma < 0`` flips the comparison but not
+the margin; ``gamma == 0`` makes the neuron *dead*: constant output, infinite margin).
+One flipped weight changes ``a_nj`` by exactly 2, so the output bit survives any
+``ceil(m_nj / 2) - 1`` flipped weights: ``m / 2`` is the number of *tolerable flips*.
+
+Conv layers: a neuron is an output channel; its statistics pool all samples and all output
+positions (before max-pooling). ``fan_in`` is always the full kernel fan-in ``C_in kh kw``
+(zero-padded border positions have fewer nonzero inputs: :func:`margin_positions` lists the
+effective fan-in per position).
+
+First layer: inputs are real (``x = (p - 128) / 128``), so a flip of weight ``i`` changes
+``a`` by ``2 |x_i|``. The margin is defined the same way; its tolerable-flips form divides by
+the mean input magnitude of the neuron's receptive field,
+``m_nj / (2 xbar_n)``, ``xbar_n = (1 / fan_in) sum_i |x_ni|`` -- the number of *random*
+weight flips (each costing ``2 |x_i|`` on average) the margin absorbs.
+
+Last layer: no BN threshold; :func:`score_margin` gives the class-score margin
+``z_y - max_{c != y} z_c`` instead.
+
+All statistics are accumulated over the dataset batch by batch (never all activations at
+once). Hidden layers keep an exact per-neuron histogram of the integer ``a`` (size
+``C x (2 fan_in + 1)``), from which mean, min and the 10 % quantile are exact. The first
+layer's mean and min are exact; its quantile comes from a histogram on a grid of width
+``w = q / 128`` (``q = ceil(2 * 128 * fan_in / max_bins)``, so ``w = 1/128`` -- exact -- for
+small fan-in; 0.19 for fc's 784 inputs at the default ``max_bins``), error at most ``w / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import BNNDataset
+from ._common import (
+    MAX_HIST,
+    LayerInfo,
+    blocks_of,
+    check_data,
+    device_of,
+    eval_mode,
+    hidden_layers,
+    run_block,
+)
+
+__all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS"]
+
+#: Columns of :func:`margin`, in order.
+MARGIN_COLUMNS = ["layer", "layer_index", "kind", "neuron", "fan_in", "tau", "direction", "dead",
+                  "n", "mean_margin", "min_margin", "q10_margin", "mean_margin_half",
+                  "mean_margin_norm", "mean_margin_bn"]
+
+#: Data quantum of :func:`bnn_tol.data.to_float`: inputs are multiples of 1/128 in [-1, 1).
+_QUANTUM = 1.0 / 128.0
+
+
+@dataclass
+class LayerStats:
+    """Accumulated statistics of one hidden layer (internal; see :func:`margin`).
+
+    ``hist[k, c * E + e]`` counts pre-activations ``a = lo + (k0 + k) w`` of channel ``c`` at
+    output positions of effective fan-in class ``e`` (``neff[e]`` nonzero inputs; ``E = 1``
+    for linear layers); only the occupied bin range ``k0 .. k0 + len(hist) - 1`` is kept.
+    """
+
+    info: LayerInfo
+    lo: float
+    w: float
+    n_bins: int
+    exact: bool
+    neff: Tensor
+    count: int = 0
+    hist: Tensor | None = None
+    k0: int = 0
+    sum_m: Tensor | None = None
+    min_m: Tensor | None = None
+    sum_half: Tensor | None = None
+    pos_sum: Tensor | None = None
+    pos_min: Tensor | None = None
+    pos_neff: Tensor | None = None
+    _group: Tensor | None = field(default=None, repr=False)
+    _tau: Tensor | None = field(default=None, repr=False)
+
+    def hist3(self) -> Tensor:
+        """Counts as ``(C, E, n_bins)`` int64 on CPU (bins outside the kept range are 0)."""
+        c, e = self.info.tau.numel(), self.neff.numel()
+        out = torch.zeros(self.n_bins, c * e, dtype=torch.int64)
+        out[self.k0 : self.k0 + self.hist.shape[0]] = self.hist.cpu()
+        return out.view(self.n_bins, c, e).permute(1, 2, 0)
+
+
+def _neff_map(layer: nn.Conv2d, hw: tuple[int, int], device) -> Tensor:
+    """Nonzero inputs per output position of a zero-padded conv: ``(H', W')`` int64."""
+    ones = torch.ones(1, 1, *hw, device=device)
+    k = torch.ones(1, 1, *layer.kernel_size, device=device)
+    taps = F.conv2d(ones, k, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+    return (taps[0, 0].round().to(torch.int64) * layer.in_channels)
+
+
+def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
+                per_position: bool) -> LayerStats:
+    dev = a.device
+    c = a.shape[1]
+    if info.conv:
+        neff_pos = _neff_map(info.block.layer, tuple(x.shape[-2:]), dev)
+        classes, e_map = torch.unique(neff_pos, sorted=True, return_inverse=True)
+    else:
+        neff_pos = None
+        classes = torch.tensor([info.fan_in], device=dev)
+        e_map = None
+    n_e = classes.numel()
+    if info.kind == "hidden":
+        lo, w, b = -float(info.fan_in), 1.0, 2 * info.fan_in + 1
+        if c * n_e * b > MAX_HIST:
+            q = math.ceil(c * n_e * b / MAX_HIST)
+            w, b = float(q), math.ceil(b / q) + 1
+    else:
+        bias = info.block.layer.bias
+        r = info.fan_in * 1.0 + (float(bias.detach().abs().max()) if bias is not None else 0.0)
+        q = max(1, math.ceil(2 * r / _QUANTUM / max_bins))
+        w = q * _QUANTUM
+        lo = -math.ceil(r / w) * w
+        b = int(round(-2 * lo / w)) + 1
+    exact = info.kind == "hidden" and w == 1.0
+    chan = torch.arange(c, device=dev, dtype=torch.float32)
+    group = chan[:, None, None] * n_e + e_map[None].float() if e_map is not None else chan
+    tau = info.tau.to(dev, torch.float32)
+    tau = torch.where(info.direction.to(dev) == 0, torch.zeros_like(tau), tau)
+    st = LayerStats(info, lo, w, b, exact, classes.cpu())
+    st._group = group
+    st._tau = tau.view(-1, *([1] * (a.dim() - 2)))
+    if not exact:
+        st.sum_m = torch.zeros(c, dtype=torch.float64, device=dev)
+        st.min_m = torch.full((c,), math.inf, dtype=torch.float64, device=dev)
+        st.sum_half = torch.zeros(c, dtype=torch.float64, device=dev)
+    if per_position and info.conv:
+        st.pos_sum = torch.zeros(a.shape[1:], dtype=torch.float64, device=dev)
+        st.pos_min = torch.full(a.shape[1:], math.inf, dtype=torch.float64, device=dev)
+        st.pos_neff = neff_pos.cpu()
+    return st
+
+
+def _add_hist(st: LayerStats, a: Tensor, scale: float, shift: float) -> None:
+    """Add the bins ``k = a * scale + shift`` (integer-valued) of one batch to ``st.hist``.
+
+    ``a`` (shape ``(N, C[, H, W])``) is consumed. Only the occupied range of ``k`` is counted
+    (``torch.bincount`` over ``(k_hi - k_lo + 1) * G`` cells, ``G`` = channel-class groups).
+    """
+    g = st.neff.numel() * st.info.tau.numel()
+    if scale != 1.0:
+        a = a.mul_(scale).add_(shift).round_()
+        shift = 0.0
+    lo_hi = torch.stack(torch.aminmax(a)).double() + shift
+    k_lo, k_hi = int(lo_hi[0]), int(lo_hi[1])
+    if k_lo < 0 or k_hi >= st.n_bins:
+        raise ValueError(f"{st.info.name}: pre-activation outside [{st.lo}, "
+                         f"{st.lo + st.w * (st.n_bins - 1)}]; are the inputs in [-1, 1]?")
+    # idx = (k - k_lo) * G + group = a * G + (shift - k_lo) G + group
+    idx = a.mul_(g).add_(st._group + (shift - k_lo) * g)
+    idx = idx.to(torch.int32 if (k_hi - k_lo + 1) * g < 2**31 else torch.int64)
+    part = torch.bincount(idx.reshape(-1), minlength=(k_hi - k_lo + 1) * g).view(-1, g)
+    if st.hist is None:
+        st.hist, st.k0 = part, k_lo
+        return
+    new_lo, new_hi = min(st.k0, k_lo), max(st.k0 + st.hist.shape[0] - 1, k_hi)
+    if (new_lo, new_hi) != (st.k0, st.k0 + st.hist.shape[0] - 1):
+        grown = torch.zeros(new_hi - new_lo + 1, g, dtype=torch.int64, device=a.device)
+        grown[st.k0 - new_lo : st.k0 - new_lo + st.hist.shape[0]] = st.hist
+        st.hist, st.k0 = grown, new_lo
+    st.hist[k_lo - st.k0 : k_hi - st.k0 + 1] += part
+
+
+def _update(st: LayerStats, a: Tensor, x: Tensor) -> None:
+    """Add one batch: ``a`` ``(N, C[, H, W])`` pre-activation, ``x`` the layer input.
+
+    Consumes ``a`` (modified in place).
+    """
+    info = st.info
+    dims = [0, *range(2, a.dim())]
+    st.count += a[:, 0].numel()
+    if st.pos_sum is not None or not st.exact:
+        m = (a - st._tau).abs_()
+        if st.pos_sum is not None:
+            st.pos_sum += m.sum(0, dtype=torch.float64)
+            st.pos_min = torch.minimum(st.pos_min, m.amin(0).double())
+        if not st.exact and info.kind == "first" and not info.conv:
+            # one pass: [1; 1 / (2 xbar_n)] @ m -> (sum_n m_nj, sum_n m_nj / (2 xbar_n))
+            xbar = x.flatten(1).abs().mean(1)
+            wts = torch.stack([torch.ones_like(xbar), 0.5 / xbar.clamp_min(1e-30)])
+            sums = (wts @ m).double()
+            st.sum_m += sums[0]
+            st.sum_half += sums[1]
+            st.min_m = torch.minimum(st.min_m, m.amin(0).double())
+        elif not st.exact:
+            st.sum_m += m.sum(dims, dtype=torch.float64)
+            st.min_m = torch.minimum(st.min_m, m.amin(dims).double())
+            if info.kind == "first":
+                layer = info.block.layer
+                k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
+                xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
+                                dilation=layer.dilation)[:, 0] / info.fan_in
+                r = 0.5 / xbar.clamp_min(1e-30)
+                st.sum_half += torch.einsum("nchw,nhw->c", m, r).double()
+            else:
+                st.sum_half += 0.5 * m.sum(dims, dtype=torch.float64)
+        del m
+    _add_hist(st, a, 1.0 / st.w, -st.lo / st.w)
+
+
+@torch.no_grad()
+def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
+                max_bins: int = 8192, per_position: bool = False,
+                layers: list[int] | None = None) -> list[LayerStats]:
+    """One forward pass over ``data`` accumulating :class:`LayerStats` per hidden layer.
+
+    ``layers``: block indices to measure (default: all hidden blocks).
+    """
+    check_data(model, data)
+    infos = hidden_layers(model)
+    if layers is not None:
+        infos = [i for i in infos if i.index in set(layers)]
+    if not infos:
+        raise ValueError("the model has no hidden binary layer (only the output block); "
+                         "margins are defined for layers followed by BN + sign")
+    wanted = {i.index: i for i in infos}
+    last = max(wanted)
+    blocks = blocks_of(model)
+    stats: dict[int, LayerStats] = {}
+    dev = device_of(model)
+    with eval_mode(model):
+        for x, _ in data.batches(batch_size, device=dev):
+            for k, block in enumerate(blocks[: last + 1]):
+                name = wanted[k].name if k in wanted else f"blocks.{k}.layer"
+                a = run_block(block.preact, x, name)
+                if k in wanted:
+                    h = block.post(a) if k < last else None
+                    if k not in stats:
+                        stats[k] = _init_stats(wanted[k], a, x, max_bins, per_position)
+                    _update(stats[k], a, x)
+                    x = h
+                else:
+                    x = block.post(a)
+    return [stats[k] for k in sorted(stats)]
+
+
+def _hist_margins(st: LayerStats) -> tuple[Tensor, Tensor]:
+    """``(counts (C, K), margin of each bin (C, K))`` on CPU over the occupied bins."""
+    c = st.info.tau.numel()
+    hist = st.hist.cpu().view(st.hist.shape[0], c, st.neff.numel()).sum(2).T.contiguous()
+    centers = st.lo + st.w * torch.arange(st.k0, st.k0 + hist.shape[1], dtype=torch.float64)
+    tau = torch.where(st.info.direction == 0, torch.zeros_like(st.info.tau), st.info.tau)
+    return hist, (centers[None, :] - tau[:, None]).abs()
+
+
+def _quantile(hist: Tensor, marg: Tensor, q: float) -> Tensor:
+    """Inverted-CDF quantile per row: smallest ``m`` with ``#{m_i <= m} >= ceil(q N)``."""
+    order = marg.argsort(1)
+    cum = hist.gather(1, order).cumsum(1)
+    need = torch.ceil(cum[:, -1:].double() * q - 1e-9).clamp_min(1)
+    pos = (cum < need).sum(1, keepdim=True).clamp_max(marg.shape[1] - 1)
+    return marg.gather(1, order.gather(1, pos))[:, 0]
+
+
+def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
+    info = st.info
+    hist, marg = _hist_margins(st)
+    n = hist.sum(1).double()
+    if st.exact:
+        mean = (hist.double() * marg).sum(1) / n
+        mn = torch.where(hist > 0, marg, torch.full_like(marg, math.inf)).amin(1)
+        half = mean / 2
+    else:
+        mean = st.sum_m.cpu() / n
+        mn = st.min_m.cpu()
+        half = st.sum_half.cpu() / n
+    q10 = _quantile(hist, marg, quantile)
+    dead = info.direction == 0
+    inf = torch.full_like(mean, math.inf)
+    mean, mn, q10, half = (torch.where(dead, inf, t) for t in (mean, mn, q10, half))
+    c = mean.numel()
+    return pd.DataFrame({
+        "layer": info.name, "layer_index": info.index, "kind": info.kind,
+        "neuron": range(c), "fan_in": info.fan_in, "tau": info.tau.numpy(),
+        "direction": info.direction.numpy().astype("int8"), "dead": dead.numpy(),
+        "n": n.numpy().astype("int64"), "mean_margin": mean.numpy(), "min_margin": mn.numpy(),
+        "q10_margin": q10.numpy(), "mean_margin_half": half.numpy(),
+        "mean_margin_norm": (mean / info.fan_in).numpy(),
+        "mean_margin_bn": torch.where(dead, inf, mean * info.scale).numpy(),
+    })
+
+
+def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bins: int = 8192,
+           quantile: float = 0.1, layers: list[int] | None = None) -> pd.DataFrame:
+    """Neuron-level margin of every hidden neuron: one row per (layer, neuron).
+
+    For pre-activation ``a_nj`` (sample ``n``; conv: sample and output position) and real
+    threshold ``tau_j``::
+
+        m_nj = |a_nj - tau_j|
+        mean_margin = mean_n m_nj         min_margin = min_n m_nj
+        q10_margin  = inverted-CDF 10 % quantile of m_nj over n (``quantile``)
+        mean_margin_half = mean_n m_nj / 2            (hidden: tolerable weight flips)
+                         = mean_n m_nj / (2 xbar_n)   (first layer, see module doc)
+        mean_margin_norm = mean_margin / fan_in
+        mean_margin_bn   = |gamma_j| / sqrt(s2_j + eps) * mean_margin   (= mean |BN(a)|)
+
+    Dead neurons (``gamma == 0``, ``direction == 0``) have ``tau = nan`` and infinite
+    margins. Cost: one forward pass through the hidden blocks plus one histogram update
+    per layer and batch; memory ``O(C * fan_in)`` per layer, independent of ``len(data)``.
+
+    Args:
+        model: a :class:`~bnn_tol.models.BNN` (or any model made of ``BinaryBlock`` s).
+        data: the samples to average over.
+        batch_size: samples per forward pass.
+        max_bins: histogram bins per neuron for the first layer's quantile (see module doc).
+        quantile: the low quantile reported as ``q10_margin``.
+        layers: block indices to measure (default: all hidden blocks).
+
+    Returns:
+        DataFrame with :data:`MARGIN_COLUMNS` (``n`` = samples x positions per neuron).
+
+    Raises:
+        ValueError: empty dataset, images of the wrong shape, or a hidden binary layer not
+            followed by BatchNorm (the message names the layer).
+    """
+    stats = margin_pass(model, data, batch_size=batch_size, max_bins=max_bins, layers=layers)
+    return pd.concat([_neuron_table(st, quantile) for st in stats], ignore_index=True)
+
+
+def margin_positions(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
+                     layers: list[int] | None = None) -> pd.DataFrame:
+    """Per-position margins of conv layers: one row per (layer, channel, h, w).
+
+    Columns ``layer, layer_index, kind, neuron, h, w, fan_in, fan_in_eff, mean_margin,
+    min_margin``; ``fan_in`` is the full kernel fan-in, ``fan_in_eff`` the number of
+    nonzero (not zero-padded) inputs at that position. Linear layers are listed with
+    ``h = w = 0``. Means are over samples only.
+    """
+    stats = margin_pass(model, data, batch_size=batch_size, per_position=True, layers=layers)
+    frames = []
+    for st in stats:
+        info = st.info
+        if st.pos_sum is None:  # linear: per neuron
+            t = _neuron_table(st, 0.1)
+            frames.append(t.assign(h=0, w=0, fan_in_eff=info.fan_in)[
+                ["layer", "layer_index", "kind", "neuron", "h", "w", "fan_in", "fan_in_eff",
+                 "mean_margin", "min_margin"]])
+            continue
+        c, hh, ww = st.pos_sum.shape
+        n = st.count // (hh * ww)
+        mean = (st.pos_sum / n).cpu()
+        mn = st.pos_min.cpu()
+        dead = (info.direction == 0)[:, None, None].expand(c, hh, ww)
+        mean = torch.where(dead, math.inf, mean)
+        mn = torch.where(dead, math.inf, mn)
+        cc, yy, xx = torch.meshgrid(torch.arange(c), torch.arange(hh), torch.arange(ww),
+                                    indexing="ij")
+        frames.append(pd.DataFrame({
+            "layer": info.name, "layer_index": info.index, "kind": info.kind,
+            "neuron": cc.flatten().numpy(), "h": yy.flatten().numpy(),
+            "w": xx.flatten().numpy(), "fan_in": info.fan_in,
+            "fan_in_eff": st.pos_neff[None].expand(c, hh, ww).flatten().numpy(),
+            "mean_margin": mean.flatten().numpy(), "min_margin": mn.flatten().numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+_SUMMARY_STATS = ["mean_margin", "median_margin", "mean_min_margin", "mean_q10_margin",
+                  "mean_margin_half", "mean_margin_norm", "mean_margin_bn"]
+
+
+def margin_summary(m: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer and network-level margin statistics from a :func:`margin` table.
+
+    Per layer (live neurons only: dead ones have infinite margins and are counted in
+    ``n_dead``): ``mean_margin`` (mean over neurons of the per-neuron mean margin),
+    ``median_margin`` (median over neurons), ``mean_min_margin``, ``mean_q10_margin``,
+    ``mean_margin_half``, ``mean_margin_norm``, ``mean_margin_bn``; ``value`` repeats
+    ``mean_margin_norm``, the headline number.
+
+    The row ``layer == "network"`` holds the mean over layers of each statistic -- for
+    ``value`` the paper-style scalar ``mean_l mean_j m_lj / fan_in_l`` -- and the totals of
+    ``n_neurons``, ``n_dead``. A ``model`` column, if present, is kept and grouped by.
+    """
+    need = {"layer", "layer_index", "mean_margin", "min_margin", "q10_margin",
+            "mean_margin_half", "mean_margin_norm", "mean_margin_bn", "dead"}
+    missing = need - set(m.columns)
+    if missing:
+        raise ValueError(f"margin table lacks columns {sorted(missing)}; pass metrics.margin(...)")
+    keys = [k for k in ("model",) if k in m.columns]
+    rows = []
+    for gkey, g in m.groupby([*keys, "layer_index"], sort=True):
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        live = g[~g["dead"].astype(bool)]
+        row = dict(zip([*keys, "layer_index"], gkey, strict=True))
+        row.update(layer=g["layer"].iloc[0], kind=g["kind"].iloc[0] if "kind" in g else "",
+                   fan_in=int(g["fan_in"].iloc[0]) if "fan_in" in g else 0,
+                   n_neurons=len(g), n_dead=int(g["dead"].sum()),
+                   mean_margin=live["mean_margin"].mean(),
+                   median_margin=live["mean_margin"].median(),
+                   mean_min_margin=live["min_margin"].mean(),
+                   mean_q10_margin=live["q10_margin"].mean(),
+                   mean_margin_half=live["mean_margin_half"].mean(),
+                   mean_margin_norm=live["mean_margin_norm"].mean(),
+                   mean_margin_bn=live["mean_margin_bn"].mean())
+        rows.append(row)
+    per_layer = pd.DataFrame(rows)
+    nets = []
+    for gkey, g in (per_layer.groupby(keys, sort=True) if keys else [((), per_layer)]):
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        row = dict(zip(keys, gkey, strict=True))
+        row.update(layer="network", layer_index=-1, kind="network", fan_in=0,
+                   n_neurons=int(g["n_neurons"].sum()), n_dead=int(g["n_dead"].sum()),
+                   **{s: g[s].mean() for s in _SUMMARY_STATS})
+        nets.append(row)
+    out = pd.concat([per_layer, pd.DataFrame(nets)], ignore_index=True)
+    out["value"] = out["mean_margin_norm"]
+    cols = [*keys, "layer", "layer_index", "kind", "fan_in", "n_neurons", "n_dead",
+            *_SUMMARY_STATS, "value"]
+    return out[cols]
+
+
+@torch.no_grad()
+def score_margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000) -> pd.DataFrame:
+    """Class-score margin of the last layer, one row per sample.
+
+    With class scores ``z = BN(a)`` (``s_c = |gamma_c| / sqrt(s2_c + eps)``)::
+
+        score_margin_n = z_ny - max_{c != y} z_nc       (> 0 iff correctly classified)
+        score_margin_flips_n = min_{c != y} (z_ny - z_nc) / (2 max(s_y, s_c))
+
+    One flipped weight in row ``c`` of the last layer moves ``z_c`` by ``2 s_c``, so the
+    decision survives any number of last-layer flips below ``score_margin_flips`` (a
+    guarantee for the last layer, with its inputs fixed). DESIGN.md uses the correctly
+    classified samples: filter on ``correct``.
+
+    Returns:
+        DataFrame ``sample, label, pred, correct, score_margin, score_margin_flips``.
+    """
+    check_data(model, data)
+    blocks = blocks_of(model)
+    bn = blocks[-1].bn
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
+        g = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+        s = (g.abs() / torch.sqrt(bn.running_var + bn.eps)).float()
+    else:
+        s = None
+    dev = device_of(model)
+    parts = []
+    with eval_mode(model):
+        for x, y in data.batches(batch_size, device=dev):
+            for block in blocks:
+                x = run_block(block, x, "blocks")
+            z = x.float()
+            zy = z.gather(1, y[:, None])
+            other = z.scatter(1, y[:, None], -math.inf)
+            sm = zy[:, 0] - other.amax(1)
+            if s is not None:
+                sc = s.to(dev)
+                denom = 2 * torch.maximum(sc[y][:, None], sc[None, :])
+                fl = ((zy - z) / denom).scatter(1, y[:, None], math.inf).amin(1)
+            else:
+                fl = torch.full_like(sm, math.nan)
+            parts.append(torch.stack([y.float(), z.argmax(1).float(), sm, fl], 1).cpu())
+    t = torch.cat(parts).double()
+    return pd.DataFrame({"sample": range(len(t)), "label": t[:, 0].long().numpy(),
+                         "pred": t[:, 1].long().numpy(),
+                         "correct": (t[:, 0] == t[:, 1]).numpy(),
+                         "score_margin": t[:, 2].numpy(), "score_margin_flips": t[:, 3].numpy()})

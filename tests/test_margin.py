@@ -1,0 +1,188 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnn_tol import data, metrics, models
+from bnn_tol.layers import BinaryLinear
+from bnn_tol.models import BNN, BinaryBlock
+
+
+def _set_bn(bn, gamma, beta, mu, var):
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(gamma, dtype=torch.float32))
+        bn.bias.copy_(torch.tensor(beta, dtype=torch.float32))
+        bn.running_mean.copy_(torch.tensor(mu, dtype=torch.float32))
+        bn.running_var.copy_(torch.tensor(var, dtype=torch.float32))
+    bn.eps = 0.0
+
+
+def toy_model() -> BNN:
+    """4 real inputs -> 2 (one gamma < 0) -> 3 (one gamma < 0, one dead) -> 2 classes."""
+    l0, l1, l2 = BinaryLinear(4, 2), BinaryLinear(2, 3), BinaryLinear(3, 2)
+    with torch.no_grad():
+        l0.weight.copy_(torch.tensor([[1.0, 1, -1, 1], [-1, 1, 1, 1]]))
+        l1.weight.copy_(torch.tensor([[1.0, -1], [1, 1], [-1, 1]]))
+        l2.weight.copy_(torch.tensor([[1.0, 1, 1], [1, -1, 1]]))
+    b0, b1, b2 = nn.BatchNorm1d(2), nn.BatchNorm1d(3), nn.BatchNorm1d(2)
+    _set_bn(b0, [2.0, -1.0], [1.0, 0.5], [0.5, 1.0], [4.0, 1.0])  # tau = -0.5, 1.5
+    _set_bn(b1, [1.0, -2.0, 0.0], [0.0, 1.0, 0.3], [0.5, 0.0, 0.0], [1.0, 4.0, 1.0])  # .5, 1, dead
+    blocks = [BinaryBlock(l0, b0, flatten=True), BinaryBlock(l1, b1),
+              BinaryBlock(l2, b2, binary_output=False)]
+    return BNN(blocks, {"name": "toy", "kwargs": {"in_shape": [1, 2, 2]}}).eval()
+
+
+def toy_data() -> data.BNNDataset:
+    # x = (p - 128) / 128: 192 -> 0.5, 64 -> -0.5, 128 -> 0, 0 -> -1
+    imgs = torch.tensor([[192, 192, 128, 0], [0, 192, 192, 128]], dtype=torch.uint8)
+    return data.BNNDataset(imgs.view(2, 1, 2, 2), torch.tensor([0, 1]))
+
+
+def test_hand_computed_margins_of_toy_network_including_negative_gamma():
+    # a0 = [0, -1] and [-1, 2]; a1 = [0, 2, 0] and [0, -2, 0]
+    m = metrics.margin(toy_model(), toy_data()).set_index(["layer_index", "neuron"])
+    np.testing.assert_allclose(m.loc[(0, 0), ["tau", "mean_margin", "min_margin"]].to_list(),
+                               [-0.5, 0.5, 0.5])
+    np.testing.assert_allclose(m.loc[(0, 1), ["tau", "mean_margin", "min_margin"]].to_list(),
+                               [1.5, 1.5, 0.5])
+    assert m.loc[(0, 1), "direction"] == -1 and m.loc[(0, 0), "kind"] == "first"
+    # first layer: mean |x| = 0.5 for both samples -> tolerable flips m / (2 * 0.5) = m
+    np.testing.assert_allclose(m.loc[(0, 1), "mean_margin_half"], 1.5)
+    np.testing.assert_allclose(m.loc[(0, 1), "mean_margin_norm"], 1.5 / 4)
+    np.testing.assert_allclose(m.loc[(0, 0), "mean_margin_bn"], 2 / 2 * 0.5)
+    np.testing.assert_allclose(m.loc[(1, 0), ["tau", "mean_margin", "min_margin"]].to_list(),
+                               [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(m.loc[(1, 1), ["tau", "mean_margin", "min_margin", "q10_margin",
+                                              "mean_margin_half", "mean_margin_norm"]].to_list(),
+                               [1.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    assert m.loc[(1, 1), "direction"] == -1 and m.loc[(1, 1), "mean_margin_bn"] == 2.0
+    dead = m.loc[(1, 2)]
+    assert dead["dead"] and math.isnan(dead["tau"]) and dead["mean_margin"] == math.inf
+    s = metrics.margin_summary(m.reset_index())
+    net = s[s.layer == "network"].iloc[0]
+    assert net["n_dead"] == 1
+    np.testing.assert_allclose(net["value"], np.mean([(0.5 / 4 + 1.5 / 4) / 2, (0.25 + 1.0) / 2]))
+
+
+def _randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in model.blocks:
+            c = b.bn.num_features
+            b.bn.running_mean.copy_(torch.randn(c, generator=g) * 3)
+            b.bn.running_var.copy_(torch.rand(c, generator=g) * 20 + 1)
+            b.bn.weight.copy_(torch.randn(c, generator=g))
+            b.bn.bias.copy_(torch.randn(c, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "train")
+
+
+def _brute(model, ds, k):
+    """All pre-activations of block k as (N * positions, C), and the block inputs."""
+    with torch.no_grad():
+        x, _ = next(ds.batches(len(ds)))
+        for b in model.blocks[:k]:
+            x = b(x)
+        a = model.blocks[k].preact(x)
+    return a.transpose(0, 1).reshape(a.shape[1], -1).T.double(), x
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("fc", dict(hidden=(40, 32), in_shape=(1, 8, 8))),
+    ("vgg3", dict(channels=((8,), (6,)), fc_width=24, in_shape=(1, 8, 8))),
+])
+def test_margin_matches_brute_force_over_all_samples(digits, name, kw):
+    model = _randomize(models.build(name, seed=0, **kw))
+    m = metrics.margin(model, digits, batch_size=500)  # several batches
+    for k in range(len(model.blocks) - 1):
+        a, x = _brute(model, digits, k)
+        rows = m[m.layer_index == k].sort_values("neuron")
+        tau = torch.tensor(rows["tau"].to_numpy())
+        mm = (a - tau).abs().numpy()
+        np.testing.assert_allclose(rows["mean_margin"], mm.mean(0), rtol=1e-9, atol=1e-4)
+        np.testing.assert_allclose(rows["min_margin"], mm.min(0), atol=1e-5)
+        q = np.quantile(mm, 0.1, axis=0, method="inverted_cdf")
+        info_w = 1 / 128 if not (k == 0 and name == "fc") else 2 * 64 / 8192 * 2
+        np.testing.assert_allclose(rows["q10_margin"], q, atol=(info_w / 2 + 1e-6) if k == 0
+                                   else 1e-9)
+        if k > 0:
+            np.testing.assert_allclose(rows["mean_margin_half"], mm.mean(0) / 2, rtol=1e-9)
+
+
+def test_conv_per_position_table_and_effective_fan_in(digits):
+    model = _randomize(models.build("vgg3", channels=((4,), (3,)), fc_width=8, in_shape=(1, 8, 8)))
+    pos = metrics.margin_positions(model, digits, layers=[1])
+    a, _ = _brute(model, digits, 1)
+    assert set(pos["fan_in_eff"]) == {4 * 4, 4 * 6, 4 * 9}  # corners, edges, interior (4x4 map)
+    corner = pos[(pos.h == 0) & (pos.w == 0)]
+    assert (corner["fan_in_eff"] == 16).all() and (corner["fan_in"] == 36).all()
+    full = metrics.margin(model, digits, layers=[1])
+    per_chan = pos.groupby("neuron")["mean_margin"].mean().to_numpy()
+    np.testing.assert_allclose(per_chan, full.sort_values("neuron")["mean_margin"], rtol=1e-6)
+
+
+def test_flipping_fewer_than_half_margin_adversarial_weights_never_changes_the_bit(digits):
+    model = _randomize(models.build("fc", hidden=(40, 32), in_shape=(1, 8, 8)), seed=3)
+    m = metrics.margin(model, digits).set_index(["layer_index", "neuron"])
+    block = model.blocks[1]
+    with torch.no_grad():
+        h0 = model.blocks[0](next(digits.batches(64))[0])
+        a = block.preact(h0)
+        wb = block.layer.binary_weight()
+        checked = 0
+        for n in range(0, 64, 3):
+            for j in range(32):
+                tau = m.loc[(1, j), "tau"]
+                if abs(tau - round(tau)) < 1e-3 or m.loc[(1, j), "dead"]:
+                    continue  # tie-free cases only
+                marg = abs(float(a[n, j]) - tau)
+                s = 1.0 if a[n, j] > tau else -1.0
+                agree = torch.nonzero(wb[j] * h0[n] == s).flatten()  # flipping moves a by -2s
+                k_half = math.ceil(marg / 2)
+                if len(agree) < k_half:
+                    continue
+                y0 = block.post(a[n : n + 1])[0, j]
+                for k, changes in ((k_half - 1, False), (k_half, True)):
+                    w = wb[j].clone()
+                    w[agree[:k]] *= -1
+                    a2 = a[n : n + 1].clone()
+                    a2[0, j] = (w * h0[n]).sum()
+                    assert (block.post(a2)[0, j] != y0).item() == changes, (n, j, k, marg)
+                checked += 1
+    assert checked > 100
+
+
+def test_score_margin_matches_brute_force(digits):
+    model = _randomize(models.build("fc", hidden=(40, 32), in_shape=(1, 8, 8)))
+    sm = metrics.score_margin(model, digits)
+    with torch.no_grad():
+        x, y = next(digits.batches(len(digits)))
+        z = model(x)
+    zy = z.gather(1, y[:, None])[:, 0]
+    other = z.clone()
+    other[torch.arange(len(y)), y] = -math.inf
+    np.testing.assert_allclose(sm["score_margin"], (zy - other.max(1).values).numpy(), rtol=1e-6)
+    assert (sm["correct"] == (sm["score_margin"] > 0)).all()
+    assert (sm["score_margin_flips"] > 0).eq(sm["correct"]).all()
+
+
+def test_clear_errors_for_empty_data_wrong_shape_and_missing_bn(digits):
+    model = models.build("fc", hidden=(16,), in_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        metrics.margin(model, digits.subset(0) if len(digits.subset(0)) == 0 else
+                       data.BNNDataset(digits.images[:0], digits.labels[:0]))
+    fm = models.build("fc", hidden=(16,))
+    with pytest.raises(ValueError, match=r"blocks\.0\.layer expects inputs of shape"):
+        metrics.margin(fm, digits)
+    model.blocks[0].bn = nn.Identity()
+    with pytest.raises(ValueError, match=r"blocks\.0\.layer: binary layer is not followed by "
+                                         "BatchNorm"):
+        metrics.margin(model, digits)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        metrics.importance(model, digits)
