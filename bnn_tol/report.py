@@ -84,6 +84,11 @@ def _extremes(models: pd.DataFrame) -> tuple[float, float] | None:
     return (bers[0], bers[-1]) if len(bers) > 1 else None
 
 
+def _who(row) -> str:
+    model = getattr(row, "model", None)
+    return f"{html.escape(str(model))}: " if isinstance(model, str) else ""
+
+
 def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
               comp: pd.DataFrame) -> list[str]:
     """Plain-language findings (HTML list items) computed from the tables, hedged by ``n``.
@@ -104,17 +109,24 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
 
     acc = accuracy_at_ber(sweeps)
     top = float(acc["ber"].max())
-    by = acc[acc.ber == top].groupby("train_ber")["accuracy"].mean()
-    clean = models.groupby("train_ber")["clean_acc"].mean()
     ext = _extremes(models)
     if ext is not None:
         lo, hi = ext
-        verdict = "more" if by[hi] > by[lo] else "less"
-        lines.append(
-            f"Bit flip training at BER {hi:g} costs {100 * (clean[lo] - clean[hi]):.1f} points of "
-            f"clean accuracy ({clean[lo]:.3f} &rarr; {clean[hi]:.3f}) and makes the networks "
-            f"{verdict} tolerant: at evaluation BER {top:g} they reach {by[hi]:.3f} against "
-            f"{by[lo]:.3f} for normally trained ones.")
+        for arch, ma in models.groupby("model", sort=True):
+            mids = set(ma["model_id"])
+            at_top = acc[(acc.ber == top) & acc.model_id.isin(mids)]
+            by = at_top.groupby("train_ber")["accuracy"].mean()
+            clean = ma.groupby("train_ber")["clean_acc"].mean()
+            if lo not in by.index or hi not in by.index:
+                continue
+            verdict = "more" if by[hi] > by[lo] else "less"
+            cost = clean[lo] - clean[hi]
+            lines.append(
+                f"{html.escape(str(arch))}: bit flip training at BER {hi:g} "
+                f"{'costs' if cost >= 0 else 'gains'} {100 * abs(cost):.1f} points of clean "
+                f"accuracy ({clean[lo]:.3f} &rarr; {clean[hi]:.3f}) and makes the networks "
+                f"{verdict} tolerant: at evaluation BER {top:g} they reach {by[hi]:.3f} "
+                f"against {by[lo]:.3f} for normally trained ones.")
     names = sorted(res["metrics"].loc[res["metrics"].layer == "network", "metric"].unique())
     headline = [m for m in HEADLINE if m in names] or names
     if not comp.empty:
@@ -124,9 +136,10 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
                 continue
             if abs(r.cliff_delta) < 0.33 and abs(r.cohen_d) < 0.5:
                 lines.append(
-                    f"<code>{html.escape(r.metric)}</code> barely differs between normal and "
-                    f"flip-trained networks ({r.mean_normal:.4g} vs {r.mean_flip:.4g}; Cohen's d "
-                    f"{r.cohen_d:.2f}, Cliff's &delta; {r.cliff_delta:.2f}).")
+                    f"{_who(r)}<code>{html.escape(r.metric)}</code> barely differs between "
+                    f"normal and flip-trained networks ({r.mean_normal:.4g} vs "
+                    f"{r.mean_flip:.4g}; Cohen's d {r.cohen_d:.2f}, Cliff's &delta; "
+                    f"{r.cliff_delta:.2f}).")
                 continue
             direction = "larger" if r.diff > 0 else "smaller"
             expect = ("larger" if "margin" in r.metric else
@@ -134,8 +147,10 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
             note = "" if expect is None else (
                 " (as the hypothesis expects)" if expect == direction
                 else " (contrary to the hypothesis)")
+            if min(r.n_normal, r.n_flip) < 2:
+                note += " &mdash; one network each: an observation, not evidence"
             lines.append(
-                f"<code>{html.escape(r.metric)}</code> is {direction} in the flip-trained "
+                f"{_who(r)}<code>{html.escape(r.metric)}</code> is {direction} in the flip-trained "
                 f"networks ({r.mean_normal:.4g} &rarr; {r.mean_flip:.4g}; Cohen's d "
                 f"{r.cohen_d:.2f}, Cliff's &delta; {r.cliff_delta:.2f}, "
                 f"n = {r.n_normal} vs {r.n_flip}){note}.")
