@@ -35,15 +35,24 @@ tables are concatenated into tidy files in ``out/``:
 A task is a pure function of its spec (all randomness seeded, ``torch.set_num_threads``
 fixed), so the in-process run and a dask.distributed run give the same files, bit for bit.
 
-Study files are TOML (see ``bnn_tol/presets/*.toml``)::
+Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, see
+:data:`DEFAULTS`)::
 
     name = "quick"
     [data]    dataset, train_subset, test_subset, metric_subset, subset_seed, data_dir
-    [train]   bers, seeds, epochs, batch_size, lr, lr_step, loss, flip_layers, flip_warmup
+    [train]   bers, seeds, epochs, batch_size, lr, lr_step, lr_gamma, loss, flip_layers,
+              flip_warmup
     [eval]    bers, n_maps, seed, layers, batch_size
     [metrics] importance (estimator name or list of names), batch_size
     [run]     device, threads
     [[models]] label, name, and the model's keyword arguments (hidden = [256, 256], ...)
+
+``train_subset`` / ``test_subset`` / ``metric_subset`` are random subsets (seeded by
+``subset_seed``) of the training set (training), the test set (sweeps, clean accuracy) and
+the test set (margins and importance); ``None`` means the whole split. The training seed
+seeds the initialization, the shuffling and the training flips, so the normal and the
+flip-trained network of one seed start from the same weights. The fault maps depend only
+on ``[eval] seed``: every network meets the same chips.
 """
 
 from __future__ import annotations
@@ -338,7 +347,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
 
     mg = metrics.margin(model, metric_ds, batch_size=mt["batch_size"])
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else list(mt["importance"])
-    imp = metrics.importance(model, metric_ds, estimator=ests)
+    imp = metrics.importance(model, metric_ds, estimator=ests, batch_size=mt["batch_size"])
     sm = metrics.score_margin(model, metric_ds, batch_size=mt["batch_size"])
     sm = sm[sm["correct"].astype(bool)]
     last = list(model.binary_layers())[-1]
