@@ -241,13 +241,12 @@ def _preact_with(block: nn.Module, x: Tensor, w: Tensor) -> Tensor:
 def _taylor(blocks, infos, x, y, names) -> dict[int, Tensor]:
     """Per-layer ``sum_n sum_pos -2 h_nj dCE_n/dh_nj`` ``(C_l,)`` for one batch."""
     hs = []
-    h = x
+    h = x.detach().requires_grad_(True)  # so that every block output is in the graph
     wanted = {i.index for i in infos}
     with torch.enable_grad():
         for k, b in enumerate(blocks):
             h = run_block(b, h, names.get(k, f"blocks.{k}.layer"))
             if k in wanted:
-                h = h.detach().requires_grad_(True)
                 hs.append(h)
         loss = F.cross_entropy(h, y, reduction="sum")
         grads = torch.autograd.grad(loss, hs)

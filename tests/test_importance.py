@@ -1,0 +1,139 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnn_tol import data, metrics, models
+from bnn_tol.errors import flip_binary
+from bnn_tol.train import child_seeds
+
+
+def _randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in model.blocks:
+            c = b.bn.num_features
+            b.bn.running_mean.copy_(torch.randn(c, generator=g) * 3)
+            b.bn.running_var.copy_(torch.rand(c, generator=g) * 20 + 1)
+            b.bn.weight.copy_(torch.randn(c, generator=g))
+            b.bn.bias.copy_(torch.randn(c, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "train").subset(600, seed=0)
+
+
+def _naive(model, ds, l, perturb):
+    """Slow reference: one full forward per neuron with channel j of block l's output changed."""
+    x, y = next(ds.batches(len(ds)))
+    out = []
+    with torch.no_grad():
+        zc = model(x)
+        ce0 = F.cross_entropy(zc, y, reduction="none").double()
+        acc0 = (zc.argmax(1) == y).double().mean()
+        n_ch = model.blocks[l].layer.weight.shape[0]
+        for j in range(n_ch):
+            h = x
+            for k, b in enumerate(model.blocks):
+                h = b(h)
+                if k == l:
+                    h = perturb(h, j)
+            z = h
+            out.append([float(acc0 - (z.argmax(1) == y).double().mean()),
+                        float((F.cross_entropy(z, y, reduction="none").double() - ce0).mean()),
+                        float((z.argmax(1) != zc.argmax(1)).double().mean())])
+    return np.array(out)
+
+
+def _negate(h, j):
+    h = h.clone()
+    h[:, j] = -h[:, j]
+    return h
+
+
+MODELS = [
+    ("fc", dict(hidden=(48, 40, 32), in_shape=(1, 8, 8))),  # generic, near-threshold, rank-1
+    ("vgg3", dict(channels=((8,), (6,)), fc_width=24, in_shape=(1, 8, 8))),  # conv paths
+]
+
+
+@pytest.mark.parametrize("name,kw", MODELS)
+def test_batched_importance_equals_per_neuron_loop(digits, name, kw):
+    model = _randomize(models.build(name, seed=0, **kw))
+    imp = metrics.importance(model, digits, estimator=["accuracy", "loss", "flips"],
+                             batch_size=256)
+    for l in range(len(model.blocks) - 1):
+        ref = _naive(model, digits, l, _negate)
+        for i, est in enumerate(["accuracy", "loss", "flips"]):
+            got = imp[(imp.layer_index == l) & (imp.estimator == est)].sort_values("neuron")
+            np.testing.assert_allclose(got["importance"], ref[:, i], atol=1e-6, rtol=1e-5,
+                                       err_msg=f"{name} layer {l} {est}")
+
+
+def test_mc_importance_equals_per_neuron_injection_loop(digits):
+    model = _randomize(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=2)
+    p, n_maps, seed = 0.1, 3, 7
+    imp = metrics.importance(model, digits, estimator="mc", ber=p, n_maps=n_maps, seed=seed)
+    seeds = child_seeds(seed, len(model.blocks) * n_maps)
+    x, y = next(digits.batches(len(digits)))
+    with torch.no_grad():
+        acc0 = (model(x).argmax(1) == y).double().mean()
+        for l in (0, 1):
+            layer = model.blocks[l].layer
+            wb = layer.binary_weight()
+            ref = np.zeros(wb.shape[0])
+            for k in range(n_maps):
+                g = torch.Generator().manual_seed(seeds[l * n_maps + k])
+                wf = flip_binary(wb, p, p, generator=g)[0]
+                for j in range(wb.shape[0]):
+                    w = wb.clone()
+                    w[j] = wf[j]  # only neuron j's incoming weights carry errors
+                    layer.fault = lambda _, w=w: w
+                    ref[j] += float(acc0 - (model(x).argmax(1) == y).double().mean()) / n_maps
+                    layer.fault = None
+            got = imp[imp.layer_index == l].sort_values("neuron")["importance"]
+            np.testing.assert_allclose(got, ref, atol=1e-9)
+    again = metrics.importance(model, digits, estimator="mc", ber=p, n_maps=n_maps, seed=seed)
+    assert again.equals(imp)
+
+
+def test_taylor_of_last_hidden_layer_matches_hand_derived_gradient(digits):
+    model = _randomize(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)))
+    imp = metrics.importance(model, digits, estimator="taylor")
+    x, y = next(digits.batches(len(digits)))
+    with torch.no_grad():
+        h = model.blocks[1](model.blocks[0](x))
+        z = model.blocks[2](h)
+        last = model.blocks[2]
+        s = last.bn.weight / torch.sqrt(last.bn.running_var + last.bn.eps)
+        # dCE/dz = softmax - onehot;  dz_c/dh_j = s_c W[c, j]
+        gz = torch.softmax(z, 1) - F.one_hot(y, 10)
+        gh = (gz * s) @ last.layer.binary_weight()
+        ref = (-2 * h * gh).double().mean(0).numpy()
+    got = imp[imp.layer_index == 1].sort_values("neuron")["importance"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_importance_variance_hand_example():
+    imp = __import__("pandas").DataFrame({
+        "layer": ["a"] * 4 + ["b"] * 2, "layer_index": [0] * 4 + [1] * 2,
+        "neuron": [0, 1, 2, 3, 0, 1], "importance": [0.0, 1, 2, 3, 1, 1],
+        "estimator": "accuracy"})
+    v = metrics.importance_variance(imp).set_index("layer")
+    assert v.loc["a", "variance"] == pytest.approx(1.25)
+    assert v.loc["a", "cv"] == pytest.approx(math.sqrt(1.25) / 1.5)
+    assert v.loc["b", "variance"] == 0 and v.loc["b", "cv"] == 0
+    assert v.loc["network", "variance"] == pytest.approx(0.625)
+    assert v.loc["network", "n_neurons"] == 6
+
+
+def test_unknown_estimator_and_layer_are_rejected(digits):
+    model = models.build("fc", hidden=(8,), in_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="unknown importance estimator"):
+        metrics.importance(model, digits, estimator="gradient")
+    with pytest.raises(ValueError, match="not hidden blocks"):
+        metrics.importance(model, digits, layers=[1])
