@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -177,7 +179,7 @@ class _Int8Net:
             return (r >= thr.to(torch.int32).to(r.device)[:, None]).view(torch.int8)
         a = r.t().to(torch.float64)
         a = a / 128.0 if k == 0 else 2.0 * a - s.to(a.device, torch.float64)
-        z = st.block.bn(a.to(torch.float32))
+        z = st.bn(a.to(torch.float32).to(st.bn.running_mean.device))
         return z.argmax(1)
 
 
@@ -246,7 +248,7 @@ def _fp32_forward(
                 h = h.view(*lead, *h.shape[1:])
         else:
             a = ai / st.scale
-            z = st.block.bn(a.reshape(-1, a.shape[-1]))
+            z = st.bn(a.reshape(-1, a.shape[-1]))
             return z.argmax(1).view(a.shape[:-1])
     raise AssertionError("unreachable: the last stage returns")
 
@@ -452,12 +454,13 @@ class _Runner:
         self.model, self.data, self.layers, self.device = model, data, layers, device
         self.targets = targets
         self.labels = data.labels
-        model.eval()
         if engine == "reference":
             self.engine = "reference"
             self.batch_size = batch_size or 2048
             return
         self.stages = _compile(model)
+        for st in self.stages:  # the output BatchNorm where the engine computes (eval mode)
+            st.bn = copy.deepcopy(st.block.bn).to(device).eval()
         chosen = select_layers(model, layers)
         self.faulty = [k for k, st in enumerate(self.stages) if st.name in chosen]
         all_linear = not any(st.conv for st in self.stages)

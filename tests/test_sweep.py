@@ -193,3 +193,23 @@ def test_fashion_fc_int8_sweep_equals_naive_loop():
     df = evaluate.sweep(model, test, bers=[0.01, 0.1], n_maps=2, seed=0, progress=False)
     ref = [naive_accuracy(model, test, b, s) for b, s in zip(df.ber, df.seed, strict=True)]
     assert df["accuracy"].tolist() == ref
+
+
+def test_sweep_keeps_training_mode_and_matches_eval_semantics(fc, digits):
+    ref = evaluate.sweep(fc, digits, bers=[0.05], n_maps=2, seed=0, progress=False)
+    fc.train()
+    try:
+        df = evaluate.sweep(fc, digits, bers=[0.05], n_maps=2, seed=0, progress=False)
+        assert fc.training
+    finally:
+        fc.eval()
+    assert df["accuracy"].tolist() == ref["accuracy"].tolist()
+
+
+def test_plot_has_one_mean_line_and_band_per_model(fc, digits):
+    df = evaluate.sweep({"a": fc, "b": fc}, digits, bers=[0, 0.1], n_maps=3, progress=False)
+    fig = bnn_tol.plots.sweep(df)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 and len(ax.collections) == 2
+    means = evaluate.summarize(df).query("model == 'a'")["mean"].tolist()
+    assert ax.lines[0].get_ydata().tolist() == means
