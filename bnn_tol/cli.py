@@ -322,5 +322,87 @@ def report(results, out, n_boot, seed) -> None:
     click.echo(str(path))
 
 
+@main.command("metrics")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory searched first for the dataset files.")
+@click.option("--split", default="test", show_default=True, help="Dataset split to measure on.")
+@click.option("--subset", type=int, default=None, help="Use only the first N samples.")
+@click.option("--estimator", "estimators", multiple=True, default=("accuracy",),
+              show_default=True,
+              help="Importance estimator(s): accuracy, loss, flips, taylor, mc (repeatable).")
+@click.option("--no-importance", is_flag=True, help="Margins only.")
+@click.option("--flip-ber", type=float, default=None,
+              help="Also add the analytic flip probability at this BER (column flip_prob).")
+@click.option("--batch-size", type=int, default=1000, show_default=True, help="Samples per pass.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="CSV: one row per (model, layer, neuron) with margins and importances.")
+@click.option("--summary", "summary_out", type=click.Path(dir_okay=False), default=None,
+              help="CSV of the per-layer / network summaries (margin and importance variance).")
+def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importance, flip_ber,
+                batch_size, out, summary_out) -> None:
+    """Neuron-level margin and importance of trained checkpoints (RUNS: checkpoint dirs)."""
+    import pandas as pd
+
+    from . import data, io
+    from . import metrics as mt
+
+    ds = data.load(dataset, split, data_dir=data_dir)
+    if subset:
+        ds = ds.subset(subset)
+    tables, summaries = [], []
+    for run in runs:
+        label = Path(run).name
+        model = io.load(run)
+        try:
+            m = mt.margin(model, ds, batch_size=batch_size)
+            summ = [mt.margin_summary(m).assign(metric_group="margin")]
+            if not no_importance:
+                imp = mt.importance(model, ds, estimator=list(estimators), batch_size=batch_size)
+                wide = imp.pivot_table(index=["layer_index", "neuron"], columns="estimator",
+                                       values="importance")
+                wide.columns = [f"importance_{c}" for c in wide.columns]
+                m = m.join(wide, on=["layer_index", "neuron"])
+                summ.append(mt.importance_variance(imp).assign(metric_group="importance"))
+            if flip_ber is not None:
+                fp = mt.flip_probability(model, ds, ber=flip_ber, batch_size=batch_size)
+                m = m.join(fp.set_index(["layer_index", "neuron"])["flip_prob"],
+                           on=["layer_index", "neuron"])
+        except ValueError as e:
+            raise click.UsageError(f"{run}: {e}") from e
+        tables.append(m.assign(model=label))
+        summaries += [s.assign(model=label) for s in summ]
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["model", *[c for c in table.columns if c != "model"]]]
+    table.to_csv(out, index=False)
+    summ = pd.concat(summaries, ignore_index=True)
+    summ = summ[["model", *[c for c in summ.columns if c != "model"]]]
+    if summary_out:
+        summ.to_csv(summary_out, index=False)
+    net = summ[summ["layer"] == "network"]
+    cols = [c for c in ("model", "metric_group", "estimator", "mean_margin_norm",
+                        "mean_margin_half", "variance", "cv") if c in net.columns]
+    click.echo(net[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    click.echo(f"wrote {len(table)} rows to {out}")
+
+
+@main.commands["plot"].command("margins")
+@click.argument("csv", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Image file (png, pdf, svg).")
+@click.option("--value", default="mean_margin_norm", show_default=True,
+              help="Per-neuron column to histogram (e.g. mean_margin_half, importance_accuracy).")
+def plot_margins(csv, out, value) -> None:
+    """Per-layer histograms of a per-neuron margin column, models overlaid (from `metrics`)."""
+    import pandas as pd
+
+    from . import plots
+
+    fig = plots.margins(pd.read_csv(csv), value=value)
+    fig.savefig(out, dpi=150)
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -21,6 +21,7 @@ __all__ = [
     "metric_scatter",
     "correlation_heatmap",
     "sweep",
+    "margins",
 ]
 
 
@@ -261,3 +262,20 @@ def sweep(df: pd.DataFrame, *, level: float = 0.95, metric: str = "accuracy",
     ax.grid(alpha=0.3)
     ax.legend(title="model")
     return fig
+
+
+# -- metrics figures (issue 5) ------------------------------------------------------------------
+
+def margins(df: pd.DataFrame, *, value: str = "mean_margin_norm", hue: str = "model") -> Figure:
+    """Per-layer histograms of a per-neuron margin statistic, one curve per model.
+
+    One panel per hidden layer; densities over neurons of ``value`` (default
+    ``mean_n |a_nj - tau_j| / fan_in``), dead neurons (infinite margin) left out.
+
+    Args:
+        df: per-neuron rows of :func:`bnn_tol.metrics.margin`, with a ``model`` column to
+            overlay several models (the CSV of ``bnn-tol metrics``).
+        value: the column to histogram (any per-neuron column, e.g. ``importance_accuracy``).
+        hue: column that tells the curves apart.
+    """
+    return _per_layer_hist(df, value, hue, value.replace("_", " "), log=False)
