@@ -186,3 +186,28 @@ def test_clear_errors_for_empty_data_wrong_shape_and_missing_bn(digits):
         metrics.margin(model, digits)
     with pytest.raises(ValueError, match="BatchNorm"):
         metrics.importance(model, digits)
+
+
+def test_metrics_cli_writes_per_neuron_table_and_plot(tmp_path, digits):
+    from click.testing import CliRunner
+
+    import bnn_tol
+    from bnn_tol.cli import main
+
+    for k in (0, 1):
+        bnn_tol.save(_randomize(models.build("fc", seed=k, hidden=(12, 10), in_shape=(1, 8, 8)),
+                                seed=k), tmp_path / f"m{k}")
+    out = tmp_path / "metrics.csv"
+    res = CliRunner().invoke(main, ["metrics", str(tmp_path / "m0"), str(tmp_path / "m1"),
+                                    "--dataset", "digits", "--split", "train", "--subset", "200",
+                                    "--flip-ber", "0.1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    t = pd.read_csv(out)
+    assert set(t["model"]) == {"m0", "m1"} and len(t) == 2 * (12 + 10)
+    assert {"mean_margin_norm", "importance_accuracy", "flip_prob"} <= set(t.columns)
+    res = CliRunner().invoke(main, ["plot", "margins", str(out), "--out",
+                                    str(tmp_path / "m.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.png").stat().st_size > 0
