@@ -144,9 +144,24 @@ class _Int8Net:
             self.s.append(w.sum(1, dtype=torch.int64))
         self.w_dev = [w.to(device) for w in self.w]
 
-    def unit_weights(self, flips: dict[int, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Weights and row sums with the stored bits at ``flips[k]`` (flat indices) negated."""
-        ws, ss = list(self.w_dev), list(self.s)
+    def comparator(self, k: int, s: Tensor) -> Tensor:
+        """Stage ``k``'s output rule: int32 ``(out, 1)`` threshold on ``W_d input``, or for the
+        last stage the float64 row sums ``(out,)`` (``a = 2 W b - s``)."""
+        if not self.stages[k].hidden:
+            return s.to(torch.float64)
+        t = self.t[k]
+        thr = t if k == 0 else -torch.div(-(t + s), 2, rounding_mode="floor")
+        return thr.to(torch.int32)[:, None].to(self.device)
+
+    def clean(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Clean weights and comparators of every stage."""
+        return list(self.w_dev), [self.comparator(k, s) for k, s in enumerate(self.s)]
+
+    def unit_weights(self, flips: dict[int, Tensor], base=None) -> tuple[list[Tensor],
+                                                                         list[Tensor]]:
+        """Weights and comparators with the stored bits at ``flips[k]`` (flat indices) negated."""
+        ws, cs = base if base is not None else self.clean()
+        ws, cs = list(ws), list(cs)
         for k, idx in flips.items():
             if idx.numel() == 0:
                 continue
@@ -155,32 +170,30 @@ class _Int8Net:
             old = flat[idx]
             flat[idx] = -old
             rows = torch.div(idx, w.shape[1], rounding_mode="floor")
-            ss[k] = self.s[k].index_add(0, rows, -2 * old.to(torch.int64))
+            cs[k] = self.comparator(k, self.s[k].index_add(0, rows, -2 * old.to(torch.int64)))
             ws[k] = w.to(self.device)
-        return ws, ss
+        return ws, cs
 
     def input(self, images: Tensor) -> Tensor:
         """uint8 ``(B, C, H, W)`` -> int8 ``q = p - 128`` neuron-major ``(C H W, B)``."""
         q = (images.reshape(images.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
         return q.t().contiguous().to(self.device)
 
-    def run(self, h: Tensor, start: int, ws: list[Tensor], ss: list[Tensor]) -> Tensor:
+    def run(self, h: Tensor, start: int, ws: list[Tensor], cs: list[Tensor]) -> Tensor:
         """Forward from stage ``start`` (input ``h`` neuron-major) -> predictions ``(B,)``."""
         for k in range(start, len(self.stages)):
-            h = self.step(k, h, ws[k], ss[k])
+            h = self.step(k, h, ws[k], cs[k])
         return h
 
-    def step(self, k: int, h: Tensor, w: Tensor, s: Tensor) -> Tensor:
+    def step(self, k: int, h: Tensor, w: Tensor, c: Tensor) -> Tensor:
+        """One stage: hidden -> bits int8 ``(out, B)``; last -> predictions ``(B,)``."""
         st = self.stages[k]
         r = torch._int_mm(w, h)  # (out, B) int32, exact
         if st.hidden:
-            t = self.t[k]
-            thr = t if k == 0 else -torch.div(-(t + s), 2, rounding_mode="floor")
-            return (r >= thr.to(torch.int32).to(r.device)[:, None]).view(torch.int8)
-        a = r.t().to(torch.float64)
-        a = a / 128.0 if k == 0 else 2.0 * a - s.to(a.device, torch.float64)
-        z = st.bn(a.to(torch.float32).to(st.bn.running_mean.device))
-        return z.argmax(1)
+            return (r >= c).view(torch.int8)
+        a = r.t().contiguous().to(torch.float64)
+        a = a / 128.0 if k == 0 else 2.0 * a - c
+        return st.bn(a.to(torch.float32)).argmax(1)
 
 
 # -- fp32 engine (any BinaryBlock model, CPU or CUDA; G maps batched) ---------------------------
@@ -480,6 +493,7 @@ class _Runner:
         self._clean: float | None = None
         if engine == "int8":
             self.net = _Int8Net(self.stages, device)
+            self._clean_wc = self.net.clean()
         else:
             self.w_dev = [st.wb.to(device) for st in self.stages]
 
@@ -502,8 +516,9 @@ class _Runner:
                 y = labels[i: i + self.batch_size]
                 if self.engine == "int8":
                     h = self.net.input(im)
+                    ws, cs = self.net.clean()
                     for k in range(self.start):
-                        h = self.net.step(k, h, self.net.w_dev[k], self.net.s[k])
+                        h = self.net.step(k, h, ws[k], cs[k])
                 else:
                     h = (im.to(self.device, torch.float32) - 128.0) / 128.0
                     if self.start > 0:
@@ -553,10 +568,10 @@ class _Runner:
         if self.engine == "int8":
             out = []
             for f in flips:
-                ws, ss = self.net.unit_weights(f)
+                ws, cs = self.net.unit_weights(f, self._clean_wc)
                 correct = 0
                 for h, y in self._chunks():
-                    pred = self.net.run(h, self.start, ws, ss)
+                    pred = self.net.run(h, self.start, ws, cs)
                     correct += int((pred.to(y.device) == y).sum())
                 out.append(correct / n)
             return out
