@@ -160,8 +160,15 @@ class _Int8Net:
     def unit_weights(self, flips: dict[int, Tensor], base=None) -> tuple[list[Tensor],
                                                                          list[Tensor]]:
         """Weights and comparators with the stored bits at ``flips[k]`` (flat indices) negated."""
+        from .errors import _serial
+
         ws, cs = base if base is not None else self.clean()
         ws, cs = list(ws), list(cs)
+        with _serial():
+            self._flip_into(flips, ws, cs)
+        return ws, cs
+
+    def _flip_into(self, flips: dict[int, Tensor], ws: list[Tensor], cs: list[Tensor]) -> None:
         for k, idx in flips.items():
             if idx.numel() == 0:
                 continue
@@ -172,7 +179,6 @@ class _Int8Net:
             rows = torch.div(idx, w.shape[1], rounding_mode="floor")
             cs[k] = self.comparator(k, self.s[k].index_add(0, rows, -2 * old.to(torch.int64)))
             ws[k] = w.to(self.device)
-        return ws, cs
 
     def input(self, images: Tensor) -> Tensor:
         """uint8 ``(B, C, H, W)`` -> int8 ``q = p - 128`` neuron-major ``(C H W, B)``."""
@@ -191,9 +197,12 @@ class _Int8Net:
         r = torch._int_mm(w, h)  # (out, B) int32, exact
         if st.hidden:
             return (r >= c).view(torch.int8)
-        a = r.t().contiguous().to(torch.float64)
-        a = a / 128.0 if k == 0 else 2.0 * a - c
-        return st.bn(a.to(torch.float32)).argmax(1)
+        from .errors import _serial
+
+        with _serial():  # (B, n_classes): tiny
+            a = r.t().contiguous().to(torch.float64)
+            a = a / 128.0 if k == 0 else 2.0 * a - c
+            return st.bn(a.to(torch.float32)).argmax(1)
 
 
 # -- fp32 engine (any BinaryBlock model, CPU or CUDA; G maps batched) ---------------------------
@@ -416,12 +425,19 @@ def sweep(
     total = len(models) * len(ber_list) * n_maps
     bar = tqdm(total=total, desc="sweep", unit="map", disable=not progress)
     rows_all: list[dict] = []
+    maps: dict[int, dict] = {}
+    map_layout = None
     try:
         for label, model in models.items():
             runner = _Runner(model, data, layers=layers, device=dev, engine=engine,
                              batch_size=batch_size, maps_per_step=maps_per_step,
                              targets=targets)
-            maps: dict[int, dict] = {}
+            # maps depend on (seed, layer position, size) only: share them between models
+            # of the same architecture (the same chips)
+            layout = (tuple((n, lay.weight.numel()) for n, lay in select_layers(model).items()),
+                      tuple(select_layers(model, layers)))
+            if layout != map_layout:
+                maps, map_layout = {}, layout
             for p01, p10 in ber_list:
                 todo = [m for m in range(n_maps)
                         if (str(label), p01, p10, m, seeds[m]) not in done]
