@@ -1,11 +1,11 @@
 """BER sweep engine vs the naive loop: ``fc`` (784-2048-2048-10) on the 10k Fashion-MNIST test
-set, 11 BERs (0 to 10 %) x 20 fault maps, 2 threads. ``naive``: per map deepcopy the model, write
-the flipped weights, plain fp32 ``model(x)`` (drawing the map is not timed) (timed on a sample of the sweep's maps, interleaved
-with the engines). ``int8``/``fp32``: :func:`bnn_tol.evaluate.sweep` on the whole grid (seconds
-per row, map drawing included; the BER-0 rows cost nothing). ``int8 kernel``: one evaluation at
-p = 0.1 without reuse. Every engine accuracy is checked equal to the naive one on the sampled
-maps (``exact``). ``roofline``: 5.8e10 MACs at the int8 GEMM throughput measured in this run.
-Target: ratio naive / engine >= 3.
+set, 11 BERs (0 to 10 %) x 20 fault maps, 2 threads. ``naive``: per map deepcopy the model,
+write the flipped weights, plain fp32 ``model(x)`` (drawing the map is not timed; median over a
+sample of the sweep's maps, interleaved with the engines). ``int8``/``fp32``:
+:func:`bnn_tol.evaluate.sweep` on the whole grid (seconds per row, map drawing included; the
+BER-0 rows cost nothing). ``int8 kernel``: one evaluation at p = 0.1 without reuse. Every engine
+accuracy is checked equal to the naive one on the sampled maps (``exact``). ``roofline``:
+5.8e10 MACs at the int8 GEMM throughput measured in this run. Target: naive / engine >= 3.
 """
 
 from __future__ import annotations
