@@ -126,12 +126,18 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to compute.")
-def demo(out, dataset, data_dir, epochs, seed, device) -> None:
-    """The end-to-end demo of `make demo`: train normal + flip-trained BNNs and evaluate them."""
+@click.option("--maps", type=int, default=10, show_default=True,
+              help="Fault maps per BER in the demo sweep.")
+@click.option("--study", "study_name", default="quick", show_default=True,
+              help="Study preset run at the end ('none' to skip).")
+def demo(out, dataset, data_dir, epochs, seed, device, maps, study_name) -> None:
+    """The end-to-end demo of `make demo`: train normal + flip-trained BNNs, sweep them under
+    bit errors, compute both tolerance metrics, run the quick correlation study + report."""
     from . import demo as demo_mod
 
     demo_mod.run(out, dataset=dataset, data_dir=data_dir, epochs=epochs, seed=seed,
-                 device=device, echo=click.echo)
+                 device=device, n_maps=maps,
+                 study=None if study_name.lower() == "none" else study_name, echo=click.echo)
 
 
 def _parse_bers(text: str) -> list:

@@ -77,3 +77,22 @@ def test_cli_help_explains_options():
     bad = CliRunner().invoke(main, ["train", "--flip-ber", "x", "--out", "o", "--dataset",
                                     "digits"])
     assert bad.exit_code != 0 and "not a number" in bad.output
+
+
+def test_demo_runs_end_to_end_and_writes_its_tables(tmp_path):
+    res = CliRunner().invoke(main, ["demo", "--dataset", "digits", "--epochs", "1", "--maps", "2",
+                                    "--study", "none", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    sw = pd.read_csv(tmp_path / "sweeps.csv")
+    assert len(sw) == 2 * 5 * 2 and set(sw["model"]) == {"fc", "fc-bft0.1"}
+    # BER 0 is the clean accuracy printed for the trained model
+    clean = sw[sw["ber"] == 0].groupby("model")["accuracy"].mean()
+    for label in ("fc", "fc-bft0.1"):
+        m = bnn_tol.load(tmp_path / label)
+        assert clean[label] == pytest.approx(
+            bnn_tol.evaluate.accuracy(m, data.load("digits", "test")))
+    met = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(met.columns) == ["model", "mean_margin_norm", "importance_variance"]
+    assert (tmp_path / "acc_vs_ber.png").stat().st_size > 1000
