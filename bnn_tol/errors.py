@@ -615,7 +615,7 @@ def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
         if "thresholds" in targets:
             gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
             scale = 128 if k == 0 else 1
-            folded = _fold_scaled(block.bn, scale) if scale != 1 else fold_threshold(block.bn)
+            folded = fold_threshold(block.bn, scale=scale)
             reach = block.layer.fan_in * scale
             nb = bits or _threshold_bits(reach)
             fmap = fault_map(folded.t.numel() * nb, cap, generator=gen)
@@ -640,38 +640,3 @@ def _block_out_numel(model, k: int) -> int:
     finally:
         model.train(was)
     return int(x[0].numel())
-
-
-def _fold_scaled(bn: nn.modules.batchnorm._BatchNorm, scale: int):
-    """:func:`~bnn_tol.layers.fold_threshold` for pre-activations ``a = k / scale``, ``k`` integer.
-
-    Returns a ``FoldedThreshold`` on the integer ``k = scale * a``: ``+1`` iff ``k >= t``
-    (direction +1) / ``k <= t`` (direction -1), equal to the float ``BN(k / scale) >= 0``.
-    """
-    from .layers import FoldedThreshold, _bn_params, _eval_bn, bn_threshold
-
-    thr = bn_threshold(bn)
-    direction = thr.direction
-    dead = direction == 0
-    _, _, _, beta = _bn_params(bn)
-    const = torch.where(dead, torch.where(beta >= 0, 1, -1), 0).to(torch.int8)
-    center = torch.where(dead, torch.zeros_like(thr.tau), thr.tau * scale).clamp(-2**52, 2**52)
-    center = torch.floor(center).to(torch.int64)
-    t = torch.zeros_like(center)
-    todo = ~dead
-    w = 3
-    up = direction > 0
-    while bool(todo.any()):
-        ks = center[None, :] + torch.arange(-w, w + 1)[:, None]
-        pos = _eval_bn(bn, ks.double() / scale) >= 0
-        first = torch.where(up, ~pos[0], pos[0])
-        last = torch.where(up, pos[-1], ~pos[-1])
-        ok = first & last & todo
-        n_true = pos.sum(0)
-        idx = torch.where(up, (2 * w + 1) - n_true, n_true - 1).clamp(0, 2 * w)
-        t = torch.where(ok, ks.gather(0, idx[None, :])[0], t)
-        todo = todo & ~ok
-        w *= 4
-        if w > 2**40:
-            raise ValueError("could not fold BatchNorm threshold: non-finite parameters?")
-    return FoldedThreshold(t, direction, const)

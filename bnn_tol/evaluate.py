@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BNNDataset
+from .layers import apply_folded
 
 __all__ = ["accuracy", "predict", "resolve_device", "sweep", "summarize", "COLUMNS"]
 
@@ -74,7 +75,6 @@ class _Stage:
     """One block compiled for the engines (clean weights and the folded comparator)."""
 
     def __init__(self, k: int, block: nn.Module, name: str) -> None:
-        from .errors import _fold_scaled
         from .layers import BinaryConv2d, fold_threshold
 
         self.k, self.name, self.block = k, name, block
@@ -89,7 +89,8 @@ class _Stage:
         with torch.no_grad():
             self.wb = torch.where(block.layer.weight.detach() >= 0, 1.0, -1.0).cpu()
         if self.hidden:
-            f = _fold_scaled(block.bn, 128) if k == 0 else fold_threshold(block.bn)
+            f = fold_threshold(block.bn, scale=self.scale)
+            self.folded = f
             self.t, self.d, self.const = f.t, f.direction.to(torch.int64), f.const.to(torch.int64)
 
 
@@ -257,13 +258,7 @@ def _fp32_forward(
         ai = torch.round(a * st.scale)  # exact integer scale * a
         cdim = 1 if shared else 2
         if st.hidden:
-            shape = [1] * ai.dim()
-            shape[cdim] = -1
-            t = st.t.to(ai.device, ai.dtype).view(shape)
-            d = st.d.to(ai.device).view(shape)
-            pos = torch.where(d > 0, ai >= t, ai <= t)
-            pos = torch.where(d == 0, st.const.to(ai.device).view(shape) > 0, pos)
-            h = torch.where(pos, 1.0, -1.0).to(x.dtype)
+            h = apply_folded(ai, st.folded, channel_dim=cdim).to(x.dtype)
             if st.pool:
                 lead = h.shape[: cdim]
                 h = F.max_pool2d(h.reshape(-1, *h.shape[cdim:]), st.pool)
@@ -628,13 +623,7 @@ def _fp32_prefix(stages, x: Tensor, ws: list[Tensor], stop: int) -> Tensor:
             h = h.flatten(1)
         a = h @ ws[k].t() if not st.conv else F.conv2d(h, ws[k], padding=st.block.layer.padding)
         ai = torch.round(a * st.scale)
-        shape = [1] * ai.dim()
-        shape[1] = -1
-        t = st.t.to(ai.device, ai.dtype).view(shape)
-        d = st.d.to(ai.device).view(shape)
-        pos = torch.where(d > 0, ai >= t, ai <= t)
-        pos = torch.where(d == 0, st.const.to(ai.device).view(shape) > 0, pos)
-        h = torch.where(pos, 1.0, -1.0).to(x.dtype)
+        h = apply_folded(ai, st.folded).to(x.dtype)
         if st.pool:
             h = F.max_pool2d(h, st.pool)
     return h

@@ -205,7 +205,9 @@ def _eval_bn(bn: nn.modules.batchnorm._BatchNorm, a: Tensor) -> Tensor:
     return y.reshape(a.shape).cpu()
 
 
-def fold_threshold(bn: nn.modules.batchnorm._BatchNorm, window: int = 3) -> FoldedThreshold:
+def fold_threshold(
+    bn: nn.modules.batchnorm._BatchNorm, window: int = 3, *, scale: int = 1
+) -> FoldedThreshold:
     """Fold eval-mode ``sign(BN(a))`` into an exact integer comparator.
 
     The float forward pass rounds (with ``tau = 5`` exactly, BN can return ``-6e-8`` at
@@ -216,8 +218,13 @@ def fold_threshold(bn: nn.modules.batchnorm._BatchNorm, window: int = 3) -> Fold
         gamma > 0:  t = min{k integer : BN(k) >= 0},   y = +1  iff  a >= t
         gamma < 0:  t = max{k integer : BN(k) >= 0},   y = +1  iff  a <= t
 
+    With ``scale > 1`` the pre-activations live on the grid ``a = k / scale`` (the first
+    layer: inputs ``(p - 128) / 128``, ``scale = 128``) and ``t`` is a threshold on the
+    integer ``k = scale * a``.
+
     Args:
         bn: a BatchNorm1d/2d module with running statistics.
+        scale: grid of the pre-activations, ``a = k / scale`` with integer ``k``.
         window: initial half-width of the search window around ``tau`` (widened until the
             boundary is inside it).
 
@@ -230,14 +237,14 @@ def fold_threshold(bn: nn.modules.batchnorm._BatchNorm, window: int = 3) -> Fold
     dead = direction == 0
     _, _, _, beta = _bn_params(bn)
     const = torch.where(dead, torch.where(beta >= 0, 1, -1), 0).to(torch.int8)
-    center = torch.where(dead, torch.zeros_like(thr.tau), thr.tau).clamp(-2**52, 2**52)
+    center = torch.where(dead, torch.zeros_like(thr.tau), thr.tau * scale).clamp(-2**52, 2**52)
     center = torch.floor(center).to(torch.int64)
     t = torch.zeros(c, dtype=torch.int64)
     todo = ~dead
     w = window
     while bool(todo.any()):
         ks = center[None, :] + torch.arange(-w, w + 1)[:, None]  # (2w+1, C)
-        pos = _eval_bn(bn, ks.double()) >= 0  # (2w+1, C) bool
+        pos = _eval_bn(bn, ks.double() / scale) >= 0  # (2w+1, C) bool
         up = direction > 0
         # gamma > 0: pos is False...False True...True; need a False then True inside window.
         # gamma < 0: pos is True...True False...False.

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize_bn
 from scipy import stats
 from test_margin import toy_data, toy_model
 
@@ -29,16 +30,6 @@ def test_hand_computed_flip_probability_of_toy_layer():
                                atol=1e-14)
 
 
-def _randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for b in model.blocks:
-            c = b.bn.num_features
-            b.bn.running_mean.copy_(torch.randn(c, generator=g) * 3)
-            b.bn.running_var.copy_(torch.rand(c, generator=g) * 20 + 1)
-            b.bn.weight.copy_(torch.randn(c, generator=g))
-            b.bn.bias.copy_(torch.randn(c, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -47,7 +38,7 @@ def _randomize(model, seed=1):
 ])
 def test_flip_probability_agrees_with_monte_carlo_injection(name, kw):
     ds = data.load("digits", "train").subset(300, seed=0)
-    model = _randomize(models.build(name, seed=0, **kw))
+    model = randomize_bn(models.build(name, seed=0, **kw))
     p, n_maps = 0.08, 120
     fp = metrics.flip_probability(model, ds, ber=p)
     x, _ = next(ds.batches(len(ds)))

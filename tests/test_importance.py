@@ -4,22 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize_bn
 
 from bnn_tol import data, metrics, models
 from bnn_tol.errors import flip_binary
 from bnn_tol.train import child_seeds
-
-
-def _randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for b in model.blocks:
-            c = b.bn.num_features
-            b.bn.running_mean.copy_(torch.randn(c, generator=g) * 3)
-            b.bn.running_var.copy_(torch.rand(c, generator=g) * 20 + 1)
-            b.bn.weight.copy_(torch.randn(c, generator=g))
-            b.bn.bias.copy_(torch.randn(c, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ MODELS = [
 
 @pytest.mark.parametrize("name,kw", MODELS)
 def test_batched_importance_equals_per_neuron_loop(digits, name, kw):
-    model = _randomize(models.build(name, seed=0, **kw))
+    model = randomize_bn(models.build(name, seed=0, **kw))
     imp = metrics.importance(model, digits, estimator=["accuracy", "loss", "flips"],
                              batch_size=256)
     for l in range(len(model.blocks) - 1):
@@ -75,7 +64,7 @@ def test_batched_importance_equals_per_neuron_loop(digits, name, kw):
 
 
 def test_mc_importance_equals_per_neuron_injection_loop(digits):
-    model = _randomize(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=2)
+    model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=2)
     p, n_maps, seed = 0.1, 3, 7
     imp = metrics.importance(model, digits, estimator="mc", ber=p, n_maps=n_maps, seed=seed)
     seeds = child_seeds(seed, len(model.blocks) * n_maps)
@@ -102,7 +91,7 @@ def test_mc_importance_equals_per_neuron_injection_loop(digits):
 
 
 def test_taylor_of_last_hidden_layer_matches_hand_derived_gradient(digits):
-    model = _randomize(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)))
+    model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)))
     imp = metrics.importance(model, digits, estimator="taylor")
     x, y = next(digits.batches(len(digits)))
     with torch.no_grad():

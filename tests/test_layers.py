@@ -118,3 +118,16 @@ def test_float_batchnorm_rounding_is_real_so_folding_is_needed():
     bn = _bn([1.7], [0.0], [5.0], [0.3])
     a = torch.tensor([[4.0], [5.0], [6.0]])
     assert torch.equal(apply_folded(a, fold_threshold(bn)), sign(bn(a)))
+
+
+def test_folded_threshold_on_a_scaled_grid_matches_float_batchnorm():
+    # first layer: a = k / 128 with integer k (inputs (p - 128) / 128)
+    g = torch.Generator().manual_seed(5)
+    c = 32
+    bn = _bn(torch.randn(c, generator=g).tolist(), torch.randn(c, generator=g).tolist(),
+             (torch.randn(c, generator=g) * 4).tolist(), (torch.rand(c, generator=g) + .1).tolist())
+    folded = fold_threshold(bn, scale=128)
+    tau = bn_threshold(bn).tau
+    k = (tau * 128).round()[None, :] + torch.arange(-40, 41, dtype=torch.float64)[:, None]
+    ref = sign(bn((k / 128).float())).reshape(k.shape)
+    assert torch.equal(apply_folded(k.float(), folded), ref)

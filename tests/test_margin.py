@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import randomize_bn
 from torch import nn
 
 from bnn_tol import data, metrics, models
@@ -66,16 +67,6 @@ def test_hand_computed_margins_of_toy_network_including_negative_gamma():
     np.testing.assert_allclose(net["value"], np.mean([(0.5 / 4 + 1.5 / 4) / 2, (0.25 + 1.0) / 2]))
 
 
-def _randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for b in model.blocks:
-            c = b.bn.num_features
-            b.bn.running_mean.copy_(torch.randn(c, generator=g) * 3)
-            b.bn.running_var.copy_(torch.rand(c, generator=g) * 20 + 1)
-            b.bn.weight.copy_(torch.randn(c, generator=g))
-            b.bn.bias.copy_(torch.randn(c, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +89,7 @@ def _brute(model, ds, k):
     ("vgg3", dict(channels=((8,), (6,)), fc_width=24, in_shape=(1, 8, 8))),
 ])
 def test_margin_matches_brute_force_over_all_samples(digits, name, kw):
-    model = _randomize(models.build(name, seed=0, **kw))
+    model = randomize_bn(models.build(name, seed=0, **kw))
     m = metrics.margin(model, digits, batch_size=500)  # several batches
     for k in range(len(model.blocks) - 1):
         a, x = _brute(model, digits, k)
@@ -116,7 +107,8 @@ def test_margin_matches_brute_force_over_all_samples(digits, name, kw):
 
 
 def test_conv_per_position_table_and_effective_fan_in(digits):
-    model = _randomize(models.build("vgg3", channels=((4,), (3,)), fc_width=8, in_shape=(1, 8, 8)))
+    model = randomize_bn(
+        models.build("vgg3", channels=((4,), (3,)), fc_width=8, in_shape=(1, 8, 8)))
     pos = metrics.margin_positions(model, digits, layers=[1])
     a, _ = _brute(model, digits, 1)
     assert set(pos["fan_in_eff"]) == {4 * 4, 4 * 6, 4 * 9}  # corners, edges, interior (4x4 map)
@@ -128,7 +120,7 @@ def test_conv_per_position_table_and_effective_fan_in(digits):
 
 
 def test_flipping_fewer_than_half_margin_adversarial_weights_never_changes_the_bit(digits):
-    model = _randomize(models.build("fc", hidden=(40, 32), in_shape=(1, 8, 8)), seed=3)
+    model = randomize_bn(models.build("fc", hidden=(40, 32), in_shape=(1, 8, 8)), seed=3)
     m = metrics.margin(model, digits).set_index(["layer_index", "neuron"])
     block = model.blocks[1]
     with torch.no_grad():
@@ -159,7 +151,7 @@ def test_flipping_fewer_than_half_margin_adversarial_weights_never_changes_the_b
 
 
 def test_score_margin_matches_brute_force(digits):
-    model = _randomize(models.build("fc", hidden=(40, 32), in_shape=(1, 8, 8)))
+    model = randomize_bn(models.build("fc", hidden=(40, 32), in_shape=(1, 8, 8)))
     sm = metrics.score_margin(model, digits)
     with torch.no_grad():
         x, y = next(digits.batches(len(digits)))
@@ -195,7 +187,7 @@ def test_metrics_cli_writes_per_neuron_table_and_plot(tmp_path, digits):
     from bnn_tol.cli import main
 
     for k in (0, 1):
-        bnn_tol.save(_randomize(models.build("fc", seed=k, hidden=(12, 10), in_shape=(1, 8, 8)),
+        bnn_tol.save(randomize_bn(models.build("fc", seed=k, hidden=(12, 10), in_shape=(1, 8, 8)),
                                 seed=k), tmp_path / f"m{k}")
     out = tmp_path / "metrics.csv"
     res = CliRunner().invoke(main, ["metrics", str(tmp_path / "m0"), str(tmp_path / "m1"),
