@@ -1,7 +1,8 @@
 """Bit flip training overhead: seconds per epoch of normal vs bit-flip training (p = 0.1) of
 ``fc`` (784-2048-2048-10) on Fashion-MNIST, batch 256, measured alternately in one run.
-Target: ratio (flip / normal) <= 1.15. Also the cost of drawing the flips alone, sparse
-(geometric gaps) vs the naive dense draw (one uniform per weight), per training step.
+Target: ratio (flip / normal) <= 1.15. Also the cost of drawing the flips alone per training
+step (all layers): geometric gaps and one random byte per bit vs the naive dense draw (one
+float uniform per weight); ``TransientFlip`` picks bytes from p = 1/64 on, gaps below.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def run(quick: bool = False) -> pd.DataFrame:
         res = {}
         for name, fn in (("dense uniform per bit (naive)", lambda w, p=p: _dense_flip(w, p, gen)),
                          ("geometric gaps", lambda w, p=p: errors.flip_binary(
-                             w, p, p, generator=gen)[0])):
+                             w, p, p, generator=gen)[0]),
+                         ("random byte per bit", lambda w, p=p: torch.where(
+                             errors.flip_mask(w, p, p, generator=gen), -w, w)),
+                         ("TransientFlip (used in training)",
+                          lambda w, p=p: errors.TransientFlip(p, gen)(w))):
             best = float("inf")
             for _ in range(3 if quick else 10):
                 t0 = time.perf_counter()

@@ -56,6 +56,7 @@ __all__ = [
     "bernoulli_indices",
     "flip_binary",
     "TransientFlip",
+    "flip_mask",
     "DENSE_ABOVE",
     "select_layers",
     "FaultMap",
@@ -172,28 +173,109 @@ def flip_binary(
     return out.view_as(wb), idx
 
 
+#: From this rate on, transient flips use one random byte per bit (:func:`flip_mask`).
+BYTES_ABOVE = 2.0**-6
+
+
+def flip_mask(
+    wb: Tensor,
+    p01: float,
+    p10: float,
+    *,
+    generator: torch.Generator,
+) -> Tensor:
+    """Boolean mask of the stored bits of a {-1, +1} tensor that flip (dense, exact law).
+
+    One random byte ``r`` per bit (eight bytes from each 64-bit draw of ``generator``, a
+    quarter of the generator calls of one float per bit). With ``256 p = k + f``
+    (``k`` integer, ``0 <= f < 1``) the bit flips iff ``r < k``, or ``r == k`` and a second
+    uniform is below ``f`` (about one bit in 256 needs it), so ``P(flip) = k/256 + f/256 = p``
+    exactly; ``p = p10`` where the stored weight is +1, ``p01`` where it is -1.
+
+    Args:
+        wb: tensor with values in {-1, +1}, any shape; p01, p10: rates in [0, 1].
+        generator: on ``wb.device``.
+
+    Returns:
+        bool tensor of the shape of ``wb``.
+    """
+    n = wb.numel()
+    raw = torch.empty((n + 7) // 8, dtype=torch.int64, device=wb.device)
+    raw = raw.random_(-(2**63), None, generator=generator).view(torch.uint8)[:n].view(wb.shape)
+    (k01, f01), (k10, f10) = (divmod(256.0 * p, 1.0) for p in (p01, p10))
+    if p01 == p10:
+        k, f = int(k01), f01
+        if k >= 256:
+            return torch.ones_like(raw, dtype=torch.bool)
+        mask = raw < k
+        tie = raw == k if f > 0 else None
+        frac = None
+    else:
+        thr = torch.where(wb > 0, int(k10), int(k01)).to(torch.int16)
+        r16 = raw.to(torch.int16)
+        mask = r16 < thr
+        tie = r16 == thr if max(f01, f10) > 0 else None
+        frac = (f10, f01)
+    if tie is not None:
+        where = tie.reshape(-1).nonzero().flatten()
+        u = torch.rand(where.numel(), generator=generator, device=wb.device, dtype=torch.float64)
+        if frac is None:
+            keep = u < f
+        else:
+            keep = u < torch.where(wb.reshape(-1)[where] > 0, frac[0], frac[1])
+        mask.view(-1)[where[keep]] = True
+    return mask
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the flipped tensor. Backward: the gradient passes to the unflipped input."""
+
+    @staticmethod
+    def forward(ctx, wb: Tensor, flipped: Tensor) -> Tensor:  # noqa: D102
+        return flipped
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
+
+
 class TransientFlip:
     """Layer fault: a fresh bit flip draw on every forward pass (bit flip training).
 
     Forward: ``w' = flip(sign(w))``. Backward: straight through the flips, as if they were
     not there: ``dL/dw_b = dL/dw'`` at the same position.
 
+    The draw is :func:`flip_mask` (a random byte per bit) when ``max(p01, p10) >=
+    BYTES_ABOVE`` and geometric gaps (:func:`flip_binary`) below; both have exactly the
+    Bernoulli law.
+
     Args:
         ber: ``p`` or ``(p01, p10)``.
         generator: ``torch.Generator`` on the layer's device.
 
     Attributes:
-        last_flips: indices flipped by the last call (for tests and statistics).
+        last_flips: flat indices flipped by the last call (for tests and statistics).
     """
 
     def __init__(self, ber: BER, generator: torch.Generator) -> None:
         self.p01, self.p10 = rates(ber)
         self.generator = generator
-        self.last_flips: Tensor | None = None
+        self._last: Tensor | None = None
+
+    @property
+    def last_flips(self) -> Tensor | None:  # noqa: D102
+        if self._last is None or self._last.dtype != torch.bool:
+            return self._last
+        return self._last.reshape(-1).nonzero().flatten()
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
-        flipped, self.last_flips = flip_binary(wb, self.p01, self.p10, generator=self.generator)
-        return wb + (flipped - wb).detach()
+        w = wb.detach()
+        if max(self.p01, self.p10) >= BYTES_ABOVE:
+            self._last = flip_mask(w, self.p01, self.p10, generator=self.generator)
+            flipped = torch.where(self._last, -w, w)
+        else:
+            flipped, self._last = flip_binary(w, self.p01, self.p10, generator=self.generator)
+        return _StraightThrough.apply(wb, flipped)
 
     def __repr__(self) -> str:
         return f"TransientFlip(p01={self.p01}, p10={self.p10})"

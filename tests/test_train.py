@@ -178,3 +178,22 @@ def test_bernoulli_indices_dense_path_and_edges():
     assert stats.binomtest(idx.numel(), 100_000, 0.5).pvalue > 1e-3
     assert errors.bernoulli_indices(10, 0.0, generator=gen).numel() == 0
     assert errors.bernoulli_indices(10, 1.0, generator=gen).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize(("p01", "p10"), [(0.003, 0.003), (0.1, 0.1), (0.5, 0.25), (0.0, 0.7)])
+def test_byte_flip_mask_has_exact_rates_including_the_tie_refinement(p01, p10):
+    # p = 0.003: 256 p < 1, so every flip comes from the tie r == 0 and its second uniform
+    gen = torch.Generator().manual_seed(9)
+    wb = torch.where(torch.rand(1_000_000, generator=gen) < 0.5, -1.0, 1.0)
+    mask = errors.flip_mask(wb, p01, p10, generator=gen)
+    for stored, p in ((-1.0, p01), (1.0, p10)):
+        sel = wb == stored
+        k = int(mask[sel].sum())
+        if p == 0:
+            assert k == 0
+        else:
+            assert stats.binomtest(k, int(sel.sum()), p).pvalue > 1e-3
+    assert errors.flip_mask(wb, 1.0, 1.0, generator=gen).all()
+    a, b = (errors.flip_mask(wb, p01, p10, generator=torch.Generator().manual_seed(1))
+            for _ in range(2))
+    assert torch.equal(a, b)  # same seed, same draw
