@@ -2,7 +2,7 @@
 ``fc`` (784-2048-2048-10) on Fashion-MNIST, batch 256, measured alternately in one run.
 Target: ratio (flip / normal) <= 1.15. Also the cost of drawing the flips alone per training
 step (all layers): geometric gaps and one random byte per bit vs the naive dense draw (one
-float uniform per weight); ``TransientFlip`` picks bytes from p = 1/64 on, gaps below.
+float uniform per weight); ``TransientFlip`` picks bytes from p = 0.125 on, gaps below.
 """
 
 from __future__ import annotations

@@ -173,8 +173,9 @@ def flip_binary(
     return out.view_as(wb), idx
 
 
-#: From this rate on, transient flips use one random byte per bit (:func:`flip_mask`).
-BYTES_ABOVE = 2.0**-6
+#: From this rate on, transient flips use one random byte per bit (:func:`flip_mask`); below,
+#: geometric gaps are cheaper (measured on fc: 12 ms vs 15 ms per step at p = 0.1).
+BYTES_ABOVE = 0.125
 
 
 def flip_mask(
