@@ -30,13 +30,19 @@ def _parse_ber(text: str | None) -> float | tuple[float, float] | None:
     raise click.BadParameter(f"{text!r}: give p or p01,p10")
 
 
-def _parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+def _parse_list(text: str | None, what: str, cast=int) -> tuple | None:
+    """``"1,2,3"`` -> ``(1, 2, 3)`` (``None`` for empty text); a clear error otherwise."""
     if not text:
         return None
     try:
-        return tuple(int(v) for v in text.split(","))
+        return tuple(cast(v) for v in text.split(","))
     except ValueError as e:
-        raise click.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from e
+        kind = "integers" if cast is int else "numbers"
+        raise click.BadParameter(f"{what} must be comma-separated {kind}, got {text!r}") from e
+
+
+def _parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    return _parse_list(text, what, int)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -302,12 +308,7 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError as e:
-        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from e
+    return _parse_list(text, what, float)
 
 
 @main.command()
