@@ -89,9 +89,7 @@ class _Stage:
         with torch.no_grad():
             self.wb = torch.where(block.layer.weight.detach() >= 0, 1.0, -1.0).cpu()
         if self.hidden:
-            f = fold_threshold(block.bn, scale=self.scale)
-            self.folded = f
-            self.t, self.d, self.const = f.t, f.direction.to(torch.int64), f.const.to(torch.int64)
+            self.folded = fold_threshold(block.bn, scale=self.scale)
 
 
 def _compile(model: nn.Module) -> list[_Stage]:
@@ -134,10 +132,11 @@ class _Int8Net:
         for st in stages:
             w = st.wb.to(torch.int8)
             if st.hidden:
-                d = st.d
+                f = st.folded
+                d = f.direction.to(torch.int64)
                 w = w * d[:, None].to(torch.int8)
-                t = torch.where(d > 0, st.t, -st.t)
-                t = torch.where(d == 0, torch.where(st.const > 0, 0, 1), t)
+                t = torch.where(d > 0, f.t, -f.t)
+                t = torch.where(d == 0, torch.where(f.const > 0, 0, 1), t)
                 self.t.append(t)
             else:
                 self.t.append(None)
