@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .exceptions import InvalidArgument
+
 __all__ = [
     "METHODS",
     "accuracy_at_ber",
@@ -49,7 +51,7 @@ _ID = "model_id"
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise ValueError(f"{what} lacks column(s) {missing}; it has {list(df.columns)}. "
+        raise InvalidArgument(f"{what} lacks column(s) {missing}; it has {list(df.columns)}. "
                          "Pass the tables written by bnn_tol.study.run (metrics.csv, sweeps.csv).")
 
 
@@ -78,7 +80,7 @@ def clean_accuracy(sweeps: pd.DataFrame) -> pd.Series:
     acc = accuracy_at_ber(sweeps)
     clean = acc[acc["ber"] == 0]
     if clean.empty:
-        raise ValueError("the sweep has no rows at ber == 0, so clean accuracy is unknown; "
+        raise InvalidArgument("the sweep has no rows at ber == 0, so clean accuracy is unknown; "
                          "add 0 to the evaluation BERs or pass clean= explicitly")
     return clean.set_index(_ID)["accuracy"].rename("clean_acc")
 
@@ -95,7 +97,7 @@ def _select_level(metrics: pd.DataFrame, level: str) -> pd.DataFrame:
         return metrics[metrics["layer"] != "network"]
     if level == "all":
         return metrics
-    raise ValueError(f"level must be 'network', 'layer' or 'all', got {level!r}")
+    raise InvalidArgument(f"level must be 'network', 'layer' or 'all', got {level!r}")
 
 
 def feature_table(metrics: pd.DataFrame, *, level: str = "network") -> pd.DataFrame:
@@ -170,11 +172,11 @@ def correlation_rows(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
     (NaN where a row is constant).
     """
     if method not in _ROWS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise InvalidArgument(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     x = np.atleast_2d(np.asarray(x, dtype=float))
     y = np.atleast_2d(np.asarray(y, dtype=float))
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+        raise InvalidArgument(f"x and y must have the same shape, got {x.shape} and {y.shape}")
     return _ROWS[method](x, y)
 
 
@@ -224,9 +226,9 @@ def correlate(
     """
     for m in methods:
         if m not in _ROWS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+            raise InvalidArgument(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
+        raise InvalidArgument(f"ci must be in (0, 1), got {ci}")
     _need(metrics, [_ID, "layer", "metric", "value"], "metrics")
     acc = accuracy_at_ber(sweeps).pivot(index=_ID, columns="ber", values="accuracy")
     m = _select_level(metrics, level)
@@ -317,7 +319,7 @@ def predict_accuracy(
     acc = accuracy_at_ber(sweeps).pivot(index=_ID, columns="ber", values="accuracy")
     ids = feats.index.intersection(acc.index).intersection(clean.index)
     if len(ids) < 3:
-        raise ValueError(f"need at least 3 networks with metrics and sweeps, have {len(ids)}")
+        raise InvalidArgument(f"need at least 3 networks with metrics and sweeps, have {len(ids)}")
     feats, acc, clean = feats.loc[ids], acc.loc[ids], clean.loc[ids].astype(float)
     if groups is not None:
         _need(metrics, [groups], "metrics")

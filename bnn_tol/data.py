@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .exceptions import BnnTolError, InvalidArgument
+
 __all__ = [
     "BNNDataset",
     "DatasetNotFound",
@@ -51,11 +53,11 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                  "truck")
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(BnnTolError, FileNotFoundError):
     """A dataset's files were not found in any searched location."""
 
 
-class CorruptDataset(ValueError):
+class CorruptDataset(BnnTolError, ValueError):
     """A dataset file exists but is truncated or malformed."""
 
 
@@ -83,10 +85,10 @@ class BNNDataset(Dataset):
         classes: tuple[str, ...] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} "
+            raise InvalidArgument(f"images must be uint8 (N, C, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got "
+            raise InvalidArgument(f"labels must have shape ({images.shape[0]},), got "
                              f"{tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
@@ -135,12 +137,12 @@ class BNNDataset(Dataset):
         Shuffling draws from ``generator`` (or a fresh one seeded with ``seed``).
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
         if shuffle:
             if generator is None:
                 if seed is None:
-                    raise ValueError("shuffle=True needs a seed or a generator")
+                    raise InvalidArgument("shuffle=True needs a seed or a generator")
                 generator = torch.Generator().manual_seed(seed)
             order = torch.randperm(n, generator=generator)
         else:
@@ -322,11 +324,11 @@ def load(
     key = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(
         key, key)
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidArgument(f"split must be 'train' or 'test', got {split!r}")
     if key in _IDX_SETS:
         return _load_idx(key, split, data_dir)
     if key == "cifar10":
         return _load_cifar10(split, data_dir)
     if key == "digits":
         return _load_digits(split)
-    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available())}")
+    raise InvalidArgument(f"unknown dataset {name!r}; available: {', '.join(available())}")

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .exceptions import InvalidArgument
+
 __all__ = [
     "BER",
     "rates",
@@ -89,11 +91,11 @@ def rates(ber: BER) -> tuple[float, float]:
     else:
         vals = list(ber)
         if len(vals) != 2:
-            raise ValueError(f"a BER is a number p or a pair (p01, p10), got {ber!r}")
+            raise InvalidArgument(f"a BER is a number p or a pair (p01, p10), got {ber!r}")
         p01, p10 = float(vals[0]), float(vals[1])
     for label, p in (("p01", p01), ("p10", p10)):
         if not (0.0 <= p <= 1.0):  # also rejects NaN
-            raise ValueError(f"bit error rate {label}={p} is outside [0, 1]")
+            raise InvalidArgument(f"bit error rate {label}={p} is outside [0, 1]")
     return p01, p10
 
 
@@ -303,7 +305,8 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
 
     found = {n: m for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
     if not found:
-        raise ValueError(f"{type(model).__name__} has no binary layers (BinaryLinear/BinaryConv2d)")
+        raise InvalidArgument(
+            f"{type(model).__name__} has no binary layers (BinaryLinear/BinaryConv2d)")
     names = list(found)
     if layers is None or (isinstance(layers, str) and layers == "all"):
         return found
@@ -315,7 +318,7 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
     for key in layers:
         if isinstance(key, int) and not isinstance(key, bool):
             if not -len(names) <= key < len(names):
-                raise ValueError(f"layer position {key} out of range: the model has "
+                raise InvalidArgument(f"layer position {key} out of range: the model has "
                                  f"{len(names)} binary layers ({', '.join(names)})")
             name = names[key]
         elif isinstance(key, str) and key in found:
@@ -323,9 +326,9 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
         elif isinstance(key, str) and key.isdigit():
             name = names[int(key)] if int(key) < len(names) else key
             if name not in found:
-                raise ValueError(f"layer position {key} out of range ({', '.join(names)})")
+                raise InvalidArgument(f"layer position {key} out of range ({', '.join(names)})")
         else:
-            raise ValueError(f"unknown layer {key!r}; binary layers are: {', '.join(names)}")
+            raise InvalidArgument(f"unknown layer {key!r}; binary layers are: {', '.join(names)}")
         chosen[name] = found[name]
     return {n: chosen[n] for n in names if n in chosen}
 
@@ -393,7 +396,7 @@ class FaultMap:
             int64 ``(F,)`` unique flat indices on ``stored.device``.
         """
         if max(p01, p10) > self.cap:
-            raise ValueError(f"this fault map was drawn up to p={self.cap}; it cannot answer "
+            raise InvalidArgument(f"this fault map was drawn up to p={self.cap}; it cannot answer "
                              f"p01={p01}, p10={p10}: draw it with a larger cap")
         with _serial():
             dev = stored.device
@@ -439,9 +442,9 @@ def fault_map(numel: int, cap: float, *, generator: torch.Generator) -> FaultMap
 
 def _fault_map(numel: int, cap: float, generator: torch.Generator) -> FaultMap:
     if not 0.0 <= cap <= 1.0:
-        raise ValueError(f"cap {cap} is outside [0, 1]")
+        raise InvalidArgument(f"cap {cap} is outside [0, 1]")
     if generator.device.type != "cpu":
-        raise ValueError("fault maps are drawn on CPU: pass a CPU torch.Generator")
+        raise InvalidArgument("fault maps are drawn on CPU: pass a CPU torch.Generator")
     n_bands = _band_cap(cap) if cap > 0 else 0
     idx_parts: list[Tensor] = []
     u_parts: list[Tensor] = []
@@ -484,7 +487,7 @@ def map_seeds(seed: int, n_maps: int) -> list[int]:
     ``inject(..., seed=s)``.
     """
     if n_maps < 0:
-        raise ValueError(f"n_maps must be >= 0, got {n_maps}")
+        raise InvalidArgument(f"n_maps must be >= 0, got {n_maps}")
     state = np.random.SeedSequence(int(seed)).generate_state(n_maps, dtype=np.uint64)
     return [int(s) & ((1 << 63) - 1) for s in state]
 
@@ -578,7 +581,7 @@ def _threshold_hook(folded, fmap: FaultMap, p01: float, p10: float, bits: int, s
     """
     t = folded.t.clamp(-reach - 1, reach + 1)
     if bits < _threshold_bits(reach):
-        raise ValueError(f"BN thresholds of this layer need {_threshold_bits(reach)} bits "
+        raise InvalidArgument(f"BN thresholds of this layer need {_threshold_bits(reach)} bits "
                          f"(|a| <= {reach}); threshold_bits={bits} is too small")
     stored = (t[:, None] >> torch.arange(bits)) & 1  # (C, bits) two's complement bits
     flat = stored.reshape(-1) * 2 - 1
@@ -647,11 +650,12 @@ def inject(
     """
     p01, p10 = rates(ber)
     if mode not in ("persistent", "transient"):
-        raise ValueError(f"mode must be 'persistent' or 'transient', got {mode!r}")
+        raise InvalidArgument(f"mode must be 'persistent' or 'transient', got {mode!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     bad = set(targets) - {"weights", "activations", "thresholds"}
     if bad or not targets:
-        raise ValueError(f"unknown targets {sorted(bad)}; use weights, activations, thresholds")
+        raise InvalidArgument(
+            f"unknown targets {sorted(bad)}; use weights, activations, thresholds")
     chosen = select_layers(model, layers)
     pos = _positions(model)
     cap = max(p01, p10)
@@ -673,7 +677,7 @@ def inject(
                 faults[name] = fault
         if {"activations", "thresholds"} & set(targets):
             if mode != "persistent":
-                raise ValueError("activation/threshold errors are persistent only")
+                raise InvalidArgument("activation/threshold errors are persistent only")
             handles += _hook_blocks(model, chosen, pos, seed, p01, p10, targets, threshold_bits)
         yield faults
     finally:
@@ -688,7 +692,7 @@ def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
 
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError("activation/threshold errors need a bnn_tol BNN (model.blocks)")
+        raise InvalidArgument("activation/threshold errors need a bnn_tol BNN (model.blocks)")
     handles = []
     cap = max(p01, p10)
     for k, block in enumerate(blocks):

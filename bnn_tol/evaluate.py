@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BNNDataset
+from .exceptions import InvalidArgument
 from .layers import apply_folded
 
 __all__ = ["accuracy", "predict", "resolve_device", "sweep", "summarize", "COLUMNS"]
@@ -32,7 +33,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        raise InvalidArgument("device 'cuda' requested but torch.cuda.is_available() is False")
     return dev
 
 
@@ -40,7 +41,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def predict(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> Tensor:
     """Predicted class ``argmax_c z_c`` per sample, int64 ``(N,)`` on CPU (eval mode)."""
     if len(data) == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
+        raise InvalidArgument("cannot evaluate on an empty dataset")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -81,9 +82,11 @@ class _Stage:
         self.conv = isinstance(block.layer, BinaryConv2d)
         if self.conv and (block.layer.stride != (1, 1) or block.layer.groups != 1
                           or block.layer.dilation != (1, 1)):
-            raise ValueError(f"{name}: the sweep engine supports stride 1, ungrouped convs only")
+            raise InvalidArgument(
+                f"{name}: the sweep engine supports stride 1, ungrouped convs only")
         if block.layer.bias is not None:
-            raise ValueError(f"{name}: binary layers with a bias are not supported by the engine")
+            raise InvalidArgument(
+                f"{name}: binary layers with a bias are not supported by the engine")
         self.flatten, self.pool, self.hidden = block.flatten, block.pool, block.binary_output
         self.scale = 128 if k == 0 else 1  # first-layer inputs are (p - 128) / 128
         with torch.no_grad():
@@ -97,15 +100,17 @@ def _compile(model: nn.Module) -> list[_Stage]:
 
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
-        raise ValueError(f"sweep needs a bnn_tol BNN (with .blocks), got {type(model).__name__}")
+        raise InvalidArgument(
+            f"sweep needs a bnn_tol BNN (with .blocks), got {type(model).__name__}")
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
     stages = []
     for k, block in enumerate(blocks):
         if not isinstance(getattr(block, "layer", None), BinaryLayer):
-            raise ValueError(f"block {k} has no binary layer; the model has no supported layout")
+            raise InvalidArgument(
+                f"block {k} has no binary layer; the model has no supported layout")
         stages.append(_Stage(k, block, names[id(block.layer)]))
     if stages[-1].hidden:
-        raise ValueError("the last block must output class scores (binary_output=False)")
+        raise InvalidArgument("the last block must output class scores (binary_output=False)")
     return stages
 
 
@@ -279,7 +284,7 @@ def _ber_list(bers) -> list[tuple[float, float]]:
         bers = [bers]
     out = [rates(b) for b in bers]
     if not out:
-        raise ValueError("bers is empty: give at least one BER, e.g. bers=[0, 0.01, 0.05]")
+        raise InvalidArgument("bers is empty: give at least one BER, e.g. bers=[0, 0.01, 0.05]")
     return out
 
 
@@ -303,7 +308,7 @@ def _read_done(path) -> tuple[pd.DataFrame, set]:
     df = pd.read_csv(path)
     missing = set(COLUMNS) - set(df.columns)
     if missing:
-        raise ValueError(f"{path} is not a sweep CSV (missing columns {sorted(missing)})")
+        raise InvalidArgument(f"{path} is not a sweep CSV (missing columns {sorted(missing)})")
     df["model"] = df["model"].astype(str)
     keys = set(zip(df["model"], df["p01"], df["p10"], df["map"], df["seed"], strict=True))
     return df[COLUMNS], keys
@@ -387,18 +392,18 @@ def sweep(
     if isinstance(models, nn.Module):
         models = {str(getattr(models, "config", {}).get("name", "model")): models}
     if not models:
-        raise ValueError("no models given")
+        raise InvalidArgument("no models given")
     ber_list = _ber_list(bers)
     if n_maps < 1:
-        raise ValueError(f"n_maps must be >= 1, got {n_maps}")
+        raise InvalidArgument(f"n_maps must be >= 1, got {n_maps}")
     if len(data) == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
+        raise InvalidArgument("cannot evaluate on an empty dataset")
     if engine not in ("auto", "int8", "fp32", "reference"):
-        raise ValueError(f"engine must be auto, int8, fp32 or reference, got {engine!r}")
+        raise InvalidArgument(f"engine must be auto, int8, fp32 or reference, got {engine!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if set(targets) != {"weights"}:
         if engine not in ("auto", "reference"):
-            raise ValueError("activation/threshold targets need engine='reference'")
+            raise InvalidArgument("activation/threshold targets need engine='reference'")
         engine = "reference"
     dev = resolve_device(device)
     seeds = map_seeds(seed, n_maps)
@@ -408,7 +413,7 @@ def sweep(
     if out is not None:
         if os.path.exists(out) and os.path.getsize(out) > 0:
             if not resume:
-                raise ValueError(f"{out} exists: pass resume=True (--resume) to continue that "
+                raise InvalidArgument(f"{out} exists: pass resume=True (--resume) to continue that "
                                  f"sweep, or choose another file")
             old, done = _read_done(out)
             header = os.path.getsize(out) == 0
@@ -490,7 +495,7 @@ class _Runner:
         if engine == "auto":
             engine = "int8" if all_linear and _int8_ok(device) else "fp32"
         if engine == "int8" and not (all_linear and _int8_ok(device)):
-            raise ValueError("engine='int8' needs an all-linear model (fc) on CPU; use 'fp32'")
+            raise InvalidArgument("engine='int8' needs an all-linear model (fc) on CPU; use 'fp32'")
         self.engine = engine
         # first stage that differs between maps (the last one if no layer is faulty)
         self.start = min(self.faulty[0] if self.faulty else len(self.stages),
@@ -642,7 +647,7 @@ def summarize(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
 
     need = {"model", "ber", "p01", "p10", "accuracy"}
     if not need <= set(df.columns):
-        raise ValueError(f"summarize needs a sweep frame with columns {sorted(need)}")
+        raise InvalidArgument(f"summarize needs a sweep frame with columns {sorted(need)}")
     g = df.groupby(["model", "ber", "p01", "p10"], sort=False)["accuracy"]
     s = g.agg(mean="mean", std="std", n="count").reset_index()
     tq = stats.t.ppf(0.5 + level / 2, (s["n"] - 1).clip(lower=1))

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .exceptions import BnnTolError
 from .models import BNN, build
 
 __all__ = ["save", "load", "CheckpointError", "WEIGHTS", "CONFIG"]
@@ -25,7 +26,7 @@ CONFIG = "config.json"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BnnTolError, ValueError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .exceptions import InvalidArgument
+
 __all__ = [
     "sign",
     "SignSTE",
@@ -142,7 +144,7 @@ def _bn_params(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, ...]:
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("BatchNorm without running statistics (track_running_stats=False)")
+        raise InvalidArgument("BatchNorm without running statistics (track_running_stats=False)")
     c = bn.num_features
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(c)
@@ -260,7 +262,7 @@ def fold_threshold(
         todo = todo & ~ok
         w *= 4
         if w > 2**40:
-            raise ValueError("could not fold BatchNorm threshold: non-finite parameters?")
+            raise InvalidArgument("could not fold BatchNorm threshold: non-finite parameters?")
     return FoldedThreshold(t, direction, const)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .exceptions import InvalidArgument
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, sign
 
 __all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "fc", "vgg3", "vgg7"]
@@ -85,7 +86,7 @@ class BNN(nn.Module):
     def __init__(self, blocks: Sequence[BinaryBlock], config: dict[str, Any]) -> None:
         super().__init__()
         if not blocks:
-            raise ValueError("a BNN needs at least one block")
+            raise InvalidArgument("a BNN needs at least one block")
         self.blocks = nn.ModuleList(blocks)
         self.config = dict(config)
         self.meta: dict[str, Any] = {}
@@ -104,7 +105,7 @@ class BNN(nn.Module):
         expected = self.in_shape
         if tuple(x.shape[1:]) != expected and x[0].numel() != math.prod(expected):
             dims = ", ".join(map(str, expected))
-            raise ValueError(f"{self.config['name']} expects inputs of shape (N, {dims}),"
+            raise InvalidArgument(f"{self.config['name']} expects inputs of shape (N, {dims}),"
                              f" got {tuple(x.shape)}")
         if x.dim() == 2 and len(expected) == 3:
             x = x.view(-1, *expected)
@@ -155,7 +156,7 @@ def build(name: str, *, seed: int = 0, **kwargs: Any) -> BNN:
     """
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+        raise InvalidArgument(f"unknown model {name!r}; available: {', '.join(available())}")
     model = _REGISTRY[key](**kwargs)
     return _init(model, torch.Generator().manual_seed(int(seed)))
 
@@ -163,7 +164,7 @@ def build(name: str, *, seed: int = 0, **kwargs: Any) -> BNN:
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in in_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape!r}")
+        raise InvalidArgument(f"in_shape must be (channels, height, width), got {in_shape!r}")
     return shape  # type: ignore[return-value]
 
 
@@ -182,7 +183,7 @@ def fc(
     shape = _check_shape(in_shape)
     hidden = tuple(int(h) for h in hidden)
     if not hidden or min(hidden) < 1:
-        raise ValueError(f"hidden widths must be positive, got {hidden!r}")
+        raise InvalidArgument(f"hidden widths must be positive, got {hidden!r}")
     widths = (math.prod(shape), *hidden)
     blocks = [
         BinaryBlock(BinaryLinear(i, o), nn.BatchNorm1d(o), flatten=(k == 0))
@@ -213,7 +214,7 @@ def _vgg(
             c_in = c_out
         h, w = h // 2, w // 2
     if h < 1 or w < 1:
-        raise ValueError(f"input {tuple(shape)} too small for {len(channels)} pooling stages")
+        raise InvalidArgument(f"input {tuple(shape)} too small for {len(channels)} pooling stages")
     blocks.append(BinaryBlock(BinaryLinear(c_in * h * w, fc_width), nn.BatchNorm1d(fc_width),
                               flatten=True))
     blocks.append(BinaryBlock(BinaryLinear(fc_width, n_classes), nn.BatchNorm1d(n_classes),

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .exceptions import InvalidArgument
+
 __all__ = [
     "accuracy_vs_ber",
     "margin_distributions",
@@ -86,7 +88,7 @@ def _per_layer_hist(df: pd.DataFrame, value: str, hue: str, xlabel: str, log: bo
     import seaborn as sns
 
     if value not in df.columns:
-        raise ValueError(f"column {value!r} not in the table; it has {list(df.columns)}")
+        raise InvalidArgument(f"column {value!r} not in the table; it has {list(df.columns)}")
     order = (df.drop_duplicates("layer").sort_values("layer_index")["layer"].tolist()
              if "layer_index" in df.columns else list(dict.fromkeys(df["layer"])))
     fig, axes = _grid(len(order))
@@ -158,12 +160,13 @@ def metric_scatter(
     feats = analysis.feature_table(metrics, level="all")
     name = analysis.feature_name(metric, layer)
     if name not in feats.columns:
-        raise ValueError(f"no metric {metric!r} at layer {layer!r}; available: "
+        raise InvalidArgument(f"no metric {metric!r} at layer {layer!r}; available: "
                          f"{sorted(feats.columns)[:20]}")
     acc = analysis.accuracy_at_ber(sweeps)
     acc = acc[np.isclose(acc["ber"].astype(float), float(ber))]
     if acc.empty:
-        raise ValueError(f"BER {ber} is not in the sweep; it has {sorted(sweeps['ber'].unique())}")
+        raise InvalidArgument(
+            f"BER {ber} is not in the sweep; it has {sorted(sweeps['ber'].unique())}")
     d = acc.join(feats[name].rename("x"), on="model_id").dropna(subset=["x"])
     sel = metrics[(metrics["metric"] == metric) & (metrics["layer"] == layer)]
     stats_ = analysis.correlate(sel, sweeps[np.isclose(sweeps["ber"].astype(float), float(ber))],
@@ -209,7 +212,7 @@ def correlation_heatmap(
     if layer is not None:
         c = c[c["layer"].isin([layer] if isinstance(layer, str) else list(layer))]
     if c.empty:
-        raise ValueError(f"no correlations for method={method!r}, group={group!r}, "
+        raise InvalidArgument(f"no correlations for method={method!r}, group={group!r}, "
                          f"layer={layer!r}")
     c = c.assign(row=[feature_name(m, lay) for m, lay in zip(c["metric"], c["layer"],
                                                              strict=True)])
@@ -243,10 +246,10 @@ def sweep(df: pd.DataFrame, *, level: float = 0.95, metric: str = "accuracy",
     from .evaluate import summarize
 
     if metric not in ("accuracy", "rerr"):
-        raise ValueError(f"metric must be 'accuracy' or 'rerr', got {metric!r}")
+        raise InvalidArgument(f"metric must be 'accuracy' or 'rerr', got {metric!r}")
     s = df if {"mean", "ci_low", "ci_high"} <= set(df.columns) else summarize(df, level=level)
     if not len(s):
-        raise ValueError("the sweep frame is empty: nothing to plot")
+        raise InvalidArgument("the sweep frame is empty: nothing to plot")
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()
     for model, g in s.groupby("model", sort=False):

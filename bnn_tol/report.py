@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .exceptions import InvalidArgument
+
 __all__ = ["write", "load_results", "summarize", "HEADLINE"]
 
 #: Network-level metrics the summary talks about (all metrics are in the tables).
@@ -56,7 +58,7 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
         else:
             out[name] = pd.DataFrame()
     if out["models"].empty:
-        raise ValueError(f"{d / 'models.csv'} has no finished tasks (see status.csv and "
+        raise InvalidArgument(f"{d / 'models.csv'} has no finished tasks (see status.csv and "
                          "models/<id>/error.txt)")
     cfg = d / "study.json"
     out["config"] = json.loads(cfg.read_text()) if cfg.is_file() else {}  # type: ignore[assignment]

@@ -73,6 +73,8 @@ from typing import Any
 
 import pandas as pd
 
+from .exceptions import InvalidArgument
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the backport has the same API
@@ -146,17 +148,17 @@ def load_config(
                                 .read_text())
             raw.setdefault("name", text)
         else:
-            raise ValueError(f"{text!r} is neither a study file nor a preset; presets: "
+            raise InvalidArgument(f"{text!r} is neither a study file nor a preset; presets: "
                              f"{', '.join(presets())}")
     unknown = set(raw) - set(DEFAULTS) - {"description"}
     if unknown:
-        raise ValueError(f"unknown study section(s) {sorted(unknown)}; allowed: "
+        raise InvalidArgument(f"unknown study section(s) {sorted(unknown)}; allowed: "
                          f"{sorted(DEFAULTS)}")
     for sec, val in raw.items():
         if isinstance(DEFAULTS.get(sec), dict):
             bad = set(val) - set(DEFAULTS[sec])
             if bad:
-                raise ValueError(f"unknown key(s) {sorted(bad)} in [{sec}]; allowed: "
+                raise InvalidArgument(f"unknown key(s) {sorted(bad)} in [{sec}]; allowed: "
                                  f"{sorted(DEFAULTS[sec])}")
     cfg = _merge(DEFAULTS, raw)
     if overrides:
@@ -170,21 +172,22 @@ def _validate(cfg: dict) -> None:
 
     labels = [m.get("label", m.get("name")) for m in cfg["models"]]
     if not cfg["models"] or len(set(labels)) != len(labels):
-        raise ValueError(f"[[models]] must be a non-empty list with unique labels, got {labels}")
+        raise InvalidArgument(
+            f"[[models]] must be a non-empty list with unique labels, got {labels}")
     for m in cfg["models"]:
         if m.get("name") not in models.available():
-            raise ValueError(f"[[models]] entry {m}: name must be one of {models.available()}")
+            raise InvalidArgument(f"[[models]] entry {m}: name must be one of {models.available()}")
     for p in cfg["train"]["bers"]:
         if not isinstance(p, int | float):
-            raise ValueError(f"[train] bers must be numbers (symmetric BERs), got {p!r}")
+            raise InvalidArgument(f"[train] bers must be numbers (symmetric BERs), got {p!r}")
         errors.rates(p)
     for p in cfg["eval"]["bers"]:
         errors.rates(p)
     if not cfg["train"]["seeds"] or len(set(cfg["train"]["seeds"])) != len(cfg["train"]["seeds"]):
-        raise ValueError(f"[train] seeds must be a non-empty list of distinct integers, got "
+        raise InvalidArgument(f"[train] seeds must be a non-empty list of distinct integers, got "
                          f"{cfg['train']['seeds']}")
     if int(cfg["run"]["threads"]) < 1:
-        raise ValueError(f"[run] threads must be >= 1, got {cfg['run']['threads']}")
+        raise InvalidArgument(f"[run] threads must be >= 1, got {cfg['run']['threads']}")
 
 
 def task_id(label: str, train_ber: float, seed: int) -> str:

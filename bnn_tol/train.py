@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import errors
 from .data import BNNDataset
 from .evaluate import accuracy, resolve_device
+from .exceptions import InvalidArgument
 
 __all__ = ["fit", "modified_hinge_loss", "LOSSES", "child_seeds"]
 
@@ -59,7 +60,7 @@ def _loss_fn(loss: str, b: float):
         return F.cross_entropy
     if loss == "mhl":
         return lambda z, y: modified_hinge_loss(z, y, b)
-    raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    raise InvalidArgument(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
 def _ber_at(epoch: int, target: tuple[float, float], warmup: int) -> tuple[float, float]:
@@ -111,9 +112,9 @@ def fit(
         ``model.meta["training"]``.
     """
     if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+        raise InvalidArgument(f"epochs must be >= 0, got {epochs}")
     if len(train) == 0:
-        raise ValueError("the training set is empty")
+        raise InvalidArgument("the training set is empty")
     dev = resolve_device(device)
     model.to(dev)
     loss_fn = _loss_fn(loss, mhl_margin)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import BNNDataset
+from ..exceptions import InvalidArgument
 from ..layers import BinaryConv2d, BinaryLinear, FoldedThreshold, bn_threshold, fold_threshold
 
 #: Largest histogram (entries) kept per layer by the margin pass (int64: 1 GiB).
@@ -88,14 +89,15 @@ def hidden_layers(model: nn.Module) -> list[LayerInfo]:
     for k, b in enumerate(blocks[:-1]):
         name = names.get(id(b.layer), f"blocks.{k}.layer")
         if not isinstance(b.bn, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(f"{name}: binary layer is not followed by BatchNorm (found "
+            raise InvalidArgument(f"{name}: binary layer is not followed by BatchNorm (found "
                              f"{type(b.bn).__name__}); the neuron threshold tau comes from the "
                              "BN running statistics -- build the block with nn.BatchNorm1d/2d")
         if b.bn.running_mean is None:
-            raise ValueError(f"{name}: its BatchNorm has no running statistics "
+            raise InvalidArgument(f"{name}: its BatchNorm has no running statistics "
                              "(track_running_stats=False); the threshold is undefined")
         if not getattr(b, "binary_output", True):
-            raise ValueError(f"{name}: hidden block {k} has binary_output=False; only the last "
+            raise InvalidArgument(
+                f"{name}: hidden block {k} has binary_output=False; only the last "
                              "block may output real values")
         thr = bn_threshold(b.bn)
         bn = b.bn
@@ -114,7 +116,7 @@ def check_data(model: nn.Module, data: BNNDataset) -> None:
         raise TypeError(f"data must be a bnn_tol.data.BNNDataset, got {type(data).__name__}; "
                         "wrap tensors with BNNDataset(images_uint8, labels)")
     if len(data) == 0:
-        raise ValueError(f"dataset {data.name!r} is empty: the metrics average over samples, "
+        raise InvalidArgument(f"dataset {data.name!r} is empty: the metrics average over samples, "
                          "pass at least one sample")
     blocks = blocks_of(model)
     name = layer_names(model).get(id(blocks[0].layer), "blocks.0.layer")
@@ -124,15 +126,16 @@ def check_data(model: nn.Module, data: BNNDataset) -> None:
     except (AttributeError, KeyError, TypeError):
         pass
     if expected is not None and tuple(data.shape) != expected:
-        raise ValueError(f"{name} expects inputs of shape {expected} but dataset {data.name!r} "
+        raise InvalidArgument(
+            f"{name} expects inputs of shape {expected} but dataset {data.name!r} "
                          f"has images of shape {tuple(data.shape)}; evaluate the model on the "
                          "dataset it was trained for")
     layer = blocks[0].layer
     if isinstance(layer, BinaryLinear) and math.prod(data.shape) != layer.in_features:
-        raise ValueError(f"{name} has {layer.in_features} inputs but images of shape "
+        raise InvalidArgument(f"{name} has {layer.in_features} inputs but images of shape "
                          f"{tuple(data.shape)} have {math.prod(data.shape)} values")
     if isinstance(layer, BinaryConv2d) and data.shape[0] != layer.in_channels:
-        raise ValueError(f"{name} expects {layer.in_channels} input channels, images have "
+        raise InvalidArgument(f"{name} expects {layer.in_channels} input channels, images have "
                          f"{data.shape[0]}")
 
 
@@ -157,7 +160,8 @@ def run_block(fn, x: Tensor, name: str) -> Tensor:
     try:
         return fn(x)
     except RuntimeError as e:
-        raise ValueError(f"{name}: cannot apply to input of shape {tuple(x.shape)} ({e})") from e
+        raise InvalidArgument(
+            f"{name}: cannot apply to input of shape {tuple(x.shape)} ({e})") from e
 
 
 def binary_weight(layer: nn.Module) -> Tensor:

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..data import BNNDataset
 from ..errors import rates
+from ..exceptions import InvalidArgument
 from .margin import LayerStats, margin_pass
 
 __all__ = ["flip_probability", "flip_tables"]
@@ -130,23 +131,25 @@ def flip_probability(
     ps = []
     for b in bers:
         if not isinstance(b, int | float):
-            raise ValueError(f"flip_probability takes symmetric BERs p, got {b!r}; asymmetric "
+            raise InvalidArgument(f"flip_probability takes symmetric BERs p, got {b!r}; asymmetric "
                              "(p01, p10) rates need Monte-Carlo injection (bnn_tol.evaluate)")
         ps.append(rates(b)[0])
     if level not in ("neuron", "layer"):
-        raise ValueError(f"level must be 'neuron' or 'layer', got {level!r}")
+        raise InvalidArgument(f"level must be 'neuron' or 'layer', got {level!r}")
     if layers is not None and 0 in set(layers):
-        raise ValueError("block 0 has real-valued inputs: a weight flip moves its "
+        raise InvalidArgument("block 0 has real-valued inputs: a weight flip moves its "
                          "pre-activation by 2|x_i|, not 2, so the binomial law does not apply")
     n_blocks = len(model.blocks)
     want = list(layers) if layers is not None else list(range(1, n_blocks - 1))
     if not want:
-        raise ValueError("the model has no hidden layer with binary inputs (needs >= 3 blocks)")
+        raise InvalidArgument(
+            "the model has no hidden layer with binary inputs (needs >= 3 blocks)")
     stats_ = margin_pass(model, data, batch_size=batch_size, layers=want)
     frames = []
     for st in stats_:
         if not st.exact:
-            raise ValueError(f"{st.info.name}: fan-in {st.info.fan_in} too large for the exact "
+            raise InvalidArgument(
+                f"{st.info.name}: fan-in {st.info.fan_in} too large for the exact "
                              "histogram; flip probability unavailable")
         for p in ps:
             fp = _layer_flip(st, p)

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ..data import BNNDataset
 from ..errors import flip_binary, rates
+from ..exceptions import InvalidArgument
 from ..layers import BinaryConv2d, apply_folded
 from ._common import (
     LayerInfo,
@@ -103,7 +104,7 @@ def _contrib_cols(block: nn.Module, delta: Tensor, cols: Tensor) -> Tensor:
     p = int(delta[0, 0].numel())
     c_prev = w.shape[1] // p
     if c_prev * p != w.shape[1]:
-        raise ValueError(f"{layer} input width {w.shape[1]} is not channels x {p} positions")
+        raise InvalidArgument(f"{layer} input width {w.shape[1]} is not channels x {p} positions")
     if p == 1:
         return delta.reshape(b, j, 1) * w[:, cols].T[None]
     wv = w.view(w.shape[0], c_prev, p)[:, cols].permute(1, 2, 0)  # (J, P, K)
@@ -191,7 +192,7 @@ def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
     n_blocks = len(blocks)
     l = layer_index
     if not 0 <= l < n_blocks - 1:
-        raise ValueError(f"layer_index must name a hidden block 0..{n_blocks - 2}, got {l}")
+        raise InvalidArgument(f"layer_index must name a hidden block 0..{n_blocks - 2}, got {l}")
     if cache is None:
         cache = _forward_cache(blocks, x, {})
     xs, as_, hs = cache
@@ -296,19 +297,19 @@ def importance(
     ests = [estimator] if isinstance(estimator, str) else list(estimator)
     bad = [e for e in ests if e not in ESTIMATORS]
     if bad or not ests:
-        raise ValueError(f"unknown importance estimator(s) {bad or ests}; choose from "
+        raise InvalidArgument(f"unknown importance estimator(s) {bad or ests}; choose from "
                          f"{', '.join(ESTIMATORS)}")
     check_data(model, data)
     blocks = blocks_of(model)
     all_infos = hidden_layers(model)
     if not all_infos:
-        raise ValueError("the model has no hidden binary layer: importance is defined for "
+        raise InvalidArgument("the model has no hidden binary layer: importance is defined for "
                          "neurons of blocks followed by another block")
     if layers is not None:
         known = {i.index for i in all_infos}
         unknown = [k for k in layers if k not in known]
         if unknown:
-            raise ValueError(f"layers {unknown} are not hidden blocks; hidden blocks are "
+            raise InvalidArgument(f"layers {unknown} are not hidden blocks; hidden blocks are "
                              f"{sorted(known)}")
     infos = [i for i in all_infos if layers is None or i.index in set(layers)]
     by_index = {i.index: i for i in all_infos}
@@ -325,7 +326,7 @@ def importance(
     if mc:
         p01, p10 = rates(ber)
         if n_maps < 1:
-            raise ValueError(f"n_maps must be >= 1, got {n_maps}")
+            raise InvalidArgument(f"n_maps must be >= 1, got {n_maps}")
         seeds = child_seeds(seed, len(blocks) * n_maps)
         for info in infos:
             wb = binary_weight(info.block.layer)
@@ -410,7 +411,7 @@ def importance_variance(imp: pd.DataFrame) -> pd.DataFrame:
     """
     need = {"layer", "layer_index", "importance"}
     if need - set(imp.columns):
-        raise ValueError(f"importance table lacks {sorted(need - set(imp.columns))}; pass "
+        raise InvalidArgument(f"importance table lacks {sorted(need - set(imp.columns))}; pass "
                          "metrics.importance(...)")
     imp = imp if "estimator" in imp.columns else imp.assign(estimator="accuracy")
     keys = [k for k in ("model",) if k in imp.columns] + ["estimator"]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import BNNDataset
+from ..exceptions import InvalidArgument
 from ._common import (
     MAX_HIST,
     LayerInfo,
@@ -164,7 +165,7 @@ def _add_hist(st: LayerStats, a: Tensor, scale: float, shift: float) -> None:
     lo_hi = torch.stack(torch.aminmax(a)).double() + shift
     k_lo, k_hi = int(lo_hi[0]), int(lo_hi[1])
     if k_lo < 0 or k_hi >= st.n_bins:
-        raise ValueError(f"{st.info.name}: pre-activation outside [{st.lo}, "
+        raise InvalidArgument(f"{st.info.name}: pre-activation outside [{st.lo}, "
                          f"{st.lo + st.w * (st.n_bins - 1)}]; are the inputs in [-1, 1]?")
     # idx = (k - k_lo) * G + group = a * G + (shift - k_lo) G + group
     idx = a.mul_(g).add_(st._group + (shift - k_lo) * g)
@@ -231,7 +232,7 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
     if layers is not None:
         infos = [i for i in infos if i.index in set(layers)]
     if not infos:
-        raise ValueError("the model has no hidden binary layer (only the output block); "
+        raise InvalidArgument("the model has no hidden binary layer (only the output block); "
                          "margins are defined for layers followed by BN + sign")
     wanted = {i.index: i for i in infos}
     last = max(wanted)
@@ -396,7 +397,8 @@ def margin_summary(m: pd.DataFrame) -> pd.DataFrame:
             "mean_margin_half", "mean_margin_norm", "mean_margin_bn", "dead"}
     missing = need - set(m.columns)
     if missing:
-        raise ValueError(f"margin table lacks columns {sorted(missing)}; pass metrics.margin(...)")
+        raise InvalidArgument(
+            f"margin table lacks columns {sorted(missing)}; pass metrics.margin(...)")
     keys = [k for k in ("model",) if k in m.columns]
     rows = []
     for gkey, g in m.groupby([*keys, "layer_index"], sort=True):

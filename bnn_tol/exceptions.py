@@ -1,0 +1,30 @@
+"""The library's user-facing error types.
+
+Every error that a user's input can cause (a bad argument, a missing or corrupt file, a
+checkpoint that does not match its config, a results file made with other settings) is a
+:class:`BnnTolError`. The ``bnn-tol`` command prints such errors as one line and exits
+non-zero; anything else is a bug and keeps its traceback.
+
+The concrete types also derive from the built-in type a caller would expect
+(``ValueError``, ``FileNotFoundError``), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BnnTolError", "InvalidArgument", "ResultsMismatch", "FileInUse"]
+
+
+class BnnTolError(Exception):
+    """Base class of every error caused by the user's input (not by a bug)."""
+
+
+class InvalidArgument(BnnTolError, ValueError):
+    """An argument or configuration value is out of range, of the wrong type or unknown."""
+
+
+class ResultsMismatch(BnnTolError, ValueError):
+    """An existing results file was made with other settings, or is not ours to modify."""
+
+
+class FileInUse(BnnTolError, RuntimeError):
+    """Another process holds the lock of an output file."""
