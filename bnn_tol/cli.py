@@ -274,19 +274,37 @@ def plot_sweep(csv, out, metric, level) -> None:
 @click.option("--maps", "n_maps", type=int, default=None, help="Override [eval] n_maps.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Override [run] device.")
-@click.option("--threads", type=int, default=None,
-              help="Override [run] threads (torch threads per task; results depend on it).")
+@click.option("--threads", default=None,
+              help="Override [run] threads: torch threads per task, or 'auto' (cores // "
+                   "workers). Results depend on it.")
 @click.option("--report/--no-report", "make_report", default=True, show_default=True,
               help="Write report.html into --out at the end.")
+@click.option("--fresh", is_flag=True,
+              help="Refuse an --out that is not empty (no cached task is reused: every number "
+                   "comes from the code at hand). `make results` uses it.")
 def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset, seeds,
-          train_bers, eval_bers, n_maps, device, threads, make_report) -> None:
-    """Train the model family, sweep it under bit errors, measure margins and importance."""
+          train_bers, eval_bers, n_maps, device, threads, make_report, fresh) -> None:
+    """Train the model family, sweep it under bit errors, measure margins and importance.
+
+    Writes environment.json (versions, commit, CPU, threads) and the command that
+    reproduces the run."""
+    import shlex
+
     from . import report as report_mod
     from . import study as study_mod
 
     if (study_file is None) == (preset is None):
         raise click.UsageError("give a STUDY_FILE (TOML) or --preset NAME "
                                f"({', '.join(study_mod.presets())}), not both")
+    if threads is not None and threads != "auto":
+        threads = _parse_ints(threads, "--threads")[0]
+    params = click.get_current_context().params
+    argv = ["bnn-tol", "study", *([study_file] if study_file else ["--preset", preset]),
+            "--out", str(out)]
+    for key, val in params.items():
+        if key not in ("study_file", "preset", "out", "make_report", "fresh") and val is not None:
+            argv += [f"--{key.replace('_', '-')}" if key != "n_maps" else "--maps", str(val)]
+    argv += [*([] if make_report else ["--no-report"]), *(["--fresh"] if fresh else [])]
     sections: dict = {"data": {"train_subset": train_subset, "test_subset": test_subset},
                       "train": {"epochs": epochs, "seeds": _parse_ints(seeds, "--seeds"),
                                 "bers": _parse_floats(train_bers, "--train-bers")},
@@ -297,7 +315,8 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
                      if v is not None} for s, d in sections.items()}
     try:
         res = study_mod.run(study_file or preset, out, scheduler=scheduler,
-                            overrides=overrides, echo=click.echo)
+                            overrides=overrides, echo=click.echo, fresh=fresh,
+                            command=shlex.join(argv))
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if make_report and Path(res["models"]).stat().st_size > 0 and not res["failed"]:

@@ -15,7 +15,7 @@ writes ``error.txt``, is reported, and does not stop the others. At the end the 
 tables are concatenated into tidy files in ``out/``:
 
 - ``models.csv``: one row per task: ``model_id, model, train_ber, seed, arch, clean_acc,
-  train_acc, epochs, checkpoint`` (timings are not results: they are in ``status.csv`` and
+  train_acc, epochs, checkpoint, threads`` (timings are not results: they are in ``status.csv`` and
   each task's ``history.csv``);
 - ``sweeps.csv``: one row per (task, BER, map): ``model_id, model, train_ber, seed, ber, p01,
   p10, map, map_seed, accuracy, rerr`` (``map_seed`` is the fault-map seed that
@@ -30,10 +30,14 @@ tables are concatenated into tidy files in ``out/``:
   importance = [...]`` they are named ``importance_<estimator>_variance`` etc.);
 - ``margins.csv`` / ``importance.csv``: per-neuron tables of ``metrics.margin`` /
   ``metrics.importance`` with the task columns in front;
-- ``status.csv``: ``model_id, status (done|cached|failed), seconds, error``.
+- ``status.csv``: ``model_id, status (done|cached|failed), seconds, train_s, sweep_s,
+  metrics_s, error`` (a cached task reports the timings it recorded when it ran);
+- ``study.json`` (the resolved config) and ``environment.json`` (:func:`environment`:
+  versions, git commit, CPU, threads, and the command that reproduces the run).
 
 A task is a pure function of its spec (all randomness seeded, ``torch.set_num_threads``
-fixed), so the in-process run and a dask.distributed run give the same files, bit for bit.
+fixed; labels and the study name are validated as plain names, so nothing is written
+outside ``out``), so the in-process run and a dask.distributed run give the same files, bit for bit.
 
 Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, see
 :data:`DEFAULTS`)::
@@ -44,7 +48,7 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, s
               flip_warmup
     [eval]    bers, n_maps, seed, layers, batch_size
     [metrics] importance (estimator name or list of names), batch_size
-    [run]     device, threads
+    [run]     device, threads ("auto": cores // concurrent tasks, or an integer)
     [[models]] label, name, and the model's keyword arguments (hidden = [256, 256], ...)
 
 ``train_subset`` / ``test_subset`` / ``metric_subset`` are random subsets (seeded by
@@ -62,6 +66,10 @@ import hashlib
 import json
 import math
 import os
+import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -73,7 +81,7 @@ from typing import Any
 
 import pandas as pd
 
-from .exceptions import InvalidArgument
+from .exceptions import BnnTolError, InvalidArgument
 
 try:
     import tomllib
@@ -93,7 +101,7 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"bers": [0.0, 0.01, 0.02, 0.05, 0.1], "n_maps": 10, "seed": 0, "layers": "all",
              "batch_size": 2048},
     "metrics": {"importance": "accuracy", "batch_size": 1024},
-    "run": {"device": "cpu", "threads": 1},
+    "run": {"device": "cpu", "threads": "auto"},
     "models": [{"label": "fc", "name": "fc"}],
 }
 
@@ -102,6 +110,10 @@ TABLES = {"sweep": "sweeps.csv", "metrics": "metrics.csv", "margin": "margins.cs
           "importance": "importance.csv"}
 _TASK_COLS = ["model_id", "model", "train_ber", "seed"]
 _DONE = "done"
+_TIMING = "timing.json"
+#: Per-stage wall-clock seconds a task records in ``timing.json`` (train includes saving).
+_STAGES = ("train_s", "sweep_s", "metrics_s")
+STATUS_COLUMNS = ["model_id", "status", "seconds", *_STAGES, "error"]
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -131,9 +143,12 @@ def load_config(
     ``overrides`` is merged last, section-wise, e.g. ``{"train": {"epochs": 1}}`` (this is
     how the ``fmnist`` study is scaled down or up).
 
+    Every key is type- and range-checked against :data:`DEFAULTS` (integer keys refuse
+    floats and booleans, BERs lie in [0, 1], labels and the name are plain names).
+
     Raises:
-        ValueError: unknown preset/path, unknown sections or keys, or invalid values (says
-            which and lists what is allowed).
+        InvalidArgument: unknown preset/path, unknown sections or keys, or invalid values
+            (names the key and the value, and says what is allowed).
     """
     if isinstance(study, Mapping):
         raw = dict(study)
@@ -150,16 +165,19 @@ def load_config(
         else:
             raise InvalidArgument(f"{text!r} is neither a study file nor a preset; presets: "
                              f"{', '.join(presets())}")
-    unknown = set(raw) - set(DEFAULTS) - {"description"}
-    if unknown:
-        raise InvalidArgument(f"unknown study section(s) {sorted(unknown)}; allowed: "
-                         f"{sorted(DEFAULTS)}")
-    for sec, val in raw.items():
-        if isinstance(DEFAULTS.get(sec), dict):
-            bad = set(val) - set(DEFAULTS[sec])
-            if bad:
-                raise InvalidArgument(f"unknown key(s) {sorted(bad)} in [{sec}]; allowed: "
-                                 f"{sorted(DEFAULTS[sec])}")
+    for where, over in (("study", raw), ("overrides", overrides or {})):
+        unknown = set(over) - set(DEFAULTS) - {"description"}
+        if unknown:
+            raise InvalidArgument(f"unknown study section(s) {sorted(unknown)} in {where}; "
+                                  f"allowed: {sorted(DEFAULTS)}")
+        for sec, val in over.items():
+            if isinstance(DEFAULTS.get(sec), dict):
+                if not isinstance(val, Mapping):
+                    raise _bad(f"[{sec}]", val, "a table")
+                bad = set(val) - set(DEFAULTS[sec])
+                if bad:
+                    raise InvalidArgument(f"unknown key(s) {sorted(bad)} in [{sec}]; allowed: "
+                                          f"{sorted(DEFAULTS[sec])}")
     cfg = _merge(DEFAULTS, raw)
     if overrides:
         cfg = _merge(cfg, overrides)
@@ -167,27 +185,193 @@ def load_config(
     return cfg
 
 
-def _validate(cfg: dict) -> None:
-    from . import errors, models
+#: A label or study name is a file name, never a path: it names directories under ``out``.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_DEVICES = ("cpu", "cuda", "auto")
+_LOSSES = ("ce", "mhl")
 
-    labels = [m.get("label", m.get("name")) for m in cfg["models"]]
-    if not cfg["models"] or len(set(labels)) != len(labels):
-        raise InvalidArgument(
-            f"[[models]] must be a non-empty list with unique labels, got {labels}")
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad(where: str, val: Any, want: str) -> InvalidArgument:
+    return InvalidArgument(f"{where} must be {want}, got {val!r}")
+
+
+def _check_name(where: str, val: Any) -> None:
+    if not (isinstance(val, str) and _NAME.fullmatch(val) and val not in (".", "..")):
+        raise _bad(where, val, "a name of letters, digits, '.', '_' and '-' starting with a "
+                   "letter or digit (it names a directory: no path separators, not '.'/'..')")
+
+
+def _check_int(where: str, val: Any, lo: int, *, none: bool = False) -> None:
+    if none and val is None:
+        return
+    if not _is_int(val) or val < lo:
+        raise _bad(where, val, f"an integer >= {lo}" + (" or absent" if none else ""))
+
+
+def _check_ber(where: str, val: Any, *, pairs: bool) -> None:
+    from . import errors
+
+    ok = _is_num(val) or (pairs and isinstance(val, list | tuple) and len(val) == 2
+                          and all(_is_num(v) for v in val))
+    if not ok:
+        raise _bad(where, val, "a number p" + (" or a pair [p01, p10]" if pairs else ""))
+    try:
+        errors.rates(tuple(val) if isinstance(val, list) else val)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{where}: {e}") from e
+
+
+def _check_layers(where: str, val: Any) -> None:
+    if val is None or val in ("all", "hidden"):
+        return
+    if not (isinstance(val, list) and val and all(_is_int(v) or isinstance(v, str) for v in val)):
+        raise _bad(where, val, "'all', 'hidden' or a non-empty list of layer positions/names")
+
+
+def _validate(cfg: dict) -> None:
+    """Type- and range-check every key of a merged config; errors name the key and value."""
+    from . import models
+    from .metrics.importance import ESTIMATORS
+
+    _check_name("name", cfg["name"])
+    if not isinstance(cfg.get("description", ""), str):
+        raise _bad("description", cfg["description"], "a string")
+    for sec in DEFAULTS:
+        if sec != "name" and not isinstance(cfg[sec], dict if sec != "models" else list):
+            raise _bad(f"[{sec}]", cfg[sec], "a table" if sec != "models" else
+                       "an array of tables [[models]]")
+    d, tr, ev, mt, rn = cfg["data"], cfg["train"], cfg["eval"], cfg["metrics"], cfg["run"]
+    if not isinstance(d["dataset"], str) or not d["dataset"]:
+        raise _bad("[data] dataset", d["dataset"], "a dataset name")
+    for k in ("train_subset", "test_subset", "metric_subset"):
+        _check_int(f"[data] {k}", d[k], 1, none=True)
+    _check_int("[data] subset_seed", d["subset_seed"], 0)
+    if d["data_dir"] is not None and not isinstance(d["data_dir"], str):
+        raise _bad("[data] data_dir", d["data_dir"], "a directory path (string)")
+
+    for sec, pairs in (("train", False), ("eval", True)):
+        bers = cfg[sec]["bers"]
+        if not isinstance(bers, list) or not bers:
+            raise _bad(f"[{sec}] bers", bers, "a non-empty list of bit error rates")
+        for p in bers:
+            _check_ber(f"[{sec}] bers", p, pairs=pairs)
+    seeds = tr["seeds"]
+    if (not isinstance(seeds, list) or not seeds or not all(_is_int(v) and v >= 0 for v in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise _bad("[train] seeds", seeds, "a non-empty list of distinct integers >= 0")
+    _check_int("[train] epochs", tr["epochs"], 1)
+    _check_int("[train] batch_size", tr["batch_size"], 1)
+    if not _is_num(tr["lr"]) or tr["lr"] <= 0:
+        raise _bad("[train] lr", tr["lr"], "a positive number")
+    _check_int("[train] lr_step", tr["lr_step"], 1, none=True)
+    if not _is_num(tr["lr_gamma"]) or tr["lr_gamma"] <= 0:
+        raise _bad("[train] lr_gamma", tr["lr_gamma"], "a positive number")
+    if tr["loss"] not in _LOSSES:
+        raise _bad("[train] loss", tr["loss"], f"one of {list(_LOSSES)}")
+    _check_layers("[train] flip_layers", tr["flip_layers"])
+    _check_int("[train] flip_warmup", tr["flip_warmup"], 0)
+
+    _check_int("[eval] n_maps", ev["n_maps"], 1)
+    _check_int("[eval] seed", ev["seed"], 0)
+    _check_layers("[eval] layers", ev["layers"])
+    _check_int("[eval] batch_size", ev["batch_size"], 1)
+
+    ests = [mt["importance"]] if isinstance(mt["importance"], str) else mt["importance"]
+    if (not isinstance(ests, list) or not ests
+            or not all(isinstance(e, str) and e in ESTIMATORS for e in ests)
+            or len(set(ests)) != len(ests)):
+        raise _bad("[metrics] importance", mt["importance"],
+                   f"an estimator or a list of distinct ones of {list(ESTIMATORS)}")
+    _check_int("[metrics] batch_size", mt["batch_size"], 1)
+
+    if rn["device"] not in _DEVICES:
+        raise _bad("[run] device", rn["device"], f"one of {list(_DEVICES)}")
+    if rn["threads"] != "auto":
+        _check_int("[run] threads", rn["threads"], 1)
+
+    if not cfg["models"]:
+        raise _bad("[[models]]", cfg["models"], "a non-empty list of model tables")
+    labels = []
     for m in cfg["models"]:
+        if not isinstance(m, dict):
+            raise _bad("[[models]] entry", m, "a table with name, label and model arguments")
         if m.get("name") not in models.available():
-            raise InvalidArgument(f"[[models]] entry {m}: name must be one of {models.available()}")
-    for p in cfg["train"]["bers"]:
-        if not isinstance(p, int | float):
-            raise InvalidArgument(f"[train] bers must be numbers (symmetric BERs), got {p!r}")
-        errors.rates(p)
-    for p in cfg["eval"]["bers"]:
-        errors.rates(p)
-    if not cfg["train"]["seeds"] or len(set(cfg["train"]["seeds"])) != len(cfg["train"]["seeds"]):
-        raise InvalidArgument(f"[train] seeds must be a non-empty list of distinct integers, got "
-                         f"{cfg['train']['seeds']}")
-    if int(cfg["run"]["threads"]) < 1:
-        raise InvalidArgument(f"[run] threads must be >= 1, got {cfg['run']['threads']}")
+            raise InvalidArgument(f"[[models]] entry {m}: name must be one of "
+                                  f"{models.available()}")
+        label = m.get("label", m["name"])
+        _check_name("[[models]] label", label)
+        labels.append(label)
+    if len(set(labels)) != len(labels):
+        raise _bad("[[models]] labels", labels, "unique")
+
+
+def check(cfg: Mapping[str, Any]) -> None:
+    """Check that a validated config can run, before anything is trained.
+
+    Loads the datasets (``[data] dataset`` must be known and its files present) and builds
+    every ``[[models]]`` entry once on the ``meta`` device with the dataset's shape, then
+    runs a meta forward pass of a batch of shape ``(2, C, H, W)``: unknown or invalid model
+    arguments and shape mismatches are found here, not after training. Costs no memory for
+    weights.
+
+    Raises:
+        InvalidArgument: naming ``[data] dataset`` or the ``[[models]]`` label.
+        DatasetNotFound, CorruptDataset: the dataset's files are missing or corrupt.
+    """
+    import torch
+
+    from . import models
+
+    d = cfg["data"]
+    try:
+        train_ds = _dataset(d["dataset"], "train", d["data_dir"])
+        _dataset(d["dataset"], "test", d["data_dir"])
+    except InvalidArgument as e:
+        raise InvalidArgument(f"[data] dataset = {d['dataset']!r}: {e}") from e
+    except BnnTolError as e:
+        raise type(e)(f"[data] dataset = {d['dataset']!r}: {e}") from e
+    for m in cfg["models"]:
+        entry = dict(m)
+        label, name = entry.pop("label", m["name"]), entry.pop("name")
+        kwargs = {"in_shape": train_ds.shape, "n_classes": len(train_ds.classes), **entry}
+        try:
+            with torch.device("meta"):
+                net = models.build(name, **kwargs)
+                net.eval()(torch.zeros(2, *train_ds.shape))
+        except Exception as e:  # noqa: BLE001 -- any failure here is the entry's arguments
+            raise InvalidArgument(f"[[models]] {label!r}: cannot build {name} with {entry} on "
+                                  f"{d['dataset']} images {tuple(train_ds.shape)}: "
+                                  f"{type(e).__name__}: {e}") from e
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads(cores: int, concurrent: int) -> int:
+    """Torch threads per task so that tasks x threads never exceed the cores.
+
+    ``threads = max(1, cores // concurrent)`` where ``concurrent`` is the number of tasks
+    that run at the same time on the machine (Dask: the worker threads on that host;
+    in-process: 1). Oversubscribing (e.g. 2 workers x 2 threads on 2 cores) makes torch's
+    parallel kernels wait on each other: metrics ran ~10x slower.
+    """
+    if not (_is_int(cores) and cores >= 1 and _is_int(concurrent) and concurrent >= 1):
+        raise InvalidArgument(f"cores and concurrent must be integers >= 1, got {cores!r}, "
+                              f"{concurrent!r}")
+    return max(1, cores // concurrent)
 
 
 def task_id(label: str, train_ber: float, seed: int) -> str:
@@ -200,9 +384,12 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     Each spec holds everything the task needs (``data``, ``train``, ``eval``, ``metrics``,
     ``run`` sections, the model entry, ``train_ber``, ``seed``, ``model_id``), so that
-    :func:`run_task` is a pure function of it.
+    :func:`run_task` is a pure function of it. ``[run] threads = "auto"`` resolves to every
+    core of this machine (one task at a time); :func:`run` resolves it for its workers first.
     """
     out = []
+    threads = cfg["run"]["threads"]
+    threads = auto_threads(available_cores(), 1) if threads == "auto" else int(threads)
     for m in cfg["models"]:
         label = m.get("label", m["name"])
         for ber in cfg["train"]["bers"]:
@@ -210,6 +397,7 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                 spec = {sec: copy.deepcopy(dict(cfg[sec]))
                         for sec in ("data", "train", "eval", "metrics", "run")}
                 del spec["train"]["bers"], spec["train"]["seeds"]
+                spec["run"]["threads"] = threads
                 spec.update(model=dict(m, label=label), train_ber=float(ber), seed=int(seed),
                             model_id=task_id(label, ber, seed))
                 out.append(spec)
@@ -280,9 +468,15 @@ def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     in any process. Sets ``torch.set_num_threads(spec["run"]["threads"])`` (float results
     of training depend on the thread count) and leaves it set.
 
+    Records its wall-clock time (``seconds``) and per-stage breakdown (``train_s``: build,
+    train and save; ``sweep_s``; ``metrics_s``: margins, importance and the tables) in
+    ``timing.json`` before the ``done`` marker, so a cached re-run reports the original
+    timings.
+
     Returns:
-        ``{"model_id", "status": "done"|"cached"|"failed", "seconds", "error"}``. Exceptions
-        are caught and reported (with the traceback in ``error.txt``), never raised.
+        ``{"model_id", "status": "done"|"cached"|"failed", "seconds", "train_s", "sweep_s",
+        "metrics_s", "error"}``. Exceptions are caught and reported (with the traceback in
+        ``error.txt``), never raised.
     """
     t0 = time.perf_counter()
     mid = spec["model_id"]
@@ -291,24 +485,39 @@ def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     h = _spec_hash(spec)
     done = tdir / _DONE
     if done.is_file() and done.read_text().strip() == h:
-        return {"model_id": mid, "status": "cached", "seconds": 0.0, "error": ""}
+        return {"model_id": mid, "status": "cached", **_read_timing(tdir), "error": ""}
     done.unlink(missing_ok=True)
     (tdir / "error.txt").unlink(missing_ok=True)
+    (tdir / _TIMING).unlink(missing_ok=True)
+    stages: dict[str, float] = {}
     try:
-        _compute(spec, tdir)
+        _compute(spec, tdir, stages)
     except Exception as e:  # noqa: BLE001 -- a failed task must not lose the others
         _write_text(traceback.format_exc(), tdir / "error.txt")
         return {"model_id": mid, "status": "failed", "seconds": time.perf_counter() - t0,
+                **{k: stages.get(k, math.nan) for k in _STAGES},
                 "error": f"{type(e).__name__}: {e}"}
+    timing = {"seconds": time.perf_counter() - t0, **{k: stages[k] for k in _STAGES}}
+    _write_text(json.dumps(timing, indent=1), tdir / _TIMING)
     _write_text(h, done)
-    return {"model_id": mid, "status": "done", "seconds": time.perf_counter() - t0, "error": ""}
+    return {"model_id": mid, "status": "done", **timing, "error": ""}
 
 
-def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
+def _read_timing(tdir: Path) -> dict[str, float]:
+    """The timings a finished task recorded (NaN for tasks finished by older versions)."""
+    try:
+        rec = json.loads((tdir / _TIMING).read_text())
+        return {k: float(rec[k]) for k in ("seconds", *_STAGES)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict.fromkeys(("seconds", *_STAGES), math.nan)
+
+
+def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> None:
     import torch
 
     from . import evaluate, io, metrics, models, train
 
+    t = time.perf_counter()
     torch.set_num_threads(int(spec["run"]["threads"]))
     d, tr, ev, mt = spec["data"], spec["train"], spec["eval"], spec["metrics"]
     dev = spec["run"]["device"]
@@ -331,6 +540,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
     model.eval()
     io.save(model, tdir, study_task={k: spec[k] for k in ("model_id", "train_ber", "seed")})
     ids = {"model_id": spec["model_id"], "model": label, "train_ber": ber, "seed": seed}
+    stages["train_s"], t = time.perf_counter() - t, time.perf_counter()
 
     def front(df: pd.DataFrame) -> pd.DataFrame:
         df = df.copy()
@@ -347,6 +557,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
                         device=dev, progress=False)
     sw = sw.rename(columns={"seed": "map_seed"}).drop(columns=["model"])
     _write_csv(front(sw), tdir / "sweep.csv")
+    stages["sweep_s"], t = time.perf_counter() - t, time.perf_counter()
 
     mg = metrics.margin(model, metric_ds, batch_size=mt["batch_size"])
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else list(mt["importance"])
@@ -374,19 +585,100 @@ def _compute(spec: Mapping[str, Any], tdir: Path) -> None:
     final = hist.iloc[-1] if len(hist) else None
     row = {**ids, "arch": name, "clean_acc": clean_acc,
            "train_acc": float(final["train_acc"]) if final is not None else math.nan,
-           "epochs": int(tr["epochs"]), "checkpoint": str(Path("models") / spec["model_id"])}
+           "epochs": int(tr["epochs"]), "checkpoint": str(Path("models") / spec["model_id"]),
+           "threads": int(spec["run"]["threads"])}
     _write_csv(pd.DataFrame([row]), tdir / "model.csv")
     _write_csv(hist, tdir / "history.csv")
+    stages["metrics_s"] = time.perf_counter() - t
 
 
 # -- the grid -----------------------------------------------------------------------------------
 
-def _client(scheduler: Any):
-    from dask.distributed import Client
+#: Seconds to wait for a Dask scheduler before giving up with a clear error.
+CONNECT_TIMEOUT = 5
+
+
+def _connect(scheduler: Any) -> tuple[Any, bool]:
+    """``(client, owned)`` for an address, a ``LocalCluster`` or a ``Client``.
+
+    Raises:
+        BnnTolError: the scheduler cannot be reached within :data:`CONNECT_TIMEOUT` seconds.
+    """
+    from dask.distributed import Client, LocalCluster
 
     if isinstance(scheduler, Client):
         return scheduler, False
-    return Client(scheduler), True
+    if isinstance(scheduler, LocalCluster):
+        scheduler = scheduler.scheduler_address
+    try:
+        return Client(scheduler, timeout=CONNECT_TIMEOUT), True
+    except (OSError, TimeoutError, ValueError) as e:
+        raise BnnTolError(f"cannot reach the Dask scheduler {scheduler!r} within "
+                          f"{CONNECT_TIMEOUT} s ({e}); start it or omit --scheduler to run "
+                          "in this process") from e
+
+
+def _worker_threads(client: Any) -> tuple[int, int]:
+    """``(threads, workers)``: :func:`auto_threads` on the busiest host of a Dask cluster.
+
+    Per host, ``concurrent`` is the sum of the worker threads (each runs one task at a time)
+    and ``cores`` what the workers there may run on; the smallest result over the hosts is
+    used everywhere, so every task has the same thread count (results depend on it).
+    """
+    info = client.scheduler_info()["workers"]
+    if not info:
+        raise BnnTolError("the Dask scheduler has no workers: start some (dask worker ...)")
+    cores = client.run(available_cores)
+    hosts: dict[str, list[int]] = {}
+    for addr, w in info.items():
+        c = hosts.setdefault(str(w.get("host", addr)), [0, 0])
+        c[0] = max(c[0], int(cores.get(addr, 1)))
+        c[1] += int(w.get("nthreads", 1))
+    return min(auto_threads(c, n) for c, n in hosts.values()), len(info)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
+                           capture_output=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int, workers: int, command: str | None = None) -> dict[str, Any]:
+    """What a study's numbers depend on besides its config (written as ``environment.json``).
+
+    ``bnn_tol`` version, git commit of the code and whether tracked files differ from it
+    (``git_dirty``; ``None`` outside a git checkout), torch / numpy / pandas / python
+    versions, CPU model (``/proc/cpuinfo``), available cores, torch threads per task,
+    workers, and the command that reproduces the run. Float results of training depend on
+    the CPU (kernel dispatch, reduction order) and the thread count.
+    """
+    import numpy as np
+    import torch
+
+    from . import __version__
+
+    # the commit of the checkout that holds this file (None for an installed copy)
+    commit = _git("rev-parse", "HEAD") if _git("ls-files", "--error-unmatch", "study.py") else None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {"bnn_tol": __version__, "git_commit": commit,
+            "git_dirty": None if commit is None or dirty is None else bool(dirty),
+            "torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu": _cpu_model(), "cores": available_cores(), "torch_threads": int(threads),
+            "workers": int(workers), "command": command}
 
 
 def run(
@@ -396,8 +688,17 @@ def run(
     scheduler: Any = None,
     overrides: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] | None = print,
+    fresh: bool = False,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run a study (a preset name, TOML path or dict) into ``out``; skip finished tasks.
+
+    The whole configuration is validated (:func:`load_config`) and checked (:func:`check`:
+    datasets load, every model builds) before anything is written or trained.
+    ``[run] threads = "auto"`` becomes ``cores // workers`` (in-process: 1 worker; Dask:
+    see :func:`_worker_threads`); an explicit value wins (a warning is echoed when it
+    oversubscribes the cores). The resolved value is in ``study.json``, ``environment.json``
+    and ``models.csv``.
 
     Args:
         study: see :func:`load_config`.
@@ -405,46 +706,78 @@ def run(
         scheduler: ``None`` runs the tasks one after the other in this process; a
             dask.distributed scheduler address (``"tcp://host:8786"``), a ``LocalCluster``
             or a ``Client`` runs them as independent dask tasks (``client.submit``). Both
-            give the same files, bit for bit.
+            give the same files, bit for bit, for the same thread count.
         overrides: section-wise config overrides (see :func:`load_config`).
         echo: progress lines (``None`` for silence).
+        fresh: refuse an ``out`` that exists and is not empty (so that no cached task made
+            by other code is reused: published numbers come from the code at hand).
+        command: the command that reproduces this run, recorded in ``environment.json``
+            (default: the equivalent Python call).
 
     Returns:
-        ``{"out", "config", "models", "sweeps", "metrics", "margins", "importance",
-        "status"}`` -> paths, plus ``"failed"``: list of ``(model_id, error)``.
+        ``{"out", "config", "environment", "models", "sweeps", "metrics", "margins",
+        "importance", "status"}`` -> paths, plus ``"failed"``: list of ``(model_id, error)``.
+
+    Raises:
+        InvalidArgument: invalid configuration (names the key), or ``fresh`` and ``out`` is
+            not empty. BnnTolError: unreachable scheduler, missing dataset.
     """
     say = echo or (lambda s: None)
     cfg = load_config(study, overrides)
+    check(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(json.dumps(cfg, indent=2), out / "study.json")
-    specs = tasks(cfg)
-    say(f"[study] {cfg['name']}: {len(specs)} tasks ({len(cfg['models'])} model(s) x "
-        f"{len(cfg['train']['bers'])} training BER(s) x {len(cfg['train']['seeds'])} seed(s))"
-        f" -> {out}")
-    results: list[dict[str, Any]] = []
+    if fresh and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidArgument(f"{out} exists and is not empty: a fresh run (--fresh) needs a "
+                              "new or empty output directory")
+    client, own = _connect(scheduler) if scheduler is not None else (None, False)
+    try:
+        if client is None:
+            workers, auto = 1, auto_threads(available_cores(), 1)
+        else:
+            auto, workers = _worker_threads(client)
+        if cfg["run"]["threads"] == "auto":
+            cfg["run"]["threads"] = auto
+        elif cfg["run"]["threads"] > auto:
+            say(f"[study] warning: [run] threads = {cfg['run']['threads']} x {workers} "
+                f"worker(s) oversubscribes the cores (auto would be {auto}); expect slow runs")
+        if command is None:
+            command = (f"python -c \"import bnn_tol; bnn_tol.study.run({study!r}, {str(out)!r}"
+                       + (f", overrides={dict(overrides)!r}" if overrides else "") + ")\"")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(json.dumps(cfg, indent=2), out / "study.json")
+        _write_text(json.dumps(environment(cfg["run"]["threads"], workers, command), indent=2),
+                    out / "environment.json")
+        specs = tasks(cfg)
+        say(f"[study] {cfg['name']}: {len(specs)} tasks ({len(cfg['models'])} model(s) x "
+            f"{len(cfg['train']['bers'])} training BER(s) x {len(cfg['train']['seeds'])} "
+            f"seed(s)), {cfg['run']['threads']} thread(s) x {workers} worker(s) -> {out}")
+        results: list[dict[str, Any]] = []
 
-    def report(res: dict[str, Any]) -> None:
-        results.append(res)
-        msg = f"[study] {len(results)}/{len(specs)} {res['model_id']}: {res['status']}"
-        if res["status"] == "done":
-            msg += f" ({res['seconds']:.1f} s)"
-        if res["error"]:
-            msg += f" -- {res['error']}"
-        say(msg)
+        def report(res: dict[str, Any]) -> None:
+            results.append(res)
+            msg = f"[study] {len(results)}/{len(specs)} {res['model_id']}: {res['status']}"
+            if res["status"] != "failed" and not math.isnan(res["seconds"]):
+                msg += (f" ({res['seconds']:.1f} s: train {res['train_s']:.1f}, sweep "
+                        f"{res['sweep_s']:.1f}, metrics {res['metrics_s']:.1f})")
+            if res["error"]:
+                msg += f" -- {res['error']}"
+            say(msg)
 
-    if scheduler is None:
-        import torch
+        if client is None:
+            import torch
 
-        threads = torch.get_num_threads()
-        try:
-            for spec in specs:
-                report(run_task(spec, out))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        _run_dask(specs, out, scheduler, report)
-    status = pd.DataFrame(results, columns=["model_id", "status", "seconds", "error"])
+            threads = torch.get_num_threads()
+            try:
+                for spec in specs:
+                    report(run_task(spec, out))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            _run_dask(specs, out, client, report)
+    finally:
+        if own:
+            client.close()
+    status = pd.DataFrame(results, columns=STATUS_COLUMNS)
     order = {s["model_id"]: i for i, s in enumerate(specs)}
     status = status.sort_values("model_id", key=lambda c: c.map(order)).reset_index(drop=True)
     _write_csv(status, out / "status.csv")
@@ -453,30 +786,25 @@ def run(
     if failed:
         say(f"[study] {len(failed)} task(s) failed (tracebacks in models/<id>/error.txt); "
             "re-run the same command to retry them")
-    say(f"[study] tables in {out}: models.csv, sweeps.csv, metrics.csv")
-    return {"out": str(out), "config": str(out / "study.json"), **paths,
+    say(f"[study] tables in {out}: models.csv, sweeps.csv, metrics.csv; reproduce with: "
+        f"{command}")
+    return {"out": str(out), "config": str(out / "study.json"),
+            "environment": str(out / "environment.json"), **paths,
             "status": str(out / "status.csv"), "failed": failed}
 
 
-def _run_dask(specs: Sequence[dict], out: Path, scheduler: Any, report) -> None:
-    from dask.distributed import LocalCluster, as_completed
+def _run_dask(specs: Sequence[dict], out: Path, client: Any, report) -> None:
+    from dask.distributed import as_completed
 
-    if isinstance(scheduler, LocalCluster):
-        scheduler = scheduler.scheduler_address
-    client, own = _client(scheduler)
-    try:
-        futures = [client.submit(run_task, spec, str(out), key=f"bnn-tol-{spec['model_id']}",
-                                 pure=False) for spec in specs]
-        by_key = {f.key: s["model_id"] for f, s in zip(futures, specs, strict=True)}
-        for fut in as_completed(futures):
-            try:
-                report(fut.result())
-            except Exception as e:  # noqa: BLE001 -- e.g. a worker died
-                report({"model_id": by_key[fut.key], "status": "failed", "seconds": math.nan,
-                        "error": f"{type(e).__name__}: {e}"})
-    finally:
-        if own:
-            client.close()
+    futures = [client.submit(run_task, spec, str(out), key=f"bnn-tol-{spec['model_id']}",
+                             pure=False) for spec in specs]
+    by_key = {f.key: s["model_id"] for f, s in zip(futures, specs, strict=True)}
+    for fut in as_completed(futures):
+        try:
+            report(fut.result())
+        except Exception as e:  # noqa: BLE001 -- e.g. a worker died
+            report({"model_id": by_key[fut.key], "status": "failed", "seconds": math.nan,
+                    **dict.fromkeys(_STAGES, math.nan), "error": f"{type(e).__name__}: {e}"})
 
 
 def collect(out: str | os.PathLike, model_ids: Iterable[str] | None = None) -> dict[str, str]:

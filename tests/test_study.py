@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import bnn_tol
 from bnn_tol import analysis, data, evaluate, report, study
 from bnn_tol.cli import main
+from bnn_tol.exceptions import BnnTolError, InvalidArgument
 
 SMALL = {"train": {"seeds": [0, 1], "bers": [0.0, 0.2], "epochs": 3},
          "eval": {"bers": [0.0, 0.1, 0.2], "n_maps": 2}}
@@ -124,13 +125,21 @@ def test_rerun_skips_finished_tasks_and_recomputes_only_missing_or_stale(tmp_pat
     assert res["failed"] == []
 
 
-def test_a_failed_task_is_reported_and_does_not_lose_the_others(tmp_path):
+def test_a_failed_task_is_reported_and_does_not_lose_the_others(tmp_path, monkeypatch):
     cfg = {"train": {"seeds": [0], "bers": [0.0], "epochs": 1}, "eval": {"n_maps": 1},
            "models": [{"label": "ok", "name": "fc", "hidden": [16]},
-                      {"label": "broken", "name": "fc", "hidden": [0]}]}
+                      {"label": "broken", "name": "fc", "hidden": [16]}]}
+    compute = study._compute
+
+    def fails_for_broken(spec, tdir, stages):
+        if spec["model"]["label"] == "broken":  # e.g. out of memory half-way
+            raise RuntimeError("worker ran out of memory")
+        return compute(spec, tdir, stages)
+
+    monkeypatch.setattr(study, "_compute", fails_for_broken)
     res = study.run("tiny", tmp_path, overrides=cfg, echo=None)
     assert [m for m, _ in res["failed"]] == ["broken_ber0_s0"]
-    assert "hidden widths must be positive" in res["failed"][0][1]
+    assert "RuntimeError: worker ran out of memory" in res["failed"][0][1]
     assert "Traceback" in (tmp_path / "models" / "broken_ber0_s0" / "error.txt").read_text()
     assert list(pd.read_csv(res["models"]).model_id) == ["ok_ber0_s0"]
     status = pd.read_csv(res["status"])
@@ -138,11 +147,14 @@ def test_a_failed_task_is_reported_and_does_not_lose_the_others(tmp_path):
 
 
 def test_dask_local_cluster_gives_the_same_files_bit_for_bit(tiny_run, tmp_path):
-    from dask.distributed import LocalCluster
+    from dask.distributed import Client, LocalCluster
 
     out, _ = tiny_run
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
+        with Client(cluster) as client:  # "auto": 2 single-thread workers share the cores
+            assert study._worker_threads(client) == (study.auto_threads(
+                study.available_cores(), 2), 2)
         res = study.run("tiny", tmp_path, overrides=SMALL, scheduler=cluster.scheduler_address,
                         echo=None)
     assert res["failed"] == []
@@ -188,3 +200,140 @@ def test_cli_study_and_report(tmp_path):
     assert r.exit_code != 0 and "--preset" in r.output
     r = runner.invoke(main, ["report", str(tmp_path)])
     assert r.exit_code != 0 and "not a study results directory" in r.output
+
+
+# -- issue 9: safety of a study's outputs, whole-config validation, threads, provenance ---------
+
+ONE = {"train": {"seeds": [0], "bers": [0.0], "epochs": 1}, "eval": {"n_maps": 1}}
+
+
+@pytest.mark.parametrize("label", ["../../escaped", "/tmp/abs", "a/b", "a\\b", "..", ".", "",
+                                   ".hidden", "a b", "-x"])
+def test_labels_are_names_not_paths(tmp_path, label):
+    out = tmp_path / "a" / "out"
+    cfg = {**ONE, "models": [{"label": label, "name": "fc", "hidden": [8]}]}
+    with pytest.raises(InvalidArgument, match=r"\[\[models\]\] label") as exc:
+        study.run("tiny", out, overrides=cfg, echo=None)
+    assert repr(label) in str(exc.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
+    with pytest.raises(InvalidArgument, match="name"):
+        study.load_config({"name": "../up"})
+
+
+def test_cached_rerun_keeps_the_original_timings(tmp_path):
+    cfg = {**ONE, "train": {**ONE["train"], "bers": [0.0, 0.1]}}
+    first = pd.read_csv(study.run("tiny", tmp_path, overrides=cfg, echo=None)["status"])
+    assert list(first.columns) == ["model_id", "status", "seconds", "train_s", "sweep_s",
+                                   "metrics_s", "error"]
+    assert list(first.status) == ["done", "done"]
+    stages = first[["train_s", "sweep_s", "metrics_s"]]
+    assert (stages > 0).all().all()
+    assert (stages.sum(axis=1) <= first.seconds).all()
+    again = pd.read_csv(study.run("tiny", tmp_path, overrides=cfg, echo=None)["status"])
+    assert list(again.status) == ["cached", "cached"]
+    cols = ["seconds", "train_s", "sweep_s", "metrics_s"]
+    pd.testing.assert_frame_equal(again[cols], first[cols])
+
+
+BAD_CONFIGS = [
+    ({"eval": {"n_maps": 0}}, r"\[eval\] n_maps"),
+    ({"eval": {"n_maps": 2.5}}, r"\[eval\] n_maps"),
+    ({"train": {"epochs": -1}}, r"\[train\] epochs"),
+    ({"train": {"epochs": "one"}}, r"\[train\] epochs.*'one'"),
+    ({"train": {"epochs": True}}, r"\[train\] epochs"),
+    ({"train": {"epochs": 2.0}}, r"\[train\] epochs"),
+    ({"eval": {"bers": []}}, r"\[eval\] bers"),
+    ({"train": {"bers": []}}, r"\[train\] bers"),
+    ({"train": {"bers": [-0.1]}}, r"\[train\] bers"),
+    ({"eval": {"bers": [0.0, 1.5]}}, r"\[eval\] bers"),
+    ({"eval": {"bers": [[0.1, 2.0]]}}, r"\[eval\] bers"),
+    ({"eval": {"bers": ["x"]}}, r"\[eval\] bers"),
+    ({"train": {"seeds": [0.5]}}, r"\[train\] seeds"),
+    ({"train": {"seeds": [True]}}, r"\[train\] seeds"),
+    ({"train": {"lr": "fast"}}, r"\[train\] lr"),
+    ({"train": {"lr": -1e-3}}, r"\[train\] lr"),
+    ({"train": {"loss": "l2"}}, r"\[train\] loss"),
+    ({"train": {"batch_size": 0}}, r"\[train\] batch_size"),
+    ({"data": {"dataset": "nope"}}, r"\[data\] dataset.*'nope'"),
+    ({"data": {"metric_subset": 0}}, r"\[data\] metric_subset"),
+    ({"metrics": {"importance": ["nope"]}}, r"\[metrics\] importance"),
+    ({"run": {"threads": 0}}, r"\[run\] threads"),
+    ({"run": {"threads": "many"}}, r"\[run\] threads"),
+    ({"run": {"device": "tpu"}}, r"\[run\] device"),
+    ({"models": [{"label": "x", "name": "fc", "foo": 1}]}, r"\[\[models\]\] 'x'.*foo"),
+    ({"models": [{"label": "x", "name": "fc", "hidden": [0]}]}, r"\[\[models\]\] 'x'.*hidden"),
+    ({"models": [{"label": "x", "name": "fc", "in_shape": [1, 28, 28]}]},
+     r"\[\[models\]\] 'x'"),
+]
+
+
+@pytest.mark.parametrize(("over", "match"), BAD_CONFIGS)
+def test_whole_config_is_validated_before_training(tmp_path, monkeypatch, over, match):
+    from bnn_tol import train
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before validating the whole configuration")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    cfg = {**ONE, **{k: {**ONE.get(k, {}), **v} if isinstance(v, dict) else v
+                     for k, v in over.items()}}
+    with pytest.raises(InvalidArgument, match=match):
+        study.run("tiny", tmp_path / "out", overrides=cfg, echo=None)
+    assert not (tmp_path / "out" / "models").exists()
+
+
+def test_cli_study_bad_input_is_one_line_and_trains_nothing(tmp_path):
+    r = CliRunner().invoke(main, ["study", "--preset", "tiny", "--out", str(tmp_path / "s"),
+                                  "--maps", "0"])
+    assert r.exit_code != 0 and "n_maps" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "s" / "models").exists()
+
+
+def test_unreachable_scheduler_fails_fast_with_one_clear_error(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(BnnTolError, match=r"scheduler.*tcp://127\.0\.0\.1:9"):
+        study.run("tiny", tmp_path, overrides=ONE, scheduler="tcp://127.0.0.1:9", echo=None)
+    assert time.perf_counter() - t0 < 15
+    assert not (tmp_path / "models").exists()
+
+
+def test_auto_threads_never_oversubscribe_the_cores():
+    assert study.auto_threads(cores=2, concurrent=2) == 1
+    assert study.auto_threads(cores=2, concurrent=1) == 2
+    assert study.auto_threads(cores=16, concurrent=3) == 5
+    assert study.auto_threads(cores=2, concurrent=4) == 1
+    assert study.DEFAULTS["run"]["threads"] == "auto"
+    with pytest.raises(InvalidArgument):
+        study.auto_threads(cores=0, concurrent=1)
+
+
+def test_resolved_threads_and_environment_are_recorded(tmp_path):
+    res = study.run("tiny", tmp_path, overrides={**ONE, "run": {"threads": "auto"}}, echo=None)
+    cores = study.available_cores()
+    cfg = json.loads((tmp_path / "study.json").read_text())
+    assert cfg["run"]["threads"] == cores  # in-process: one worker gets every core
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["torch_threads"] == cores and env["workers"] == 1 and env["cores"] == cores
+    assert env["bnn_tol"] == bnn_tol.__version__ and env["torch"] == torch.__version__
+    assert env["numpy"] == np.__version__ and env["pandas"] == pd.__version__
+    assert {"python", "cpu", "git_commit", "git_dirty", "command"} <= set(env)
+    assert pd.read_csv(res["models"])["threads"].tolist() == [cores]
+    # an explicit setting wins
+    study.run("tiny", tmp_path / "b", overrides={**ONE, "run": {"threads": 1}}, echo=None)
+    assert json.loads((tmp_path / "b" / "study.json").read_text())["run"]["threads"] == 1
+
+
+def test_cli_fresh_refuses_a_used_directory_and_states_the_command(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep.txt").write_text("mine")
+    args = ["study", "--preset", "tiny", "--epochs", "1", "--seeds", "0", "--train-bers", "0",
+            "--maps", "1", "--no-report", "--fresh"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "s")])
+    assert r.exit_code != 0 and "--fresh" in r.output
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "new")])
+    assert r.exit_code == 0, r.output
+    env = json.loads((tmp_path / "new" / "environment.json").read_text())
+    assert env["command"].startswith("bnn-tol study --preset tiny") and "--fresh" in env["command"]
