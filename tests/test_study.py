@@ -1,6 +1,7 @@
 """The study runner: grid of cached tasks, tidy outputs, Dask == in-process, report."""
 
 import filecmp
+import html
 import json
 import re
 
@@ -181,6 +182,9 @@ def test_report_is_self_contained_and_states_the_numbers(tiny_run, tmp_path):
     r = ref[(ref.metric == "mean_margin_norm") & (ref.method == "spearman") & (ref.ber == 0.2)]
     assert f"&rho; = {r.r.iloc[0]:.2f}" in text
     assert (tmp_path / "regression.csv").is_file() and (tmp_path / "comparison.csv").is_file()
+    env = json.loads((out / "environment.json").read_text())
+    assert "<h2>Reproduction</h2>" in text and html.escape(env["command"]) in text
+    assert html.escape(env["cpu"]) in text
 
 
 def test_cli_study_and_report(tmp_path):
