@@ -27,7 +27,18 @@ Last layer: no BN threshold; :func:`score_margin` gives the class-score margin
 All statistics are accumulated over the dataset batch by batch (never all activations at
 once). Hidden layers keep an exact per-neuron histogram of the integer ``a`` (size
 ``C x (2 fan_in + 1)``), from which mean, min and the 10 % quantile are exact. The first
-layer's mean and min are exact; its quantile comes from a histogram on a grid of width
+layer's mean and min are exact too: its pre-activations lie on the grid ``a = k / 128``
+(exact in float32 for ``fan_in < 2^17``), so with ``u = 128`` the integer ``k = u a`` and
+``t = floor(u tau)`` (``a > tau  <=>  k > t``) give, per neuron, the exact integer sums
+``S+ = sum_{k > t} k``, ``S- = sum_{k <= t} k`` and counts ``n+``, ``n-``, and
+
+    sum_n m_nj = (S+ - S-) / u + tau (n- - n+),
+    min_n m_nj = min(min_{k > t} k / u - tau, tau - max_{k <= t} k / u),
+
+evaluated in float64 with ``tau`` in float64: the mean is correct to a few float64
+roundings (``<= 4 eps (max|a| + |tau|)``), the minimum is the correctly rounded
+``|a - tau|``. (A first layer with a bias is off the grid; it is accumulated in float64.)
+Its quantile comes from a histogram on a grid of width
 ``w = q / 128`` (``q = ceil(2 * 128 * fan_in / max_bins)``, so ``w = 1/128`` -- exact -- for
 small fan-in; 0.19 for fc's 784 inputs at the default ``max_bins``), error at most ``w / 2``.
 """
@@ -86,6 +97,13 @@ class LayerStats:
     k0: int = 0
     sum_m: Tensor | None = None
     min_m: Tensor | None = None
+    grid: float = 0.0
+    s_plus: Tensor | None = None
+    s_all: Tensor | None = None
+    n_plus: Tensor | None = None
+    k_min_plus: Tensor | None = None
+    k_max_minus: Tensor | None = None
+    _thr: Tensor | None = field(default=None, repr=False)
     sum_half: Tensor | None = None
     pos_sum: Tensor | None = None
     pos_min: Tensor | None = None
@@ -136,7 +154,7 @@ def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
     exact = info.kind == "hidden" and w == 1.0
     chan = torch.arange(c, device=dev, dtype=torch.float32)
     group = chan[:, None, None] * n_e + e_map[None].float() if e_map is not None else chan
-    tau = info.tau.to(dev, torch.float32)
+    tau = info.tau.to(dev, torch.float64)
     tau = torch.where(info.direction.to(dev) == 0, torch.zeros_like(tau), tau)
     st = LayerStats(info, lo, w, b, exact, classes.cpu())
     st._group = group
@@ -145,6 +163,20 @@ def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
         st.sum_m = torch.zeros(c, dtype=torch.float64, device=dev)
         st.min_m = torch.full((c,), math.inf, dtype=torch.float64, device=dev)
         st.sum_half = torch.zeros(c, dtype=torch.float64, device=dev)
+        unit = 1.0 / _QUANTUM if info.kind == "first" else 1.0
+        if info.block.layer.bias is None and unit * info.fan_in < 2**24:
+            # integer units k = unit * a (exact in float32); t = floor(unit tau), clamped to
+            # the reachable range so that it stays exact in float32 (dead neurons: t = -inf)
+            kmax = unit * info.fan_in
+            t64 = torch.floor(info.tau.double() * unit).clamp(-kmax - 1, kmax)
+            t64 = torch.where(info.direction == 0, torch.full_like(t64, -kmax - 1), t64)
+            st.grid = unit
+            st._thr = t64.to(dev, torch.float32).view(-1, *([1] * (a.dim() - 2)))
+            st.s_plus = torch.zeros(c, dtype=torch.float64, device=dev)
+            st.s_all = torch.zeros(c, dtype=torch.float64, device=dev)
+            st.n_plus = torch.zeros(c, dtype=torch.int64, device=dev)
+            st.k_min_plus = torch.full((c,), math.inf, dtype=torch.float32, device=dev)
+            st.k_max_minus = torch.full((c,), -math.inf, dtype=torch.float32, device=dev)
     if per_position and info.conv:
         st.pos_sum = torch.zeros(a.shape[1:], dtype=torch.float64, device=dev)
         st.pos_min = torch.full(a.shape[1:], math.inf, dtype=torch.float64, device=dev)
@@ -182,6 +214,29 @@ def _add_hist(st: LayerStats, a: Tensor, scale: float, shift: float) -> None:
     st.hist[k_lo - st.k0 : k_hi - st.k0 + 1] += part
 
 
+def _update_grid(st: LayerStats, a: Tensor, dims: list[int]) -> None:
+    """Exact integer-unit sums of one batch (see the module doc): ``k = u a``, ``k > t``."""
+    k = a * st.grid
+    plus = k > st._thr
+    st.s_plus += torch.where(plus, k, 0.0).sum(dims, dtype=torch.float64)
+    st.s_all += k.sum(dims, dtype=torch.float64)
+    st.n_plus += plus.sum(dims)
+    st.k_min_plus = torch.minimum(st.k_min_plus, torch.where(plus, k, math.inf).amin(dims))
+    st.k_max_minus = torch.maximum(st.k_max_minus, torch.where(plus, -math.inf, k).amax(dims))
+
+
+def _grid_totals(st: LayerStats) -> tuple[Tensor, Tensor]:
+    """``(sum_n m_nj, min_n m_nj)`` ``(C,)`` float64 on CPU from the integer-unit sums."""
+    u, tau = st.grid, st.info.tau.double()
+    s_plus, s_all = st.s_plus.cpu(), st.s_all.cpu()
+    n_plus = st.n_plus.cpu().double()
+    s_minus, n_minus = s_all - s_plus, st.count - n_plus
+    total = (s_plus - s_minus) / u + tau * (n_minus - n_plus)
+    mn = torch.minimum(st.k_min_plus.cpu().double() / u - tau,
+                       tau - st.k_max_minus.cpu().double() / u)
+    return total, mn
+
+
 def _update(st: LayerStats, a: Tensor, x: Tensor) -> None:
     """Add one batch: ``a`` ``(N, C[, H, W])`` pre-activation, ``x`` the layer input.
 
@@ -190,31 +245,31 @@ def _update(st: LayerStats, a: Tensor, x: Tensor) -> None:
     info = st.info
     dims = [0, *range(2, a.dim())]
     st.count += a[:, 0].numel()
-    if st.pos_sum is not None or not st.exact:
-        m = (a - st._tau).abs_()
+    if st.grid:
+        _update_grid(st, a, dims)
+    elif not st.exact:  # off the grid (a biased layer): float64 accumulation
+        m64 = (a.double() - st._tau).abs_()
+        st.sum_m += m64.sum(dims)
+        st.min_m = torch.minimum(st.min_m, m64.amin(dims))
+        del m64
+    first = info.kind == "first"
+    if st.pos_sum is not None or first:
+        m = (a - st._tau.float()).abs_()
         if st.pos_sum is not None:
             st.pos_sum += m.sum(0, dtype=torch.float64)
             st.pos_min = torch.minimum(st.pos_min, m.amin(0).double())
-        if not st.exact and info.kind == "first" and not info.conv:
-            # one pass: [1; 1 / (2 xbar_n)] @ m -> (sum_n m_nj, sum_n m_nj / (2 xbar_n))
-            xbar = x.flatten(1).abs().mean(1)
-            wts = torch.stack([torch.ones_like(xbar), 0.5 / xbar.clamp_min(1e-30)])
-            sums = (wts @ m).double()
-            st.sum_m += sums[0]
-            st.sum_half += sums[1]
-            st.min_m = torch.minimum(st.min_m, m.amin(0).double())
-        elif not st.exact:
-            st.sum_m += m.sum(dims, dtype=torch.float64)
-            st.min_m = torch.minimum(st.min_m, m.amin(dims).double())
-            if info.kind == "first":
-                layer = info.block.layer
-                k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
-                xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
-                                dilation=layer.dilation)[:, 0] / info.fan_in
-                r = 0.5 / xbar.clamp_min(1e-30)
-                st.sum_half += torch.einsum("nchw,nhw->c", m, r).double()
-            else:
-                st.sum_half += 0.5 * m.sum(dims, dtype=torch.float64)
+        if first and not info.conv:
+            # sum_n m_nj / (2 xbar_n) in float64
+            xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
+            m64 = (a.double() - st._tau).abs_()
+            st.sum_half += (0.5 / xbar.clamp_min(1e-30)) @ m64
+        elif first:
+            layer = info.block.layer
+            k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
+            xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
+                            dilation=layer.dilation)[:, 0] / info.fan_in
+            r = 0.5 / xbar.clamp_min(1e-30)
+            st.sum_half += torch.einsum("nchw,nhw->c", m, r).double()
         del m
     _add_hist(st, a, 1.0 / st.w, -st.lo / st.w)
 
@@ -282,9 +337,9 @@ def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
         mn = torch.where(hist > 0, marg, torch.full_like(marg, math.inf)).amin(1)
         half = mean / 2
     else:
-        mean = st.sum_m.cpu() / n
-        mn = st.min_m.cpu()
-        half = st.sum_half.cpu() / n
+        total, mn = _grid_totals(st) if st.grid else (st.sum_m.cpu(), st.min_m.cpu())
+        mean = total / n
+        half = st.sum_half.cpu() / n if info.kind == "first" else mean / 2
     q10 = _quantile(hist, marg, quantile)
     dead = info.direction == 0
     inf = torch.full_like(mean, math.inf)
