@@ -41,7 +41,7 @@ from ..errors import rates
 from ..exceptions import InvalidArgument
 from .margin import LayerStats, margin_pass
 
-__all__ = ["flip_probability", "flip_tables"]
+__all__ = ["flip_probability", "flip_tables", "flip_given_preact"]
 
 
 def flip_tables(n: int, p: float, a_range: tuple[int, int] | None = None) -> np.ndarray:
@@ -65,6 +65,33 @@ def flip_tables(n: int, p: float, a_range: tuple[int, int] | None = None) -> np.
     return np.clip(sw, 0.0, 1.0)
 
 
+def flip_given_preact(a: np.ndarray, t: np.ndarray, d: np.ndarray, n: int, sw: np.ndarray,
+                      a_lo: int = 0) -> np.ndarray:
+    """``P(flip | a)`` elementwise (module doc) for integer pre-activations of fan-in ``n``.
+
+    Args:
+        a, t, d: broadcastable int arrays: pre-activation (``a = n mod 2``), folded integer
+            threshold and direction (0: dead neuron, never flips).
+        sw: :func:`flip_tables` ``(n, p, (a_lo, .))``: row ``A - a_lo`` for ``A = (n + a) / 2``.
+
+    Returns:
+        float64 array of the broadcast shape.
+    """
+    big_a = (n + a) // 2
+    big_d = n - big_a
+    row = big_a - a_lo
+    r = d * (a - t)
+    on = r >= 0
+    m = np.where(on, r // 2 + 1, (-r + 1) // 2)
+    x_minus_y = on == (d > 0)  # the move towards the threshold is X - Y
+    # P(X - Y >= m) = P(W >= m + D);  P(Y - X >= m) = 1 - P(W >= D - m + 1)
+    col_down = np.minimum(m + big_d, n + 1)
+    col_up = big_d - m + 1
+    p_down = sw[row, col_down]
+    p_up = np.where(col_up >= 1, 1.0 - sw[row, np.clip(col_up, 0, n + 1)], 0.0)
+    return np.where(d != 0, np.where(x_minus_y, p_down, p_up), 0.0)
+
+
 def _layer_flip(st: LayerStats, p: float) -> np.ndarray:
     """Mean flip probability per channel ``(C,)`` of one layer from its histogram."""
     info = st.info
@@ -80,21 +107,9 @@ def _layer_flip(st: LayerStats, p: float) -> np.ndarray:
         if not sel.any():
             continue
         ae, te, de = a[sel], t[sel], d[sel]
-        big_a = (n_e + ae) // 2
-        big_d = n_e - big_a
-        a_lo, a_hi = int(big_a.min()), int(big_a.max())
-        sw = flip_tables(int(n_e), p, (a_lo, a_hi))
-        row = big_a - a_lo
-        r = de * (ae - te)
-        on = r >= 0
-        m = np.where(on, r // 2 + 1, (-r + 1) // 2)
-        x_minus_y = on == (de > 0)  # the move towards the threshold is X - Y
-        # P(X - Y >= m) = P(W >= m + D);  P(Y - X >= m) = 1 - P(W >= D - m + 1)
-        col_down = np.minimum(m + big_d, n_e + 1)
-        col_up = big_d - m + 1
-        p_down = sw[row, col_down]
-        p_up = np.where(col_up >= 1, 1.0 - sw[row, np.clip(col_up, 0, n_e + 1)], 0.0)
-        prob[sel] = np.where(x_minus_y, p_down, p_up)
+        a_lo = int(((n_e + ae) // 2).min())
+        sw = flip_tables(int(n_e), p, (a_lo, int(((n_e + ae) // 2).max())))
+        prob[sel] = flip_given_preact(ae, te, de, int(n_e), sw, a_lo)
     total = np.bincount(c_idx, weights=cnt, minlength=hist.shape[0])
     flips = np.bincount(c_idx, weights=cnt * prob, minlength=hist.shape[0])
     return flips / np.maximum(total, 1)
