@@ -7,12 +7,14 @@ inter-neuron importance variance, plus the analytic flip probability of a neuron
 >>> imp = metrics.importance(model, test)        # doctest: +SKIP
 >>> metrics.importance_variance(imp)             # doctest: +SKIP
 >>> metrics.flip_probability(model, test, ber=0.05)  # doctest: +SKIP
+>>> metrics.predict_accuracy(model, test, [0.01, 0.1])  # doctest: +SKIP
 """
 
 from .flipprob import flip_probability, flip_tables
 from .importance import ESTIMATORS, importance, importance_variance, negation_logits
 from .margin import MARGIN_COLUMNS, margin, margin_positions, margin_summary, score_margin
+from .predict import predict_accuracy
 
 __all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS",
            "importance", "importance_variance", "negation_logits", "ESTIMATORS",
-           "flip_probability", "flip_tables"]
+           "flip_probability", "flip_tables", "predict_accuracy"]

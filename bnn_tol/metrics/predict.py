@@ -1,0 +1,301 @@
+"""Accuracy under weight bit errors predicted from the margins, without sweeping fault maps.
+
+Model (symmetric weight BER ``p``, fully connected BNNs). For sample ``n`` with label ``y_n``
+and clean correctness ``c_n = 1{argmax z_n = y_n}``:
+
+1. **Neuron flips.** Hidden neuron ``j`` of block ``l`` flips its output bit with probability
+   ``q_nj(p)`` when only block ``l``'s weights are corrupted:
+
+   - binary inputs (``l >= 1``): exact, from the integer pre-activation ``a_nj``, the fan-in
+     and the folded threshold (:func:`~bnn_tol.metrics.flipprob.flip_given_preact`: the
+     binomial law of :mod:`.flipprob`);
+   - first block (real inputs ``x_i = k_i / 128``): a flip of ``w_ji`` moves ``a_nj`` by
+     ``-2 w_ji x_ni``, so ``a'_nj`` has mean ``(1 - 2p) a_nj`` and variance
+     ``4 p (1 - p) ||x_n||^2`` (the same for every neuron of the sample); ``q_nj`` is its
+     normal approximation on the 1/128 grid (continuity-corrected, against the folded
+     threshold ``fold_threshold(bn, scale=128)``).
+
+2. **Effect of a flip.** Negating ``h_nj`` alone changes the correctness of sample ``n`` by
+   ``e_nj = c_n - c_n(j)`` in {-1, 0, +1}, exactly, from the rank-1 negation
+   (:func:`~bnn_tol.metrics.importance.negation_logits`).
+
+3. **Output layer.** Its inputs are the clean ``h`` in {-1, +1}^K, so ``a'_c = K - 2 W_c``
+   with ``W_c ~ Bin(A_c, p) + Bin(K - A_c, 1 - p)``, ``A_c = (K + a_c) / 2``, independent
+   across classes (disjoint weight rows), and ``z'_c = g_c a'_c + b_c`` (eval BN, affine).
+   ``P_out_n(p) = P(argmax z' = y_n) = sum_w P(W_y = w) prod_{c != y} P(z'_c < z'_y(w))``
+   is computed exactly (up to ties, which have probability 0 for generic BN parameters;
+   the value at ``p = 0`` is pinned to ``c_n``).
+
+4. **Combination** (flips of different neurons and layers assumed independent, each flip
+   acting with its single-flip effect): the number of harmful flips of sample ``n`` is
+   Poisson with mean ``H_n = sum_{l,j} q_nj 1{e_nj = 1}``, of repairing flips
+   ``G_n = sum q_nj 1{e_nj = -1}``, so
+
+       P(correct_n) = P_out_n exp(-H_n)                     if c_n = 1
+                    = 1 - (1 - P_out_n) exp(-G_n)            if c_n = 0
+
+   and ``predicted_accuracy = mean_n P(correct_n)``. ``first_order_accuracy`` is the
+   linearization ``acc_0 - mean_n [sum_{l,j} q_nj e_nj] + mean_n (P_out_n - c_n)``.
+
+**Exact limit.** As ``p -> 0`` every ``q_nj = O(p)`` and two simultaneous flips are
+``O(p^2)``, so for errors in binary-input layers and the output layer the slope
+``d predicted_accuracy / dp`` at ``p = 0`` equals the true slope of the mean accuracy over
+fault maps (single weight flips, each changing one neuron's bit, whose effect is ``e_nj``).
+The first block's normal approximation is not exact in that limit (a single flip there
+moves ``a`` by ``2 |x_i|``, up to 2). **Assumptions that fail at high BER:** flips that
+are harmless alone can be harmful together (the accumulated shift of later
+pre-activations), and a layer's inputs are corrupted by the earlier layers' flips; both
+make the prediction optimistic when many neurons flip at once.
+
+Cost: one clean forward pass, one rank-1 negation pass per corrupted hidden layer (what
+``importance(estimator="accuracy")`` costs), then per BER one ``O(N sum_l J_l)`` gather
+plus an ``O(N C K)`` output-layer law; the binomial tables cost ``O(K^2 log K)`` per BER and
+fan-in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import special
+from torch import nn
+
+from ..data import BNNDataset
+from ..errors import rates, select_layers
+from ..exceptions import InvalidArgument
+from ..layers import BinaryConv2d, fold_threshold
+from ._common import blocks_of, check_data, device_of, eval_mode, hidden_layers, run_block
+from .flipprob import flip_given_preact, flip_tables
+from .importance import negation_logits
+
+__all__ = ["predict_accuracy"]
+
+#: Elements per chunk of the output-layer law (float64: ~32 MiB).
+_CHUNK = 2**22
+
+
+def _bers(bers) -> list[float]:
+    vals = [bers] if isinstance(bers, int | float) else list(bers)
+    if not vals:
+        raise InvalidArgument("bers is empty: give at least one BER, e.g. bers=[0.01, 0.05]")
+    out = []
+    for b in vals:
+        if isinstance(b, bool) or not isinstance(b, int | float):
+            raise InvalidArgument(f"predict_accuracy takes symmetric BERs p, got {b!r}; "
+                                  "asymmetric (p01, p10) rates need evaluate.sweep")
+        out.append(rates(b)[0])
+    return out
+
+
+def _first_layer_q(k: np.ndarray, s2: np.ndarray, t: np.ndarray, d: np.ndarray,
+                   p: float) -> np.ndarray:
+    """Normal approximation of the first block's flip probability ``(N, J)``.
+
+    ``k = 128 a`` (integer), ``s2 = sum_i (128 x_i)^2`` ``(N, 1)``, ``t, d`` the folded
+    comparator in units of 1/128. ``r' = d (k' - t)`` has mean ``d ((1 - 2p) k - t)`` and
+    standard deviation ``2 sqrt(p (1 - p) s2)``; the bit flips iff ``r'`` changes side of
+    ``-1/2``.
+    """
+    r = d * (k - t)
+    mu = d * ((1.0 - 2.0 * p) * k - t)
+    sd = 2.0 * np.sqrt(p * (1.0 - p) * s2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        below = special.ndtr((-0.5 - mu) / sd)  # P(r' < 0)
+    below = np.where(sd > 0, below, (mu < 0).astype(np.float64))
+    q = np.where(r >= 0, below, 1.0 - below)
+    return np.where(d != 0, q, 0.0)
+
+
+def _output_correct(a: np.ndarray, y: np.ndarray, k: int, g: np.ndarray, b: np.ndarray,
+                    p: float) -> np.ndarray:
+    """``P(argmax z' = y_n)`` ``(N,)`` under output-layer weight flips (module doc, item 3).
+
+    ``a``: ``(N, C)`` integer pre-activations of the output block, ``g, b``: ``(C,)`` affine
+    form of its eval BN.
+    """
+    sw = flip_tables(k, p)  # (K + 1, K + 2): P(W >= w | A)
+    n_s, n_c = a.shape
+    big_a = ((k + a) // 2).astype(np.int64)
+    w = np.arange(k + 1)
+    out = np.empty(n_s)
+    step = max(1, _CHUNK // (n_c * (k + 2)))
+    for s in range(0, n_s, step):
+        ba, yy = big_a[s : s + step], y[s : s + step]
+        rows = sw[ba]  # (B, C, K + 2)
+        ay = ba[np.arange(len(yy)), yy]
+        pmf_y = sw[ay, :-1] - sw[ay, 1:]  # (B, K + 1)
+        v = g[yy][:, None] * (k - 2 * w)[None] + b[yy][:, None]  # z'_y(w): (B, K + 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = (v[:, None, :] - b[None, :, None]) / g[None, :, None]  # (B, C, K + 1)
+            half = (k - u) / 2.0
+            col_pos = np.clip(np.floor(half) + 1, 0, k + 1)
+            col_neg = np.clip(np.ceil(half), 0, k + 1)
+        col_pos = np.nan_to_num(col_pos).astype(np.int64)
+        col_neg = np.nan_to_num(col_neg).astype(np.int64)
+        p_pos = np.take_along_axis(rows, col_pos, axis=2)
+        p_neg = 1.0 - np.take_along_axis(rows, col_neg, axis=2)
+        p_const = (b[None, :, None] < v[:, None, :]).astype(np.float64)
+        gg = g[None, :, None]
+        less = np.where(gg > 0, p_pos, np.where(gg < 0, p_neg, p_const))  # P(z'_c < z'_y(w))
+        less[np.arange(len(yy)), yy] = 1.0
+        out[s : s + step] = (pmf_y * less.prod(1)).sum(1)
+    return np.clip(out, 0.0, 1.0)
+
+
+def predict_accuracy(
+    model: nn.Module,
+    data: BNNDataset,
+    bers: float | Sequence[float],
+    *,
+    layers: Sequence[str | int] | str | None = None,
+    per_layer: bool = False,
+    batch_size: int = 1000,
+) -> pd.DataFrame:
+    """Predicted mean accuracy under symmetric weight BER ``p``, from per-sample margins.
+
+    See the module doc for the model, its assumptions and its exact ``p -> 0`` limit.
+
+    Args:
+        model: a trained fully connected :class:`~bnn_tol.models.BNN` (e.g. ``fc``).
+        data: samples to average over (the test set of the sweep to predict).
+        bers: one symmetric BER ``p`` or a list of them.
+        layers: layers with errors, as in :func:`bnn_tol.errors.inject` /
+            :func:`bnn_tol.errors.select_layers` (``None``/``"all"``, ``"hidden"``, names or
+            positions); the others stay error-free.
+        per_layer: also return one row per corrupted layer: the predicted accuracy when only
+            that layer has errors.
+        batch_size: samples per clean forward pass.
+
+    Returns:
+        One row per BER (and per layer with ``per_layer``): ``ber, layer, layer_index,
+        predicted_accuracy, predicted_drop, first_order_accuracy, clean_accuracy,
+        n_samples``. ``layer == "network"`` (``layer_index == -1``) is the prediction with
+        every selected layer corrupted; ``predicted_drop = clean_accuracy -
+        predicted_accuracy``.
+
+    Raises:
+        InvalidArgument: asymmetric or out-of-range BERs, an empty BER list, unknown layers,
+            conv models, data that do not fit the model, hidden layers without BatchNorm.
+    """
+    ps = _bers(bers)
+    check_data(model, data)
+    blocks = blocks_of(model)
+    names = {id(b.layer): n for n, b in ((f"blocks.{k}.layer", b) for k, b in enumerate(blocks))}
+    for k, b in enumerate(blocks):
+        if isinstance(b.layer, BinaryConv2d) or getattr(b, "pool", None):
+            raise InvalidArgument(
+                f"blocks.{k}.layer is a convolution: predict_accuracy supports fully connected "
+                "BNNs (the flip law of pooled conv outputs is not modelled); use evaluate.sweep")
+    chosen = select_layers(model, layers)
+    chosen_ids = {id(m) for m in chosen.values()}
+    sel = [k for k, b in enumerate(blocks) if id(b.layer) in chosen_ids]
+    infos = {i.index: i for i in hidden_layers(model)}
+    n_blocks = len(blocks)
+    hidden_sel = [k for k in sel if k < n_blocks - 1]
+    out_sel = (n_blocks - 1) in sel
+    first_fold = fold_threshold(blocks[0].bn, scale=128) if 0 in hidden_sel else None
+
+    # pass 1: per-sample pre-activations and single-flip effects
+    pre: dict[int, list[np.ndarray]] = {k: [] for k in hidden_sel}
+    eff: dict[int, list[np.ndarray]] = {k: [] for k in hidden_sel}
+    s2s, a_outs, ys, oks = [], [], [], []
+    dev = device_of(model)
+    with eval_mode(model), torch.no_grad():
+        for x, y in data.batches(batch_size, device=dev):
+            xs, as_, hs = [], [], []
+            h = x
+            for b in blocks:
+                xs.append(h)
+                a = run_block(b.preact, h, names[id(b.layer)])
+                as_.append(a)
+                h = b.post(a)
+                hs.append(h)
+            ok = hs[-1].argmax(1) == y
+            for k in hidden_sel:
+                e = torch.cat([(ok[:, None].to(torch.int8) - (zj.argmax(1) == y[:, None])
+                                .to(torch.int8))
+                               for _, zj in negation_logits(model, x, k, cache=(xs, as_, hs),
+                                                            infos=infos)], dim=1)
+                eff[k].append(e.cpu().numpy())
+                if k == 0:
+                    pre[k].append(torch.round(as_[0].double() * 128).cpu().numpy()
+                                  .astype(np.int64))
+                else:
+                    pre[k].append(torch.round(as_[k].double()).cpu().numpy().astype(np.int64))
+            if 0 in hidden_sel:
+                s2s.append((xs[0].flatten(1).double() * 128).pow(2).sum(1, keepdim=True)
+                           .cpu().numpy())
+            a_outs.append(torch.round(as_[-1].double()).cpu().numpy().astype(np.int64))
+            ys.append(y.cpu().numpy())
+            oks.append(ok.cpu().numpy())
+    y_all = np.concatenate(ys)
+    c_all = np.concatenate(oks).astype(np.float64)
+    a_out = np.concatenate(a_outs)
+    e_all = {k: np.concatenate(eff[k]) for k in hidden_sel}
+    a_all = {k: np.concatenate(pre[k]) for k in hidden_sel}
+    s2 = np.concatenate(s2s) if s2s else None
+    n = len(y_all)
+    acc0 = float(c_all.mean())
+    out_block = blocks[-1]
+    bn = out_block.bn
+    gamma = (bn.weight.detach().double().cpu().numpy() if bn.weight is not None
+             else np.ones(bn.num_features))
+    beta = (bn.bias.detach().double().cpu().numpy() if bn.bias is not None
+            else np.zeros(bn.num_features))
+    g = gamma / np.sqrt(bn.running_var.detach().double().cpu().numpy() + bn.eps)
+    bo = beta - g * bn.running_mean.detach().double().cpu().numpy()
+    k_out = int(out_block.layer.fan_in)
+    base_out = (_output_correct(a_out, y_all, k_out, g, bo, 0.0) if out_sel else None)
+
+    rows = []
+    for p in ps:
+        harm = np.zeros(n)
+        fix = np.zeros(n)
+        lin = np.zeros(n)
+        per: list[tuple[str, int, np.ndarray]] = []
+        for k in hidden_sel:
+            info = infos[k]
+            if k == 0:
+                fold = first_fold
+                q = _first_layer_q(a_all[k], s2, fold.t.numpy()[None].astype(np.float64),
+                                   fold.direction.numpy().astype(np.int64)[None], p)
+            else:
+                fan = int(info.fan_in)
+                q = flip_given_preact(a_all[k], info.folded.t.numpy()[None],
+                                      info.folded.direction.numpy().astype(np.int64)[None],
+                                      fan, flip_tables(fan, p))
+            if p == 0:  # exact: the FFT tables carry ~1e-17 noise
+                q = np.zeros_like(q)
+            e = e_all[k]
+            h_l = (q * (e == 1)).sum(1)
+            g_l = (q * (e == -1)).sum(1)
+            harm += h_l
+            fix += g_l
+            lin += (q * e).sum(1)
+            per.append((info.name, k, np.where(c_all == 1, np.exp(-h_l), -np.expm1(-g_l))))
+        if out_sel:
+            p_out = np.clip(c_all + _output_correct(a_out, y_all, k_out, g, bo, p) - base_out,
+                            0.0, 1.0)
+            names_out = list(chosen)[-1]
+            per.append((names_out, n_blocks - 1, p_out))
+        else:
+            p_out = c_all
+        pred = np.where(c_all == 1, p_out * np.exp(-harm), 1.0 - (1.0 - p_out) * np.exp(-fix))
+        first = acc0 - lin.mean() + float((p_out - c_all).mean())
+        rows.append(dict(ber=p, layer="network", layer_index=-1,
+                         predicted_accuracy=float(pred.mean()), first_order_accuracy=first))
+        if per_layer:
+            for name, k, pc in per:
+                rows.append(dict(ber=p, layer=name, layer_index=k,
+                                 predicted_accuracy=float(pc.mean()),
+                                 first_order_accuracy=math.nan))
+    df = pd.DataFrame(rows)
+    df["predicted_drop"] = acc0 - df["predicted_accuracy"]
+    df["clean_accuracy"] = acc0
+    df["n_samples"] = n
+    return df[["ber", "layer", "layer_index", "predicted_accuracy", "predicted_drop",
+               "first_order_accuracy", "clean_accuracy", "n_samples"]]
