@@ -213,3 +213,14 @@ def test_metrics_cli_writes_per_neuron_table_and_plot(tmp_path, digits):
                                     str(tmp_path / "m.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_margin_restores_every_submodules_training_flag(digits):
+    model = randomize_bn(models.build("fc", hidden=(12, 10), in_shape=(1, 8, 8)))
+    model.train()
+    model.blocks[0].bn.eval()  # mixed: a frozen BN inside a training model
+    model.blocks[2].eval()
+    before = {name: mod.training for name, mod in model.named_modules()}
+    metrics.margin(model, digits)
+    metrics.score_margin(model, digits)
+    assert {name: mod.training for name, mod in model.named_modules()} == before

@@ -146,13 +146,15 @@ def device_of(model: nn.Module) -> torch.device:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block, restore the previous mode afterwards."""
-    was = model.training
+    """Put ``model`` in eval mode for the block; afterwards restore every submodule's own
+    ``training`` flag (a model with mixed train/eval submodules comes back unchanged)."""
+    was = [(mod, mod.training) for mod in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was)
+        for mod, flag in was:
+            mod.training = flag
 
 
 def run_block(fn, x: Tensor, name: str) -> Tensor:
