@@ -126,3 +126,88 @@ def test_unknown_estimator_and_layer_are_rejected(digits):
         metrics.importance(model, digits, estimator="gradient")
     with pytest.raises(ValueError, match="not hidden blocks"):
         metrics.importance(model, digits, layers=[1])
+
+
+# -- standard errors, sampling bias, jackknife ------------------------------------------------
+
+def _contribution_matrix(model, ds, l, est):
+    """Explicit N x J matrix of per-sample contributions c_nj (float64) from one negation pass."""
+    x, y = next(ds.batches(len(ds)))
+    with torch.no_grad():
+        z = model(x)
+        ok = (z.argmax(1) == y).double()
+        ce = F.cross_entropy(z, y, reduction="none").double()
+        cols = []
+        for _, zj in metrics.negation_logits(model, x, l):
+            pj = zj.argmax(1)
+            if est == "accuracy":
+                cols.append(ok[:, None] - (pj == y[:, None]).double())
+            else:
+                cols.append(F.cross_entropy(zj, y[:, None].expand(pj.shape), reduction="none")
+                            .double() - ce[:, None])
+    return torch.cat(cols, 1).numpy()
+
+
+def _vu(c):
+    """Unbiased between-neuron variance from an explicit contribution matrix (obvious form)."""
+    n = c.shape[0]
+    s = np.cov(c, rowvar=False)  # 1/(N-1)
+    return c.mean(0).var() - (np.trace(s) / s.shape[0] - s.sum() / s.shape[0] ** 2) / n
+
+
+@pytest.mark.parametrize("est", ["accuracy", "loss"])
+def test_streamed_se_bias_and_jackknife_equal_explicit_contribution_matrix(digits, est):
+    model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=3)
+    imp = metrics.importance(model, digits, estimator=est, batch_size=97)  # ragged batches
+    n = len(digits)
+    g = min(metrics.importance.__globals__["JACKKNIFE_GROUPS"], n)
+    reps, tols = [], []
+    for l in (0, 1):
+        c = _contribution_matrix(model, digits, l, est)
+        s = np.cov(c, rowvar=False)
+        got = imp[imp.layer_index == l].sort_values("neuron")
+        # sums of N terms |d| <= 2 max|c|: error <= N eps sum|d^2| per sum, a few sums
+        m2 = (2 * np.abs(c).max()) ** 2
+        tol = 8 * n * n * np.finfo(float).eps * m2 / (n - 1)
+        np.testing.assert_allclose(n * got["se"] ** 2, np.diag(s), rtol=0, atol=tol)
+        np.testing.assert_allclose(n * got["bias"], np.diag(s) - s.mean(1), rtol=0, atol=2 * tol)
+        assert (got["n_samples"] == n).all()
+        # delete-a-group jackknife over groups n mod G, explicit
+        grp = np.arange(n) % g
+        reps.append(np.array([_vu(c[grp != k]) for k in range(g)]))
+        tols.append(4 * tol / n)  # error of one V_u: mean_j bias_j (S/N) plus var of means
+    reps = np.array(reps)
+    # the jackknife se/cov is a norm over G replicates: error <= sqrt(G) max replicate error
+    tj = math.sqrt(g) * max(tols)
+    dev = reps - reps.mean(1, keepdims=True)
+    net = dev.mean(0)
+    for l in (0, 1):
+        got = imp[imp.layer_index == l].iloc[0]
+        se = math.sqrt((g - 1) / g * (dev[l] ** 2).sum())
+        assert got["vu_se"] == pytest.approx(se, rel=0, abs=tj)
+        cov = (g - 1) / g * (dev[l] * net).sum()
+        assert got["vu_netcov"] == pytest.approx(cov, rel=0, abs=2 * tj * max(se, tj))
+    iv = metrics.importance_variance(imp).set_index("layer_index")
+    net_se = math.sqrt((g - 1) / g * (net ** 2).sum())
+    assert iv.loc[-1, "variance_unbiased_se"] == pytest.approx(net_se, rel=0, abs=2 * tj)
+    for l in (0, 1):
+        c = _contribution_matrix(model, digits, l, est)
+        assert iv.loc[l, "variance_unbiased"] == pytest.approx(_vu(c), rel=0, abs=tols[l])
+
+
+def test_importance_variance_hand_example_of_sampling_bias():
+    """Two neurons, contributions known: plug-in minus bias, noise share, network mean."""
+    imp = __import__("pandas").DataFrame({
+        "layer": ["a", "a"], "layer_index": [0, 0], "neuron": [0, 1],
+        "importance": [0.0, 0.2], "estimator": "accuracy", "se": [0.1, 0.1],
+        "bias": [0.001, 0.003], "n_samples": 100, "vu_se": 0.004, "vu_netcov": 1.6e-5,
+        "vu_layers": 1})
+    v = metrics.importance_variance(imp).set_index("layer")
+    assert v.loc["a", "variance"] == pytest.approx(0.01)
+    assert v.loc["a", "variance_unbiased"] == pytest.approx(0.008)
+    assert v.loc["a", "noise_share"] == pytest.approx(0.2)
+    assert v.loc["network", "variance_unbiased_se"] == pytest.approx(0.004)
+    # a table holding a different set of layers than was measured: no network se
+    v2 = metrics.importance_variance(imp.assign(vu_layers=2)).set_index("layer")
+    assert math.isnan(v2.loc["network", "variance_unbiased_se"])
+    assert v2.loc["a", "variance_unbiased_se"] == 0.004

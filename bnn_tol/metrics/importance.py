@@ -11,9 +11,35 @@ the next layer sees, after sign and max-pool) is corrupted. Estimators (``estima
   under the negation, one backward pass (gradients through later signs use the STE)
 - ``"mc"``:      ``I_j = acc(net) - mean_k acc(net with only neuron j's incoming weights
   corrupted by fault map k at BER p)`` (``ber``, ``n_maps``, ``seed``)
+- ``"loss_norm"``: the loss form on logits in units of the output BN scale,
+  ``I_j = mean_n [CE(z'_n / s) - CE(z_n / s)]``, ``s = mean_c |gamma_c| / sqrt(s2_c + eps)``
+  of the output BatchNorm (so ``z / s`` is measured in output pre-activation counts).
+
+Which form answers which question:
+
+- accuracy: what a user loses when the neuron fails (coarse: a difference of accuracies,
+  dominated by sampling noise unless N is large; see ``se`` and ``importance_variance``);
+- loss: smooth, but depends on the logit scale (the output BN's gamma, beta), which bit flip
+  training changes, so its size and even the sign of differences between recipes change;
+- loss_norm: the same smooth measure with the logit scale divided out. Scaling the output
+  BN's (gamma, beta) by ``c > 0`` multiplies every logit and ``s`` by ``c``: ``z / s`` and
+  hence ``loss_norm`` are unchanged (bit for bit when ``c`` is a power of 2), while the
+  loss form changes. Dividing the loss form by the network's mean importance would *not*
+  be invariant: CE is not homogeneous in the logits (``CE(c z) - CE(c z')`` is not
+  proportional to ``CE(z) - CE(z')``). Use it to compare the shape of the importance
+  distribution across recipes.
 
 The loss form depends on the scale of the logits, which bit flip training changes: compare
-estimators, do not assume they agree. Several exact estimators can be asked for at once
+estimators, do not assume they agree.
+
+Standard errors. Every estimator is a mean over images of a per-image contribution
+``c_nj`` (accuracy: ``correct_n - correct_n(j)``; loss: ``CE_n(j) - CE_n``; flips:
+``1{pred_n(j) != pred_n}``; loss_norm likewise; taylor: ``sum_pos -2 h_nj dCE_n/dh_nj``;
+mc: ``correct_n - mean_k correct_nk(j)``, conditional on the drawn fault maps, so its ``se``
+omits the map-to-map variation). For conv layers the unit of sampling is the image (all
+positions of a channel summed into one ``c_nj``). The moments of ``c_nj`` are streamed over
+batches (``O(G J)`` memory per layer, never the ``N x J`` matrix; see
+:func:`importance_variance` for the formulas). Several exact estimators can be asked for at once
 (``estimator=["accuracy", "loss", "flips"]``) and cost one pass.
 
 Fast exact negation (no forward pass per neuron). Changing block ``l``'s output channel
@@ -47,6 +73,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -67,13 +94,107 @@ from ._common import (
     run_block,
 )
 
-__all__ = ["importance", "importance_variance", "negation_logits", "ESTIMATORS"]
+__all__ = ["importance", "importance_variance", "required_samples", "negation_logits",
+           "ESTIMATORS"]
 
-ESTIMATORS = ("accuracy", "loss", "flips", "taylor", "mc")
-_EXACT = ("accuracy", "loss", "flips")
+ESTIMATORS = ("accuracy", "loss", "flips", "taylor", "mc", "loss_norm")
+_EXACT = ("accuracy", "loss", "flips", "loss_norm")
 
 #: Elements of the largest per-chunk tensor (float32): bounds memory at ~64 MiB per tensor.
 _CHUNK_ELEMS = 2**24
+
+#: Image groups of the delete-a-group jackknife (``vu_se``): its relative error is about
+#: ``1 / sqrt(2 (G - 1))`` = 13 %.
+JACKKNIFE_GROUPS = 32
+
+
+class _Contributions:
+    """Streamed moments of per-sample contributions ``c_nj`` (image ``n``, neuron ``j``).
+
+    Images are dealt round-robin to ``G`` groups (image ``n`` -> group ``n mod G``, so a
+    sorted dataset still spreads over all groups). Per group it keeps the count and the
+    sums of ``d_nj``, ``d_nj^2``, ``r_n``, ``d_nj r_n`` with ``d = c - K`` (``K``: the first
+    batch's per-neuron mean, a shift that keeps the raw moments well conditioned) and
+    ``r_n = mean_k d_nk``. The sums are additive, so the statistics of all images and of all
+    images but one group (the jackknife) come from the same ``O(G J)`` numbers: never the
+    ``N x J`` matrix.
+    """
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self.shift: Tensor | None = None
+        self.seen = 0
+
+    def add(self, c: Tensor) -> None:
+        """Add a batch ``c`` of shape ``(B, J)`` (the next ``B`` images in data order)."""
+        c = c.double()
+        if self.shift is None:
+            g, j = self.groups, c.shape[1]
+            self.shift = c.mean(0)
+            z = dict(dtype=torch.float64, device=c.device)
+            self.n, self.sr = torch.zeros(g, **z), torch.zeros(g, **z)
+            self.s1, self.s2, self.scr = (torch.zeros(g, j, **z) for _ in range(3))
+        d = c - self.shift
+        r = d.mean(1)
+        gid = (torch.arange(len(c), device=c.device) + self.seen) % self.groups
+        self.n.index_add_(0, gid, torch.ones_like(r))
+        self.sr.index_add_(0, gid, r)
+        self.s1.index_add_(0, gid, d)
+        self.s2.index_add_(0, gid, d * d)
+        self.scr.index_add_(0, gid, d * r[:, None])
+        self.seen += len(c)
+
+    @staticmethod
+    def _stats(shift: Tensor, n: Tensor, s1: Tensor, s2: Tensor, sr: Tensor, scr: Tensor):
+        """``(se_j, bias_j, V_u)`` of image sets given by their sums (leading dims batch)."""
+        m = s1 / n[..., None]
+        m2 = s2 - s1 * m  # sum_n (c_nj - I_j)^2
+        cr = scr - m * sr[..., None]  # sum_n (c_nj - I_j)(r_n - mean r)
+        s_jj = m2 / (n[..., None] - 1)
+        s_jk = cr / (n[..., None] - 1)  # mean_k S_jk
+        bias = (s_jj - s_jk) / n[..., None]
+        vu = (m + shift).var(-1, unbiased=False) - bias.mean(-1)
+        return (s_jj.clamp_min(0) / n[..., None]).sqrt(), bias, vu
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``se (J,)``, ``bias (J,)`` on all images and the jackknife ``V_u`` replicates
+        ``(G,)`` (all images but group ``g``); CPU float64."""
+        tot = [t.sum(0) for t in (self.n, self.s1, self.s2, self.sr, self.scr)]
+        se, bias, _ = self._stats(self.shift, *tot)
+        loo = [t[None] - g for t, g in zip(tot, (self.n, self.s1, self.s2, self.sr, self.scr),
+                                            strict=True)]
+        _, _, reps = self._stats(self.shift, *loo)
+        return se.cpu(), bias.cpu(), reps.cpu()
+
+
+def _jackknife(reps: Tensor) -> tuple[Tensor, Tensor]:
+    """Delete-a-group jackknife over layers' replicates ``reps (L, G)``: per layer the
+    standard error and the covariance with the mean over the ``L`` layers,
+
+        se_l^2 = (G-1)/G sum_g (V_l(-g) - V_l(.))^2,
+        cov_l  = (G-1)/G sum_g (V_l(-g) - V_l(.)) (Vbar(-g) - Vbar(.)),  Vbar = mean_l V_l,
+
+    so that ``mean_l cov_l`` is the jackknife variance of the network mean ``Vbar``.
+    """
+    g = reps.shape[1]
+    dev = reps - reps.mean(1, keepdim=True)
+    net = dev.mean(0)
+    f = (g - 1) / g
+    return (f * (dev * dev).sum(1)).sqrt(), f * (dev * net).sum(1)
+
+
+def _output_scale(blocks: Sequence[nn.Module]) -> float:
+    """Mean logit change per unit of output pre-activation, ``mean_c |gamma_c| / sqrt(s2_c +
+    eps)`` of the output BatchNorm (1 without one): the unit of ``"loss_norm"``."""
+    bn = getattr(blocks[-1], "bn", None)
+    if bn is None or bn.running_var is None:
+        return 1.0
+    g = bn.weight.detach().double().abs() if bn.weight is not None else 1.0
+    s = float((g / torch.sqrt(bn.running_var.double() + bn.eps)).mean())
+    if not s > 0:
+        raise InvalidArgument("the output BatchNorm has gamma = 0 for every class: the logits "
+                              "are constant and 'loss_norm' has no unit")
+    return s
 
 
 def _forward_cache(blocks: Sequence[nn.Module], x: Tensor, names: dict[int, str]):
@@ -239,8 +360,9 @@ def _preact_with(block: nn.Module, x: Tensor, w: Tensor) -> Tensor:
     return F.linear(x, w, layer.bias)
 
 
-def _taylor(blocks, infos, x, y, names) -> dict[int, Tensor]:
-    """Per-layer ``sum_n sum_pos -2 h_nj dCE_n/dh_nj`` ``(C_l,)`` for one batch."""
+def _taylor(blocks, infos, x, y, names) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per layer ``sum_n sum_pos -2 h_nj dCE_n/dh_nj`` ``(C_l,)`` for one batch, and the
+    per-sample terms ``sum_pos -2 h_nj dCE_n/dh_nj`` ``(B, C_l)``."""
     hs = []
     h = x.detach().requires_grad_(True)  # so that every block output is in the graph
     wanted = {i.index for i in infos}
@@ -254,7 +376,8 @@ def _taylor(blocks, infos, x, y, names) -> dict[int, Tensor]:
     out = {}
     for info, hk, g in zip(infos, hs, grads, strict=True):
         t = (-2 * hk.detach() * g)
-        out[info.index] = t.sum([0, *range(2, t.dim())]).double()
+        per = t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
+        out[info.index] = (t.sum([0, *range(2, t.dim())]).double(), per.double())
     return out
 
 
@@ -286,7 +409,17 @@ def importance(
             fault maps and seed.
 
     Returns:
-        DataFrame ``layer, layer_index, neuron, importance, estimator``.
+        DataFrame ``layer, layer_index, neuron, importance, estimator, se, bias, n_samples,
+        vu_se, vu_netcov, vu_layers``: ``importance = I_j = mean_n c_nj``;
+        ``se = sqrt(S_jj / N)`` its standard error (``S``: the unbiased ``1/(N-1)``
+        sample covariance over images of the contributions ``c_n.`` of the layer's
+        neurons, ``N = n_samples``); ``bias = (S_jj - mean_k S_jk) / N``, neuron ``j``'s
+        share of the sampling bias of the plug-in variance; per layer (repeated on its
+        rows): ``vu_se``, the delete-a-group jackknife standard error of
+        ``variance_unbiased`` over ``G = min(JACKKNIFE_GROUPS, N)`` image groups (image
+        ``n`` in group ``n mod G``), ``vu_netcov`` the jackknife covariance of the layer's
+        ``variance_unbiased`` with the mean over the ``vu_layers`` layers measured in this
+        call (same image groups), used for the network's standard error. nan where ``N < 2``.
 
     Raises:
         ValueError: unknown estimator, empty dataset, wrong input shape, a hidden layer
@@ -322,6 +455,9 @@ def importance(
     mc = {i.index: None for i in infos} if "mc" in ests else {}
     clean_correct = 0.0
     clean_loss = 0.0
+    n_groups = max(1, min(JACKKNIFE_GROUPS, len(data)))
+    contrib = {(e, i.index): _Contributions(n_groups) for e in ests for i in infos}
+    scale = _output_scale(blocks) if "loss_norm" in ests else 1.0
     flipped_w: dict[tuple[int, int], Tensor] = {}
     if mc:
         p01, p10 = rates(ber)
@@ -345,6 +481,8 @@ def importance(
             pred = z.argmax(1)
             ok = (pred == y).double()
             ce = F.cross_entropy(z, y, reduction="none").double()
+            ce_n = (F.cross_entropy(z / scale, y, reduction="none").double()
+                    if "loss_norm" in ests else None)
             clean_correct += float(ok.sum())
             clean_loss += float(ce.sum())
             n_total += len(y)
@@ -352,34 +490,52 @@ def importance(
                 l = info.index
                 if exact:
                     parts = {e: [] for e in exact}
+                    per = {e: [] for e in exact}  # per-sample contributions c_nj: (B, chunk)
                     for _, zj in negation_logits(model, x, l, cache=cache, infos=by_index):
                         pj = _argmax1(zj)
                         if "accuracy" in parts:
-                            parts["accuracy"].append((ok[:, None] - (pj == y[:, None]).double())
-                                                     .sum(0))
+                            per["accuracy"].append(ok[:, None] - (pj == y[:, None]).double())
                         if "flips" in parts:
-                            parts["flips"].append((pj != pred[:, None]).double().sum(0))
+                            per["flips"].append((pj != pred[:, None]).double())
                         if "loss" in parts:
                             cej = F.cross_entropy(zj, y[:, None].expand(pj.shape),
                                                   reduction="none").double()
-                            parts["loss"].append((cej - ce[:, None]).sum(0))
+                            per["loss"].append(cej - ce[:, None])
+                        if "loss_norm" in parts:
+                            cej = F.cross_entropy(zj / scale, y[:, None].expand(pj.shape),
+                                                  reduction="none").double()
+                            per["loss_norm"].append(cej - ce_n[:, None])
+                        for e in exact:
+                            parts[e].append(per[e][-1].sum(0))
                     for e in exact:
                         _acc(sums, (e, l), torch.cat(parts[e]))
+                        contrib[e, l].add(torch.cat(per[e], 1))
                 if mc:
                     h = cache[2][l]
                     tot = None
+                    per_mc = None
                     for k in range(n_maps):
                         a_f = _preact_with(info.block, cache[0][l], flipped_w[l, k])
                         delta = info.block.post(a_f) - h
-                        drop = torch.cat([
-                            (ok[:, None] - (_argmax1(zj) == y[:, None]).double()).sum(0)
-                            for _, zj in negation_logits(model, x, l, delta, cache=cache,
-                                                         infos=by_index)])
+                        cs = [ok[:, None] - (_argmax1(zj) == y[:, None]).double()
+                              for _, zj in negation_logits(model, x, l, delta, cache=cache,
+                                                           infos=by_index)]
+                        drop = torch.cat([c.sum(0) for c in cs])
                         tot = drop if tot is None else tot + drop
+                        cs = torch.cat(cs, 1)
+                        per_mc = cs if per_mc is None else per_mc + cs
                     _acc(mc, l, tot / n_maps)
+                    contrib["mc", l].add(per_mc / n_maps)
             if tay:
-                for l, v in _taylor(blocks, infos, x, y, names).items():
+                for l, (v, per_t) in _taylor(blocks, infos, x, y, names).items():
                     _acc(tay, l, v)
+                    contrib["taylor", l].add(per_t)
+    stats = {k: c.result() for k, c in contrib.items()}
+    jack = {}
+    for e in ests:
+        se_l, cov_l = _jackknife(torch.stack([stats[e, i.index][2] for i in infos]))
+        jack.update({(e, i.index): (float(a), float(b))
+                     for i, a, b in zip(infos, se_l, cov_l, strict=True)})
     frames = []
     for info in infos:
         l = info.index
@@ -391,23 +547,50 @@ def importance(
             else:
                 v = mc[l]
             v = (v / n_total).cpu().numpy()
+            se, bias, _ = stats[e, l]
             frames.append(pd.DataFrame({"layer": info.name, "layer_index": l,
                                         "neuron": range(len(v)), "importance": v,
-                                        "estimator": e}))
+                                        "estimator": e, "se": se.numpy(), "bias": bias.numpy(),
+                                        "n_samples": n_total, "vu_se": jack[e, l][0],
+                                        "vu_netcov": jack[e, l][1], "vu_layers": len(infos)}))
     return pd.concat(frames, ignore_index=True)
 
 
 def importance_variance(imp: pd.DataFrame) -> pd.DataFrame:
-    """Inter-neuron importance variance per layer and for the network.
+    """Inter-neuron importance variance per layer and for the network, with its sampling noise.
 
-    Per (estimator, layer), over its neurons ``j``::
+    Per (estimator, layer), over its ``J`` neurons ``j``::
 
-        variance = Var_j(I_j) = mean_j (I_j - mean I)^2      (population variance)
+        variance = Var_j(I_j) = mean_j (I_j - mean I)^2      (plug-in, population variance)
         cv       = sqrt(variance) / |mean_j I_j|              (scale-free; nan if mean is 0)
 
-    also ``mean``, ``std``, ``n_neurons``. The row ``layer == "network"`` holds the mean
-    over hidden layers of ``variance``, ``cv``, ``mean`` and ``std``. ``value`` repeats
-    ``variance``. A ``model`` column, if present, is grouped by.
+    also ``mean``, ``std``, ``n_neurons``. ``value`` repeats ``variance``.
+
+    **Sampling noise.** ``I_j = mean_n c_nj`` over ``N`` images, and the neurons of a layer
+    are measured on the same images, so the estimation errors ``e = I - mu`` have covariance
+    ``Sigma / N`` (``Sigma``: ``J x J`` covariance of the per-sample contributions ``c_n.``).
+    With ``P = 1 - 11'/J`` the plug-in is ``|P I|^2 / J``, hence
+
+        E[variance] = V + (1/N) (tr Sigma / J - 1' Sigma 1 / J^2),   V = mean_j (mu_j - mean mu)^2,
+
+    upward biased by the noise. ``importance`` stores per neuron
+    ``bias_j = (S_jj - mean_k S_jk) / N`` with ``S`` the unbiased (``1/(N-1)``) sample
+    covariance of ``c_n.``; ``E[S] = Sigma``, so ``mean_j bias_j`` is an unbiased estimate of
+    the bias (it uses the covariance across neurons, not ``mean_j se_j^2``), and
+
+        bias               = mean_j bias_j
+        variance_unbiased  = variance - bias                  (unbiased for V; may be < 0)
+        noise_share        = clip(bias / variance, 0, 1)      (share of the plug-in that is noise)
+        variance_unbiased_se = delete-a-group jackknife over image groups (``vu_se``)
+
+    The row ``layer == "network"`` holds the mean over the table's hidden layers of
+    ``variance``, ``cv``, ``mean``, ``std``, ``bias`` and ``variance_unbiased``;
+    ``noise_share = clip(1 - variance_unbiased / variance)``; its
+    ``variance_unbiased_se = sqrt(mean_l vu_netcov_l)`` is the jackknife over the same image
+    groups for all layers, so it accounts for the layers sharing images (nan when the table
+    holds a different set of layers than ``importance`` measured together, ``vu_layers``).
+    Tables without these columns (older CSVs) give nan in the new columns. A ``model``
+    column, if present, is grouped by.
     """
     need = {"layer", "layer_index", "importance"}
     if need - set(imp.columns):
@@ -415,6 +598,7 @@ def importance_variance(imp: pd.DataFrame) -> pd.DataFrame:
                          "metrics.importance(...)")
     imp = imp if "estimator" in imp.columns else imp.assign(estimator="accuracy")
     keys = [k for k in ("model",) if k in imp.columns] + ["estimator"]
+    has = {c: c in imp.columns for c in ("bias", "vu_se", "vu_netcov", "vu_layers")}
     rows = []
     for gkey, g in imp.groupby([*keys, "layer_index"], sort=True):
         v = g["importance"].to_numpy(dtype=float)
@@ -422,16 +606,116 @@ def importance_variance(imp: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip([*keys, "layer_index"], gkey, strict=True))
         row.update(layer=g["layer"].iloc[0], n_neurons=len(v), mean=mean, std=math.sqrt(var),
                    variance=var, cv=math.sqrt(var) / abs(mean) if mean != 0 else math.nan)
+        bias = float(g["bias"].mean()) if has["bias"] else math.nan
+        row.update(bias=bias, variance_unbiased=var - bias,
+                   variance_unbiased_se=float(g["vu_se"].iloc[0]) if has["vu_se"] else math.nan,
+                   _netcov=float(g["vu_netcov"].iloc[0]) if has["vu_netcov"] else math.nan,
+                   _layers=int(g["vu_layers"].iloc[0]) if has["vu_layers"] else -1)
         rows.append(row)
     per = pd.DataFrame(rows)
     nets = []
     for gkey, g in per.groupby(keys, sort=True):
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         row = dict(zip(keys, gkey, strict=True))
+        same = bool((g["_layers"] == len(g)).all())
         row.update(layer="network", layer_index=-1, n_neurons=int(g["n_neurons"].sum()),
-                   **{c: g[c].mean() for c in ("mean", "std", "variance", "cv")})
+                   **{c: g[c].mean() for c in ("mean", "std", "variance", "cv", "bias",
+                                               "variance_unbiased")},
+                   variance_unbiased_se=(math.sqrt(max(0.0, float(g["_netcov"].mean())))
+                                         if same else math.nan))
         nets.append(row)
     out = pd.concat([per, pd.DataFrame(nets)], ignore_index=True)
     out["value"] = out["variance"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = 1.0 - out["variance_unbiased"].to_numpy() / out["variance"].to_numpy()
+    out["noise_share"] = np.clip(share, 0.0, 1.0)
     return out[[*keys, "layer", "layer_index", "n_neurons", "mean", "std", "variance", "cv",
-                "value"]]
+                "value", "bias", "variance_unbiased", "variance_unbiased_se", "noise_share"]]
+
+
+def required_samples(imp: pd.DataFrame, rel_error: float = 0.1) -> pd.DataFrame:
+    """How many images the importance metric needs for a target relative standard error.
+
+    From the per-sample variances measured on ``N = n_samples`` images
+    (``S_jj = N se_j^2``), per neuron (relative error of ``I_j``)::
+
+        N_j = S_jj / (rel_error^2 I_j^2)                         (inf if I_j = 0)
+
+    and per layer and network (relative error of ``variance_unbiased``). To leading orders
+    (Gaussian mean vector, diagonal ``Sigma``, ``d_j = I_j - mean I``)
+
+        Var(variance_unbiased)(N') ~ a / N' + b / N'^2,
+        a = 4 sum_j d_j^2 S_jj / J^2,   b = 2 sum_j S_jj^2 / J^2,
+
+    (the signal term falls like ``1/N'``, the noise term like ``1/N'^2``); the level is
+    calibrated to the measured jackknife ``variance_unbiased_se`` at ``N`` (``k = se^2 /
+    (a/N + b/N^2)``, which carries the correlation between neurons), and ``N'`` solves
+    ``k (a/N' + b/N'^2) = (rel_error V_u)^2``:
+
+        N' = (a + sqrt(a^2 + 4 b T)) / (2 T),   T = (rel_error V_u)^2 / k.
+
+    ``inf`` where ``variance_unbiased <= 0`` (no detectable spread to measure).
+
+    Returns:
+        One row per (``model``,) estimator and layer (``"network"``: the mean over layers,
+        using its jackknife se): ``estimator, layer, layer_index, n_samples,
+        variance_unbiased, variance_unbiased_se, required_n, neuron_required_n_median``
+        (median over the layer's neurons of ``N_j``).
+
+    Raises:
+        InvalidArgument: ``rel_error`` not in (0, inf) or the table lacks ``se`` /
+            ``n_samples`` (pass ``metrics.importance(...)``).
+    """
+    if not (isinstance(rel_error, (int, float)) and 0 < rel_error < math.inf):
+        raise InvalidArgument(f"rel_error must be a positive number, got {rel_error!r}")
+    need = {"importance", "se", "n_samples", "bias", "vu_se"}
+    if need - set(imp.columns):
+        raise InvalidArgument(f"importance table lacks {sorted(need - set(imp.columns))}; pass "
+                              "metrics.importance(...) (tables without standard errors "
+                              "cannot say how many images are needed)")
+    imp = imp if "estimator" in imp.columns else imp.assign(estimator="accuracy")
+    keys = [k for k in ("model",) if k in imp.columns] + ["estimator"]
+    iv = importance_variance(imp)
+    r2 = float(rel_error) ** 2
+
+    def _solve(a: float, b: float, k: float, vu: float) -> float:
+        if not (vu > 0 and k > 0 and math.isfinite(k)):
+            return math.inf
+        t = r2 * vu * vu / k
+        return (a + math.sqrt(a * a + 4 * b * t)) / (2 * t)
+
+    rows = []
+    for gkey, g in imp.groupby(keys, sort=True):
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        base = dict(zip(keys, gkey, strict=True))
+        sel = iv.loc[(iv[keys] == pd.Series(base)).all(axis=1)].set_index("layer_index")
+        abk = []
+        for l, gl in g.groupby("layer_index", sort=True):
+            n = float(gl["n_samples"].iloc[0])
+            i_j = gl["importance"].to_numpy(dtype=float)
+            s_jj = n * gl["se"].to_numpy(dtype=float) ** 2
+            j = len(i_j)
+            a = 4 * float(((i_j - i_j.mean()) ** 2 * s_jj).sum()) / j**2
+            b = 2 * float((s_jj**2).sum()) / j**2
+            vu, se = sel.loc[l, "variance_unbiased"], sel.loc[l, "variance_unbiased_se"]
+            k = se**2 / (a / n + b / n**2) if a + b > 0 else math.nan
+            with np.errstate(divide="ignore", invalid="ignore"):
+                n_j = s_jj / (r2 * i_j**2)
+            n_j[(s_jj == 0) & (i_j != 0)] = 1.0
+            abk.append((a, b, n))
+            rows.append({**base, "layer": gl["layer"].iloc[0], "layer_index": l,
+                         "n_samples": int(n), "variance_unbiased": vu,
+                         "variance_unbiased_se": se, "required_n": _solve(a, b, k, vu),
+                         "neuron_required_n_median": float(np.median(n_j))})
+        # network: mean over L layers sharing images; a, b of the mean are sums / L^2
+        n = abk[0][2]
+        a = sum(x[0] for x in abk) / len(abk) ** 2
+        b = sum(x[1] for x in abk) / len(abk) ** 2
+        vu, se = sel.loc[-1, "variance_unbiased"], sel.loc[-1, "variance_unbiased_se"]
+        k = se**2 / (a / n + b / n**2) if a + b > 0 else math.nan
+        rows.append({**base, "layer": "network", "layer_index": -1, "n_samples": int(n),
+                     "variance_unbiased": vu, "variance_unbiased_se": se,
+                     "required_n": _solve(a, b, k, vu),
+                     "neuron_required_n_median": float(np.median(
+                         [r["neuron_required_n_median"] for r in rows[-len(abk):]]))})
+    return pd.DataFrame(rows)
