@@ -146,28 +146,67 @@ def demo(out, dataset, data_dir, epochs, seed, device, maps, study_name) -> None
                  study=None if study_name.lower() == "none" else study_name, echo=click.echo)
 
 
+#: Most BERs one sweep may take (a START:STOP:STEP with a tiny step is a typo, not a sweep).
+MAX_BERS = 10_000
+
+
 def _parse_bers(text: str) -> list:
-    """``"0:0.1:0.01"`` (inclusive range), ``"0,0.01,0.05"`` or pairs ``"0.01/0.05"`` (p01/p10)."""
+    """``"0:0.1:0.01"`` (inclusive range), ``"0,0.01,0.05"`` or pairs ``"0.01/0.05"`` (p01/p10).
+
+    A range gives ``round(START + k STEP, 12)`` for ``k = 0 .. K``,
+    ``K = floor((STOP - START) / STEP + 1e-9)``: never past STOP (``0:0.1:0.06`` -> 0, 0.06),
+    and STOP itself despite float rounding (``0:0.1:0.01`` has 11 points, the last 0.1).
+    Every BER must be finite and in [0, 1]; at most :data:`MAX_BERS` points.
+    """
+    import math
+
     text = text.replace(" ", "")
-    try:
-        if ":" in text:
-            parts = [float(v) for v in text.split(":")]
-            if len(parts) != 3 or parts[2] <= 0:
-                raise ValueError
-            start, stop, step = parts
-            n = int(round((stop - start) / step)) + 1
-            return [round(start + k * step, 12) for k in range(max(n, 0))]
-        out: list = []
-        for item in (v for v in text.split(",") if v):
-            if "/" in item:
-                a, b = item.split("/")
-                out.append((float(a), float(b)))
-            else:
-                out.append(float(item))
-        return out
-    except ValueError as e:
-        raise click.BadParameter(f"{text!r}: use START:STOP:STEP, a list p1,p2,... or "
-                                 f"p01/p10 pairs") from e
+    usage = "use START:STOP:STEP, a list p1,p2,... or p01/p10 pairs"
+
+    def num(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: {v!r} is not a number; {usage}") from None
+        if not math.isfinite(x):
+            raise click.BadParameter(f"{text!r}: {v!r} is not a finite number")
+        return x
+
+    def ber(v: str) -> float:
+        p = num(v)
+        if not 0.0 <= p <= 1.0:
+            raise click.BadParameter(f"{text!r}: BER {v} is outside [0, 1]")
+        return p
+
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise click.BadParameter(f"{text!r}: a range is START:STOP:STEP; {usage}")
+        start, stop, step = ber(parts[0]), ber(parts[1]), num(parts[2])
+        if step <= 0:
+            raise click.BadParameter(f"{text!r}: STEP must be > 0")
+        if stop < start:
+            raise click.BadParameter(f"{text!r}: STOP is below START")
+        q = (stop - start) / step
+        if not q < MAX_BERS:
+            raise click.BadParameter(f"{text!r}: more than {MAX_BERS} BERs; use a larger STEP")
+        return [min(round(start + k * step, 12), stop) for k in range(math.floor(q + 1e-9) + 1)]
+    out: list = []
+    for item in text.split(","):
+        if not item:
+            continue
+        if "/" in item:
+            pair = item.split("/")
+            if len(pair) != 2:
+                raise click.BadParameter(f"{text!r}: {item!r} is not a pair p01/p10; {usage}")
+            out.append((ber(pair[0]), ber(pair[1])))
+        else:
+            out.append(ber(item))
+    if not out:
+        raise click.BadParameter(f"{text!r}: no BERs given; {usage}")
+    if len(out) > MAX_BERS:
+        raise click.BadParameter(f"more than {MAX_BERS} BERs")
+    return out
 
 
 @main.command()
@@ -186,8 +225,10 @@ def _parse_bers(text: str) -> list:
               help="Test set (default: the dataset the first checkpoint was trained on).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Directory searched first for the dataset files.")
-@click.option("--subset", type=int, default=None, help="Use only the first N test samples.")
-@click.option("--batch-size", type=int, default=None, help="Test samples per chunk.")
+@click.option("--subset", type=click.IntRange(min=1), default=None,
+              help="Use only the first N test samples.")
+@click.option("--batch-size", type=int, default=None,
+              help="Test samples per chunk (>= 1; default from a memory budget).")
 @click.option("--engine", type=click.Choice(["auto", "int8", "fp32", "reference"]),
               default="auto", show_default=True, help="Evaluation engine (all exact).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -201,13 +242,16 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
     """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map)."""
     from . import data, evaluate, io
 
+    if resume and not out:
+        raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
+    ber_list = _parse_bers(bers)
     models = {Path(r).name: io.load(r) for r in runs}
     if len(models) != len(runs):
         raise click.BadParameter("two checkpoints have the same directory name")
     first = next(iter(models.values()))
     name = dataset or first.meta.get("training", {}).get("dataset", "fashion-mnist")
     test = data.load(name, "test", data_dir=data_dir)
-    if subset:
+    if subset is not None:
         test = test.subset(subset)
     sel = None
     if layers and layers not in ("all", "hidden"):
@@ -215,7 +259,7 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
     elif layers:
         sel = layers
     try:
-        df = evaluate.sweep(models, test, bers=_parse_bers(bers), n_maps=n_maps, seed=seed,
+        df = evaluate.sweep(models, test, bers=ber_list, n_maps=n_maps, seed=seed,
                             layers=sel, batch_size=batch_size, device=device,
                             progress=not quiet, engine=engine,
                             targets=[t for t in targets.split(",") if t], out=out,
@@ -226,6 +270,13 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
     click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if out:
         click.echo(f"wrote {len(df)} rows to {out}")
+
+
+def _check_level(level: float) -> float:
+    if not 0.0 < level < 1.0:  # also refuses NaN
+        raise click.BadParameter(f"the confidence level must be in (0, 1), got {level}",
+                                 param_hint="'--level'")
+    return level
 
 
 if "plot" not in main.commands:  # the `plot` group: others add sub-commands to it
@@ -242,14 +293,13 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
 @click.option("--metric", type=click.Choice(["accuracy", "rerr"]), default="accuracy",
               show_default=True, help="Plot accuracy or robust error.")
 @click.option("--level", type=float, default=0.95, show_default=True,
-              help="Confidence level of the band over fault maps.")
+              callback=lambda ctx, param, v: _check_level(v),
+              help="Confidence level of the band over fault maps, in (0, 1).")
 def plot_sweep(csv, out, metric, level) -> None:
     """Accuracy vs BER from a sweep CSV: mean and confidence band per model."""
-    import pandas as pd
+    from . import evaluate, plots
 
-    from . import plots
-
-    fig = plots.sweep(pd.read_csv(csv), level=level, metric=metric)
+    fig = plots.sweep(evaluate.read_sweep(csv), level=level, metric=metric)
     fig.savefig(out, dpi=150)
     click.echo(f"wrote {out}")
 

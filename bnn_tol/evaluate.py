@@ -10,17 +10,25 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import io as _io
+import json
+import math
+import os
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BNNDataset
-from .exceptions import InvalidArgument
+from .exceptions import FileInUse, InvalidArgument, ResultsMismatch
 from .layers import apply_folded
 
-__all__ = ["accuracy", "predict", "resolve_device", "sweep", "summarize", "COLUMNS"]
+__all__ = ["accuracy", "predict", "resolve_device", "sweep", "read_sweep", "summarize",
+           "model_digest", "data_digest", "meta_path", "COLUMNS", "META_SUFFIX"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -37,9 +45,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def _check_int(name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` (numpy integers too; ``bool``, floats, strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidArgument(f"{name} must be an integer, got {value!r} "
+                              f"({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_batch_size(batch_size, *, optional: bool = False) -> int | None:
+    """``batch_size``: an int >= 1 (or ``None`` where a default is chosen)."""
+    if batch_size is None and optional:
+        return None
+    return _check_int("batch_size", batch_size, minimum=1)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> Tensor:
-    """Predicted class ``argmax_c z_c`` per sample, int64 ``(N,)`` on CPU (eval mode)."""
+    """Predicted class ``argmax_c z_c`` per sample, int64 ``(N,)`` on CPU (eval mode).
+
+    Raises:
+        InvalidArgument: an empty dataset, ``batch_size`` not an int >= 1.
+    """
+    batch_size = _check_batch_size(batch_size)
     if len(data) == 0:
         raise InvalidArgument("cannot evaluate on an empty dataset")
     device = next(model.parameters()).device
@@ -53,7 +83,11 @@ def predict(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> Te
 
 
 def accuracy(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> float:
-    """Fraction of correctly classified samples: ``mean_n 1{argmax_c z_nc == y_n}``."""
+    """Fraction of correctly classified samples: ``mean_n 1{argmax_c z_nc == y_n}``.
+
+    Raises:
+        InvalidArgument: see :func:`predict`.
+    """
     return float((predict(model, data, batch_size=batch_size) == data.labels).double().mean())
 
 
@@ -292,40 +326,307 @@ def _ber_value(p01: float, p10: float) -> float:
     return p01 if p01 == p10 else 0.5 * (p01 + p10)
 
 
-def _read_done(path) -> tuple[pd.DataFrame, set]:
-    """Rows already in a sweep CSV (a torn last line is cut off) and their keys."""
-    import os
+# -- sweep files: recognized, locked, validated -------------------------------------------------
 
-    path = os.fspath(path)
-    with open(path, "rb+") as fh:
-        raw = fh.read()
-        if raw and not raw.endswith(b"\n"):  # torn append: drop the partial line
+#: Suffix of the sidecar that records what defines the sweep in ``<out>`` (``<out>.meta.json``).
+META_SUFFIX = ".meta.json"
+_META_FORMAT = "bnn_tol.sweep"
+_HEADER = ",".join(COLUMNS)
+_FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr")
+_INT_COLS = ("map", "seed")
+_KEY = ["model", "p01", "p10", "map", "seed"]
+
+
+def meta_path(out) -> Path:
+    """The sidecar ``<out>.meta.json`` of sweep CSV ``out``."""
+    return Path(os.fspath(out) + META_SUFFIX)
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 over the state dict: per tensor (sorted by name) its name, dtype, shape, bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def data_digest(data: BNNDataset) -> str:
+    """sha256 over the test images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64."""
+    h = hashlib.sha256(f"{tuple(data.images.shape)}|".encode())
+    h.update(_tensor_bytes(data.images))
+    h.update(_tensor_bytes(data.labels.to(torch.int64)))
+    return h.hexdigest()
+
+
+def _settings(models: dict, data: BNNDataset, layers, targets: tuple) -> dict:
+    """What defines a sweep's rows besides (model, BER, map, seed): engine, device and batch
+    size do not (every engine is exact)."""
+    from .errors import select_layers
+
+    return {
+        "models": {str(lb): {"digest": model_digest(m), "layers": list(select_layers(m, layers))}
+                   for lb, m in models.items()},
+        "dataset": {"name": str(data.name), "split": str(data.split), "n_samples": len(data),
+                    "digest": data_digest(data)},
+        "targets": sorted(targets),
+    }
+
+
+def _provenance() -> dict:
+    """Library/torch/python versions, git commit (if in a checkout), CPU model, threads."""
+    import platform
+    import subprocess
+
+    from . import __version__
+
+    commit = None
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=5, check=False)
+        commit = r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"bnn_tol": __version__, "git_commit": commit, "torch": torch.__version__,
+            "python": platform.python_version(), "cpu": cpu,
+            "threads": torch.get_num_threads()}
+
+
+def _write_meta(out, settings: dict) -> None:
+    """Write the sidecar atomically (temporary file in the same directory + rename)."""
+    import tempfile
+
+    path = meta_path(out)
+    text = json.dumps({"format": _META_FORMAT, "version": 1, "columns": COLUMNS,
+                       "settings": settings, "provenance": _provenance()}, indent=2)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_meta(out) -> dict:
+    """The sidecar's settings; ``ResultsMismatch`` if ``out`` has no valid sidecar of ours."""
+    path = meta_path(out)
+    why = None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+            why = f"its sidecar {path.name} is not a bnn_tol sweep sidecar"
+        elif meta.get("version") != 1:
+            why = f"its sidecar {path.name} has unknown version {meta.get('version')!r}"
+    except FileNotFoundError:
+        why = f"its sidecar {path.name} is missing (every bnn_tol sweep writes one)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"its sidecar {path.name} is unreadable ({type(e).__name__})"
+    if why:
+        raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: {why}; it was "
+                              "left untouched, use another --out")
+    return meta["settings"]
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between recorded and current settings (models of ``new``
+    that the file does not know yet are not a difference: they are added)."""
+    diffs = []
+    od, nd = old.get("dataset", {}), new["dataset"]
+    for k in ("name", "split", "n_samples"):
+        if od.get(k) != nd[k]:
+            diffs.append(f"dataset {k}={od.get(k)!r}, now {k}={nd[k]!r}")
+    if not diffs and od.get("digest") != nd["digest"]:
+        diffs.append("other test images or labels (same name and size, different sha256)")
+    if old.get("targets") != new["targets"]:
+        diffs.append(f"targets={old.get('targets')}, now targets={new['targets']}")
+    for lb, m in new["models"].items():
+        o = old.get("models", {}).get(lb)
+        if o is None:
+            continue
+        if o.get("digest") != m["digest"]:
+            diffs.append(f"model {lb!r} with weights sha256 {str(o.get('digest'))[:12]}..., "
+                         f"now {m['digest'][:12]}... (retrained or another checkpoint)")
+        if o.get("layers") != m["layers"]:
+            diffs.append(f"model {lb!r} with faulty layers={o.get('layers')}, "
+                         f"now layers={m['layers']}")
+    return diffs
+
+
+def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
+    """Validate a whole sweep CSV (``raw`` bytes) and return its rows (see :func:`read_sweep`)."""
+    def bad(why: str) -> ResultsMismatch:
+        return ResultsMismatch(f"{path} {why}")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("is not a sweep CSV (not UTF-8 text)") from None
+    if not text.strip():
+        raise bad("is empty: not a sweep CSV")
+    lines = text.split("\n")
+    first = lines[0].rstrip("\r")
+    if first != _HEADER:
+        raise bad(f"is not a sweep CSV: its header is {first[:100]!r}, expected {_HEADER!r}")
+    if lines[-1] != "":
+        raise bad("ends in a partial line (an interrupted sweep): continue it with --resume "
+                  "(resume=True) before reading it")
+    for n, line in enumerate(lines[1:-1], start=2):
+        if line.rstrip("\r") == _HEADER:
+            raise bad(f"has a second header at line {n} (two sweeps wrote into it)")
+    try:
+        df = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise bad(f"is not a valid sweep CSV ({msg})") from None
+
+    def convert(col: str, cast) -> list:
+        out = []
+        for n, v in enumerate(df[col], start=2):
+            try:
+                x = cast(v)
+            except (TypeError, ValueError):
+                raise bad(f"line {n}: {col}={v!r} is not a number") from None
+            if cast is float and not (math.isfinite(x) and (col == "ber" or 0.0 <= x <= 1.0)):
+                raise bad(f"line {n}: {col}={v!r} is out of range")
+            out.append(x)
+        return out
+
+    res = pd.DataFrame({"model": df["model"].astype(str)})
+    for col in COLUMNS[1:]:
+        res[col] = convert(col, int if col in _INT_COLS else float)
+    res = res.astype({c: "int64" for c in _INT_COLS} | {c: "float64" for c in _FLOAT_COLS})
+    dup = res.duplicated(_KEY)
+    if dup.any():
+        n = int(np.flatnonzero(dup.to_numpy())[0]) + 2
+        raise bad(f"line {n} repeats the key (model, p01, p10, map, seed) of an earlier row "
+                  "(two sweeps wrote into it)")
+    return res[COLUMNS]
+
+
+def read_sweep(path) -> pd.DataFrame:
+    """Read and validate a sweep CSV written by :func:`sweep` (``out=``).
+
+    Accepts only a complete file: the exact header ``model,ber,p01,p10,map,seed,accuracy,rerr``
+    once, every row complete and newline-terminated, numeric columns finite (rates and accuracies
+    in [0, 1], ``map``/``seed`` integers), no key ``(model, p01, p10, map, seed)`` twice.
+
+    Returns:
+        One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``seed`` int64).
+
+    Raises:
+        ResultsMismatch: anything less than a valid sweep CSV (one line naming the problem).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ResultsMismatch(f"{path}: cannot read the sweep CSV ({e.strerror})") from None
+    return _parse_sweep(raw, path)
+
+
+class _SweepFile:
+    """``out`` opened for appending under an exclusive, non-blocking ``flock`` held for the
+    whole sweep; a second writer gets :class:`FileInUse`. Nothing in an existing file is
+    touched before it is recognized as ours (sidecar + exact header + same settings)."""
+
+    def __init__(self, out, *, resume: bool) -> None:
+        import fcntl
+
+        self.path = Path(os.fspath(out))
+        if self.path.exists() and self.path.stat().st_size > 0 and not resume:
+            raise InvalidArgument(f"{out} exists: pass resume=True (--resume) to continue that "
+                                  "sweep, or choose another file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()
+        self.fh = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise FileInUse(f"{out} is in use by another sweep (it holds the file's lock); wait "
+                            "for it to finish or use another --out") from None
+        self.wrote_meta = False
+
+    def open_rows(self, settings: dict) -> pd.DataFrame:
+        """Recognize, compare and repair the existing rows (empty frame for a new file)."""
+        if self.path.stat().st_size == 0:
+            _write_meta(self.path, settings)
+            self.wrote_meta = True
+            return pd.DataFrame(columns=COLUMNS)
+        old = _read_meta(self.path)
+        with open(self.path, "rb") as fh:
+            raw = fh.read()
+        if raw.split(b"\n", 1)[0].rstrip(b"\r") != _HEADER.encode():
+            raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
+                                  "first line is not the sweep header; it was left untouched, "
+                                  "use another --out")
+        diffs = _differences(old, settings)
+        if diffs:
+            raise ResultsMismatch(f"{self.path} was made with {'; '.join(diffs)}; use another "
+                                  "--out for these settings")
+        if not raw.endswith(b"\n"):  # ours, torn by a killed writer: drop the partial line
             cut = raw.rfind(b"\n") + 1
-            fh.truncate(cut)
+            os.ftruncate(self.fh.fileno(), cut)
             raw = raw[:cut]
-    if not raw.strip():
-        return pd.DataFrame(columns=COLUMNS), set()
-    df = pd.read_csv(path)
-    missing = set(COLUMNS) - set(df.columns)
-    if missing:
-        raise InvalidArgument(f"{path} is not a sweep CSV (missing columns {sorted(missing)})")
-    df["model"] = df["model"].astype(str)
-    keys = set(zip(df["model"], df["p01"], df["p10"], df["map"], df["seed"], strict=True))
-    return df[COLUMNS], keys
+        rows = _parse_sweep(raw, self.path)
+        new = {lb: m for lb, m in settings["models"].items() if lb not in old["models"]}
+        if new:
+            _write_meta(self.path, {**old, "models": {**old["models"], **new}})
+        return rows
+
+    def append(self, rows: list[dict]) -> None:
+        """Append rows (with the header if the file is empty) in one write, flush + fsync: a
+        crash leaves at most a torn last line, which :meth:`open_rows` repairs."""
+        buf = _io.StringIO()
+        header = os.fstat(self.fh.fileno()).st_size == 0
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(buf, header=header, index=False,
+                                                   float_format="%.17g", lineterminator="\n")
+        self.fh.write(buf.getvalue().encode("utf-8"))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        """Release the lock; a file this sweep created but never wrote a row to is removed."""
+        try:
+            if self.created and os.fstat(self.fh.fileno()).st_size == 0:
+                self.path.unlink(missing_ok=True)
+                if self.wrote_meta:
+                    meta_path(self.path).unlink(missing_ok=True)
+        finally:
+            self.fh.close()
 
 
-def _append_rows(path, rows: list[dict], header: bool) -> None:
-    """Append rows with one write, then flush + fsync (a crash leaves at most a torn line)."""
-    import io as _io
-    import os
-
-    buf = _io.StringIO()
-    pd.DataFrame(rows, columns=COLUMNS).to_csv(buf, header=header, index=False,
-                                               float_format="%.17g")
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
+def _check_shape(label: str, model: nn.Module, data: BNNDataset) -> None:
+    """The dataset's image shape ``(C, H, W)`` must be the model's ``in_shape``."""
+    try:
+        want = tuple(int(v) for v in model.config["kwargs"]["in_shape"])  # type: ignore[index]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        want = None
+    have = tuple(data.shape)
+    if want is None:  # no config: the first binary linear layer's fan-in, if it is one
+        first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+        if first is None or first.in_features == math.prod(have):
+            return
+        want = (first.in_features,)
+    elif want == have:
+        return
+    raise InvalidArgument(f"the dataset {data.name!r} has images of shape {have} but model "
+                          f"{label!r} expects {want}: use the dataset the model was trained on")
 
 
 def sweep(
@@ -371,8 +672,14 @@ def sweep(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         progress: tqdm bar over (model, BER, map).
         targets: see :func:`bnn_tol.errors.inject`.
-        out: CSV path; rows of each finished (model, BER) are appended atomically.
-        resume: with ``out``: skip the (model, BER, map) rows already in the file.
+        out: CSV path; rows of each finished (model, BER) are appended in one write. The file
+            is locked (``flock``) for the whole sweep; the sidecar ``<out>.meta.json`` records
+            what defines the rows (per model a sha256 of its state dict and its faulty layers;
+            dataset name, split, size and sha256 of images + labels; targets) and provenance
+            (library, git commit, torch, python, CPU model, threads).
+        resume: with ``out``: skip the (model, BER, map) rows already in the file. Only a file
+            recognized as ours (sidecar + header) made with the same settings is continued
+            (BERs, maps and models may be added); a torn last line is cut off first.
 
     Returns:
         One row per (model, BER, map): ``model, ber, p01, p10, map, seed, accuracy, rerr``
@@ -380,11 +687,14 @@ def sweep(
         accuracy``). With ``out`` the returned frame holds the file's rows of this sweep too.
 
     Raises:
-        ValueError: BER outside [0, 1], empty ``bers``, unknown layers, models without binary
-            layers, an existing ``out`` without ``resume``.
+        InvalidArgument: BER outside [0, 1], empty ``bers``, unknown layers, models without
+            binary layers, a dataset whose image shape is not the model's ``in_shape``,
+            ``n_maps``/``seed``/``batch_size`` not integers (>= 1, >= 0, >= 1), ``resume``
+            without ``out``, an existing ``out`` without ``resume``.
+        ResultsMismatch: ``resume`` into a file that is not a valid sweep CSV of ours, or that
+            was made with other settings (names the difference; the file is left untouched).
+        FileInUse: another process is writing ``out``.
     """
-    import os
-
     from tqdm.auto import tqdm
 
     from .errors import draw_maps, map_seeds, select_layers
@@ -394,8 +704,11 @@ def sweep(
     if not models:
         raise InvalidArgument("no models given")
     ber_list = _ber_list(bers)
-    if n_maps < 1:
-        raise InvalidArgument(f"n_maps must be >= 1, got {n_maps}")
+    n_maps = _check_int("n_maps", n_maps, minimum=1)
+    seed = _check_int("seed", seed, minimum=0)
+    batch_size = _check_batch_size(batch_size, optional=True)
+    if maps_per_step is not None:
+        maps_per_step = _check_int("maps_per_step", maps_per_step, minimum=1)
     if len(data) == 0:
         raise InvalidArgument("cannot evaluate on an empty dataset")
     if engine not in ("auto", "int8", "fp32", "reference"):
@@ -405,21 +718,25 @@ def sweep(
         if engine not in ("auto", "reference"):
             raise InvalidArgument("activation/threshold targets need engine='reference'")
         engine = "reference"
+    if resume and out is None:
+        raise InvalidArgument("resume=True needs out= (--out): the file to continue")
     dev = resolve_device(device)
+    for label, model in models.items():
+        select_layers(model, layers)  # validates names and that there are binary layers
+        _check_shape(str(label), model, data)
     seeds = map_seeds(seed, n_maps)
     done: set = set()
     old = pd.DataFrame(columns=COLUMNS)
-    header = True
+    file = None
     if out is not None:
-        if os.path.exists(out) and os.path.getsize(out) > 0:
-            if not resume:
-                raise InvalidArgument(f"{out} exists: pass resume=True (--resume) to continue that "
-                                 f"sweep, or choose another file")
-            old, done = _read_done(out)
-            header = os.path.getsize(out) == 0
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for model in models.values():
-        select_layers(model, layers)  # validates names and that there are binary layers
+        settings = _settings(models, data, layers, targets)
+        file = _SweepFile(out, resume=resume)
+        try:
+            old = file.open_rows(settings)
+        except BaseException:
+            file.close()
+            raise
+        done = set(zip(*(old[c] for c in _KEY), strict=True))
     cap = max(max(p) for p in ber_list)
     total = len(models) * len(ber_list) * n_maps
     bar = tqdm(total=total, desc="sweep", unit="map", disable=not progress)
@@ -449,12 +766,13 @@ def sweep(
                 rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
                          "p10": p10, "map": m, "seed": seeds[m], "accuracy": a,
                          "rerr": 1.0 - a} for m, a in zip(todo, accs, strict=True)]
-                if out is not None and rows:
-                    _append_rows(out, rows, header)
-                    header = False
+                if file is not None and rows:
+                    file.append(rows)
                 rows_all += rows
     finally:
         bar.close()
+        if file is not None:
+            file.close()
     df = pd.DataFrame(rows_all, columns=COLUMNS)
     if len(old):
         keys = {(str(lb), p01, p10) for lb in models for p01, p10 in ber_list}
