@@ -224,3 +224,120 @@ def test_margin_restores_every_submodules_training_flag(digits):
     metrics.margin(model, digits)
     metrics.score_margin(model, digits)
     assert {name: mod.training for name, mod in model.named_modules()} == before
+
+
+def _take(ds, idx):
+    return data.BNNDataset(ds.images[idx], ds.labels[idx])
+
+
+def _per_image_values(model, ds):
+    """Brute force: per-image, per-neuron margins of every hidden layer, float64.
+
+    ``{k: (v (N, C) position-mean of |a - tau|, half (N, C), scale (C,), fan_in, live (C,))}``.
+    """
+    infos = {i.index: i for i in metrics._common.hidden_layers(model)}
+    out = {}
+    with torch.no_grad():
+        x, _ = next(ds.batches(len(ds)))
+        for k in range(len(model.blocks) - 1):
+            info = infos[k]
+            a = model.blocks[k].preact(x).double()
+            tau = torch.where(info.direction == 0, 0.0, info.tau).view(-1, *[1] * (a.dim() - 2))
+            m = (a - tau).abs()
+            if k == 0:  # first layer: m / (2 xbar) with xbar the receptive-field mean |x|
+                if a.dim() == 2:
+                    xbar = x.flatten(1).abs().double().mean(1).view(-1, 1)
+                else:
+                    layer = model.blocks[0].layer
+                    ker = torch.ones(1, x.shape[1], *layer.kernel_size, dtype=torch.float64)
+                    xbar = torch.nn.functional.conv2d(x.abs().double(), ker,
+                                                      padding=layer.padding)
+                    xbar = xbar / info.fan_in
+                half = m / (2 * xbar)
+            else:
+                half = m / 2
+            dims = tuple(range(2, a.dim()))
+            v = m.mean(dims) if dims else m
+            h = half.mean(dims) if dims else half
+            out[k] = (v.numpy(), h.numpy(), info.scale.numpy(), info.fan_in,
+                      (info.direction != 0).numpy(), int(np.prod(a.shape[2:])))
+            x = model.blocks[k](x)
+    return out
+
+
+def _se(v):
+    return v.std(0, ddof=1) / math.sqrt(v.shape[0])
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("fc", dict(hidden=(40, 32), in_shape=(1, 8, 8))),
+    ("vgg3", dict(channels=((8,), (6,)), fc_width=24, in_shape=(1, 8, 8))),
+])
+def test_margin_standard_errors_match_brute_force_per_image_aggregates(digits, name, kw):
+    model = randomize_bn(models.build(name, seed=0, **kw))
+    ds = _take(digits, torch.arange(600))
+    m = metrics.margin(model, ds, batch_size=128)  # several batches: tests the merge
+    s = metrics.margin_summary(m).set_index("layer_index")
+    vals = _per_image_values(model, ds)
+    eps64, eps32, n = np.finfo(np.float64).eps, np.finfo(np.float32).eps, len(ds)
+    per_image = {st: {} for st in ("mean_margin", "mean_margin_half", "mean_margin_norm",
+                                   "mean_margin_bn")}
+    for k, (v, half, scale, fan_in, live, p) in vals.items():
+        rows = m[m.layer_index == k].sort_values("neuron")
+        forms = {"mean_margin": v, "mean_margin_half": half, "mean_margin_norm": v / fan_in,
+                 "mean_margin_bn": v * scale}
+        for st, val in forms.items():
+            # library: position means in float32 (error <= p eps32 max|v| per value, which
+            # moves a standard deviation by at most as much), float64 co-moments of n terms
+            tol = 4 * p * eps32 * np.abs(val).max() / math.sqrt(n) + 4 * n * eps64 * _se(val)
+            got = rows[f"se_{st}"].to_numpy()
+            assert (np.abs(got[live] - _se(val)[live]) <= tol).all(), (k, st)
+            assert np.isnan(got[~live]).all()
+            # aggregates are means of values: the same per-value error bound carries over
+            per_image[st][k] = (val[:, live].mean(1), 4 * p * eps32 * np.abs(val).max())
+            u_se = _se(per_image[st][k][0])
+            agg_tol = per_image[st][k][1] / math.sqrt(n) + 4 * n * eps64 * u_se
+            assert abs(s.loc[k, f"{st}_se"] - u_se) <= agg_tol, (k, st)
+    for st, layers in per_image.items():
+        w = np.mean([u for u, _ in layers.values()], axis=0)
+        ref = _se(w)
+        agg_tol = max(d for _, d in layers.values()) / math.sqrt(n) + 4 * n * eps64 * ref
+        assert abs(s.loc[-1, f"{st}_se"] - ref) <= agg_tol, (st, s.loc[-1, f"{st}_se"], ref)
+    assert (s["value_se"] == s["mean_margin_norm_se"]).all()
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("fc", dict(hidden=(40, 32), in_shape=(1, 8, 8))),
+    ("vgg3", dict(channels=((8,), (6,)), fc_width=24, in_shape=(1, 8, 8))),
+])
+def test_margin_se_matches_spread_of_disjoint_subset_means(digits, name, kw):
+    from scipy import stats
+
+    model = randomize_bn(models.build(name, seed=0, **kw))
+    n_sub = 12
+    size = len(digits) // n_sub
+    perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(5))
+    tabs, sums = [], []
+    for i in range(n_sub):
+        t = metrics.margin(model, _take(digits, perm[i * size : (i + 1) * size]))
+        tabs.append(t.sort_values(["layer_index", "neuron"]).reset_index(drop=True))
+        sums.append(metrics.margin_summary(t).set_index("layer_index"))
+    # Var_k of the K subset means has E = fpc se^2 (disjoint draws without replacement from
+    # N images: fpc = (N - n) / (N - 1)) and, for a normal mean, (K - 1) Var / (fpc se^2)
+    # ~ chi2_{K-1}. Pooling neurons only adds degrees of freedom; perfectly correlated
+    # neurons leave K - 1, so the two-sided 99.9 % chi2_{K-1} band holds in every case.
+    fpc = (len(digits) - size) / (len(digits) - 1)
+    lo, hi = (fpc * stats.chi2.ppf(q, n_sub - 1) / (n_sub - 1) for q in (0.0005, 0.9995))
+    for st in ("mean_margin", "mean_margin_half", "mean_margin_bn"):
+        means = np.stack([t[st].to_numpy() for t in tabs])
+        se2 = np.stack([t[f"se_{st}"].to_numpy() for t in tabs]) ** 2
+        live = ~tabs[0]["dead"].to_numpy()
+        for k in tabs[0]["layer_index"].unique():
+            sel = live & (tabs[0]["layer_index"] == k).to_numpy()
+            ratio = means[:, sel].var(0, ddof=1).sum() / se2[:, sel].mean(0).sum()
+            assert lo < ratio < hi, (st, k, ratio)
+        for k in [*tabs[0]["layer_index"].unique(), -1]:  # layers and the network
+            agg = np.array([s.loc[k, st] for s in sums])
+            agg_se2 = np.array([s.loc[k, f"{st}_se"] for s in sums]) ** 2
+            ratio = agg.var(ddof=1) / agg_se2.mean()
+            assert lo < ratio < hi, (st, k, ratio)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -68,13 +69,59 @@ from ._common import (
 
 __all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS"]
 
+#: Per-neuron means that get a standard error (``se_<stat>``) in :func:`margin`.
+_SE_STATS = ["mean_margin", "mean_margin_half", "mean_margin_norm", "mean_margin_bn"]
+
 #: Columns of :func:`margin`, in order.
 MARGIN_COLUMNS = ["layer", "layer_index", "kind", "neuron", "fan_in", "tau", "direction", "dead",
                   "n", "mean_margin", "min_margin", "q10_margin", "mean_margin_half",
-                  "mean_margin_norm", "mean_margin_bn"]
+                  "mean_margin_norm", "mean_margin_bn",
+                  *[f"se_{s}" for s in _SE_STATS],
+                  *[f"cov_layer_{s}" for s in _SE_STATS],
+                  *[f"cov_network_{s}" for s in _SE_STATS]]
 
 #: Data quantum of :func:`bnn_tol.data.to_float`: inputs are multiples of 1/128 in [-1, 1).
 _QUANTUM = 1.0 / 128.0
+
+
+@dataclass
+class _CoMoments:
+    """Streaming means and centred co-moments of per-image values (float64).
+
+    For rows ``x_n`` ``(C,)`` and ``y_n`` ``(Q,)`` (``n = 1..N``) keeps ``N``, the means and
+    ``sxx = sum_n (x_n - xbar)^2`` ``(C,)``, ``sxy = sum_n (x_n - xbar)(y_n - ybar)^T``
+    ``(C, Q)``; batches are merged with Chan et al.'s pairwise update (numerically stable,
+    no sum-of-squares cancellation).
+    """
+
+    n: int = 0
+    mx: Tensor | None = None
+    my: Tensor | None = None
+    sxx: Tensor | None = None
+    sxy: Tensor | None = None
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """Add a batch: ``x`` ``(B, C)``, ``y`` ``(B, Q)``, float64."""
+        b = x.shape[0]
+        bx, by = x.mean(0), y.mean(0)
+        dx, dy = x - bx, y - by
+        bxx, bxy = (dx * dx).sum(0), dx.T @ dy
+        if self.n == 0:
+            self.n, self.mx, self.my, self.sxx, self.sxy = b, bx, by, bxx, bxy
+            return
+        n = self.n + b
+        f = self.n * b / n
+        ex, ey = bx - self.mx, by - self.my
+        self.sxx = self.sxx + bxx + ex * ex * f
+        self.sxy = self.sxy + bxy + ex[:, None] * ey[None, :] * f
+        self.mx, self.my, self.n = self.mx + ex * (b / n), self.my + ey * (b / n), n
+
+    def var_of_mean(self) -> tuple[Tensor, Tensor]:
+        """``(sxx, sxy) / (N (N - 1))`` on CPU: se^2 of the mean of ``x`` and its covariance
+        with the mean of each ``y`` (nan for ``N < 2``)."""
+        d = self.n * (self.n - 1)
+        d = d if d > 0 else math.nan
+        return self.sxx.cpu() / d, self.sxy.cpu() / d
 
 
 @dataclass
@@ -108,6 +155,7 @@ class LayerStats:
     pos_sum: Tensor | None = None
     pos_min: Tensor | None = None
     pos_neff: Tensor | None = None
+    se: dict[str, _CoMoments] | None = None
     _group: Tensor | None = field(default=None, repr=False)
     _tau: Tensor | None = field(default=None, repr=False)
 
@@ -237,11 +285,13 @@ def _grid_totals(st: LayerStats) -> tuple[Tensor, Tensor]:
     return total, mn
 
 
-def _update(st: LayerStats, a: Tensor, x: Tensor) -> None:
+def _update(st: LayerStats, a: Tensor, x: Tensor) -> dict[str, Tensor] | None:
     """Add one batch: ``a`` ``(N, C[, H, W])`` pre-activation, ``x`` the layer input.
 
-    Consumes ``a`` (modified in place).
+    Consumes ``a`` (modified in place). With ``st.se`` set, returns the per-image values
+    ``v_nj`` ``(N, C)`` float64 of each of :data:`_SE_STATS` (conv: mean over positions).
     """
+    per_image = _per_image(st, a, x) if st.se is not None else None
     info = st.info
     dims = [0, *range(2, a.dim())]
     st.count += a[:, 0].numel()
@@ -272,13 +322,70 @@ def _update(st: LayerStats, a: Tensor, x: Tensor) -> None:
             st.sum_half += torch.einsum("nchw,nhw->c", m, r).double()
         del m
     _add_hist(st, a, 1.0 / st.w, -st.lo / st.w)
+    return per_image
+
+
+def _per_image(st: LayerStats, a: Tensor, x: Tensor) -> dict[str, Tensor]:
+    """Per-image values ``v_nj`` of the margin statistics (see :func:`margin`), float64.
+
+    ``v_nj = (1/P) sum_p |a_npj - tau_j|`` over the ``P`` output positions (``P = 1`` for
+    linear layers), its ``/ 2`` (first layer: ``/ (2 xbar_np)`` inside the position mean),
+    ``/ fan_in`` and ``* scale_j`` forms.
+    """
+    info = st.info
+    if info.conv:
+        m = (a - st._tau.float()).abs_()
+        v = m.mean((2, 3), dtype=torch.float64)
+        if info.kind == "first":
+            layer = info.block.layer
+            k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
+            xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
+                            dilation=layer.dilation)[:, 0] / info.fan_in
+            half = torch.einsum("nchw,nhw->nc", m, 0.5 / xbar.clamp_min(1e-30)).double()
+            half /= m.shape[2] * m.shape[3]
+        else:
+            half = v / 2
+        del m
+    else:
+        v = (a.double() - st._tau).abs_()
+        if info.kind == "first":
+            xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
+            half = v * (0.5 / xbar.clamp_min(1e-30))[:, None]
+        else:
+            half = v / 2
+    scale = info.scale.to(v.device, torch.float64)
+    return {"mean_margin": v, "mean_margin_half": half, "mean_margin_norm": v / info.fan_in,
+            "mean_margin_bn": v * scale}
+
+
+def _add_se(stats: dict[int, LayerStats], values: dict[int, dict[str, Tensor]]) -> None:
+    """Feed one batch of per-image values to the co-moments of every measured layer.
+
+    Layer aggregate ``u_nl = mean_{live j in l} v_nj``; network aggregate
+    ``w_n = mean_l u_nl`` over the layers with a live neuron (as :func:`margin_summary`).
+    """
+    for s in _SE_STATS:
+        u = {}
+        for k, vals in values.items():
+            live = stats[k].info.direction != 0
+            if bool(live.any()):
+                u[k] = vals[s][:, live.to(vals[s].device)].mean(1)
+        w = torch.stack(list(u.values()), 1).mean(1) if u else None
+        for k, vals in values.items():
+            v = vals[s]
+            uk = u.get(k, torch.zeros_like(v[:, 0]))
+            wk = w if w is not None else torch.zeros_like(uk)
+            stats[k].se[s].add(v, torch.stack([uk, wk], 1))
 
 
 @torch.no_grad()
 def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
                 max_bins: int = 8192, per_position: bool = False,
-                layers: list[int] | None = None) -> list[LayerStats]:
+                layers: list[int] | None = None, se: bool = False) -> list[LayerStats]:
     """One forward pass over ``data`` accumulating :class:`LayerStats` per hidden layer.
+
+    ``se``: also accumulate the per-image co-moments behind the standard errors of
+    :func:`margin` (``LayerStats.se``).
 
     ``layers``: block indices to measure (default: all hidden blocks).
     """
@@ -296,6 +403,7 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
     dev = device_of(model)
     with eval_mode(model):
         for x, _ in data.batches(batch_size, device=dev):
+            values = {}
             for k, block in enumerate(blocks[: last + 1]):
                 name = wanted[k].name if k in wanted else f"blocks.{k}.layer"
                 a = run_block(block.preact, x, name)
@@ -303,10 +411,14 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
                     h = block.post(a) if k < last else None
                     if k not in stats:
                         stats[k] = _init_stats(wanted[k], a, x, max_bins, per_position)
-                    _update(stats[k], a, x)
+                        if se:
+                            stats[k].se = {s: _CoMoments() for s in _SE_STATS}
+                    values[k] = _update(stats[k], a, x)
                     x = h
                 else:
                     x = block.post(a)
+            if se:
+                _add_se(stats, values)
     return [stats[k] for k in sorted(stats)]
 
 
@@ -345,6 +457,15 @@ def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
     inf = torch.full_like(mean, math.inf)
     mean, mn, q10, half = (torch.where(dead, inf, t) for t in (mean, mn, q10, half))
     c = mean.numel()
+    extra = {}
+    nan = torch.full_like(mean, math.nan)
+    for s in _SE_STATS:
+        se2 = nan if st.se is None else st.se[s].var_of_mean()[0]
+        extra[f"se_{s}"] = torch.where(dead, nan, se2.sqrt()).numpy()
+    for j, col in enumerate(("cov_layer", "cov_network")):
+        for s in _SE_STATS:
+            cov = (st.se[s].var_of_mean()[1][:, j] if st.se is not None else nan)
+            extra[f"{col}_{s}"] = torch.where(dead, torch.zeros_like(cov), cov).numpy()
     return pd.DataFrame({
         "layer": info.name, "layer_index": info.index, "kind": info.kind,
         "neuron": range(c), "fan_in": info.fan_in, "tau": info.tau.numpy(),
@@ -353,6 +474,7 @@ def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
         "q10_margin": q10.numpy(), "mean_margin_half": half.numpy(),
         "mean_margin_norm": (mean / info.fan_in).numpy(),
         "mean_margin_bn": torch.where(dead, inf, mean * info.scale).numpy(),
+        **extra,
     })
 
 
@@ -370,6 +492,27 @@ def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bi
                          = mean_n m_nj / (2 xbar_n)   (first layer, see module doc)
         mean_margin_norm = mean_margin / fan_in
         mean_margin_bn   = |gamma_j| / sqrt(s2_j + eps) * mean_margin   (= mean |BN(a)|)
+
+    Standard errors: the sample is the image. With ``v_nj`` the per-image value of a statistic
+    (linear: ``m_nj``; conv: ``(1/P) sum_p m_npj`` over the ``P`` output positions, which are
+    correlated within an image; the ``_half`` / ``_norm`` / ``_bn`` forms transformed alike)
+    and ``N`` images::
+
+        se_<stat>_j = sqrt( sum_n (v_nj - vbar_j)^2 / ((N - 1) N) )
+
+    for ``<stat>`` in ``mean_margin, mean_margin_half, mean_margin_norm, mean_margin_bn``
+    (``nan`` for ``N < 2`` and dead neurons). Since all neurons are measured on the same
+    images, layer and network errors need the covariances: with the per-image aggregates
+    ``u_nl = mean_{live j in l} v_nj`` and ``w_n = mean_l u_nl``::
+
+        cov_layer_<stat>_j   = sum_n (v_nj - vbar_j)(u_nl - ubar_l) / ((N - 1) N)
+        cov_network_<stat>_j = sum_n (v_nj - vbar_j)(w_n - wbar) / ((N - 1) N)
+
+    so that ``mean_{live j in l} cov_layer_j = Var_n(u_nl) / N`` (the layer's se^2) and
+    ``mean_l mean_{live j in l} cov_network_j = Var_n(w_n) / N`` (the network's);
+    :func:`margin_summary` uses them. All co-moments are accumulated batch by batch in
+    float64 (Chan's pairwise update). The network aggregate covers the layers measured
+    together (``layers``): summarize the table of one call, not a filtered part of it.
 
     Dead neurons (``gamma == 0``, ``direction == 0``) have ``tau = nan`` and infinite
     margins. Cost: one forward pass through the hidden blocks plus one histogram update
@@ -390,7 +533,8 @@ def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bi
         ValueError: empty dataset, images of the wrong shape, or a hidden binary layer not
             followed by BatchNorm (the message names the layer).
     """
-    stats = margin_pass(model, data, batch_size=batch_size, max_bins=max_bins, layers=layers)
+    stats = margin_pass(model, data, batch_size=batch_size, max_bins=max_bins, layers=layers,
+                        se=True)
     return pd.concat([_neuron_table(st, quantile) for st in stats], ignore_index=True)
 
 
@@ -447,6 +591,17 @@ def margin_summary(m: pd.DataFrame) -> pd.DataFrame:
     The row ``layer == "network"`` holds the mean over layers of each statistic -- for
     ``value`` the paper-style scalar ``mean_l mean_j m_lj / fan_in_l`` -- and the totals of
     ``n_neurons``, ``n_dead``. A ``model`` column, if present, is kept and grouped by.
+
+    Standard errors over images (see :func:`margin`): for ``<stat>`` in ``mean_margin,
+    mean_margin_half, mean_margin_norm, mean_margin_bn`` (and ``value_se`` =
+    ``mean_margin_norm_se``)::
+
+        layer:    <stat>_se = sqrt( mean_{live j} cov_layer_<stat>_j )   = sd_n(u_nl) / sqrt(N)
+        network:  <stat>_se = sqrt( mean_l mean_{live j in l} cov_network_<stat>_j )
+                            = sd_n(w_n) / sqrt(N)
+
+    i.e. from the per-image layer / network aggregates, not from summed neuron ``se^2``
+    (the neurons share the images). ``nan`` when the table has no covariance columns.
     """
     need = {"layer", "layer_index", "mean_margin", "min_margin", "q10_margin",
             "mean_margin_half", "mean_margin_norm", "mean_margin_bn", "dead"}
@@ -470,6 +625,10 @@ def margin_summary(m: pd.DataFrame) -> pd.DataFrame:
                    mean_margin_half=live["mean_margin_half"].mean(),
                    mean_margin_norm=live["mean_margin_norm"].mean(),
                    mean_margin_bn=live["mean_margin_bn"].mean())
+        for s in _SE_STATS:
+            for col, tag in (("cov_layer", "se2"), ("cov_network", "net_cov")):
+                c = f"{col}_{s}"
+                row[f"_{tag}_{s}"] = live[c].mean() if c in live else math.nan
         rows.append(row)
     per_layer = pd.DataFrame(rows)
     nets = []
@@ -478,12 +637,16 @@ def margin_summary(m: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, gkey, strict=True))
         row.update(layer="network", layer_index=-1, kind="network", fan_in=0,
                    n_neurons=int(g["n_neurons"].sum()), n_dead=int(g["n_dead"].sum()),
-                   **{s: g[s].mean() for s in _SUMMARY_STATS})
+                   **{s: g[s].mean() for s in _SUMMARY_STATS},
+                   **{f"_se2_{s}": g[f"_net_cov_{s}"].mean() for s in _SE_STATS})
         nets.append(row)
     out = pd.concat([per_layer, pd.DataFrame(nets)], ignore_index=True)
     out["value"] = out["mean_margin_norm"]
+    for s in _SE_STATS:
+        out[f"{s}_se"] = np.sqrt(out[f"_se2_{s}"].clip(lower=0))
+    out["value_se"] = out["mean_margin_norm_se"]
     cols = [*keys, "layer", "layer_index", "kind", "fan_in", "n_neurons", "n_dead",
-            *_SUMMARY_STATS, "value"]
+            *_SUMMARY_STATS, "value", *[f"{s}_se" for s in _SE_STATS], "value_se"]
     return out[cols]
 
 
