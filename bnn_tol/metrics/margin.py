@@ -302,24 +302,25 @@ def _update(st: LayerStats, a: Tensor, x: Tensor) -> dict[str, Tensor] | None:
         st.sum_m += m64.sum(dims)
         st.min_m = torch.minimum(st.min_m, m64.amin(dims))
         del m64
-    first = info.kind == "first"
-    if st.pos_sum is not None or first:
+    if st.pos_sum is not None:  # per-position table: float64 (a exact, tau float64)
+        m64 = (a.double() - st._tau).abs_()
+        st.pos_sum += m64.sum(0)
+        st.pos_min = torch.minimum(st.pos_min, m64.amin(0))
+        del m64
+    if info.kind == "first" and not info.conv:
+        # sum_n m_nj / (2 xbar_n) in float64
+        xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
+        m64 = (a.double() - st._tau).abs_()
+        st.sum_half += (0.5 / xbar.clamp_min(1e-30)) @ m64
+        del m64
+    elif info.kind == "first":  # conv: float32 (positions x channels), summed in float64
         m = (a - st._tau.float()).abs_()
-        if st.pos_sum is not None:
-            st.pos_sum += m.sum(0, dtype=torch.float64)
-            st.pos_min = torch.minimum(st.pos_min, m.amin(0).double())
-        if first and not info.conv:
-            # sum_n m_nj / (2 xbar_n) in float64
-            xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
-            m64 = (a.double() - st._tau).abs_()
-            st.sum_half += (0.5 / xbar.clamp_min(1e-30)) @ m64
-        elif first:
-            layer = info.block.layer
-            k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
-            xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
-                            dilation=layer.dilation)[:, 0] / info.fan_in
-            r = 0.5 / xbar.clamp_min(1e-30)
-            st.sum_half += torch.einsum("nchw,nhw->c", m, r).double()
+        layer = info.block.layer
+        k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
+        xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation)[:, 0] / info.fan_in
+        r = 0.5 / xbar.clamp_min(1e-30)
+        st.sum_half += torch.einsum("nchw,nhw->nc", m, r).sum(0, dtype=torch.float64)
         del m
     _add_hist(st, a, 1.0 / st.w, -st.lo / st.w)
     return per_image
