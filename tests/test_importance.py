@@ -211,3 +211,68 @@ def test_importance_variance_hand_example_of_sampling_bias():
     v2 = metrics.importance_variance(imp.assign(vu_layers=2)).set_index("layer")
     assert math.isnan(v2.loc["network", "variance_unbiased_se"])
     assert v2.loc["a", "variance_unbiased_se"] == 0.004
+
+
+# -- the subset test on a real trained network ------------------------------------------------
+
+K_SUBSETS = 16
+
+
+@pytest.fixture(scope="module")
+def trained_fc():
+    """fc 784-64-64-10 trained 2 epochs on 4000 Fashion-MNIST images (digits if missing)."""
+    from bnn_tol import train
+
+    try:
+        tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
+        n_train, n_eval = 4000, 6400
+    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
+        tr, te = data.load("digits", "train"), data.load("digits", "test")
+        n_train, n_eval = len(tr), len(te) // K_SUBSETS * K_SUBSETS
+    model = models.build("fc", hidden=(64, 64), in_shape=tr.shape, seed=0)
+    train.fit(model, tr.subset(n_train, seed=0), epochs=2, seed=0, progress=False,
+              device="cpu")
+    return model.eval(), te.subset(n_eval, seed=1)
+
+
+def _part(ds, k, parts):
+    m = len(ds) // parts
+    return data.BNNDataset(ds.images[k * m:(k + 1) * m], ds.labels[k * m:(k + 1) * m])
+
+
+def test_unbiased_variance_and_se_match_disjoint_subsets_of_a_trained_fc(trained_fc):
+    """On K disjoint subsets: mean of variance_unbiased ~ whole-sample value (within se);
+    the plug-in is biased upward; reported se's match the spread across subsets.
+
+    Bands for the se checks: an estimated variance from K draws is ~ chi2_{K-1} / (K-1)
+    times the true one (neurons are correlated, so the conservative one-chi2 band),
+    two-sided 0.1 % each way.
+    """
+    from scipy.stats import chi2
+
+    model, ds = trained_fc
+    whole = metrics.importance(model, ds)
+    iv_all = metrics.importance_variance(whole).set_index("layer_index")
+    subs = [metrics.importance(model, _part(ds, k, K_SUBSETS)) for k in range(K_SUBSETS)]
+    ivs = [metrics.importance_variance(s).set_index("layer_index") for s in subs]
+    lo, hi = (chi2.ppf(q, K_SUBSETS - 1) / (K_SUBSETS - 1) for q in (0.001, 0.999))
+    for l in (0, 1, -1):
+        vu = np.array([v.loc[l, "variance_unbiased"] for v in ivs])
+        plug = np.array([v.loc[l, "variance"] for v in ivs])
+        vu_se = np.array([v.loc[l, "variance_unbiased_se"] for v in ivs])
+        # unbiased: the subset mean agrees with the whole sample within its standard error
+        sd = math.hypot(vu.std(ddof=1) / math.sqrt(K_SUBSETS),
+                        iv_all.loc[l, "variance_unbiased_se"])
+        assert abs(vu.mean() - iv_all.loc[l, "variance_unbiased"]) < 3.5 * sd, l
+        # plug-in: biased upward (N / K images per subset carry K times the noise)
+        t = (plug.mean() - iv_all.loc[l, "variance"]) / (plug.std(ddof=1) / math.sqrt(K_SUBSETS))
+        assert t > 5, (l, t)
+        assert iv_all.loc[l, "noise_share"] > 0
+        # jackknife se of variance_unbiased matches the spread across subsets
+        ratio = vu.var(ddof=1) / np.mean(vu_se ** 2)
+        assert lo < ratio < hi, (l, ratio)
+    for l in (0, 1):  # per-neuron se matches the spread of I_j across subsets (pooled)
+        i_k = np.array([s[s.layer_index == l].sort_values("neuron")["importance"] for s in subs])
+        se_k = np.array([s[s.layer_index == l].sort_values("neuron")["se"] for s in subs])
+        ratio = i_k.var(0, ddof=1).mean() / (se_k ** 2).mean()
+        assert lo < ratio < hi, (l, ratio)
