@@ -276,3 +276,43 @@ def test_unbiased_variance_and_se_match_disjoint_subsets_of_a_trained_fc(trained
         se_k = np.array([s[s.layer_index == l].sort_values("neuron")["se"] for s in subs])
         ratio = i_k.var(0, ddof=1).mean() / (se_k ** 2).mean()
         assert lo < ratio < hi, (l, ratio)
+
+
+# -- scale-free loss form ---------------------------------------------------------------------
+
+def test_loss_norm_is_invariant_to_output_bn_scale_while_loss_form_is_not(digits):
+    """Scaling the output BN (gamma, beta) by c > 0 scales every logit by c.
+
+    Predictions and the accuracy form stay; CE is not homogeneous, so the loss form changes,
+    and so does the loss form divided by its network mean; the loss form on logits in units
+    of the output BN scale (``loss_norm``) does not. For c a power of 2 the float scaling is
+    exact, so the invariance is bit for bit; for c = 3 up to float32 rounding of the logits.
+    """
+    assert "loss_norm" in metrics.ESTIMATORS
+    base = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=4)
+    ests = ["accuracy", "loss", "loss_norm"]
+    key = ["estimator", "layer_index", "neuron"]
+    ref = metrics.importance(base, digits, estimator=ests).set_index(key).sort_index()
+    x, _ = next(digits.batches(len(digits)))
+    with torch.no_grad():
+        z0 = base(x)
+    for c in (4.0, 0.5, 3.0):
+        model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=4)
+        with torch.no_grad():
+            model.blocks[-1].bn.weight.mul_(c)
+            model.blocks[-1].bn.bias.mul_(c)
+            assert torch.equal(model(x).argmax(1), z0.argmax(1))
+        got = metrics.importance(model, digits, estimator=ests).set_index(key).sort_index()
+        assert got.loc["accuracy", "importance"].equals(ref.loc["accuracy", "importance"])
+        loss, loss0 = got.loc["loss", "importance"], ref.loc["loss", "importance"]
+        assert not np.allclose(loss, loss0, rtol=0.05)
+        assert not np.allclose(loss / loss.mean(), loss0 / loss0.mean(), rtol=0.05)
+        norm, norm0 = got.loc["loss_norm", "importance"], ref.loc["loss_norm", "importance"]
+        if c != 3.0:
+            assert norm.equals(norm0), c
+        else:  # logits z/s carry a few float32 roundings; CE is 2-Lipschitz in max-norm
+            bn = base.blocks[-1].bn
+            s = float((bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).mean())
+            tol = 64 * np.finfo(np.float32).eps * float((z0 / s).abs().max() + 1)
+            np.testing.assert_allclose(norm, norm0, rtol=0, atol=tol)
+        assert got.loc["loss_norm", "se"].notna().all()
