@@ -121,6 +121,9 @@ def _output_correct(a: np.ndarray, y: np.ndarray, k: int, g: np.ndarray, b: np.n
     n_s, n_c = a.shape
     big_a = ((k + a) // 2).astype(np.int64)
     w = np.arange(k + 1)
+    flat = g == 0  # constant score b_c
+    g_safe = np.where(flat, 1.0, g)
+    up = (g_safe > 0)[None, :, None]
     out = np.empty(n_s)
     step = max(1, _CHUNK // (n_c * (k + 2)))
     for s in range(0, n_s, step):
@@ -129,18 +132,14 @@ def _output_correct(a: np.ndarray, y: np.ndarray, k: int, g: np.ndarray, b: np.n
         ay = ba[np.arange(len(yy)), yy]
         pmf_y = sw[ay, :-1] - sw[ay, 1:]  # (B, K + 1)
         v = g[yy][:, None] * (k - 2 * w)[None] + b[yy][:, None]  # z'_y(w): (B, K + 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = (v[:, None, :] - b[None, :, None]) / g[None, :, None]  # (B, C, K + 1)
-            half = (k - u) / 2.0
-            col_pos = np.clip(np.floor(half) + 1, 0, k + 1)
-            col_neg = np.clip(np.ceil(half), 0, k + 1)
-        col_pos = np.nan_to_num(col_pos).astype(np.int64)
-        col_neg = np.nan_to_num(col_neg).astype(np.int64)
-        p_pos = np.take_along_axis(rows, col_pos, axis=2)
-        p_neg = 1.0 - np.take_along_axis(rows, col_neg, axis=2)
-        p_const = (b[None, :, None] < v[:, None, :]).astype(np.float64)
-        gg = g[None, :, None]
-        less = np.where(gg > 0, p_pos, np.where(gg < 0, p_neg, p_const))  # P(z'_c < z'_y(w))
+        # g_c > 0: z'_c < v iff W_c >= floor((K - u) / 2) + 1;  g_c < 0: iff W_c < ceil(.)
+        half = (k - (v[:, None, :] - b[None, :, None]) / g_safe[None, :, None]) / 2.0
+        col = np.where(up, np.floor(half) + 1, np.ceil(half))
+        np.clip(col, 0, k + 1, out=col)
+        val = np.take_along_axis(rows, col.astype(np.int64), axis=2)
+        less = np.where(up, val, 1.0 - val)  # P(z'_c < z'_y(w)): (B, C, K + 1)
+        if flat.any():
+            less[:, flat] = (b[None, flat, None] < v[:, None, :])
         less[np.arange(len(yy)), yy] = 1.0
         out[s : s + step] = (pmf_y * less.prod(1)).sum(1)
     return np.clip(out, 0.0, 1.0)
