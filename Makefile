@@ -7,14 +7,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 OUT    ?= runs/demo
+# `make results`: the study behind the README's numbers, run from scratch (--fresh refuses a
+# non-empty RESULTS directory, so no task cached by older code is reused).
+STUDY   ?= studies/fmnist_small.toml
+RESULTS ?= docs/results/$(basename $(notdir $(STUDY)))
 
-.PHONY: help setup data demo test test-slow lint bench clean
+.PHONY: help setup data demo test test-slow lint bench clean results
 
 help:
 	@echo "make demo       train normal + bit-flip-trained BNNs, sweep, metrics (Fashion-MNIST)"
 	@echo "make test       lint + default test suite (< 10 min on 2 cores)"
 	@echo "make test-slow  the slow tests too"
 	@echo "make bench      benchmarks -> benchmarks/RESULTS.md"
+	@echo "make results    every published number: STUDY (default studies/fmnist_small.toml)"
+	@echo "                run fresh into RESULTS (default docs/results/<study>/), report + environment.json"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +49,10 @@ test: setup lint
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+results: setup
+	$(BIN)/bnn-tol study $(STUDY) --out $(RESULTS) --fresh
+	@echo "results in $(RESULTS): report.html, environment.json (versions, commit, CPU, threads)"
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

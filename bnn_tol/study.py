@@ -646,14 +646,28 @@ def _git(*args: str) -> str | None:
     return r.stdout.strip()
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """First processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    out: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, val = line.partition(":")
+        out[key.strip().lower()] = val.strip()
+    return out
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str | None:
+    """sha256 prefix of the sorted CPU feature flags: the ISA torch's kernels dispatch on."""
+    flags = _cpuinfo().get("flags")
+    return (hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+            if flags else None)
 
 
 def environment(threads: int, workers: int, command: str | None = None) -> dict[str, Any]:
@@ -661,9 +675,10 @@ def environment(threads: int, workers: int, command: str | None = None) -> dict[
 
     ``bnn_tol`` version, git commit of the code and whether tracked files differ from it
     (``git_dirty``; ``None`` outside a git checkout), torch / numpy / pandas / python
-    versions, CPU model (``/proc/cpuinfo``), available cores, torch threads per task,
-    workers, and the command that reproduces the run. Float results of training depend on
-    the CPU (kernel dispatch, reduction order) and the thread count.
+    versions, CPU model and a digest of its feature flags (``/proc/cpuinfo``), available
+    cores, torch threads per task, workers, and the command that reproduces the run. Float
+    results of training depend on the CPU (kernel dispatch, reduction order) and the thread
+    count.
     """
     import numpy as np
     import torch
@@ -677,8 +692,8 @@ def environment(threads: int, workers: int, command: str | None = None) -> dict[
             "git_dirty": None if commit is None or dirty is None else bool(dirty),
             "torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu": _cpu_model(), "cores": available_cores(), "torch_threads": int(threads),
-            "workers": int(workers), "command": command}
+            "cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "cores": available_cores(),
+            "torch_threads": int(threads), "workers": int(workers), "command": command}
 
 
 def run(
