@@ -11,10 +11,16 @@ inter-neuron importance variance, plus the analytic flip probability of a neuron
 """
 
 from .flipprob import flip_probability, flip_tables
-from .importance import ESTIMATORS, importance, importance_variance, negation_logits
+from .importance import (
+    ESTIMATORS,
+    importance,
+    importance_variance,
+    negation_logits,
+    required_samples,
+)
 from .margin import MARGIN_COLUMNS, margin, margin_positions, margin_summary, score_margin
 from .predict import predict_accuracy
 
 __all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS",
-           "importance", "importance_variance", "negation_logits", "ESTIMATORS",
+           "importance", "importance_variance", "required_samples", "negation_logits", "ESTIMATORS",
            "flip_probability", "flip_tables", "predict_accuracy"]
