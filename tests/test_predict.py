@@ -174,6 +174,22 @@ def test_invalid_bers(trained, bers, match):
         metrics.predict_accuracy(model, ds, bers)
 
 
+def test_propagate_method_reduces_to_the_exact_output_law(trained):
+    # with errors only in the output layer every sample sees rate p: the mean-field method
+    # evaluates the same exact law (float64 sums in another order: n * eps)
+    model, ds = trained
+    bers = [0.0, 0.03, 0.2]
+    a = metrics.predict_accuracy(model, ds, bers, layers=[-1])
+    b = metrics.predict_accuracy(model, ds, bers, layers=[-1], method="propagate")
+    np.testing.assert_allclose(b["predicted_accuracy"], a["predicted_accuracy"], rtol=0,
+                               atol=4 * len(ds) * EPS)
+    full = metrics.predict_accuracy(model, ds, bers, method="propagate")
+    assert full["predicted_accuracy"].iloc[0] == full["clean_accuracy"].iloc[0]
+    assert full["predicted_accuracy"].between(0, 1).all()
+    with pytest.raises(InvalidArgument, match="method"):
+        metrics.predict_accuracy(model, ds, bers, method="exact")
+
+
 def test_invalid_layers_and_conv_models(trained):
     model, ds = trained
     with pytest.raises(InvalidArgument, match="unknown layer"):

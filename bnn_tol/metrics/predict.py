@@ -145,6 +145,25 @@ def _output_correct(a: np.ndarray, y: np.ndarray, k: int, g: np.ndarray, b: np.n
     return np.clip(out, 0.0, 1.0)
 
 
+def _bucketed(pi: np.ndarray, fn) -> np.ndarray:
+    """Apply ``fn(rate, index)`` to groups of samples with (nearly) equal rate ``pi``.
+
+    Rates are grouped on a log grid of relative step 2 % (``0`` kept exact) and each group
+    is evaluated at its mean rate; ``fn`` returns the rows for ``index``. Returns the rows
+    stacked in sample order.
+    """
+    key = np.where(pi > 0, np.rint(np.log(np.maximum(pi, 1e-300)) * 50), -1e9)
+    out = None
+    for kv in np.unique(key):
+        idx = np.nonzero(key == kv)[0]
+        rate = float(pi[idx].mean())  # exact where all rates agree (e.g. no upstream flips)
+        val = fn(min(rate, 0.5), idx)
+        if out is None:
+            out = np.empty((len(pi), *val.shape[1:]))
+        out[idx] = val
+    return out
+
+
 def predict_accuracy(
     model: nn.Module,
     data: BNNDataset,
@@ -152,6 +171,7 @@ def predict_accuracy(
     *,
     layers: Sequence[str | int] | str | None = None,
     per_layer: bool = False,
+    method: str = "poisson",
     batch_size: int = 1000,
 ) -> pd.DataFrame:
     """Predicted mean accuracy under symmetric weight BER ``p``, from per-sample margins.
@@ -166,7 +186,16 @@ def predict_accuracy(
             :func:`bnn_tol.errors.select_layers` (``None``/``"all"``, ``"hidden"``, names or
             positions); the others stay error-free.
         per_layer: also return one row per corrupted layer: the predicted accuracy when only
-            that layer has errors.
+            that layer has errors (``method="poisson"``).
+        method: ``"poisson"`` (module doc, items 1-4; exact slope at ``p = 0``) or
+            ``"propagate"`` (mean-field: the flips of block ``l`` act on block ``l + 1`` as
+            input errors, so each of its terms ``w_i h_i`` flips with probability
+            ``pi_n = p_l + qbar_n - 2 p_l qbar_n``, ``qbar_n`` the mean flip probability of
+            block ``l`` on sample ``n``; the binomial law of block ``l + 1`` and the output
+            law of item 3 are evaluated at ``pi_n`` (grouped on a 2 % log grid) and
+            ``predicted_accuracy = mean_n P_out_n(pi_n)``. It captures the accumulation of
+            many small shifts at high BER but assumes independent input flips, also across
+            classes, and is not exact at ``p -> 0``).
         batch_size: samples per clean forward pass.
 
     Returns:
@@ -181,6 +210,8 @@ def predict_accuracy(
             conv models, data that do not fit the model, hidden layers without BatchNorm.
     """
     ps = _bers(bers)
+    if method not in ("poisson", "propagate"):
+        raise InvalidArgument(f"method must be 'poisson' or 'propagate', got {method!r}")
     check_data(model, data)
     blocks = blocks_of(model)
     names = {id(b.layer): n for n, b in ((f"blocks.{k}.layer", b) for k, b in enumerate(blocks))}
@@ -196,10 +227,11 @@ def predict_accuracy(
     n_blocks = len(blocks)
     hidden_sel = [k for k in sel if k < n_blocks - 1]
     out_sel = (n_blocks - 1) in sel
-    first_fold = fold_threshold(blocks[0].bn, scale=128) if 0 in hidden_sel else None
+    first_fold = fold_threshold(blocks[0].bn, scale=128)
+    all_hidden = list(range(n_blocks - 1))
 
     # pass 1: per-sample pre-activations and single-flip effects
-    pre: dict[int, list[np.ndarray]] = {k: [] for k in hidden_sel}
+    pre: dict[int, list[np.ndarray]] = {k: [] for k in all_hidden}
     eff: dict[int, list[np.ndarray]] = {k: [] for k in hidden_sel}
     s2s, a_outs, ys, oks = [], [], [], []
     dev = device_of(model)
@@ -214,19 +246,19 @@ def predict_accuracy(
                 h = b.post(a)
                 hs.append(h)
             ok = hs[-1].argmax(1) == y
-            for k in hidden_sel:
-                e = torch.cat([(ok[:, None].to(torch.int8) - (zj.argmax(1) == y[:, None])
-                                .to(torch.int8))
-                               for _, zj in negation_logits(model, x, k, cache=(xs, as_, hs),
-                                                            infos=infos)], dim=1)
-                eff[k].append(e.cpu().numpy())
+            for k in all_hidden:
                 if k == 0:
                     pre[k].append(torch.round(as_[0].double() * 128).cpu().numpy()
                                   .astype(np.int64))
                 else:
                     pre[k].append(torch.round(as_[k].double()).cpu().numpy().astype(np.int64))
-            if 0 in hidden_sel:
-                s2s.append((xs[0].flatten(1).double() * 128).pow(2).sum(1, keepdim=True)
+            for k in hidden_sel if method == "poisson" else []:
+                e = torch.cat([(ok[:, None].to(torch.int8) - (zj.argmax(1) == y[:, None])
+                                .to(torch.int8))
+                               for _, zj in negation_logits(model, x, k, cache=(xs, as_, hs),
+                                                            infos=infos)], dim=1)
+                eff[k].append(e.cpu().numpy())
+            s2s.append((xs[0].flatten(1).double() * 128).pow(2).sum(1, keepdim=True)
                            .cpu().numpy())
             a_outs.append(torch.round(as_[-1].double()).cpu().numpy().astype(np.int64))
             ys.append(y.cpu().numpy())
@@ -234,9 +266,9 @@ def predict_accuracy(
     y_all = np.concatenate(ys)
     c_all = np.concatenate(oks).astype(np.float64)
     a_out = np.concatenate(a_outs)
-    e_all = {k: np.concatenate(eff[k]) for k in hidden_sel}
-    a_all = {k: np.concatenate(pre[k]) for k in hidden_sel}
-    s2 = np.concatenate(s2s) if s2s else None
+    e_all = {k: np.concatenate(eff[k]) for k in hidden_sel if eff[k]}
+    a_all = {k: np.concatenate(pre[k]) for k in all_hidden}
+    s2 = np.concatenate(s2s)
     n = len(y_all)
     acc0 = float(c_all.mean())
     out_block = blocks[-1]
@@ -248,10 +280,33 @@ def predict_accuracy(
     g = gamma / np.sqrt(bn.running_var.detach().double().cpu().numpy() + bn.eps)
     bo = beta - g * bn.running_mean.detach().double().cpu().numpy()
     k_out = int(out_block.layer.fan_in)
-    base_out = (_output_correct(a_out, y_all, k_out, g, bo, 0.0) if out_sel else None)
+    base_all = _output_correct(a_out, y_all, k_out, g, bo, 0.0)
+    base_out = base_all if out_sel else None
 
     rows = []
-    for p in ps:
+    for p in ps if method == "propagate" else []:
+        pk = p if 0 in hidden_sel else 0.0
+        qbar = _first_layer_q(a_all[0], s2, first_fold.t.numpy()[None].astype(np.float64),
+                              first_fold.direction.numpy().astype(np.int64)[None],
+                              pk).mean(1) if pk > 0 else np.zeros(n)
+        for k in all_hidden[1:]:
+            pk = p if k in hidden_sel else 0.0
+            pi = pk + qbar - 2 * pk * qbar
+            info = infos[k]
+            fan = int(info.fan_in)
+            t_k = info.folded.t.numpy()[None]
+            d_k = info.folded.direction.numpy().astype(np.int64)[None]
+            qbar = _bucketed(pi, lambda r, idx, k=k, fan=fan, t_k=t_k, d_k=d_k: (
+                flip_given_preact(a_all[k][idx], t_k, d_k, fan, flip_tables(fan, r))
+                if r > 0 else np.zeros((len(idx), t_k.shape[1]))).mean(1)[:, None])[:, 0]
+        pk = p if out_sel else 0.0
+        pi = pk + qbar - 2 * pk * qbar
+        p_out = _bucketed(pi, lambda r, idx: (
+            _output_correct(a_out[idx], y_all[idx], k_out, g, bo, r) - base_all[idx])[:, None])
+        pred = np.clip(c_all + p_out[:, 0], 0.0, 1.0)
+        rows.append(dict(ber=p, layer="network", layer_index=-1,
+                         predicted_accuracy=float(pred.mean()), first_order_accuracy=math.nan))
+    for p in ps if method == "poisson" else []:
         harm = np.zeros(n)
         fix = np.zeros(n)
         lin = np.zeros(n)
