@@ -234,8 +234,10 @@ def _parse_bers(text: str) -> list:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to compute.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="CSV file; rows are appended per (model, BER) as they finish.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted --out file.")
+              help="CSV file; rows are appended per (model, BER) as they finish. It is "
+                   "locked while the sweep runs; FILE.meta.json records its settings.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted --out file made with the same settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, batch_size,
           engine, device, out, resume, quiet) -> None:
