@@ -225,6 +225,8 @@ def write(
     out.parent.mkdir(parents=True, exist_ok=True)
     res = load_results(rd)
     models, sweeps, metrics = res["models"], res["sweeps"], res["metrics"]
+    if "split" in metrics.columns:  # the halves "a"/"b" are for split-half reliability only
+        metrics = metrics[metrics["split"].astype(str) == "all"]
     cfg = res["config"]
     multi = models["model"].nunique() > 1
     say(f"[report] analysing {len(models)} networks from {rd}")

@@ -7,7 +7,8 @@ A study is a grid of independent tasks ``(model, training BER, seed)``. Each tas
 2. saves the checkpoint (``bnn_tol.save``) in ``out/models/<task-id>/``,
 3. sweeps it (``evaluate.sweep`` over the evaluation BERs x fault maps),
 4. measures it (``metrics.margin`` + ``margin_summary``, ``metrics.score_margin`` of the last
-   layer, ``metrics.importance`` + ``importance_variance``),
+   layer, ``metrics.importance`` + ``importance_variance``) on the metric subset and on its
+   two halves, and predicts its accuracy under BER (``metrics.predict_accuracy``),
 
 and writes its tables into the task directory (each file atomically, the ``done`` marker
 last). Re-running skips tasks whose ``done`` marker matches the task spec; a failed task
@@ -20,16 +21,24 @@ tables are concatenated into tidy files in ``out/``:
 - ``sweeps.csv``: one row per (task, BER, map): ``model_id, model, train_ber, seed, ber, p01,
   p10, map, map_seed, accuracy, rerr`` (``map_seed`` is the fault-map seed that
   ``evaluate.sweep`` calls ``seed``);
-- ``metrics.csv``: long form ``model_id, model, train_ber, seed, layer, metric, value``
-  (``layer == "network"`` for network-level aggregates). Metrics: the per-layer and network
-  statistics of ``margin_summary`` (``mean_margin, median_margin, mean_min_margin,
-  mean_q10_margin, mean_margin_half, mean_margin_norm, mean_margin_bn``), ``score_margin``
-  and ``score_margin_flips`` (last layer: mean over correctly classified samples) and
+- ``metrics.csv``: long form ``model_id, model, train_ber, seed, layer, metric, value, se,
+  split`` (``layer == "network"`` for network-level aggregates). ``se`` is the metric's
+  standard error where the library gives one (a summary column ``X_se`` is the se of
+  ``X``; the ``X_se`` columns are metrics of their own too), else NaN. ``split`` is
+  ``"all"`` for the whole metric subset (written first for each task) and ``"a"`` / ``"b"``
+  for its two disjoint random halves (:func:`metric_halves`, seeded by ``subset_seed``),
+  from which the analysis computes split-half reliability across networks. Metrics: the
+  per-layer and network statistics of ``margin_summary`` (``mean_margin, median_margin,
+  mean_min_margin, mean_q10_margin, mean_margin_half, mean_margin_norm, mean_margin_bn``),
+  ``score_margin`` and ``score_margin_flips`` (last layer: mean over correctly
+  classified samples) and
   ``importance_variance``, ``importance_cv``, ``importance_mean``, ``importance_std`` (the
   numeric columns of ``importance_variance``; with several estimators in ``[metrics]
   importance = [...]`` they are named ``importance_<estimator>_variance`` etc.);
 - ``margins.csv`` / ``importance.csv``: per-neuron tables of ``metrics.margin`` /
-  ``metrics.importance`` with the task columns in front;
+  ``metrics.importance`` (whole metric subset) with the task columns in front;
+- ``predictions.csv`` (when ``metrics.predict_accuracy`` exists): accuracy predicted from
+  the margins on the metric subset at each symmetric evaluation BER, task columns in front;
 - ``status.csv``: ``model_id, status (done|cached|failed), seconds, train_s, sweep_s,
   metrics_s, error`` (a cached task reports the timings it recorded when it ran);
 - ``study.json`` (the resolved config) and ``environment.json`` (:func:`environment`:
@@ -107,7 +116,9 @@ DEFAULTS: dict[str, Any] = {
 
 #: Tidy tables concatenated by :func:`collect` (file stem in each task dir -> output file).
 TABLES = {"sweep": "sweeps.csv", "metrics": "metrics.csv", "margin": "margins.csv",
-          "importance": "importance.csv"}
+          "importance": "importance.csv", "predictions": "predictions.csv"}
+#: Tables a finished task may lack (``metrics.predict_accuracy`` is optional).
+_OPTIONAL = {"predictions"}
 _TASK_COLS = ["model_id", "model", "train_ber", "seed"]
 _DONE = "done"
 _TIMING = "timing.json"
@@ -442,23 +453,79 @@ def _subset(ds, n, seed):
 
 
 def _long_metrics(summary: pd.DataFrame, prefix: str) -> pd.DataFrame:
-    """Melt a per-layer summary (``layer`` + numeric columns) to ``layer, metric, value``.
+    """Melt a per-layer summary (``layer`` + numeric columns) to ``layer, metric, value, se``.
 
     Columns that identify or count rather than measure (``layer_index, n_neurons, n_dead,
-    fan_in``) and ``value`` (a copy of the headline column) are dropped; metric names are
-    ``<prefix>_<column>`` unless the column already contains the prefix.
+    fan_in``) and ``value`` / ``value_se`` (copies of the headline column and its se) are
+    dropped; metric names are ``<prefix>_<column>`` unless the column already contains the
+    prefix. Standard errors are picked up generically: a column ``X_se`` is the se of
+    metric ``X`` (and a plain ``se`` that of the headline column ``value`` repeats); every
+    ``X_se`` column is also kept as a metric of its own. ``se`` is NaN where the summary
+    has none.
     """
     skip = {"layer", "layer_index", "kind", "n", "n_neurons", "n_dead", "neurons", "fan_in",
-            "estimator", "value", "model"}
+            "estimator", "value", "value_se", "model"}
     cols = [c for c in summary.columns
             if c not in skip and pd.api.types.is_numeric_dtype(summary[c])
             and not pd.api.types.is_bool_dtype(summary[c])]
+    se_of = {c[:-3]: c for c in cols if c.endswith("_se") and c[:-3] in cols}
+    if "value" in summary.columns:
+        head = next((c for c in cols if c != "se" and summary[c].equals(summary["value"])), None)
+        for col in ("se", "value_se"):
+            if head is not None and head not in se_of and col in summary.columns:
+                se_of[head] = col
+    cols = [c for c in cols if c != "se" or "se" not in se_of.values()]
     long = summary[["layer", *cols]].melt(id_vars=["layer"], var_name="metric",
                                           value_name="value")
+    se = pd.concat([summary[se_of[c]] if c in se_of else
+                    pd.Series(math.nan, index=summary.index) for c in cols], ignore_index=True)
+    long["se"] = se.astype(float).to_numpy()
     long["metric"] = [c if prefix in c else f"{prefix}_{c}" for c in long["metric"]]
     long["layer"] = long["layer"].astype(str)
     long["value"] = long["value"].astype(float)
     return long
+
+
+def metric_halves(ds, seed: int) -> tuple[Any, Any]:
+    """Two disjoint random halves ``(a, b)`` of a metric subset, for split-half reliability.
+
+    A permutation of ``len(ds)`` drawn from ``torch.Generator().manual_seed(seed)``: its
+    first ``ceil(N / 2)`` images are half ``a``, the rest half ``b``. Same seed -> same halves.
+    """
+    import torch
+
+    from .data import BNNDataset
+
+    n = len(ds)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    cut = (n + 1) // 2
+    return tuple(BNNDataset(ds.images[idx], ds.labels[idx], name=ds.name, split=ds.split,
+                            classes=ds.classes) for idx in (perm[:cut], perm[cut:]))
+
+
+def _metric_rows(model, ds, ests: list[str], batch_size: int):
+    """``(margin table, importance table, long metrics)`` of one model on one image set."""
+    from . import metrics
+
+    mg = metrics.margin(model, ds, batch_size=batch_size)
+    imp = metrics.importance(model, ds, estimator=ests, batch_size=batch_size)
+    sm = metrics.score_margin(model, ds, batch_size=batch_size)
+    sm = sm[sm["correct"].astype(bool)]
+    last = list(model.binary_layers())[-1]
+    vals = [sm[c].to_numpy(dtype=float) for c in ("score_margin", "score_margin_flips")]
+    score = pd.DataFrame({"layer": last, "metric": ["score_margin", "score_margin_flips"],
+                          "value": [float(sm[c].mean()) for c in ("score_margin",
+                                                                  "score_margin_flips")],
+                          "se": [float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
+                                 else math.nan for v in vals]})
+    iv = metrics.importance_variance(imp)
+    iv = iv if "estimator" in iv.columns else iv.assign(estimator=ests[0])
+    long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin"), score,
+                      *[_long_metrics(iv[iv["estimator"] == e],
+                                      "importance" if len(ests) == 1 else f"importance_{e}")
+                        for e in ests]],
+                     ignore_index=True)
+    return mg, imp, long
 
 
 def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
@@ -559,25 +626,19 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     _write_csv(front(sw), tdir / "sweep.csv")
     stages["sweep_s"], t = time.perf_counter() - t, time.perf_counter()
 
-    mg = metrics.margin(model, metric_ds, batch_size=mt["batch_size"])
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else list(mt["importance"])
-    imp = metrics.importance(model, metric_ds, estimator=ests, batch_size=mt["batch_size"])
-    sm = metrics.score_margin(model, metric_ds, batch_size=mt["batch_size"])
-    sm = sm[sm["correct"].astype(bool)]
-    last = list(model.binary_layers())[-1]
-    score = pd.DataFrame({"layer": last, "metric": ["score_margin", "score_margin_flips"],
-                          "value": [float(sm["score_margin"].mean()),
-                                    float(sm["score_margin_flips"].mean())]})
-    iv = metrics.importance_variance(imp)
-    iv = iv if "estimator" in iv.columns else iv.assign(estimator=ests[0])
-    long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin"), score,
-                      *[_long_metrics(iv[iv["estimator"] == e],
-                                      "importance" if len(ests) == 1 else f"importance_{e}")
-                        for e in ests]],
-                     ignore_index=True)
+    mg, imp, long = _metric_rows(model, metric_ds, ests, mt["batch_size"])
+    parts = [long.assign(split="all")]
+    for split, half in zip("ab", metric_halves(metric_ds, d["subset_seed"]), strict=True):
+        parts.append(_metric_rows(model, half, ests, mt["batch_size"])[2].assign(split=split))
     _write_csv(front(mg), tdir / "margin.csv")
     _write_csv(front(imp), tdir / "importance.csv")
-    _write_csv(front(long), tdir / "metrics.csv")
+    _write_csv(front(pd.concat(parts, ignore_index=True)), tdir / "metrics.csv")
+    if hasattr(metrics, "predict_accuracy"):
+        sym = [float(b) for b in bers if not isinstance(b, tuple)]
+        if sym:
+            pred = metrics.predict_accuracy(model, metric_ds, sym, batch_size=mt["batch_size"])
+            _write_csv(front(pred), tdir / "predictions.csv")
 
     clean = sw[sw["p01"].eq(0) & sw["p10"].eq(0)]
     clean_acc = (float(clean["accuracy"].mean()) if len(clean)
@@ -835,7 +896,8 @@ def collect(out: str | os.PathLike, model_ids: Iterable[str] | None = None) -> d
     finished = [m for m in model_ids if (root / m / _DONE).is_file()]
     paths = {}
     for stem, fname in {"model": "models.csv", **TABLES}.items():
-        frames = [pd.read_csv(root / m / f"{stem}.csv") for m in finished]
+        frames = [pd.read_csv(root / m / f"{stem}.csv") for m in finished
+                  if stem not in _OPTIONAL or (root / m / f"{stem}.csv").is_file()]
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_TASK_COLS)
         _write_csv(df, out / fname)
         paths[fname[:-4]] = str(out / fname)

@@ -69,11 +69,9 @@ def test_outputs_are_tidy_and_consistent_with_the_checkpoints(tiny_run):
     sweeps = pd.read_csv(res["sweeps"])
     metrics = pd.read_csv(res["metrics"])
     assert list(models.model_id) == ["fc_ber0_s0", "fc_ber0_s1", "fc_ber0.2_s0", "fc_ber0.2_s1"]
-    assert list(metrics.columns) == ["model_id", "model", "train_ber", "seed", "layer", "metric",
-                                     "value"]
     assert len(sweeps) == 4 * 3 * 2  # tasks x eval BERs x maps
     assert {"map_seed", "accuracy", "rerr", "p01", "p10"} <= set(sweeps.columns)
-    assert not metrics.duplicated(["model_id", "layer", "metric"]).any()
+    assert not metrics.duplicated(["model_id", "layer", "metric", "split"]).any()
     net = set(metrics[metrics.layer == "network"].metric)
     assert {"mean_margin_norm", "importance_variance", "importance_cv"} <= net
     # every table's task columns agree with models.csv
@@ -341,3 +339,74 @@ def test_cli_fresh_refuses_a_used_directory_and_states_the_command(tmp_path):
     assert r.exit_code == 0, r.output
     env = json.loads((tmp_path / "new" / "environment.json").read_text())
     assert env["command"].startswith("bnn-tol study --preset tiny") and "--fresh" in env["command"]
+
+
+# -- issue 10: metrics with their standard errors and split halves, predictions ----------------
+
+def test_metric_halves_are_disjoint_seeded_and_cover_the_subset():
+    ds = data.load("digits", "test").subset(201, seed=0)
+    a, b = study.metric_halves(ds, seed=0)
+    assert (len(a), len(b)) == (101, 100)
+    rows = {bytes(x.numpy()) + bytes([int(y)]) for x, y in zip(ds.images, ds.labels, strict=True)}
+    ra = [bytes(x.numpy()) + bytes([int(y)]) for x, y in zip(a.images, a.labels, strict=True)]
+    rb = [bytes(x.numpy()) + bytes([int(y)]) for x, y in zip(b.images, b.labels, strict=True)]
+    assert set(ra) | set(rb) == rows and len(set(ra) & set(rb)) == 0
+    a2, _ = study.metric_halves(ds, seed=0)
+    assert torch.equal(a.images, a2.images)
+    assert not torch.equal(study.metric_halves(ds, seed=1)[0].images, a.images)
+
+
+def test_metrics_carry_se_and_split_and_match_the_library(tiny_run):
+    from bnn_tol import metrics as mlib
+
+    out, res = tiny_run
+    met = pd.read_csv(res["metrics"])
+    assert list(met.columns) == ["model_id", "model", "train_ber", "seed", "layer", "metric",
+                                 "value", "se", "split"]
+    assert set(met.split) == {"all", "a", "b"}
+    assert not met.duplicated(["model_id", "layer", "metric", "split"]).any()
+    # the analysis takes the first row per model and metric: the whole subset comes first
+    first = met.drop_duplicates(["model_id", "layer", "metric"])
+    assert set(first.split) == {"all"}
+    cfg = study.load_config("tiny", SMALL)
+    d = cfg["data"]
+    whole = data.load("digits", "test").subset(d["metric_subset"], seed=d["subset_seed"])
+    halves = dict(zip("ab", study.metric_halves(whole, seed=d["subset_seed"]), strict=True))
+    mid = "fc_ber0.2_s1"
+    model = bnn_tol.load(out / "models" / mid)
+    for split, ds in [("all", whole), *halves.items()]:
+        rows = met[(met.model_id == mid) & (met.split == split)].set_index(["layer", "metric"])
+        summ = mlib.margin_summary(mlib.margin(model, ds)).set_index("layer")
+        for col in ("mean_margin_norm", "mean_margin"):
+            r = rows.loc[("network", col)]
+            assert r.value == summ.loc["network", col]
+            assert r.se == summ.loc["network", f"{col}_se"] and r.se > 0
+            # an X_se column is stored as its own metric too
+            assert rows.loc[("network", f"{col}_se"), "value"] == r.se
+        iv = mlib.importance_variance(mlib.importance(model, ds)).set_index("layer")
+        r = rows.loc[("network", "importance_variance_unbiased")]
+        assert r.value == iv.loc["network", "variance_unbiased"]
+        assert r.se == iv.loc["network", "variance_unbiased_se"]
+        assert rows.loc[("network", "importance_noise_share"), "value"] == iv.loc[
+            "network", "noise_share"]
+    # score margin: mean over correctly classified images, se = sd / sqrt(n)
+    sm = mlib.score_margin(model, whole)
+    sm = sm[sm["correct"].astype(bool)]["score_margin"]
+    r = met[(met.model_id == mid) & (met.split == "all") & (met.metric == "score_margin")]
+    assert r.value.item() == float(sm.mean())
+    assert r.se.item() == pytest.approx(float(sm.std(ddof=1)) / len(sm) ** 0.5, rel=1e-12)
+
+
+def test_predictions_are_collected_per_task(tiny_run):
+    from bnn_tol import metrics as mlib
+
+    if not hasattr(mlib, "predict_accuracy"):
+        pytest.skip("metrics.predict_accuracy not available")
+    out, res = tiny_run
+    pred = pd.read_csv(res["predictions"])
+    assert list(pred.columns[:5]) == ["model_id", "model", "train_ber", "seed", "ber"]
+    assert "predicted_accuracy" in pred.columns
+    models = pd.read_csv(res["models"])
+    assert len(pred) == len(models) * len(SMALL["eval"]["bers"])
+    assert sorted(pred.ber.unique()) == SMALL["eval"]["bers"]
+    assert pred.predicted_accuracy.between(0, 1).all()
