@@ -188,6 +188,8 @@ def test_propagate_method_reduces_to_the_exact_output_law(trained):
     assert full["predicted_accuracy"].between(0, 1).all()
     with pytest.raises(InvalidArgument, match="method"):
         metrics.predict_accuracy(model, ds, bers, method="exact")
+    with pytest.raises(InvalidArgument, match="per_layer"):
+        metrics.predict_accuracy(model, ds, bers, method="propagate", per_layer=True)
 
 
 def test_invalid_layers_and_conv_models(trained):

@@ -218,6 +218,9 @@ def predict_accuracy(
     ps = _bers(bers)
     if method not in ("poisson", "propagate"):
         raise InvalidArgument(f"method must be 'poisson' or 'propagate', got {method!r}")
+    if per_layer and method != "poisson":
+        raise InvalidArgument("per_layer=True needs method='poisson' (the mean-field method "
+                              "predicts the network as a whole)")
     check_data(model, data)
     blocks = blocks_of(model)
     names = {id(b.layer): n for n, b in ((f"blocks.{k}.layer", b) for k, b in enumerate(blocks))}
