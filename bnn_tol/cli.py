@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from .exceptions import InvalidArgument
+
 __all__ = ["main"]
 
 
@@ -45,9 +47,47 @@ def _parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
     return _parse_list(text, what, int)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineError(click.ClickException):
+    """A user error shown as the single line ``Error: <message>`` (exit ``code``)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(" ".join(message.split()))
+        self.exit_code = code
+
+
+class _Cli(click.Group):
+    """The ``bnn-tol`` group: user errors end in one line, bugs keep their traceback.
+
+    A :class:`~bnn_tol.exceptions.BnnTolError` raised by any sub-command, and click's own
+    usage errors of a sub-command's arguments, print ``Error: <message>`` on stderr as one
+    line; the exit code is 2 for bad arguments (click usage errors and ``InvalidArgument``)
+    and 1 for the other user errors (missing/corrupt files, results made with other
+    settings, a locked output). ``bnn-tol --debug ...`` re-raises them with the traceback.
+    Any other exception is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context):
+        from .exceptions import BnnTolError, InvalidArgument
+
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if ctx.params.get("debug"):
+                raise
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            raise _OneLineError(f"{e.format_message()} (see `{where} -h`)", 2) from e
+        except BnnTolError as e:
+            if ctx.params.get("debug"):
+                raise
+            raise _OneLineError(str(e), 2 if isinstance(e, InvalidArgument) else 1) from e
+
+
+@click.group(cls=_Cli,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="bnn_tol")
-def main() -> None:
+@click.option("--debug", is_flag=True,
+              help="Show the traceback of user errors instead of the one-line message.")
+def main(debug: bool) -> None:
     """Bit error tolerance of binarized neural networks: train, inject, sweep, measure."""
 
 
@@ -61,10 +101,13 @@ def main() -> None:
               help="fashion-mnist, mnist, kmnist, cifar10 or digits.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Directory searched first for the dataset files.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Mini-batch size.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--lr-step", type=int, default=None,
+@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Mini-batch size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True, help="Adam learning rate (> 0).")
+@click.option("--lr-step", type=click.IntRange(min=1), default=None,
               help="StepLR period in epochs (default epochs // 4); the rate halves each period.")
 @click.option("--loss", type=click.Choice(["ce", "mhl"]), default="ce", show_default=True,
               help="Cross-entropy or modified hinge loss.")
@@ -76,32 +119,44 @@ def main() -> None:
 @click.option("--flip-layers", default=None,
               help="Layers flipped during training: 'all' (default), 'hidden', or "
                    "comma-separated positions/names.")
-@click.option("--flip-warmup", type=int, default=0, show_default=True,
+@click.option("--flip-warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Epochs of linear BER warm-up.")
-@click.option("--train-subset", type=int, default=None,
+@click.option("--train-subset", type=click.IntRange(min=1), default=None,
               help="Use only the first N training samples (quick runs).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of initialization, shuffling and flips.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train.")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads while training (default: the current torch setting). "
+                   "The trained weights depend on it; recorded in config.json.")
+@click.option("--out", type=click.Path(), required=True,
               help="Checkpoint directory (model.safetensors + config.json), updated every epoch.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing checkpoint in --out (never any other directory).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, lr, lr_step, loss,
-          mhl_margin, flip_ber, flip_layers, flip_warmup, train_subset, seed, device, out,
-          quiet) -> None:
+          mhl_margin, flip_ber, flip_layers, flip_warmup, train_subset, seed, device, threads,
+          out, overwrite, quiet) -> None:
     """Train a BNN normally or with bit flip training, and save a checkpoint."""
+    import torch
+
     from . import data, io, models
     from . import train as train_mod
 
+    io.check_out(out, overwrite=overwrite)
+    if hidden and model_name.lower() != "fc":
+        raise click.BadParameter(f"--hidden is an fc option; {model_name} takes --fc-width",
+                                 param_hint="'--hidden'")
+    ber = _parse_ber(flip_ber)
     tr = data.load(dataset, "train", data_dir=data_dir)
     te = data.load(dataset, "test", data_dir=data_dir)
-    if train_subset:
+    if train_subset is not None:
         tr = tr.subset(train_subset)
     kwargs: dict = {"in_shape": tr.shape, "n_classes": len(tr.classes)}
     if hidden:
         kwargs["hidden"] = _parse_ints(hidden, "--hidden")
-    if fc_width:
+    if fc_width is not None:
         kwargs["fc_width"] = fc_width
     model = models.build(model_name, seed=seed, **kwargs)
     layers = None
@@ -111,9 +166,9 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
         layers = flip_layers
     hist = train_mod.fit(model, tr, te, epochs=epochs, batch_size=batch_size, lr=lr,
                          lr_step=lr_step, loss=loss, mhl_margin=mhl_margin,
-                         flip_ber=_parse_ber(flip_ber), flip_layers=layers,
-                         flip_warmup=flip_warmup, seed=seed, device=device, out=out,
-                         progress=not quiet)
+                         flip_ber=ber, flip_layers=layers, flip_warmup=flip_warmup, seed=seed,
+                         device=device, out=out, overwrite=overwrite, progress=not quiet,
+                         threads=threads if threads is not None else torch.get_num_threads())
     io.save(model, out)
     last = hist.iloc[-1].to_dict() if len(hist) else {}
     click.echo(json.dumps({"out": str(Path(out)), "model": model_name,
@@ -331,11 +386,14 @@ def plot_sweep(csv, out, metric, level) -> None:
                    "workers). Results depend on it.")
 @click.option("--report/--no-report", "make_report", default=True, show_default=True,
               help="Write report.html into --out at the end.")
+@click.option("--workers", type=int, default=None,
+              help="Override [run] workers: > 1 runs the tasks on a local Dask cluster of that "
+                   "many single-thread processes.")
 @click.option("--fresh", is_flag=True,
               help="Refuse an --out that is not empty (no cached task is reused: every number "
                    "comes from the code at hand). `make results` uses it.")
 def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset, seeds,
-          train_bers, eval_bers, n_maps, device, threads, make_report, fresh) -> None:
+          train_bers, eval_bers, n_maps, device, threads, make_report, workers, fresh) -> None:
     """Train the model family, sweep it under bit errors, measure margins and importance.
 
     Writes environment.json (versions, commit, CPU, threads) and the command that
@@ -362,7 +420,7 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
                                 "bers": _parse_floats(train_bers, "--train-bers")},
                       "eval": {"bers": _parse_floats(eval_bers, "--eval-bers"),
                                "n_maps": n_maps},
-                      "run": {"device": device, "threads": threads}}
+                      "run": {"device": device, "threads": threads, "workers": workers}}
     overrides = {s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
                      if v is not None} for s, d in sections.items()}
     try:
@@ -386,7 +444,7 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default RESULTS/report.html).")
-@click.option("--n-boot", type=int, default=1000, show_default=True,
+@click.option("--n-boot", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Bootstrap resamples of the correlation intervals.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def report(results, out, n_boot, seed) -> None:
@@ -395,7 +453,7 @@ def report(results, out, n_boot, seed) -> None:
 
     try:
         path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:  # not a study results directory (says what to run)
         raise click.ClickException(str(e)) from e
     click.echo(str(path))
 
@@ -406,14 +464,16 @@ def report(results, out, n_boot, seed) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Directory searched first for the dataset files.")
 @click.option("--split", default="test", show_default=True, help="Dataset split to measure on.")
-@click.option("--subset", type=int, default=None, help="Use only the first N samples.")
+@click.option("--subset", type=click.IntRange(min=1), default=None,
+              help="Use only the first N samples.")
 @click.option("--estimator", "estimators", multiple=True, default=("accuracy",),
               show_default=True,
               help="Importance estimator(s): accuracy, loss, flips, taylor, mc (repeatable).")
 @click.option("--no-importance", is_flag=True, help="Margins only.")
 @click.option("--flip-ber", type=float, default=None,
               help="Also add the analytic flip probability at this BER (column flip_prob).")
-@click.option("--batch-size", type=int, default=1000, show_default=True, help="Samples per pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Samples per pass.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="CSV: one row per (model, layer, neuron) with margins and importances.")
 @click.option("--summary", "summary_out", type=click.Path(dir_okay=False), default=None,
@@ -423,32 +483,38 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     """Neuron-level margin and importance of trained checkpoints (RUNS: checkpoint dirs)."""
     import pandas as pd
 
-    from . import data, io
+    from . import data, io, models
     from . import metrics as mt
 
+    labels = [Path(r).name for r in runs]
+    dup = sorted({v for v in labels if labels.count(v) > 1})
+    if dup:
+        raise click.BadParameter(f"two checkpoints have the same directory name {dup[0]!r}: "
+                                 "rows are labelled by it", param_hint="RUNS")
     ds = data.load(dataset, split, data_dir=data_dir)
-    if subset:
+    if subset is not None:
         ds = ds.subset(subset)
-    tables, summaries = [], []
-    for run in runs:
-        label = Path(run).name
-        model = io.load(run)
+    loaded = {label: io.load(run) for label, run in zip(labels, runs, strict=True)}
+    for label, model in loaded.items():
         try:
-            m = mt.margin(model, ds, batch_size=batch_size)
-            summ = [mt.margin_summary(m).assign(metric_group="margin")]
-            if not no_importance:
-                imp = mt.importance(model, ds, estimator=list(estimators), batch_size=batch_size)
-                wide = imp.pivot_table(index=["layer_index", "neuron"], columns="estimator",
-                                       values="importance")
-                wide.columns = [f"importance_{c}" for c in wide.columns]
-                m = m.join(wide, on=["layer_index", "neuron"])
-                summ.append(mt.importance_variance(imp).assign(metric_group="importance"))
-            if flip_ber is not None:
-                fp = mt.flip_probability(model, ds, ber=flip_ber, batch_size=batch_size)
-                m = m.join(fp.set_index(["layer_index", "neuron"])["flip_prob"],
-                           on=["layer_index", "neuron"])
-        except ValueError as e:
-            raise click.UsageError(f"{run}: {e}") from e
+            models.check_data(model, ds)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{label}: {e}") from e
+    tables, summaries = [], []
+    for label, model in loaded.items():
+        m = mt.margin(model, ds, batch_size=batch_size)
+        summ = [mt.margin_summary(m).assign(metric_group="margin")]
+        if not no_importance:
+            imp = mt.importance(model, ds, estimator=list(estimators), batch_size=batch_size)
+            wide = imp.pivot_table(index=["layer_index", "neuron"], columns="estimator",
+                                   values="importance")
+            wide.columns = [f"importance_{c}" for c in wide.columns]
+            m = m.join(wide, on=["layer_index", "neuron"])
+            summ.append(mt.importance_variance(imp).assign(metric_group="importance"))
+        if flip_ber is not None:
+            fp = mt.flip_probability(model, ds, ber=flip_ber, batch_size=batch_size)
+            m = m.join(fp.set_index(["layer_index", "neuron"])["flip_prob"],
+                       on=["layer_index", "neuron"])
         tables.append(m.assign(model=label))
         summaries += [s.assign(model=label) for s in summ]
     table = pd.concat(tables, ignore_index=True)
@@ -477,7 +543,16 @@ def plot_margins(csv, out, value) -> None:
 
     from . import plots
 
-    fig = plots.margins(pd.read_csv(csv), value=value)
+    try:
+        table = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{csv} is not a CSV table ({e})") from e
+    missing = [c for c in (value, "layer") if c not in table.columns]
+    if missing:
+        raise InvalidArgument(f"{csv} is not a per-neuron table of `bnn-tol metrics`: no column "
+                              f"{', '.join(map(repr, missing))} (it has "
+                              f"{', '.join(map(str, table.columns[:8]))})")
+    fig = plots.margins(table, value=value)
     fig.savefig(out, dpi=150)
     click.echo(f"wrote {out}")
 

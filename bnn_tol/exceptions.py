@@ -11,7 +11,7 @@ The concrete types also derive from the built-in type a caller would expect
 
 from __future__ import annotations
 
-__all__ = ["BnnTolError", "InvalidArgument", "ResultsMismatch", "FileInUse"]
+__all__ = ["BnnTolError", "InvalidArgument", "ResultsMismatch", "FileInUse", "require_int"]
 
 
 class BnnTolError(Exception):
@@ -28,3 +28,21 @@ class ResultsMismatch(BnnTolError, ValueError):
 
 class FileInUse(BnnTolError, RuntimeError):
     """Another process holds the lock of an output file."""
+
+
+def require_int(value: object, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as an ``int``, refusing bools, non-integral numbers and values below ``minimum``.
+
+    ``numpy`` integers and integral floats such as ``2.0`` are accepted; ``1.5``, ``True``,
+    ``"3"`` and ``None`` raise :class:`InvalidArgument` naming ``name``.
+    """
+    import numbers
+
+    ok = isinstance(value, numbers.Integral) or (
+        isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not ok:
+        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+    out = int(value)  # type: ignore[arg-type]
+    if minimum is not None and out < minimum:
+        raise InvalidArgument(f"{name} must be >= {minimum}, got {out}")
+    return out

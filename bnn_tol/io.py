@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .exceptions import BnnTolError
+from .exceptions import BnnTolError, ResultsMismatch
 from .models import BNN, build
 
-__all__ = ["save", "load", "CheckpointError", "WEIGHTS", "CONFIG"]
+__all__ = ["save", "load", "check_out", "CheckpointError", "WEIGHTS", "CONFIG"]
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -39,6 +39,39 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_out(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse a checkpoint destination that would lose data; writes nothing.
+
+    Accepted: a path that does not exist, an empty directory, or (``overwrite=True``) a
+    directory that already holds a checkpoint (``config.json`` or ``model.safetensors``).
+
+    Raises:
+        ResultsMismatch: ``path`` is a file; holds a checkpoint and ``overwrite`` is false;
+            or is a non-empty directory that is not a checkpoint (never written into).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ResultsMismatch(f"{path} exists and is not a directory; a checkpoint is a "
+                              "directory: choose another --out")
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return
+    if not names & {CONFIG, WEIGHTS}:
+        raise ResultsMismatch(f"{path} is not empty and is not a bnn_tol checkpoint "
+                              f"({len(names)} entries); refusing to write into it: choose a "
+                              "new or empty --out")
+    if not overwrite:
+        try:
+            what = json.loads((path / CONFIG).read_text())["model"]
+            desc = f" ({what['name']} {what['kwargs']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            desc = ""
+        raise ResultsMismatch(f"{path} already holds a checkpoint{desc}; pass --overwrite "
+                              "(overwrite=True) to replace it, or choose another --out")
 
 
 def save(model: BNN, path: str | os.PathLike, **extra: Any) -> Path:
@@ -82,6 +115,10 @@ def _json_default(o: Any) -> Any:
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> BNN:
     """Load a checkpoint written by :func:`save` (no code is executed), in eval mode.
 
+    The architecture is first built on the ``meta`` device (no memory) and its tensor shapes
+    compared with the safetensors header, so a config that does not match its weights (e.g.
+    a hand-edited ``hidden = [200000, 200000]``) fails before anything is allocated.
+
     Raises:
         CheckpointError: missing files, unreadable JSON/safetensors, unknown model, or
             tensors that do not match the architecture in the config (names the keys).
@@ -99,22 +136,34 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> BNN:
     if config.get("format", 0) > FORMAT:
         raise CheckpointError(f"{cfg_path}: format {config['format']} is newer than this "
                               f"bnn_tol ({__version__}) understands")
-    try:
-        model = build(name, **kwargs)
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{cfg_path}: model kwargs must be a JSON object, got {kwargs!r}")
+    try:  # shapes only: parameters on the meta device allocate nothing
+        with torch.device("meta"):
+            skeleton = build(name, **kwargs)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: cannot build model {name!r}: {e}") from e
+    try:  # the safetensors header only
+        with safe_open(str(w_path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{w_path}: unreadable weights ({e})") from e
+    own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    wrong = sorted(k for k in set(own) & set(stored) if own[k] != stored[k])
+    if missing or unexpected or wrong:
+        shapes = ", ".join(f"{k} {stored[k]} vs {own[k]}" for k in wrong[:3])
+        raise CheckpointError(
+            f"{path}: weights do not match {name} {kwargs} in {cfg_path.name}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            + (f" (file vs config: {shapes})" if shapes else ""))
+    del skeleton
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{w_path}: unreadable weights ({e})") from e
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path}: weights do not match {name} {kwargs}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    model = build(name, **kwargs)
     model.load_state_dict(state)
     model.meta = dict(config.get("meta", {}))
     return model.to(device).eval()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .exceptions import InvalidArgument
+from .exceptions import InvalidArgument, require_int
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, sign
 
 __all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "fc", "vgg3", "vgg7"]
@@ -152,12 +152,22 @@ def build(name: str, *, seed: int = 0, **kwargs: Any) -> BNN:
             widths such as ``hidden=(2048, 2048)``).
 
     Raises:
-        ValueError: unknown name, listing the known ones.
+        InvalidArgument: unknown name (listing the known ones), an option the factory does not
+            take (listing those it takes), a non-integer or negative ``seed``, or a bad width.
     """
-    key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
+    import inspect
+
+    if not isinstance(name, str) or name.lower().replace("-", "_") not in _REGISTRY:
         raise InvalidArgument(f"unknown model {name!r}; available: {', '.join(available())}")
-    model = _REGISTRY[key](**kwargs)
+    key = name.lower().replace("-", "_")
+    seed = require_int(seed, "seed", minimum=0)
+    factory = _REGISTRY[key]
+    takes = list(inspect.signature(factory).parameters)
+    unknown = sorted(set(kwargs) - set(takes))
+    if unknown:
+        raise InvalidArgument(f"{key} takes no option {', '.join(map(repr, unknown))}; its "
+                              f"options are {', '.join(takes)}")
+    model = factory(**kwargs)
     return _init(model, torch.Generator().manual_seed(int(seed)))
 
 
@@ -181,7 +191,9 @@ def fc(
     ``BinaryLinear -> BN1d`` (class scores).
     """
     shape = _check_shape(in_shape)
-    hidden = tuple(int(h) for h in hidden)
+    if isinstance(hidden, int | str) or not isinstance(hidden, Sequence):
+        raise InvalidArgument(f"hidden widths must be a sequence of integers, got {hidden!r}")
+    hidden = tuple(require_int(h, "a hidden width") for h in hidden)
     if not hidden or min(hidden) < 1:
         raise InvalidArgument(f"hidden widths must be positive, got {hidden!r}")
     widths = (math.prod(shape), *hidden)
@@ -204,6 +216,7 @@ def _vgg(
     n_classes: int,
 ) -> BNN:
     shape = _check_shape(in_shape)
+    fc_width = require_int(fc_width, "fc_width", minimum=1)
     c_in, h, w = shape
     blocks: list[BinaryBlock] = []
     for stage in channels:
@@ -271,3 +284,30 @@ def summary(model: BNN) -> str:
                 f" KiB at 1 bit), {total_bn:,} BN params; total memory {bits:,} bits"
                 f" ({bits / 8 / 1024:.1f} KiB)")
     return "\n".join(rows)
+
+
+def check_data(model: nn.Module, data: Any) -> None:
+    """Refuse a dataset whose samples do not fit ``model``, naming both shapes.
+
+    ``data`` is a :class:`~bnn_tol.data.BNNDataset` (images ``(N, C, H, W)``). For a
+    :class:`BNN` its ``(C, H, W)`` must equal ``model.in_shape`` and every label must be
+    ``< n_classes``; other modules (no recorded input shape) are not checked.
+
+    Raises:
+        InvalidArgument: ``dataset 'x' has samples of shape (C, H, W) but <model> expects ...``.
+    """
+    if not isinstance(model, BNN):
+        return
+    shape = tuple(int(s) for s in data.images.shape[1:])
+    name = getattr(data, "name", "custom")
+    if shape != model.in_shape:
+        raise InvalidArgument(
+            f"dataset {name!r} has samples of shape {shape} but the "
+            f"{model.config['name']} model expects {model.in_shape}: evaluate it on the "
+            "dataset it was trained on (see its config.json)")
+    n_classes = model.config["kwargs"].get("n_classes")
+    labels = getattr(data, "labels", None)
+    if n_classes is not None and labels is not None and len(labels) \
+            and int(labels.max()) >= n_classes:
+        raise InvalidArgument(f"dataset {name!r} has label {int(labels.max())} but the model has "
+                              f"{n_classes} classes")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import errors
 from .data import BNNDataset
 from .evaluate import accuracy, resolve_device
-from .exceptions import InvalidArgument
+from .exceptions import InvalidArgument, require_int
 
 __all__ = ["fit", "modified_hinge_loss", "LOSSES", "child_seeds"]
 
@@ -87,7 +87,9 @@ def fit(
     seed: int = 0,
     device: str | torch.device = "auto",
     out: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Train ``model`` in place; optionally with bit flip training.
 
@@ -104,17 +106,60 @@ def fit(
         seed: seeds shuffling and flips (init is seeded by :func:`bnn_tol.models.build`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         out: checkpoint directory, written after every epoch (nothing lost on interruption).
+            An existing checkpoint there is refused unless ``overwrite``; a non-empty directory
+            that is not a checkpoint always (:func:`bnn_tol.io.check_out`).
         progress: show tqdm progress bars.
+        threads: ``torch.set_num_threads`` while training (restored afterwards); ``None``
+            keeps the current setting. The trained weights depend on the thread count, so the
+            count used is recorded as ``model.meta["training"]["threads"]``.
 
     Returns:
         History, one row per epoch: ``epoch, lr, p01, p10, train_loss, train_acc, test_acc,
         seconds``. Also stored in ``model.meta["history"]`` with the recipe in
         ``model.meta["training"]``.
+
+    Raises:
+        InvalidArgument: naming the argument: non-integer or negative ``epochs``,
+            ``flip_warmup``, ``seed``; ``batch_size``, ``lr_step``, ``threads`` < 1; ``lr``,
+            ``lr_gamma`` not finite and > 0; a BER outside [0, 1]; an empty training set.
     """
-    if epochs < 0:
-        raise InvalidArgument(f"epochs must be >= 0, got {epochs}")
+    epochs = require_int(epochs, "epochs", minimum=0)
+    batch_size = require_int(batch_size, "batch_size", minimum=1)
+    flip_warmup = require_int(flip_warmup, "flip_warmup", minimum=0)
+    seed = require_int(seed, "seed", minimum=0)
+    if lr_step is not None:
+        lr_step = require_int(lr_step, "lr_step", minimum=1)
+    if threads is not None:
+        threads = require_int(threads, "threads", minimum=1)
+    for label, v in (("lr", lr), ("lr_gamma", lr_gamma), ("mhl_margin", mhl_margin)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                or (v <= 0 and label != "mhl_margin"):
+            raise InvalidArgument(f"{label} must be a finite number"
+                                  f"{'' if label == 'mhl_margin' else ' > 0'}, got {v!r}")
+    if flip_ber is not None:
+        errors.rates(flip_ber)
+    _loss_fn(loss, mhl_margin)
     if len(train) == 0:
         raise InvalidArgument("the training set is empty")
+    if out is not None:
+        from .io import check_out
+
+        check_out(out, overwrite=overwrite)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _fit(model, train, test, epochs=epochs, batch_size=batch_size, lr=lr,
+                    lr_step=lr_step, lr_gamma=lr_gamma, loss=loss, mhl_margin=mhl_margin,
+                    flip_ber=flip_ber, flip_layers=flip_layers, flip_warmup=flip_warmup,
+                    seed=seed, device=device, out=out, progress=progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss, mhl_margin,
+         flip_ber, flip_layers, flip_warmup, seed, device, out, progress) -> pd.DataFrame:
+    """The training loop of :func:`fit`, on validated arguments."""
     dev = resolve_device(device)
     model.to(dev)
     loss_fn = _loss_fn(loss, mhl_margin)
@@ -132,6 +177,7 @@ def fit(
         "lr_gamma": lr_gamma, "loss": loss, "mhl_margin": mhl_margin,
         "flip_ber": list(p_target), "flip_layers": list(layers) if flipping else [],
         "flip_warmup": flip_warmup, "seed": seed, "device": str(dev),
+        "threads": torch.get_num_threads(),
         "dataset": getattr(train, "name", "custom"),
     }
     meta = getattr(model, "meta", None)

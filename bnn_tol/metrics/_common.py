@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..data import BNNDataset
 from ..exceptions import InvalidArgument
 from ..layers import BinaryConv2d, BinaryLinear, FoldedThreshold, bn_threshold, fold_threshold
+from ..models import check_data as check_model_data
 
 #: Largest histogram (entries) kept per layer by the margin pass (int64: 1 GiB).
 MAX_HIST = 2**27
@@ -118,6 +119,7 @@ def check_data(model: nn.Module, data: BNNDataset) -> None:
     if len(data) == 0:
         raise InvalidArgument(f"dataset {data.name!r} is empty: the metrics average over samples, "
                          "pass at least one sample")
+    check_model_data(model, data)
     blocks = blocks_of(model)
     name = layer_names(model).get(id(blocks[0].layer), "blocks.0.layer")
     expected = None
