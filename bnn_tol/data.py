@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .exceptions import BnnTolError, InvalidArgument
+from .exceptions import BnnTolError, InvalidArgument, require_int
 
 __all__ = [
     "BNNDataset",
@@ -113,7 +113,17 @@ class BNNDataset(Dataset):
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def subset(self, n: int | None = None, *, seed: int | None = None) -> BNNDataset:
-        """The first ``n`` samples, or a random ``n`` if ``seed`` is given."""
+        """The first ``n`` samples, or a random ``n`` if ``seed`` is given.
+
+        ``n=None`` (or ``n >= len(self)``) is the whole set.
+
+        Raises:
+            InvalidArgument: ``n`` is not an integer >= 1, or ``seed`` is not an integer.
+        """
+        if n is not None:
+            n = require_int(n, "subset size n", minimum=1)
+        if seed is not None:
+            seed = require_int(seed, "subset seed", minimum=0)
         if n is None or n >= len(self):
             return self
         if seed is None:
@@ -157,12 +167,22 @@ class BNNDataset(Dataset):
 def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Directories searched for dataset ``name``, in order.
 
-    ``data_dir``, ``$BNN_TOL_DATA``, ``./data`` (each as is and with ``/<name>``), then
-    ``/usr/share/datasets/<name>`` (the Debian ``dataset-fashion-mnist`` package).
+    A given ``data_dir`` is the only place searched (as is and with ``/<name>``): it must
+    exist, and nothing falls back silently to another copy. Without it: ``$BNN_TOL_DATA``,
+    ``./data`` (each as is and with ``/<name>``), then ``/usr/share/datasets/<name>`` (the
+    Debian ``dataset-fashion-mnist`` package).
+
+    Raises:
+        DatasetNotFound: ``data_dir`` is given but is not an existing directory.
     """
-    roots: list[Path] = []
     if data_dir is not None:
-        roots.append(Path(data_dir))
+        d = Path(data_dir)
+        if not d.is_dir():
+            raise DatasetNotFound(f"data directory {d} does not exist (or is not a directory); "
+                                  "pass an existing --data-dir, or omit it to search "
+                                  "$BNN_TOL_DATA, ./data and /usr/share/datasets")
+        return [d / name, d]
+    roots: list[Path] = []
     env = os.environ.get("BNN_TOL_DATA")
     if env:
         roots.append(Path(env))
@@ -231,6 +251,11 @@ def _find_idx(name: str, split: str, data_dir) -> tuple[Path, Path]:
     where = ", ".join(str(p) for p in dict.fromkeys(looked))
     hint = (" Install it with `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist"
             else "")
+    if data_dir is not None:
+        raise DatasetNotFound(
+            f"{name} ({split}) not found in the given data directory. Looked in: {where} (only "
+            f"the given --data-dir is searched): it must contain {stems[0]}.gz and "
+            f"{stems[1]}.gz (or uncompressed), or omit --data-dir to use the default places.")
     raise DatasetNotFound(
         f"{name} ({split}) not found. Looked in: {where} ($BNN_TOL_DATA "
         f"{'=' + env if env else 'unset'}).{hint} or pass --data-dir DIR (data_dir=DIR) "
@@ -246,6 +271,11 @@ def _load_idx(name: str, split: str, data_dir) -> BNNDataset:
         raise CorruptDataset(f"{img_path} / {lbl_path}: shapes {images.shape} and {labels.shape}"
                              " do not form an image/label pair")
     classes = FASHION_CLASSES if name == "fashion-mnist" else None
+    n_classes = len(classes) if classes is not None else 10
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise CorruptDataset(f"{lbl_path}: labels must be class indices 0..{n_classes - 1}, "
+                             f"found {int(labels.min())}..{int(labels.max())}; the file is "
+                             "corrupt or of another dataset")
     return BNNDataset(torch.from_numpy(images.astype(np.uint8))[:, None],
                       torch.from_numpy(labels.astype(np.int64)), name=name, split=split,
                       classes=classes)
@@ -314,7 +344,8 @@ def load(
         name: ``"fashion-mnist"`` (alias ``"fmnist"``), ``"mnist"``, ``"kmnist"``,
             ``"cifar10"``, or ``"digits"`` (scikit-learn's 8x8 digits, fixed 80/20 split).
         split: ``"train"`` or ``"test"``.
-        data_dir: extra directory searched first (see :func:`search_paths`).
+        data_dir: when given, the only directory searched; it must exist (see
+            :func:`search_paths`).
 
     Raises:
         DatasetNotFound: names every directory searched and how to install or point to it.

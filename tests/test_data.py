@@ -61,10 +61,35 @@ def test_missing_dataset_says_where_it_looked_and_how_to_install(tmp_path, monke
     monkeypatch.setenv("BNN_TOL_DATA", str(tmp_path / "env"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DatasetNotFound) as e:
-        data.load("kmnist", "train", data_dir=tmp_path / "mine")
+        data.load("kmnist", "train")
     msg = str(e.value)
-    assert str(tmp_path / "mine") in msg and str(tmp_path / "env") in msg
+    assert str(tmp_path / "env") in msg and "data/kmnist" in msg
     assert "/usr/share/datasets/kmnist" in msg and "--data-dir" in msg
+
+
+def test_a_given_data_dir_is_the_only_place_searched(tmp_path, monkeypatch):
+    """Issue 9: a nonexistent or empty --data-dir used to fall back to other copies silently."""
+    (tmp_path / "env").mkdir()
+    _fake_mnist(tmp_path / "env")
+    monkeypatch.setenv("BNN_TOL_DATA", str(tmp_path / "env"))
+    assert len(data.load("mnist", "test")) == 20
+    with pytest.raises(data.DatasetNotFound, match="does not exist"):
+        data.load("mnist", "test", data_dir=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetNotFound) as e:
+        data.load("mnist", "test", data_dir=tmp_path / "empty")
+    msg = str(e.value)
+    assert str(tmp_path / "empty" / "mnist") in msg and str(tmp_path / "env") not in msg
+
+
+def test_idx_labels_outside_the_class_range_are_refused(tmp_path):
+    _fake_mnist(tmp_path)
+    for bad in (10, 255):
+        lbls = np.zeros(20, dtype=np.uint8)
+        lbls[7] = bad
+        _write_idx(tmp_path / "t10k-labels-idx1-ubyte", lbls)
+        with pytest.raises(data.CorruptDataset, match=f"0..9, found 0..{bad}"):
+            data.load("mnist", "test", data_dir=tmp_path)
 
 
 def test_unknown_dataset_and_split():
