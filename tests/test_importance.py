@@ -103,8 +103,12 @@ def test_taylor_of_last_hidden_layer_matches_hand_derived_gradient(digits):
         gz = torch.softmax(z, 1) - F.one_hot(y, 10)
         gh = (gz * s) @ last.layer.binary_weight()
         ref = (-2 * h * gh).double().mean(0).numpy()
-    got = imp[imp.layer_index == 1].sort_values("neuron")["importance"]
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+        per = (-2 * h * gh).double().numpy()  # per-sample terms (N, J)
+    got = imp[imp.layer_index == 1].sort_values("neuron")
+    np.testing.assert_allclose(got["importance"], ref, rtol=1e-4, atol=1e-6)
+    # its se: the spread of the per-sample terms (float32 gradients: same tolerance)
+    np.testing.assert_allclose(got["se"], per.std(0, ddof=1) / math.sqrt(len(per)), rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_importance_variance_hand_example():
@@ -155,14 +159,20 @@ def _vu(c):
     return c.mean(0).var() - (np.trace(s) / s.shape[0] - s.sum() / s.shape[0] ** 2) / n
 
 
-@pytest.mark.parametrize("est", ["accuracy", "loss"])
-def test_streamed_se_bias_and_jackknife_equal_explicit_contribution_matrix(digits, est):
-    model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=3)
+@pytest.mark.parametrize("name,kw,est", [
+    ("fc", dict(hidden=(24, 20), in_shape=(1, 8, 8)), "accuracy"),
+    ("fc", dict(hidden=(24, 20), in_shape=(1, 8, 8)), "loss"),
+    ("vgg3", dict(channels=((8,), (6,)), fc_width=24, in_shape=(1, 8, 8)), "accuracy"),  # conv
+])
+def test_streamed_se_bias_and_jackknife_equal_explicit_contribution_matrix(digits, name, kw, est):
+    """Conv layers: the unit of sampling is the image (c_nj sums all positions of channel j)."""
+    model = randomize_bn(models.build(name, seed=0, **kw), seed=3)
     imp = metrics.importance(model, digits, estimator=est, batch_size=97)  # ragged batches
     n = len(digits)
+    layers = range(len(model.blocks) - 1)
     g = min(metrics.importance.__globals__["JACKKNIFE_GROUPS"], n)
     reps, tols = [], []
-    for l in (0, 1):
+    for l in layers:
         c = _contribution_matrix(model, digits, l, est)
         s = np.cov(c, rowvar=False)
         got = imp[imp.layer_index == l].sort_values("neuron")
@@ -181,7 +191,7 @@ def test_streamed_se_bias_and_jackknife_equal_explicit_contribution_matrix(digit
     tj = math.sqrt(g) * max(tols)
     dev = reps - reps.mean(1, keepdims=True)
     net = dev.mean(0)
-    for l in (0, 1):
+    for l in layers:
         got = imp[imp.layer_index == l].iloc[0]
         se = math.sqrt((g - 1) / g * (dev[l] ** 2).sum())
         assert got["vu_se"] == pytest.approx(se, rel=0, abs=tj)
@@ -190,7 +200,7 @@ def test_streamed_se_bias_and_jackknife_equal_explicit_contribution_matrix(digit
     iv = metrics.importance_variance(imp).set_index("layer_index")
     net_se = math.sqrt((g - 1) / g * (net ** 2).sum())
     assert iv.loc[-1, "variance_unbiased_se"] == pytest.approx(net_se, rel=0, abs=2 * tj)
-    for l in (0, 1):
+    for l in layers:
         c = _contribution_matrix(model, digits, l, est)
         assert iv.loc[l, "variance_unbiased"] == pytest.approx(_vu(c), rel=0, abs=tols[l])
 
