@@ -30,7 +30,8 @@ Which form answers which question:
   distribution across recipes.
 
 The loss form depends on the scale of the logits, which bit flip training changes: compare
-estimators, do not assume they agree.
+estimators, do not assume they agree. Several exact estimators can be asked for at once
+(``estimator=["accuracy", "loss", "flips"]``) and cost one pass.
 
 Standard errors. Every estimator is a mean over images of a per-image contribution
 ``c_nj`` (accuracy: ``correct_n - correct_n(j)``; loss: ``CE_n(j) - CE_n``; flips:
@@ -39,8 +40,7 @@ mc: ``correct_n - mean_k correct_nk(j)``, conditional on the drawn fault maps, s
 omits the map-to-map variation). For conv layers the unit of sampling is the image (all
 positions of a channel summed into one ``c_nj``). The moments of ``c_nj`` are streamed over
 batches (``O(G J)`` memory per layer, never the ``N x J`` matrix; see
-:func:`importance_variance` for the formulas). Several exact estimators can be asked for at once
-(``estimator=["accuracy", "loss", "flips"]``) and cost one pass.
+:func:`importance_variance` for the formulas).
 
 Fast exact negation (no forward pass per neuron). Changing block ``l``'s output channel
 ``j`` by ``delta_j`` (``-2 h_j`` for negation; ``h'_j - h_j`` for a fault map) changes the
