@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .exceptions import InvalidArgument
+from .exceptions import InvalidArgument, require_int
 
 __all__ = [
     "BER",
@@ -86,13 +86,26 @@ def rates(ber: BER) -> tuple[float, float]:
     Raises:
         ValueError: a rate outside ``[0, 1]``, NaN, or a tuple not of length 2.
     """
-    if isinstance(ber, int | float):
+    import numbers
+
+    def num(v: object) -> float:
+        if isinstance(v, bool | str | bytes) or v is None:
+            raise InvalidArgument(f"a BER is a number p or a pair (p01, p10), got {ber!r}")
+        try:
+            return float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                f"a BER is a number p or a pair (p01, p10), got {ber!r}") from None
+
+    if isinstance(ber, numbers.Real) and not isinstance(ber, bool):
         p01 = p10 = float(ber)
     else:
+        if isinstance(ber, str | bytes) or not hasattr(ber, "__iter__"):
+            raise InvalidArgument(f"a BER is a number p or a pair (p01, p10), got {ber!r}")
         vals = list(ber)
         if len(vals) != 2:
             raise InvalidArgument(f"a BER is a number p or a pair (p01, p10), got {ber!r}")
-        p01, p10 = float(vals[0]), float(vals[1])
+        p01, p10 = num(vals[0]), num(vals[1])
     for label, p in (("p01", p01), ("p10", p10)):
         if not (0.0 <= p <= 1.0):  # also rejects NaN
             raise InvalidArgument(f"bit error rate {label}={p} is outside [0, 1]")
@@ -486,8 +499,8 @@ def map_seeds(seed: int, n_maps: int) -> list[int]:
     The same derivation as :func:`bnn_tol.train.child_seeds`; each is a 63-bit int usable as
     ``inject(..., seed=s)``.
     """
-    if n_maps < 0:
-        raise InvalidArgument(f"n_maps must be >= 0, got {n_maps}")
+    n_maps = require_int(n_maps, "n_maps", minimum=0)
+    seed = require_int(seed, "seed", minimum=0)
     state = np.random.SeedSequence(int(seed)).generate_state(n_maps, dtype=np.uint64)
     return [int(s) & ((1 << 63) - 1) for s in state]
 
@@ -514,6 +527,7 @@ def draw_maps(
     Returns:
         ``{layer name: FaultMap}`` in forward order.
     """
+    seed = require_int(seed, "seed", minimum=0)
     pos = _positions(model)
     chosen = select_layers(model, layers)
     return {
@@ -648,7 +662,10 @@ def inject(
     Raises:
         ValueError: bad rates, unknown layer names or targets, no binary layers.
     """
+    if ber is None:
+        raise InvalidArgument("inject needs a bit error rate: ber=p or ber=(p01, p10), got None")
     p01, p10 = rates(ber)
+    seed = require_int(seed, "seed", minimum=0)
     if mode not in ("persistent", "transient"):
         raise InvalidArgument(f"mode must be 'persistent' or 'transient', got {mode!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
