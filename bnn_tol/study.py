@@ -57,7 +57,8 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, s
               flip_warmup
     [eval]    bers, n_maps, seed, layers, batch_size
     [metrics] importance (estimator name or list of names), batch_size
-    [run]     device, threads ("auto": cores // concurrent tasks, or an integer)
+    [run]     device, threads ("auto": cores // concurrent tasks, or an integer), workers
+              (> 1: a local Dask cluster of that many single-thread worker processes)
     [[models]] label, name, and the model's keyword arguments (hidden = [256, 256], ...)
 
 ``train_subset`` / ``test_subset`` / ``metric_subset`` are random subsets (seeded by
@@ -110,7 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"bers": [0.0, 0.01, 0.02, 0.05, 0.1], "n_maps": 10, "seed": 0, "layers": "all",
              "batch_size": 2048},
     "metrics": {"importance": "accuracy", "batch_size": 1024},
-    "run": {"device": "cpu", "threads": "auto"},
+    "run": {"device": "cpu", "threads": "auto", "workers": 1},
     "models": [{"label": "fc", "name": "fc"}],
 }
 
@@ -307,6 +308,7 @@ def _validate(cfg: dict) -> None:
         raise _bad("[run] device", rn["device"], f"one of {list(_DEVICES)}")
     if rn["threads"] != "auto":
         _check_int("[run] threads", rn["threads"], 1)
+    _check_int("[run] workers", rn["workers"], 1)
 
     if not cfg["models"]:
         raise _bad("[[models]]", cfg["models"], "a non-empty list of model tables")
@@ -409,6 +411,7 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                         for sec in ("data", "train", "eval", "metrics", "run")}
                 del spec["train"]["bers"], spec["train"]["seeds"]
                 spec["run"]["threads"] = threads
+                del spec["run"]["workers"]  # how tasks are spread does not change them
                 spec.update(model=dict(m, label=label), train_ber=float(ber), seed=int(seed),
                             model_id=task_id(label, ber, seed))
                 out.append(spec)
@@ -779,7 +782,8 @@ def run(
     Args:
         study: see :func:`load_config`.
         out: results directory (created).
-        scheduler: ``None`` runs the tasks one after the other in this process; a
+        scheduler: ``None`` runs the tasks one after the other in this process (or, with
+            ``[run] workers > 1``, on a local Dask cluster of that many processes); a
             dask.distributed scheduler address (``"tcp://host:8786"``), a ``LocalCluster``
             or a ``Client`` runs them as independent dask tasks (``client.submit``). Both
             give the same files, bit for bit, for the same thread count.
@@ -805,7 +809,19 @@ def run(
     if fresh and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not empty: a fresh run (--fresh) needs a "
                               "new or empty output directory")
-    client, own = _connect(scheduler) if scheduler is not None else (None, False)
+    cluster = None
+    if scheduler is None and cfg["run"]["workers"] > 1:
+        from dask.distributed import LocalCluster
+
+        cluster = scheduler = LocalCluster(n_workers=cfg["run"]["workers"],
+                                           threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+    try:
+        client, own = _connect(scheduler) if scheduler is not None else (None, False)
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
     try:
         if client is None:
             workers, auto = 1, auto_threads(available_cores(), 1)
@@ -853,6 +869,8 @@ def run(
     finally:
         if own:
             client.close()
+        if cluster is not None:
+            cluster.close()
     status = pd.DataFrame(results, columns=STATUS_COLUMNS)
     order = {s["model_id"]: i for i, s in enumerate(specs)}
     status = status.sort_values("model_id", key=lambda c: c.map(order)).reset_index(drop=True)

@@ -410,3 +410,18 @@ def test_predictions_are_collected_per_task(tiny_run):
     assert len(pred) == len(models) * len(SMALL["eval"]["bers"])
     assert sorted(pred.ber.unique()) == SMALL["eval"]["bers"]
     assert pred.predicted_accuracy.between(0, 1).all()
+
+
+def test_run_workers_starts_a_local_cluster_and_resolves_threads_for_it(tmp_path):
+    over = {**ONE, "run": {"workers": 2, "threads": "auto"}}
+    res = study.run("tiny", tmp_path, overrides=over, echo=None)
+    assert res["failed"] == []
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["workers"] == 2 and env["torch_threads"] == study.auto_threads(
+        study.available_cores(), 2)
+    # the worker count is not part of a task: the same tasks are cached for 1 worker
+    again = study.run("tiny", tmp_path, overrides={**ONE, "run": {
+        "workers": 1, "threads": env["torch_threads"]}}, echo=None)
+    assert set(pd.read_csv(again["status"]).status) == {"cached"}
+    with pytest.raises(InvalidArgument, match=r"\[run\] workers"):
+        study.load_config("tiny", {"run": {"workers": 0}})
