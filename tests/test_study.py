@@ -4,6 +4,7 @@ import filecmp
 import html
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -425,3 +426,27 @@ def test_run_workers_starts_a_local_cluster_and_resolves_threads_for_it(tmp_path
     assert set(pd.read_csv(again["status"]).status) == {"cached"}
     with pytest.raises(InvalidArgument, match=r"\[run\] workers"):
         study.load_config("tiny", {"run": {"workers": 0}})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "studies").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_committed_study_files_are_valid(path):
+    cfg = study.load_config(path)
+    assert cfg["name"] == path.stem  # `make results` writes to docs/results/<file stem>
+    try:
+        study.check(cfg)  # the dataset loads and every model builds
+    except data.DatasetNotFound:
+        pytest.skip(f"{cfg['data']['dataset']} is not installed")
+
+
+def test_decisive_study_is_sized_to_decide():
+    cfg = study.load_config(Path(__file__).parents[1] / "studies" / "fmnist_decisive.toml")
+    tr, ev = cfg["train"], cfg["eval"]
+    assert cfg["models"] == [{"label": "fc", "name": "fc", "hidden": [512, 512]}]
+    assert cfg["data"]["train_subset"] is None and cfg["data"]["test_subset"] is None
+    assert len(tr["bers"]) >= 7 and min(tr["bers"]) == 0 and max(tr["bers"]) <= 0.3
+    assert len(tr["seeds"]) >= 5 and tr["epochs"] == 5
+    assert max(ev["bers"]) == 0.2 and ev["n_maps"] >= 20
+    assert cfg["data"]["metric_subset"] >= 5000
+    assert {"accuracy", "loss"} <= set(cfg["metrics"]["importance"])
+    assert cfg["run"]["threads"] * cfg["run"]["workers"] <= 2  # one thread per worker
