@@ -154,7 +154,8 @@ def test_invalid_arguments_are_clear_errors(digits):
     with pytest.raises(ValueError, match="unknown loss"):
         train.fit(_small(), tr, epochs=1, loss="mse", progress=False)
     with pytest.raises(ValueError, match="empty"):
-        train.fit(_small(), tr.subset(0), epochs=1, progress=False)
+        train.fit(_small(), data.BNNDataset(tr.images[:0], tr.labels[:0]), epochs=1,
+                  progress=False)
 
 
 def test_bernoulli_indices_count_and_positions_are_unbiased():
