@@ -55,7 +55,7 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, s
     [data]    dataset, train_subset, test_subset, metric_subset, subset_seed, data_dir
     [train]   bers, seeds, epochs, batch_size, lr, lr_step, lr_gamma, loss, flip_layers,
               flip_warmup
-    [eval]    bers, n_maps, seed, layers, batch_size
+    [eval]    bers, n_maps, seed, layers, batch_size, engine (``evaluate.sweep``'s; all exact)
     [metrics] importance (estimator name or list of names), batch_size
     [run]     device, threads ("auto": cores // concurrent tasks, or an integer), workers
               (> 1: a local Dask cluster of that many single-thread worker processes)
@@ -109,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
               "lr_step": None, "lr_gamma": 0.5, "loss": "ce", "flip_layers": "all",
               "flip_warmup": 0},
     "eval": {"bers": [0.0, 0.01, 0.02, 0.05, 0.1], "n_maps": 10, "seed": 0, "layers": "all",
-             "batch_size": 2048},
+             "batch_size": 2048, "engine": "auto"},
     "metrics": {"importance": "accuracy", "batch_size": 1024},
     "run": {"device": "cpu", "threads": "auto", "workers": 1},
     "models": [{"label": "fc", "name": "fc"}],
@@ -201,6 +201,8 @@ def load_config(
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEVICES = ("cpu", "cuda", "auto")
 _LOSSES = ("ce", "mhl")
+#: Sweep engines of ``evaluate.sweep`` (all exact: the choice changes speed, not results).
+_ENGINES = ("auto", "int8", "fp32", "reference")
 
 
 def _is_int(v: Any) -> bool:
@@ -295,6 +297,8 @@ def _validate(cfg: dict) -> None:
     _check_int("[eval] seed", ev["seed"], 0)
     _check_layers("[eval] layers", ev["layers"])
     _check_int("[eval] batch_size", ev["batch_size"], 1)
+    if ev["engine"] not in _ENGINES:
+        raise _bad("[eval] engine", ev["engine"], f"one of {list(_ENGINES)}")
 
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else mt["importance"]
     if (not isinstance(ests, list) or not ests
@@ -624,7 +628,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     eval_layers = None if ev["layers"] in (None, "all") else ev["layers"]
     sw = evaluate.sweep({spec["model_id"]: model}, test_ds, bers=bers, n_maps=ev["n_maps"],
                         seed=ev["seed"], layers=eval_layers, batch_size=ev["batch_size"],
-                        device=dev, progress=False)
+                        device=dev, progress=False, engine=ev["engine"])
     sw = sw.rename(columns={"seed": "map_seed"}).drop(columns=["model"])
     _write_csv(front(sw), tdir / "sweep.csv")
     stages["sweep_s"], t = time.perf_counter() - t, time.perf_counter()

@@ -450,3 +450,14 @@ def test_decisive_study_is_sized_to_decide():
     assert cfg["data"]["metric_subset"] >= 5000
     assert {"accuracy", "loss"} <= set(cfg["metrics"]["importance"])
     assert cfg["run"]["threads"] * cfg["run"]["workers"] <= 2  # one thread per worker
+
+
+def test_eval_engine_is_configurable_and_every_engine_gives_the_same_sweep(tmp_path):
+    with pytest.raises(InvalidArgument, match=r"\[eval\] engine"):
+        study.load_config("tiny", {"eval": {"engine": "fast"}})
+    over = {**ONE, "eval": {"n_maps": 2, "bers": [0.0, 0.1]}}
+    runs = {e: study.run("tiny", tmp_path / e, overrides={**over, "eval": {**over["eval"],
+                                                                              "engine": e}},
+                         echo=None) for e in ("int8", "fp32")}
+    a, b = (pd.read_csv(r["sweeps"]) for r in runs.values())
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
