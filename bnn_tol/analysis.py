@@ -41,6 +41,13 @@ __all__ = [
     "correlate",
     "predict_accuracy",
     "compare",
+    "metric_table",
+    "accuracy_noise",
+    "predictions_long",
+    "correlate_curve",
+    "prediction_fit",
+    "reliability",
+    "claims",
 ]
 
 #: Correlation coefficients computed by :func:`correlate`.
@@ -432,3 +439,452 @@ def _effect(a: np.ndarray, b: np.ndarray) -> dict:
     return {"mean_normal": ma, "mean_flip": mb, "diff": diff,
             "ratio": mb / ma if ma not in (0.0,) and na else nan, "cohen_d": float(d),
             "cliff_delta": float(delta), "p_value": float(p), "n_normal": na, "n_flip": nb}
+
+
+# -- issue 10: correlation over the BER range with noise, reliability, claims --------------------
+
+#: Coefficients of :func:`correlate_curve` (Kendall is left to :func:`correlate`).
+CURVE_METHODS = ("spearman", "pearson")
+#: Kinds of association in :func:`correlate_curve`.
+KINDS = ("raw", "partial_clean", "within_train_ber")
+
+
+def metric_table(metrics: pd.DataFrame, *, split: str = "all") -> pd.DataFrame:
+    """Long metrics of one ``split`` with the columns old result directories lack filled in.
+
+    A table without ``split`` is all ``"all"``; without ``se`` the standard error is NaN;
+    without ``model`` (architecture label) every network is ``"all"``.
+    Returns ``model_id, model, train_ber, seed, layer, metric, value, se``.
+    """
+    _need(metrics, [_ID, "layer", "metric", "value"], "metrics")
+    m = metrics
+    if "split" in m.columns:
+        m = m[m["split"].astype(str) == split]
+    elif split != "all":
+        m = m.iloc[:0]
+    m = m.copy()
+    if "se" not in m.columns:
+        m["se"] = np.nan
+    if "model" not in m.columns:
+        m["model"] = "all"
+    for c in ("train_ber", "seed"):
+        if c not in m.columns:
+            m[c] = np.nan
+    m["value"] = m["value"].astype(float)
+    m["se"] = pd.to_numeric(m["se"], errors="coerce").astype(float)
+    return m[[_ID, "model", "train_ber", "seed", "layer", "metric", "value", "se"]]
+
+
+def accuracy_noise(sweeps: pd.DataFrame, *, n_test: int | None = None) -> pd.DataFrame:
+    """Accuracy per (network, BER) with its standard error.
+
+    With ``K`` fault maps of standard deviation ``s`` and ``N`` test images,
+
+        se_acc^2 = s^2 / K + acc (1 - acc) / N.
+
+    The first term is the fault-map noise; the second is the binomial noise of a mean over
+    ``N`` images, which approximates resampling the test images (it treats images as
+    independent and ignores that all maps see the same images). ``s`` is 0 for ``K = 1``;
+    ``n_test=None`` leaves the image term out.
+    Returns ``model_id, [model, train_ber, seed,] ber, accuracy, std, n, se_acc``.
+    """
+    if n_test is not None and (isinstance(n_test, bool) or int(n_test) != n_test
+                               or n_test < 1):
+        raise InvalidArgument(f"n_test must be a positive integer (test images), got {n_test!r}")
+    acc = accuracy_at_ber(sweeps)
+    var = acc["std"].fillna(0.0) ** 2 / acc["n"]
+    if n_test is not None:
+        var = var + acc["accuracy"] * (1 - acc["accuracy"]) / float(n_test)
+    return acc.assign(se_acc=np.sqrt(var))
+
+
+def predictions_long(predictions: pd.DataFrame) -> pd.DataFrame:
+    """``predictions.csv`` as per-BER metric rows ``metric == "predicted_accuracy"``.
+
+    Returns ``model_id, model, train_ber, seed, layer ("network"), metric, value, se (NaN),
+    ber``: one more metric for :func:`correlate_curve`, paired with the accuracy at its BER.
+    """
+    _need(predictions, [_ID, "ber", "predicted_accuracy"], "predictions")
+    p = predictions.copy()
+    for c, d in (("model", "all"), ("train_ber", np.nan), ("seed", np.nan)):
+        if c not in p.columns:
+            p[c] = d
+    return pd.DataFrame({_ID: p[_ID], "model": p["model"], "train_ber": p["train_ber"],
+                         "seed": p["seed"], "layer": "network", "metric": "predicted_accuracy",
+                         "value": p["predicted_accuracy"].astype(float), "se": np.nan,
+                         "ber": p["ber"].astype(float)})
+
+
+def _demean_groups(v: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Subtract each row's group means: ``v_bi - mean_{j: g_bj = g_bi} v_bj`` (shape (B, n))."""
+    same = (g[:, :, None] == g[:, None, :]).astype(float)
+    return v - (same @ v[:, :, None])[:, :, 0] / same.sum(2)
+
+
+def _rank_groups(v: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Average rank of ``v_bi`` among the entries of its row with the same group label."""
+    same = g[:, :, None] == g[:, None, :]
+    less = ((v[:, None, :] < v[:, :, None]) & same).sum(2)
+    ties = ((v[:, None, :] == v[:, :, None]) & same).sum(2)
+    return less + (ties + 1) / 2.0
+
+
+def _assoc(x: np.ndarray, y: np.ndarray, c: np.ndarray, g: np.ndarray, kind: str,
+           method: str) -> np.ndarray:
+    """Row-wise association of ``x, y`` (B, n); see :func:`correlate_curve`."""
+    if kind == "raw":
+        return correlation_rows(x, y, method)
+    if kind == "partial_clean":
+        if method == "spearman":
+            x, y, c = (stats.rankdata(a, axis=1) for a in (x, y, c))
+        rxy, rxc, ryc = (_pearson_rows(a, b) for a, b in ((x, y), (x, c), (y, c)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            den = np.sqrt((1 - rxc ** 2) * (1 - ryc ** 2))
+            r = (rxy - rxc * ryc) / den
+        return np.where(den > 1e-12, np.clip(r, -1, 1), np.nan)
+    if method == "spearman":
+        x, y = _rank_groups(x, g), _rank_groups(y, g)
+    return _pearson_rows(_demean_groups(x, g), _demean_groups(y, g))
+
+
+def correlate_curve(
+    metrics: pd.DataFrame,
+    sweeps: pd.DataFrame,
+    *,
+    predictions: pd.DataFrame | None = None,
+    n_test: int | None = None,
+    level: str = "network",
+    methods: Sequence[str] = CURVE_METHODS,
+    kinds: Sequence[str] = KINDS,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    noise: bool = True,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Correlation of each metric with accuracy at every evaluation BER, per architecture.
+
+    Networks ``i`` of one architecture (``model`` column) have metric ``x_i`` (standard error
+    ``se_i``, split ``"all"``), accuracy ``y_i = acc_p,i`` at BER ``p`` with ``se_acc,i``
+    (:func:`accuracy_noise`) and clean accuracy ``c_i = acc_0,i``. Kinds:
+
+    - ``raw``: ``corr(x, y)``;
+    - ``partial_clean``: ``(r_xy - r_xc r_yc) / sqrt((1 - r_xc^2)(1 - r_yc^2))``, the
+      correlation left after removing clean accuracy, the obvious confounder (on ranks for
+      Spearman);
+    - ``within_train_ber``: pooled within-training-BER correlation across seeds: values
+      (ranks within each training BER group for Spearman) centred on their group mean, then
+      Pearson. Only the seed-to-seed variation at equal training BER is left.
+
+    Bootstrap (``n_boot`` replicates, ``numpy.random.default_rng(seed)``): each replicate
+    draws ``n`` networks with replacement and, with ``noise=True``, adds
+    ``N(0, se_i^2)`` to each drawn metric, ``N(0, se_acc,i^2)`` to its accuracy and to its
+    clean accuracy (``se`` NaN counts as 0), so the interval contains metric and test-image
+    noise (approximately: see :func:`accuracy_noise`). ``ci_low, ci_high`` are the
+    ``(1 -+ ci)/2`` quantiles of the finite replicates (``n_boot_valid``).
+
+    ``predictions`` (``predictions.csv``) adds the metric ``predicted_accuracy`` whose value
+    at BER ``p`` is paired with the accuracy at ``p``. The sweep's clean accuracy is added
+    as the metric ``clean_accuracy`` (``se = se_acc`` at BER 0).
+
+    Returns one row per (model, metric, layer, ber, kind, method): ``model, metric, layer,
+    ber, kind, method, r, ci_low, ci_high, n, n_boot_valid``.
+    """
+    for m in methods:
+        if m not in CURVE_METHODS:
+            raise InvalidArgument(f"unknown method {m!r}; choose from {', '.join(CURVE_METHODS)}")
+    for k in kinds:
+        if k not in KINDS:
+            raise InvalidArgument(f"unknown kind {k!r}; choose from {', '.join(KINDS)}")
+    if not 0 < ci < 1:
+        raise InvalidArgument(f"ci must be in (0, 1), got {ci}")
+    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
+        raise InvalidArgument(f"n_boot must be an integer >= 0, got {n_boot!r}")
+    m = _select_level(metric_table(metrics), level).assign(ber=np.nan)
+    acc = accuracy_noise(sweeps, n_test=n_test)
+    ya = acc.pivot(index=_ID, columns="ber", values="accuracy")
+    ys = acc.pivot(index=_ID, columns="ber", values="se_acc")
+    if 0 not in ya.columns and 0.0 not in ya.columns:
+        raise InvalidArgument("the sweep has no rows at ber == 0, so clean accuracy is unknown; "
+                              "add 0 to the evaluation BERs")
+    ids = m.drop_duplicates(_ID).set_index(_ID)[["model", "train_ber", "seed"]]
+    clean = pd.DataFrame({_ID: ya.index, "layer": "network", "metric": "clean_accuracy",
+                          "value": ya[0.0].to_numpy(), "se": ys[0.0].to_numpy(), "ber": np.nan})
+    clean = clean.join(ids, on=_ID, how="inner")
+    parts = [m, clean]
+    if predictions is not None and not predictions.empty:
+        parts.append(predictions_long(predictions))
+    feats = pd.concat(parts, ignore_index=True)
+    rows = []
+    q = [(1 - ci) / 2, (1 + ci) / 2]
+    for arch, fa in feats.groupby("model", sort=True):
+        net = ids[ids["model"] == arch].index.intersection(ya.index).sort_values()
+        n = len(net)
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, n, size=(n_boot, n)) if n_boot and n else None
+        noise_y = {b: rng.standard_normal((n_boot, n)) for b in ya.columns}
+        z_c = rng.standard_normal((n_boot, n))
+        c_all = ya.loc[net, 0.0].to_numpy(float)
+        cs_all = np.nan_to_num(ys.loc[net, 0.0].to_numpy(float))
+        g_all = ids.loc[net, "train_ber"].to_numpy(float)
+        keys = sorted(fa.groupby(["metric", "layer"]).groups)
+        for k, (metric, layer) in enumerate(keys):
+            f = fa[(fa["metric"] == metric) & (fa["layer"] == layer)]
+            z_x = np.random.default_rng([seed, k]).standard_normal((n_boot, n))
+            for ber in ya.columns:
+                fb = f[f["ber"].isna() | np.isclose(f["ber"], ber)]
+                fb = fb.drop_duplicates(_ID).set_index(_ID)
+                if "predicted_accuracy" == metric and not np.isclose(f["ber"], ber).any():
+                    continue
+                pos = np.flatnonzero(net.isin(fb.index) & ya.loc[net, ber].notna().to_numpy())
+                if len(pos) == 0:
+                    continue
+                sub = net[pos]
+                x = fb.loc[sub, "value"].to_numpy(float)
+                xs = np.nan_to_num(fb.loc[sub, "se"].to_numpy(float))
+                y = ya.loc[sub, ber].to_numpy(float)
+                yse = np.nan_to_num(ys.loc[sub, ber].to_numpy(float))
+                c, cs, g = c_all[pos], cs_all[pos], g_all[pos]
+                if idx is not None and len(pos) >= 2:
+                    # resample the networks present (all of them: the shared draw)
+                    nn = len(pos)
+                    j = idx if nn == n else np.random.default_rng([seed, k, 1]).integers(
+                        0, nn, size=(n_boot, nn))
+                    xb, yb, cb, gb = x[j], y[j], c[j], g[j]
+                    if noise:
+                        xb = xb + xs[j] * z_x[:, :nn]
+                        yb = yb + yse[j] * noise_y[ber][:, :nn]
+                        cb = cb + cs[j] * z_c[:, :nn]
+                for kind in kinds:
+                    for method in methods:
+                        r = float(_assoc(x[None], y[None], c[None], g[None], kind, method)[0]) \
+                            if len(pos) >= 3 else float("nan")
+                        lo = hi = float("nan")
+                        valid = 0
+                        if idx is not None and len(pos) >= 3:
+                            rb = _assoc(xb, yb, cb, gb, kind, method)
+                            rb = rb[np.isfinite(rb)]
+                            valid = int(rb.size)
+                            if valid:
+                                lo, hi = (float(v) for v in np.quantile(rb, q))
+                        rows.append({"model": arch, "metric": metric, "layer": layer,
+                                     "ber": float(ber), "kind": kind, "method": method, "r": r,
+                                     "ci_low": lo, "ci_high": hi, "n": len(pos),
+                                     "n_boot_valid": valid})
+    cols = ["model", "metric", "layer", "ber", "kind", "method", "r", "ci_low", "ci_high", "n",
+            "n_boot_valid"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def prediction_fit(predictions: pd.DataFrame, sweeps: pd.DataFrame) -> pd.DataFrame:
+    """How well accuracy predicted from margins tracks the measured sweep, per architecture.
+
+    Pairs ``(predicted_accuracy, acc_p)`` over networks and BERs ``p`` (the mean over maps)
+    and reports ``pearson``, ``spearman``, ``r2 = 1 - sum (y - yhat)^2 / sum (y - mean y)^2``
+    (the prediction taken as is, no fitted line: R^2 < 0 is worse than the mean),
+    ``mae = mean |y - yhat|`` and ``n`` pairs. Returns one row per architecture: ``model,
+    pearson, spearman, r2, mae, n``.
+    """
+    p = predictions_long(predictions)
+    acc = accuracy_at_ber(sweeps)[[_ID, "ber", "accuracy"]]
+    p = p.assign(ber_key=p["ber"].round(12))
+    acc = acc.assign(ber_key=acc["ber"].astype(float).round(12)).drop(columns="ber")
+    d = p.merge(acc, on=[_ID, "ber_key"], how="inner")
+    rows = []
+    for arch, g in d.groupby("model", sort=True):
+        y, yh = g["accuracy"].to_numpy(float), g["value"].to_numpy(float)
+        ok = np.isfinite(y) & np.isfinite(yh)
+        y, yh = y[ok], yh[ok]
+        ss = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
+        const = len(y) < 3 or np.ptp(y) == 0 or np.ptp(yh) == 0
+        rows.append({"model": arch,
+                     "pearson": np.nan if const else float(stats.pearsonr(yh, y)[0]),
+                     "spearman": np.nan if const else float(stats.spearmanr(yh, y)[0]),
+                     "r2": 1 - float(((y - yh) ** 2).sum()) / ss if ss > 0 else np.nan,
+                     "mae": float(np.abs(y - yh).mean()) if len(y) else np.nan, "n": len(y)})
+    return pd.DataFrame(rows, columns=["model", "pearson", "spearman", "r2", "mae", "n"])
+
+
+def _noise_share_name(metric: str, names: set[str]) -> str | None:
+    """The ``<prefix>noise_share`` metric of a metric (longest ``_``-prefix that has one)."""
+    parts = metric.split("_")
+    for k in range(len(parts) - 1, 0, -1):
+        cand = "_".join(parts[:k]) + "_noise_share"
+        if cand in names:
+            return cand
+    return None
+
+
+def reliability(
+    metrics: pd.DataFrame,
+    *,
+    method: str = "pearson",
+    threshold: float = 0.8,
+    noise_threshold: float = 0.5,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Split-half reliability of each metric across the networks of each architecture.
+
+    For each (model, metric, layer) with values ``a_i, b_i`` on the two disjoint halves of
+    the metric images (``split == "a"/"b"``) of networks ``i = 1..n``:
+
+        r_half = corr(a, b),        reliability = 2 r_half / (1 + r_half)   (Spearman-Brown),
+
+    the expected correlation between two independent measurements on the full image set.
+    ``ci_low, ci_high``: percentile bootstrap over networks (``default_rng(seed)``) of the
+    Spearman-Brown value. ``noise_share``: median over networks (split ``"all"``) of the
+    metric's ``<prefix>noise_share`` metric where the study wrote one (importance variances),
+    else NaN. Flags: ``reliable = reliability >= threshold`` (NaN reliability: False),
+    ``noisy = noise_share > noise_threshold``.
+
+    Tables without halves (old result directories) give an empty table with these columns:
+    ``model, metric, layer, r_half, reliability, ci_low, ci_high, n, noise_share, reliable,
+    noisy``.
+    """
+    if method not in ("pearson", "spearman"):
+        raise InvalidArgument(f"method must be 'pearson' or 'spearman', got {method!r}")
+    if not 0 < ci < 1:
+        raise InvalidArgument(f"ci must be in (0, 1), got {ci}")
+    for name, v in (("threshold", threshold), ("noise_threshold", noise_threshold)):
+        if not 0 <= v <= 1:
+            raise InvalidArgument(f"{name} must be in [0, 1], got {v}")
+    cols = ["model", "metric", "layer", "r_half", "reliability", "ci_low", "ci_high", "n",
+            "noise_share", "reliable", "noisy"]
+    a, b = metric_table(metrics, split="a"), metric_table(metrics, split="b")
+    full = metric_table(metrics, split="all")
+    names = set(full["metric"])
+    key = ["model", "metric", "layer", _ID]
+    d = a.merge(b, on=key, suffixes=("_a", "_b"))
+    d = d[np.isfinite(d["value_a"]) & np.isfinite(d["value_b"])]
+    rows = []
+    for (arch, metric, layer), g in d.groupby(["model", "metric", "layer"], sort=True):
+        g = g.sort_values(_ID)
+        x, y = g["value_a"].to_numpy(float), g["value_b"].to_numpy(float)
+        n = len(x)
+        r = float(correlation_rows(x[None], y[None], method)[0]) if n >= 3 else float("nan")
+        lo = hi = float("nan")
+        if n >= 3 and n_boot:
+            j = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+            rb = correlation_rows(x[j], y[j], method)
+            sb = 2 * rb / (1 + rb)
+            sb = sb[np.isfinite(sb)]
+            if sb.size:
+                lo, hi = (float(v) for v in np.quantile(sb, [(1 - ci) / 2, (1 + ci) / 2]))
+        rel = 2 * r / (1 + r) if np.isfinite(r) and r > -1 else float("nan")
+        ns_name = _noise_share_name(metric, names)
+        share = float("nan")
+        if ns_name is not None:
+            s = full[(full["model"] == arch) & (full["metric"] == ns_name)
+                     & (full["layer"] == layer)]["value"]
+            share = float(s.median()) if s.notna().any() else float("nan")
+        rows.append({"model": arch, "metric": metric, "layer": layer, "r_half": r,
+                     "reliability": rel, "ci_low": lo, "ci_high": hi, "n": n,
+                     "noise_share": share, "reliable": bool(np.isfinite(rel) and rel >= threshold),
+                     "noisy": bool(np.isfinite(share) and share > noise_threshold)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+#: Metrics of claim (a) and the direction the paper expects in flip-trained networks.
+CLAIM_METRICS = {"mean_margin_norm": "larger", "importance_variance": "smaller",
+                 "importance_variance_unbiased": "smaller"}
+
+
+def claims(
+    metrics: pd.DataFrame,
+    curve: pd.DataFrame,
+    *,
+    rel: pd.DataFrame | None = None,
+    claim_metrics: dict[str, str] | None = None,
+    method: str = "spearman",
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The paper's two claims answered per architecture and network-level metric.
+
+    **(a) difference**: "flip-trained BNNs have larger normalized margins / lower importance
+    variance than normal ones". Normal = networks at the smallest training BER, flip = at
+    the largest; ``effect = mean(flip) - mean(normal)`` with a percentile bootstrap interval
+    (networks resampled within each group, ``default_rng(seed)``). Verdict: ``holds`` if
+    the interval excludes 0 on the side the claim expects (``claim_metrics``:
+    ``"larger"``/``"smaller"``), ``contradicted`` if it excludes 0 on the other side, else
+    ``not supported`` (also with fewer than 2 networks in a group).
+
+    **(b) correlation**: "the metric correlates with accuracy under BER". From the ``raw``
+    rows of ``curve`` (:func:`correlate_curve`, ``method``) at BERs ``p > 0``: the BER
+    range is split at its median; a BER is *significant* when the interval excludes 0 with
+    the claim's sign (positive for ``larger`` metrics, negative for ``smaller`` ones).
+    Verdict: ``holds`` if every BER is significant, ``holds at high BER only`` if every
+    BER of the upper half is (and some lower one is not), else ``not supported``. A
+    verdict other than ``not supported`` gets `` (unreliable metric)`` appended when
+    ``rel`` (:func:`reliability`) flags the metric at network level as not reliable.
+
+    Returns one row per (model, metric, claim): ``model, metric, claim ("a" | "b"),
+    expected, estimate, ci_low, ci_high, verdict, detail``.
+    """
+    cm = CLAIM_METRICS if claim_metrics is None else claim_metrics
+    for k, v in cm.items():
+        if v not in ("larger", "smaller"):
+            raise InvalidArgument(f"claim_metrics[{k!r}] must be 'larger' or 'smaller', got {v!r}")
+    m = metric_table(metrics)
+    m = m[(m["layer"] == "network") & m["metric"].isin(list(cm))]
+    rows = []
+    q = [(1 - ci) / 2, (1 + ci) / 2]
+    for (arch, metric), g in m.groupby(["model", "metric"], sort=True):
+        sign = 1 if cm[metric] == "larger" else -1
+        tb = sorted(g["train_ber"].dropna().unique())
+        est = lo = hi = float("nan")
+        verdict, detail = "not supported", "needs two training BERs"
+        if len(tb) >= 2:
+            a = g.loc[g["train_ber"] == tb[0], "value"].dropna().to_numpy(float)
+            b = g.loc[g["train_ber"] == tb[-1], "value"].dropna().to_numpy(float)
+            detail = f"training BER {tb[-1]:g} vs {tb[0]:g}, n = {len(b)} vs {len(a)}"
+            if len(a) and len(b):
+                est = float(b.mean() - a.mean())
+            if len(a) >= 2 and len(b) >= 2:
+                rng = np.random.default_rng(seed)
+                ea = a[rng.integers(0, len(a), (n_boot, len(a)))].mean(1)
+                eb = b[rng.integers(0, len(b), (n_boot, len(b)))].mean(1)
+                lo, hi = (float(v) for v in np.quantile(eb - ea, q))
+                if (sign > 0 and lo > 0) or (sign < 0 and hi < 0):
+                    verdict = "holds"
+                elif (sign > 0 and hi < 0) or (sign < 0 and lo > 0):
+                    verdict = "contradicted"
+                else:
+                    verdict = "not supported"
+            else:
+                detail += " (fewer than 2 networks in a group)"
+        rows.append({"model": arch, "metric": metric, "claim": "a", "expected": cm[metric],
+                     "estimate": est, "ci_low": lo, "ci_high": hi, "verdict": verdict,
+                     "detail": detail})
+        c = curve[(curve["model"] == arch) & (curve["metric"] == metric)
+                  & (curve["layer"] == "network") & (curve["kind"] == "raw")
+                  & (curve["method"] == method) & (curve["ber"] > 0)].sort_values("ber")
+        verdict, detail = "not supported", "no correlations"
+        est = lo = hi = float("nan")
+        if not c.empty:
+            sig = ((sign * c["ci_low"] > 0) & (sign * c["ci_high"] > 0)).to_numpy()
+            bers = c["ber"].to_numpy(float)
+            high = bers >= np.median(bers)
+            if sig.all():
+                verdict = "holds"
+            elif sig[high].all():
+                verdict = "holds at high BER only"
+            top = c.iloc[-1]
+            est, lo, hi = float(top["r"]), float(top["ci_low"]), float(top["ci_high"])
+            detail = (f"{method} interval excludes 0 with the expected sign at "
+                      f"{int(sig.sum())} of {len(sig)} BERs "
+                      f"({', '.join(f'{b:g}' for b in bers[sig]) or 'none'}); estimate at "
+                      f"BER {bers[-1]:g}")
+            if rel is not None and not rel.empty and verdict != "not supported":
+                rr = rel[(rel["model"] == arch) & (rel["metric"] == metric)
+                         & (rel["layer"] == "network")]
+                if not rr.empty and not bool(rr["reliable"].iloc[0]):
+                    verdict += " (unreliable metric)"
+                    detail += f"; split-half reliability {rr['reliability'].iloc[0]:.2f}"
+        rows.append({"model": arch, "metric": metric, "claim": "b",
+                     "expected": "positive" if sign > 0 else "negative", "estimate": est,
+                     "ci_low": lo, "ci_high": hi, "verdict": verdict, "detail": detail})
+    return pd.DataFrame(rows, columns=["model", "metric", "claim", "expected", "estimate",
+                                       "ci_low", "ci_high", "verdict", "detail"])
