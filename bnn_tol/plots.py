@@ -24,6 +24,8 @@ __all__ = [
     "correlation_heatmap",
     "sweep",
     "margins",
+    "rho_vs_ber",
+    "metric_scatter_by_model",
 ]
 
 
@@ -282,3 +284,97 @@ def margins(df: pd.DataFrame, *, value: str = "mean_margin_norm", hue: str = "mo
         hue: column that tells the curves apart.
     """
     return _per_layer_hist(df, value, hue, value.replace("_", " "), log=False)
+
+
+# -- issue 10: the correlation curve and per-architecture scatter ----------------------------
+
+def rho_vs_ber(
+    curve: pd.DataFrame,
+    *,
+    metrics: Sequence[str] | None = None,
+    layer: str = "network",
+    kind: str = "raw",
+    method: str = "spearman",
+) -> Figure:
+    """Correlation with accuracy vs evaluation BER, a line and interval band per metric.
+
+    ``curve`` is :func:`bnn_tol.analysis.correlate_curve`; one panel per architecture
+    (``model``), the band is ``[ci_low, ci_high]`` (bootstrap over networks with metric and
+    accuracy noise). BER 0 (clean accuracy) is left out. ``metrics``: which metrics
+    (default all at ``layer``).
+    """
+    need = ["model", "metric", "layer", "ber", "kind", "method", "r", "ci_low", "ci_high"]
+    missing = [c for c in need if c not in curve.columns]
+    if missing:
+        raise InvalidArgument(f"curve lacks column(s) {missing}: pass "
+                              "bnn_tol.analysis.correlate_curve(...)")
+    d = curve[(curve["layer"] == layer) & (curve["kind"] == kind) & (curve["method"] == method)
+              & (curve["ber"] > 0)]
+    if metrics is not None:
+        d = d[d["metric"].isin(list(metrics))]
+    if d.empty:
+        raise InvalidArgument(f"no rows for layer={layer!r}, kind={kind!r}, method={method!r}"
+                              + ("" if metrics is None else f", metrics={list(metrics)}"))
+    archs = sorted(d["model"].astype(str).unique())
+    fig, axes = _grid(len(archs), ncols=min(3, len(archs)), size=(5.2, 3.8))
+    names = sorted(d["metric"].unique())
+    colors = {m: f"C{i % 10}" for i, m in enumerate(names)}
+    for ax, arch in zip(axes, archs, strict=True):
+        da = d[d["model"].astype(str) == arch]
+        for m, g in da.groupby("metric", sort=True):
+            g = g.sort_values("ber")
+            ax.plot(g["ber"], g["r"], marker="o", ms=3, color=colors[m], label=m)
+            ax.fill_between(g["ber"], g["ci_low"], g["ci_high"], color=colors[m], alpha=0.18,
+                            lw=0)
+        ax.axhline(0, color="0.4", lw=0.8)
+        ax.set(xlabel="evaluation BER", ylabel=f"{method} with accuracy", ylim=(-1.05, 1.05),
+               title=f"{arch} ({kind.replace('_', ' ')})")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def metric_scatter_by_model(
+    metrics: pd.DataFrame,
+    sweeps: pd.DataFrame,
+    *,
+    metric: str,
+    ber: float,
+    layer: str = "network",
+    hue: str = "train_ber",
+) -> Figure:
+    """Metric vs accuracy at one BER, one panel per architecture, colour = ``hue``.
+
+    One point per network (split ``"all"`` of the metrics; accuracy = mean over maps). No
+    regression line: architectures differ in scale (fan-in enters the normalized margin),
+    so a line pooled across them would be meaningless, and within one the curve of
+    :func:`rho_vs_ber` is the summary.
+    """
+    import seaborn as sns
+
+    from . import analysis
+
+    m = analysis.metric_table(metrics)
+    m = m[(m["metric"] == metric) & (m["layer"] == layer)]
+    if m.empty:
+        raise InvalidArgument(f"no metric {metric!r} at layer {layer!r}; available: "
+                              f"{sorted(metrics['metric'].unique())[:20]}")
+    acc = analysis.accuracy_at_ber(sweeps)
+    acc = acc[np.isclose(acc["ber"].astype(float), float(ber))]
+    if acc.empty:
+        raise InvalidArgument(
+            f"BER {ber} is not in the sweep; it has {sorted(sweeps['ber'].unique())}")
+    d = m[["model_id", "model", "train_ber", "value"]].merge(
+        acc[["model_id", "accuracy"]], on="model_id")
+    archs = sorted(d["model"].astype(str).unique())
+    fig, axes = _grid(len(archs), ncols=min(3, len(archs)), size=(4.6, 3.6))
+    hd, order = _hue_str(d, hue)
+    for ax, arch in zip(axes, archs, strict=True):
+        sns.scatterplot(hd[hd["model"].astype(str) == arch], x="value", y="accuracy",
+                        hue=hue if order else None, hue_order=order, ax=ax, s=40)
+        ax.set(xlabel=analysis.feature_name(metric, layer), ylabel=f"accuracy at BER {ber:g}",
+               title=arch)
+        ax.grid(alpha=0.3)
+        if ax.get_legend() is not None:
+            ax.get_legend().set_title(_hue_label(hue))
+    return fig

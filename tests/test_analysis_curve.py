@@ -271,3 +271,38 @@ def test_curve_bad_arguments_are_named():
         analysis.correlate_curve(metrics, sweeps, methods=["kendall"])
     with pytest.raises(InvalidArgument, match="ber == 0"):
         analysis.correlate_curve(metrics, sweeps[sweeps.ber > 0])
+
+
+def _two_architectures():
+    rng = np.random.default_rng(9)
+    parts = []
+    for model, scale in (("fc", 1.0), ("vgg3", 30.0)):
+        t = rng.uniform(size=8)
+        parts.append(_tables(scale * t, {0.0: np.full(8, 0.9), 0.1: 0.3 + 0.5 * t,
+                                         0.2: 0.1 + 0.5 * t},
+                             se=np.zeros(8), train_ber=np.repeat([0.0, 0.1], 4), model=model,
+                             metric="mean_margin_norm"))
+    return (pd.concat([p[0] for p in parts], ignore_index=True),
+            pd.concat([p[1] for p in parts], ignore_index=True))
+
+
+def test_figures_have_one_panel_per_architecture_and_no_pooled_line():
+    from matplotlib.collections import PolyCollection
+
+    from bnn_tol import plots
+
+    metrics, sweeps = _two_architectures()
+    cur = analysis.correlate_curve(metrics, sweeps, n_boot=50)
+    fig = plots.rho_vs_ber(cur)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["fc (raw)", "vgg3 (raw)"]
+    for ax in axes:  # one band per metric (mean_margin_norm, clean_accuracy)
+        assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2
+    sc = plots.metric_scatter_by_model(metrics, sweeps, metric="mean_margin_norm", ber=0.2)
+    axes = [ax for ax in sc.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["fc", "vgg3"]
+    # points only: no line through data (seaborn's legend handles are empty lines)
+    assert all(len(ln.get_xdata()) == 0 for ax in axes for ln in ax.lines)
+    assert sum(len(ax.collections[0].get_offsets()) for ax in axes) == 16
+    with pytest.raises(InvalidArgument, match="kind"):
+        plots.rho_vs_ber(cur, kind="nope")
