@@ -767,7 +767,8 @@ def reliability(
         if n >= 3 and n_boot:
             j = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
             rb = correlation_rows(x[j], y[j], method)
-            sb = 2 * rb / (1 + rb)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sb = 2 * rb / (1 + rb)
             sb = sb[np.isfinite(sb)]
             if sb.size:
                 lo, hi = (float(v) for v in np.quantile(sb, [(1 - ci) / 2, (1 + ci) / 2]))

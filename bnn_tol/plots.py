@@ -218,7 +218,8 @@ def correlation_heatmap(
                          f"layer={layer!r}")
     c = c.assign(row=[feature_name(m, lay) for m, lay in zip(c["metric"], c["layer"],
                                                              strict=True)])
-    table = c.pivot_table(index="row", columns="ber", values="r", aggfunc="first")
+    table = c.pivot_table(index="row", columns="ber", values="r", aggfunc="first",
+                          dropna=False).astype(float)  # all-NaN columns come back as object
     table = table[sorted(table.columns, key=float)] if len(table.columns) else table
     table.columns = [f"{float(b):g}" for b in table.columns]
     fig = Figure(figsize=(1.1 * len(table.columns) + 3.5, 0.42 * len(table) + 1.6),

@@ -4,7 +4,13 @@
 (``models.csv, sweeps.csv, metrics.csv, margins.csv, importance.csv``), runs the analysis
 (:mod:`bnn_tol.analysis`), draws the figures (:mod:`bnn_tol.plots`, embedded as PNG data
 URIs: the page is one file) and writes next to the report the analysis tables
-``correlations.csv, regression.csv, comparison.csv``.
+``correlations.csv, regression.csv, comparison.csv`` and (issue 10)
+``correlation_curve.csv`` (:func:`bnn_tol.analysis.correlate_curve`, per architecture, every
+BER, noise-aware intervals), ``reliability.csv`` (split-half), ``claims.csv`` (the paper's
+two claims answered per architecture) and ``prediction_fit.csv`` (when the study wrote
+``predictions.csv``). Metrics with low reliability or a high noise share are flagged in the
+tables and the summary. Result directories of older versions (no ``split``/``se`` columns, no
+predictions) give the same report without those parts.
 """
 
 from __future__ import annotations
@@ -23,10 +29,23 @@ import pandas as pd
 
 from .exceptions import InvalidArgument
 
-__all__ = ["write", "load_results", "summarize", "HEADLINE"]
+__all__ = ["write", "load_results", "summarize", "HEADLINE", "CURVE_METRICS", "TABLE_BERS",
+           "curve_table", "warnings_html"]
 
 #: Network-level metrics the summary talks about (all metrics are in the tables).
 HEADLINE = ["mean_margin_norm", "mean_q10_margin", "importance_variance", "importance_cv"]
+
+#: Metrics of the rho-vs-BER table (those present; ``predicted_accuracy`` from predictions.csv).
+CURVE_METRICS = ["mean_margin_norm", "importance_variance_unbiased", "importance_variance",
+                 "importance_loss_norm_variance_unbiased", "predicted_accuracy",
+                 "clean_accuracy"]
+#: Evaluation BERs of the rho table (the nearest BER of the sweep is used).
+TABLE_BERS = (0.05, 0.1, 0.2)
+#: Test-set sizes of the known datasets (the binomial term of the accuracy noise).
+_TEST_SIZE = {"mnist": 10000, "fashion-mnist": 10000, "fmnist": 10000, "kmnist": 10000,
+              "cifar10": 10000, "cifar-10": 10000}
+#: How to reproduce a study when its environment.json is missing.
+REPRODUCE = "make results  (or: bnn-tol study <study file> --out <dir>)"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;
@@ -48,7 +67,8 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """
     d = Path(results_dir)
     out: dict[str, pd.DataFrame] = {}
-    for name in ("models", "sweeps", "metrics", "margins", "importance", "status"):
+    for name in ("models", "sweeps", "metrics", "margins", "importance", "status",
+                 "predictions"):
         p = d / f"{name}.csv"
         if p.is_file() and p.stat().st_size > 0:
             out[name] = pd.read_csv(p)
@@ -182,13 +202,106 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
     return lines
 
 
+def _n_test(cfg: dict[str, Any]) -> int | None:
+    """Test images behind each sweep accuracy: ``[data] test_subset`` or the dataset's size."""
+    d = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    sub = d.get("test_subset")
+    if isinstance(sub, int) and not isinstance(sub, bool) and sub > 0:
+        return sub
+    return _TEST_SIZE.get(str(d.get("dataset", "")).lower())
+
+
+def curve_table(curve: pd.DataFrame, rel: pd.DataFrame | None = None, *,
+                bers: tuple[float, ...] = TABLE_BERS, method: str = "spearman",
+                kind: str = "raw") -> pd.DataFrame:
+    """Display table: ``rho [ci_low, ci_high]`` per (architecture, metric) at the sweep BERs
+    nearest to ``bers``, with a ``warning`` column from :func:`bnn_tol.analysis.reliability`
+    (low split-half reliability or high noise share)."""
+    c = curve[(curve["layer"] == "network") & (curve["method"] == method)
+              & (curve["kind"] == kind)]
+    names = [m for m in CURVE_METRICS if m in set(c["metric"])]
+    avail = np.array(sorted(c.loc[c["ber"] > 0, "ber"].unique()), dtype=float)
+    if not names or avail.size == 0:
+        return pd.DataFrame()
+    use = sorted({float(avail[np.abs(avail - b).argmin()]) for b in bers})
+    rows = []
+    for (arch, metric), g in c[c["metric"].isin(names)].groupby(["model", "metric"], sort=True):
+        row: dict[str, Any] = {"model": arch, "metric": metric}
+        for b in use:
+            r = g[np.isclose(g["ber"], b)]
+            row[f"BER {b:g}"] = ("–" if r.empty or not np.isfinite(r["r"].iloc[0]) else
+                                 f"{r['r'].iloc[0]:.2f} [{r['ci_low'].iloc[0]:.2f}, "
+                                 f"{r['ci_high'].iloc[0]:.2f}]")
+        row["warning"] = _warning(rel, arch, metric)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(names)}
+    return out.sort_values(["model", "metric"], key=lambda s: s.map(order) if s.name == "metric"
+                           else s).reset_index(drop=True)
+
+
+def _warning(rel: pd.DataFrame | None, arch: Any, metric: str, layer: str = "network") -> str:
+    if rel is None or rel.empty:
+        return ""
+    r = rel[(rel["model"] == arch) & (rel["metric"] == metric) & (rel["layer"] == layer)]
+    if r.empty:
+        return ""
+    r = r.iloc[0]
+    out = []
+    if np.isfinite(r["reliability"]) and not r["reliable"]:
+        out.append(f"low reliability ({r['reliability']:.2f})")
+    if r["noisy"]:
+        out.append(f"noise share {r['noise_share']:.0%}")
+    return "; ".join(out)
+
+
+def warnings_html(rel: pd.DataFrame, metrics: list[str] | None = None) -> list[str]:
+    """Summary lines (HTML) for network-level metrics whose split-half reliability is low or
+    whose noise share is high (:func:`bnn_tol.analysis.reliability` flags)."""
+    if rel.empty:
+        return []
+    r = rel[(rel["layer"] == "network") & ((~rel["reliable"] & rel["reliability"].notna())
+                                           | rel["noisy"])]
+    if metrics is not None:
+        r = r[r["metric"].isin(metrics)]
+    lines = []
+    for row in r.itertuples():
+        what = []
+        if np.isfinite(row.reliability) and not row.reliable:
+            what.append(f"its split-half reliability across networks is {row.reliability:.2f} "
+                        f"(95 % CI [{row.ci_low:.2f}, {row.ci_high:.2f}], n = {row.n})")
+        if row.noisy:
+            what.append(f"a median {row.noise_share:.0%} of its value is sampling noise")
+        lines.append(f"<b>Warning</b> ({html.escape(str(row.model))}): "
+                     f"<code>{html.escape(row.metric)}</code> &mdash; {'; '.join(what)}. "
+                     "Correlations of this metric are mostly noise; measure it on more images.")
+    return lines
+
+
+def _claims_html(cl: pd.DataFrame) -> list[str]:
+    lines = []
+    for r in cl.itertuples():
+        if r.claim == "a":
+            text = (f"flip-trained networks have {r.expected} <code>{html.escape(r.metric)}"
+                    f"</code>: <b>{html.escape(r.verdict)}</b> (difference {r.estimate:.4g}, "
+                    f"95 % CI [{r.ci_low:.4g}, {r.ci_high:.4g}]; {html.escape(r.detail)})")
+        else:
+            text = (f"<code>{html.escape(r.metric)}</code> correlates ({r.expected}ly) with "
+                    f"accuracy under BER: <b>{html.escape(r.verdict)}</b> "
+                    f"({html.escape(r.detail)}: &rho; = {r.estimate:.2f} "
+                    f"[{r.ci_low:.2f}, {r.ci_high:.2f}])")
+        lines.append(f"Claim ({r.claim}), {html.escape(str(r.model))}: {text}.")
+    return lines
+
+
 def _reproduction_html(rd: Path) -> str:
     """The command that reproduces the study and what its numbers depend on
     (``environment.json`` written by :func:`bnn_tol.study.run`)."""
     path = rd / "environment.json"
     if not path.is_file():
         return ("<h2>Reproduction</h2><p class='note'>No <code>environment.json</code> in the "
-                "results directory: the command and environment are not recorded.</p>")
+                "results directory: the command and environment are not recorded. A study is "
+                f"reproduced with <code>{html.escape(REPRODUCE)}</code>.</p>")
     env = json.loads(path.read_text())
     keys = ["bnn_tol", "git_commit", "git_dirty", "torch", "numpy", "pandas", "python", "cpu",
             "cores", "torch_threads", "workers"]
@@ -225,6 +338,7 @@ def write(
     out.parent.mkdir(parents=True, exist_ok=True)
     res = load_results(rd)
     models, sweeps, metrics = res["models"], res["sweeps"], res["metrics"]
+    metrics_all_splits = metrics
     if "split" in metrics.columns:  # the halves "a"/"b" are for split-half reliability only
         metrics = metrics[metrics["split"].astype(str) == "all"]
     cfg = res["config"]
@@ -244,6 +358,22 @@ def write(
     except ValueError as e:
         say(f"[report] regression skipped: {e}")
         reg = pd.DataFrame(columns=["ber", "features", "r2", "rmse", "n", "n_features"])
+    try:
+        curve = analysis.correlate_curve(metrics, sweeps, predictions=res["predictions"],
+                                         n_test=_n_test(cfg), n_boot=n_boot, seed=seed)
+    except InvalidArgument as e:  # e.g. no BER 0 in the sweep
+        say(f"[report] correlation curve skipped: {e}")
+        curve = pd.DataFrame(columns=["model", "metric", "layer", "ber", "kind", "method", "r",
+                                      "ci_low", "ci_high", "n", "n_boot_valid"])
+    rel = analysis.reliability(metrics_all_splits, n_boot=n_boot, seed=seed)
+    cl = analysis.claims(metrics, curve, rel=rel, n_boot=n_boot, seed=seed)
+    pfit = (analysis.prediction_fit(res["predictions"], sweeps) if not res["predictions"].empty
+            else pd.DataFrame())
+    curve.to_csv(out.parent / "correlation_curve.csv", index=False)
+    rel.to_csv(out.parent / "reliability.csv", index=False)
+    cl.to_csv(out.parent / "claims.csv", index=False)
+    if not pfit.empty:
+        pfit.to_csv(out.parent / "prediction_fit.csv", index=False)
     ext = _extremes(models)
     comp = pd.DataFrame(columns=["layer", "metric"])
     neuron_comp = pd.DataFrame()
@@ -266,7 +396,9 @@ def write(
              f"<p class='note'>{html.escape(str(cfg.get('description', '')))} &mdash; results "
              f"from <code>{html.escape(str(rd))}</code>.</p>",
              "<h2>Summary</h2><ul class='summary'>",
-             *[f"<li>{s}</li>" for s in summarize(res, corr, reg, comp)], "</ul>"]
+             *[f"<li>{s}</li>" for s in summarize(res, corr, reg, comp)],
+             *[f"<li>{s}</li>" for s in _claims_html(cl)],
+             *[f"<li>{s}</li>" for s in warnings_html(rel)], "</ul>"]
 
     figs: list[tuple[str, str, Any]] = []
     figs.append(("Accuracy under bit errors",
@@ -283,10 +415,19 @@ def write(
                      lambda: plots.importance_distributions(res["importance"])))
     top = float(sweeps["ber"].max())
     net_metrics = sorted(metrics.loc[metrics.layer == "network", "metric"].unique())
-    for mname in _pick(net_metrics, ["mean_margin_norm", "importance_variance",
-                                     "importance_cv"]):
-        figs.append((f"{mname} vs accuracy at BER {top:g}", "One point per network.",
-                     lambda m=mname: plots.metric_scatter(metrics, sweeps, metric=m, ber=top)))
+    shown = [m for m in CURVE_METRICS if m in set(curve["metric"])]
+    figs.append(("Correlation with accuracy across the BER range",
+                 "Spearman correlation of each metric with accuracy at each evaluation BER, "
+                 "per architecture; band: 95 % bootstrap interval (networks resampled, metric "
+                 "and accuracy perturbed by their standard errors).",
+                 lambda: plots.rho_vs_ber(curve, metrics=shown or None)))
+    for mname in _pick(net_metrics, ["mean_margin_norm", "importance_variance_unbiased",
+                                     "importance_variance"]):
+        figs.append((f"{mname} vs accuracy at BER {top:g}",
+                     "One point per network, one panel per architecture, colour = training "
+                     "BER (no line pooled across architectures).",
+                     lambda m=mname: plots.metric_scatter_by_model(metrics, sweeps, metric=m,
+                                                                   ber=top)))
     figs.append(("Correlation heatmap (network-level metrics)",
                  "Spearman correlation of each metric with accuracy at each evaluation BER.",
                  lambda: plots.correlation_heatmap(corr)))
@@ -311,6 +452,28 @@ def write(
     parts += ["<h2>Tables</h2><h3>Accuracy at each evaluation BER (mean over maps and seeds)"
               "</h3>", _table(wide.reset_index()),
               "<h3>Networks</h3>", _table(models)]
+    ct = curve_table(curve, rel)
+    if not ct.empty:
+        parts += ["<h3>Spearman &rho; with accuracy (95 % interval) at 5, 10 and 20 % BER</h3>",
+                  "<p class='note'>Per architecture; intervals resample networks and include "
+                  "the metric's standard error and the accuracy noise (fault maps and binomial "
+                  "test-image noise). <i>warning</i>: low split-half reliability or high noise "
+                  "share. Every BER and kind (partial given clean accuracy, within training "
+                  "BER) is in <code>correlation_curve.csv</code>.</p>", _table(ct)]
+    if not cl.empty:
+        parts += ["<h3>The paper's claims</h3>",
+                  "<p class='note'>(a): flip-trained (largest training BER) minus normal, "
+                  "bootstrap CI; holds if it excludes 0 in the expected direction. (b): holds "
+                  "if the interval of &rho; excludes 0 with the expected sign at every BER, at "
+                  "high BER only if at every BER of the upper half of the range.</p>",
+                  _table(cl)]
+    if not rel.empty:
+        parts += ["<h3>Split-half reliability across networks (network level)</h3>",
+                  _table(rel[rel.layer == "network"].drop(columns=["layer"]))]
+    if not pfit.empty:
+        parts += ["<h3>Accuracy predicted from margins vs measured</h3>",
+                  "<p class='note'>Pairs (network, BER); R&sup2; of the prediction as is."
+                  "</p>", _table(pfit)]
     show = corr[(corr.layer == "network") & (corr.group == "all")]
     parts += ["<h3>Correlations of network-level metrics with accuracy</h3>",
               _table(show.drop(columns=["group", "layer"]).round(4)),
