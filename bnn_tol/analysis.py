@@ -809,8 +809,10 @@ def claims(
     the largest; ``effect = mean(flip) - mean(normal)`` with a percentile bootstrap interval
     (networks resampled within each group, ``default_rng(seed)``). Verdict: ``holds`` if
     the interval excludes 0 on the side the claim expects (``claim_metrics``:
-    ``"larger"``/``"smaller"``), ``contradicted`` if it excludes 0 on the other side, else
-    ``not supported`` (also with fewer than 2 networks in a group).
+    ``"larger"``/``"smaller"``; by default :data:`CLAIM_METRICS` and every
+    ``importance_<estimator>_variance[_unbiased]`` as ``"smaller"``), ``contradicted`` if it
+    excludes 0 on the other side, else ``not supported`` (also with fewer than 2 networks in
+    a group).
 
     **(b) correlation**: "the metric correlates with accuracy under BER". From the ``raw``
     rows of ``curve`` (:func:`correlate_curve`, ``method``) at BERs ``p > 0``: the BER
@@ -824,7 +826,15 @@ def claims(
     Returns one row per (model, metric, claim): ``model, metric, claim ("a" | "b"),
     expected, estimate, ci_low, ci_high, verdict, detail``.
     """
-    cm = CLAIM_METRICS if claim_metrics is None else claim_metrics
+    if claim_metrics is None:  # the defaults plus every estimator's variance (lower expected)
+        import re
+
+        pat = re.compile(r"importance_\w+?_variance(_unbiased)?")
+        present = set(metric_table(metrics)["metric"])
+        cm = {**CLAIM_METRICS, **{m: "smaller" for m in sorted(present)
+                                  if pat.fullmatch(m) and not m.endswith("_se")}}
+    else:
+        cm = claim_metrics
     for k, v in cm.items():
         if v not in ("larger", "smaller"):
             raise InvalidArgument(f"claim_metrics[{k!r}] must be 'larger' or 'smaller', got {v!r}")

@@ -306,3 +306,15 @@ def test_figures_have_one_panel_per_architecture_and_no_pooled_line():
     assert sum(len(ax.collections[0].get_offsets()) for ax in axes) == 16
     with pytest.raises(InvalidArgument, match="kind"):
         plots.rho_vs_ber(cur, kind="nope")
+
+
+def test_claims_cover_every_estimators_importance_variance_by_default():
+    metrics, sweeps = _claim_study(-5.0, {0.1: -0.1, 0.2: -0.1})
+    metrics["metric"] = "importance_loss_norm_variance_unbiased"
+    cur = analysis.correlate_curve(metrics, sweeps, n_boot=200, kinds=["raw"])
+    out = analysis.claims(metrics, cur, n_boot=200).set_index("claim")
+    assert set(out["metric"]) == {"importance_loss_norm_variance_unbiased"}
+    assert out.loc["a", "expected"] == "smaller" and out.loc["a", "verdict"] == "holds"
+    assert out.loc["b", "expected"] == "negative" and out.loc["b", "verdict"] == "holds"
+    with pytest.raises(InvalidArgument, match="larger"):
+        analysis.claims(metrics, cur, claim_metrics={"x": "bigger"})
