@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io as _io
 import json
@@ -104,6 +105,28 @@ MEMORY_BUDGET = 2**28
 def _int8_ok(device: torch.device) -> bool:
     """``torch._int_mm`` (int8 x int8 -> int32) is used on CPU only; CUDA uses exact fp32."""
     return device.type == "cpu" and hasattr(torch, "_int_mm")
+
+
+#: CPU feature flags (``/proc/cpuinfo``) with a fast int8 dot product behind ``torch._int_mm``.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def int8_is_fast() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX).
+
+    Without one, ``torch._int_mm`` falls back to a slow kernel: on an AVX2-only AMD EPYC a
+    512 x 784 x 1024 product took 3.4 s against 0.11 s in fp32 (one thread), so
+    ``engine="auto"`` then picks the fp32 engine (both are exact). ``False`` where
+    ``/proc/cpuinfo`` is unreadable.
+    """
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()  # noqa: SIM115
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return any(f in flags for f in VNNI_FLAGS)
 
 
 class _Stage:
@@ -655,7 +678,8 @@ def sweep(
 
     Engines (all exact: they reproduce ``model(x).argmax(1)`` of the faulty model bit for bit):
 
-    * ``"int8"`` (auto for fully connected models on CPU): ``torch._int_mm`` int8 x int8 ->
+    * ``"int8"`` (auto for fully connected models on a CPU with VNNI, :func:`int8_is_fast`):
+      ``torch._int_mm`` int8 x int8 ->
       int32 on ±1 weights, folded integer thresholds, bit-packed activations; the clean
       prefix before the first faulty layer is computed once per data chunk.
     * ``"fp32"`` (auto otherwise, also CUDA): ``maps_per_step`` maps batched through stacked
@@ -811,7 +835,7 @@ class _Runner:
         self.faulty = [k for k, st in enumerate(self.stages) if st.name in chosen]
         all_linear = not any(st.conv for st in self.stages)
         if engine == "auto":
-            engine = "int8" if all_linear and _int8_ok(device) else "fp32"
+            engine = "int8" if all_linear and _int8_ok(device) and int8_is_fast() else "fp32"
         if engine == "int8" and not (all_linear and _int8_ok(device)):
             raise InvalidArgument("engine='int8' needs an all-linear model (fc) on CPU; use 'fp32'")
         self.engine = engine

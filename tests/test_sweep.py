@@ -214,3 +214,13 @@ def test_plot_has_one_mean_line_and_band_per_model(fc, digits):
     assert len(ax.lines) == 2 and len(ax.collections) == 2
     means = evaluate.summarize(df).query("model == 'a'")["mean"].tolist()
     assert ax.lines[0].get_ydata().tolist() == means
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_engine_picks_int8_only_on_cpus_with_a_fast_int8_product(monkeypatch, fc, digits,
+                                                                      fast):
+    # torch._int_mm without VNNI was measured ~30x slower than fp32: auto must not pick it there
+    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: fast)
+    runner = evaluate._Runner(fc, digits, layers=None, device=torch.device("cpu"), engine="auto",
+                              batch_size=None, maps_per_step=None, targets=("weights",))
+    assert runner.engine == ("int8" if fast else "fp32")
