@@ -704,13 +704,16 @@ def prediction_fit(predictions: pd.DataFrame, sweeps: pd.DataFrame) -> pd.DataFr
     return pd.DataFrame(rows, columns=["model", "pearson", "spearman", "r2", "mae", "n"])
 
 
+#: Plug-in statistics whose sampling-noise share is ``<prefix>noise_share``.
+_NOISY_SUFFIXES = ("variance", "std", "cv")
+
+
 def _noise_share_name(metric: str, names: set[str]) -> str | None:
-    """The ``<prefix>noise_share`` metric of a metric (longest ``_``-prefix that has one)."""
-    parts = metric.split("_")
-    for k in range(len(parts) - 1, 0, -1):
-        cand = "_".join(parts[:k]) + "_noise_share"
-        if cand in names:
-            return cand
+    """``<prefix>noise_share`` for a plug-in ``<prefix>variance|std|cv`` metric, else None."""
+    for suf in _NOISY_SUFFIXES:
+        if metric.endswith("_" + suf):
+            cand = metric[: -len(suf)] + "noise_share"
+            return cand if cand in names else None
     return None
 
 
@@ -729,13 +732,15 @@ def reliability(
     For each (model, metric, layer) with values ``a_i, b_i`` on the two disjoint halves of
     the metric images (``split == "a"/"b"``) of networks ``i = 1..n``:
 
-        r_half = corr(a, b),        reliability = 2 r_half / (1 + r_half)   (Spearman-Brown),
+        r_half = corr(a, b),        reliability = 2 r+ / (1 + r+),  r+ = max(r_half, 0)
 
-    the expected correlation between two independent measurements on the full image set.
+    (Spearman-Brown), the expected correlation between two independent measurements on the
+    full image set; a negative half correlation means no measurable reliability (0).
     ``ci_low, ci_high``: percentile bootstrap over networks (``default_rng(seed)``) of the
     Spearman-Brown value. ``noise_share``: median over networks (split ``"all"``) of the
-    metric's ``<prefix>noise_share`` metric where the study wrote one (importance variances),
-    else NaN. Flags: ``reliable = reliability >= threshold`` (NaN reliability: False),
+    metric's ``<prefix>noise_share`` metric for the plug-in ``<prefix>variance``, ``_std``
+    and ``_cv`` where the study wrote one (importance), else NaN. Flags:
+    ``reliable = reliability >= threshold`` (NaN reliability: False),
     ``noisy = noise_share > noise_threshold``.
 
     Tables without halves (old result directories) give an empty table with these columns:
@@ -767,12 +772,12 @@ def reliability(
         if n >= 3 and n_boot:
             j = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
             rb = correlation_rows(x[j], y[j], method)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                sb = 2 * rb / (1 + rb)
+            rp = np.maximum(rb, 0.0)
+            sb = 2 * rp / (1 + rp)
             sb = sb[np.isfinite(sb)]
             if sb.size:
                 lo, hi = (float(v) for v in np.quantile(sb, [(1 - ci) / 2, (1 + ci) / 2]))
-        rel = 2 * r / (1 + r) if np.isfinite(r) and r > -1 else float("nan")
+        rel = 2 * max(r, 0.0) / (1 + max(r, 0.0)) if np.isfinite(r) else float("nan")
         ns_name = _noise_share_name(metric, names)
         share = float("nan")
         if ns_name is not None:

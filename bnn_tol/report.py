@@ -398,7 +398,8 @@ def write(
              "<h2>Summary</h2><ul class='summary'>",
              *[f"<li>{s}</li>" for s in summarize(res, corr, reg, comp)],
              *[f"<li>{s}</li>" for s in _claims_html(cl)],
-             *[f"<li>{s}</li>" for s in warnings_html(rel)], "</ul>"]
+             *[f"<li>{s}</li>" for s in warnings_html(
+                 rel, [*CURVE_METRICS, *HEADLINE, *set(cl["metric"])])], "</ul>"]
 
     figs: list[tuple[str, str, Any]] = []
     figs.append(("Accuracy under bit errors",

@@ -318,3 +318,21 @@ def test_claims_cover_every_estimators_importance_variance_by_default():
     assert out.loc["b", "expected"] == "negative" and out.loc["b", "verdict"] == "holds"
     with pytest.raises(InvalidArgument, match="larger"):
         analysis.claims(metrics, cur, claim_metrics={"x": "bigger"})
+
+
+def test_negative_half_correlation_is_zero_reliability_and_noise_share_only_for_plug_ins():
+    rng = np.random.default_rng(10)
+    n = 20
+    a = rng.normal(size=n)
+    b = -a + 0.1 * rng.normal(size=n)  # halves anti-correlated: no reliability
+    m = _split_tables(a, b, a, extra=np.full(n, 0.95))
+    m = pd.concat([m, m.assign(metric="importance_mean"),
+                   m.assign(metric="importance_variance_unbiased")], ignore_index=True)
+    m = m.drop_duplicates(["model_id", "metric", "split"])
+    rel = analysis.reliability(m, n_boot=200).set_index("metric")
+    row = rel.loc["importance_variance"]
+    assert row.r_half < -0.9 and row.reliability == 0.0
+    assert row.ci_low == 0.0 and 0.0 <= row.ci_high <= 1.0
+    assert row.noise_share == pytest.approx(0.95)
+    assert np.isnan(rel.loc["importance_mean", "noise_share"])
+    assert np.isnan(rel.loc["importance_variance_unbiased", "noise_share"])
