@@ -36,7 +36,10 @@ __all__ = ["write", "load_results", "summarize", "HEADLINE", "CURVE_METRICS", "T
 HEADLINE = ["mean_margin_norm", "mean_q10_margin", "importance_variance", "importance_cv"]
 
 #: Metrics of the rho-vs-BER table (those present; ``predicted_accuracy`` from predictions.csv).
+#: With several estimators the importance names carry the estimator (accuracy form,
+#: scale-free loss form ``loss_norm``).
 CURVE_METRICS = ["mean_margin_norm", "importance_variance_unbiased", "importance_variance",
+                 "importance_accuracy_variance_unbiased", "importance_accuracy_variance",
                  "importance_loss_norm_variance_unbiased", "predicted_accuracy",
                  "clean_accuracy"]
 #: Evaluation BERs of the rho table (the nearest BER of the sweep is used).

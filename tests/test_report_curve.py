@@ -74,3 +74,18 @@ def test_report_works_on_an_old_result_dir_without_split_se_or_predictions(tmp_p
     assert pd.read_csv(tmp_path / "old" / "reliability.csv").empty
     assert not (tmp_path / "old" / "prediction_fit.csv").exists()
     assert "mean_margin_norm" in set(pd.read_csv(tmp_path / "old" / "claims.csv").metric)
+
+
+def test_curve_table_shows_the_named_metrics_at_5_10_20_percent_with_warnings():
+    rows = [{"model": "fc", "metric": m, "layer": "network", "ber": b, "kind": "raw",
+             "method": "spearman", "r": 0.5, "ci_low": 0.1, "ci_high": 0.9}
+            for m in ("importance_accuracy_variance_unbiased", "mean_margin_norm", "foo")
+            for b in (0.0, 0.05, 0.1, 0.15, 0.21)]
+    rel = pd.DataFrame([{"model": "fc", "metric": "importance_accuracy_variance_unbiased",
+                         "layer": "network", "reliability": 0.4, "reliable": False,
+                         "noise_share": np.nan, "noisy": False}])
+    t = report.curve_table(pd.DataFrame(rows), rel)
+    assert list(t.columns) == ["model", "metric", "BER 0.05", "BER 0.1", "BER 0.21", "warning"]
+    assert list(t.metric) == ["mean_margin_norm", "importance_accuracy_variance_unbiased"]
+    assert (t["BER 0.1"] == "0.50 [0.10, 0.90]").all()
+    assert list(t.warning) == ["", "low reliability (0.40)"]
