@@ -19,6 +19,16 @@ Functions:
 - :func:`predict_accuracy` -- cross-validated R^2 of a ridge regression that predicts
   ``acc_p`` from the metrics, against a baseline that knows only clean accuracy.
 - :func:`compare` -- normal vs flip-trained: per-layer differences with effect sizes.
+
+Issue 10 (metrics with standard errors, ``split`` halves and ``predictions.csv``; tables of
+older studies without ``se``/``split`` read as ``se = NaN``, ``split = "all"``):
+
+- :func:`correlate_curve` -- per architecture, every BER: raw, partial (given clean accuracy)
+  and within-training-BER Spearman/Pearson, bootstrap intervals with metric and accuracy
+  noise (:func:`accuracy_noise`); ``predicted_accuracy`` is one more metric.
+- :func:`prediction_fit` -- rho, R^2 and MAE of predicted vs measured accuracy.
+- :func:`reliability` -- split-half reliability (Spearman-Brown) and noise share, flagged.
+- :func:`claims` -- the paper's two claims answered per architecture by stated rules.
 """
 
 from __future__ import annotations
