@@ -5,8 +5,13 @@
 2. Sweeps both over BER 0..10 % with persistent fault maps (``evaluate.sweep``) and prints
    mean accuracy per BER; writes ``sweeps.csv`` and ``acc_vs_ber.png``.
 3. Computes both tolerance metrics (``metrics.margin_summary``, ``metrics.importance_variance``)
-   and writes ``metrics.csv``.
+   with their standard errors (the importance variance as its unbiased estimate, with the
+   share of the plug-in that is sampling noise) and writes ``metrics.csv``.
 4. Runs the quick correlation study (``study.run("quick")``) and writes its HTML report.
+
+The output directory is the demo's own: the first run writes a marker file (``MARKER``) into a
+new or empty directory; later runs rewrite only directories that carry it, and refuse any other
+non-empty directory (``ResultsMismatch``), so ``--out`` never clobbers files it did not create.
 """
 
 from __future__ import annotations
@@ -17,8 +22,25 @@ from typing import Any
 import pandas as pd
 
 from . import data, evaluate, io, models, train
+from .exceptions import ResultsMismatch
 
-__all__ = ["run"]
+__all__ = ["run", "MARKER"]
+
+#: Marker file that identifies a directory written by the demo.
+MARKER = ".bnn_tol_demo"
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's directory, or refuse a non-empty one that is not (writes the
+    marker into a new or empty directory)."""
+    if out.exists() and not out.is_dir():
+        raise ResultsMismatch(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ResultsMismatch(f"{out} is not empty and was not written by `bnn-tol demo` "
+                              f"(no {MARKER} marker); refusing to write into it: choose a new "
+                              "or empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by bnn-tol demo; its files are rewritten by the next run\n")
 
 
 def run(
@@ -45,7 +67,7 @@ def run(
     from . import metrics, plots
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     tr = data.load(dataset, "train", data_dir=data_dir)
     te = data.load(dataset, "test", data_dir=data_dir)
     result: dict[str, Any] = {"models": {}, "accuracy": {}}
@@ -55,6 +77,7 @@ def run(
                              n_classes=len(tr.classes))
         echo(f"[demo] training {label} ({epochs} epochs, hidden {hidden}, flip BER {ber or 0})")
         hist = train.fit(model, tr, te, epochs=epochs, flip_ber=ber, seed=seed, device=device)
+        io.check_out(out / label, overwrite=True)  # a checkpoint of an earlier demo run
         path = io.save(model, out / label)
         acc = float(hist["test_acc"].iloc[-1])
         result["models"][label] = str(path)
@@ -79,10 +102,15 @@ def run(
         net_m = ms[ms["layer"] == "network"].iloc[0]
         net_i = iv[iv["layer"] == "network"].iloc[0]
         rows.append({"model": label, "mean_margin_norm": float(net_m["value"]),
-                     "importance_variance": float(net_i["variance"])})
+                     "mean_margin_norm_se": float(net_m["value_se"]),
+                     "importance_variance": float(net_i["variance_unbiased"]),
+                     "importance_variance_se": float(net_i["variance_unbiased_se"]),
+                     "importance_variance_plugin": float(net_i["variance"]),
+                     "importance_noise_share": float(net_i["noise_share"])})
     met = pd.DataFrame(rows)
     met.to_csv(out / "metrics.csv", index=False)
-    echo("[demo] tolerance metrics (network level, 2000 test images):\n"
+    echo("[demo] tolerance metrics (network level, 2000 test images; importance variance is the "
+         "unbiased estimate, noise_share the part of the plug-in that is sampling noise):\n"
          + met.to_string(index=False, float_format="{:.4g}".format))
     result["metrics"] = met
 

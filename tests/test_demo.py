@@ -1,0 +1,34 @@
+"""`bnn-tol demo` writes only into its own directory."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from bnn_tol import demo
+from bnn_tol.cli import main
+from bnn_tol.exceptions import ResultsMismatch
+
+
+def test_demo_refuses_a_foreign_non_empty_directory_and_leaves_it_unchanged(tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"my notes\n")
+    with pytest.raises(ResultsMismatch, match="not written by `bnn-tol demo`"):
+        demo.run(tmp_path, study=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_bytes() == b"my notes\n"
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert res.output.count("Error:") == 1
+
+
+def test_demo_claims_an_empty_directory_and_accepts_its_own_again(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+
+    def stop(*a, **k):
+        raise RuntimeError("stop after the directory check")
+
+    monkeypatch.setattr(demo.data, "load", stop)
+    for _ in range(2):  # the second run finds its own marker
+        with pytest.raises(RuntimeError, match="stop after"):
+            demo.run(out, study=None)
+        assert (out / demo.MARKER).is_file()
