@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 OUT    ?= runs/demo
 # `make results`: the study behind the README's numbers, run from scratch (--fresh refuses a
 # non-empty RESULTS directory, so no task cached by older code is reused).
-STUDY   ?= studies/fmnist_decisive.toml
+STUDY   ?= studies/fmnist_fc35.toml
 RESULTS ?= docs/results/$(basename $(notdir $(STUDY)))
 
 .PHONY: help setup data demo test test-slow lint bench clean results
@@ -19,7 +19,7 @@ help:
 	@echo "make test       lint + default test suite (< 10 min on 2 cores)"
 	@echo "make test-slow  the slow tests too"
 	@echo "make bench      benchmarks -> benchmarks/RESULTS.md"
-	@echo "make results    every published number: STUDY (default studies/fmnist_decisive.toml)"
+	@echo "make results    every published number: STUDY (default studies/fmnist_fc35.toml)"
 	@echo "                run fresh into RESULTS (default docs/results/<study>/), report + environment.json"
 
 $(STAMP): pyproject.toml
