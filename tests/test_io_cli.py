@@ -94,5 +94,13 @@ def test_demo_runs_end_to_end_and_writes_its_tables(tmp_path):
         assert clean[label] == pytest.approx(
             bnn_tol.evaluate.accuracy(m, data.load("digits", "test")))
     met = pd.read_csv(tmp_path / "metrics.csv")
-    assert list(met.columns) == ["model", "mean_margin_norm", "importance_variance"]
+    assert list(met.columns) == ["model", "mean_margin_norm", "mean_margin_norm_se",
+                                 "importance_variance", "importance_variance_se",
+                                 "importance_variance_plugin", "importance_noise_share"]
+    assert (met["mean_margin_norm_se"] > 0).all()
+    assert met["importance_noise_share"].between(0, 1).all()
+    # a second run rewrites the demo's own directory (its marker is there)
+    res = CliRunner().invoke(main, ["demo", "--dataset", "digits", "--epochs", "1", "--maps", "2",
+                                    "--study", "none", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
     assert (tmp_path / "acc_vs_ber.png").stat().st_size > 1000
