@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import time
 import traceback
 from pathlib import Path
 
-import torch
+from bnn_tol.provenance import environment
 
 HERE = Path(__file__).parent
 
@@ -31,9 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or sorted(p.stem[6:] for p in HERE.glob("bench_*.py"))
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
+    env = environment(command="make bench" if not args.quick else "python -m benchmarks.run "
+                      "--quick")
+    commit = (env["git_commit"] or "no git")[:12] + (" (dirty)" if env["git_dirty"] else "")
     lines = ["# Benchmark results", "",
-             f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
-             f"torch {torch.__version__} · {torch.get_num_threads()} threads · "
+             f"{time.strftime('%Y-%m-%d %H:%M')} · {env['cpu']} ({env['cores']} cores) · "
+             f"bnn_tol {env['bnn_tol']} @ {commit} · torch {env['torch']} · "
+             f"python {env['python']} · {env['torch_threads']} threads · "
              f"{'quick' if args.quick else 'full'} run", ""]
     failed = 0
     for name in names:

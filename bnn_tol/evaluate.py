@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import io as _io
 import json
@@ -111,7 +110,6 @@ def _int8_ok(device: torch.device) -> bool:
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-@functools.lru_cache(maxsize=1)
 def int8_is_fast() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX).
 
@@ -120,13 +118,9 @@ def int8_is_fast() -> bool:
     ``engine="auto"`` then picks the fp32 engine (both are exact). ``False`` where
     ``/proc/cpuinfo`` is unreadable.
     """
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()  # noqa: SIM115
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return any(f in flags for f in VNNI_FLAGS)
+    from .provenance import has_cpu_flag
+
+    return has_cpu_flag(*VNNI_FLAGS)
 
 
 class _Stage:
@@ -401,30 +395,10 @@ def _settings(models: dict, data: BNNDataset, layers, targets: tuple) -> dict:
 
 
 def _provenance() -> dict:
-    """Library/torch/python versions, git commit (if in a checkout), CPU model, threads."""
-    import platform
-    import subprocess
+    """Versions, git commit, CPU model and threads (:func:`bnn_tol.provenance.environment`)."""
+    from .provenance import environment
 
-    from . import __version__
-
-    commit = None
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                           capture_output=True, text=True, timeout=5, check=False)
-        commit = r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"bnn_tol": __version__, "git_commit": commit, "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": cpu,
-            "threads": torch.get_num_threads()}
+    return environment()
 
 
 def _write_meta(out, settings: dict) -> None:

@@ -76,10 +76,7 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -91,7 +88,9 @@ from typing import Any
 
 import pandas as pd
 
+from . import provenance
 from .exceptions import BnnTolError, InvalidArgument
+from .provenance import available_cores
 
 try:
     import tomllib
@@ -367,14 +366,6 @@ def check(cfg: Mapping[str, Any]) -> None:
             raise InvalidArgument(f"[[models]] {label!r}: cannot build {name} with {entry} on "
                                   f"{d['dataset']} images {tuple(train_ds.shape)}: "
                                   f"{type(e).__name__}: {e}") from e
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def auto_threads(cores: int, concurrent: int) -> int:
@@ -705,63 +696,10 @@ def _worker_threads(client: Any) -> tuple[int, int]:
     return min(auto_threads(c, n) for c, n in hosts.values()), len(info)
 
 
-def _git(*args: str) -> str | None:
-    try:
-        r = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
-                           capture_output=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip()
-
-
-def _cpuinfo() -> dict[str, str]:
-    """First processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    out: dict[str, str] = {}
-    for line in text.split("\n\n")[0].splitlines():
-        key, _, val = line.partition(":")
-        out[key.strip().lower()] = val.strip()
-    return out
-
-
-def _cpu_model() -> str:
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> str | None:
-    """sha256 prefix of the sorted CPU feature flags: the ISA torch's kernels dispatch on."""
-    flags = _cpuinfo().get("flags")
-    return (hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
-            if flags else None)
-
-
 def environment(threads: int, workers: int, command: str | None = None) -> dict[str, Any]:
-    """What a study's numbers depend on besides its config (written as ``environment.json``).
-
-    ``bnn_tol`` version, git commit of the code and whether tracked files differ from it
-    (``git_dirty``; ``None`` outside a git checkout), torch / numpy / pandas / python
-    versions, CPU model and a digest of its feature flags (``/proc/cpuinfo``), available
-    cores, torch threads per task, workers, and the command that reproduces the run. Float
-    results of training depend on the CPU (kernel dispatch, reduction order) and the thread
-    count.
-    """
-    import numpy as np
-    import torch
-
-    from . import __version__
-
-    # the commit of the checkout that holds this file (None for an installed copy)
-    commit = _git("rev-parse", "HEAD") if _git("ls-files", "--error-unmatch", "study.py") else None
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    return {"bnn_tol": __version__, "git_commit": commit,
-            "git_dirty": None if commit is None or dirty is None else bool(dirty),
-            "torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
-            "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "cores": available_cores(),
-            "torch_threads": int(threads), "workers": int(workers), "command": command}
+    """What a study's numbers depend on besides its config (written as ``environment.json``):
+    :func:`bnn_tol.provenance.environment`."""
+    return provenance.environment(threads, workers, command)
 
 
 def run(

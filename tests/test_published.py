@@ -55,7 +55,8 @@ def regenerate(out: Path) -> dict[str, pd.DataFrame]:
 
 
 def _same_environment(env: dict) -> bool:
-    from bnn_tol.study import _cpu_flags, _cpu_model
+    from bnn_tol.provenance import cpu_flags_digest as _cpu_flags
+    from bnn_tol.provenance import cpu_model as _cpu_model
 
     return (env["cpu"] == _cpu_model() and env.get("cpu_flags") == _cpu_flags() is not None
             and env["torch"] == torch.__version__ and env["torch_threads"] == 1)

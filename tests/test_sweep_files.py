@@ -92,7 +92,7 @@ def test_sidecar_records_what_defines_the_sweep_and_provenance(fc, digits, tmp_p
     assert s["targets"] == ["weights"]
     assert s["models"]["a"]["layers"] == ["blocks.1.layer"]
     prov = meta["provenance"]
-    for key in ("bnn_tol", "torch", "python", "cpu", "threads"):
+    for key in ("bnn_tol", "git_commit", "torch", "python", "cpu", "cpu_flags", "torch_threads"):
         assert key in prov
 
 
