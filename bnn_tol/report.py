@@ -29,8 +29,8 @@ import pandas as pd
 
 from .exceptions import InvalidArgument
 
-__all__ = ["write", "load_results", "summarize", "HEADLINE", "CURVE_METRICS", "TABLE_BERS",
-           "curve_table", "warnings_html"]
+__all__ = ["write", "load_results", "summarize", "markdown_summary", "HEADLINE",
+           "CURVE_METRICS", "TABLE_BERS", "curve_table", "warnings_html"]
 
 #: Network-level metrics the summary talks about (all metrics are in the tables).
 HEADLINE = ["mean_margin_norm", "mean_q10_margin", "importance_variance", "importance_cv"]
@@ -315,6 +315,67 @@ def _reproduction_html(rd: Path) -> str:
             f"and the thread count).</p><table>{rows}</table>")
 
 
+def _md(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    return df.to_markdown(index=False, floatfmt=floatfmt) if len(df) else "(none)"
+
+
+def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd.DataFrame,
+                     cl: pd.DataFrame, pfit: pd.DataFrame) -> str:
+    """The study's headline tables as Markdown (written as ``summary.md`` by :func:`write`;
+    the README's published numbers are copied from it).
+
+    Sections: reproduction (command, commit, CPU, threads from ``environment.json``), clean
+    accuracy and accuracy under BER per training BER (mean +- standard deviation over seeds),
+    Spearman rho with accuracy at 5 / 10 / 20 % BER with 95 % intervals (raw and partial given
+    clean accuracy), split-half reliability and noise share of the network-level metrics, the
+    paper's claims, and the fit of the predicted-from-margins accuracy.
+    """
+    from . import analysis
+
+    cfg = res["config"] if isinstance(res["config"], dict) else {}
+    lines = [f"# Study {cfg.get('name', rd.name)}", "", str(cfg.get("description", "")), ""]
+    env_path = rd / "environment.json"
+    if env_path.is_file():
+        env = json.loads(env_path.read_text())
+        commit = str(env.get("git_commit") or "unknown")[:12]
+        lines += [f"Reproduce: `{env.get('command')}` · bnn_tol {env.get('bnn_tol')} @ {commit}"
+                  f"{' (dirty)' if env.get('git_dirty') else ''} · torch {env.get('torch')} · "
+                  f"{env.get('cpu')} · {env.get('cores')} cores · {env.get('workers')} workers "
+                  f"x {env.get('torch_threads')} threads", ""]
+    acc = analysis.accuracy_at_ber(res["sweeps"])
+    per_net = acc.groupby(["model", "train_ber", "ber"], as_index=False)["accuracy"]
+    g = per_net.agg(mean="mean", sd="std", n="count")
+    g["cell"] = [f"{m:.4f} ± {sd:.4f}" if np.isfinite(sd) else f"{m:.4f}"
+                 for m, sd in zip(g["mean"], g["sd"], strict=True)]
+    wide = g.pivot_table(index=["model", "train_ber"], columns="ber", values="cell",
+                         aggfunc="first")
+    wide.columns = [f"BER {float(b):g}" for b in wide.columns]
+    lines += ["## Accuracy (mean ± sd over seeds; each network: mean over fault maps)", "",
+              _md(wide.reset_index()), ""]
+    for kind, title in (("raw", "Spearman ρ of the network-level metric with accuracy"),
+                        ("partial_clean", "Partial Spearman ρ given clean accuracy")):
+        ct = curve_table(curve, rel, kind=kind) if not curve.empty else pd.DataFrame()
+        if not ct.empty:
+            lines += [f"## {title} (95 % interval: networks resampled, metric and accuracy "
+                      "noise included)", "", _md(ct), ""]
+    if not rel.empty:
+        r = rel[rel["layer"] == "network"]
+        keep = [m for m in CURVE_METRICS + HEADLINE if m in set(r["metric"])]
+        r = r[r["metric"].isin(keep)]
+        cols = [c for c in ("model", "metric", "reliability", "ci_low", "ci_high", "n",
+                            "noise_share", "reliable", "noisy") if c in r.columns]
+        lines += ["## Split-half reliability across networks (Spearman-Brown) and noise share",
+                  "", _md(r[cols].drop_duplicates(), ".3g"), ""]
+    if not cl.empty:
+        cols = [c for c in ("model", "claim", "metric", "expected", "verdict", "estimate",
+                            "ci_low", "ci_high", "detail") if c in cl.columns]
+        lines += ["## The paper's claims", "", _md(cl[cols], ".3g"), ""]
+    if not pfit.empty:
+        lines += ["## Accuracy predicted from the margins vs the measured sweep", "",
+                  _md(pfit, ".3g"), ""]
+    return "\n".join(lines)
+
+
 def write(
     results_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -377,6 +438,7 @@ def write(
     cl.to_csv(out.parent / "claims.csv", index=False)
     if not pfit.empty:
         pfit.to_csv(out.parent / "prediction_fit.csv", index=False)
+    (out.parent / "summary.md").write_text(markdown_summary(rd, res, curve, rel, cl, pfit))
     ext = _extremes(models)
     comp = pd.DataFrame(columns=["layer", "metric"])
     neuron_comp = pd.DataFrame()

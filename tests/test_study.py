@@ -461,3 +461,20 @@ def test_eval_engine_is_configurable_and_every_engine_gives_the_same_sweep(tmp_p
                          echo=None) for e in ("int8", "fp32")}
     a, b = (pd.read_csv(r["sweeps"]) for r in runs.values())
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_markdown_summary_quotes_the_sweep_accuracies_and_the_reproduction_command(tiny_run,
+                                                                                   tmp_path):
+    out, res = tiny_run
+    report.write(out, tmp_path / "r.html", n_boot=200)
+    md = (tmp_path / "summary.md").read_text()
+    env = json.loads((out / "environment.json").read_text())
+    assert f"Reproduce: `{env['command']}`" in md and env["cpu"] in md
+    # every accuracy cell is the mean (and sd) over seeds of the per-network mean over maps
+    acc = analysis.accuracy_at_ber(pd.read_csv(res["sweeps"]))
+    for (tb, ber), g in acc.groupby(["train_ber", "ber"]):
+        cell = f"{g['accuracy'].mean():.4f}"
+        if len(g) > 1:
+            cell += f" ± {g['accuracy'].std():.4f}"
+        assert cell in md, (tb, ber, cell)
+    assert "## The paper's claims" in md
