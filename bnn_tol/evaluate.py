@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BNNDataset
-from .exceptions import FileInUse, InvalidArgument, ResultsMismatch
+from .exceptions import FileInUse, InvalidArgument, ResultsMismatch, require_int
 from .layers import apply_folded
 
 __all__ = ["accuracy", "predict", "resolve_device", "sweep", "read_sweep", "summarize",
@@ -45,21 +45,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def _check_int(name: str, value, *, minimum: int | None = None) -> int:
-    """``value`` as an ``int`` (numpy integers too; ``bool``, floats, strings refused)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InvalidArgument(f"{name} must be an integer, got {value!r} "
-                              f"({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_batch_size(batch_size, *, optional: bool = False) -> int | None:
     """``batch_size``: an int >= 1 (or ``None`` where a default is chosen)."""
     if batch_size is None and optional:
         return None
-    return _check_int("batch_size", batch_size, minimum=1)
+    return require_int(batch_size, "batch_size", minimum=1, strict=True)
 
 
 @torch.no_grad()
@@ -702,11 +692,11 @@ def sweep(
     if not models:
         raise InvalidArgument("no models given")
     ber_list = _ber_list(bers)
-    n_maps = _check_int("n_maps", n_maps, minimum=1)
-    seed = _check_int("seed", seed, minimum=0)
+    n_maps = require_int(n_maps, "n_maps", minimum=1, strict=True)
+    seed = require_int(seed, "seed", minimum=0, strict=True)
     batch_size = _check_batch_size(batch_size, optional=True)
     if maps_per_step is not None:
-        maps_per_step = _check_int("maps_per_step", maps_per_step, minimum=1)
+        maps_per_step = require_int(maps_per_step, "maps_per_step", minimum=1, strict=True)
     if len(data) == 0:
         raise InvalidArgument("cannot evaluate on an empty dataset")
     if engine not in ("auto", "int8", "fp32", "reference"):

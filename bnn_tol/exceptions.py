@@ -30,16 +30,17 @@ class FileInUse(BnnTolError, RuntimeError):
     """Another process holds the lock of an output file."""
 
 
-def require_int(value: object, name: str, *, minimum: int | None = None) -> int:
+def require_int(value: object, name: str, *, minimum: int | None = None,
+                strict: bool = False) -> int:
     """``value`` as an ``int``, refusing bools, non-integral numbers and values below ``minimum``.
 
-    ``numpy`` integers and integral floats such as ``2.0`` are accepted; ``1.5``, ``True``,
-    ``"3"`` and ``None`` raise :class:`InvalidArgument` naming ``name``.
+    ``numpy`` integers and (unless ``strict``) integral floats such as ``2.0`` are accepted;
+    ``1.5``, ``True``, ``"3"`` and ``None`` raise :class:`InvalidArgument` naming ``name``.
     """
     import numbers
 
     ok = isinstance(value, numbers.Integral) or (
-        isinstance(value, float) and value.is_integer())
+        not strict and isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not ok:
         raise InvalidArgument(f"{name} must be an integer, got {value!r}")
     out = int(value)  # type: ignore[arg-type]
