@@ -392,22 +392,20 @@ def _provenance() -> dict:
 
 
 def _write_meta(out, settings: dict) -> None:
-    """Write the sidecar atomically (temporary file in the same directory + rename)."""
-    import tempfile
+    """Write the sidecar atomically (temporary file in the same directory, fsync, rename)."""
+    from .io import _atomic_write
 
     path = meta_path(out)
     text = json.dumps({"format": _META_FORMAT, "version": 1, "columns": COLUMNS,
                        "settings": settings, "provenance": _provenance()}, indent=2)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _atomic_write(path, write)
 
 
 def _read_meta(out) -> dict:
