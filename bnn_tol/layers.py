@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codec import Codec, FixedPointCodec, SignCodec
+from .codec import _StraightThrough as _Through
 from .exceptions import InvalidArgument
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "BinaryLinear",
     "BinaryConv2d",
     "BinaryLayer",
+    "QuantLinear",
+    "QuantConv2d",
     "Threshold",
     "bn_threshold",
     "FoldedThreshold",
@@ -66,23 +70,69 @@ def sign(x: Tensor) -> Tensor:
     return SignSTE.apply(x)
 
 
+def _through(x: Tensor, value: Tensor) -> Tensor:
+    """``value`` forward (exactly), gradient to ``x`` backward."""
+    return _Through.apply(x, value)
+
+
 class BinaryLayer(nn.Module):
-    """Mixin for layers whose deployed weight is ``sign(latent weight)``.
+    """Mixin for layers whose weights are stored through a codec (:mod:`bnn_tol.codec`).
+
+    The BNN case (``codec`` a :class:`~bnn_tol.codec.SignCodec`, the default): the deployed
+    weight is ``sign(latent weight)``. A fixed-point codec deploys ``decode(encode(w))``
+    (quantization-aware: straight-through rounding).
 
     Attributes:
-        fault: optional callable ``wb -> wb'`` applied to the binarized weight on every
-            forward pass (bit flip training, fault-map injection). ``None`` = error free.
+        codec: how the weight is stored (``bits_per_weight`` bits per weight).
+        fault: optional callable applied on every forward pass (bit flip training, fault-map
+            injection). It flips entries of a tensor in the *+-1 stored-bit convention*
+            (stored 1 -> +1, stored 0 -> -1). For the sign codec that tensor is the binarized
+            weight itself; for a fixed-point codec it is ``2 to_bits(encode(w)) - 1`` of
+            ``numel * m`` bits (see :meth:`deployed_weight`). ``None`` = error free.
     """
 
     weight: nn.Parameter
     fault: Fault | None
+    codec: Codec
 
     def binary_weight(self) -> Tensor:
-        """Deployed weight: ``fault(sign(w))``, values in {-1, +1}, shape of ``weight``."""
+        """Deployed weight: ``fault(sign(w))``, values in {-1, +1}, shape of ``weight``.
+
+        For a fixed-point codec this is :meth:`deployed_weight`.
+        """
+        if not self.codec.is_sign:
+            return self.deployed_weight()
         wb = sign(self.weight)
         if self.fault is not None:
             wb = self.fault(wb)
         return wb
+
+    def deployed_weight(self) -> Tensor:
+        """The weight the layer computes with, faults included, shape of ``weight``.
+
+        Sign codec: ``fault(sign(w))``. Fixed point: ``q = quantize(w)``; with a fault,
+        ``bits = 2 to_bits(encode(w)) - 1`` (``(numel m,)`` in the +-1 convention),
+        ``q' = decode(from_bits(fault(bits) > 0))``; the result is exactly ``q'`` forward and
+        passes the gradient straight through the flips to ``q`` backward.
+        """
+        if self.codec.is_sign:
+            return self.binary_weight()
+        q = self.codec.quantize(self.weight)
+        if self.fault is None:
+            return q
+        bits = self.codec.to_bits(self.codec.encode(self.weight)).to(q.dtype) * 2 - 1
+        flipped = self.fault(bits).detach() > 0
+        q_bad = self.codec.decode(self.codec.from_bits(flipped, self.weight.shape)).to(q.dtype)
+        return _through(q, q_bad)
+
+    def stored_bits(self) -> Tensor:
+        """The layer's memory image: uint8 ``(numel * m,)`` (:meth:`Codec.to_bits`), no faults."""
+        return self.codec.to_bits(self.codec.encode(self.weight.detach()))
+
+    @property
+    def n_stored_bits(self) -> int:
+        """``numel * bits_per_weight``."""
+        return int(self.weight.numel()) * int(self.codec.bits_per_weight)
 
     @property
     def fan_in(self) -> int:
@@ -97,9 +147,11 @@ class BinaryLinear(nn.Linear, BinaryLayer):
     output ``(N, out_features)``. With inputs in {-1, +1} the output is an integer.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 codec: Codec | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.fault = None
+        self.codec = codec if codec is not None else SignCodec()
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return F.linear(x, self.binary_weight(), self.bias)
@@ -119,12 +171,45 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
         kernel_size: int = 3,
         padding: int = 1,
         bias: bool = False,
+        *,
+        codec: Codec | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=bias)
         self.fault = None
+        self.codec = codec if codec is not None else SignCodec()
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self._conv_forward(x, self.binary_weight(), self.bias)
+
+
+def _fixed(bits: int, quant: str, granularity: str, rounding: str, channels: int) -> Codec:
+    return FixedPointCodec(bits, quant, granularity, rounding, channels=channels)
+
+
+class QuantLinear(BinaryLinear):
+    """Linear layer with ``m``-bit fixed-point weights: ``a = x @ decode(encode(W)).T``.
+
+    Shapes as :class:`BinaryLinear`. Args: ``bits`` (2..8), ``quant`` (``"symmetric"`` /
+    ``"asymmetric"``), ``granularity`` (``"layer"`` / ``"channel"``), ``rounding``
+    (``"nearest"`` / ``"truncate"``); see :class:`~bnn_tol.codec.FixedPointCodec`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8,
+                 quant: str = "symmetric", granularity: str = "layer",
+                 rounding: str = "nearest", bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias,
+                         codec=_fixed(bits, quant, granularity, rounding, out_features))
+
+
+class QuantConv2d(BinaryConv2d):
+    """2-D convolution with ``m``-bit fixed-point weights (see :class:`QuantLinear`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 padding: int = 1, bits: int = 8, quant: str = "symmetric",
+                 granularity: str = "layer", rounding: str = "nearest",
+                 bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding, bias,
+                         codec=_fixed(bits, quant, granularity, rounding, out_channels))
 
 
 class Threshold(NamedTuple):

@@ -22,9 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from .exceptions import InvalidArgument, require_int
-from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, sign
+from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, QuantConv2d, QuantLinear, sign
 
-__all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "fc", "vgg3", "vgg7"]
+__all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "memory_bits",
+           "fc", "vgg3", "vgg7", "ACTIVATIONS"]
+
+#: Activations of hidden blocks: ``sign`` (binary, the BNN case) or ``relu`` (real valued, the
+#: m-bit networks of Stutz et al.).
+ACTIVATIONS = ("sign", "relu")
 
 
 class BinaryBlock(nn.Module):
@@ -33,9 +38,10 @@ class BinaryBlock(nn.Module):
     Args:
         layer: a :class:`BinaryLinear` or :class:`BinaryConv2d`.
         bn: BatchNorm1d/2d matching the layer's outputs.
-        binary_output: apply ``sign`` after BN (hidden block) or not (output block).
-        pool: max-pool kernel (conv blocks), applied after ``sign``; ``None`` for none.
+        binary_output: apply the activation after BN (hidden block) or not (output block).
+        pool: max-pool kernel (conv blocks), applied after the activation; ``None`` for none.
         flatten: flatten ``(N, ...)`` to ``(N, -1)`` before the layer.
+        activation: ``"sign"`` (binary outputs, the BNN case) or ``"relu"`` (real outputs).
     """
 
     def __init__(
@@ -46,13 +52,18 @@ class BinaryBlock(nn.Module):
         binary_output: bool = True,
         pool: int | None = None,
         flatten: bool = False,
+        activation: str = "sign",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise InvalidArgument(f"activation must be one of {', '.join(ACTIVATIONS)}, "
+                                  f"got {activation!r}")
         self.layer = layer
         self.bn = bn
         self.binary_output = binary_output
         self.pool = pool
         self.flatten = flatten
+        self.activation = activation
 
     def preact(self, x: Tensor) -> Tensor:
         """Pre-activation ``a = layer(x)`` (after flattening if configured)."""
@@ -61,11 +72,11 @@ class BinaryBlock(nn.Module):
         return self.layer(x)
 
     def post(self, a: Tensor) -> Tensor:
-        """Block output from the pre-activation: ``pool(sign(bn(a)))`` (or ``bn(a)``)."""
+        """Block output from the pre-activation: ``pool(act(bn(a)))`` (or ``bn(a)``)."""
         y = self.bn(a)
         if not self.binary_output:
             return y
-        y = sign(y)
+        y = sign(y) if self.activation == "sign" else nn.functional.relu(y)
         if self.pool:
             y = nn.functional.max_pool2d(y, self.pool)
         return y
@@ -178,18 +189,75 @@ def _check_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+class _Storage:
+    """How a factory stores weights: ``weight_bits`` 1 (sign, the BNN) or 2..8 (fixed point).
+
+    Only non-default options are written to the model config, so a BNN's ``config.json`` is
+    the same as before codecs existed.
+    """
+
+    def __init__(self, weight_bits: int = 1, quant: str = "symmetric", granularity: str = "layer",
+                 rounding: str = "nearest", activation: str | None = None) -> None:
+        from .codec import GRANULARITIES, ROUNDINGS, SCHEMES
+
+        self.bits = require_int(weight_bits, "weight_bits", minimum=1)
+        if self.bits > 8:
+            raise InvalidArgument(f"weight_bits must be 1 (sign) or 2..8, got {self.bits}")
+        for name, value, allowed in (("quant", quant, SCHEMES),
+                                     ("granularity", granularity, GRANULARITIES),
+                                     ("rounding", rounding, ROUNDINGS),
+                                     ("activation", activation, (*ACTIVATIONS, None))):
+            if value not in allowed:
+                raise InvalidArgument(f"{name} must be one of "
+                                      f"{', '.join(a for a in allowed if a)}, got {value!r}")
+        if self.bits == 1 and (quant, granularity, rounding) != ("symmetric", "layer", "nearest"):
+            raise InvalidArgument("quant/granularity/rounding apply to weight_bits >= 2; a 1-bit "
+                                  "weight is stored as its sign")
+        self.quant, self.granularity, self.rounding = quant, granularity, rounding
+        self.activation = activation or ("sign" if self.bits == 1 else "relu")
+
+    def linear(self, i: int, o: int) -> BinaryLayer:
+        if self.bits == 1:
+            return BinaryLinear(i, o)
+        return QuantLinear(i, o, self.bits, self.quant, self.granularity, self.rounding)
+
+    def conv(self, i: int, o: int) -> BinaryLayer:
+        if self.bits == 1:
+            return BinaryConv2d(i, o)
+        return QuantConv2d(i, o, 3, 1, self.bits, self.quant, self.granularity, self.rounding)
+
+    def config(self) -> dict[str, Any]:
+        default = _Storage()
+        out: dict[str, Any] = {}
+        for key, attr in (("weight_bits", "bits"), ("quant", "quant"),
+                          ("granularity", "granularity"), ("rounding", "rounding")):
+            if getattr(self, attr) != getattr(default, attr):
+                out[key] = getattr(self, attr)
+        if self.activation != ("sign" if self.bits == 1 else "relu"):
+            out["activation"] = self.activation
+        return out
+
+
 @register("fc")
 def fc(
     hidden: Sequence[int] = (2048, 2048),
     *,
     in_shape: Sequence[int] = (1, 28, 28),
     n_classes: int = 10,
+    weight_bits: int = 1,
+    quant: str = "symmetric",
+    granularity: str = "layer",
+    rounding: str = "nearest",
+    activation: str | None = None,
 ) -> BNN:
     """Fully connected BNN ``784-2048-2048-10`` (hidden widths configurable).
 
     Blocks: ``flatten -> BinaryLinear -> BN1d -> sign`` per hidden layer, then
-    ``BinaryLinear -> BN1d`` (class scores).
+    ``BinaryLinear -> BN1d`` (class scores). With ``weight_bits >= 2`` the layers are
+    :class:`~bnn_tol.layers.QuantLinear` (fixed point ``quant``/``granularity``/``rounding``,
+    see :class:`~bnn_tol.codec.FixedPointCodec`) and the activation defaults to ``relu``.
     """
+    store = _Storage(weight_bits, quant, granularity, rounding, activation)
     shape = _check_shape(in_shape)
     if isinstance(hidden, int | str) or not isinstance(hidden, Sequence):
         raise InvalidArgument(f"hidden widths must be a sequence of integers, got {hidden!r}")
@@ -198,13 +266,14 @@ def fc(
         raise InvalidArgument(f"hidden widths must be positive, got {hidden!r}")
     widths = (math.prod(shape), *hidden)
     blocks = [
-        BinaryBlock(BinaryLinear(i, o), nn.BatchNorm1d(o), flatten=(k == 0))
+        BinaryBlock(store.linear(i, o), nn.BatchNorm1d(o), flatten=(k == 0),
+                    activation=store.activation)
         for k, (i, o) in enumerate(zip(widths[:-1], widths[1:], strict=True))
     ]
-    blocks.append(BinaryBlock(BinaryLinear(widths[-1], n_classes), nn.BatchNorm1d(n_classes),
+    blocks.append(BinaryBlock(store.linear(widths[-1], n_classes), nn.BatchNorm1d(n_classes),
                               binary_output=False))
     cfg = {"name": "fc", "kwargs": {"hidden": list(hidden), "in_shape": list(shape),
-                                    "n_classes": int(n_classes)}}
+                                    "n_classes": int(n_classes), **store.config()}}
     return BNN(blocks, cfg)
 
 
@@ -214,6 +283,7 @@ def _vgg(
     fc_width: int,
     in_shape: Sequence[int],
     n_classes: int,
+    store: _Storage,
 ) -> BNN:
     shape = _check_shape(in_shape)
     fc_width = require_int(fc_width, "fc_width", minimum=1)
@@ -222,19 +292,19 @@ def _vgg(
     for stage in channels:
         for k, c_out in enumerate(stage):
             last = k == len(stage) - 1
-            blocks.append(BinaryBlock(BinaryConv2d(c_in, c_out), nn.BatchNorm2d(c_out),
-                                      pool=2 if last else None))
+            blocks.append(BinaryBlock(store.conv(c_in, c_out), nn.BatchNorm2d(c_out),
+                                      pool=2 if last else None, activation=store.activation))
             c_in = c_out
         h, w = h // 2, w // 2
     if h < 1 or w < 1:
         raise InvalidArgument(f"input {tuple(shape)} too small for {len(channels)} pooling stages")
-    blocks.append(BinaryBlock(BinaryLinear(c_in * h * w, fc_width), nn.BatchNorm1d(fc_width),
-                              flatten=True))
-    blocks.append(BinaryBlock(BinaryLinear(fc_width, n_classes), nn.BatchNorm1d(n_classes),
+    blocks.append(BinaryBlock(store.linear(c_in * h * w, fc_width), nn.BatchNorm1d(fc_width),
+                              flatten=True, activation=store.activation))
+    blocks.append(BinaryBlock(store.linear(fc_width, n_classes), nn.BatchNorm1d(n_classes),
                               binary_output=False))
     cfg = {"name": name, "kwargs": {"channels": [list(s) for s in channels],
                                     "fc_width": int(fc_width), "in_shape": list(shape),
-                                    "n_classes": int(n_classes)}}
+                                    "n_classes": int(n_classes), **store.config()}}
     return BNN(blocks, cfg)
 
 
@@ -245,9 +315,17 @@ def vgg3(
     *,
     in_shape: Sequence[int] = (1, 28, 28),
     n_classes: int = 10,
+    weight_bits: int = 1,
+    quant: str = "symmetric",
+    granularity: str = "layer",
+    rounding: str = "nearest",
+    activation: str | None = None,
 ) -> BNN:
-    """VGG3: ``64C3-MP2-64C3-MP2-2048FC-10`` (conv blocks: conv -> BN -> sign -> pool)."""
-    return _vgg("vgg3", channels, fc_width, in_shape, n_classes)
+    """VGG3: ``64C3-MP2-64C3-MP2-2048FC-10`` (conv blocks: conv -> BN -> sign -> pool).
+
+    Storage options as :func:`fc`."""
+    return _vgg("vgg3", channels, fc_width, in_shape, n_classes,
+                _Storage(weight_bits, quant, granularity, rounding, activation))
 
 
 @register("vgg7")
@@ -257,32 +335,45 @@ def vgg7(
     *,
     in_shape: Sequence[int] = (3, 32, 32),
     n_classes: int = 10,
+    weight_bits: int = 1,
+    quant: str = "symmetric",
+    granularity: str = "layer",
+    rounding: str = "nearest",
+    activation: str | None = None,
 ) -> BNN:
-    """VGG7: ``2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10``."""
-    return _vgg("vgg7", channels, fc_width, in_shape, n_classes)
+    """VGG7: ``2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10``; storage options as :func:`fc`."""
+    return _vgg("vgg7", channels, fc_width, in_shape, n_classes,
+                _Storage(weight_bits, quant, granularity, rounding, activation))
+
+
+def memory_bits(model: nn.Module) -> int:
+    """Stored weight bits of all binary/quantized layers: ``sum numel * bits_per_weight``."""
+    return sum(layer.n_stored_bits for layer in model.modules() if isinstance(layer, BinaryLayer))
 
 
 def summary(model: BNN) -> str:
     """One line per block plus a total, like ``larq.models.summary``.
 
-    Columns: block, layer type, output units, fan-in, binary parameters, memory (bits of
-    binary weights; BN as 32-bit floats).
+    Columns: block, layer type, output units, fan-in, weights, bits per weight, weight memory
+    (bits), BN parameters (stored as 32-bit floats).
     """
-    rows = [f"{'block':<6} {'layer':<13} {'units':>6} {'fan_in':>7} {'binary params':>14}"
-            f" {'bn params':>10}"]
-    total_bin = total_bn = 0
+    rows = [f"{'block':<6} {'layer':<13} {'units':>6} {'fan_in':>7} {'weights':>11}"
+            f" {'bits/w':>6} {'weight bits':>12} {'bn params':>10}"]
+    total_w = total_bn = total_bits = 0
     for k, block in enumerate(model.blocks):
         layer = block.layer
-        n_bin = layer.weight.numel()
+        n_w = layer.weight.numel()
         n_bn = 2 * block.bn.num_features
-        total_bin += n_bin
+        total_w += n_w
         total_bn += n_bn
+        total_bits += layer.n_stored_bits
         rows.append(f"{k:<6} {type(layer).__name__:<13} {layer.weight.shape[0]:>6}"
-                    f" {layer.fan_in:>7} {n_bin:>14,} {n_bn:>10,}")
-    bits = total_bin + 32 * total_bn
-    rows.append(f"{model.config['name']}: {total_bin:,} binary weights ({total_bin / 8 / 1024:.1f}"
-                f" KiB at 1 bit), {total_bn:,} BN params; total memory {bits:,} bits"
-                f" ({bits / 8 / 1024:.1f} KiB)")
+                    f" {layer.fan_in:>7} {n_w:>11,} {layer.codec.bits_per_weight:>6}"
+                    f" {layer.n_stored_bits:>12,} {n_bn:>10,}")
+    bits = total_bits + 32 * total_bn
+    rows.append(f"{model.config['name']}: {total_w:,} weights in {total_bits:,} stored bits"
+                f" ({total_bits / 8 / 1024:.1f} KiB), {total_bn:,} BN params; total memory"
+                f" {bits:,} bits ({bits / 8 / 1024:.1f} KiB)")
     return "\n".join(rows)
 
 

@@ -65,5 +65,7 @@ def test_wrong_input_shape_is_a_clear_error():
 
 def test_summary_counts_binary_parameters_and_memory():
     text = models.summary(models.build("fc"))
-    assert "5,820,416 binary weights" in text
+    assert "5,820,416 weights in 5,820,416 stored bits" in text
+    assert models.memory_bits(models.build("fc")) == 5_820_416
+    assert models.memory_bits(models.build("fc", weight_bits=4)) == 4 * 5_820_416
     assert len(text.splitlines()) == 1 + 3 + 1
