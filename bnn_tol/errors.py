@@ -1,7 +1,9 @@
-"""Bit error model for binary weights stored in approximate memory.
+"""Bit error model for weights stored in approximate memory.
 
-A weight ``w_b = +1`` is stored as bit 1, ``w_b = -1`` as bit 0. Each stored bit flips
-independently:
+Each layer stores its weights through a codec (:mod:`bnn_tol.codec`): ``m`` bits per weight,
+the memory image ``codec.to_bits(codec.encode(w))`` of ``numel * m`` bits. In the BNN case
+(``m = 1``) a weight ``w_b = +1`` is stored as bit 1, ``w_b = -1`` as bit 0. Each stored bit
+flips independently:
 
     P(0 -> 1) = p01   (weight -1 -> +1)
     P(1 -> 0) = p10   (weight +1 -> -1)
@@ -30,7 +32,7 @@ Seed -> map (what :func:`inject` and :func:`bnn_tol.evaluate.sweep` both use, so
 can be replayed with ``inject(model, ber, seed=row.seed)``)::
 
     layer_seed(seed, k) = SeedSequence(seed, spawn_key=(k,)).generate_state(1, uint64) & (2**63-1)
-    map of binary layer k = fault_map(layer.weight.numel(), cap,
+    map of binary layer k = fault_map(layer.n_stored_bits, cap,   # numel * m stored bits
                                       generator=torch.Generator().manual_seed(layer_seed(seed, k)))
 
 with ``k`` the position of the layer among *all* binary layers of the model (forward order), so
@@ -519,10 +521,11 @@ def draw_maps(
     *,
     layers: Sequence[str | int] | str | None = None,
 ) -> dict[str, FaultMap]:
-    """Fault maps of the weights of the selected binary layers for chip ``seed``.
+    """Fault maps of the stored weight bits of the selected layers for chip ``seed``.
 
-    Layer ``k`` (position among all binary layers) uses
-    ``torch.Generator().manual_seed(layer_seed(seed, k))``.
+    Layer ``k`` (position among all binary/quantized layers) uses
+    ``torch.Generator().manual_seed(layer_seed(seed, k))`` over its ``numel * m`` stored bits
+    (:attr:`~bnn_tol.layers.BinaryLayer.n_stored_bits`; ``m = 1`` for a BNN).
 
     Returns:
         ``{layer name: FaultMap}`` in forward order.
@@ -531,7 +534,7 @@ def draw_maps(
     pos = _positions(model)
     chosen = select_layers(model, layers)
     return {
-        name: fault_map(layer.weight.numel(), cap,
+        name: fault_map(layer.n_stored_bits, cap,
                         generator=torch.Generator().manual_seed(layer_seed(seed, pos[name])))
         for name, layer in chosen.items()
     }
@@ -684,7 +687,7 @@ def inject(
             for name, layer in chosen.items():
                 gen = torch.Generator().manual_seed(layer_seed(seed, pos[name]))
                 if mode == "persistent":
-                    fmap = fault_map(layer.weight.numel(), cap, generator=gen)
+                    fmap = fault_map(layer.n_stored_bits, cap, generator=gen)
                     fault: object = PersistentFlip(fmap, p01, p10)
                 else:
                     dev = layer.weight.device
@@ -716,6 +719,10 @@ def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
         name = next((n for n, m in chosen.items() if m is block.layer), None)
         if name is None or not block.binary_output:
             continue
+        if getattr(block, "activation", "sign") != "sign":
+            raise InvalidArgument(f"{name}: activation/threshold errors need sign activations "
+                                  f"(binary outputs and a BN threshold); this block uses "
+                                  f"{block.activation}")
         if "thresholds" in targets:
             gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
             scale = 128 if k == 0 else 1

@@ -176,3 +176,11 @@ def test_bnn_fault_maps_have_one_bit_per_weight():
     m = models.build("fc", hidden=(16,), in_shape=(1, 4, 4))
     maps = errors.draw_maps(m, seed=1, cap=0.1)
     assert [f.numel for f in maps.values()] == [16 * 16, 16 * 10]
+
+
+def test_activation_and_threshold_errors_need_sign_activations():
+    m = models.build("fc", hidden=(8,), in_shape=(1, 4, 4), weight_bits=4)
+    for target in ("activations", "thresholds"):
+        with pytest.raises(InvalidArgument, match="need sign activations"):
+            with errors.inject(m, 0.1, targets=target):
+                pass
