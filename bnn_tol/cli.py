@@ -121,6 +121,20 @@ def main(debug: bool) -> None:
                    "comma-separated positions/names.")
 @click.option("--flip-warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Epochs of linear BER warm-up.")
+@click.option("--weight-bits", type=click.IntRange(min=1, max=8), default=1, show_default=True,
+              help="Stored bits per weight: 1 = BNN (sign), 2..8 = fixed point.")
+@click.option("--quant", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric",
+              show_default=True, help="Fixed-point scheme (two's complement / unsigned + offset).")
+@click.option("--granularity", type=click.Choice(["layer", "channel"]), default="layer",
+              show_default=True, help="One quantization range per layer or per output channel.")
+@click.option("--rounding", type=click.Choice(["nearest", "truncate"]), default="nearest",
+              show_default=True, help="Quantization rounding.")
+@click.option("--activation", type=click.Choice(["sign", "relu"]), default=None,
+              help="Hidden activation (default: sign for 1 bit, relu for more).")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Weight clipping w_max: latent weights kept in [-w_max, w_max].")
+@click.option("--randbet-ber", default=None,
+              help="Random bit error training (RandBET) rate: p or p01,p10.")
 @click.option("--train-subset", type=click.IntRange(min=1), default=None,
               help="Use only the first N training samples (quick runs).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -136,9 +150,11 @@ def main(debug: bool) -> None:
               help="Replace an existing checkpoint in --out (never any other directory).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, lr, lr_step, loss,
-          mhl_margin, flip_ber, flip_layers, flip_warmup, train_subset, seed, device, threads,
+          mhl_margin, flip_ber, flip_layers, flip_warmup, weight_bits, quant, granularity,
+          rounding, activation, clip, randbet_ber, train_subset, seed, device, threads,
           out, overwrite, quiet) -> None:
-    """Train a BNN normally or with bit flip training, and save a checkpoint."""
+    """Train a BNN (or an m-bit network: --weight-bits) normally, with bit flip training or
+    RandBET, and save a checkpoint."""
     import torch
 
     from . import data, io, models
@@ -158,6 +174,11 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
         kwargs["hidden"] = _parse_ints(hidden, "--hidden")
     if fc_width is not None:
         kwargs["fc_width"] = fc_width
+    if weight_bits != 1 or (quant, granularity, rounding) != ("symmetric", "layer", "nearest"):
+        kwargs.update(weight_bits=weight_bits, quant=quant, granularity=granularity,
+                      rounding=rounding)
+    if activation is not None:
+        kwargs["activation"] = activation
     model = models.build(model_name, seed=seed, **kwargs)
     layers = None
     if flip_layers and flip_layers not in ("all", "hidden"):
@@ -166,7 +187,8 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
         layers = flip_layers
     hist = train_mod.fit(model, tr, te, epochs=epochs, batch_size=batch_size, lr=lr,
                          lr_step=lr_step, loss=loss, mhl_margin=mhl_margin,
-                         flip_ber=ber, flip_layers=layers, flip_warmup=flip_warmup, seed=seed,
+                         flip_ber=ber, flip_layers=layers, flip_warmup=flip_warmup,
+                         clip=clip, randbet_ber=_parse_ber(randbet_ber), seed=seed,
                          device=device, out=out, overwrite=overwrite, progress=not quiet,
                          threads=threads if threads is not None else torch.get_num_threads())
     io.save(model, out)

@@ -63,6 +63,20 @@ def _loss_fn(loss: str, b: float):
     raise InvalidArgument(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
+def _perturbed_loss(model: nn.Module, rb_layers: dict, rb_faults: dict, loss_fn, x: Tensor,
+                    y: Tensor) -> Tensor:
+    """RandBET's second term: the loss under a fresh random stored-bit error pattern (any
+    flip-training fault on the same layers is replaced for this pass and restored after)."""
+    saved = {n: layer.fault for n, layer in rb_layers.items()}
+    try:
+        for n, layer in rb_layers.items():
+            layer.fault = rb_faults[n]
+        return loss_fn(model(x), y)
+    finally:
+        for n, layer in rb_layers.items():
+            layer.fault = saved[n]
+
+
 def _ber_at(epoch: int, target: tuple[float, float], warmup: int) -> tuple[float, float]:
     """Linear BER warm-up: ``p(epoch) = p * min(1, (epoch + 1) / (warmup + 1))``."""
     f = 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / (warmup + 1))
@@ -84,6 +98,9 @@ def fit(
     flip_ber: errors.BER | None = None,
     flip_layers: Sequence[str | int] | str | None = None,
     flip_warmup: int = 0,
+    clip: float | None = None,
+    randbet_ber: errors.BER | None = None,
+    randbet_layers: Sequence[str | int] | str | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
     out: str | Path | None = None,
@@ -103,6 +120,17 @@ def fit(
         flip_ber: training BER ``p`` or ``(p01, p10)``; ``None``/0 = normal training.
         flip_layers: layers with flips (see :func:`bnn_tol.errors.select_layers`); default all.
         flip_warmup: epochs of linear BER warm-up (0 = full BER from the start).
+        clip: weight clipping ``w_max`` (Stutz et al.): latent weights are clamped to
+            ``[-w_max, w_max]`` after every step (default: ``[-1, 1]`` for sign-coded layers,
+            no clamp for fixed-point ones). Every layer of the library's models is followed
+            by BatchNorm, which rescales the pre-activations, so clipping does not limit a
+            layer's scale (the role of the paper's reparameterized normalization).
+        randbet_ber: random bit error training (RandBET, Stutz et al.): every step minimizes
+            ``(L(z_clean) + L(z_err)) / 2`` where ``z_err`` is computed with a fresh random
+            pattern of stored-bit errors at this rate (``p`` or ``(p01, p10)``) over every
+            stored bit (``numel * m``; a :class:`~bnn_tol.errors.TransientFlip`), gradients
+            passing straight through the flips. ``None``/0 = off.
+        randbet_layers: layers with RandBET errors (default all).
         seed: seeds shuffling and flips (init is seeded by :func:`bnn_tol.models.build`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         out: checkpoint directory, written after every epoch (nothing lost on interruption).
@@ -138,6 +166,11 @@ def fit(
                                   f"{'' if label == 'mhl_margin' else ' > 0'}, got {v!r}")
     if flip_ber is not None:
         errors.rates(flip_ber)
+    if randbet_ber is not None:
+        errors.rates(randbet_ber)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
+                             or not math.isfinite(clip) or clip <= 0):
+        raise InvalidArgument(f"clip must be a finite number > 0 (w_max), got {clip!r}")
     _loss_fn(loss, mhl_margin)
     if len(train) == 0:
         raise InvalidArgument("the training set is empty")
@@ -152,13 +185,26 @@ def fit(
         return _fit(model, train, test, epochs=epochs, batch_size=batch_size, lr=lr,
                     lr_step=lr_step, lr_gamma=lr_gamma, loss=loss, mhl_margin=mhl_margin,
                     flip_ber=flip_ber, flip_layers=flip_layers, flip_warmup=flip_warmup,
+                    clip=clip, randbet_ber=randbet_ber, randbet_layers=randbet_layers,
                     seed=seed, device=device, out=out, progress=progress)
     finally:
         torch.set_num_threads(old_threads)
 
 
+def _clamp_bounds(layers: dict, clip: float | None) -> list[tuple[nn.Module, float]]:
+    """Per layer the latent-weight bound: ``clip`` if given, else 1 for sign-coded layers and
+    none (``inf``) for fixed-point ones."""
+    out = []
+    for layer in layers.values():
+        bound = clip if clip is not None else (1.0 if layer.codec.is_sign else math.inf)
+        if math.isfinite(bound):
+            out.append((layer, float(bound)))
+    return out
+
+
 def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss, mhl_margin,
-         flip_ber, flip_layers, flip_warmup, seed, device, out, progress) -> pd.DataFrame:
+         flip_ber, flip_layers, flip_warmup, clip, randbet_ber, randbet_layers, seed, device, out,
+         progress) -> pd.DataFrame:
     """The training loop of :func:`fit`, on validated arguments."""
     dev = resolve_device(device)
     model.to(dev)
@@ -169,6 +215,13 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     s_shuffle, s_flip = child_seeds(seed, 2)
     shuffle_gen = torch.Generator().manual_seed(s_shuffle)
     flip_gen = torch.Generator(device=dev).manual_seed(s_flip)
+    bounds = _clamp_bounds(layers, clip)
+    rb = errors.rates(randbet_ber) if randbet_ber is not None else (0.0, 0.0)
+    rb_layers = errors.select_layers(model, randbet_layers) if max(rb) > 0 else {}
+    # RandBET draws from its own stream (child seed 3 of 3: the first two are unchanged)
+    rb_gen = torch.Generator(device=dev).manual_seed(child_seeds(seed, 3)[2]) \
+        if rb_layers else None
+    rb_faults = {n: errors.TransientFlip(rb, rb_gen) for n in rb_layers}
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     step = lr_step if lr_step is not None else max(1, epochs // 4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=lr_gamma)
@@ -180,6 +233,11 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
         "threads": torch.get_num_threads(),
         "dataset": getattr(train, "name", "custom"),
     }
+    codecs = {n: m.codec.config() for n, m in errors.select_layers(model).items()}
+    if clip is not None or rb_layers or any(c["kind"] != "sign" for c in codecs.values()):
+        # recorded only where used, so a BNN's recipe reads as before codecs existed
+        recipe.update({"clip": clip, "randbet_ber": list(rb) if rb_layers else None,
+                       "randbet_layers": list(rb_layers), "codecs": codecs})
     meta = getattr(model, "meta", None)
     if meta is None:
         meta = {}
@@ -203,12 +261,15 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
             for x, y in inner:
                 z = model(x)
                 batch_loss = loss_fn(z, y)
+                if rb_layers:
+                    batch_loss = 0.5 * (batch_loss + _perturbed_loss(model, rb_layers, rb_faults,
+                                                                     loss_fn, x, y))
                 opt.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    for layer in layers.values():
-                        layer.weight.clamp_(-1.0, 1.0)
+                    for layer, bound in bounds:
+                        layer.weight.clamp_(-bound, bound)
                     tot_loss += batch_loss.detach().double() * len(y)
                     correct += (z.argmax(1) == y).sum()
             lr_now = opt.param_groups[0]["lr"]
@@ -228,7 +289,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
 
                 save(model, out)
     finally:
-        for layer in layers.values():
+        for layer in (*layers.values(), *rb_layers.values()):
             layer.fault = None
         model.eval()
     return pd.DataFrame(rows, columns=["epoch", "lr", "p01", "p10", "train_loss", "train_acc",
