@@ -12,7 +12,7 @@ OUT    ?= runs/demo
 STUDY   ?= studies/fmnist_fc35.toml
 RESULTS ?= docs/results/$(basename $(notdir $(STUDY)))
 
-.PHONY: help setup data demo test test-slow lint bench clean results
+.PHONY: help setup data demo test test-slow lint bench clean results stutz
 
 help:
 	@echo "make demo       train normal + bit-flip-trained BNNs, sweep, metrics (Fashion-MNIST)"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench      benchmarks -> benchmarks/RESULTS.md"
 	@echo "make results    every published number: STUDY (default studies/fmnist_fc35.toml)"
 	@echo "                run fresh into RESULTS (default docs/results/<study>/), report + environment.json"
+	@echo "make stutz      m-bit networks vs BNNs (Stutz et al.) -> docs/results/stutz_fmnist/"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,7 +43,7 @@ demo: setup
 	$(BIN)/bnn-tol demo --out $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnn_tol tests benchmarks
+	$(BIN)/ruff check bnn_tol tests benchmarks scripts
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -53,6 +54,9 @@ test-slow: setup
 results: setup
 	$(BIN)/bnn-tol study $(STUDY) --out $(RESULTS) --fresh
 	@echo "results in $(RESULTS): report.html, environment.json (versions, commit, CPU, threads)"
+
+stutz: setup
+	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_fmnist
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
