@@ -315,14 +315,26 @@ def _parse_bers(text: str) -> list:
                    "locked while the sweep runs; FILE.meta.json records its settings.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted --out file made with the same settings.")
+@click.option("--profile", "profile_file", type=click.Path(exists=True, dir_okay=False),
+              default=None,
+              help="Errors of a profiled chip (.npz, see bnn_tol.profile) per supply voltage "
+                   "instead of random BERs; writes accuracy vs voltage and energy to --out.")
+@click.option("--voltages", default=None,
+              help="With --profile: comma-separated voltages (default: all of the profile).")
+@click.option("--offsets", default="0", show_default=True,
+              help="With --profile: placements of the model in the chip (bit offsets).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, batch_size,
-          engine, device, out, resume, quiet) -> None:
-    """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map)."""
+          engine, device, out, resume, profile_file, voltages, offsets, quiet) -> None:
+    """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map),
+    or on a profiled chip per voltage (--profile)."""
     from . import data, evaluate, io
 
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
+    if profile_file is not None:
+        return _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset,
+                              out, quiet)
     ber_list = _parse_bers(bers)
     models = {Path(r).name: io.load(r) for r in runs}
     if len(models) != len(runs):
@@ -349,6 +361,71 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
     click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if out:
         click.echo(f"wrote {len(df)} rows to {out}")
+
+
+def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset, out,
+                   quiet) -> None:
+    """``sweep --profile``: accuracy vs voltage and energy on a profiled chip."""
+    from . import data, io
+    from . import profile as prof
+
+    if not out:
+        raise click.UsageError("--profile needs --out FILE (the profile sweep CSV)")
+    if Path(out).exists():
+        raise click.UsageError(f"{out} exists; choose another --out (profile sweeps are not "
+                               "resumed)")
+    chip = prof.load_profile(profile_file)
+    volts = _parse_list(voltages, "--voltages", float)
+    offs = _parse_ints(offsets, "--offsets") or (0,)
+    models = {Path(r).name: io.load(r) for r in runs}
+    first = next(iter(models.values()))
+    name = dataset or first.meta.get("training", {}).get("dataset", "fashion-mnist")
+    test = data.load(name, "test", data_dir=data_dir)
+    if subset is not None:
+        test = test.subset(subset)
+    df = prof.profile_sweep(models, test, chip, voltages=volts, offsets=offs,
+                            progress=not quiet)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False, float_format="%.17g")
+    summ = prof.summary_energy(df)
+    click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    click.echo(f"wrote {len(df)} rows to {out}")
+
+
+@main.group("profile")
+def profile_group() -> None:
+    """Profiled (or synthetic) chips: per-cell failure voltages for `sweep --profile`."""
+
+
+@profile_group.command("synth")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Profile file to write (.npz); refused if it exists.")
+@click.option("--rows", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--cols", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--arrays", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--v-mean", type=float, default=0.70, show_default=True,
+              help="Mean cell failure voltage (units of V_min).")
+@click.option("--v-sd", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--row-sd", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--col-sd", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--to-one", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Fraction of failing cells that read 1 (p01 vs p10 asymmetry).")
+@click.option("--voltages", default=None, help="Comma-separated, decreasing (default 1.0..0.8).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+def profile_synth(out, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, to_one, voltages,
+                  seed) -> None:
+    """Write a synthetic chip profile (see bnn_tol.profile.synthetic_profile)."""
+    from . import profile as prof
+
+    if Path(out).exists():
+        raise click.UsageError(f"{out} exists; choose another --out")
+    chip = prof.synthetic_profile(rows=rows, cols=cols, n_arrays=arrays, v_mean=v_mean,
+                                  v_sd=v_sd, row_sd=row_sd, col_sd=col_sd, to_one=to_one,
+                                  voltages=_parse_list(voltages, "--voltages", float), seed=seed)
+    prof.save_profile(chip, out)
+    rate = chip.cell_error_rate()
+    click.echo(rate.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    click.echo(f"wrote {out}")
 
 
 def _check_level(level: float) -> float:
@@ -380,6 +457,24 @@ def plot_sweep(csv, out, metric, level) -> None:
 
     fig = plots.sweep(evaluate.read_sweep(csv), level=level, metric=metric)
     fig.savefig(out, dpi=150)
+    click.echo(f"wrote {out}")
+
+
+@main.commands["plot"].command("energy")
+@click.argument("csv", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Image file (png, pdf, svg).")
+def plot_energy(csv, out) -> None:
+    """Accuracy vs voltage and vs energy saving from a `sweep --profile` CSV."""
+    import pandas as pd
+
+    from . import plots
+
+    try:
+        df = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{csv} is not a profile sweep CSV ({type(e).__name__})") from None
+    plots.energy(df).savefig(out, dpi=150)
     click.echo(f"wrote {out}")
 
 

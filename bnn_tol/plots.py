@@ -26,6 +26,7 @@ __all__ = [
     "margins",
     "rho_vs_ber",
     "metric_scatter_by_model",
+    "energy",
 ]
 
 
@@ -378,4 +379,40 @@ def metric_scatter_by_model(
         ax.grid(alpha=0.3)
         if ax.get_legend() is not None:
             ax.get_legend().set_title(_hue_label(hue))
+    return fig
+
+
+# -- profiled chips (issue 11) -------------------------------------------------------------------
+
+def energy(df: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Accuracy vs supply voltage and vs energy saving, one line per model (never pooled).
+
+    Args:
+        df: a profile sweep (:func:`bnn_tol.profile.profile_sweep`): one row per model,
+            voltage, offset. Lines are the mean over offsets, bands +- one sd over offsets.
+    """
+    need = {"model", "voltage", "offset", "accuracy", "energy_saving"}
+    if not need <= set(df.columns):
+        raise InvalidArgument(f"an energy plot needs a profile sweep with columns {sorted(need)}"
+                              " (bnn-tol sweep --profile)")
+    if not len(df):
+        raise InvalidArgument("the profile sweep is empty: nothing to plot")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax_v, ax_e = fig.subplots(1, 2)
+    for model, g in df.groupby("model", sort=False):
+        m = g.groupby("voltage").agg(acc=("accuracy", "mean"), sd=("accuracy", "std"),
+                                     saving=("energy_saving", "first")).reset_index()
+        sd = m["sd"].fillna(0.0)
+        for ax, x in ((ax_v, m["voltage"]), (ax_e, 100 * m["saving"])):
+            line, = ax.plot(x, m["acc"], marker="o", ms=3, label=str(model))
+            ax.fill_between(x, m["acc"] - sd, m["acc"] + sd, color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+    ax_v.set_xlabel("supply voltage")
+    ax_v.invert_xaxis()
+    ax_e.set_xlabel("energy saving (%) vs the lowest error-free voltage")
+    for ax in (ax_v, ax_e):
+        ax.set_ylabel("accuracy (mean over placements)")
+        ax.grid(alpha=0.3)
+    ax_e.legend(title="model", fontsize=8)
+    fig.suptitle(title or "profiled chip: accuracy vs voltage and energy")
     return fig

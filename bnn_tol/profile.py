@@ -1,0 +1,380 @@
+"""Bit errors of a profiled chip, per supply voltage, and the energy they buy (Stutz et al.).
+
+**Profile file** (``.npz``, loaded with ``allow_pickle=False``)::
+
+    format     ()        str      "bnn_tol.profile"
+    version    ()        int      1
+    voltages   (V,)      float64  supply voltages, strictly decreasing (any unit; the
+                                  synthetic profiles use V / V_min, V_min = 1)
+    rows, cols ()        int      geometry of one SRAM array (e.g. 512 x 64 cells)
+    n_arrays   ()        int      number of arrays; n_cells = n_arrays * rows * cols
+    v_fail     (n_cells,) float32 the cell fails at every voltage V < v_fail
+                                  (-inf: never fails)
+    flip_to    (n_cells,) uint8   the value a failed cell reads: 0 corrupts a stored 1
+                                  (a 1 -> 0 flip, p10), 1 corrupts a stored 0 (p01)
+    energy     (V,)      float64  optional: energy per access at each voltage
+                                  (default E ~ V^2, see :func:`energy`)
+
+A bit stored in a failed cell flips iff it differs from ``flip_to``. Failures are nested
+across voltages by construction (a cell that fails at V fails below V), so the flips at a lower
+voltage include those at a higher one for the same stored bits.
+
+**Layout** (weight-to-memory): the model's memory image is the concatenation, in forward order,
+of every layer's stored bits (:meth:`~bnn_tol.layers.BinaryLayer.stored_bits`: ``numel * m``
+bits, weight-major, LSB first). Bit ``k`` of that stream at ``offset`` ``o`` (in bits) is bit
+``j = (k + o) mod cols`` of word ``w = (k + o) // cols``; words are interleaved across arrays
+(array ``w mod n_arrays``, row ``(w // n_arrays) mod rows``), so cell
+``c = a rows cols + r cols + j``. A model with more bits than the chip wraps around (the chip's
+pattern repeats, as when a profiled chip is tiled over a larger memory). Different ``offset``
+values place the model at different addresses of the same chip.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .exceptions import InvalidArgument, require_int
+
+__all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "cells",
+           "profile_flips", "energy", "profile_sweep", "summary_energy", "FORMAT"]
+
+FORMAT = "bnn_tol.profile"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A profiled (or synthetic) chip; see the module docstring for the fields."""
+
+    voltages: np.ndarray
+    rows: int
+    cols: int
+    n_arrays: int
+    v_fail: np.ndarray
+    flip_to: np.ndarray
+    energy: np.ndarray | None = None
+
+    @property
+    def n_cells(self) -> int:
+        """``n_arrays * rows * cols``."""
+        return self.n_arrays * self.rows * self.cols
+
+    def failing(self, voltage: float) -> np.ndarray:
+        """Boolean ``(n_cells,)``: the cells that fail at ``voltage`` (``voltage < v_fail``)."""
+        return voltage < self.v_fail
+
+    def cell_error_rate(self) -> pd.DataFrame:
+        """Per voltage the fraction of failing cells and of cells failing to 0 / to 1."""
+        rows = []
+        for v in self.voltages:
+            f = self.failing(float(v))
+            rows.append({"voltage": float(v), "failing": float(f.mean()),
+                         "to_0": float((f & (self.flip_to == 0)).mean()),
+                         "to_1": float((f & (self.flip_to == 1)).mean())})
+        return pd.DataFrame(rows)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(p: Profile) -> None:
+    v = np.asarray(p.voltages)
+    if v.ndim != 1 or v.size < 1 or not np.all(np.isfinite(v)):
+        raise InvalidArgument("profile voltages must be a non-empty 1-d array of finite numbers")
+    if v.size > 1 and not np.all(np.diff(v) < 0):
+        raise InvalidArgument("profile voltages must be strictly decreasing (nominal first)")
+    for name in ("rows", "cols", "n_arrays"):
+        require_int(getattr(p, name), f"profile {name}", minimum=1)
+    n = p.n_arrays * p.rows * p.cols
+    if p.v_fail.shape != (n,) or p.flip_to.shape != (n,):
+        raise InvalidArgument(f"profile v_fail and flip_to must have n_arrays * rows * cols = {n} "
+                              f"entries, got {p.v_fail.shape} and {p.flip_to.shape}")
+    if np.isnan(p.v_fail).any() or np.isposinf(p.v_fail).any():
+        raise InvalidArgument("profile v_fail must be finite or -inf (never fails)")
+    if not np.isin(p.flip_to, (0, 1)).all():
+        raise InvalidArgument("profile flip_to must hold 0 or 1 per cell")
+    if p.energy is not None:
+        e = np.asarray(p.energy)
+        if e.shape != v.shape or not np.all(np.isfinite(e)) or np.any(e <= 0):
+            raise InvalidArgument("profile energy must be positive, one value per voltage")
+
+
+def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
+    """Write ``profile`` as a documented ``.npz`` (no pickle)."""
+    path = Path(path)
+    arrays = {"format": np.array(FORMAT), "version": np.array(1),
+              "voltages": np.asarray(profile.voltages, np.float64),
+              "rows": np.array(profile.rows), "cols": np.array(profile.cols),
+              "n_arrays": np.array(profile.n_arrays),
+              "v_fail": np.asarray(profile.v_fail, np.float32),
+              "flip_to": np.asarray(profile.flip_to, np.uint8)}
+    if profile.energy is not None:
+        arrays["energy"] = np.asarray(profile.energy, np.float64)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return path
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read and validate a profile file.
+
+    Raises:
+        InvalidArgument: not a profile file, or invalid fields (names the field).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            need = {"format", "voltages", "rows", "cols", "n_arrays", "v_fail", "flip_to"}
+            if not need <= files or str(z["format"]) != FORMAT:
+                raise InvalidArgument(f"{path} is not a bnn_tol profile (.npz with "
+                                      f"{', '.join(sorted(need))})")
+            version = int(z["version"]) if "version" in files else 1
+            if version != 1:
+                raise InvalidArgument(f"{path}: unknown profile version {version}")
+            return Profile(np.asarray(z["voltages"], np.float64), int(z["rows"]),
+                           int(z["cols"]), int(z["n_arrays"]),
+                           np.asarray(z["v_fail"], np.float32),
+                           np.asarray(z["flip_to"], np.uint8),
+                           np.asarray(z["energy"], np.float64) if "energy" in files else None)
+    except (OSError, ValueError) as e:
+        if isinstance(e, InvalidArgument):
+            raise
+        raise InvalidArgument(f"{path}: cannot read the profile ({e})") from None
+
+
+def synthetic_profile(
+    *,
+    rows: int = 512,
+    cols: int = 64,
+    n_arrays: int = 32,
+    voltages: Sequence[float] | None = None,
+    v_mean: float = 0.70,
+    v_sd: float = 0.05,
+    row_sd: float = 0.01,
+    col_sd: float = 0.01,
+    to_one: float = 0.3,
+    seed: int = 0,
+) -> Profile:
+    """A realistic synthetic chip (documented parameters; same seed, same chip).
+
+    Each cell's failure voltage is ``v_fail = v_mean + v_sd z_cell + row_sd z_row +
+    col_sd z_col`` with independent standard normals per cell, per (array, row) and per
+    (array, column): cells of a weak row or column fail together (spatial correlation along
+    rows and columns). A failing cell reads 1 with probability ``to_one`` (else 0), so
+    ``p01 != p10`` unless ``to_one = 0.5``. Voltages are in units of ``V_min`` (1.0 = the
+    nominal, error-free operating point); the default grid is 1.00, 0.98, ..., 0.80, where
+    the failing-cell fraction is about ``P(z > (V - v_mean) / sd)``: ~1e-9 at 1.0 and ~2.3 %
+    at 0.80 for the defaults (bit error rates about half that: a bit only flips when it differs
+    from what the cell reads).
+
+    Args:
+        rows, cols, n_arrays: geometry (the paper profiled 32 arrays of 512 x 64).
+        voltages: decreasing grid (default above).
+        v_mean, v_sd, row_sd, col_sd: failure-voltage distribution.
+        to_one: fraction of failing cells that read 1.
+        seed: ``numpy.random.default_rng(seed)``.
+    """
+    seed = require_int(seed, "seed", minimum=0)
+    for name, val in (("v_sd", v_sd), ("row_sd", row_sd), ("col_sd", col_sd)):
+        if not (math.isfinite(val) and val >= 0):
+            raise InvalidArgument(f"{name} must be a finite number >= 0, got {val!r}")
+    if not 0.0 <= to_one <= 1.0:
+        raise InvalidArgument(f"to_one must be in [0, 1], got {to_one!r}")
+    rows = require_int(rows, "rows", minimum=1)
+    cols = require_int(cols, "cols", minimum=1)
+    n_arrays = require_int(n_arrays, "n_arrays", minimum=1)
+    rng = np.random.default_rng(seed)
+    cell = rng.standard_normal((n_arrays, rows, cols))
+    row = rng.standard_normal((n_arrays, rows, 1))
+    col = rng.standard_normal((n_arrays, 1, cols))
+    v_fail = (v_mean + v_sd * cell + row_sd * row + col_sd * col).astype(np.float32).reshape(-1)
+    flip_to = (rng.random(v_fail.size) < to_one).astype(np.uint8)
+    volts = np.round(np.linspace(1.0, 0.8, 11), 10) if voltages is None \
+        else np.asarray(voltages, np.float64)
+    return Profile(volts, rows, cols, n_arrays, v_fail, flip_to)
+
+
+def cells(n_bits: int, profile: Profile, offset: int = 0) -> np.ndarray:
+    """Cell index ``(n_bits,)`` int64 of each bit of a memory image (see the module docstring)."""
+    offset = require_int(offset, "offset", minimum=0)
+    k = np.arange(n_bits, dtype=np.int64) + offset
+    j = k % profile.cols
+    w = k // profile.cols
+    a = w % profile.n_arrays
+    r = (w // profile.n_arrays) % profile.rows
+    return (a * profile.rows + r) * profile.cols + j
+
+
+def _stored_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from .errors import select_layers
+
+    return select_layers(model)
+
+
+def profile_flips(model: nn.Module, profile: Profile, voltage: float, *,
+                  offset: int = 0) -> dict[str, Tensor]:
+    """Stored bits that flip when ``model`` sits at ``offset`` in ``profile`` at ``voltage``.
+
+    Returns:
+        ``{layer name: int64 (F,) sorted flat indices into layer.stored_bits()}`` for every
+        binary/quantized layer (forward order).
+    """
+    layers = _stored_layers(model)
+    images = {n: lay.stored_bits().cpu().numpy() for n, lay in layers.items()}
+    total = sum(b.size for b in images.values())
+    where = cells(total, profile, offset)
+    fails = profile.failing(float(voltage))[where]
+    reads = profile.flip_to[where]
+    out, start = {}, 0
+    for name, bits in images.items():
+        sl = slice(start, start + bits.size)
+        flip = fails[sl] & (bits != reads[sl])
+        out[name] = torch.from_numpy(np.flatnonzero(flip).astype(np.int64))
+        start += bits.size
+    return out
+
+
+def energy(voltages: Sequence[float], *, reference: float, table: Sequence[float] | None = None
+           ) -> np.ndarray:
+    """Energy per access relative to the ``reference`` voltage.
+
+    Default ``E(V) = (V / V_ref)^2`` (dynamic energy ~ C V^2), ``V_ref`` the lowest error-free
+    voltage (the paper normalizes to it); with ``table`` (energy per voltage, any unit) the
+    values are ``table / table(V_ref)``. The energy saving is ``1 - E(V)``.
+    """
+    v = np.asarray(voltages, np.float64)
+    if table is None:
+        return (v / reference) ** 2
+    t = np.asarray(table, np.float64)
+    idx = np.flatnonzero(np.isclose(v, reference))
+    if t.shape != v.shape or not idx.size:
+        raise InvalidArgument("an energy table needs one value per voltage, reference included")
+    return t / t[idx[0]]
+
+
+class _FixedFlips:
+    """Layer fault flipping fixed stored-bit indices (+-1 convention of :mod:`bnn_tol.errors`)."""
+
+    def __init__(self, idx: Tensor) -> None:
+        self.idx = idx
+
+    def __call__(self, bits: Tensor) -> Tensor:
+        if self.idx.numel() == 0:
+            return bits
+        flat = bits.detach().reshape(-1).clone()
+        i = self.idx.to(flat.device)
+        flat[i] = -flat[i]
+        return bits + (flat.view_as(bits) - bits).detach()
+
+
+def accuracy_with_flips(model: nn.Module, data, flips: dict[str, Tensor], *,
+                        batch_size: int = 2048) -> float:
+    """Accuracy with the given stored bits flipped (exact: the same path as ``errors.inject``)."""
+    from .evaluate import accuracy
+
+    layers = _stored_layers(model)
+    saved = {n: lay.fault for n, lay in layers.items()}
+    try:
+        for n, lay in layers.items():
+            lay.fault = _FixedFlips(flips.get(n, torch.empty(0, dtype=torch.int64)))
+        return accuracy(model, data, batch_size=batch_size)
+    finally:
+        for n, lay in layers.items():
+            lay.fault = saved[n]
+
+
+def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] | None = None,
+                  offsets: Sequence[int] = (0,), progress: bool = True) -> pd.DataFrame:
+    """Accuracy of each model on the profiled chip at each voltage and placement.
+
+    Returns:
+        Tidy frame, one row per (model, voltage, offset): ``model, voltage, offset,
+        ber_realized`` (flipped / stored bits), ``p01_realized``, ``p10_realized`` (flips
+        among stored 0s / 1s), ``energy`` (relative to the lowest error-free voltage of the
+        profile), ``energy_saving = 1 - energy``, ``accuracy``, ``rerr``, ``clean_accuracy``,
+        ``bits_per_weight``, ``memory_bits``.
+    """
+    from tqdm.auto import tqdm
+
+    from . import evaluate
+    from .models import memory_bits
+
+    if isinstance(models, nn.Module):
+        models = {str(getattr(models, "config", {}).get("name", "model")): models}
+    volts = list(profile.voltages) if voltages is None else [float(v) for v in voltages]
+    if not volts:
+        raise InvalidArgument("no voltages given")
+    offsets = [require_int(o, "offset", minimum=0) for o in offsets]
+    free = [float(v) for v in profile.voltages if not profile.failing(float(v)).any()]
+    if not free:
+        raise InvalidArgument("the profile has no error-free voltage to normalize energy to")
+    ref = min(free)
+    e_all = energy(profile.voltages, reference=ref, table=profile.energy)
+    e_of = {float(v): float(e) for v, e in zip(profile.voltages, e_all, strict=True)}
+    for v in volts:
+        if v not in e_of and profile.energy is not None:
+            raise InvalidArgument(f"voltage {v} is not in the profile's energy table")
+    rows = []
+    bar = tqdm(total=len(models) * len(volts) * len(offsets), desc="profile sweep",
+               disable=not progress)
+    try:
+        for label, model in models.items():
+            layers = _stored_layers(model)
+            images = {n: lay.stored_bits() for n, lay in layers.items()}
+            n0 = sum(int((b == 0).sum()) for b in images.values())
+            n1 = sum(int((b == 1).sum()) for b in images.values())
+            clean = evaluate.accuracy(model, data)
+            bpw = sorted({int(lay.codec.bits_per_weight) for lay in layers.values()})
+            for v in volts:
+                for off in offsets:
+                    fl = profile_flips(model, profile, v, offset=off)
+                    f01 = sum(int((images[n][i] == 0).sum()) for n, i in fl.items())
+                    f10 = sum(int(i.numel()) for i in fl.values()) - f01
+                    acc = accuracy_with_flips(model, data, fl)
+                    e = e_of.get(v, float(energy([v], reference=ref)[0]))
+                    rows.append({"model": str(label), "voltage": v, "offset": off,
+                                 "ber_realized": (f01 + f10) / max(n0 + n1, 1),
+                                 "p01_realized": f01 / max(n0, 1),
+                                 "p10_realized": f10 / max(n1, 1),
+                                 "energy": e, "energy_saving": 1.0 - e, "accuracy": acc,
+                                 "rerr": 1.0 - acc, "clean_accuracy": clean,
+                                 "bits_per_weight": bpw[0] if len(bpw) == 1 else float("nan"),
+                                 "memory_bits": memory_bits(model)})
+                    bar.update(1)
+    finally:
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+def summary_energy(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
+    """Per model the lowest-energy voltage whose accuracy (mean over offsets) stays within
+    ``tolerance`` of the clean accuracy -- the paper's headline quantity -- and its saving.
+
+    Returns:
+        One row per model: ``model, clean_accuracy, voltage, accuracy, energy,
+        energy_saving`` (NaN voltage when no voltage qualifies).
+    """
+    need = {"model", "voltage", "accuracy", "clean_accuracy", "energy"}
+    if not need <= set(df.columns):
+        raise InvalidArgument(f"summary_energy needs a profile sweep with {sorted(need)}")
+    out = []
+    for label, g in df.groupby("model", sort=False):
+        m = g.groupby("voltage", sort=True).agg(accuracy=("accuracy", "mean"),
+                                                energy=("energy", "first")).reset_index()
+        clean = float(g["clean_accuracy"].iloc[0])
+        ok = m[m["accuracy"] >= clean - tolerance]
+        best = ok.loc[ok["energy"].idxmin()] if len(ok) else None
+        out.append({"model": label, "clean_accuracy": clean,
+                    "voltage": float(best["voltage"]) if best is not None else math.nan,
+                    "accuracy": float(best["accuracy"]) if best is not None else math.nan,
+                    "energy": float(best["energy"]) if best is not None else math.nan,
+                    "energy_saving": 1 - float(best["energy"]) if best is not None else math.nan})
+    return pd.DataFrame(out)
