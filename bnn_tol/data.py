@@ -30,6 +30,7 @@ from .exceptions import BnnTolError, InvalidArgument, require_int
 
 __all__ = [
     "BNNDataset",
+    "INPUT_SCALE",
     "DatasetNotFound",
     "CorruptDataset",
     "load",
@@ -61,9 +62,13 @@ class CorruptDataset(BnnTolError, ValueError):
     """A dataset file exists but is truncated or malformed."""
 
 
+#: Pixels enter models as ``(p - INPUT_SCALE) / INPUT_SCALE``: a dyadic grid of step 1/128.
+INPUT_SCALE = 128
+
+
 def to_float(images: Tensor) -> Tensor:
     """``uint8`` pixels ``(N, C, H, W)`` -> float32 ``(p - 128) / 128`` in ``[-1, 0.9921875]``."""
-    return (images.to(torch.float32) - 128.0) / 128.0
+    return (images.to(torch.float32) - float(INPUT_SCALE)) / float(INPUT_SCALE)
 
 
 class BNNDataset(Dataset):

@@ -316,9 +316,9 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
         ValueError: the model has no binary layers, or a name/position does not exist
             (the message lists the valid names).
     """
-    from .layers import BinaryLayer
+    from .compiled import stored_layers
 
-    found = {n: m for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
+    found = stored_layers(model)
     if not found:
         raise InvalidArgument(
             f"{type(model).__name__} has no binary layers (BinaryLinear/BinaryConv2d)")
@@ -508,10 +508,9 @@ def map_seeds(seed: int, n_maps: int) -> list[int]:
 
 
 def _positions(model: nn.Module) -> dict[str, int]:
-    from .layers import BinaryLayer
+    from .compiled import positions
 
-    names = [n for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
-    return {n: k for k, n in enumerate(names)}
+    return positions(model)
 
 
 def draw_maps(
@@ -708,6 +707,7 @@ def inject(
 
 
 def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
+    from .data import INPUT_SCALE
     from .layers import fold_threshold
 
     blocks = getattr(model, "blocks", None)
@@ -725,7 +725,7 @@ def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
                                   f"{block.activation}")
         if "thresholds" in targets:
             gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
-            scale = 128 if k == 0 else 1
+            scale = INPUT_SCALE if k == 0 else 1
             folded = fold_threshold(block.bn, scale=scale)
             reach = block.layer.fan_in * scale
             nb = bits or _threshold_bits(reach)

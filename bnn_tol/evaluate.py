@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import BNNDataset
+from .compiled import UnsupportedModel, eval_mode
+from .data import INPUT_SCALE, BNNDataset, to_float
 from .exceptions import FileInUse, InvalidArgument, ResultsMismatch, require_int
 from .layers import apply_folded
 
 __all__ = ["accuracy", "predict", "resolve_device", "sweep", "read_sweep", "summarize",
-           "model_digest", "data_digest", "meta_path", "COLUMNS", "META_SUFFIX"]
+           "model_digest", "data_digest", "meta_path", "COLUMNS", "META_SUFFIX", "engines",
+           "register_engine", "accuracy_under_flips", "Int8Engine", "Fp32Engine",
+           "FixedPointEngine", "ReferenceEngine"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -114,45 +117,33 @@ def int8_is_fast() -> bool:
 
 
 class _Stage:
-    """One block compiled for the engines (clean weights and the folded comparator)."""
+    """One block prepared for the sign engines: the compiled stage plus its clean +-1 weights
+    and folded comparator (``bn``: an eval-mode copy on the engine's device, set later)."""
 
-    def __init__(self, k: int, block: nn.Module, name: str) -> None:
-        from .layers import BinaryConv2d, fold_threshold
-
-        self.k, self.name, self.block = k, name, block
-        self.conv = isinstance(block.layer, BinaryConv2d)
-        if self.conv and (block.layer.stride != (1, 1) or block.layer.groups != 1
-                          or block.layer.dilation != (1, 1)):
-            raise InvalidArgument(
-                f"{name}: the sweep engine supports stride 1, ungrouped convs only")
-        if block.layer.bias is not None:
-            raise InvalidArgument(
-                f"{name}: binary layers with a bias are not supported by the engine")
-        self.flatten, self.pool, self.hidden = block.flatten, block.pool, block.binary_output
-        self.scale = 128 if k == 0 else 1  # first-layer inputs are (p - 128) / 128
+    def __init__(self, st) -> None:
+        self.st, self.k, self.name, self.block = st, st.index, st.name, st.block
+        self.conv, self.flatten, self.pool, self.hidden = st.conv, st.flatten, st.pool, st.hidden
+        self.scale = st.scale
+        layer = st.layer
+        if self.conv and (layer.stride != (1, 1) or layer.groups != 1
+                          or layer.dilation != (1, 1)):
+            raise UnsupportedModel(
+                f"{st.name}: the sweep engines support stride 1, ungrouped convs only")
+        if layer.bias is not None:
+            raise UnsupportedModel(
+                f"{st.name}: binary layers with a bias are not supported by the engines")
         with torch.no_grad():
-            self.wb = torch.where(block.layer.weight.detach() >= 0, 1.0, -1.0).cpu()
+            self.wb = torch.where(layer.weight.detach() >= 0, 1.0, -1.0).cpu()
         if self.hidden:
-            self.folded = fold_threshold(block.bn, scale=self.scale)
+            self.folded = st.folded
 
 
 def _compile(model: nn.Module) -> list[_Stage]:
-    from .layers import BinaryLayer
+    """The sign engines' stages (:func:`bnn_tol.compiled.check_bnn`: sign weights and
+    activations)."""
+    from .compiled import check_bnn
 
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not len(blocks):
-        raise InvalidArgument(
-            f"sweep needs a bnn_tol BNN (with .blocks), got {type(model).__name__}")
-    names = {id(m): n for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
-    stages = []
-    for k, block in enumerate(blocks):
-        if not isinstance(getattr(block, "layer", None), BinaryLayer):
-            raise InvalidArgument(
-                f"block {k} has no binary layer; the model has no supported layout")
-        stages.append(_Stage(k, block, names[id(block.layer)]))
-    if stages[-1].hidden:
-        raise InvalidArgument("the last block must output class scores (binary_output=False)")
-    return stages
+    return [_Stage(st) for st in check_bnn(model, what="this sweep engine").stages]
 
 
 # -- int8 engine (fully connected models, CPU) -------------------------------------------------
@@ -228,7 +219,7 @@ class _Int8Net:
 
     def input(self, images: Tensor) -> Tensor:
         """uint8 ``(B, C, H, W)`` -> int8 ``q = p - 128`` neuron-major ``(C H W, B)``."""
-        q = (images.reshape(images.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
+        q = (images.reshape(images.shape[0], -1).to(torch.int16) - INPUT_SCALE).to(torch.int8)
         return q.t().contiguous().to(self.device)
 
     def run(self, h: Tensor, start: int, ws: list[Tensor], cs: list[Tensor]) -> Tensor:
@@ -247,7 +238,7 @@ class _Int8Net:
 
         with _serial():  # (B, n_classes): tiny
             a = r.t().contiguous().to(torch.float64)
-            a = a / 128.0 if k == 0 else 2.0 * a - c
+            a = a / float(INPUT_SCALE) if k == 0 else 2.0 * a - c
             return st.bn(a.to(torch.float32)).argmax(1)
 
 
@@ -638,14 +629,17 @@ def sweep(
     (nested across BERs, identical on every run/device), so any row can be replayed alone
     and gives exactly the same accuracy.
 
-    Engines (all exact: they reproduce ``model(x).argmax(1)`` of the faulty model bit for bit):
+    Engines (a registry, :func:`engines`; all exact: they reproduce ``model(x).argmax(1)`` of
+    the faulty model bit for bit). ``engine="auto"`` takes the first that supports the model:
 
-    * ``"int8"`` (auto for fully connected models on a CPU with VNNI, :func:`int8_is_fast`):
-      ``torch._int_mm`` int8 x int8 ->
-      int32 on ±1 weights, folded integer thresholds, bit-packed activations; the clean
-      prefix before the first faulty layer is computed once per data chunk.
-    * ``"fp32"`` (auto otherwise, also CUDA): ``maps_per_step`` maps batched through stacked
-      weights / ``bmm`` / grouped conv.
+    * ``"int8"`` (fully connected BNNs on a CPU with VNNI, :func:`int8_is_fast`):
+      ``torch._int_mm`` int8 x int8 -> int32 on +-1 weights, folded integer thresholds,
+      bit activations; the clean prefix before the first faulty layer is computed once.
+    * ``"fp32"`` (any BNN, also CUDA): ``maps_per_step`` maps batched through stacked weights /
+      ``bmm`` / grouped conv.
+    * ``"fixed"`` (any codec, e.g. m-bit fixed point, and ReLU or sign activations): flips the
+      stored bits in cached codes, decodes, and runs the model's own ops from the clean prefix
+      (:class:`FixedPointEngine`).
     * ``"reference"``: ``inject`` + :func:`accuracy` per map (needed for activation and
       threshold ``targets``).
 
@@ -697,13 +691,10 @@ def sweep(
         maps_per_step = require_int(maps_per_step, "maps_per_step", minimum=1, strict=True)
     if len(data) == 0:
         raise InvalidArgument("cannot evaluate on an empty dataset")
-    if engine not in ("auto", "int8", "fp32", "reference"):
-        raise InvalidArgument(f"engine must be auto, int8, fp32 or reference, got {engine!r}")
+    if engine != "auto" and engine not in _ENGINES:
+        raise InvalidArgument(f"engine must be auto or one of {', '.join(engines())}, "
+                              f"got {engine!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if set(targets) != {"weights"}:
-        if engine not in ("auto", "reference"):
-            raise InvalidArgument("activation/threshold targets need engine='reference'")
-        engine = "reference"
     if resume and out is None:
         raise InvalidArgument("resume=True needs out= (--out): the file to continue")
     dev = resolve_device(device)
@@ -776,45 +767,146 @@ def sweep(
     return df
 
 
-class _Runner:
-    """Evaluates lists of fault maps of one model at one BER with the chosen engine."""
+# -- engines: a registry ------------------------------------------------------------------------
 
-    def __init__(self, model, data, *, layers, device, engine, batch_size, maps_per_step,
+
+class _Engine:
+    """Base of the sweep engines. Every engine is exact: for each fault map it returns the
+    accuracy of ``model(x).argmax(1)`` of the faulty model, bit for bit.
+
+    Class attributes declare what an engine supports; :func:`_pick_engine` asks each registered
+    engine, in order of :attr:`rank` (fastest first), whether it supports a model and takes the
+    first one (``engine="auto"``).
+
+    Attributes:
+        name: the ``engine=`` value.
+        rank: order of preference for ``"auto"`` (lower first).
+        targets: fault targets it evaluates (``weights`` / ``activations`` / ``thresholds``).
+    """
+
+    name = ""
+    rank = 100
+    targets: frozenset = frozenset({"weights"})
+
+    @classmethod
+    def unsupported(cls, cm, device: torch.device, targets: tuple) -> str | None:
+        """Why this engine cannot evaluate the compiled model ``cm`` (``None``: it can)."""
+        if not set(targets) <= cls.targets:
+            return f"it evaluates {sorted(cls.targets)} errors only"
+        return None
+
+    @classmethod
+    def preferred(cls, cm, device: torch.device) -> bool:
+        """Whether ``"auto"`` should pick it when supported (e.g. int8 only with VNNI)."""
+        return True
+
+    def __init__(self, model, data, *, layers, device, batch_size, maps_per_step,
                  targets) -> None:
         from .errors import select_layers
 
         self.model, self.data, self.layers, self.device = model, data, layers, device
-        self.targets = targets
-        self.labels = data.labels
-        if engine == "reference":
-            self.engine = "reference"
-            self.batch_size = batch_size or 2048
-            return
+        self.targets, self.labels = targets, data.labels
+        self.chosen = select_layers(model, layers)
+        self.batch_size = batch_size or 2048
+        self.g = maps_per_step or 1
+        self._clean: float | None = None
+
+    def clean_accuracy(self) -> float:
+        """Accuracy without errors (cached)."""
+        if self._clean is None:
+            self._clean = self.evaluate([{}])[0]
+        return self._clean
+
+    def flips(self, fmap: dict, p01: float, p10: float) -> dict:
+        """``{stage/layer key: flat stored-bit indices}`` of map ``fmap`` at ``(p01, p10)``."""
+        raise NotImplementedError
+
+    def evaluate(self, flips: list[dict]) -> list[float]:
+        """Accuracies of the given flip sets (``[{}]``: clean)."""
+        raise NotImplementedError
+
+    def accuracies(self, maps, seeds, p01, p10, bar) -> list[float]:
+        """Accuracies of fault maps ``maps`` (or seeds, for engines that draw them) at one BER;
+        maps that flip nothing reuse the clean accuracy."""
+        flips = [self.flips(fm, p01, p10) for fm in maps]
+        results: list[float | None] = [None] * len(flips)
+        todo = []
+        for i, f in enumerate(flips):
+            if all(v.numel() == 0 for v in f.values()):
+                results[i] = self.clean_accuracy()
+                bar.update(1)
+            else:
+                todo.append(i)
+        for j in range(0, len(todo), self.g):
+            grp = todo[j: j + self.g]
+            for i, a in zip(grp, self.evaluate([flips[i] for i in grp]), strict=True):
+                results[i] = a
+            bar.update(len(grp))
+        return results  # type: ignore[return-value]
+
+
+_ENGINES: dict[str, type[_Engine]] = {}
+
+
+def register_engine(cls: type[_Engine]) -> type[_Engine]:
+    """Class decorator adding a sweep engine to the registry under ``cls.name``."""
+    _ENGINES[cls.name] = cls
+    return cls
+
+
+def engines() -> list[str]:
+    """Names of the registered engines, in ``"auto"`` preference order."""
+    return [c.name for c in sorted(_ENGINES.values(), key=lambda c: c.rank)]
+
+
+def _pick_engine(model, device: torch.device, engine: str, targets: tuple) -> type[_Engine]:
+    """The named engine (refused with the reason when it cannot), or for ``"auto"`` the first
+    supported and preferred engine in rank order."""
+    from .compiled import compile_model
+
+    if engine != "auto" and engine not in _ENGINES:
+        raise InvalidArgument(f"engine must be auto or one of {', '.join(engines())}, "
+                              f"got {engine!r}")
+    try:
+        cm = compile_model(model)
+    except UnsupportedModel:
+        cm = None  # not a block model: only the reference engine (inject + forward) applies
+    if engine != "auto":
+        cls = _ENGINES[engine]
+        why = cls.unsupported(cm, device, targets)
+        if why:
+            raise UnsupportedModel(f"engine={engine!r} cannot evaluate this model: {why}")
+        return cls
+    for cls in sorted(_ENGINES.values(), key=lambda c: c.rank):
+        if cls.unsupported(cm, device, targets) is None and cls.preferred(cm, device):
+            return cls
+    raise UnsupportedModel("no sweep engine supports this model")  # reference supports all
+
+
+class _SignEngine(_Engine):
+    """Shared plumbing of the +-1 engines: compiled stages, clean prefix per data chunk."""
+
+    @classmethod
+    def unsupported(cls, cm, device, targets):  # noqa: D102
+        why = super().unsupported(cm, device, targets)
+        if why:
+            return why
+        if cm is None:
+            return "it needs a bnn_tol block model (.blocks)"
+        if not cm.is_bnn:
+            return "it needs sign (1-bit) weights and sign activations; use 'fixed' or 'reference'"
+        return None
+
+    def __init__(self, model, data, **kw) -> None:
+        super().__init__(model, data, **kw)
         self.stages = _compile(model)
         for st in self.stages:  # the output BatchNorm where the engine computes (eval mode)
-            st.bn = copy.deepcopy(st.block.bn).to(device).eval()
-        chosen = select_layers(model, layers)
-        self.faulty = [k for k, st in enumerate(self.stages) if st.name in chosen]
-        all_linear = not any(st.conv for st in self.stages)
-        if engine == "auto":
-            engine = "int8" if all_linear and _int8_ok(device) and int8_is_fast() else "fp32"
-        if engine == "int8" and not (all_linear and _int8_ok(device)):
-            raise InvalidArgument("engine='int8' needs an all-linear model (fc) on CPU; use 'fp32'")
-        self.engine = engine
+            st.bn = copy.deepcopy(st.block.bn).to(self.device).eval()
+        self.faulty = [k for k, st in enumerate(self.stages) if st.name in self.chosen]
         # first stage that differs between maps (the last one if no layer is faulty)
         self.start = min(self.faulty[0] if self.faulty else len(self.stages),
                          len(self.stages) - 1)
-        width = self._max_width()
-        self.g = maps_per_step or (1 if engine == "int8" else 8)
-        per_sample = width * (5 if engine == "int8" else 12 * self.g)
-        self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET // per_sample))
         self._prefix: list[tuple[Tensor, Tensor]] | None = None
-        self._clean: float | None = None
-        if engine == "int8":
-            self.net = _Int8Net(self.stages, device)
-            self._clean_wc = self.net.clean()
-        else:
-            self.w_dev = [st.wb.to(device) for st in self.stages]
 
     def _max_width(self) -> int:
         x = torch.zeros(1, *self.data.shape)
@@ -825,75 +917,97 @@ class _Runner:
                 widths.append(x.numel())
         return max(widths)
 
+    def flips(self, fmap, p01, p10):  # noqa: D102
+        return {k: fmap[self.stages[k].name].flips(self.stages[k].wb, p01, p10)
+                for k in self.faulty}
+
+    def _input(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _prefix_of(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def _chunks(self):
         """Clean prefix (input of the first faulty stage) per data chunk, computed once."""
         if self._prefix is None:
             self._prefix = []
             imgs, labels = self.data.images, self.data.labels
             for i in range(0, len(self.data), self.batch_size):
-                im = imgs[i: i + self.batch_size]
-                y = labels[i: i + self.batch_size]
-                if self.engine == "int8":
-                    h = self.net.input(im)
-                    ws, cs = self.net.clean()
-                    for k in range(self.start):
-                        h = self.net.step(k, h, ws[k], cs[k])
-                else:
-                    h = (im.to(self.device, torch.float32) - 128.0) / 128.0
-                    if self.start > 0:
-                        h = _fp32_prefix(self.stages, h, self.w_dev, self.start)
-                self._prefix.append((h, y.to(self.device)))
+                h = self._prefix_of(self._input(imgs[i: i + self.batch_size]))
+                self._prefix.append((h, labels[i: i + self.batch_size].to(self.device)))
         return self._prefix
 
-    def _clean_accuracy(self) -> float:
-        if self._clean is None:
-            self._clean = accuracy(self.model, self.data, batch_size=2048) \
-                if self.engine == "reference" else self._eval_group([{}])[0]
-        return self._clean
 
-    def accuracies(self, maps, seeds, p01, p10, bar) -> list[float]:
-        from .errors import inject
+@register_engine
+class Int8Engine(_SignEngine):
+    """``torch._int_mm`` int8 x int8 -> int32 on +-1 weights, folded integer thresholds, bits
+    as activations (fully connected BNNs on CPU; ``"auto"`` only with VNNI/AMX)."""
 
-        if self.engine == "reference":
-            out = []
-            for s in seeds:
-                with inject(self.model, (p01, p10), seed=s, layers=self.layers,
-                            targets=self.targets):
-                    out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
-                bar.update(1)
-            return out
-        flips = []
-        for fm in maps:
-            f = {k: fm[self.stages[k].name].flips(self.stages[k].wb, p01, p10)
-                 for k in self.faulty}
-            flips.append(f)
-        results: list[float | None] = [None] * len(flips)
-        todo = []
-        for i, f in enumerate(flips):
-            if all(v.numel() == 0 for v in f.values()):
-                results[i] = self._clean_accuracy()
-                bar.update(1)
-            else:
-                todo.append(i)
-        for j in range(0, len(todo), self.g):
-            grp = todo[j: j + self.g]
-            for i, a in zip(grp, self._eval_group([flips[i] for i in grp]), strict=True):
-                results[i] = a
-            bar.update(len(grp))
-        return results  # type: ignore[return-value]
+    name, rank = "int8", 0
 
-    def _eval_group(self, flips: list[dict[int, Tensor]]) -> list[float]:
+    @classmethod
+    def unsupported(cls, cm, device, targets):  # noqa: D102
+        why = super().unsupported(cm, device, targets)
+        if why:
+            return why
+        if not (cm.all_linear and _int8_ok(device)):
+            return "it needs an all-linear model (fc) on CPU; use 'fp32'"
+        return None
+
+    @classmethod
+    def preferred(cls, cm, device):  # noqa: D102
+        return int8_is_fast()
+
+    def __init__(self, model, data, *, batch_size, maps_per_step, **kw) -> None:
+        super().__init__(model, data, batch_size=batch_size, maps_per_step=1, **kw)
+        self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET //
+                                                    (self._max_width() * 5)))
+        self.net = _Int8Net(self.stages, self.device)
+        self._clean_wc = self.net.clean()
+
+    def _input(self, images):  # noqa: D102
+        return self.net.input(images)
+
+    def _prefix_of(self, h):  # noqa: D102
+        ws, cs = self.net.clean()
+        for k in range(self.start):
+            h = self.net.step(k, h, ws[k], cs[k])
+        return h
+
+    def evaluate(self, flips):  # noqa: D102
+        n, out = len(self.data), []
+        for f in flips:
+            ws, cs = self.net.unit_weights(f, self._clean_wc)
+            correct = 0
+            for h, y in self._chunks():
+                pred = self.net.run(h, self.start, ws, cs)
+                correct += int((pred.to(y.device) == y).sum())
+            out.append(correct / n)
+        return out
+
+
+@register_engine
+class Fp32Engine(_SignEngine):
+    """``maps_per_step`` maps batched through stacked +-1 weights / ``bmm`` / grouped conv,
+    pre-activations rounded to their exact integers (any BNN, CPU or CUDA)."""
+
+    name, rank = "fp32", 1
+
+    def __init__(self, model, data, *, batch_size, maps_per_step, **kw) -> None:
+        super().__init__(model, data, batch_size=batch_size, maps_per_step=maps_per_step or 8,
+                         **kw)
+        self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET //
+                                                    (self._max_width() * 12 * self.g)))
+        self.w_dev = [st.wb.to(self.device) for st in self.stages]
+
+    def _input(self, images):  # noqa: D102
+        return to_float(images.to(self.device))
+
+    def _prefix_of(self, h):  # noqa: D102
+        return _fp32_prefix(self.stages, h, self.w_dev, self.start) if self.start > 0 else h
+
+    def evaluate(self, flips):  # noqa: D102
         n = len(self.data)
-        if self.engine == "int8":
-            out = []
-            for f in flips:
-                ws, cs = self.net.unit_weights(f, self._clean_wc)
-                correct = 0
-                for h, y in self._chunks():
-                    pred = self.net.run(h, self.start, ws, cs)
-                    correct += int((pred.to(y.device) == y).sum())
-                out.append(correct / n)
-            return out
         ws = list(self.w_dev)
         for k in self.faulty:
             w = self.stages[k].wb.expand(len(flips), *self.stages[k].wb.shape).clone()
@@ -909,6 +1023,182 @@ class _Runner:
             pred = pred if pred.dim() == 2 else pred.expand(len(flips), -1)
             correct += (pred == y[None, :]).sum(1)
         return [int(c) / n for c in correct.cpu()]
+
+
+@register_engine
+class FixedPointEngine(_Engine):
+    """Exact engine for any codec (m-bit fixed point or sign), any activation, CPU or CUDA.
+
+    Per map it flips the stored bits in a cached copy of the codes (``code_j ^= 2^b`` for each
+    flipped bit ``i = j m + b``), decodes the layer (``numel`` work, nothing like a forward
+    pass), and runs the model's own ops -- ``F.linear``/conv, ``block.post`` (BN, activation,
+    pool) -- on the same batches as :func:`accuracy`, from the clean output of the last
+    error-free block (computed once per chunk). Same ops on the same shapes as the naive loop
+    (deepcopy, flip, decode, ``model(x)``), so the predictions are the same bit for bit,
+    without the copy and the clean prefix.
+    """
+
+    name, rank = "fixed", 2
+
+    @classmethod
+    def unsupported(cls, cm, device, targets):  # noqa: D102
+        why = super().unsupported(cm, device, targets)
+        if why:
+            return why
+        return "it needs a bnn_tol block model (.blocks)" if cm is None else None
+
+    def __init__(self, model, data, **kw) -> None:
+        from .compiled import compile_model
+
+        super().__init__(model, data, **kw)
+        self.cm = compile_model(model)
+        self.faulty = [s.index for s in self.cm.stages if s.name in self.chosen]
+        self.start = self.faulty[0] if self.faulty else len(self.cm.stages)
+        self.codes, self.clean_w, self.stored = {}, {}, {}
+        with torch.no_grad():
+            for s in self.cm.stages:
+                codes = s.codec.encode(s.layer.weight.detach())
+                self.codes[s.index] = codes
+                self.clean_w[s.index] = s.codec.decode(codes).to(s.layer.weight.dtype)
+                if s.index in self.faulty:  # the memory image in the +-1 convention of errors
+                    self.stored[s.index] = s.codec.to_bits(codes).to(torch.float32) * 2 - 1
+        self._prefix: list[tuple[Tensor, Tensor]] | None = None
+
+    def flips(self, fmap, p01, p10):  # noqa: D102
+        return {k: fmap[self.cm.stages[k].name].flips(self.stored[k], p01, p10)
+                for k in self.faulty}
+
+    def _weights(self, k: int, idx: Tensor | None) -> Tensor:
+        s = self.cm.stages[k]
+        if idx is None or idx.numel() == 0:
+            return self.clean_w[k]
+        m = s.bits_per_weight
+        codes = self.codes[k].clone()
+        flat = codes.view(-1)
+        j = torch.div(idx, m, rounding_mode="floor")
+        mask = torch.zeros_like(flat).index_add_(0, j, 1 << (idx % m))
+        flat ^= mask
+        return s.codec.decode(codes).to(s.layer.weight.dtype)
+
+    def _block(self, k: int, x: Tensor, w: Tensor) -> Tensor:
+        s = self.cm.stages[k]
+        if s.flatten:
+            x = x.flatten(1)
+        w = w.to(x.device)
+        a = s.layer._conv_forward(x, w, s.layer.bias) if s.conv else F.linear(x, w, s.layer.bias)
+        return s.block.post(a)
+
+    def _chunks(self):
+        if self._prefix is None:
+            self._prefix = []
+            with torch.no_grad(), eval_mode(self.model):
+                for x, y in self.data.batches(self.batch_size, device=self.device):
+                    if x.dim() == 2 and len(self.model.in_shape) == 3:
+                        x = x.view(-1, *self.model.in_shape)
+                    for k in range(self.start):
+                        x = self._block(k, x, self.clean_w[k])
+                    self._prefix.append((x, y))
+        return self._prefix
+
+    def evaluate(self, flips):  # noqa: D102
+        n, out = len(self.data), []
+        with torch.no_grad(), eval_mode(self.model):
+            for f in flips:
+                ws = {k: self._weights(k, f.get(k)) for k in range(len(self.cm.stages))}
+                correct = 0
+                for x, y in self._chunks():
+                    for k in range(self.start, len(self.cm.stages)):
+                        x = self._block(k, x, ws[k])
+                    correct += int((x.argmax(1) == y).sum())
+                out.append(correct / n)
+        return out
+
+
+@register_engine
+class ReferenceEngine(_Engine):
+    """``errors.inject`` + :func:`accuracy` per map: any model, every target."""
+
+    name, rank = "reference", 9
+    targets = frozenset({"weights", "activations", "thresholds"})
+
+    def accuracies(self, maps, seeds, p01, p10, bar):  # noqa: D102
+        from .errors import inject
+
+        out = []
+        for s in seeds:
+            with inject(self.model, (p01, p10), seed=s, layers=self.layers,
+                        targets=self.targets):
+                out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
+            bar.update(1)
+        return out
+
+    def flips(self, fmap, p01, p10):  # noqa: D102
+        return {}
+
+    def evaluate(self, flips):  # noqa: D102
+        from .profile import accuracy_with_flips
+
+        return [accuracy_with_flips(self.model, self.data,
+                                    {n: f for n, f in fl.items()}, batch_size=self.batch_size)
+                for fl in flips]
+
+
+class _Runner:
+    """Evaluates lists of fault maps of one model at one BER with the picked engine."""
+
+    def __init__(self, model, data, *, layers, device, engine, batch_size, maps_per_step,
+                 targets) -> None:
+        cls = _pick_engine(model, device, engine, tuple(targets))
+        self.impl = cls(model, data, layers=layers, device=device, batch_size=batch_size,
+                        maps_per_step=maps_per_step, targets=tuple(targets))
+        self.engine = cls.name
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["impl"], name)
+
+    def accuracies(self, maps, seeds, p01, p10, bar) -> list[float]:
+        """Accuracies of the maps at ``(p01, p10)`` (updates ``bar`` per map)."""
+        return self.impl.accuracies(maps, seeds, p01, p10, bar)
+
+    def _eval_group(self, flips: list[dict]) -> list[float]:
+        return self.impl.evaluate(flips)
+
+
+def accuracy_under_flips(model: nn.Module, data: BNNDataset, flip_sets: list[dict], *,
+                         engine: str = "auto", device: str | torch.device = "auto",
+                         batch_size: int | None = None) -> list[float]:
+    """Accuracy with explicit stored-bit flips, one value per flip set.
+
+    Args:
+        flip_sets: ``[{layer name: int64 flat indices into layer.stored_bits()}, ...]``.
+        engine: as :func:`sweep` (``"auto"``: the fastest exact engine for the model).
+
+    Raises:
+        InvalidArgument: an unknown layer name or an index outside a layer's memory image.
+    """
+    dev = resolve_device(device)
+    batch_size = _check_batch_size(batch_size, optional=True)
+    runner = _Runner(model, data, layers=None, device=dev, engine=engine,
+                     batch_size=batch_size, maps_per_step=None, targets=("weights",))
+    impl = runner.impl
+    from .compiled import compile_model, stored_layers
+
+    layers = stored_layers(model)
+    by_block = isinstance(impl, _SignEngine | FixedPointEngine)
+    index = {s.name: s.index for s in compile_model(model).stages} if by_block else {}
+    converted = []
+    for fs in flip_sets:
+        conv = {}
+        for name, idx in fs.items():
+            if name not in layers:
+                raise InvalidArgument(f"unknown layer {name!r}; layers: {', '.join(layers)}")
+            idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+            n_bits = layers[name].n_stored_bits
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_bits):
+                raise InvalidArgument(f"{name}: a flip index is outside its {n_bits} stored bits")
+            conv[index[name] if by_block else name] = idx
+        converted.append(conv)
+    return impl.evaluate(converted)
 
 
 def _cpu_block(block: nn.Module, x: Tensor) -> Tensor:

@@ -6,13 +6,15 @@ Private: the public functions live in :mod:`.margin`, :mod:`.importance`, :mod:`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..compiled import (
+    check_bnn,
+    eval_mode,  # noqa: F401 -- re-exported for the metrics modules
+)
 from ..data import BNNDataset
 from ..exceptions import InvalidArgument
 from ..layers import BinaryConv2d, BinaryLinear, FoldedThreshold, bn_threshold, fold_threshold
@@ -51,25 +53,13 @@ class LayerInfo:
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The blocks of a :class:`~bnn_tol.models.BNN`, validated.
+    """The blocks of a BNN, validated by :func:`bnn_tol.compiled.check_bnn` (sign weights and
+    activations, BatchNorm with running statistics after every layer).
 
     Raises:
-        TypeError: ``model`` has no ``blocks`` of ``BinaryBlock`` shape (``layer``, ``bn``,
-            ``preact``, ``post``).
+        UnsupportedModel: naming the first block that does not fit, and why.
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise TypeError(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build it with "
-                        "bnn_tol.models.build or BNN([BinaryBlock(...), ...])")
-    for k, b in enumerate(blocks):
-        for attr in ("layer", "bn", "preact", "post"):
-            if not hasattr(b, attr):
-                raise TypeError(f"blocks.{k} ({type(b).__name__}) has no .{attr}; metrics need "
-                                "BinaryBlock-shaped blocks")
-        if not isinstance(b.layer, BinaryLinear | BinaryConv2d):
-            raise TypeError(f"blocks.{k}.layer is {type(b.layer).__name__}, not a BinaryLinear "
-                            "or BinaryConv2d")
-    return list(blocks)
+    return [s.block for s in check_bnn(model, what="the tolerance metrics").stages]
 
 
 def layer_names(model: nn.Module) -> dict[int, str]:
@@ -78,35 +68,22 @@ def layer_names(model: nn.Module) -> dict[int, str]:
 
 
 def hidden_layers(model: nn.Module) -> list[LayerInfo]:
-    """:class:`LayerInfo` of every hidden block (all blocks but the last).
+    """:class:`LayerInfo` of every hidden block (all blocks but the last), from the compiled
+    view (:mod:`bnn_tol.compiled`).
 
     Raises:
-        ValueError: naming the layer, when a hidden binary layer is not followed by a
-            BatchNorm with running statistics, or its block has no sign.
+        UnsupportedModel: see :func:`blocks_of`.
     """
-    blocks = blocks_of(model)
-    names = layer_names(model)
     out = []
-    for k, b in enumerate(blocks[:-1]):
-        name = names.get(id(b.layer), f"blocks.{k}.layer")
-        if not isinstance(b.bn, nn.modules.batchnorm._BatchNorm):
-            raise InvalidArgument(f"{name}: binary layer is not followed by BatchNorm (found "
-                             f"{type(b.bn).__name__}); the neuron threshold tau comes from the "
-                             "BN running statistics -- build the block with nn.BatchNorm1d/2d")
-        if b.bn.running_mean is None:
-            raise InvalidArgument(f"{name}: its BatchNorm has no running statistics "
-                             "(track_running_stats=False); the threshold is undefined")
-        if not getattr(b, "binary_output", True):
-            raise InvalidArgument(
-                f"{name}: hidden block {k} has binary_output=False; only the last "
-                             "block may output real values")
-        thr = bn_threshold(b.bn)
-        bn = b.bn
+    for s in check_bnn(model, what="the tolerance metrics").stages:
+        if not s.hidden:
+            continue
+        bn = s.block.bn
+        thr = bn_threshold(bn)
         gamma = (bn.weight.detach().double().cpu() if bn.weight is not None
                  else torch.ones(bn.num_features, dtype=torch.float64))
         scale = gamma.abs() / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps)
-        out.append(LayerInfo(k, name, b, "first" if k == 0 else "hidden",
-                             isinstance(b.layer, BinaryConv2d), int(b.layer.fan_in), thr.tau,
+        out.append(LayerInfo(s.index, s.name, s.block, s.kind, s.conv, s.fan_in, thr.tau,
                              thr.direction, scale, fold_threshold(bn)))
     return out
 
@@ -144,19 +121,6 @@ def check_data(model: nn.Module, data: BNNDataset) -> None:
 def device_of(model: nn.Module) -> torch.device:
     """Device of the model's first parameter."""
     return next(model.parameters()).device
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block; afterwards restore every submodule's own
-    ``training`` flag (a model with mixed train/eval submodules comes back unchanged)."""
-    was = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for mod, flag in was:
-            mod.training = flag
 
 
 def run_block(fn, x: Tensor, name: str) -> Tensor:

@@ -1,0 +1,131 @@
+"""The engine registry and the exact m-bit engine (issue 11)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bnn_tol import errors, evaluate, models
+from bnn_tol.compiled import UnsupportedModel, check_bnn, compile_model
+from bnn_tol.data import BNNDataset
+from bnn_tol.profile import accuracy_with_flips
+
+
+def _data(n=300, shape=(1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return BNNDataset(torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 10, (n,), generator=g), name="synthetic")
+
+
+def _trained_like(model, seed=0):
+    """Random BN statistics so that errors change predictions."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.bn.running_mean.normal_(0, 0.5, generator=g)
+            b.bn.running_var.uniform_(0.5, 2.0, generator=g)
+    return model.eval()
+
+
+def _naive(model, data, ber, seed):
+    """Deepcopy, flip the stored bits of map ``seed``, decode, plain ``model(x)``."""
+    fmaps = errors.draw_maps(model, seed, max(errors.rates(ber)))
+    p01, p10 = errors.rates(ber)
+    bad = copy.deepcopy(model)
+    for name, layer in bad.binary_layers().items():
+        c = layer.codec
+        bits = c.to_bits(c.encode(layer.weight.detach()))
+        idx = fmaps[name].flips(bits.float() * 2 - 1, p01, p10)
+        bits[idx] ^= 1
+        w = c.decode(c.from_bits(bits, layer.weight.shape))
+        layer.deployed_weight = lambda w=w: w  # the layer computes with the decoded image
+        if c.is_sign:
+            layer.binary_weight = lambda w=w: w
+    return evaluate.accuracy(bad, data)
+
+
+CASES = [
+    ("fc", {"hidden": (32, 24)}, 4, "symmetric", "layer"),
+    ("fc", {"hidden": (32, 24)}, 8, "asymmetric", "channel"),
+    ("vgg3", {"channels": ((4,), (6,)), "fc_width": 16}, 4, "asymmetric", "layer"),
+    ("vgg3", {"channels": ((4,), (6,)), "fc_width": 16}, 8, "symmetric", "channel"),
+]
+
+
+@pytest.mark.parametrize(("arch", "kw", "bits", "quant", "gran"), CASES)
+def test_m_bit_sweep_rows_equal_the_naive_loop_and_replay_alone(arch, kw, bits, quant, gran):
+    model = _trained_like(models.build(arch, in_shape=(1, 8, 8), weight_bits=bits, quant=quant,
+                                       granularity=gran, seed=1, **kw))
+    data = _data()
+    bers = [0.0, 0.01, (0.005, 0.03)]
+    df = evaluate.sweep({"q": model}, data, bers=bers, n_maps=3, seed=2, progress=False)
+    assert evaluate._pick_engine(model, torch.device("cpu"), "auto", ("weights",)).name == "fixed"
+    changed = 0
+    for r in df.itertuples():
+        ber = (r.p01, r.p10)
+        assert r.accuracy == _naive(model, data, ber, r.seed)
+        with errors.inject(model, ber, seed=r.seed):
+            assert r.accuracy == evaluate.accuracy(model, data)
+        changed += r.accuracy != df.accuracy.iloc[0]
+    assert changed > 0  # the errors matter: the test can fail
+
+
+def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch):
+    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
+    cpu = torch.device("cpu")
+    bnn = models.build("fc", hidden=(8,), in_shape=(1, 4, 4))
+    q = models.build("fc", hidden=(8,), in_shape=(1, 4, 4), weight_bits=4)
+    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "fp32"
+    assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
+    assert evaluate._pick_engine(bnn, cpu, "auto", ("activations",)).name == "reference"
+    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: True)
+    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "int8"
+    assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
+    with pytest.raises(UnsupportedModel, match="sign .1-bit. weights"):
+        evaluate._pick_engine(q, cpu, "fp32", ("weights",))
+    with pytest.raises(UnsupportedModel, match="evaluates"):
+        evaluate._pick_engine(bnn, cpu, "int8", ("thresholds",))
+    assert evaluate.engines() == ["int8", "fp32", "fixed", "reference"]
+
+
+def test_fixed_engine_on_a_bnn_equals_the_sign_engines():
+    model = _trained_like(models.build("vgg3", channels=((4,), (4,)), fc_width=16,
+                                       in_shape=(1, 8, 8), seed=3))
+    data = _data(200)
+    kw = {"bers": [0.02, 0.1], "n_maps": 3, "seed": 1, "progress": False}
+    a = evaluate.sweep(model, data, engine="fixed", **kw)
+    b = evaluate.sweep(model, data, engine="fp32", **kw)
+    assert a["accuracy"].tolist() == b["accuracy"].tolist()
+
+
+def test_accuracy_under_flips_matches_every_path():
+    for bits in (1, 4):
+        model = _trained_like(models.build("fc", hidden=(16,), in_shape=(1, 8, 8),
+                                           weight_bits=bits, seed=4))
+        data = _data(200)
+        layers = model.binary_layers()
+        g = torch.Generator().manual_seed(0)
+        sets = [{n: torch.randperm(lay.n_stored_bits, generator=g)[:40]
+                 for n, lay in layers.items()} for _ in range(3)]
+        got = evaluate.accuracy_under_flips(model, data, sets)
+        ref = evaluate.accuracy_under_flips(model, data, sets, engine="reference")
+        assert got == ref == [accuracy_with_flips(model, data, s) for s in sets]
+        with pytest.raises(ValueError, match="outside"):
+            evaluate.accuracy_under_flips(model, data, [{"blocks.0.layer": [10**7]}])
+
+
+def test_compiled_view_owns_the_block_facts():
+    model = models.build("vgg3", channels=((4,), (6,)), fc_width=16, in_shape=(1, 8, 8),
+                         weight_bits=4)
+    cm = compile_model(model)
+    assert [s.kind for s in cm.stages] == ["first", "hidden", "hidden", "output"]
+    assert [s.scale for s in cm.stages] == [128, 1, 1, 1]
+    assert [s.position for s in cm.stages] == [0, 1, 2, 3]
+    assert cm.stages[0].fan_in == 9 and cm.stages[0].conv and not cm.stages[2].conv
+    assert cm.memory_bits == models.memory_bits(model) and not cm.is_bnn
+    with pytest.raises(UnsupportedModel, match="margin needs sign"):
+        check_bnn(model, what="margin")
+    with pytest.raises(UnsupportedModel, match="not a bnn_tol BNN"):
+        compile_model(torch.nn.Linear(2, 2))
