@@ -88,7 +88,11 @@ def accuracy(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> f
 # BER sweeps
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = ["model", "ber", "p01", "p10", "map", "seed", "accuracy", "rerr"]
+COLUMNS = ["model", "ber", "p01", "p10", "map", "seed", "accuracy", "rerr", "bits_per_weight",
+           "memory_bits"]
+#: Columns of sweep files written before codecs (still readable; ``bits_per_weight`` and
+#: ``memory_bits`` are NaN / -1 there).
+OLD_COLUMNS = COLUMNS[:8]
 
 #: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
 MEMORY_BUDGET = 2**28
@@ -320,6 +324,17 @@ def _ber_list(bers) -> list[tuple[float, float]]:
     return out
 
 
+def _storage(model: nn.Module) -> dict:
+    """``bits_per_weight`` (stored bits / weights of all stored layers: ``m`` when uniform)
+    and ``memory_bits`` of a model: the columns that make equal-memory comparisons a groupby."""
+    from .compiled import stored_layers
+
+    layers = stored_layers(model).values()
+    bits = sum(lay.n_stored_bits for lay in layers)
+    weights = sum(lay.weight.numel() for lay in layers)
+    return {"bits_per_weight": bits / weights if weights else math.nan, "memory_bits": bits}
+
+
 def _ber_value(p01: float, p10: float) -> float:
     return p01 if p01 == p10 else 0.5 * (p01 + p10)
 
@@ -330,8 +345,10 @@ def _ber_value(p01: float, p10: float) -> float:
 META_SUFFIX = ".meta.json"
 _META_FORMAT = "bnn_tol.sweep"
 _HEADER = ",".join(COLUMNS)
-_FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr")
-_INT_COLS = ("map", "seed")
+_OLD_HEADER = ",".join(OLD_COLUMNS)
+_FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr", "bits_per_weight")
+_INT_COLS = ("map", "seed", "memory_bits")
+_UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
 _KEY = ["model", "p01", "p10", "map", "seed"]
 
 
@@ -457,13 +474,14 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
         raise bad("is empty: not a sweep CSV")
     lines = text.split("\n")
     first = lines[0].rstrip("\r")
-    if first != _HEADER:
+    if first not in (_HEADER, _OLD_HEADER):
         raise bad(f"is not a sweep CSV: its header is {first[:100]!r}, expected {_HEADER!r}")
+    header = first
     if lines[-1] != "":
         raise bad("ends in a partial line (an interrupted sweep): continue it with --resume "
                   "(resume=True) before reading it")
     for n, line in enumerate(lines[1:-1], start=2):
-        if line.rstrip("\r") == _HEADER:
+        if line.rstrip("\r") in (_HEADER, _OLD_HEADER):
             raise bad(f"has a second header at line {n} (two sweeps wrote into it)")
     try:
         df = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False)
@@ -478,13 +496,16 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
                 x = cast(v)
             except (TypeError, ValueError):
                 raise bad(f"line {n}: {col}={v!r} is not a number") from None
-            if cast is float and not (math.isfinite(x) and (col == "ber" or 0.0 <= x <= 1.0)):
+            if cast is float and not (math.isfinite(x) and (col in _UNBOUNDED or 0.0 <= x <= 1.0)):
                 raise bad(f"line {n}: {col}={v!r} is out of range")
             out.append(x)
         return out
 
     res = pd.DataFrame({"model": df["model"].astype(str)})
     for col in COLUMNS[1:]:
+        if header == _OLD_HEADER and col not in OLD_COLUMNS:  # written before codecs
+            res[col] = -1 if col in _INT_COLS else math.nan
+            continue
         res[col] = convert(col, int if col in _INT_COLS else float)
     res = res.astype({c: "int64" for c in _INT_COLS} | {c: "float64" for c in _FLOAT_COLS})
     dup = res.duplicated(_KEY)
@@ -498,9 +519,10 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
 def read_sweep(path) -> pd.DataFrame:
     """Read and validate a sweep CSV written by :func:`sweep` (``out=``).
 
-    Accepts only a complete file: the exact header ``model,ber,p01,p10,map,seed,accuracy,rerr``
-    once, every row complete and newline-terminated, numeric columns finite (rates and accuracies
-    in [0, 1], ``map``/``seed`` integers), no key ``(model, p01, p10, map, seed)`` twice.
+    Accepts only a complete file: the exact header (:data:`COLUMNS`, or :data:`OLD_COLUMNS` of
+    files written before codecs) once, every row complete and newline-terminated, numeric
+    columns finite (rates and accuracies in [0, 1], ``map``/``seed``/``memory_bits``
+    integers), no key ``(model, p01, p10, map, seed)`` twice.
 
     Returns:
         One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``seed`` int64).
@@ -547,6 +569,10 @@ class _SweepFile:
         old = _read_meta(self.path)
         with open(self.path, "rb") as fh:
             raw = fh.read()
+        if raw.split(b"\n", 1)[0].rstrip(b"\r") == _OLD_HEADER.encode():
+            raise ResultsMismatch(f"{self.path} was written by an older bnn_tol (no "
+                                  "bits_per_weight/memory_bits columns); it was left untouched, "
+                                  "use another --out (read_sweep still reads it)")
         if raw.split(b"\n", 1)[0].rstrip(b"\r") != _HEADER.encode():
             raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
                                   "first line is not the sweep header; it was left untouched, "
@@ -662,9 +688,11 @@ def sweep(
             (BERs, maps and models may be added); a torn last line is cut off first.
 
     Returns:
-        One row per (model, BER, map): ``model, ber, p01, p10, map, seed, accuracy, rerr``
-        (``ber = p`` for symmetric rates, ``(p01 + p10) / 2`` otherwise; ``rerr = 1 -
-        accuracy``). With ``out`` the returned frame holds the file's rows of this sweep too.
+        One row per (model, BER, map): ``model, ber, p01, p10, map, seed, accuracy, rerr,
+        bits_per_weight, memory_bits`` (``ber = p`` for symmetric rates, ``(p01 + p10) / 2``
+        otherwise; ``rerr = 1 - accuracy``; ``memory_bits`` the model's stored weight bits,
+        ``bits_per_weight`` those per weight). With ``out`` the returned frame holds the
+        file's rows of this sweep too.
 
     Raises:
         InvalidArgument: BER outside [0, 1], empty ``bers``, unknown layers, models without
@@ -731,6 +759,7 @@ def sweep(
                       tuple(select_layers(model, layers)))
             if layout != map_layout:
                 maps, map_layout = {}, layout
+            storage = _storage(model)
             for p01, p10 in ber_list:
                 todo = [m for m in range(n_maps)
                         if (str(label), p01, p10, m, seeds[m]) not in done]
@@ -742,7 +771,7 @@ def sweep(
                                          p01, p10, bar)
                 rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
                          "p10": p10, "map": m, "seed": seeds[m], "accuracy": a,
-                         "rerr": 1.0 - a} for m, a in zip(todo, accs, strict=True)]
+                         "rerr": 1.0 - a, **storage} for m, a in zip(todo, accs, strict=True)]
                 if file is not None and rows:
                     file.append(rows)
                 rows_all += rows
@@ -764,6 +793,7 @@ def sweep(
     df = df.sort_values(["_m", "_b", "map"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
     df["map"] = df["map"].astype("int64")
     df["seed"] = df["seed"].astype("int64")
+    df["memory_bits"] = df["memory_bits"].astype("int64")
     return df
 
 

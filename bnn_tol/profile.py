@@ -295,6 +295,9 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
                   offsets: Sequence[int] = (0,), progress: bool = True) -> pd.DataFrame:
     """Accuracy of each model on the profiled chip at each voltage and placement.
 
+    Each (voltage, offset) is one explicit set of stored-bit flips evaluated by the fastest
+    exact engine (:func:`bnn_tol.evaluate.accuracy_under_flips`).
+
     Returns:
         Tidy frame, one row per (model, voltage, offset): ``model, voltage, offset,
         ber_realized`` (flipped / stored bits), ``p01_realized``, ``p10_realized`` (flips
@@ -338,7 +341,7 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
                     fl = profile_flips(model, profile, v, offset=off)
                     f01 = sum(int((images[n][i] == 0).sum()) for n, i in fl.items())
                     f10 = sum(int(i.numel()) for i in fl.values()) - f01
-                    acc = accuracy_with_flips(model, data, fl)
+                    acc = evaluate.accuracy_under_flips(model, data, [fl], device="cpu")[0]
                     e = e_of.get(v, float(energy([v], reference=ref)[0]))
                     rows.append({"model": str(label), "voltage": v, "offset": off,
                                  "ber_realized": (f01 + f10) / max(n0 + n1, 1),

@@ -129,3 +129,30 @@ def test_compiled_view_owns_the_block_facts():
         check_bnn(model, what="margin")
     with pytest.raises(UnsupportedModel, match="not a bnn_tol BNN"):
         compile_model(torch.nn.Linear(2, 2))
+
+
+def test_sweep_rows_carry_bits_per_weight_and_memory_bits(tmp_path):
+    data = _data(100)
+    nets = {"bnn": models.build("fc", hidden=(16,), in_shape=(1, 8, 8)),
+            "q4": models.build("fc", hidden=(16,), in_shape=(1, 8, 8), weight_bits=4)}
+    out = tmp_path / "s.csv"
+    df = evaluate.sweep(nets, data, bers=[0.01], n_maps=2, progress=False, out=out)
+    by = df.groupby("model")[["bits_per_weight", "memory_bits"]].first()
+    n = 64 * 16 + 16 * 10
+    assert by.loc["bnn"].tolist() == [1.0, n] and by.loc["q4"].tolist() == [4.0, 4 * n]
+    assert evaluate.read_sweep(out).equals(df)
+
+
+def test_sweep_files_of_the_old_format_stay_readable_but_are_not_resumed(tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(evaluate.OLD_COLUMNS) + "\nfc,0.01,0.01,0.01,0,5,0.5,0.5\n")
+    df = evaluate.read_sweep(old)
+    assert list(df.columns) == evaluate.COLUMNS and df["memory_bits"].iloc[0] == -1
+    evaluate.meta_path(old).write_text('{"format": "bnn_tol.sweep", "version": 1, '
+                                       '"settings": {"models": {}, "dataset": {}}}')
+    before = old.read_bytes()
+    model = models.build("fc", hidden=(16,), in_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="older bnn_tol"):
+        evaluate.sweep(model, _data(50), bers=[0.01], n_maps=1, progress=False, out=old,
+                       resume=True)
+    assert old.read_bytes() == before
