@@ -57,6 +57,7 @@ results: setup
 
 stutz: setup
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_fmnist
+	$(BIN)/python scripts/stutz_energy.py --out docs/results/stutz_fmnist
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
