@@ -17,13 +17,16 @@ __version__ = "0.1.0"
 from . import data, errors, evaluate, layers, models, train  # noqa: E402
 from .io import load, save  # noqa: E402
 
-_LAZY = {"metrics", "analysis", "plots", "study", "report", "cli"}
+_LAZY = {"metrics", "analysis", "plots", "study", "report", "cli", "codec", "compiled",
+         "profile", "bundle", "deploy"}
 
-__all__ = ["data", "errors", "evaluate", "layers", "models", "train", "save", "load",
+__all__ = ["data", "errors", "evaluate", "layers", "models", "train", "save", "load", "export",
            *sorted(_LAZY), "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name == "export":  # bnn_tol.export(model, out): the bit-exact bundle (bnn_tol.bundle)
+        return importlib.import_module(".bundle", __name__).export
     raise AttributeError(f"module 'bnn_tol' has no attribute {name!r}")

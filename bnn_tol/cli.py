@@ -460,6 +460,23 @@ def plot_sweep(csv, out, metric, level) -> None:
     click.echo(f"wrote {out}")
 
 
+@main.command("export")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Bundle directory (new or empty): packed weights, integer thresholds, "
+                   "manifest.json, bnn_deploy.py.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+def export_cmd(run, out, overwrite) -> None:
+    """Export checkpoint RUN bit-exactly for hardware: packed bits + integer thresholds."""
+    from . import bundle, io
+
+    model = io.load(run)
+    path = bundle.export(model, out, overwrite=overwrite)
+    man = json.loads((Path(path) / bundle.MANIFEST).read_text())
+    click.echo(json.dumps({"out": str(path), "layers": len(man["layers"]),
+                           "memory_bits": man["memory_bits"]}))
+
+
 @main.commands["plot"].command("energy")
 @click.argument("csv", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True,

@@ -1,0 +1,148 @@
+"""Bit-exact export and numpy inference (issue 12): clean and under fault maps, numpy only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bnn_tol
+from bnn_tol import deploy, errors, evaluate, models
+from bnn_tol.bundle import pack_rows
+from bnn_tol.cli import main
+from bnn_tol.compiled import UnsupportedModel
+from bnn_tol.data import BNNDataset
+
+ARCHS = [("fc", {"hidden": (70, 30)}), ("vgg3", {"channels": ((8,), (6,)), "fc_width": 20})]
+
+
+def _model(arch, kw, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    m = models.build(arch, in_shape=(1, 8, 8), seed=seed, **kw)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.bn.running_mean.normal_(0, 2, generator=g)
+            b.bn.running_var.uniform_(1, 4, generator=g)
+        m.blocks[0].bn.weight[0] = 0.0  # a dead neuron
+        m.blocks[1].bn.weight[1] = -0.5  # gamma < 0: the comparator flips
+    return m.eval()
+
+
+def _images(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(("arch", "kw"), ARCHS)
+def test_numpy_inference_equals_torch_clean_and_under_fault_maps(tmp_path, arch, kw):
+    model = _model(arch, kw)
+    imgs = _images()
+    ds = BNNDataset(imgs, torch.zeros(len(imgs), dtype=torch.int64))
+    bnn_tol.export(model, tmp_path / "b")
+    assert np.array_equal(deploy.predict(tmp_path / "b", imgs.numpy()),
+                          evaluate.predict(model, ds).numpy())
+    # float pixels p / 255 are accepted too
+    assert np.array_equal(deploy.predict(tmp_path / "b", imgs.numpy() / 255.0),
+                          evaluate.predict(model, ds).numpy())
+    differs = 0
+    for ber in (0.02, 0.1, (0.01, 0.08)):
+        for seed in (0, 3):
+            with errors.inject(model, ber, seed=seed):
+                ref = evaluate.predict(model, ds).numpy()
+            got = deploy.predict(tmp_path / "b", imgs.numpy(), ber=ber, seed=seed)
+            assert np.array_equal(got, ref), (ber, seed)
+            differs += int((ref != evaluate.predict(model, ds).numpy()).sum())
+    assert differs > 0  # the faults change predictions: the comparison can fail
+
+
+def test_flip_mask_equals_the_fault_map_and_the_sweep_row(tmp_path):
+    model = _model(*ARCHS[0])
+    imgs = _images(200)
+    labels = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(1))
+    ds = BNNDataset(imgs, labels)
+    bnn_tol.export(model, tmp_path / "b")
+    row = evaluate.sweep(model, ds, bers=[0.05], n_maps=1, seed=4, progress=False).iloc[0]
+    maps = errors.draw_maps(model, int(row.seed), 0.05)
+    masks = {}
+    for k, (name, layer) in enumerate(model.binary_layers().items()):
+        rows, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        wb = torch.where(layer.weight >= 0, 1.0, -1.0)
+        idx = maps[name].flips(wb, 0.05, 0.05).numpy()
+        bits = np.zeros(rows * fan_in, dtype=bool)
+        bits[idx] = True
+        masks[f"layer{k}"] = pack_rows(bits.reshape(rows, fan_in))
+    np.savez(tmp_path / "mask.npz", **masks)
+    pred = deploy.predict(tmp_path / "b", imgs.numpy(), flip_mask=tmp_path / "mask.npz")
+    assert (pred == labels.numpy()).mean() == row.accuracy
+    with pytest.raises(deploy.DeployError, match="unknown layer"):
+        deploy.predict(tmp_path / "b", imgs.numpy(), flip_mask={"layer9": masks["layer0"]})
+    pad = np.zeros_like(masks["layer1"])
+    pad[0, 1] = np.uint64(1 << 63)  # fan_in 70: bits 6..63 of word 1 are padding
+    with pytest.raises(deploy.DeployError, match="padding"):
+        deploy.predict(tmp_path / "b", imgs.numpy(), flip_mask={"layer1": pad})
+
+
+def test_bit_order_is_the_documented_one():
+    bits = np.zeros((2, 70), dtype=bool)
+    bits[0, [0, 63, 64]] = True
+    bits[1, 69] = True
+    w = pack_rows(bits)
+    assert w.dtype == np.uint64 and w.shape == (2, 2)
+    assert int(w[0, 0]) == 1 | (1 << 63) and int(w[0, 1]) == 1
+    assert int(w[1, 0]) == 0 and int(w[1, 1]) == 1 << 5  # padding bits 6..63 stay 0
+
+
+def test_clean_inference_needs_only_numpy(tmp_path):
+    model = _model(*ARCHS[1])
+    bnn_tol.export(model, tmp_path / "b")
+    imgs = _images(20).numpy()
+    np.save(tmp_path / "x.npy", imgs)
+    reader = tmp_path / "b" / "bnn_deploy.py"  # the bundle carries its own numpy reader
+    code = (f"import sys; sys.modules['torch'] = None\n"
+            f"import importlib.util, numpy as np\n"
+            f"spec = importlib.util.spec_from_file_location('deploy', {str(reader)!r})\n"
+            f"d = importlib.util.module_from_spec(spec); spec.loader.exec_module(d)\n"
+            f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+            f"print(list(d.predict({str(tmp_path / 'b')!r}, x)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ds = BNNDataset(torch.from_numpy(imgs), torch.zeros(20, dtype=torch.int64))
+    assert eval(out.stdout) == evaluate.predict(model, ds).tolist()
+
+
+def test_bundle_is_checked_and_refuses_what_it_cannot_express(tmp_path):
+    model = _model(*ARCHS[0])
+    b = bnn_tol.export(model, tmp_path / "b")
+    man = json.loads((b / "manifest.json").read_text())
+    assert man["memory_bits"] == models.memory_bits(model)
+    arr = np.load(b / "layer1_t.npy")
+    arr[0] += 1
+    np.save(b / "layer1_t.npy", arr)
+    with pytest.raises(deploy.DeployError, match="checksum"):
+        deploy.predict(b, _images(5).numpy())
+    with pytest.raises(ValueError, match="already holds an export"):
+        bnn_tol.export(model, b)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a bnn_tol export"):
+        bnn_tol.export(model, tmp_path / "other")
+    with pytest.raises(UnsupportedModel, match="sign"):
+        bnn_tol.export(models.build("fc", hidden=(8,), in_shape=(1, 8, 8), weight_bits=4),
+                       tmp_path / "q")
+    with pytest.raises(deploy.DeployError, match="inputs must be"):
+        deploy.predict(bnn_tol.export(model, tmp_path / "c"), np.zeros((3, 5), np.uint8))
+
+
+def test_cli_export(tmp_path):
+    model = _model(*ARCHS[0])
+    bnn_tol.save(model, tmp_path / "run")
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / "manifest.json").exists()
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "d")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("Error:")
