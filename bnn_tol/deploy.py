@@ -144,8 +144,7 @@ def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> n
             if e["flatten"] or x.ndim > 2:
                 x = x.reshape(n, -1)
             if first:
-                wpm = _unpack_pm1(w, fan_in)
-                a = x @ wpm.T  # (N, rows) = 128 a, exact int64
+                a = _int_matmul(x, _unpack_pm1(w, fan_in))  # (N, rows) = 128 a
             else:
                 xb = _pack(x > 0)  # (N, words)
                 diff = np.zeros((n, e["rows"]), dtype=np.int64)
@@ -155,7 +154,7 @@ def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> n
         else:
             cols, valid = _unfold(x if first else (x > 0), e["kernel"], e["padding"])
             if first:
-                a = cols.astype(np.int64) @ _unpack_pm1(w, fan_in).T  # padding q = 0
+                a = _int_matmul(cols, _unpack_pm1(w, fan_in))  # padding q = 0
             else:
                 vb = _pack(valid)  # (HW, words)
                 xb = _pack(cols.astype(bool))  # (N, HW, words)
@@ -180,6 +179,12 @@ def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> n
         x = np.where(y, 1, -1).astype(np.int64)
         first = False
     raise DeployError("the bundle has no output layer")
+
+
+def _int_matmul(q: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``q @ w.T`` for integer pixels ``|q| <= 128`` and +-1 weights, exactly: every partial sum
+    is an integer below ``128 fan_in < 2^53``, so float64 BLAS is exact; int64 result."""
+    return np.rint(q.astype(np.float64) @ w.T.astype(np.float64)).astype(np.int64)
 
 
 def _unpack_pm1(w: np.ndarray, fan_in: int) -> np.ndarray:

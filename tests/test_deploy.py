@@ -146,3 +146,27 @@ def test_cli_export(tmp_path):
     r = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "d")])
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("Error:")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["fc", "vgg3"])
+def test_fashion_mnist_all_test_images_clean_and_five_maps(tmp_path, arch):
+    """All 10k Fashion-MNIST test images: numpy inference equals torch, clean and 5 maps."""
+    from bnn_tol import data, train
+
+    try:
+        tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
+    except Exception as e:  # noqa: BLE001 -- the data package may be absent
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    kw = {"hidden": (512, 512)} if arch == "fc" else {"fc_width": 256}
+    model = models.build(arch, seed=0, **kw)
+    train.fit(model, tr.subset(6000), epochs=1, seed=0, progress=False, device="cpu")
+    model.eval()
+    bnn_tol.export(model, tmp_path / "b")
+    man = deploy.load_bundle(tmp_path / "b")
+    imgs = te.images.numpy()
+    assert np.array_equal(deploy.predict(man, imgs), evaluate.predict(model, te).numpy())
+    df = evaluate.sweep(model, te, bers=[0.01], n_maps=5, seed=0, progress=False)
+    for r in df.itertuples():
+        pred = deploy.predict(man, imgs, ber=0.01, seed=r.seed)
+        assert (pred == te.labels.numpy()).mean() == r.accuracy
