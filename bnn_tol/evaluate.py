@@ -925,6 +925,12 @@ class _SignEngine(_Engine):
             return "it needs a bnn_tol block model (.blocks)"
         if not cm.is_bnn:
             return "it needs sign (1-bit) weights and sign activations; use 'fixed' or 'reference'"
+        for st in cm.stages:
+            lay = st.layer
+            if lay.bias is not None:
+                return f"{st.name} has a bias (integer thresholds need bias-free layers)"
+            if st.conv and (lay.stride != (1, 1) or lay.groups != 1 or lay.dilation != (1, 1)):
+                return f"{st.name}: only stride-1, ungrouped convolutions"
         return None
 
     def __init__(self, model, data, **kw) -> None:

@@ -25,7 +25,7 @@ from .exceptions import InvalidArgument, require_int
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, QuantConv2d, QuantLinear, sign
 
 __all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "memory_bits",
-           "fc", "vgg3", "vgg7", "ACTIVATIONS"]
+           "fc", "vgg3", "vgg7", "custom", "adapt", "ACTIVATIONS"]
 
 #: Activations of hidden blocks: ``sign`` (binary, the BNN case) or ``relu`` (real valued, the
 #: m-bit networks of Stutz et al.).
@@ -344,6 +344,58 @@ def vgg7(
     """VGG7: ``2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10``; storage options as :func:`fc`."""
     return _vgg("vgg7", channels, fc_width, in_shape, n_classes,
                 _Storage(weight_bits, quant, granularity, rounding, activation))
+
+
+@register("custom")
+def custom(
+    blocks: Sequence[dict[str, Any]],
+    *,
+    in_shape: Sequence[int] = (1, 28, 28),
+    n_classes: int = 10,
+) -> BNN:
+    """A BNN from explicit block specs (what :func:`bnn_tol.adapt.adapt` produces).
+
+    Each spec: ``type`` (``"linear"``/``"conv"``), ``in``, ``out``, ``bias`` (bool), ``flatten``
+    (bool), optional ``kernel``/``padding`` (conv), ``pool`` (int), ``bn_eps`` (a BatchNorm
+    after the layer; absent: an identity BatchNorm with ``eps = 0``), ``bn_affine``,
+    ``binary_output`` (``False`` for the last block only).
+    """
+    shape = _check_shape(in_shape)
+    if isinstance(blocks, str) or not isinstance(blocks, Sequence) or not blocks:
+        raise InvalidArgument("custom: blocks must be a non-empty list of block specs")
+    out = []
+    for k, b in enumerate(blocks):
+        if not isinstance(b, dict) or b.get("type") not in ("linear", "conv"):
+            raise InvalidArgument(f"custom: block {k} needs type 'linear' or 'conv', got {b!r}")
+        i, o = require_int(b.get("in"), f"block {k} in", minimum=1), \
+            require_int(b.get("out"), f"block {k} out", minimum=1)
+        bias = bool(b.get("bias", False))
+        if b["type"] == "conv":
+            layer: BinaryLayer = BinaryConv2d(i, o, int(b.get("kernel", 3)),
+                                              int(b.get("padding", 1)), bias=bias)
+            norm: nn.Module = nn.BatchNorm2d(o, eps=float(b.get("bn_eps", 0.0)),
+                                             affine=bool(b.get("bn_affine", True)))
+        else:
+            layer = BinaryLinear(i, o, bias=bias)
+            norm = nn.BatchNorm1d(o, eps=float(b.get("bn_eps", 0.0)),
+                                  affine=bool(b.get("bn_affine", True)))
+        out.append(BinaryBlock(layer, norm, binary_output=bool(b.get("binary_output", True)),
+                               pool=b.get("pool"), flatten=bool(b.get("flatten", False))))
+    if out[-1].binary_output or any(not b.binary_output for b in out[:-1]):
+        raise InvalidArgument("custom: only the last block has binary_output=False")
+    if out[-1].layer.weight.shape[0] != n_classes:
+        raise InvalidArgument(f"custom: the last block has {out[-1].layer.weight.shape[0]} "
+                              f"outputs but n_classes={n_classes}")
+    cfg = {"name": "custom", "kwargs": {"blocks": [dict(b) for b in blocks],
+                                        "in_shape": list(shape), "n_classes": int(n_classes)}}
+    return BNN(out, cfg)
+
+
+def adapt(module: nn.Module, example: Tensor, **kwargs: Any) -> BNN:
+    """Convert a user's PyTorch BNN into a bnn_tol BNN (see :func:`bnn_tol.adapt.adapt`)."""
+    from .adapt import adapt as _adapt
+
+    return _adapt(module, example, **kwargs)
 
 
 def memory_bits(model: nn.Module) -> int:
