@@ -460,18 +460,42 @@ def plot_sweep(csv, out, metric, level) -> None:
     click.echo(f"wrote {out}")
 
 
+@main.command("import")
+@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Checkpoint directory to write (then sweep/metrics/study as usual).")
+@click.option("--in-shape", default=None, help="C,H,W when the graph input is flat.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
+def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
+    """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
+    [onnx] extra) and save it as a bnn_tol checkpoint."""
+    from . import io, onnx_io
+
+    io.check_out(out, overwrite=overwrite)
+    model = onnx_io.import_onnx(onnx_file, in_shape=_parse_ints(in_shape, "--in-shape"))
+    io.save(model, out)
+    click.echo(json.dumps({"out": str(out), "blocks": len(model.blocks),
+                           "in_shape": list(model.in_shape)}))
+
+
 @main.command("export")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Bundle directory (new or empty): packed weights, integer thresholds, "
                    "manifest.json, bnn_deploy.py.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
-def export_cmd(run, out, overwrite) -> None:
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write an ONNX graph with the same predictions (needs [onnx]).")
+def export_cmd(run, out, overwrite, onnx_path) -> None:
     """Export checkpoint RUN bit-exactly for hardware: packed bits + integer thresholds."""
     from . import bundle, io
 
     model = io.load(run)
     path = bundle.export(model, out, overwrite=overwrite)
+    if onnx_path:
+        from .onnx_io import export_onnx
+
+        export_onnx(model, onnx_path)
     man = json.loads((Path(path) / bundle.MANIFEST).read_text())
     click.echo(json.dumps({"out": str(path), "layers": len(man["layers"]),
                            "memory_bits": man["memory_bits"]}))
