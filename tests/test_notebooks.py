@@ -65,3 +65,9 @@ def test_03_flip_vs_normal(tmp_path, monkeypatch):
     models = pd.read_csv(out / "models.csv")
     assert len(models) == len(study.tasks(study.load_config("tiny")))
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_04_bring_your_own_bnn(tmp_path, monkeypatch):
+    nb = _execute("04_bring_your_own_bnn", tmp_path, monkeypatch)
+    assert (tmp_path / "out" / "deploy" / "manifest.json").is_file()
+    assert "numpy == torch" in _text(nb)
