@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .codec import _StraightThrough  # forward: the flipped tensor; backward: straight through
 from .exceptions import InvalidArgument, require_int
 
 __all__ = [
@@ -243,18 +244,6 @@ def flip_mask(
             keep = u < torch.where(wb.reshape(-1)[where] > 0, frac[0], frac[1])
         mask.view(-1)[where[keep]] = True
     return mask
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the flipped tensor. Backward: the gradient passes to the unflipped input."""
-
-    @staticmethod
-    def forward(ctx, wb: Tensor, flipped: Tensor) -> Tensor:  # noqa: D102
-        return flipped
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
-        return grad, None
 
 
 class TransientFlip:

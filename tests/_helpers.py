@@ -14,3 +14,19 @@ def randomize_bn(model, seed=1):
             b.bn.weight.copy_(torch.randn(c, generator=g))
             b.bn.bias.copy_(torch.randn(c, generator=g))
     return model.eval()
+
+
+def small_bnn(arch, kw, seed=1):
+    """A small BNN on 1x8x8 inputs with random BN statistics, a dead neuron (gamma = 0) in
+    block 0 and a gamma < 0 channel in block 1, eval mode (export/ONNX tests)."""
+    from bnn_tol import models
+
+    g = torch.Generator().manual_seed(seed)
+    m = models.build(arch, in_shape=(1, 8, 8), seed=seed, **kw)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.bn.running_mean.normal_(0, 2, generator=g)
+            b.bn.running_var.uniform_(1, 4, generator=g)
+        m.blocks[0].bn.weight[1] = 0.0
+        m.blocks[1].bn.weight[0] = -0.6
+    return m.eval()

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _helpers import small_bnn
 from click.testing import CliRunner
 
 import bnn_tol
@@ -22,15 +23,7 @@ ARCHS = [("fc", {"hidden": (70, 30)}), ("vgg3", {"channels": ((8,), (6,)), "fc_w
 
 
 def _model(arch, kw, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    m = models.build(arch, in_shape=(1, 8, 8), seed=seed, **kw)
-    with torch.no_grad():
-        for b in m.blocks:
-            b.bn.running_mean.normal_(0, 2, generator=g)
-            b.bn.running_var.uniform_(1, 4, generator=g)
-        m.blocks[0].bn.weight[0] = 0.0  # a dead neuron
-        m.blocks[1].bn.weight[1] = -0.5  # gamma < 0: the comparator flips
-    return m.eval()
+    return small_bnn(arch, kw, seed)
 
 
 def _images(n=300, seed=0):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import small_bnn
 from click.testing import CliRunner
 
 import bnn_tol
-from bnn_tol import evaluate, models
+from bnn_tol import evaluate
 from bnn_tol.data import BNNDataset, to_float
 
 onnx = pytest.importorskip("onnx")
@@ -19,15 +20,7 @@ from bnn_tol.onnx_io import OnnxError, export_onnx, import_onnx  # noqa: E402
 
 
 def _model(arch, kw, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    m = models.build(arch, in_shape=(1, 8, 8), seed=seed, **kw)
-    with torch.no_grad():
-        for b in m.blocks:
-            b.bn.running_mean.normal_(0, 2, generator=g)
-            b.bn.running_var.uniform_(1, 4, generator=g)
-        m.blocks[1].bn.weight[0] = -0.7
-        m.blocks[0].bn.weight[1] = 0.0
-    return m.eval()
+    return small_bnn(arch, kw, seed)
 
 
 def _images(n=400, seed=0):
