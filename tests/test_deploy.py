@@ -163,3 +163,45 @@ def test_fashion_mnist_all_test_images_clean_and_five_maps(tmp_path, arch):
     for r in df.itertuples():
         pred = deploy.predict(man, imgs, ber=0.01, seed=r.seed)
         assert (pred == te.labels.numpy()).mean() == r.accuracy
+
+
+@pytest.mark.slow
+def test_fashion_mnist_onnx_and_adapted_copy_agree_on_all_test_images(tmp_path):
+    """ONNX (onnxruntime) and an adapted plain-PyTorch copy agree with torch on all 10k."""
+    from torch import nn
+
+    from bnn_tol import data, train
+
+    ort = pytest.importorskip("onnxruntime")
+    from bnn_tol.onnx_io import export_onnx
+
+    try:
+        tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    model = models.build("fc", hidden=(256, 256), seed=0)
+    train.fit(model, tr.subset(6000), epochs=1, seed=0, progress=False, device="cpu")
+    model.eval()
+    x = bnn_tol.data.to_float(te.images)
+    ref = evaluate.predict(model, te).numpy()
+    sess = ort.InferenceSession(str(export_onnx(model, tmp_path / "m.onnx")),
+                                providers=["CPUExecutionProvider"])
+    assert np.array_equal(sess.run(None, {"x": x.numpy()})[0].argmax(1), ref)
+
+    class Sign(nn.Module):
+        def forward(self, v):
+            return torch.where(v >= 0, 1.0, -1.0)
+
+    class BinLin(nn.Linear):
+        def forward(self, v):
+            return torch.nn.functional.linear(v, torch.where(self.weight >= 0, 1.0, -1.0))
+
+    seq = []
+    for k, b in enumerate(model.blocks):
+        lin = BinLin(b.layer.in_features, b.layer.out_features, bias=False)
+        lin.weight.data.copy_(b.layer.weight.data)
+        seq += ([nn.Flatten()] if k == 0 else []) + [lin, b.bn]
+        seq += [Sign()] if b.binary_output else []
+    user = nn.Sequential(*seq).eval()
+    adapted = models.adapt(user, x[:256])
+    assert np.array_equal(evaluate.predict(adapted, te).numpy(), ref)
