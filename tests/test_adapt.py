@@ -163,3 +163,34 @@ def test_adapt_refuses_what_it_cannot_map_naming_it():
         cnn[6].weight[0] = -1.0  # gamma < 0 after a max-pool: does not commute
     with pytest.raises(AdaptError, match="gamma"):
         models.adapt(cnn, x)
+
+
+def test_brevitas_binary_network_adapts_with_its_weight_scale_folded():
+    pytest.importorskip("brevitas")
+    import brevitas.nn as qnn
+    from brevitas.quant import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(),
+        qnn.QuantLinear(64, 32, bias=False, weight_quant=SignedBinaryWeightPerTensorConst),
+        nn.BatchNorm1d(32), qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst),
+        qnn.QuantLinear(32, 10, bias=False, weight_quant=SignedBinaryWeightPerTensorConst),
+        nn.BatchNorm1d(10))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.3, generator=g)
+                m.running_var.uniform_(0.05, 0.3, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    net.eval()
+    x = to_float(_example(256, seed=3))
+    model = models.adapt(net, x)
+    with torch.no_grad():
+        ref = net(x)
+    # Brevitas computes with alpha sign(W) (alpha = 0.1): the scale is folded into the BN, equal
+    # in exact arithmetic; the float results agree to rounding and the predictions exactly
+    assert torch.equal(model(x).argmax(1), ref.argmax(1))
+    assert torch.allclose(model(x), ref, rtol=0, atol=1e-5)
+    assert abs(model.blocks[0].bn.eps - net[2].eps / 0.01) < 1e-9
