@@ -129,6 +129,11 @@ def load_profile(path: str | os.PathLike) -> Profile:
     Raises:
         InvalidArgument: not a profile file, or invalid fields (names the field).
     """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise InvalidArgument(f"{path} is not a bnn_tol profile (a .npz archive); make one with "
+                              "`bnn-tol profile synth` or profile.save_profile")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = set(z.files)

@@ -59,7 +59,7 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     Raises:
         UnsupportedModel: naming the first block that does not fit, and why.
     """
-    return [s.block for s in check_bnn(model, what="the tolerance metrics").stages]
+    return [s.block for s in check_bnn(model, what="each tolerance metric").stages]
 
 
 def layer_names(model: nn.Module) -> dict[int, str]:
@@ -75,7 +75,7 @@ def hidden_layers(model: nn.Module) -> list[LayerInfo]:
         UnsupportedModel: see :func:`blocks_of`.
     """
     out = []
-    for s in check_bnn(model, what="the tolerance metrics").stages:
+    for s in check_bnn(model, what="each tolerance metric").stages:
         if not s.hidden:
             continue
         bn = s.block.bn
