@@ -107,6 +107,17 @@ class Codec(nn.Module):
         weights = 1 << torch.arange(m, device=b.device, dtype=torch.int64)
         return (b * weights).sum(1).reshape(shape)
 
+    def flip(self, codes: Tensor, idx: Tensor) -> Tensor:
+        """Codes with the stored bits at flat memory-image indices ``idx`` flipped:
+        ``code_j ^= 2^b`` for each ``i = j m + b`` (``idx`` unique); a new tensor."""
+        m = self.bits_per_weight
+        out = codes.clone()
+        flat = out.view(-1)
+        idx = idx.to(flat.device)
+        j = torch.div(idx, m, rounding_mode="floor")
+        flat ^= torch.zeros_like(flat).index_add_(0, j, 1 << (idx % m))
+        return out
+
     def place_values(self) -> Tensor:
         """``(m,)`` float64: change of the integer level when stored bit ``b`` goes 0 -> 1.
 

@@ -60,6 +60,7 @@ __all__ = [
     "rates",
     "bernoulli_indices",
     "flip_binary",
+    "flip_indices",
     "TransientFlip",
     "flip_mask",
     "DENSE_ABOVE",
@@ -157,6 +158,27 @@ def bernoulli_indices(
     return torch.cat(out)
 
 
+def flip_indices(stored: Tensor, p01: float, p10: float, *, generator: torch.Generator) -> Tensor:
+    """Flat indices of the stored bits that flip (the draws of :func:`flip_binary`).
+
+    Candidates at ``p_max = max(p01, p10)`` (geometric gaps), thinned by ``p_v / p_max`` by
+    stored value ``v`` (``stored > 0`` is a stored 1: +1 weights or bits 1).
+
+    Returns:
+        int64 ``(F,)`` sorted unique flat indices on ``stored.device``.
+    """
+    p_max = max(p01, p10)
+    flat = stored.reshape(-1)
+    idx = bernoulli_indices(flat.numel(), p_max, generator=generator, device=stored.device)
+    if p01 != p10 and idx.numel():
+        stored_one = flat[idx] > 0
+        keep_p = torch.where(stored_one, p10 / p_max, p01 / p_max)
+        u = torch.rand(idx.numel(), generator=generator, device=stored.device,
+                       dtype=torch.float64)
+        idx = idx[u < keep_p]
+    return idx
+
+
 def flip_binary(
     wb: Tensor,
     p01: float,
@@ -178,14 +200,8 @@ def flip_binary(
         ``(flipped, idx)``: the flipped tensor (same shape/dtype) and the int64 flat
         indices that flipped.
     """
-    p_max = max(p01, p10)
     flat = wb.detach().reshape(-1)
-    idx = bernoulli_indices(flat.numel(), p_max, generator=generator, device=wb.device)
-    if p01 != p10 and idx.numel():
-        stored_one = flat[idx] > 0
-        keep_p = torch.where(stored_one, p10 / p_max, p01 / p_max)
-        u = torch.rand(idx.numel(), generator=generator, device=wb.device, dtype=torch.float64)
-        idx = idx[u < keep_p]
+    idx = flip_indices(flat, p01, p10, generator=generator)
     out = flat.clone()
     out[idx] = -out[idx]
     return out.view_as(wb), idx
@@ -274,6 +290,15 @@ class TransientFlip:
         if self._last is None or self._last.dtype != torch.bool:
             return self._last
         return self._last.reshape(-1).nonzero().flatten()
+
+    def indices(self, stored: Tensor) -> Tensor:
+        """Flat indices of the stored bits (``stored > 0``: a stored 1) that flip in this draw:
+        the same draws as :meth:`__call__` on the +-1 tensor of the same bits."""
+        if max(self.p01, self.p10) >= BYTES_ABOVE:
+            self._last = flip_mask(stored, self.p01, self.p10, generator=self.generator)
+            return self._last.reshape(-1).nonzero().flatten()
+        self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
+        return self._last
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
         w = wb.detach()
@@ -539,6 +564,11 @@ class PersistentFlip:
         self.fmap = fmap
         self.p01, self.p10 = p01, p10
         self.last_flips: Tensor | None = None
+
+    def indices(self, stored: Tensor) -> Tensor:
+        """Flat indices of the stored bits (``stored > 0``: a stored 1) that flip."""
+        self.last_flips = self.fmap.flips(stored, self.p01, self.p10)
+        return self.last_flips
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
         idx = self.fmap.flips(wb.detach(), self.p01, self.p10)

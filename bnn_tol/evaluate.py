@@ -1108,13 +1108,7 @@ class FixedPointEngine(_Engine):
         s = self.cm.stages[k]
         if idx is None or idx.numel() == 0:
             return self.clean_w[k]
-        m = s.bits_per_weight
-        codes = self.codes[k].clone()
-        flat = codes.view(-1)
-        j = torch.div(idx, m, rounding_mode="floor")
-        mask = torch.zeros_like(flat).index_add_(0, j, 1 << (idx % m))
-        flat ^= mask
-        return s.codec.decode(codes).to(s.layer.weight.dtype)
+        return s.codec.decode(s.codec.flip(self.codes[k], idx)).to(s.layer.weight.dtype)
 
     def _block(self, k: int, x: Tensor, w: Tensor) -> Tensor:
         s = self.cm.stages[k]

@@ -110,20 +110,27 @@ class BinaryLayer(nn.Module):
     def deployed_weight(self) -> Tensor:
         """The weight the layer computes with, faults included, shape of ``weight``.
 
-        Sign codec: ``fault(sign(w))``. Fixed point: ``q = quantize(w)``; with a fault,
-        ``bits = 2 to_bits(encode(w)) - 1`` (``(numel m,)`` in the +-1 convention),
-        ``q' = decode(from_bits(fault(bits) > 0))``; the result is exactly ``q'`` forward and
-        passes the gradient straight through the flips to ``q`` backward.
+        Sign codec: ``fault(sign(w))``. Fixed point: ``q = quantize(w)``; with a fault, the
+        stored bits it flips (for the library's faults ``fault.indices(to_bits(codes))``, the
+        same draws as calling it on ``2 to_bits(codes) - 1``, the +-1 convention; any other
+        callable is called on that tensor) give ``q' = decode(codes with those bits
+        flipped)``; the result is exactly ``q'`` forward and passes the gradient straight
+        through the flips to ``q`` backward.
         """
         if self.codec.is_sign:
             return self.binary_weight()
-        q = self.codec.quantize(self.weight)
         if self.fault is None:
-            return q
-        bits = self.codec.to_bits(self.codec.encode(self.weight)).to(q.dtype) * 2 - 1
-        flipped = self.fault(bits).detach() > 0
-        q_bad = self.codec.decode(self.codec.from_bits(flipped, self.weight.shape)).to(q.dtype)
-        return _through(q, q_bad)
+            return self.codec.quantize(self.weight)
+        codes = self.codec.encode(self.weight)
+        q = _through(self.weight, self.codec.decode(codes).to(self.weight.dtype))  # = quantize
+        bits = self.codec.to_bits(codes)
+        indices = getattr(self.fault, "indices", None)
+        if indices is not None:  # the library's faults: flip the codes directly
+            bad = self.codec.flip(codes, indices(bits))
+        else:  # any other fault callable: on the +-1 bit tensor
+            flipped = self.fault(bits.to(q.dtype) * 2 - 1).detach() > 0
+            bad = self.codec.from_bits(flipped, self.weight.shape)
+        return _through(q, self.codec.decode(bad).to(q.dtype))
 
     def stored_bits(self) -> Tensor:
         """The layer's memory image: uint8 ``(numel * m,)`` (:meth:`Codec.to_bits`), no faults."""

@@ -184,3 +184,29 @@ def test_activation_and_threshold_errors_need_sign_activations():
         with pytest.raises(InvalidArgument, match="need sign activations"):
             with errors.inject(m, 0.1, targets=target):
                 pass
+
+
+@pytest.mark.parametrize("ber", [0.01, (0.005, 0.03), 0.2, (0.15, 0.3)])
+@pytest.mark.parametrize("kind", ["transient", "persistent"])
+def test_faults_flip_codes_directly_with_the_same_draws_as_on_the_bit_tensor(ber, kind):
+    """The fast path (fault.indices on the codes) equals calling the fault on +-1 bits."""
+    def layer_with(fault_factory):
+        layer = QuantLinear(50, 40, bits=4, quant="asymmetric")
+        torch.nn.init.uniform_(layer.weight, -1, 1, generator=torch.Generator().manual_seed(0))
+        layer.fault = fault_factory()
+        return layer
+
+    def make():
+        if kind == "transient":
+            return errors.TransientFlip(ber, torch.Generator().manual_seed(5))
+        fmap = errors.fault_map(50 * 40 * 4, max(errors.rates(ber)),
+                                generator=torch.Generator().manual_seed(5))
+        return errors.PersistentFlip(fmap, *errors.rates(ber))
+
+    fast = layer_with(make)
+    slow_fault = make()
+    slow = layer_with(lambda: (lambda bits: slow_fault(bits)))  # no .indices: the +-1 path
+    for _ in range(3):  # consecutive transient draws stay in step
+        a, b = fast.deployed_weight(), slow.deployed_weight()
+        assert torch.equal(a, b)
+    assert not torch.equal(a, fast.codec.decode(fast.codec.encode(fast.weight)))
