@@ -1023,6 +1023,66 @@ class Int8Engine(_SignEngine):
 
 
 @register_engine
+class PackedEngine(_SignEngine):
+    """Packed-bit XNOR/popcount (:mod:`bnn_tol.packed`, numba kernels): any stride-1 BNN
+    (fc and conv) on CPU; the first stage as an exact float conv/GEMM on integer pixels."""
+
+    name, rank = "packed", -1
+
+    @classmethod
+    def unsupported(cls, cm, device, targets):  # noqa: D102
+        why = super().unsupported(cm, device, targets)
+        if why:
+            return why
+        from . import kernels
+
+        if not kernels.AVAILABLE:
+            return "it needs numba (pip install numba)"
+        if device.type != "cpu":
+            return "it runs on CPU; use 'fp32' on CUDA"
+        for st in cm.stages:
+            if st.pool and not st.conv:
+                return f"{st.name}: pooling after a linear layer"
+            if st.conv:
+                k = st.layer.kernel_size
+                pad = st.padding if isinstance(st.padding, tuple) else (st.padding,) * 2
+                if k[0] != k[1] or pad[0] != pad[1] or not isinstance(pad[0], int):
+                    return f"{st.name}: only square kernels with equal integer padding"
+        return None
+
+    def __init__(self, model, data, *, batch_size, maps_per_step, **kw) -> None:
+        from .packed import PackedNet
+
+        super().__init__(model, data, batch_size=batch_size, maps_per_step=1, **kw)
+        self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET //
+                                                    (self._max_width() * 12)))
+        self.net = PackedNet(self.stages, tuple(model.in_shape))
+        self.w_dev = [st.wb for st in self.stages]
+
+    def _input(self, images):  # noqa: D102
+        return self.net.first_input(images) if self.start == 0 else to_float(images)
+
+    def _prefix_of(self, h):  # noqa: D102
+        if self.start == 0:
+            return h
+        return self.net.pack_activations(self.start,
+                                         _fp32_prefix(self.stages, h, self.w_dev, self.start))
+
+    def evaluate(self, flips):  # noqa: D102
+        from .kernels import threads
+
+        n, out = len(self.data), []
+        with threads(torch.get_num_threads()), torch.no_grad():
+            for f in flips:
+                ws = self.net.weights(f)
+                correct = 0
+                for h, y in self._chunks():
+                    correct += int((self.net.run(h, self.start, ws) == y).sum())
+                out.append(correct / n)
+        return out
+
+
+@register_engine
 class Fp32Engine(_SignEngine):
     """``maps_per_step`` maps batched through stacked +-1 weights / ``bmm`` / grouped conv,
     pre-activations rounded to their exact integers (any BNN, CPU or CUDA)."""

@@ -73,10 +73,18 @@ def test_m_bit_sweep_rows_equal_the_naive_loop_and_replay_alone(arch, kw, bits, 
 
 
 def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch):
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
+    from bnn_tol import kernels
+
     cpu = torch.device("cpu")
     bnn = models.build("fc", hidden=(8,), in_shape=(1, 4, 4))
     q = models.build("fc", hidden=(8,), in_shape=(1, 4, 4), weight_bits=4)
+    monkeypatch.setattr(kernels, "AVAILABLE", True)
+    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "packed"
+    assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
+    monkeypatch.setattr(kernels, "AVAILABLE", False)  # without numba: int8 (VNNI) or fp32
+    with pytest.raises(UnsupportedModel, match="numba"):
+        evaluate._pick_engine(bnn, cpu, "packed", ("weights",))
+    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
     assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "fp32"
     assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
     assert evaluate._pick_engine(bnn, cpu, "auto", ("activations",)).name == "reference"
@@ -87,7 +95,7 @@ def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch
         evaluate._pick_engine(q, cpu, "fp32", ("weights",))
     with pytest.raises(UnsupportedModel, match="evaluates"):
         evaluate._pick_engine(bnn, cpu, "int8", ("thresholds",))
-    assert evaluate.engines() == ["int8", "fp32", "fixed", "reference"]
+    assert evaluate.engines() == ["packed", "int8", "fp32", "fixed", "reference"]
 
 
 def test_fixed_engine_on_a_bnn_equals_the_sign_engines():

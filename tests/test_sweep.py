@@ -220,6 +220,10 @@ def test_plot_has_one_mean_line_and_band_per_model(fc, digits):
 def test_auto_engine_picks_int8_only_on_cpus_with_a_fast_int8_product(monkeypatch, fc, digits,
                                                                       fast):
     # torch._int_mm without VNNI was measured ~30x slower than fp32: auto must not pick it there
+    # (the packed engine comes first where numba is installed; here it is taken away)
+    from bnn_tol import kernels
+
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
     monkeypatch.setattr(evaluate, "int8_is_fast", lambda: fast)
     runner = evaluate._Runner(fc, digits, layers=None, device=torch.device("cpu"), engine="auto",
                               batch_size=None, maps_per_step=None, targets=("weights",))

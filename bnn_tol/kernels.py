@@ -1,0 +1,232 @@
+"""Packed-bit XNOR/popcount kernels (numba) for exact BNN inference on CPU.
+
+A +-1 value is stored as one bit, ``bit = (v + 1) / 2`` (+1 -> 1, -1 -> 0), 64 to a ``uint64``
+word, least significant bit first. For +-1 vectors ``w, x`` of length ``n`` the dot product is
+
+    w . x = n - 2 popcount(bits(w) XOR bits(x)),
+
+an integer, so every kernel here is exact. Layouts (``nw = ceil(C / 64)`` words per position,
+unused high bits zero in weights and activations alike, so they never count):
+
+- fully connected activations ``(B, nw)``; weights ``(O, nw)``;
+- conv activations channels-last ``(B, H, W, nw)``; weights ``(O, kh, kw, nw)``.
+
+Hidden layers end in the folded comparator of :func:`bnn_tol.layers.fold_threshold`, written
+branch-free per output unit ``o`` as ``bit = d_o a >= td_o`` (``d_o = +-1``, ``td_o = d_o t_o``;
+a dead unit has ``d_o = 0`` and ``td_o = 0`` for constant +1, ``1`` for constant -1). The output
+layer returns the exact integer pre-activations ``a``.
+
+Parallel over samples (``numba.prange``); the thread count is numba's, which callers set to
+torch's (:func:`threads`). Numba is optional: :data:`AVAILABLE` says whether it imported.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+try:  # optional dependency: the packed engine is unsupported without it
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "threads", "comparator", "pack_rows", "pack_threshold",
+           "fc_hidden", "fc_output", "conv_hidden", "conv_first", "pool_or", "flip_words"]
+
+
+def comparator(direction: np.ndarray, t: np.ndarray, const: np.ndarray) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+    """``(d, td)`` int64 ``(O,)`` of the branch-free rule ``bit = d a >= td`` (see module)."""
+    d = np.asarray(direction, dtype=np.int64)
+    td = np.where(d == 0, np.where(np.asarray(const) > 0, 0, 1), d * np.asarray(t, np.int64))
+    return d, td.astype(np.int64)
+
+
+@contextmanager
+def threads(n: int):
+    """Run numba's parallel kernels on ``n`` threads inside the block."""
+    if not AVAILABLE:
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def pack_rows(v: np.ndarray) -> np.ndarray:
+    """Pack +-1 (or {0, 1}) values along the last axis: ``(..., C)`` -> uint64 ``(..., nw)``."""
+    bits = np.asarray(v) > 0
+    c = bits.shape[-1]
+    nw = -(-c // 64)
+    padded = np.zeros((*bits.shape[:-1], nw * 64), dtype=bool)
+    padded[..., :c] = bits
+    by = np.packbits(padded.reshape(-1, nw * 64), axis=1, bitorder="little")
+    return by.view(np.uint64).reshape(*bits.shape[:-1], nw).copy()
+
+
+if AVAILABLE:
+
+    @intrinsic
+    def _popcount(typingctx, x):
+        sig = types.int64(types.uint64)
+
+        def codegen(context, builder, signature, args):
+            fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def pack_threshold(a, d, td, out):  # pragma: no cover - compiled
+        """Threshold + pack: ``a`` ``(B, P, O)`` integer-valued floats (P positions,
+        O channels) -> ``out`` uint64 ``(B, P, ceil(O / 64))``."""
+        nb, npos, no = a.shape
+        for b in prange(nb):
+            for p in range(npos):
+                for o0 in range(0, no, 64):
+                    word = np.uint64(0)
+                    for o in range(o0, min(no, o0 + 64)):
+                        if d[o] * np.int64(a[b, p, o]) >= td[o]:
+                            word |= np.uint64(1) << np.uint64(o - o0)
+                    out[b, p, o0 // 64] = word
+
+    @njit(inline="always", nogil=True)
+    def _accumulate(patch, w_t, s):  # pragma: no cover - compiled
+        """``s[o] = sum_k popcount(patch[k] XOR w_t[k, o])`` (vectorized over ``o``)."""
+        n_k, n_o = w_t.shape
+        for o in range(n_o):
+            s[o] = 0
+        for k in range(n_k):
+            xk = patch[k]
+            for o in range(n_o):
+                s[o] += _popcount(xk ^ w_t[k, o])
+
+    @njit(inline="always", nogil=True)
+    def _pack_rule(a_of_s, s, n, d, td, out):  # pragma: no cover - compiled
+        """Bits of ``d_o a_o >= td_o`` packed into ``out`` (``a = n - 2 s`` when ``a_of_s``,
+        else ``a = s``)."""
+        n_o = s.shape[0]
+        for o0 in range(0, n_o, 64):
+            word = np.uint64(0)
+            for o in range(o0, min(n_o, o0 + 64)):
+                a = n - 2 * s[o] if a_of_s else s[o]
+                if d[o] * a >= td[o]:
+                    word |= np.uint64(1) << np.uint64(o - o0)
+            out[o0 // 64] = word
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def fc_hidden(x, w_t, n, d, td, out):  # pragma: no cover - compiled
+        """``x`` ``(B, nw)``, transposed weights ``w_t`` ``(nw, O)``, ``n`` inputs -> bits
+        ``out`` ``(B, ceil(O / 64))``."""
+        n_o = w_t.shape[1]
+        for b in prange(x.shape[0]):
+            s = np.empty(n_o, np.int64)
+            _accumulate(x[b], w_t, s)
+            _pack_rule(True, s, n, d, td, out[b])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def fc_output(x, w_t, n, out):  # pragma: no cover - compiled
+        """``x`` ``(B, nw)``, ``w_t`` ``(nw, O)`` -> exact ``a`` int64 ``out`` ``(B, O)``."""
+        n_o = w_t.shape[1]
+        for b in prange(x.shape[0]):
+            s = np.empty(n_o, np.int64)
+            _accumulate(x[b], w_t, s)
+            for o in range(n_o):
+                out[b, o] = n - 2 * s[o]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def conv_hidden(x, w_t, tap_pop, k, pad, c_in, d, td, out):  # pragma: no cover - compiled
+        """Stride-1 ``k x k`` conv with zero padding ``pad`` on packed +-1 activations.
+
+        ``x`` ``(B, H, W, nw)``; ``w_t`` ``(k k nw, O)`` (taps ``(i, j, word)`` major);
+        ``tap_pop`` ``(k k, O)`` popcount of each tap's weight words -> bits ``out``
+        ``(B, Ho, Wo, ceil(O / 64))``. Each output position gathers its patch once (padding
+        taps as zero words, whose ``popcount(0 XOR w)`` is subtracted again), so a padding tap
+        contributes 0 as in ``F.conv2d``: ``a = n_valid c_in - 2 popcount``.
+        """
+        nb, hh, ww, nw = x.shape
+        n_o = w_t.shape[1]
+        _, ho, wo, _ = out.shape
+        for b in prange(nb):
+            s = np.empty(n_o, np.int64)
+            patch = np.empty(w_t.shape[0], np.uint64)
+            for oh in range(ho):
+                for ow in range(wo):
+                    nv = 0
+                    for i in range(k):
+                        for j in range(k):
+                            ih, iw = oh + i - pad, ow + j - pad
+                            inside = 0 <= ih < hh and 0 <= iw < ww
+                            if inside:
+                                nv += 1
+                            for q in range(nw):
+                                patch[(i * k + j) * nw + q] = (x[b, ih, iw, q] if inside
+                                                               else np.uint64(0))
+                    _accumulate(patch, w_t, s)
+                    if nv < k * k:
+                        for i in range(k):
+                            for j in range(k):
+                                ih, iw = oh + i - pad, ow + j - pad
+                                if not (0 <= ih < hh and 0 <= iw < ww):
+                                    for o in range(n_o):
+                                        s[o] -= tap_pop[i * k + j, o]
+                    _pack_rule(True, s, nv * c_in, d, td, out[b, oh, ow])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def conv_first(q, w_t, k, pad, d, td, out):  # pragma: no cover - compiled
+        """First conv on integer inputs: ``q`` int32 ``(B, H, W, C)`` channels-last, ``w_t``
+        int32 +-1 ``(k k C, O)`` -> bits ``out`` ``(B, Ho, Wo, ceil(O / 64))`` of the rule on the
+        exact integer ``a = sum w q`` (zero padding: ``q = 0``, as ``F.conv2d`` pads
+        ``x = q / INPUT_SCALE`` with zeros)."""
+        nb, hh, ww, nc = q.shape
+        n_o = w_t.shape[1]
+        _, ho, wo, _ = out.shape
+        for b in prange(nb):
+            acc = np.empty(n_o, np.int64)
+            patch = np.empty(w_t.shape[0], np.int32)
+            for oh in range(ho):
+                for ow in range(wo):
+                    for i in range(k):
+                        for j in range(k):
+                            ih, iw = oh + i - pad, ow + j - pad
+                            inside = 0 <= ih < hh and 0 <= iw < ww
+                            for c in range(nc):
+                                patch[(i * k + j) * nc + c] = q[b, ih, iw, c] if inside else 0
+                    for o in range(n_o):
+                        acc[o] = 0
+                    for t in range(patch.shape[0]):
+                        v = patch[t]
+                        if v != 0:
+                            for o in range(n_o):
+                                acc[o] += v * w_t[t, o]
+                    _pack_rule(False, acc, 0, d, td, out[b, oh, ow])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def pool_or(x, k, out):  # pragma: no cover - compiled
+        """``k x k`` max pooling of +-1 bits (floor mode): OR of the window's words."""
+        nb, ho, wo, nw = out.shape
+        for b in prange(nb):
+            for oh in range(ho):
+                for ow in range(wo):
+                    for q in range(nw):
+                        word = np.uint64(0)
+                        for i in range(k):
+                            for j in range(k):
+                                word |= x[b, oh * k + i, ow * k + j, q]
+                        out[b, oh, ow, q] = word
+
+    @njit(cache=True, nogil=True)
+    def flip_words(words, word_idx, bit_idx):  # pragma: no cover - compiled
+        """XOR bit ``bit_idx[i]`` of ``words.flat[word_idx[i]]`` (in place)."""
+        flat = words.reshape(-1)
+        for i in range(word_idx.shape[0]):
+            flat[word_idx[i]] ^= np.uint64(1) << np.uint64(bit_idx[i])

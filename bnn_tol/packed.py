@@ -1,0 +1,253 @@
+"""Exact packed-bit evaluation of a BNN: one bit per +-1 value, XNOR/popcount per dot product.
+
+:class:`PackedNet` holds a BNN's stages as packed ``uint64`` words (:mod:`bnn_tol.kernels`) and
+evaluates faulty copies of it without a float model:
+
+- the first stage sees integer pixels ``q = p - INPUT_SCALE`` and runs as a float32 conv/GEMM on
+  ``q`` (every partial sum is an integer below ``2^24``, so any summation order is exact; float64
+  when the fan-in could reach ``2^24``), compared with the folded integer threshold;
+- every later stage sees +-1 bits: ``a = n - 2 popcount(w XOR x)``, compared with the folded
+  threshold (hidden) or fed to the model's float BatchNorm and ``argmax`` (output), as
+  ``model(x)`` does with the same exact ``a``: the predictions are bit-identical;
+- max pooling of +-1 values is the OR of their bits.
+
+Fault maps flip stored bits by the flat index of ``layer.weight`` (the index of
+:meth:`bnn_tol.errors.FaultMap.flips`); :meth:`PackedNet.weights` turns those indices into
+(word, bit) positions of the packed layout and XORs them into a copy of the clean words
+(``O(flips)`` work per map, no repacking).
+
+Memory per data chunk of ``B`` images: the first stage's float output ``B * C * H * W * 4``
+bytes (twice, for the channels-last copy), then ``B * H * W * ceil(C / 64) * 8`` bytes of
+packed words per later stage; per map one copy of the packed weights (``numel / 8`` bytes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import kernels
+from .data import INPUT_SCALE
+
+__all__ = ["PackedNet"]
+
+_EXACT_F32 = 2**24
+
+
+class _Layout:
+    """Where stage ``k``'s weights and activations live in the packed words.
+
+    Attributes:
+        conv: a convolution (activations ``(B, H, W, nw)``) or linear (``(B, nw)``).
+        c_in: input channels (conv) or features (linear); ``nw``: words per input position.
+        hw: input spatial size of a flatten-linear stage fed by a conv (``None`` otherwise):
+            its weight columns ``c H W + h W + w`` are reordered to the channels-last ``(h, w,
+            c)`` order of the packed activations.
+        out_hw: output spatial size before pooling (conv).
+    """
+
+    def __init__(self, st, in_shape: tuple[int, ...]) -> None:
+        w = st.wb
+        self.conv = st.conv
+        self.pool = st.pool or 1
+        self.hw: tuple[int, int] | None = None
+        if self.conv:
+            self.o, self.c_in, self.kh, self.kw = w.shape
+            pad = st.block.layer.padding
+            pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
+            if pad[0] != pad[1] or self.kh != self.kw:
+                raise ValueError("square kernels with equal padding only")
+            self.pad = int(pad[0])
+            h, wd = in_shape[-2:]
+            self.out_hw = (h + 2 * self.pad - self.kh + 1, wd + 2 * self.pad - self.kw + 1)
+            self.nw = -(-self.c_in // 64)
+        else:
+            self.o, n_in = w.shape
+            if len(in_shape) == 3 and st.k > 0:  # flatten after a conv stage
+                c, h, wd = in_shape
+                self.hw, self.c_in = (h, wd), c
+                self.nw = -(-c // 64)
+            else:
+                self.c_in, self.nw = n_in, -(-n_in // 64)
+            self.out_hw = None
+
+    def pack(self, wb: Tensor) -> np.ndarray:
+        """+-1 weights in the layer's own shape -> transposed packed words ``(K, O)``: conv
+        taps ``(i, j, word)`` major, linear input words (channels-last order after a conv)."""
+        w = wb.detach().cpu().numpy()
+        if self.conv:
+            rows = kernels.pack_rows(w.transpose(0, 2, 3, 1)).reshape(self.o, -1)
+        elif self.hw is not None:
+            h, wd = self.hw
+            w = w.reshape(self.o, self.c_in, h, wd).transpose(0, 2, 3, 1)
+            rows = kernels.pack_rows(w).reshape(self.o, -1)
+        else:
+            rows = kernels.pack_rows(w)
+        return np.ascontiguousarray(rows.T)
+
+    def tap_pop(self, w_t: np.ndarray) -> np.ndarray | None:
+        """Conv: popcount of each tap's weight words, int64 ``(k k, O)``."""
+        if not self.conv:
+            return None
+        counts = np.bitwise_count(w_t).astype(np.int64)
+        return counts.reshape(self.kh * self.kw, self.nw, self.o).sum(1)
+
+    def positions(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat indices into ``layer.weight`` -> (flat word index, bit) of :meth:`pack`."""
+        if self.conv:
+            o, rem = np.divmod(idx, self.c_in * self.kh * self.kw)
+            c, rem = np.divmod(rem, self.kh * self.kw)
+            r, s = np.divmod(rem, self.kw)
+            k = (r * self.kw + s) * self.nw + c // 64
+            return k * self.o + o, c % 64
+        if self.hw is not None:
+            n_pos = self.hw[0] * self.hw[1]
+            o, f = np.divmod(idx, self.c_in * n_pos)
+            c, p = np.divmod(f, n_pos)
+            return (p * self.nw + c // 64) * self.o + o, c % 64
+        o, f = np.divmod(idx, self.c_in)
+        return (f // 64) * self.o + o, f % 64
+
+
+class PackedNet:
+    """Packed-bit evaluation of the sign engines' stages (:class:`bnn_tol.evaluate._Stage`).
+
+    Args:
+        stages: compiled sign stages with ``wb`` (+-1 weights), ``folded`` (hidden) and ``bn``
+            (an eval-mode copy of the output BatchNorm).
+        in_shape: the model's input shape ``(C, H, W)``.
+    """
+
+    def __init__(self, stages, in_shape: tuple[int, ...]) -> None:
+        if not kernels.AVAILABLE:
+            raise RuntimeError("the packed engine needs numba (pip install numba)")
+        self.stages = stages
+        self.layouts: list[_Layout] = []
+        self.rule: list[tuple[np.ndarray, np.ndarray] | None] = []
+        shape = tuple(in_shape)
+        for st in stages:
+            lay = _Layout(st, shape)
+            self.layouts.append(lay)
+            if st.hidden:
+                f = st.folded
+                self.rule.append(kernels.comparator(f.direction.cpu().numpy(),
+                                                    f.t.cpu().numpy(), f.const.cpu().numpy()))
+            else:
+                self.rule.append(None)
+            if lay.conv:
+                h, w = lay.out_hw
+                shape = (lay.o, h // lay.pool, w // lay.pool)
+            else:
+                shape = (lay.o,)
+        fan_in = stages[0].wb[0].numel()
+        # first conv: int32 numba kernel; first linear: float GEMM, exact below 2^24
+        self.first_dtype = torch.float32 if fan_in * INPUT_SCALE < _EXACT_F32 else torch.float64
+        self.clean = [self._stage_weights(k, st.wb) for k, st in enumerate(stages)]
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def _stage_weights(self, k: int, wb: Tensor) -> tuple:
+        """What stage ``k``'s kernel takes: first conv ``(w_t int32 (k k C, O),)``, first
+        linear ``(wb float,)``, later stages ``(w_t uint64 (K, O), tap_pop)``."""
+        lay = self.layouts[k]
+        if k == 0:
+            if lay.conv:
+                w = wb.permute(2, 3, 1, 0).reshape(-1, lay.o).to(torch.int32)
+                return (np.ascontiguousarray(w.numpy()),)
+            return (wb.to(self.first_dtype),)
+        w_t = lay.pack(wb)
+        return (w_t, lay.tap_pop(w_t))
+
+    def weights(self, flips: dict[int, Tensor]) -> list[tuple]:
+        """Per-stage kernel weights with the bits at ``flips[k]`` (flat ``layer.weight``
+        indices) flipped: stage 0 from its flipped +-1 tensor, later stages by XOR of the
+        packed words (``O(flips)``)."""
+        ws = list(self.clean)
+        for k, idx in flips.items():
+            if idx.numel() == 0:
+                continue
+            if k == 0:
+                w = self.stages[0].wb.clone().view(-1)
+                w[idx] = -w[idx]
+                ws[0] = self._stage_weights(0, w.view_as(self.stages[0].wb))
+            else:
+                word, bit = self.layouts[k].positions(idx.cpu().numpy())
+                w_t = self.clean[k][0].copy()
+                kernels.flip_words(w_t, word.astype(np.int64), bit.astype(np.int64))
+                ws[k] = (w_t, self.layouts[k].tap_pop(w_t))
+        return ws
+
+    # -- activations --------------------------------------------------------------------------
+
+    def first_input(self, images: Tensor):
+        """uint8 ``(B, C, H, W)`` -> ``q = p - INPUT_SCALE``: int32 channels-last numpy for a
+        first conv, a float tensor for a first linear layer."""
+        q = images.to(torch.int32) - INPUT_SCALE
+        if self.layouts[0].conv:
+            return np.ascontiguousarray(q.permute(0, 2, 3, 1).numpy())
+        return q.to(self.first_dtype)
+
+    def pack_activations(self, k: int, h: Tensor) -> np.ndarray:
+        """+-1 float input of stage ``k`` (``(B, C, H, W)`` or ``(B, F)``) -> packed words."""
+        h = h.detach().cpu()
+        if h.dim() == 4:
+            words = kernels.pack_rows(h.permute(0, 2, 3, 1).numpy())
+            return words if self.layouts[k].conv else words.reshape(len(h), -1)
+        return kernels.pack_rows(h.numpy())
+
+    def _pool(self, k: int, x: np.ndarray) -> np.ndarray:
+        p = self.layouts[k].pool
+        if p == 1:
+            return x
+        b, h, w, nw = x.shape
+        out = np.empty((b, h // p, w // p, nw), dtype=np.uint64)
+        kernels.pool_or(x, p, out)
+        return out
+
+    def run(self, h, start: int, ws: list[tuple]) -> Tensor:
+        """Predictions ``(B,)`` from stage ``start``: ``h`` is :meth:`first_input` (start 0)
+        or the packed words of stage ``start``'s input."""
+        for k in range(start, len(self.stages)):
+            st, lay, w = self.stages[k], self.layouts[k], ws[k]
+            nwo = -(-lay.o // 64)
+            b = h.shape[0]
+            if k == 0 and lay.conv:
+                if not st.hidden:
+                    raise NotImplementedError("a conv output layer")
+                ho, wo = lay.out_hw
+                out = np.empty((b, ho, wo, nwo), dtype=np.uint64)
+                kernels.conv_first(h, w[0], lay.kh, lay.pad, *self.rule[k], out)
+                h = self._pool(k, out)
+            elif k == 0:
+                a = torch.round(h.flatten(1) @ w[0].t())  # exact integers; round: any backend
+                if not st.hidden:
+                    return self._scores(k, a.to(torch.float64))
+                a3 = a.reshape(b, 1, -1).contiguous().numpy()
+                out = np.empty((b, 1, nwo), dtype=np.uint64)
+                kernels.pack_threshold(a3, *self.rule[k], out)
+                h = out.reshape(b, nwo)
+            elif lay.conv:
+                ho, wo = lay.out_hw
+                out = np.empty((b, ho, wo, nwo), dtype=np.uint64)
+                kernels.conv_hidden(h, w[0], w[1], lay.kh, lay.pad, lay.c_in, *self.rule[k],
+                                    out)
+                h = self._pool(k, out)
+            else:
+                h = h.reshape(b, -1)
+                n_in = lay.c_in * (lay.hw[0] * lay.hw[1] if lay.hw else 1)
+                if not st.hidden:
+                    a = np.empty((b, lay.o), dtype=np.int64)
+                    kernels.fc_output(h, w[0], n_in, a)
+                    return self._scores(k, torch.from_numpy(a).to(torch.float64))
+                out = np.empty((b, nwo), dtype=np.uint64)
+                kernels.fc_hidden(h, w[0], n_in, *self.rule[k], out)
+                h = out
+        raise AssertionError("unreachable: the last stage returns")
+
+    def _scores(self, k: int, a: Tensor) -> Tensor:
+        """Exact output pre-activations (integers on the grid of stage ``k``) -> argmax of the
+        model's BatchNorm on ``a`` in float32, as ``model(x)``."""
+        if k == 0:
+            a = a / float(INPUT_SCALE)
+        return self.stages[k].bn(a.to(torch.float32)).argmax(1)

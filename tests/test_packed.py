@@ -1,0 +1,160 @@
+"""The packed-bit XNOR/popcount engine (issue 13): kernels against slow obvious references, and
+sweeps bit-identical to the reference engine (inject + model(x)) on fc and conv BNNs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import randomize_bn
+
+from bnn_tol import data, errors, evaluate, kernels, models
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+
+
+def _pm1(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(shape, generator=g) < 0.5, 1.0, -1.0)
+
+
+def _rule(o, seed):
+    """A comparator with both directions and dead units of both constants."""
+    g = np.random.default_rng(seed)
+    d = g.choice([-1, 0, 1], size=o, p=[0.4, 0.2, 0.4])
+    t = g.integers(-20, 20, size=o)
+    const = g.choice([-1, 1], size=o)
+    return d, t, const
+
+
+def _expected_bits(a, d, t, const):
+    """The folded rule written out per unit: d > 0: a >= t; d < 0: a <= t; d = 0: const."""
+    pos = np.where(d > 0, a >= t, a <= t)
+    return np.where(d == 0, const > 0, pos)
+
+
+def _unpack(words, n):
+    by = np.ascontiguousarray(words).view(np.uint8)
+    return np.unpackbits(by, axis=-1, bitorder="little")[..., :n].astype(bool)
+
+
+def test_pack_rows_is_little_endian_per_word():
+    v = -np.ones((2, 130))
+    v[0, 0] = v[0, 64] = v[1, 129] = 1
+    w = kernels.pack_rows(v)
+    assert w.shape == (2, 3) and w.dtype == np.uint64
+    assert w[0].tolist() == [1, 1, 0] and w[1].tolist() == [0, 0, 2]
+
+
+@pytest.mark.parametrize("n_in,n_out", [(64, 64), (100, 70), (300, 129)])
+def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
+    x, w = _pm1((33, n_in), 0), _pm1((n_out, n_in), 1)
+    a = (x @ w.t()).numpy().astype(np.int64)  # exact: small integers
+    x_p = kernels.pack_rows(x.numpy())
+    w_t = np.ascontiguousarray(kernels.pack_rows(w.numpy()).T)
+    out = np.empty((33, n_out), np.int64)
+    kernels.fc_output(x_p, w_t, n_in, out)
+    assert (out == a).all()
+    d, t, const = _rule(n_out, 2)
+    bits = np.empty((33, -(-n_out // 64)), np.uint64)
+    kernels.fc_hidden(x_p, w_t, n_in, *kernels.comparator(d, t, const), bits)
+    assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
+
+
+@pytest.mark.parametrize("c_in,c_out,k,pad,hw", [(64, 64, 3, 1, 7), (70, 130, 3, 1, 6),
+                                                  (5, 9, 3, 0, 5), (3, 4, 5, 2, 4)])
+def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
+    x, w = _pm1((4, c_in, hw, hw), 3), _pm1((c_out, c_in, k, k), 4)
+    a = F.conv2d(x, w, padding=pad).numpy().astype(np.int64)  # (B, O, Ho, Wo)
+    from bnn_tol.packed import _Layout
+
+    class St:  # the few stage facts a layout reads
+        conv, pool, k, wb = True, None, 1, w
+        block = torch.nn.Module()
+
+    St.block.layer = torch.nn.Conv2d(c_in, c_out, k, padding=pad)
+    lay = _Layout(St, (c_in, hw, hw))
+    w_t = lay.pack(w)
+    d, t, const = _rule(c_out, 5)
+    out = np.empty((4, *a.shape[2:], -(-c_out // 64)), np.uint64)
+    kernels.conv_hidden(kernels.pack_rows(x.permute(0, 2, 3, 1).numpy()), w_t, lay.tap_pop(w_t),
+                        k, pad, c_in, *kernels.comparator(d, t, const), out)
+    want = _expected_bits(a.transpose(0, 2, 3, 1), d, t, const)
+    assert (_unpack(out, c_out) == want).all()
+
+
+def test_conv_first_equals_conv2d_on_integer_pixels():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (3, 2, 9, 9), generator=g, dtype=torch.int32)
+    w = _pm1((70, 2, 3, 3), 6)
+    a = F.conv2d(q.double(), w.double(), padding=1).numpy().astype(np.int64)
+    d, t, const = _rule(70, 7)
+    d, td = kernels.comparator(d, t * 50, const)
+    out = np.empty((3, 9, 9, 2), np.uint64)
+    w_t = np.ascontiguousarray(w.permute(2, 3, 1, 0).reshape(-1, 70).to(torch.int32).numpy())
+    kernels.conv_first(np.ascontiguousarray(q.permute(0, 2, 3, 1).numpy()), w_t, 3, 1, d, td, out)
+    want = (d * a.transpose(0, 2, 3, 1)) >= td
+    assert (_unpack(out, 70) == want).all()
+
+
+def test_pool_or_is_max_pooling_of_signs_in_floor_mode():
+    x = _pm1((2, 70, 7, 7), 8)
+    out = np.empty((2, 3, 3, 2), np.uint64)
+    kernels.pool_or(kernels.pack_rows(x.permute(0, 2, 3, 1).numpy()), 2, out)
+    want = F.max_pool2d(x, 2).permute(0, 2, 3, 1).numpy() > 0
+    assert (_unpack(out, 70) == want).all()
+
+
+def _data(model, shape, n=300, seed=0):
+    """Random images labelled with the clean model's predictions (clean accuracy 1)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        labels = model(data.to_float(images)).argmax(1)
+    return data.BNNDataset(images, labels, name="synthetic")
+
+
+CASES = [
+    ("fc", {"hidden": (100, 70)}, (1, 12, 12)),
+    ("vgg3", {"channels": ((16,), (70,)), "fc_width": 50}, (1, 14, 14)),
+    ("vgg7", {"channels": ((8, 8), (65, 65), (20, 20)), "fc_width": 30}, (3, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("arch,kw,shape", CASES, ids=[c[0] for c in CASES])
+def test_packed_sweep_rows_equal_the_reference_engine(arch, kw, shape):
+    model = randomize_bn(models.build(arch, in_shape=shape, seed=3, **kw), seed=4)
+    with torch.no_grad():  # a dead unit (gamma = 0) in a hidden conv/fc block
+        model.blocks[1].bn.weight[2] = 0.0
+    ds = _data(model, shape)
+    sw = dict(bers=[0.0, 0.02, (0.05, 0.15), 0.3], n_maps=3, seed=1, progress=False,
+              batch_size=128)
+    ref = evaluate.sweep(model, ds, engine="reference", **sw)
+    got = evaluate.sweep(model, ds, engine="packed", **sw)
+    assert got["accuracy"].tolist() == ref["accuracy"].tolist()
+    assert ref["accuracy"].nunique() > 3  # the flips matter, the comparison is not vacuous
+    last = list(model.binary_layers())[1:]  # a clean first layer: the prefix is reused
+    ref = evaluate.sweep(model, ds, engine="reference", layers=last, **sw)
+    got = evaluate.sweep(model, ds, engine="packed", layers=last, **sw)
+    assert got["accuracy"].tolist() == ref["accuracy"].tolist()
+
+
+def test_packed_engine_equals_naive_loop_on_explicit_flips():
+    model = randomize_bn(models.build("vgg3", in_shape=(1, 14, 14), channels=((16,), (64,)),
+                                      fc_width=40, seed=5), seed=6)
+    ds = _data(model, (1, 14, 14), n=200, seed=2)
+    layers = model.binary_layers()
+    g = torch.Generator().manual_seed(0)
+    sets = [{n: torch.randperm(lay.weight.numel(), generator=g)[:40] for n, lay in
+             layers.items()} for _ in range(3)]
+    got = evaluate.accuracy_under_flips(model, ds, sets, engine="packed")
+    want = evaluate.accuracy_under_flips(model, ds, sets, engine="reference")
+    assert got == want
+
+
+def test_auto_picks_packed_for_bnns_on_cpu():
+    model = models.build("fc", hidden=(32,), in_shape=(1, 4, 4))
+    cpu = torch.device("cpu")
+    assert evaluate._pick_engine(model, cpu, "auto", ("weights",)).name == "packed"
+    assert evaluate.engines()[0] == "packed"
+    maps = errors.draw_maps(model, 0, 0.1)
+    assert set(maps) == set(model.binary_layers())
