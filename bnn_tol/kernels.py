@@ -37,7 +37,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     AVAILABLE = False
 
 __all__ = ["AVAILABLE", "threads", "comparator", "pack_rows", "pack_threshold",
-           "fc_hidden", "fc_output", "conv_hidden", "conv_first", "pool_or", "flip_words"]
+           "fc_hidden", "fc_output", "conv_hidden", "conv_first", "fc_first_delta", "pool_or",
+           "flip_words"]
 
 
 def comparator(direction: np.ndarray, t: np.ndarray, const: np.ndarray) -> tuple[np.ndarray,
@@ -209,6 +210,31 @@ if AVAILABLE:
                             for o in range(n_o):
                                 acc[o] += v * w_t[t, o]
                     _pack_rule(False, acc, 0, d, td, out[b, oh, ow])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def fc_first_delta(a0_t, q_t, rows, cols, coef, d, td, out):  # pragma: no cover - compiled
+        """First linear layer of a faulty copy from the clean one: ``a = a0 + sum_f coef_f
+        q[cols_f]`` added to row ``rows_f`` (``coef = -2 w`` of each flipped weight), then the
+        rule, packed. ``a0_t`` int32 ``(O, B)`` clean ``W q``; ``q_t`` int32 ``(I, B)`` ->
+        ``out`` ``(B, ceil(O / 64))``. Work ``flips x B`` instead of ``O x I x B``; samples go
+        in blocks of 32 so a block's ``(O, 32)`` accumulator stays in cache."""
+        n_o, nb = a0_t.shape
+        blk = 32
+        for ib in prange((nb + blk - 1) // blk):
+            b0 = ib * blk
+            b1 = min(nb, b0 + blk)
+            acc = a0_t[:, b0:b1].copy()
+            for f in range(rows.shape[0]):
+                r, c, v = rows[f], cols[f], coef[f]
+                for t in range(b1 - b0):
+                    acc[r, t] += v * q_t[c, b0 + t]
+            for t in range(b1 - b0):
+                for o0 in range(0, n_o, 64):
+                    word = np.uint64(0)
+                    for o in range(o0, min(n_o, o0 + 64)):
+                        if d[o] * np.int64(acc[o, t]) >= td[o]:
+                            word |= np.uint64(1) << np.uint64(o - o0)
+                    out[b0 + t, o0 // 64] = word
 
     @njit(parallel=True, cache=True, nogil=True)
     def pool_or(x, k, out):  # pragma: no cover - compiled

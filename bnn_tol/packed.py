@@ -110,6 +110,21 @@ class _Layout:
         return (f // 64) * self.o + o, f % 64
 
 
+#: The first linear layer is updated from its clean output when ``flips * DELTA_FRACTION <
+#: numel``.
+DELTA_FRACTION = 4
+
+
+class _FirstLinear:
+    """A data chunk's input to a first linear stage: ``q`` float ``(B, I)``; for a hidden stage
+    also ``q_t`` int32 ``(I, B)`` and the clean integer pre-activations ``a0_t`` int32
+    ``(O, B)`` (``4 (I + O)`` bytes per image)."""
+
+    def __init__(self, q: Tensor, q_t, a0_t) -> None:
+        self.q, self.q_t, self.a0_t = q, q_t, a0_t
+        self.shape = q.shape
+
+
 class PackedNet:
     """Packed-bit evaluation of the sign engines' stages (:class:`bnn_tol.evaluate._Stage`).
 
@@ -155,7 +170,7 @@ class PackedNet:
             if lay.conv:
                 w = wb.permute(2, 3, 1, 0).reshape(-1, lay.o).to(torch.int32)
                 return (np.ascontiguousarray(w.numpy()),)
-            return (wb.to(self.first_dtype),)
+            return ("dense", wb.to(self.first_dtype))
         w_t = lay.pack(wb)
         return (w_t, lay.tap_pop(w_t))
 
@@ -164,10 +179,17 @@ class PackedNet:
         indices) flipped: stage 0 from its flipped +-1 tensor, later stages by XOR of the
         packed words (``O(flips)``)."""
         ws = list(self.clean)
+        if self._delta_first(0):  # clean first layer: its cached output, thresholded
+            ws[0] = ("delta", *(np.zeros(0, t) for t in (np.int64, np.int64, np.int32)))
         for k, idx in flips.items():
             if idx.numel() == 0:
                 continue
-            if k == 0:
+            if k == 0 and self._delta_first(idx.numel()):
+                wb = self.stages[0].wb
+                rows, cols = np.divmod(idx.cpu().numpy(), wb.shape[1])
+                coef = (-2 * wb.view(-1)[idx]).to(torch.int32).numpy()
+                ws[0] = ("delta", rows.astype(np.int64), cols.astype(np.int64), coef)
+            elif k == 0:
                 w = self.stages[0].wb.clone().view(-1)
                 w[idx] = -w[idx]
                 ws[0] = self._stage_weights(0, w.view_as(self.stages[0].wb))
@@ -178,15 +200,28 @@ class PackedNet:
                 ws[k] = (w_t, self.layouts[k].tap_pop(w_t))
         return ws
 
+    def _delta_first(self, n_flips: int) -> bool:
+        """A hidden first linear layer is updated from its clean output when fewer than a
+        quarter of its weights flip (``flips x B`` beats the ``O x I x B`` GEMM there)."""
+        st = self.stages[0]
+        return (not self.layouts[0].conv and st.hidden
+                and n_flips * DELTA_FRACTION < st.wb.numel())
+
     # -- activations --------------------------------------------------------------------------
 
     def first_input(self, images: Tensor):
-        """uint8 ``(B, C, H, W)`` -> ``q = p - INPUT_SCALE``: int32 channels-last numpy for a
-        first conv, a float tensor for a first linear layer."""
+        """uint8 ``(B, C, H, W)`` -> the first stage's input: for a first conv ``q = p -
+        INPUT_SCALE`` int32 channels-last; for a first linear layer ``_FirstLinear`` (``q`` as a
+        float tensor, and for a hidden one also ``q`` transposed and the clean ``W q``)."""
         q = images.to(torch.int32) - INPUT_SCALE
         if self.layouts[0].conv:
             return np.ascontiguousarray(q.permute(0, 2, 3, 1).numpy())
-        return q.to(self.first_dtype)
+        qf = q.flatten(1).to(self.first_dtype)
+        if not self.stages[0].hidden:
+            return _FirstLinear(qf, None, None)
+        a0 = torch.round(qf @ self.clean[0][1].t()).to(torch.int32)
+        return _FirstLinear(qf, np.ascontiguousarray(q.flatten(1).t().numpy()),
+                            np.ascontiguousarray(a0.t().numpy()))
 
     def pack_activations(self, k: int, h: Tensor) -> np.ndarray:
         """+-1 float input of stage ``k`` (``(B, C, H, W)`` or ``(B, F)``) -> packed words."""
@@ -219,8 +254,12 @@ class PackedNet:
                 out = np.empty((b, ho, wo, nwo), dtype=np.uint64)
                 kernels.conv_first(h, w[0], lay.kh, lay.pad, *self.rule[k], out)
                 h = self._pool(k, out)
+            elif k == 0 and w[0] == "delta":
+                out = np.empty((b, nwo), dtype=np.uint64)
+                kernels.fc_first_delta(h.a0_t, h.q_t, *w[1:], *self.rule[k], out)
+                h = out
             elif k == 0:
-                a = torch.round(h.flatten(1) @ w[0].t())  # exact integers; round: any backend
+                a = torch.round(h.q @ w[1].t())  # exact integers; round: any backend
                 if not st.hidden:
                     return self._scores(k, a.to(torch.float64))
                 a3 = a.reshape(b, 1, -1).contiguous().numpy()
