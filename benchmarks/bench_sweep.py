@@ -1,16 +1,30 @@
-"""BER sweep engine vs the naive loop: ``fc`` (784-2048-2048-10) on the 10k Fashion-MNIST test
-set, 11 BERs (0 to 10 %) x 20 fault maps, 2 threads. ``naive``: per map deepcopy the model,
-write the flipped weights, plain fp32 ``model(x)`` (drawing the map is not timed; median over a
-sample of the sweep's maps, interleaved with the engines). ``int8``/``fp32``:
-:func:`bnn_tol.evaluate.sweep` on the whole grid (seconds per row, map drawing included; the
-BER-0 rows cost nothing). ``int8 kernel``: one evaluation at p = 0.1 without reuse. Every engine
-accuracy is checked equal to the naive one on the sampled maps (``exact``). ``roofline``:
-5.8e10 MACs at the int8 GEMM throughput measured in this run. Target: naive / engine >= 3.
+"""BER sweep engines vs the naive loop on the Fashion-MNIST test set, 2 threads.
+
+``naive``: per map deepcopy the model, write the flipped weights, plain fp32 ``model(x)``
+(drawing the map is not timed; median over a sample of the sweep's maps, half before and half
+after the engines). ``packed``: :func:`bnn_tol.evaluate.sweep` with the packed XNOR/popcount
+engine over the whole grid, seconds per faulty row (BER-0 rows cost nothing and are not
+counted; map drawing included). ``fp32``: the batched float engine on a few maps. Every engine
+accuracy is checked equal to the naive one on the sampled maps (``exact``).
+
+Cases: ``fc`` (784-2048-2048-10; ``runs/fc`` when it exists) and ``vgg3`` on all 10k test
+images, 11 BERs (0 to 10 %) x 20 maps; ``vgg7`` (2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10
+on 1x28x28, random init) on all 10k images with 11 BERs x 2 maps (a naive vgg7 map takes
+minutes). Target: naive / packed >= 3 for the conv models, >= 7 for fc.
+
+``memory``: peak resident memory (``VmHWM``) of a fresh process running one sweep --
+vgg7 on 10k images (2 maps) and fc 2048-2048 with 10 and 100 maps -- and its growth over the
+same process after loading the model and the data (``rss_above_start_mb``). The engines stream
+the data in chunks (default from a 256 MiB budget) and hold one map's weights and flips at a
+time; fault maps are kept for reuse across BERs up to a 256 MiB budget and redrawn from their
+seeds beyond it, so the peak does not grow with the number of maps.
 """
 
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
+import resource
 import time
 from pathlib import Path
 
@@ -20,7 +34,8 @@ import torch
 import bnn_tol
 from bnn_tol import data, errors, evaluate, models
 
-RUN = Path(__file__).resolve().parents[1] / "runs" / "fc"
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+BERS = [round(0.01 * k, 2) for k in range(11)]
 
 
 def _naive(model, test, ber, seed) -> tuple[float, float]:
@@ -37,19 +52,99 @@ def _naive(model, test, ber, seed) -> tuple[float, float]:
     return acc, time.perf_counter() - t0
 
 
-def _int8_peak(n: int) -> float:
-    """MAC/s of one large int8 GEMM (2048 x 2048 x n), best of 3."""
-    w = torch.randint(0, 2, (2048, 2048), dtype=torch.int8)
-    h = torch.randint(0, 2, (2048, n), dtype=torch.int8)
-    torch._int_mm(w, h)
-    best = min(_timed(lambda: torch._int_mm(w, h)) for _ in range(3))
-    return 2048 * 2048 * n / best
+def _test_set():
+    try:
+        return data.load("fashion-mnist", "test")
+    except data.DatasetNotFound:
+        return data.load("digits", "test")
 
 
-def _timed(fn) -> float:
+def _model(arch: str, shape):
+    run = RUNS / arch
+    if (run / "config.json").exists():
+        m = bnn_tol.load(run)
+        if tuple(m.in_shape) == tuple(shape):
+            return m.eval(), f"runs/{arch}"
+    kw = {"in_shape": tuple(shape)}
+    return models.build(arch, seed=0, **kw).eval(), f"{arch} (random init)"
+
+
+def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int) -> list[dict]:
+    model, label = _model(arch, test.shape)
+    seeds = errors.map_seeds(0, n_maps)
+    sample = [(0.1 if i % 2 == 0 else 0.05, seeds[i % n_maps]) for i in range(n_naive)]
+    naive_t, naive_acc = [], {}
+    half = (n_naive + 1) // 2
+    for b, s in sample[:half]:
+        naive_acc[(b, s)], t = _naive(model, test, b, s)
+        naive_t.append(t)
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    df = evaluate.sweep(model, test, bers=BERS, n_maps=n_maps, seed=0, engine="packed",
+                        progress=False)
+    packed_t = (time.perf_counter() - t0) / int((df["ber"] > 0).sum())
+    fp32_t, fp32_df = None, None
+    if fp32_maps:
+        t0 = time.perf_counter()
+        fp32_df = evaluate.sweep(model, test, bers=[0.05, 0.1], n_maps=fp32_maps, seed=0,
+                                 engine="fp32", progress=False)
+        fp32_t = (time.perf_counter() - t0) / len(fp32_df)
+    for b, s in sample[half:]:
+        naive_acc[(b, s)], t = _naive(model, test, b, s)
+        naive_t.append(t)
+    naive = sorted(naive_t)[len(naive_t) // 2]
+
+    def exact(d) -> bool:
+        got = {(r.ber, r.seed): r.accuracy for r in d.itertuples()}
+        keys = [k for k in naive_acc if k in got]
+        return bool(keys) and all(got[k] == naive_acc[k] for k in keys)
+
+    case = f"{label}, {len(test)} images, {len(BERS)} BERs x {n_maps} maps"
+    rows = [{"case": case, "implementation": "naive loop (deepcopy + fp32 model(x))",
+             "seconds_per_map": naive, "ratio": 1.0, "exact": True},
+            {"case": case, "implementation": "sweep packed engine (whole grid, per faulty row)",
+             "seconds_per_map": packed_t, "ratio": naive / packed_t, "exact": exact(df)}]
+    if fp32_t is not None:
+        rows.append({"case": case, "implementation": f"sweep fp32 engine (p=0.05/0.1, "
+                                                     f"{fp32_maps} maps)",
+                     "seconds_per_map": fp32_t, "ratio": naive / fp32_t,
+                     "exact": exact(fp32_df)})
+    return rows
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process (``VmHWM``; ``ru_maxrss`` would carry the
+    parent's peak over ``exec``), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _memory_child(arch: str, n_maps: int, queue) -> None:
+    torch.set_num_threads(2)
+    test = _test_set()
+    model, label = _model(arch, test.shape)
+    start = _rss_mb()
+    t0 = time.perf_counter()
+    evaluate.sweep(model, test, bers=[0.05], n_maps=n_maps, seed=0, engine="packed",
+                   progress=False)
+    queue.put((label, start, _rss_mb(), time.perf_counter() - t0))
+
+
+def _memory(arch: str, n_maps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=(arch, n_maps, q))
+    p.start()
+    label, start, peak, secs = q.get()
+    p.join()
+    return {"case": f"memory: {label}, 10k images, p=0.05 x {n_maps} maps",
+            "implementation": "sweep packed engine (fresh process)",
+            "seconds_per_map": secs / n_maps, "peak_rss_mb": peak,
+            "rss_above_start_mb": peak - start}
 
 
 def run(quick: bool = False) -> pd.DataFrame:
@@ -62,74 +157,12 @@ def run(quick: bool = False) -> pd.DataFrame:
 
 
 def _run(quick: bool) -> pd.DataFrame:
-    try:
-        test = data.load("fashion-mnist", "test")
-    except data.DatasetNotFound:
-        test = data.load("digits", "test")
+    test = _test_set()
     if quick:
-        test = test.subset(2000)
-    if (RUN / "config.json").exists() and test.shape == (1, 28, 28):
-        model, label = bnn_tol.load(RUN), "runs/fc"
-    else:
-        model, label = models.build("fc", in_shape=test.shape), "fc (random init)"
-    model.eval()
-    bers = [round(0.01 * k, 2) for k in range(11)]
-    n_maps = 3 if quick else 20
-    n_naive = 2 if quick else 5
-    seeds = errors.map_seeds(0, n_maps)
-    sample = [(0.1 if i % 2 == 0 else 0.05, seeds[i]) for i in range(n_naive)]
-    macs = sum(layer.weight.numel() for layer in model.binary_layers().values()) * len(test)
-
-    naive_t, naive_acc = [], {}
-    engine_t: dict[str, float] = {}
-    engine_df: dict[str, pd.DataFrame] = {}
-    # interleave: naive half, engines, naive half (load from other jobs hits both alike)
-    for b, s in sample[: n_naive // 2 + 1]:
-        naive_acc[(b, s)], t = _naive(model, test, b, s)
-        naive_t.append(t)
-    for engine in ("int8", "fp32"):
-        grid_bers = bers if engine == "int8" else [0.05, 0.1]
-        maps = n_maps if engine == "int8" else (2 if quick else 4)
-        t0 = time.perf_counter()
-        df = evaluate.sweep(model, test, bers=grid_bers, n_maps=maps, seed=0, engine=engine,
-                            progress=False)
-        engine_t[engine] = (time.perf_counter() - t0) / len(df)
-        engine_df[engine] = df
-    # kernel: one map at p = 0.1, nothing reused (fresh runner, map drawn outside the timing)
-    fm = errors.draw_maps(model, seeds[0], 0.1)
-    runner = evaluate._Runner(model, test, layers=None, device=torch.device("cpu"),
-                              engine="int8", batch_size=None, maps_per_step=None,
-                              targets=("weights",))
-    runner._chunks()
-    flips = {k: fm[st.name].flips(st.wb, 0.1, 0.1) for k, st in enumerate(runner.stages)}
-    kernel_t = min(_timed(lambda: runner._eval_group([flips])) for _ in range(3))
-    for b, s in sample[n_naive // 2 + 1:]:
-        naive_acc[(b, s)], t = _naive(model, test, b, s)
-        naive_t.append(t)
-    naive = sorted(naive_t)[len(naive_t) // 2]
-    peak = _int8_peak(len(test))
-
-    def exact(df) -> bool:
-        got = {(r.ber, r.seed): r.accuracy for r in df.itertuples()}
-        keys = [k for k in naive_acc if k in got]
-        return bool(keys) and all(got[k] == naive_acc[k] for k in keys)
-
-    case = f"{label}, {len(test)} test images, {len(bers)} BERs x {n_maps} maps, 2 threads"
-    rows = [
-        {"case": case, "implementation": "naive loop (deepcopy + fp32 model(x))",
-         "seconds_per_map": naive, "ratio": 1.0, "exact": True},
-        {"case": case, "implementation": "sweep int8 engine (whole grid, per row)",
-         "seconds_per_map": engine_t["int8"], "ratio": naive / engine_t["int8"],
-         "exact": exact(engine_df["int8"])},
-        {"case": case, "implementation": "int8 kernel, one map at p=0.1 (no reuse)",
-         "seconds_per_map": kernel_t, "ratio": naive / kernel_t, "exact": True},
-        {"case": case, "implementation": "sweep fp32 engine (maps batched, p=0.05/0.1)",
-         "seconds_per_map": engine_t["fp32"], "ratio": naive / engine_t["fp32"],
-         "exact": exact(engine_df["fp32"])},
-        {"case": case, "implementation": f"int8 roofline ({macs:.2g} MACs at measured "
-                                         f"{peak / 1e9:.0f} GMAC/s)",
-         "seconds_per_map": macs / peak, "ratio": naive / (macs / peak), "exact": True},
-    ]
-    curve = evaluate.summarize(engine_df["int8"])[["ber", "mean", "ci_low", "ci_high"]]
-    print("accuracy vs BER (int8 sweep):\n" + curve.to_string(index=False))
+        test = test.subset(500)
+    rows = _case("fc", test, 3 if quick else 20, 2 if quick else 5, 2)
+    rows += _case("vgg3", test, 2 if quick else 20, 2 if quick else 3, 0)
+    rows += _case("vgg7", test.subset(100) if quick else test, 2, 2, 0)
+    if not quick:
+        rows += [_memory("vgg7", 2), _memory("fc", 10), _memory("fc", 100)]
     return pd.DataFrame(rows)

@@ -658,6 +658,9 @@ def sweep(
     Engines (a registry, :func:`engines`; all exact: they reproduce ``model(x).argmax(1)`` of
     the faulty model bit for bit). ``engine="auto"`` takes the first that supports the model:
 
+    * ``"packed"`` (any stride-1 BNN, fc or conv, on CPU with numba): +-1 values as bits,
+      XNOR/popcount dot products (:mod:`bnn_tol.packed`); the first conv as an int32 kernel
+      on ``q = p - 128``, a first linear layer updated from its cached clean output.
     * ``"int8"`` (fully connected BNNs on a CPU with VNNI, :func:`int8_is_fast`):
       ``torch._int_mm`` int8 x int8 -> int32 on +-1 weights, folded integer thresholds,
       bit activations; the clean prefix before the first faulty layer is computed once.
@@ -746,7 +749,7 @@ def sweep(
     total = len(models) * len(ber_list) * n_maps
     bar = tqdm(total=total, desc="sweep", unit="map", disable=not progress)
     rows_all: list[dict] = []
-    maps: dict[int, dict] = {}
+    maps = _MapCache()
     map_layout = None
     try:
         for label, model in models.items():
@@ -758,17 +761,18 @@ def sweep(
             layout = (tuple((n, lay.weight.numel()) for n, lay in select_layers(model).items()),
                       tuple(select_layers(model, layers)))
             if layout != map_layout:
-                maps, map_layout = {}, layout
+                maps, map_layout = _MapCache(), layout
             storage = _storage(model)
             for p01, p10 in ber_list:
                 todo = [m for m in range(n_maps)
                         if (str(label), p01, p10, m, seeds[m]) not in done]
                 bar.update(n_maps - len(todo))
-                for m in todo:
-                    if m not in maps and runner.engine != "reference":
-                        maps[m] = draw_maps(model, seeds[m], cap, layers=layers)
-                accs = runner.accuracies([maps.get(m) for m in todo], [seeds[m] for m in todo],
-                                         p01, p10, bar)
+                if runner.engine == "reference":  # draws its own maps from the seeds
+                    fmaps = (None for _ in todo)
+                else:
+                    fmaps = (maps.get(m, lambda m=m, model=model: draw_maps(
+                        model, seeds[m], cap, layers=layers)) for m in todo)
+                accs = runner.accuracies(fmaps, [seeds[m] for m in todo], p01, p10, bar)
                 rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
                          "p10": p10, "map": m, "seed": seeds[m], "accuracy": a,
                          "rerr": 1.0 - a, **storage} for m, a in zip(todo, accs, strict=True)]
@@ -795,6 +799,30 @@ def sweep(
     df["seed"] = df["seed"].astype("int64")
     df["memory_bits"] = df["memory_bits"].astype("int64")
     return df
+
+
+class _MapCache:
+    """Fault maps of a sweep by map number, kept while they fit in ``budget`` bytes.
+
+    Maps are reused across BERs (the same chip); those beyond the budget are drawn again from
+    their seed when needed (bit-identical), so a sweep's memory for maps stays below
+    ``budget`` plus the ``maps_per_step`` maps in use, whatever ``n_maps`` is.
+    """
+
+    def __init__(self, budget: int = MEMORY_BUDGET) -> None:
+        self.budget, self.used, self.maps = budget, 0, {}
+
+    def get(self, m: int, draw):
+        """Map ``m``: cached, or ``draw()`` (kept if it fits)."""
+        if m in self.maps:
+            return self.maps[m]
+        fm = draw()
+        size = sum(f.idx.numel() * f.idx.element_size() + f.u.numel() * f.u.element_size()
+                   for f in fm.values())
+        if self.used + size <= self.budget:
+            self.maps[m] = fm
+            self.used += size
+        return fm
 
 
 # -- engines: a registry ------------------------------------------------------------------------
@@ -856,22 +884,30 @@ class _Engine:
         raise NotImplementedError
 
     def accuracies(self, maps, seeds, p01, p10, bar) -> list[float]:
-        """Accuracies of fault maps ``maps`` (or seeds, for engines that draw them) at one BER;
-        maps that flip nothing reuse the clean accuracy."""
-        flips = [self.flips(fm, p01, p10) for fm in maps]
-        results: list[float | None] = [None] * len(flips)
-        todo = []
-        for i, f in enumerate(flips):
-            if all(v.numel() == 0 for v in f.values()):
-                results[i] = self.clean_accuracy()
-                bar.update(1)
-            else:
-                todo.append(i)
-        for j in range(0, len(todo), self.g):
-            grp = todo[j: j + self.g]
-            for i, a in zip(grp, self.evaluate([flips[i] for i in grp]), strict=True):
+        """Accuracies of fault maps ``maps`` (an iterable, consumed in order; or seeds, for
+        engines that draw them) at one BER; maps that flip nothing reuse the clean accuracy.
+        At most ``maps_per_step`` maps and their flips are held at a time."""
+        results: list[float | None] = []
+        group: list[tuple[int, dict]] = []
+
+        def flush() -> None:
+            for (i, _), a in zip(group, self.evaluate([f for _, f in group]), strict=True):
                 results[i] = a
-            bar.update(len(grp))
+            bar.update(len(group))
+            group.clear()
+
+        for i, fm in enumerate(maps):
+            f = self.flips(fm, p01, p10)
+            if all(v.numel() == 0 for v in f.values()):
+                results.append(self.clean_accuracy())
+                bar.update(1)
+                continue
+            results.append(None)
+            group.append((i, f))
+            if len(group) == self.g:
+                flush()
+        if group:
+            flush()
         return results  # type: ignore[return-value]
 
 

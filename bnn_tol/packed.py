@@ -16,9 +16,13 @@ Fault maps flip stored bits by the flat index of ``layer.weight`` (the index of
 (word, bit) positions of the packed layout and XORs them into a copy of the clean words
 (``O(flips)`` work per map, no repacking).
 
-Memory per data chunk of ``B`` images: the first stage's float output ``B * C * H * W * 4``
-bytes (twice, for the channels-last copy), then ``B * H * W * ceil(C / 64) * 8`` bytes of
-packed words per later stage; per map one copy of the packed weights (``numel / 8`` bytes).
+Memory. Cached once per data chunk of ``B`` images (for the whole test set, since the engine
+reuses it for every map): the input of the first faulty stage -- for a first conv ``q`` int32
+``4 C H W`` bytes per image, for a first linear layer ``q`` (float32 and int32) and the clean
+``W q`` (int32), ``4 (2 I + O)`` bytes per image; for a later start its packed words. Per
+chunk while a map runs: each stage's packed output, ``H W ceil(C / 64) 8`` bytes per image
+(64 times less than float32). Per map: one copy of the packed weights of each faulty layer
+(``numel / 8`` bytes) and its flip indices. Nothing grows with the number of maps.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEVICES = ("cpu", "cuda", "auto")
 _LOSSES = ("ce", "mhl")
 #: Sweep engines of ``evaluate.sweep`` (all exact: the choice changes speed, not results).
-_ENGINES = ("auto", "int8", "fp32", "reference")
+_ENGINES = ("auto", "packed", "int8", "fp32", "fixed", "reference")
 
 
 def _is_int(v: Any) -> bool:
