@@ -260,13 +260,16 @@ def _argmax1(z: Tensor) -> Tensor:
 
 
 def _pm_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for matrices with entries in {-1, 0, +1}: exact int8 GEMM on CPU.
+    """``a @ b`` for matrices with entries in {-1, 0, +1}, exact.
 
-    Uses ``torch._int_mm`` (int8 x int8 -> int32, VNNI) where the shapes allow it, else the
-    float32 product (exact for sums below 2^24). Returns float32.
+    Uses ``torch._int_mm`` (int8 x int8 -> int32) on CPUs with an int8 dot product (VNNI/AMX,
+    :func:`bnn_tol.evaluate.int8_is_fast`) where the shapes allow it, else the float32 product
+    (exact for sums below 2^24; without VNNI ``_int_mm`` was 30x slower). Returns float32.
     """
+    from ..evaluate import int8_is_fast
+
     if (a.device.type == "cpu" and a.shape[0] > 16 and a.shape[1] % 8 == 0
-            and b.shape[1] % 8 == 0 and hasattr(torch, "_int_mm")):
+            and b.shape[1] % 8 == 0 and hasattr(torch, "_int_mm") and int8_is_fast()):
         try:
             return torch._int_mm(a.to(torch.int8), b.to(torch.int8)).to(torch.float32)
         except RuntimeError:  # pragma: no cover - kernel not built for this CPU
