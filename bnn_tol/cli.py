@@ -306,7 +306,8 @@ def _parse_bers(text: str) -> list:
               help="Use only the first N test samples.")
 @click.option("--batch-size", type=int, default=None,
               help="Test samples per chunk (>= 1; default from a memory budget).")
-@click.option("--engine", type=click.Choice(["auto", "int8", "fp32", "reference"]),
+@click.option("--engine", type=click.Choice(["auto", "packed", "int8", "fp32", "fixed",
+                                            "reference"]),
               default="auto", show_default=True, help="Evaluation engine (all exact).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to compute.")

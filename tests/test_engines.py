@@ -164,3 +164,11 @@ def test_sweep_files_of_the_old_format_stay_readable_but_are_not_resumed(tmp_pat
         evaluate.sweep(model, _data(50), bers=[0.01], n_maps=1, progress=False, out=old,
                        resume=True)
     assert old.read_bytes() == before
+
+
+def test_cli_and_study_offer_every_registered_engine():
+    from bnn_tol import cli, study
+
+    opt = next(p for p in cli.sweep.params if p.name == "engine")
+    assert set(opt.type.choices) == {"auto", *evaluate.engines()}
+    assert set(study._ENGINES) == {"auto", *evaluate.engines()}
