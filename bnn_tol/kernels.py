@@ -124,6 +124,26 @@ if AVAILABLE:
                     word |= np.uint64(1) << np.uint64(o - o0)
             out[o0 // 64] = word
 
+    @njit(inline="always", nogil=True)
+    def _gather(x, oh, ow, k, pad, patch):  # pragma: no cover - compiled
+        """Patch of output position ``(oh, ow)`` of a stride-1 ``k x k`` conv: ``x`` ``(H, W,
+        n)`` -> ``patch`` ``(k k n)``, taps ``(i, j)`` major, zero outside the image. Returns
+        the number of taps inside."""
+        hh, ww, n = x.shape
+        nv = 0
+        for i in range(k):
+            for j in range(k):
+                ih, iw = oh + i - pad, ow + j - pad
+                base = (i * k + j) * n
+                if 0 <= ih < hh and 0 <= iw < ww:
+                    nv += 1
+                    for c in range(n):
+                        patch[base + c] = x[ih, iw, c]
+                else:  # (a separate branch: no uint64/int64 unification to float)
+                    for c in range(n):
+                        patch[base + c] = 0
+        return nv
+
     @njit(parallel=True, cache=True, nogil=True)
     def fc_hidden(x, w_t, n, d, td, out):  # pragma: no cover - compiled
         """``x`` ``(B, nw)``, transposed weights ``w_t`` ``(nw, O)``, ``n`` inputs -> bits
@@ -162,16 +182,7 @@ if AVAILABLE:
             patch = np.empty(w_t.shape[0], np.uint64)
             for oh in range(ho):
                 for ow in range(wo):
-                    nv = 0
-                    for i in range(k):
-                        for j in range(k):
-                            ih, iw = oh + i - pad, ow + j - pad
-                            inside = 0 <= ih < hh and 0 <= iw < ww
-                            if inside:
-                                nv += 1
-                            for q in range(nw):
-                                patch[(i * k + j) * nw + q] = (x[b, ih, iw, q] if inside
-                                                               else np.uint64(0))
+                    nv = _gather(x[b], oh, ow, k, pad, patch)
                     _accumulate(patch, w_t, s)
                     if nv < k * k:
                         for i in range(k):
@@ -196,12 +207,7 @@ if AVAILABLE:
             patch = np.empty(w_t.shape[0], np.int32)
             for oh in range(ho):
                 for ow in range(wo):
-                    for i in range(k):
-                        for j in range(k):
-                            ih, iw = oh + i - pad, ow + j - pad
-                            inside = 0 <= ih < hh and 0 <= iw < ww
-                            for c in range(nc):
-                                patch[(i * k + j) * nc + c] = q[b, ih, iw, c] if inside else 0
+                    _gather(q[b], oh, ow, k, pad, patch)
                     for o in range(n_o):
                         acc[o] = 0
                     for t in range(patch.shape[0]):
