@@ -84,6 +84,15 @@ MARGIN_COLUMNS = ["layer", "layer_index", "kind", "neuron", "fan_in", "tau", "di
 _QUANTUM = 1.0 / 128.0
 
 
+#: Per-image aggregate series (see :func:`margin`) that a layer's base values ``v_nj`` are
+#: co-moment'ed with: the layer and network means of the ``mean``, ``_bn``, ``_norm`` and
+#: ``_half`` forms. The layer means of ``_norm`` and (hidden) ``_half`` are fixed multiples of
+#: ``u_mean`` and need no series of their own.
+_Y0 = ("u_mean", "w_mean", "u_bn", "w_bn", "w_norm", "w_half")
+#: Series of the first layer's ``_half`` values ``v_nj / (2 xbar_n)`` (their own base).
+_Y1 = ("u_half", "w_half")
+
+
 @dataclass
 class _CoMoments:
     """Streaming means and centred co-moments of per-image values (float64).
@@ -91,7 +100,8 @@ class _CoMoments:
     For rows ``x_n`` ``(C,)`` and ``y_n`` ``(Q,)`` (``n = 1..N``) keeps ``N``, the means and
     ``sxx = sum_n (x_n - xbar)^2`` ``(C,)``, ``sxy = sum_n (x_n - xbar)(y_n - ybar)^T``
     ``(C, Q)``; batches are merged with Chan et al.'s pairwise update (numerically stable,
-    no sum-of-squares cancellation).
+    no sum-of-squares cancellation). ``sxx`` stays ``None`` when the caller derives it
+    elsewhere (exact hidden layers: from the histogram, see :func:`_se_table`).
     """
 
     n: int = 0
@@ -100,28 +110,29 @@ class _CoMoments:
     sxx: Tensor | None = None
     sxy: Tensor | None = None
 
-    def add(self, x: Tensor, y: Tensor) -> None:
-        """Add a batch: ``x`` ``(B, C)``, ``y`` ``(B, Q)``, float64."""
+    def add(self, x: Tensor, y: Tensor, sxx: bool = True) -> None:
+        """Add a batch: ``x`` ``(B, C)``, ``y`` ``(B, Q)``, float64.
+
+        One matrix product ``[1 | y - ybar_b]^T x`` reads ``x`` once for its column sums and
+        its co-moments with the batch-centred ``y`` (``sum_n (x_n - xbar_b)(y_n - ybar_b) =
+        sum_n x_n (y_n - ybar_b)``); ``sxx``: also the batch-centred sum of squares of ``x``.
+        """
         b = x.shape[0]
-        bx, by = x.mean(0), y.mean(0)
-        dx, dy = x - bx, y - by
-        bxx, bxy = (dx * dx).sum(0), dx.T @ dy
+        by = y.mean(0)
+        z = torch.cat([torch.ones_like(y[:, :1]), y - by], 1)
+        prod = z.T @ x
+        bx, bxy = prod[0] / b, prod[1:].T
+        bxx = torch.sub(x, bx).square_().sum(0) if sxx else None
         if self.n == 0:
             self.n, self.mx, self.my, self.sxx, self.sxy = b, bx, by, bxx, bxy
             return
         n = self.n + b
         f = self.n * b / n
         ex, ey = bx - self.mx, by - self.my
-        self.sxx = self.sxx + bxx + ex * ex * f
+        if bxx is not None:
+            self.sxx = self.sxx + bxx + ex * ex * f
         self.sxy = self.sxy + bxy + ex[:, None] * ey[None, :] * f
         self.mx, self.my, self.n = self.mx + ex * (b / n), self.my + ey * (b / n), n
-
-    def var_of_mean(self) -> tuple[Tensor, Tensor]:
-        """``(sxx, sxy) / (N (N - 1))`` on CPU: se^2 of the mean of ``x`` and its covariance
-        with the mean of each ``y`` (nan for ``N < 2``)."""
-        d = self.n * (self.n - 1)
-        d = d if d > 0 else math.nan
-        return self.sxx.cpu() / d, self.sxy.cpu() / d
 
 
 @dataclass
@@ -145,8 +156,7 @@ class LayerStats:
     sum_m: Tensor | None = None
     min_m: Tensor | None = None
     grid: float = 0.0
-    s_plus: Tensor | None = None
-    s_all: Tensor | None = None
+    s_abs: Tensor | None = None
     n_plus: Tensor | None = None
     k_min_plus: Tensor | None = None
     k_max_minus: Tensor | None = None
@@ -155,9 +165,11 @@ class LayerStats:
     pos_sum: Tensor | None = None
     pos_min: Tensor | None = None
     pos_neff: Tensor | None = None
-    se: dict[str, _CoMoments] | None = None
+    se: list[_CoMoments | None] | None = None
     _group: Tensor | None = field(default=None, repr=False)
     _tau: Tensor | None = field(default=None, repr=False)
+    _tau_flat: Tensor | None = field(default=None, repr=False)
+    _wagg: Tensor | None = field(default=None, repr=False)
 
     def hist3(self) -> Tensor:
         """Counts as ``(C, E, n_bins)`` int64 on CPU (bins outside the kept range are 0)."""
@@ -207,6 +219,7 @@ def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
     st = LayerStats(info, lo, w, b, exact, classes.cpu())
     st._group = group
     st._tau = tau.view(-1, *([1] * (a.dim() - 2)))
+    st._tau_flat = tau
     if not exact:
         st.sum_m = torch.zeros(c, dtype=torch.float64, device=dev)
         st.min_m = torch.full((c,), math.inf, dtype=torch.float64, device=dev)
@@ -220,11 +233,11 @@ def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
             t64 = torch.where(info.direction == 0, torch.full_like(t64, -kmax - 1), t64)
             st.grid = unit
             st._thr = t64.to(dev, torch.float32).view(-1, *([1] * (a.dim() - 2)))
-            st.s_plus = torch.zeros(c, dtype=torch.float64, device=dev)
-            st.s_all = torch.zeros(c, dtype=torch.float64, device=dev)
+            st.s_abs = torch.zeros(c, dtype=torch.float64, device=dev)
             st.n_plus = torch.zeros(c, dtype=torch.int64, device=dev)
-            st.k_min_plus = torch.full((c,), math.inf, dtype=torch.float32, device=dev)
-            st.k_max_minus = torch.full((c,), -math.inf, dtype=torch.float32, device=dev)
+            if info.conv:  # linear layers take the minimum from the float64 margins
+                st.k_min_plus = torch.full((c,), math.inf, dtype=torch.float32, device=dev)
+                st.k_max_minus = torch.full((c,), -math.inf, dtype=torch.float32, device=dev)
     if per_position and info.conv:
         st.pos_sum = torch.zeros(a.shape[1:], dtype=torch.float64, device=dev)
         st.pos_min = torch.full(a.shape[1:], math.inf, dtype=torch.float64, device=dev)
@@ -263,120 +276,194 @@ def _add_hist(st: LayerStats, a: Tensor, scale: float, shift: float) -> None:
 
 
 def _update_grid(st: LayerStats, a: Tensor, dims: list[int]) -> None:
-    """Exact integer-unit sums of one batch (see the module doc): ``k = u a``, ``k > t``."""
-    k = a * st.grid
-    plus = k > st._thr
-    st.s_plus += torch.where(plus, k, 0.0).sum(dims, dtype=torch.float64)
-    st.s_all += k.sum(dims, dtype=torch.float64)
+    """Exact integer-unit sums of one batch (see the module doc).
+
+    With ``k = u a`` and the integer ``d = k - t`` (both exact in float32): ``sum |d|`` and
+    ``n+ = #{d > 0}`` (``d > 0  <=>  k > t``), from which :func:`_grid_totals` gets
+    ``S+ - S- = sum |d| + t (2 n+ - N)`` exactly. Conv layers also keep the extreme ``k`` on
+    either side of ``t`` for the minimum (linear layers take it from the float64 margins).
+    """
+    d = torch.mul(a, st.grid).sub_(st._thr)
+    plus = d > 0
     st.n_plus += plus.sum(dims)
-    st.k_min_plus = torch.minimum(st.k_min_plus, torch.where(plus, k, math.inf).amin(dims))
-    st.k_max_minus = torch.maximum(st.k_max_minus, torch.where(plus, -math.inf, k).amax(dims))
+    if st.k_min_plus is not None:
+        k = a * st.grid
+        st.k_min_plus = torch.minimum(st.k_min_plus, torch.where(plus, k, math.inf).amin(dims))
+        st.k_max_minus = torch.maximum(st.k_max_minus,
+                                       torch.where(plus, -math.inf, k).amax(dims))
+    st.s_abs += d.abs_().sum(dims, dtype=torch.float64)
 
 
 def _grid_totals(st: LayerStats) -> tuple[Tensor, Tensor]:
     """``(sum_n m_nj, min_n m_nj)`` ``(C,)`` float64 on CPU from the integer-unit sums."""
     u, tau = st.grid, st.info.tau.double()
-    s_plus, s_all = st.s_plus.cpu(), st.s_all.cpu()
     n_plus = st.n_plus.cpu().double()
-    s_minus, n_minus = s_all - s_plus, st.count - n_plus
-    total = (s_plus - s_minus) / u + tau * (n_minus - n_plus)
+    t = st._thr.reshape(-1).cpu().double()
+    s_pm = st.s_abs.cpu() + t * (2 * n_plus - st.count)  # S+ - S-: integers, exact
+    n_minus = st.count - n_plus
+    total = s_pm / u + tau * (n_minus - n_plus)
+    if st.k_min_plus is None:  # linear: min of the float64 margins (correctly rounded)
+        return total, st.min_m.cpu()
     mn = torch.minimum(st.k_min_plus.cpu().double() / u - tau,
                        tau - st.k_max_minus.cpu().double() / u)
     return total, mn
 
 
-def _update(st: LayerStats, a: Tensor, x: Tensor) -> dict[str, Tensor] | None:
+def _update(st: LayerStats, a: Tensor, x: Tensor) -> tuple | None:
     """Add one batch: ``a`` ``(N, C[, H, W])`` pre-activation, ``x`` the layer input.
 
     Consumes ``a`` (modified in place). With ``st.se`` set, returns the per-image values
-    ``v_nj`` ``(N, C)`` float64 of each of :data:`_SE_STATS` (conv: mean over positions).
+    behind the standard errors (:func:`_per_image`).
+
+    Linear layers compute the float64 margins ``|a - tau|`` ``(N, C)`` at most once per batch
+    and share them between the first layer's minimum and ``_half`` sum and the per-image
+    values (hidden layers with an exact histogram need them only for the standard errors).
     """
-    per_image = _per_image(st, a, x) if st.se is not None else None
     info = st.info
     dims = [0, *range(2, a.dim())]
     st.count += a[:, 0].numel()
+    linear = not info.conv
+    m64 = r = None
+    if linear and (st.se is not None or not st.exact):
+        m64 = torch.sub(a, st._tau_flat).abs_()  # float64 (type promotion): |a - tau|
+    if linear and info.kind == "first":
+        xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
+        r = 0.5 / xbar.clamp_min(1e-30)
+    per_image = _per_image(st, a, x, m64, r) if st.se is not None else None
     if st.grid:
         _update_grid(st, a, dims)
+        if linear:
+            st.min_m = torch.minimum(st.min_m, m64.amin(0))
     elif not st.exact:  # off the grid (a biased layer): float64 accumulation
-        m64 = (a.double() - st._tau).abs_()
-        st.sum_m += m64.sum(dims)
-        st.min_m = torch.minimum(st.min_m, m64.amin(dims))
-        del m64
+        m = m64 if m64 is not None else (a.double() - st._tau).abs_()
+        st.sum_m += m.sum(dims)
+        st.min_m = torch.minimum(st.min_m, m.amin(dims))
+        del m
     if st.pos_sum is not None:  # per-position table: float64 (a exact, tau float64)
-        m64 = (a.double() - st._tau).abs_()
-        st.pos_sum += m64.sum(0)
-        st.pos_min = torch.minimum(st.pos_min, m64.amin(0))
-        del m64
-    if info.kind == "first" and not info.conv:
+        m = (a.double() - st._tau).abs_()
+        st.pos_sum += m.sum(0)
+        st.pos_min = torch.minimum(st.pos_min, m.amin(0))
+        del m
+    if info.kind == "first" and linear:
         # sum_n m_nj / (2 xbar_n) in float64
-        xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
-        m64 = (a.double() - st._tau).abs_()
-        st.sum_half += (0.5 / xbar.clamp_min(1e-30)) @ m64
-        del m64
+        st.sum_half += r @ m64
     elif info.kind == "first":  # conv: float32 (positions x channels), summed in float64
         m = (a - st._tau.float()).abs_()
         layer = info.block.layer
         k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
         xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
                         dilation=layer.dilation)[:, 0] / info.fan_in
-        r = 0.5 / xbar.clamp_min(1e-30)
-        st.sum_half += torch.einsum("nchw,nhw->nc", m, r).sum(0, dtype=torch.float64)
+        rp = 0.5 / xbar.clamp_min(1e-30)
+        st.sum_half += torch.einsum("nchw,nhw->nc", m, rp).sum(0, dtype=torch.float64)
         del m
+    del m64
     _add_hist(st, a, 1.0 / st.w, -st.lo / st.w)
     return per_image
 
 
-def _per_image(st: LayerStats, a: Tensor, x: Tensor) -> dict[str, Tensor]:
-    """Per-image values ``v_nj`` of the margin statistics (see :func:`margin`), float64.
+def _per_image(st: LayerStats, a: Tensor, x: Tensor, m64: Tensor | None,
+               r: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-image base values of the margin statistics (see :func:`margin`), float64.
 
-    ``v_nj = (1/P) sum_p |a_npj - tau_j|`` over the ``P`` output positions (``P = 1`` for
-    linear layers), its ``/ 2`` (first layer: ``/ (2 xbar_np)`` inside the position mean),
-    ``/ fan_in`` and ``* scale_j`` forms.
+    Returns ``(v, half, r)``: ``v_nj = (1/P) sum_p |a_npj - tau_j|`` ``(N, C)`` over the
+    ``P`` output positions (``P = 1`` for linear layers: ``v = m64``); for the first layer
+    ``half_nj`` = the position mean of ``|a_npj - tau_j| / (2 xbar_np)`` (linear:
+    ``v_nj r_n``, ``r_n = 1 / (2 xbar_n)``, also returned), else ``None`` (``half = v / 2``).
+    The ``_norm`` and ``_bn`` forms are the fixed multiples ``v / fan_in`` and ``v * scale``.
     """
     info = st.info
-    if info.conv:
-        m = (a - st._tau.float()).abs_()
-        v = m.mean((2, 3), dtype=torch.float64)
-        if info.kind == "first":
-            layer = info.block.layer
-            k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
-            xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
-                            dilation=layer.dilation)[:, 0] / info.fan_in
-            half = torch.einsum("nchw,nhw->nc", m, 0.5 / xbar.clamp_min(1e-30)).double()
-            half /= m.shape[2] * m.shape[3]
-        else:
-            half = v / 2
-        del m
-    else:
-        v = (a.double() - st._tau).abs_()
-        if info.kind == "first":
-            xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
-            half = v * (0.5 / xbar.clamp_min(1e-30))[:, None]
-        else:
-            half = v / 2
-    scale = info.scale.to(v.device, torch.float64)
-    return {"mean_margin": v, "mean_margin_half": half, "mean_margin_norm": v / info.fan_in,
-            "mean_margin_bn": v * scale}
+    if not info.conv:
+        return m64, (m64 * r[:, None] if r is not None else None), r
+    m = (a - st._tau.float()).abs_()
+    v = m.mean((2, 3), dtype=torch.float64)
+    half = None
+    if info.kind == "first":
+        layer = info.block.layer
+        k = torch.ones(1, x.shape[1], *layer.kernel_size, device=x.device)
+        xbar = F.conv2d(x.abs(), k, stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation)[:, 0] / info.fan_in
+        half = torch.einsum("nchw,nhw->nc", m, 0.5 / xbar.clamp_min(1e-30)).double()
+        half /= m.shape[2] * m.shape[3]
+    return v, half, None
 
 
-def _add_se(stats: dict[int, LayerStats], values: dict[int, dict[str, Tensor]]) -> None:
+def _init_se(st: LayerStats, dev) -> None:
+    """Co-moment accumulators of one layer and its aggregation weights ``(C, 2)``:
+    ``live / L`` and ``live * scale / L`` (``L`` live neurons; none: no aggregate)."""
+    st.se = [_CoMoments(), _CoMoments() if st.info.kind == "first" else None]
+    live = (st.info.direction != 0).double()
+    if live.sum() > 0:
+        wl = live / live.sum()
+        st._wagg = torch.stack([wl, wl * st.info.scale], 1).to(dev)
+
+
+def _add_se(stats: dict[int, LayerStats], values: dict[int, tuple]) -> None:
     """Feed one batch of per-image values to the co-moments of every measured layer.
 
-    Layer aggregate ``u_nl = mean_{live j in l} v_nj``; network aggregate
+    Layer aggregate ``u_nl = mean_{live j in l} v_nj`` (one matrix product per layer for the
+    ``mean`` and ``_bn`` forms; ``_norm`` = ``mean / fan_in``; hidden ``_half`` = ``mean / 2``,
+    first-layer ``_half`` = ``r_n mean`` or the mean of its own values); network aggregate
     ``w_n = mean_l u_nl`` over the layers with a live neuron (as :func:`margin_summary`).
+    Every layer's base values then meet all series in one product (:meth:`_CoMoments.add`).
     """
-    for s in _SE_STATS:
-        u = {}
-        for k, vals in values.items():
-            live = stats[k].info.direction != 0
-            if bool(live.any()):
-                u[k] = vals[s][:, live.to(vals[s].device)].mean(1)
-        w = torch.stack(list(u.values()), 1).mean(1) if u else None
-        for k, vals in values.items():
-            v = vals[s]
-            uk = u.get(k, torch.zeros_like(v[:, 0]))
-            wk = w if w is not None else torch.zeros_like(uk)
-            stats[k].se[s].add(v, torch.stack([uk, wk], 1))
+    u: dict[int, Tensor] = {}  # (B, 4): mean, bn, norm, half
+    for k, (v, half, r) in values.items():
+        st = stats[k]
+        if st._wagg is None:
+            continue
+        g = v @ st._wagg
+        um = g[:, 0]
+        if half is None:
+            uh = um / 2
+        elif r is not None:
+            uh = um * r
+        else:
+            uh = half @ st._wagg[:, 0]
+        u[k] = torch.stack([um, g[:, 1], um / st.info.fan_in, uh], 1)
+    any_v = next(iter(values.values()))[0]
+    zeros = torch.zeros(any_v.shape[0], 4, dtype=torch.float64, device=any_v.device)
+    w = torch.stack(list(u.values()), 0).mean(0) if u else zeros
+    for k, (v, half, _) in values.items():
+        st = stats[k]
+        uk = u.get(k, zeros)
+        y0 = torch.stack([uk[:, 0], w[:, 0], uk[:, 1], w[:, 1], w[:, 2], w[:, 3]], 1)
+        st.se[0].add(v, y0, sxx=st.info.conv or not st.exact)
+        if half is not None:
+            st.se[1].add(half, torch.stack([uk[:, 3], w[:, 3]], 1))
+
+
+def _se_table(st: LayerStats, hist: Tensor, marg: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per stat of :data:`_SE_STATS`: ``(se^2 (C,), cov (C, 2))`` on CPU, float64.
+
+    ``se^2 = sxx / (N (N - 1))``, ``cov = (sxy with the layer, with the network aggregate) /
+    (N (N - 1))`` (nan for ``N < 2``), the ``_norm`` / ``_bn`` / hidden ``_half`` forms scaled
+    from the base co-moments. Exact linear hidden layers take ``sxx`` from the histogram
+    (``v = m`` per image: ``sum_bins count (m_bin - mean)^2``, exact data).
+    """
+    info = st.info
+    c0, c1 = st.se
+    d = c0.n * (c0.n - 1)
+    d = d if d > 0 else math.nan
+    if c0.sxx is None:
+        h = hist.double()
+        n = h.sum(1, keepdim=True)
+        mean = (h * marg).sum(1, keepdim=True) / n
+        sxx0 = (h * (marg - mean).square()).sum(1)
+    else:
+        sxx0 = c0.sxx.cpu()
+    col = dict(zip(_Y0, c0.sxy.cpu().unbind(1), strict=True))
+    fan, sc = float(info.fan_in), info.scale.double()
+    out = {
+        "mean_margin": (sxx0, col["u_mean"], col["w_mean"]),
+        "mean_margin_norm": (sxx0 / fan**2, col["u_mean"] / fan**2, col["w_norm"] / fan),
+        "mean_margin_bn": (sxx0 * sc * sc, col["u_bn"] * sc, col["w_bn"] * sc),
+    }
+    if c1 is None:
+        out["mean_margin_half"] = (sxx0 / 4, col["u_mean"] / 4, col["w_half"] / 2)
+    else:
+        sxy1 = c1.sxy.cpu()
+        out["mean_margin_half"] = (c1.sxx.cpu(), sxy1[:, 0], sxy1[:, 1])
+    return {s: (xx / d, torch.stack([yl, yw], 1) / d) for s, (xx, yl, yw) in out.items()}
 
 
 @torch.no_grad()
@@ -413,7 +500,7 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
                     if k not in stats:
                         stats[k] = _init_stats(wanted[k], a, x, max_bins, per_position)
                         if se:
-                            stats[k].se = {s: _CoMoments() for s in _SE_STATS}
+                            _init_se(stats[k], dev)
                     values[k] = _update(stats[k], a, x)
                     x = h
                 else:
@@ -460,12 +547,13 @@ def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
     c = mean.numel()
     extra = {}
     nan = torch.full_like(mean, math.nan)
+    se = _se_table(st, hist, marg) if st.se is not None else None
     for s in _SE_STATS:
-        se2 = nan if st.se is None else st.se[s].var_of_mean()[0]
+        se2 = nan if se is None else se[s][0]
         extra[f"se_{s}"] = torch.where(dead, nan, se2.sqrt()).numpy()
     for j, col in enumerate(("cov_layer", "cov_network")):
         for s in _SE_STATS:
-            cov = (st.se[s].var_of_mean()[1][:, j] if st.se is not None else nan)
+            cov = se[s][1][:, j] if se is not None else nan
             extra[f"{col}_{s}"] = torch.where(dead, torch.zeros_like(cov), cov).numpy()
     return pd.DataFrame({
         "layer": info.name, "layer_index": info.index, "kind": info.kind,
