@@ -147,15 +147,18 @@ def bernoulli_indices(
     while True:
         u = torch.rand(chunk, generator=generator, device=device, dtype=torch.float64)
         # 1 - u lies in (0, 1]: log is finite. G = floor(log(1-u)/log(1-p)) >= 0.
-        gaps = torch.floor(torch.log1p(-u) / log1mp).clamp_(max=float(n)).to(torch.int64) + 1
-        pos = offset + torch.cumsum(gaps, 0)
-        inside = pos < n
-        if not bool(inside[-1]):
-            out.append(pos[inside])
+        # In place, the values of floor(log1p(-u) / log1mp).clamp(max=n).to(int64): the
+        # quotient is >= 0, where the int64 cast (truncation) is the floor.
+        gaps = u.neg_().log1p_().div_(log1mp).clamp_(max=float(n)).to(torch.int64)
+        pos = torch.cumsum(gaps.add_(1), 0).add_(offset)
+        last = int(pos[-1])
+        if last >= n:
+            # gaps >= 1: pos is strictly increasing, the positions < n are a prefix
+            out.append(pos[: int(torch.searchsorted(pos, n))])
             break
         out.append(pos)
-        offset = int(pos[-1])
-    return torch.cat(out)
+        offset = last
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def flip_indices(stored: Tensor, p01: float, p10: float, *, generator: torch.Generator) -> Tensor:
