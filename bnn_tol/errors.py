@@ -273,7 +273,8 @@ class TransientFlip:
 
     The draw is :func:`flip_mask` (a random byte per bit) when ``max(p01, p10) >=
     BYTES_ABOVE`` and geometric gaps (:func:`flip_binary`) below; both have exactly the
-    Bernoulli law.
+    Bernoulli law. Sign-coded binary layers call :meth:`flip_stored_` (the same draws, applied
+    in place to the sign bits), fixed-point ones :meth:`indices`.
 
     Args:
         ber: ``p`` or ``(p01, p10)``.
@@ -302,6 +303,23 @@ class TransientFlip:
             return self._last.reshape(-1).nonzero().flatten()
         self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
         return self._last
+
+    def flip_stored_(self, stored: Tensor) -> Tensor:
+        """Flip the stored bits of a bool tensor (True = stored 1 = ``+1``) in place; the same
+        draws as :meth:`__call__` on ``where(stored, 1, -1)``. Returns ``stored``.
+
+        What binary layers use in training (:meth:`~bnn_tol.layers.BinaryLayer.binary_weight`):
+        the flips are applied to the sign bits before they become +-1, without a copy of the
+        binarized weight.
+        """
+        flat = stored.view(-1)
+        if max(self.p01, self.p10) >= BYTES_ABOVE:
+            self._last = flip_mask(stored, self.p01, self.p10, generator=self.generator)
+            flat.bitwise_xor_(self._last.view(-1))
+        else:
+            idx = self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
+            flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
+        return stored
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
         w = wb.detach()
