@@ -147,15 +147,18 @@ def bernoulli_indices(
     while True:
         u = torch.rand(chunk, generator=generator, device=device, dtype=torch.float64)
         # 1 - u lies in (0, 1]: log is finite. G = floor(log(1-u)/log(1-p)) >= 0.
-        gaps = torch.floor(torch.log1p(-u) / log1mp).clamp_(max=float(n)).to(torch.int64) + 1
-        pos = offset + torch.cumsum(gaps, 0)
-        inside = pos < n
-        if not bool(inside[-1]):
-            out.append(pos[inside])
+        # In place, the values of floor(log1p(-u) / log1mp).clamp(max=n).to(int64): the
+        # quotient is >= 0, where the int64 cast (truncation) is the floor.
+        gaps = u.neg_().log1p_().div_(log1mp).clamp_(max=float(n)).to(torch.int64)
+        pos = torch.cumsum(gaps.add_(1), 0).add_(offset)
+        last = int(pos[-1])
+        if last >= n:
+            # gaps >= 1: pos is strictly increasing, the positions < n are a prefix
+            out.append(pos[: int(torch.searchsorted(pos, n))])
             break
         out.append(pos)
-        offset = int(pos[-1])
-    return torch.cat(out)
+        offset = last
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def flip_indices(stored: Tensor, p01: float, p10: float, *, generator: torch.Generator) -> Tensor:
@@ -270,7 +273,8 @@ class TransientFlip:
 
     The draw is :func:`flip_mask` (a random byte per bit) when ``max(p01, p10) >=
     BYTES_ABOVE`` and geometric gaps (:func:`flip_binary`) below; both have exactly the
-    Bernoulli law.
+    Bernoulli law. Sign-coded binary layers call :meth:`flip_stored_` (the same draws, applied
+    in place to the sign bits), fixed-point ones :meth:`indices`.
 
     Args:
         ber: ``p`` or ``(p01, p10)``.
@@ -299,6 +303,23 @@ class TransientFlip:
             return self._last.reshape(-1).nonzero().flatten()
         self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
         return self._last
+
+    def flip_stored_(self, stored: Tensor) -> Tensor:
+        """Flip the stored bits of a bool tensor (True = stored 1 = ``+1``) in place; the same
+        draws as :meth:`__call__` on ``where(stored, 1, -1)``. Returns ``stored``.
+
+        What binary layers use in training (:meth:`~bnn_tol.layers.BinaryLayer.binary_weight`):
+        the flips are applied to the sign bits before they become +-1, without a copy of the
+        binarized weight.
+        """
+        flat = stored.view(-1)
+        if max(self.p01, self.p10) >= BYTES_ABOVE:
+            self._last = flip_mask(stored, self.p01, self.p10, generator=self.generator)
+            flat.bitwise_xor_(self._last.view(-1))
+        else:
+            idx = self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
+            flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
+        return stored
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
         w = wb.detach()

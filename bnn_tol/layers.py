@@ -44,18 +44,69 @@ __all__ = [
 Fault = Callable[[Tensor], Tensor]
 
 
+#: float32 bit patterns: ``-1.0`` is ``0xBF800000``; xor with ``1 << 31`` gives ``+1.0``.
+_MINUS_ONE_BITS = -0x40800000
+#: the float32 just above 1: ``|x| > 1`` iff ``x >= _ABOVE_ONE`` or ``x <= -_ABOVE_ONE``.
+_ABOVE_ONE = 1.0 + 2.0**-23
+
+
+def _plus_minus_one(positive: Tensor, like: Tensor) -> Tensor:
+    """``+1.0`` where ``positive``, ``-1.0`` elsewhere, dtype and layout of ``like``.
+
+    The values of ``torch.where(positive, 1.0, -1.0).to(like.dtype)``; for float32 written as
+    bit patterns (``0xBF800000 ^ (positive << 31)``), three light passes instead of ``where``
+    (measured 3x cheaper on CPU; other devices and dtypes use ``where``).
+    """
+    if like.dtype != torch.float32 or like.device.type != "cpu":
+        return torch.where(positive, 1.0, -1.0).to(like.dtype)
+    out = torch.empty_like(like)
+    bits = out.view(torch.int32)
+    bits.copy_(positive)
+    bits.bitwise_left_shift_(31).bitwise_xor_(_MINUS_ONE_BITS)
+    return out
+
+
+def _ste_grad(x: Tensor, grad: Tensor) -> Tensor:
+    """``grad.masked_fill(|x| > 1, 0)``, the hardtanh STE, bit for bit.
+
+    Cheaper forms of the same values: where ``x`` is inside ``[-1, 1]`` (the clipped latent
+    weights) the gradient passes unchanged; for float32 without NaN it is one pass of
+    ``hardtanh_backward`` on the open window ``(-a, a)``, ``a`` the float32 just above 1 (no
+    float32 lies strictly between 1 and ``a``; masked entries get ``+0.0`` as ``masked_fill``).
+    NaN (which ``masked_fill`` lets through), other dtypes and devices take ``masked_fill``.
+    """
+    if x.device.type == "cpu" and x.numel() and x.dtype == torch.float32 \
+            and grad.dtype == torch.float32 and x.shape == grad.shape:
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if lo >= -1.0 and hi <= 1.0:
+            return grad
+        if lo == lo and hi == hi:  # no NaN
+            return torch.ops.aten.hardtanh_backward(grad, x, -_ABOVE_ONE, _ABOVE_ONE)
+    return grad.masked_fill(x.abs() > 1, 0.0)
+
+
 class SignSTE(torch.autograd.Function):
-    """``sign`` forward (sign(0) = +1), hardtanh straight-through gradient backward."""
+    """``sign`` forward (sign(0) = +1), hardtanh straight-through gradient backward.
+
+    ``flip`` (optional, used by :meth:`BinaryLayer.binary_weight`): a callable that flips the
+    stored bits ``x >= 0`` (a bool tensor, True = stored 1 = ``+1``) in place before they are
+    turned into +-1; the gradient passes straight through the flips.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor,  # noqa: D102
+                flip: Callable[[Tensor], object] | None = None) -> Tensor:
         ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        positive = x >= 0
+        if flip is not None:
+            positive = positive.contiguous()  # flat indices are in C order
+            flip(positive)
+        return _plus_minus_one(positive, x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
         (x,) = ctx.saved_tensors
-        return grad.masked_fill(x.abs() > 1, 0.0)
+        return _ste_grad(x, grad), None
 
 
 def sign(x: Tensor) -> Tensor:
@@ -102,6 +153,9 @@ class BinaryLayer(nn.Module):
         """
         if not self.codec.is_sign:
             return self.deployed_weight()
+        flip_ = getattr(self.fault, "flip_stored_", None)
+        if flip_ is not None:  # the library's transient faults: flip the sign bits in place
+            return SignSTE.apply(self.weight, flip_)
         wb = sign(self.weight)
         if self.fault is not None:
             wb = self.fault(wb)

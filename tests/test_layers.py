@@ -133,3 +133,27 @@ def test_folded_threshold_on_a_scaled_grid_matches_float_batchnorm():
     k = (tau * 128).round()[None, :] + torch.arange(-40, 41, dtype=torch.float64)[:, None]
     ref = sign(bn((k / 128).float())).reshape(k.shape)
     assert torch.equal(apply_folded(k.float(), folded), ref)
+
+
+def test_fast_sign_and_ste_equal_where_and_masked_fill_bit_for_bit():
+    """sign writes +-1 as float32 bit patterns and the STE skips or fuses the mask; both must
+    give the bits of the plain forms, also at 0, -0, +-1, just above 1, inf and NaN."""
+    from bnn_tol.layers import _ste_grad
+
+    special = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, math.nan, -math.nan, math.inf,
+                            -math.inf, 1.0, -1.0, 1.0000001, -1.0000001, 0.99999994])
+    g = torch.Generator().manual_seed(0)
+    cases = [special, special.nan_to_num(0.5), special.clamp(-1, 1).nan_to_num(0.0),
+             2 * torch.randn(3, 700, generator=g), torch.rand(5, 4, 3, 3, generator=g) * 2 - 1,
+             torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+             torch.randn(50, generator=g).double()]
+    for x in cases:
+        want = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        got = sign(x)
+        assert got.dtype == x.dtype and got.stride() == want.stride()
+        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+        for grad in (torch.randn(x.shape, generator=g, dtype=x.dtype), -torch.zeros_like(x)):
+            want_g = grad.masked_fill(x.abs() > 1, 0.0)
+            got_g = _ste_grad(x, grad)
+            assert torch.equal(got_g.reshape(-1).view(torch.uint8),
+                               want_g.reshape(-1).view(torch.uint8))

@@ -81,17 +81,20 @@ def test_realized_flip_rates_during_bit_flip_training(digits, monkeypatch):
     m = _small()
     counts = {"01": [0, 0], "10": [0, 0]}
 
-    original = errors.TransientFlip.__call__
+    # binary layers flip the stored bits in place (TransientFlip.flip_stored_, the draws of
+    # __call__): record every call of a real training run
+    original = errors.TransientFlip.flip_stored_
 
-    def recording_call(self, wb):
-        out = original(self, wb)
-        counts["01"][0] += int(((wb < 0) & (out > 0)).sum())
-        counts["01"][1] += int((wb < 0).sum())
-        counts["10"][0] += int(((wb > 0) & (out < 0)).sum())
-        counts["10"][1] += int((wb > 0).sum())
+    def recording_call(self, stored):
+        before = stored.clone()
+        out = original(self, stored)
+        counts["01"][0] += int((~before & out).sum())
+        counts["01"][1] += int((~before).sum())
+        counts["10"][0] += int((before & ~out).sum())
+        counts["10"][1] += int(before.sum())
         return out
 
-    monkeypatch.setattr(errors.TransientFlip, "__call__", recording_call)
+    monkeypatch.setattr(errors.TransientFlip, "flip_stored_", recording_call)
     train.fit(m, tr.subset(512), epochs=1, batch_size=128, flip_ber=(0.03, 0.15), seed=0,
               progress=False)
     assert stats.binomtest(*counts["01"], 0.03).pvalue > 1e-3
@@ -115,13 +118,13 @@ def test_flip_layers_selection_only_flips_chosen_layers(digits, monkeypatch):
     tr, _ = digits
     m = _small()
     seen = []
-    original = errors.TransientFlip.__call__
+    original = errors.TransientFlip.flip_stored_
 
-    def spy(self, wb):
-        seen.append(tuple(wb.shape))
-        return original(self, wb)
+    def spy(self, stored):
+        seen.append(tuple(stored.shape))
+        return original(self, stored)
 
-    monkeypatch.setattr(errors.TransientFlip, "__call__", spy)
+    monkeypatch.setattr(errors.TransientFlip, "flip_stored_", spy)
     train.fit(m, tr.subset(64), epochs=1, batch_size=64, flip_ber=0.1, flip_layers="hidden",
               seed=0, progress=False)
     assert set(seen) == {(64, 64)}
@@ -202,3 +205,26 @@ def test_byte_flip_mask_has_exact_rates_including_the_tie_refinement(p01, p10):
     a, b = (errors.flip_mask(wb, p01, p10, generator=torch.Generator().manual_seed(1))
             for _ in range(2))
     assert torch.equal(a, b)  # same seed, same draw
+
+
+@pytest.mark.parametrize("ber", [0.1, 0.3, (0.02, 0.08), (0.2, 0.4), 1.0])
+def test_layers_flip_in_place_as_the_flip_of_the_sign(ber):
+    """binary_weight flips the sign bits in place (TransientFlip.flip_stored_): the same values,
+    flips and latent-weight gradients as fault(sign(w)) from the same generator."""
+    from bnn_tol.layers import BinaryConv2d, sign
+
+    conv_cl = BinaryConv2d(5, 7)
+    conv_cl.weight.data = conv_cl.weight.data.to(memory_format=torch.channels_last)
+    for a in (BinaryLinear(300, 70), BinaryConv2d(5, 7), conv_cl):
+        b = BinaryConv2d(5, 7) if isinstance(a, BinaryConv2d) else BinaryLinear(300, 70)
+        b.weight.data = a.weight.data.clone()
+        a.fault = errors.TransientFlip(ber, torch.Generator().manual_seed(3))
+        b.fault = errors.TransientFlip(ber, torch.Generator().manual_seed(3))
+        for _ in range(3):
+            wa, wb = a.binary_weight(), b.fault(sign(b.weight))
+            assert torch.equal(wa, wb)
+            assert torch.equal(a.fault.last_flips, b.fault.last_flips)
+            probe = torch.arange(wa.numel(), dtype=wa.dtype).view_as(wa)
+            ga, = torch.autograd.grad((wa * probe).sum(), a.weight)
+            gb, = torch.autograd.grad((wb * probe).sum(), b.weight)
+            assert torch.equal(ga, gb)
