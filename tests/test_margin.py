@@ -347,3 +347,42 @@ def test_margin_se_matches_spread_of_disjoint_subset_means(digits, name, kw):
             agg_se2 = np.array([s.loc[k, f"{st}_se"] for s in sums]) ** 2
             ratio = agg.var(ddof=1) / agg_se2.mean()
             assert lo < ratio < hi, (st, k, ratio)
+
+
+def test_select_quantile_and_min_match_sorting_all_bins():
+    """``_select`` (cumulative histogram + binary search over the alternating left/right
+    order) returns exactly the margin that sorting every bin's margin returns: ties, tau on a
+    bin centre, at a midpoint, outside the occupied range, quantiles 0 .. 1.5."""
+    from types import SimpleNamespace as NS
+
+    from bnn_tol.metrics.margin import _select
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        k, c, w = int(torch.randint(1, 40, (1,), generator=g)), 30, [1.0, 0.25, 25 / 128][trial % 3]
+        k0, lo = int(torch.randint(0, 20, (1,), generator=g)), -10 * w
+        centers = lo + w * torch.arange(k0, k0 + k, dtype=torch.float64)
+        dens = torch.rand(1, generator=g).item()
+        h = (torch.rand(k, c, generator=g) < dens).long() * torch.randint(1, 5, (k, c), generator=g)
+        h[torch.randint(0, k, (c,), generator=g), torch.arange(c)] += 1
+        base = centers[torch.randint(0, k, (c,), generator=g)]
+        u = torch.rand(c, generator=g, dtype=torch.float64)
+        tau = torch.stack([base, base + w / 2, base + (u - 0.5) * w,
+                           base + (u - 0.5) * 100 * w])[torch.arange(c) % 4, torch.arange(c)]
+        direction = torch.ones(c, dtype=torch.int8)
+        direction[:2] = 0
+        tau = torch.where(direction == 0, torch.nan, tau)
+        st = NS(hist=h, lo=lo, w=w, k0=k0, neff=torch.tensor([1]),
+                info=NS(tau=tau, direction=direction))
+        tau0 = torch.where(direction == 0, 0.0, tau)
+        marg = (centers[None, :] - tau0[:, None]).abs()
+        order = marg.argsort(dim=1, stable=True)
+        cum = h.T.gather(1, order).cumsum(1)
+        lowest = torch.where(h.T > 0, marg, math.inf).amin(1)
+        for q in (0.0, 0.1, 0.5, 0.9, 1.0, 1.5):
+            need = torch.ceil(h.sum(0).double() * q - 1e-9).clamp_min(1)
+            pos = (cum < need[:, None]).sum(1, keepdim=True).clamp_max(k - 1)
+            want = marg.gather(1, order.gather(1, pos))[:, 0]
+            mn, got = _select(st, [torch.ones(c, dtype=torch.int64), need.long()])
+            assert torch.equal(got, want), (trial, q)
+            assert torch.equal(mn, lowest), trial

@@ -432,7 +432,8 @@ def _add_se(stats: dict[int, LayerStats], values: dict[int, tuple]) -> None:
             st.se[1].add(half, torch.stack([uk[:, 3], w[:, 3]], 1))
 
 
-def _se_table(st: LayerStats, hist: Tensor, marg: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def _se_table(st: LayerStats, hist: Tensor | None, marg: Tensor | None,
+              mean: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """Per stat of :data:`_SE_STATS`: ``(se^2 (C,), cov (C, 2))`` on CPU, float64.
 
     ``se^2 = sxx / (N (N - 1))``, ``cov = (sxy with the layer, with the network aggregate) /
@@ -444,11 +445,8 @@ def _se_table(st: LayerStats, hist: Tensor, marg: Tensor) -> dict[str, tuple[Ten
     c0, c1 = st.se
     d = c0.n * (c0.n - 1)
     d = d if d > 0 else math.nan
-    if c0.sxx is None:
-        h = hist.double()
-        n = h.sum(1, keepdim=True)
-        mean = (h * marg).sum(1, keepdim=True) / n
-        sxx0 = (h * (marg - mean).square()).sum(1)
+    if c0.sxx is None:  # exact linear hidden layer: v = m per image, from the histogram
+        sxx0 = (hist * (marg - mean[:, None]).square_()).sum(1)
     else:
         sxx0 = c0.sxx.cpu()
     col = dict(zip(_Y0, c0.sxy.cpu().unbind(1), strict=True))
@@ -519,35 +517,83 @@ def _hist_margins(st: LayerStats) -> tuple[Tensor, Tensor]:
     return hist, (centers[None, :] - tau[:, None]).abs()
 
 
-def _quantile(hist: Tensor, marg: Tensor, q: float) -> Tensor:
-    """Inverted-CDF quantile per row: smallest ``m`` with ``#{m_i <= m} >= ceil(q N)``."""
-    order = marg.argsort(1)
-    cum = hist.gather(1, order).cumsum(1)
-    need = torch.ceil(cum[:, -1:].double() * q - 1e-9).clamp_min(1)
-    pos = (cum < need).sum(1, keepdim=True).clamp_max(marg.shape[1] - 1)
-    return marg.gather(1, order.gather(1, pos))[:, 0]
+def _select(st: LayerStats, need: list[Tensor]) -> list[Tensor]:
+    """The ``need_j``-th smallest margin of each neuron ``j`` from its histogram ``(C,)``
+    float64 (the margin of that sample's bin), for each ``need`` ``(C,)`` int64.
+
+    The bins of one neuron sorted by margin ``|c_k - tau|`` are its bins left of ``tau``
+    (``c_k <= tau``, nearest first) and right of it, alternating -- the side nearer to ``tau``
+    first (``2 tau < c_f + c_{f+1}``, exact on the dyadic grid) -- until one side runs out.
+    So after ``t`` bins the taken ones form a window ``[f + 1 - nl, f + nr]`` whose count
+    comes from the cumulative histogram, and a binary search over ``t`` finds the first
+    window with ``need`` samples in ``O(C log K)`` -- the same bin (up to margin ties, which
+    have the same value) as sorting the margins of all ``C x K`` bins.
+    """
+    c = st.info.tau.numel()
+    h = st.hist.cpu()
+    if st.neff.numel() > 1:
+        h = h.view(h.shape[0], c, -1).sum(2)
+    k = h.shape[0]
+    cum = torch.cat([torch.zeros(1, c, dtype=h.dtype), h.cumsum(0)])  # (K + 1, C)
+    centers = st.lo + st.w * torch.arange(st.k0, st.k0 + k, dtype=torch.float64)
+    tau = torch.where(st.info.direction == 0, torch.zeros_like(st.info.tau), st.info.tau)
+    f = torch.searchsorted(centers, tau, right=True) - 1  # last bin with c <= tau, -1 .. K-1
+    n_left, n_right = f + 1, k - 1 - f
+    c_f = centers[f.clamp(0, k - 1)]
+    c_f1 = centers[(f + 1).clamp(0, k - 1)]
+    left_first = (n_right == 0) | ((n_left > 0) & (2 * tau < c_f + c_f1))
+    avail1 = torch.where(left_first, n_left, n_right)
+    avail2 = torch.where(left_first, n_right, n_left)
+    col = torch.arange(c)
+
+    def window(t: Tensor) -> tuple[Tensor, Tensor]:
+        first = torch.minimum(avail1, torch.maximum((t + 1) // 2, t - avail2))
+        second = t - first
+        return (torch.where(left_first, first, second),
+                torch.where(left_first, second, first))
+
+    def count(t: Tensor) -> Tensor:
+        nl, nr = window(t)
+        return cum[f + 1 + nr, col] - cum[f + 1 - nl, col]
+
+    out = []
+    for nd in need:
+        lo = torch.ones(c, dtype=torch.int64)
+        hi = torch.full((c,), k, dtype=torch.int64)
+        while bool((lo < hi).any()):
+            mid = (lo + hi) // 2
+            ok = count(mid) >= nd
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, torch.minimum(mid + 1, hi))
+        nl, nr = window(lo)
+        nl_prev, _ = window(lo - 1)
+        b = torch.where(nl > nl_prev, f + 1 - nl, f + nr)
+        out.append((centers[b] - tau).abs())
+    return out
 
 
 def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
     info = st.info
-    hist, marg = _hist_margins(st)
-    n = hist.sum(1).double()
+    c = info.tau.numel()
+    n = torch.full((c,), float(st.count), dtype=torch.float64)
+    need_q = torch.ceil(n * quantile - 1e-9).clamp_min(1).long()
+    hist = marg = None
     if st.exact:
+        hist, marg = _hist_margins(st)
         mean = (hist.double() * marg).sum(1) / n
-        mn = torch.where(hist > 0, marg, torch.full_like(marg, math.inf)).amin(1)
+        mn, q10 = _select(st, [torch.ones(c, dtype=torch.int64), need_q])
         half = mean / 2
     else:
         total, mn = _grid_totals(st) if st.grid else (st.sum_m.cpu(), st.min_m.cpu())
         mean = total / n
         half = st.sum_half.cpu() / n if info.kind == "first" else mean / 2
-    q10 = _quantile(hist, marg, quantile)
+        (q10,) = _select(st, [need_q])
     dead = info.direction == 0
     inf = torch.full_like(mean, math.inf)
     mean, mn, q10, half = (torch.where(dead, inf, t) for t in (mean, mn, q10, half))
-    c = mean.numel()
     extra = {}
     nan = torch.full_like(mean, math.nan)
-    se = _se_table(st, hist, marg) if st.se is not None else None
+    se = _se_table(st, hist, marg, mean) if st.se is not None else None
     for s in _SE_STATS:
         se2 = nan if se is None else se[s][0]
         extra[f"se_{s}"] = torch.where(dead, nan, se2.sqrt()).numpy()
