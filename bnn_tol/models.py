@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from .exceptions import InvalidArgument, require_int
-from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, QuantConv2d, QuantLinear, sign
+from .layers import (
+    BinaryConv2d,
+    BinaryLayer,
+    BinaryLinear,
+    QuantConv2d,
+    QuantLinear,
+    sign,
+    sign_pool,
+)
 
 __all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "memory_bits",
            "fc", "vgg3", "vgg7", "custom", "adapt", "ACTIVATIONS"]
@@ -76,6 +84,8 @@ class BinaryBlock(nn.Module):
         y = self.bn(a)
         if not self.binary_output:
             return y
+        if self.activation == "sign" and self.pool:
+            return sign_pool(y, self.pool)  # = max_pool2d(sign(y), pool), fused
         y = sign(y) if self.activation == "sign" else nn.functional.relu(y)
         if self.pool:
             y = nn.functional.max_pool2d(y, self.pool)

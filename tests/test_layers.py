@@ -157,3 +157,34 @@ def test_fast_sign_and_ste_equal_where_and_masked_fill_bit_for_bit():
             got_g = _ste_grad(x, grad)
             assert torch.equal(got_g.reshape(-1).view(torch.uint8),
                                want_g.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("trial", range(8))
+def test_fused_sign_pool_equals_pool_of_sign_bit_for_bit(trial):
+    """sign_pool (vgg blocks) = max_pool2d(sign(x), 2): values and gradients, with ties (the
+    first x >= 0 of a window gets the gradient, else its first element), windows without an
+    x >= 0, |x| > 1 and x = +-1 at the maximum, -0 and NaN gradients, NaN/inf inputs; odd sizes
+    and other kernels take the composite."""
+    import torch.nn.functional as F
+
+    from bnn_tol.layers import sign_pool
+
+    g = torch.Generator().manual_seed(trial)
+    shape = (3, 4, 6, 8) if trial < 6 else ((2, 3, 5, 6) if trial == 6 else (2, 3, 9, 9))
+    k = 3 if trial == 7 else 2
+    x = torch.randn(shape, generator=g) * 1.5
+    for value, rate in ((-0.0, 0.2), (1.0, 0.1), (-1.0, 0.1)):
+        x[torch.rand(shape, generator=g) < rate] = value
+    if trial % 3 == 0:  # many windows without a positive entry
+        x = torch.where(torch.rand(shape, generator=g) < 0.7, -x.abs() - 1e-3, x)
+    if trial == 1:
+        x[0, 0, 0, 0], x[1, 1, 2, 3], x[0, 1, 0, 1] = math.nan, math.nan, math.inf
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = sign_pool(a, k), F.max_pool2d(sign(b), k)
+    assert torch.equal(ya, yb) and ya.stride() == yb.stride()
+    go = torch.randn(ya.shape, generator=g)
+    go[torch.rand(go.shape, generator=g) < 0.3] = -0.0
+    if trial == 2:
+        go[0, 0, 0, 0] = math.nan
+    (ga,), (gb,) = torch.autograd.grad(ya, a, go), torch.autograd.grad(yb, b, go)
+    assert torch.equal(ga.view(torch.int32), gb.view(torch.int32))
