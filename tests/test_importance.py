@@ -386,8 +386,9 @@ def test_required_samples_rejects_bad_input():
 
 def test_pm_matmul_uses_int8_only_where_it_is_fast(monkeypatch):
     # without VNNI torch._int_mm was measured 30x slower than the exact float32 product
-    from bnn_tol import evaluate
     import importlib
+
+    from bnn_tol import evaluate
 
     imp = importlib.import_module("bnn_tol.metrics.importance")
     g = torch.Generator().manual_seed(0)
