@@ -1,6 +1,6 @@
 """Bit flip training overhead: seconds per epoch of normal vs bit-flip training (p = 0.1) of
 ``fc`` (784-2048-2048-10) on Fashion-MNIST, batch 256, measured alternately in one run.
-Target: ratio (flip / normal) <= 1.15. Also the cost of drawing the flips alone per training
+Target: ratio (flip / normal) <= 1.10. Also the cost of drawing the flips alone per training
 step (all layers): geometric gaps and one random byte per bit vs the naive dense draw (one
 float uniform per weight); ``TransientFlip`` picks bytes from p = 0.125 on, gaps below.
 """

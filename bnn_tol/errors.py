@@ -144,8 +144,16 @@ def bernoulli_indices(
     chunk = int(mean + 6.0 * math.sqrt(mean) + 16)
     out: list[Tensor] = []
     offset = -1  # position of the last success so far
+    kernel = _gap_kernel(chunk, device)
     while True:
         u = torch.rand(chunk, generator=generator, device=device, dtype=torch.float64)
+        if kernel is not None:  # the same operations fused in one pass (see gap_positions)
+            pos = torch.empty(chunk, dtype=torch.int64)
+            k, offset = kernel(u.neg_().log1p_().numpy(), log1mp, n, offset, pos.numpy())
+            out.append(pos[:k])
+            if k < chunk:
+                break
+            continue
         # 1 - u lies in (0, 1]: log is finite. G = floor(log(1-u)/log(1-p)) >= 0.
         # In place, the values of floor(log1p(-u) / log1mp).clamp(max=n).to(int64): the
         # quotient is >= 0, where the int64 cast (truncation) is the floor.
@@ -159,6 +167,20 @@ def bernoulli_indices(
         out.append(pos)
         offset = last
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+#: Draws of at least this many gaps on CPU use the fused numba kernel (when numba is present).
+_KERNEL_FROM = 1 << 15
+
+
+def _gap_kernel(chunk: int, device: torch.device | str):
+    """:func:`bnn_tol.kernels.gap_positions` for a large CPU draw, else ``None`` (torch ops;
+    small draws do not pay numba's import). Both give the same positions."""
+    if chunk < _KERNEL_FROM or torch.device(device).type != "cpu":
+        return None
+    from . import kernels
+
+    return kernels.gap_positions if kernels.AVAILABLE else None
 
 
 def flip_indices(stored: Tensor, p01: float, p10: float, *, generator: torch.Generator) -> Tensor:
@@ -318,7 +340,12 @@ class TransientFlip:
             flat.bitwise_xor_(self._last.view(-1))
         else:
             idx = self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
-            flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
+            if _gap_kernel(idx.numel(), flat.device) is not None:
+                from .kernels import negate_at
+
+                negate_at(flat.numpy(), idx.numpy())
+            else:
+                flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
         return stored
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102

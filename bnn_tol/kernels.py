@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 __all__ = ["AVAILABLE", "threads", "comparator", "pack_rows", "pack_threshold",
            "fc_hidden", "fc_output", "conv_hidden", "conv_first", "fc_first_delta", "pool_or",
-           "flip_words"]
+           "flip_words", "gap_positions", "negate_at"]
 
 
 def comparator(direction: np.ndarray, t: np.ndarray, const: np.ndarray) -> tuple[np.ndarray,
@@ -262,3 +262,32 @@ if AVAILABLE:
         flat = words.reshape(-1)
         for i in range(word_idx.shape[0]):
             flat[word_idx[i]] ^= np.uint64(1) << np.uint64(bit_idx[i])
+
+    @njit(cache=True, nogil=True)
+    def gap_positions(lg, log1mp, n, offset, out):  # pragma: no cover - compiled
+        """Positions of Bernoulli successes from geometric gaps, in one pass.
+
+        ``lg`` ``(K,)`` float64 holds ``log(1 - u_i)`` of uniforms ``u_i``; the gaps are
+        ``G_i = trunc(min(lg_i / log1mp, n))`` (``log1mp = log(1 - p)``) and the positions
+        ``pos_i = offset + sum_{l <= i} (G_l + 1)``. Writes the positions ``< n`` to
+        ``out[:k]`` (int64) and returns ``(k, pos)``: ``k < K`` when ``pos_k >= n`` ended the
+        draw, else ``k = K`` and ``pos`` is the last position. The same IEEE operations as
+        ``floor(lg / log1mp).clamp(max=n)`` and a cumulative sum, so the same integers.
+        """
+        pos = offset
+        fn = float(n)
+        for i in range(lg.shape[0]):
+            g = lg[i] / log1mp
+            if g > fn:
+                g = fn
+            pos += np.int64(g) + 1
+            if pos >= n:
+                return i, pos
+            out[i] = pos
+        return lg.shape[0], pos
+
+    @njit(cache=True, nogil=True)
+    def negate_at(flat, idx):  # pragma: no cover - compiled
+        """``flat[idx[i]] = not flat[idx[i]]`` for a bool array (in place; ``idx`` unique)."""
+        for i in range(idx.shape[0]):
+            flat[idx[i]] = not flat[idx[i]]

@@ -1,10 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from bnn_tol import data, errors, models, train
+from bnn_tol import data, errors, kernels, models, train
 from bnn_tol.layers import BinaryLinear
 
 
@@ -228,3 +229,55 @@ def test_layers_flip_in_place_as_the_flip_of_the_sign(ber):
             ga, = torch.autograd.grad((wa * probe).sum(), a.weight)
             gb, = torch.autograd.grad((wb * probe).sum(), b.weight)
             assert torch.equal(ga, gb)
+
+
+def _torch_gap_path(monkeypatch):
+    monkeypatch.setattr(errors, "_KERNEL_FROM", 1 << 62)
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="needs numba")
+@pytest.mark.parametrize("p", [1e-5, 3e-3, 0.05, 0.124, 0.2])
+def test_fused_gap_kernel_draws_the_same_positions_as_the_torch_ops(p, monkeypatch):
+    """bernoulli_indices: the numba pass (gap_positions) and the torch ops give the same
+    positions from the same generator state, bit for bit, and leave it in the same state."""
+    for n, seed in ((1_000_003, 0), (4_000_000, 1), (70_000, 2)):
+        monkeypatch.setattr(errors, "_KERNEL_FROM", 0)
+        g1 = torch.Generator().manual_seed(seed)
+        fused = [errors.bernoulli_indices(n, p, generator=g1) for _ in range(3)]
+        _torch_gap_path(monkeypatch)
+        g2 = torch.Generator().manual_seed(seed)
+        plain = [errors.bernoulli_indices(n, p, generator=g2) for _ in range(3)]
+        for a, b in zip(fused, plain, strict=True):
+            assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+        assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="needs numba")
+def test_gap_kernel_clamps_huge_gaps_and_continues_across_chunks():
+    from bnn_tol.kernels import gap_positions
+
+    log1mp, n = math.log1p(-0.1), 50
+    # 0.0: gap 0; -1e300: a gap clamped to n (ends the draw); values near the gap boundaries
+    lg = np.array([0.0, -0.0, log1mp * 2.999999, log1mp * 3.0, -1e300, -0.5])
+    out = np.full(lg.size, -7, dtype=np.int64)
+    k, last = gap_positions(lg, log1mp, n, -1, out)
+    ref = torch.cumsum(torch.from_numpy(lg / log1mp).clamp(max=n).to(torch.int64) + 1, 0) - 1
+    assert k == 4 and out[:4].tolist() == ref[:4].tolist() and last == int(ref[4]) >= n
+    # a chunk that ends below n returns k = K and its last position, the offset of the next
+    k, last = gap_positions(lg[:4], log1mp, n, -1, out)
+    assert k == 4 and last == int(ref[3])
+    k2, _ = gap_positions(lg[:2], log1mp, n, last, out)
+    assert k2 == 2 and out[:2].tolist() == [last + 1, last + 2]
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="needs numba")
+def test_flip_stored_in_place_kernel_equals_the_scatter(monkeypatch):
+    stored = torch.rand(3_000_000, generator=torch.Generator().manual_seed(5)) < 0.5
+    a, b = stored.clone(), stored.clone()
+    fa = errors.TransientFlip(0.05, torch.Generator().manual_seed(6))
+    fb = errors.TransientFlip(0.05, torch.Generator().manual_seed(6))
+    fa.flip_stored_(a)
+    _torch_gap_path(monkeypatch)
+    fb.flip_stored_(b)
+    assert torch.equal(a, b) and torch.equal(fa.last_flips, fb.last_flips)
+    assert torch.equal(torch.nonzero(a != stored).flatten(), fa.last_flips)
