@@ -78,8 +78,15 @@ def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch
     cpu = torch.device("cpu")
     bnn = models.build("fc", hidden=(8,), in_shape=(1, 4, 4))
     q = models.build("fc", hidden=(8,), in_shape=(1, 4, 4), weight_bits=4)
+    conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     monkeypatch.setattr(kernels, "AVAILABLE", True)
+    # an int8 dot product (VNNI/AMX) makes int8 the fastest on fc; conv models stay packed
+    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: True)
+    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "int8"
+    assert evaluate._pick_engine(conv, cpu, "auto", ("weights",)).name == "packed"
+    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
     assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "packed"
+    assert evaluate._pick_engine(conv, cpu, "auto", ("weights",)).name == "packed"
     assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
     monkeypatch.setattr(kernels, "AVAILABLE", False)  # without numba: int8 (VNNI) or fp32
     with pytest.raises(UnsupportedModel, match="numba"):

@@ -152,9 +152,14 @@ def test_packed_engine_equals_naive_loop_on_explicit_flips():
 
 
 def test_auto_picks_packed_for_bnns_on_cpu():
+    """packed for conv BNNs; for fc too unless an int8 dot product (VNNI/AMX) makes int8
+    faster (both branches with a patched CPU check: test_engines)."""
     model = models.build("fc", hidden=(32,), in_shape=(1, 4, 4))
+    conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     cpu = torch.device("cpu")
-    assert evaluate._pick_engine(model, cpu, "auto", ("weights",)).name == "packed"
+    fc_engine = "int8" if evaluate.int8_is_fast() else "packed"
+    assert evaluate._pick_engine(model, cpu, "auto", ("weights",)).name == fc_engine
+    assert evaluate._pick_engine(conv, cpu, "auto", ("weights",)).name == "packed"
     assert evaluate.engines()[0] == "packed"
     maps = errors.draw_maps(model, 0, 0.1)
     assert set(maps) == set(model.binary_layers())
