@@ -406,3 +406,13 @@ def test_pm_matmul_uses_int8_only_where_it_is_fast(monkeypatch):
     assert torch.equal(imp._pm_matmul(a, b), a @ b) and not calls
     monkeypatch.setattr(evaluate, "int8_is_fast", lambda: True)
     assert torch.equal(imp._pm_matmul(a, b), a @ b) and calls
+
+
+def test_argmax1_is_torch_argmax_with_first_maximum_on_ties():
+    from bnn_tol.metrics.importance import _argmax1
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(-3, 4, (200, 10, 37), generator=g).float()  # many ties
+    assert torch.equal(_argmax1(z), z.argmax(1))
+    z = torch.randn(50, 3, 5, generator=g, dtype=torch.float64)
+    assert torch.equal(_argmax1(z), z.argmax(1))

@@ -199,3 +199,22 @@ def test_invalid_layers_and_conv_models(trained):
     conv = models.build("vgg3", channels=((4,), (4,)), fc_width=8, in_shape=(1, 8, 8))
     with pytest.raises(InvalidArgument, match="convolution"):
         metrics.predict_accuracy(conv, ds, [0.1])
+
+
+def test_flip_table_gather_equals_the_elementwise_law():
+    """_flip_q (one table row per value A, gathered) gives flip_given_preact bit for bit,
+    including dead neurons, both directions and parity of the fan-in."""
+    from bnn_tol.metrics.flipprob import flip_given_preact, flip_tables
+    from bnn_tol.metrics.predict import _flip_q
+
+    rng = np.random.default_rng(0)
+    for n in (31, 64):
+        a = 2 * rng.integers(0, n + 1, size=(300, 40)) - n  # a = n mod 2
+        a[:, :3] = a[0, :3]  # constant columns too
+        t = rng.integers(-n, n + 1, size=(1, 40))
+        d = rng.choice([-1, 0, 1], size=(1, 40))
+        for p in (0.001, 0.05, 0.3):
+            sw = flip_tables(n, p)
+            ref = flip_given_preact(a, t, d, n, sw)
+            assert np.array_equal(_flip_q(a, t, d, n, sw), ref)
+            assert (ref[:, d[0] == 0] == 0).all() and ref.max() > 0

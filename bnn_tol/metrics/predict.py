@@ -84,7 +84,7 @@ from ..exceptions import InvalidArgument
 from ..layers import BinaryConv2d, fold_threshold
 from ._common import blocks_of, check_data, device_of, eval_mode, hidden_layers, run_block
 from .flipprob import flip_given_preact, flip_tables
-from .importance import negation_logits
+from .importance import _argmax1, negation_logits
 
 __all__ = ["predict_accuracy"]
 
@@ -122,6 +122,16 @@ def _first_layer_q(k: np.ndarray, s2: np.ndarray, t: np.ndarray, d: np.ndarray,
     below = np.where(sd > 0, below, (mu < 0).astype(np.float64))
     q = np.where(r >= 0, below, 1.0 - below)
     return np.where(d != 0, q, 0.0)
+
+
+def _flip_q(a: np.ndarray, t: np.ndarray, d: np.ndarray, n: int, sw: np.ndarray) -> np.ndarray:
+    """:func:`flip_given_preact` of ``(N, J)`` pre-activations, the same values: evaluated
+    once per neuron and value ``A = (n + a) / 2`` in the observed range (a ``(R, J)`` table,
+    ``R <= n + 1``, usually far fewer entries than ``N x J``) and gathered."""
+    big = (n + a) // 2
+    lo = int(big.min())
+    vals = (2 * np.arange(lo, int(big.max()) + 1, dtype=np.int64) - n)[:, None]
+    return np.take_along_axis(flip_given_preact(vals, t, d, n, sw), big - lo, axis=0)
 
 
 def _output_correct(a: np.ndarray, y: np.ndarray, k: int, g: np.ndarray, b: np.ndarray,
@@ -276,7 +286,7 @@ def predict_accuracy(
                 else:
                     pre[k].append(torch.round(as_[k].double()).cpu().numpy().astype(np.int64))
             for k in hidden_sel if method == "poisson" else []:
-                e = torch.cat([(ok[:, None].to(torch.int8) - (zj.argmax(1) == y[:, None])
+                e = torch.cat([(ok[:, None].to(torch.int8) - (_argmax1(zj) == y[:, None])
                                 .to(torch.int8))
                                for _, zj in negation_logits(model, x, k, cache=(xs, as_, hs),
                                                             infos=infos)], dim=1)
@@ -320,7 +330,7 @@ def predict_accuracy(
             t_k = info.folded.t.numpy()[None]
             d_k = info.folded.direction.numpy().astype(np.int64)[None]
             qbar = _bucketed(pi, lambda r, idx, k=k, fan=fan, t_k=t_k, d_k=d_k: (
-                flip_given_preact(a_all[k][idx], t_k, d_k, fan, flip_tables(fan, r))
+                _flip_q(a_all[k][idx], t_k, d_k, fan, flip_tables(fan, r))
                 if r > 0 else np.zeros((len(idx), t_k.shape[1]))).mean(1)[:, None])[:, 0]
         pk = p if out_sel else 0.0
         pi = pk + qbar - 2 * pk * qbar
@@ -336,17 +346,17 @@ def predict_accuracy(
         per: list[tuple[str, int, np.ndarray]] = []
         for k in hidden_sel:
             info = infos[k]
-            if k == 0:
+            if p == 0:  # exact: the FFT tables carry ~1e-17 noise
+                q = np.zeros(a_all[k].shape)
+            elif k == 0:
                 fold = first_fold
                 q = _first_layer_q(a_all[k], s2, fold.t.numpy()[None].astype(np.float64),
                                    fold.direction.numpy().astype(np.int64)[None], p)
             else:
                 fan = int(info.fan_in)
-                q = flip_given_preact(a_all[k], info.folded.t.numpy()[None],
-                                      info.folded.direction.numpy().astype(np.int64)[None],
-                                      fan, flip_tables(fan, p))
-            if p == 0:  # exact: the FFT tables carry ~1e-17 noise
-                q = np.zeros_like(q)
+                q = _flip_q(a_all[k], info.folded.t.numpy()[None],
+                            info.folded.direction.numpy().astype(np.int64)[None],
+                            fan, flip_tables(fan, p))
             e = e_all[k]
             h_l = (q * (e == 1)).sum(1)
             g_l = (q * (e == -1)).sum(1)
