@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 __all__ = ["AVAILABLE", "threads", "comparator", "pack_rows", "pack_threshold",
            "fc_hidden", "fc_output", "conv_hidden", "conv_first", "fc_first_delta", "pool_or",
-           "flip_words", "gap_positions", "negate_at"]
+           "flip_words", "gap_positions", "negate_at", "margin_rows", "margin_cols",
+           "margin_comoments"]
 
 
 def comparator(direction: np.ndarray, t: np.ndarray, const: np.ndarray) -> tuple[np.ndarray,
@@ -291,3 +292,87 @@ if AVAILABLE:
         """``flat[idx[i]] = not flat[idx[i]]`` for a bool array (in place; ``idx`` unique)."""
         for i in range(idx.shape[0]):
             flat[idx[i]] = not flat[idx[i]]
+
+    # -- margin statistics of fully connected layers (bnn_tol.metrics.margin) ---------------
+    # ``a`` (B, C) float32 pre-activations, ``tau`` (C,) float64 thresholds; the margin of an
+    # entry is m = |float64(a) - tau| (the float64 value of torch's type promotion). Column
+    # kernels run over blocks of _MB columns, one block per thread (no shared writes).
+
+    _MB = 16
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def margin_rows(a, tau, wagg, out):  # pragma: no cover - compiled
+        """``out[n, q] = sum_c m_nc wagg[c, q]`` (``wagg`` (C, 2)): per-image layer means."""
+        b, c = a.shape
+        for n in prange(b):
+            s0 = 0.0
+            s1 = 0.0
+            for j in range(c):
+                m = abs(np.float64(a[n, j]) - tau[j])
+                s0 += m * wagg[j, 0]
+                s1 += m * wagg[j, 1]
+            out[n, 0] = s0
+            out[n, 1] = s1
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def margin_cols(a, scale, shift, k0, hist, grid, thr, tau, r, n_plus, s_abs, min_m,
+                    sum_half):  # pragma: no cover - compiled
+        """Histogram and (``grid > 0``, a first layer) exact grid sums of one batch.
+
+        ``hist[k - k0, c] += 1`` for ``k = rint(a scale + shift)`` (float32 operations, as
+        ``a.mul_(scale).add_(shift).round_()``). With ``grid``: ``d = a grid - thr_c``
+        (float32, exact integers), ``n_plus_c += #{d > 0}``, ``s_abs_c += sum |d|``,
+        ``min_m_c = min(min_m_c, min_n m_nc)``, ``sum_half_c += sum_n r_n m_nc``.
+        """
+        b, c = a.shape
+        for blk in prange((c + _MB - 1) // _MB):
+            c0 = blk * _MB
+            c1 = min(c, c0 + _MB)
+            for n in range(b):
+                for j in range(c0, c1):
+                    v = a[n, j]
+                    k = np.rint(v * scale + shift)
+                    hist[np.int64(k) - k0, j] += 1
+                    if grid > 0:
+                        d = v * grid - thr[j]
+                        if d > 0:
+                            n_plus[j] += 1
+                        s_abs[j] += abs(np.float64(d))
+                        m = abs(np.float64(v) - tau[j])
+                        if m < min_m[j]:
+                            min_m[j] = m
+                        sum_half[j] += r[n] * m
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def margin_comoments(a, tau, z, r, use_r, want_sxx, prod, sxx):  # pragma: no cover
+        """``prod = z^T x`` ``(Q, C)`` for ``x_nc = m_nc`` (``use_r``: ``m_nc r_n``); with
+        ``want_sxx`` also ``sxx_c = sum_n (x_nc - prod[0, c] / B)^2`` (``z[:, 0] = 1``)."""
+        b, c = a.shape
+        nq = z.shape[1]
+        for blk in prange((c + _MB - 1) // _MB):
+            c0 = blk * _MB
+            w = min(c, c0 + _MB) - c0
+            acc = np.zeros((nq, _MB))
+            x = np.empty(_MB)
+            for n in range(b):
+                for j in range(w):
+                    x[j] = abs(np.float64(a[n, c0 + j]) - tau[c0 + j])
+                    if use_r:
+                        x[j] *= r[n]
+                for q in range(nq):
+                    zq = z[n, q]
+                    for j in range(w):
+                        acc[q, j] += zq * x[j]
+            for q in range(nq):
+                for j in range(w):
+                    prod[q, c0 + j] = acc[q, j]
+            if want_sxx:
+                for j in range(w):
+                    mean = acc[0, j] / b
+                    s = 0.0
+                    for n in range(b):
+                        xv = abs(np.float64(a[n, c0 + j]) - tau[c0 + j])
+                        if use_r:
+                            xv *= r[n]
+                        s += (xv - mean) * (xv - mean)
+                    sxx[c0 + j] = s

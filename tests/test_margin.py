@@ -1,12 +1,14 @@
 import math
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _helpers import randomize_bn
 from torch import nn
 
-from bnn_tol import data, metrics, models
+from bnn_tol import data, kernels, metrics, models
 from bnn_tol.layers import BinaryLinear
 from bnn_tol.models import BNN, BinaryBlock
 
@@ -386,3 +388,30 @@ def test_select_quantile_and_min_match_sorting_all_bins():
             mn, got = _select(st, [torch.ones(c, dtype=torch.int64), need.long()])
             assert torch.equal(got, want), (trial, q)
             assert torch.equal(mn, lowest), trial
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="needs numba")
+def test_numba_path_of_linear_layers_equals_the_torch_path(digits, monkeypatch):
+    """fc layers take the numba kernels (margin_cols / margin_rows / margin_comoments): the
+    histogram-derived and integer-grid columns are identical to the torch path; float64 sums
+    (the first layer's _half mean, the standard errors) differ only by summation order."""
+    margin_mod = sys.modules["bnn_tol.metrics.margin"]  # the module, not the function
+    model = randomize_bn(models.build("fc", seed=3, hidden=(40, 33), in_shape=(1, 8, 8)))
+    with torch.no_grad():  # a dead neuron (gamma = 0) in each hidden layer
+        for b in model.blocks[:-1]:
+            b.bn.weight[5] = 0.0
+    calls = []
+    real = margin_mod._update_fast
+    monkeypatch.setattr(margin_mod, "_update_fast", lambda *a: calls.append(1) or real(*a))
+    fast = metrics.margin(model, digits, batch_size=300)
+    assert calls  # the kernels ran
+    monkeypatch.setattr(margin_mod, "_fast", lambda st, a: False)
+    slow = metrics.margin(model, digits, batch_size=300)
+    pd.testing.assert_frame_equal(fast.drop(columns=_FLOAT_SUMS), slow.drop(columns=_FLOAT_SUMS),
+                                  check_exact=True)
+    for c in _FLOAT_SUMS:
+        np.testing.assert_allclose(fast[c], slow[c], rtol=1e-12, atol=1e-14, err_msg=c)
+
+
+_FLOAT_SUMS = ["mean_margin_half",
+               *[c for c in metrics.MARGIN_COLUMNS if c.startswith(("se_", "cov_"))]]

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -117,12 +118,21 @@ class _CoMoments:
         its co-moments with the batch-centred ``y`` (``sum_n (x_n - xbar_b)(y_n - ybar_b) =
         sum_n x_n (y_n - ybar_b)``); ``sxx``: also the batch-centred sum of squares of ``x``.
         """
-        b = x.shape[0]
-        by = y.mean(0)
-        z = torch.cat([torch.ones_like(y[:, :1]), y - by], 1)
+        z, by = self.design(y)
         prod = z.T @ x
+        bxx = torch.sub(x, prod[0] / x.shape[0]).square_().sum(0) if sxx else None
+        self.merge(x.shape[0], by, prod, bxx)
+
+    @staticmethod
+    def design(y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, ybar_b)``: ``z = [1 | y - ybar_b]`` ``(B, Q + 1)`` of a batch ``y`` ``(B, Q)``."""
+        by = y.mean(0)
+        return torch.cat([torch.ones_like(y[:, :1]), y - by], 1), by
+
+    def merge(self, b: int, by: Tensor, prod: Tensor, bxx: Tensor | None) -> None:
+        """Merge a batch of ``b`` rows given by its ``ybar_b``, ``prod = z^T x`` ``(Q + 1, C)``
+        (row 0: the column sums) and centred ``sum (x - xbar_b)^2`` (or ``None``)."""
         bx, bxy = prod[0] / b, prod[1:].T
-        bxx = torch.sub(x, bx).square_().sum(0) if sxx else None
         if self.n == 0:
             self.n, self.mx, self.my, self.sxx, self.sxy = b, bx, by, bxx, bxy
             return
@@ -257,9 +267,7 @@ def _add_hist(st: LayerStats, a: Tensor, scale: float, shift: float) -> None:
         shift = 0.0
     lo_hi = torch.stack(torch.aminmax(a)).double() + shift
     k_lo, k_hi = int(lo_hi[0]), int(lo_hi[1])
-    if k_lo < 0 or k_hi >= st.n_bins:
-        raise InvalidArgument(f"{st.info.name}: pre-activation outside [{st.lo}, "
-                         f"{st.lo + st.w * (st.n_bins - 1)}]; are the inputs in [-1, 1]?")
+    _check_bins(st, k_lo, k_hi)
     # idx = (k - k_lo) * G + group = a * G + (shift - k_lo) G + group
     idx = a.mul_(g).add_(st._group + (shift - k_lo) * g)
     idx = idx.to(torch.int32 if (k_hi - k_lo + 1) * g < 2**31 else torch.int64)
@@ -267,12 +275,28 @@ def _add_hist(st: LayerStats, a: Tensor, scale: float, shift: float) -> None:
     if st.hist is None:
         st.hist, st.k0 = part, k_lo
         return
+    _grow(st, k_lo, k_hi)
+    st.hist[k_lo - st.k0 : k_hi - st.k0 + 1] += part
+
+
+def _check_bins(st: LayerStats, k_lo: int, k_hi: int) -> None:
+    if k_lo < 0 or k_hi >= st.n_bins:
+        raise InvalidArgument(f"{st.info.name}: pre-activation outside [{st.lo}, "
+                              f"{st.lo + st.w * (st.n_bins - 1)}]; are the inputs in [-1, 1]?")
+
+
+def _grow(st: LayerStats, k_lo: int, k_hi: int) -> None:
+    """Extend the kept bin range of ``st.hist`` (zeros) to cover ``k_lo .. k_hi``."""
+    g = st.neff.numel() * st.info.tau.numel()
+    if st.hist is None:
+        st.hist = torch.zeros(k_hi - k_lo + 1, g, dtype=torch.int64, device=st._tau_flat.device)
+        st.k0 = k_lo
+        return
     new_lo, new_hi = min(st.k0, k_lo), max(st.k0 + st.hist.shape[0] - 1, k_hi)
     if (new_lo, new_hi) != (st.k0, st.k0 + st.hist.shape[0] - 1):
-        grown = torch.zeros(new_hi - new_lo + 1, g, dtype=torch.int64, device=a.device)
+        grown = torch.zeros(new_hi - new_lo + 1, g, dtype=torch.int64, device=st.hist.device)
         grown[st.k0 - new_lo : st.k0 - new_lo + st.hist.shape[0]] = st.hist
         st.hist, st.k0 = grown, new_lo
-    st.hist[k_lo - st.k0 : k_hi - st.k0 + 1] += part
 
 
 def _update_grid(st: LayerStats, a: Tensor, dims: list[int]) -> None:
@@ -319,6 +343,8 @@ def _update(st: LayerStats, a: Tensor, x: Tensor) -> tuple | None:
     and share them between the first layer's minimum and ``_half`` sum and the per-image
     values (hidden layers with an exact histogram need them only for the standard errors).
     """
+    if _fast(st, a):
+        return _update_fast(st, a, x)
     info = st.info
     dims = [0, *range(2, a.dim())]
     st.count += a[:, 0].numel()
@@ -359,6 +385,78 @@ def _update(st: LayerStats, a: Tensor, x: Tensor) -> tuple | None:
     del m64
     _add_hist(st, a, 1.0 / st.w, -st.lo / st.w)
     return per_image
+
+
+class _FastBatch(NamedTuple):
+    """A linear layer's batch on the numba path: its pre-activations ``a`` ``(B, C)``
+    float32 and, for the first layer, ``r_n = 1 / (2 xbar_n)`` ``(B,)`` float64; the
+    per-image values are computed from them in the kernels (never stored as ``(B, C)``
+    float64)."""
+
+    a: Tensor
+    r: Tensor | None
+
+    def layer_means(self, st: LayerStats) -> Tensor:
+        """``v @ wagg`` ``(B, 2)`` (``v_nj = m_nj``; see :func:`_add_se`)."""
+        from .. import kernels
+
+        out = torch.empty(self.a.shape[0], 2, dtype=torch.float64)
+        kernels.margin_rows(self.a.numpy(), st._tau_flat.numpy(), st._wagg.numpy(), out.numpy())
+        return out
+
+    def add_to(self, co: _CoMoments, st: LayerStats, y: Tensor, half: bool, sxx: bool) -> None:
+        """:meth:`_CoMoments.add` of ``x = m`` (``half``: ``m r``) with ``y``."""
+        from .. import kernels
+
+        z, by = co.design(y)
+        c = self.a.shape[1]
+        prod = torch.empty(z.shape[1], c, dtype=torch.float64)
+        bxx = torch.empty(c, dtype=torch.float64) if sxx else None
+        r = self.r.numpy() if half else np.empty(0)
+        kernels.margin_comoments(self.a.numpy(), st._tau_flat.numpy(), z.contiguous().numpy(),
+                                 r, half, sxx, prod.numpy(),
+                                 bxx.numpy() if sxx else np.empty(0))
+        co.merge(self.a.shape[0], by, prod, bxx)
+
+
+def _fast(st: LayerStats, a: Tensor) -> bool:
+    """Whether the numba kernels take this batch: a linear layer on CPU in float32 with an
+    exact histogram (hidden) or the exact integer grid (first layer), numba installed."""
+    info = st.info
+    if (info.conv or a.device.type != "cpu" or a.dtype != torch.float32
+            or not (st.exact or (st.grid and info.kind == "first"))):
+        return False
+    from .. import kernels
+
+    return kernels.AVAILABLE
+
+
+def _update_fast(st: LayerStats, a: Tensor, x: Tensor) -> _FastBatch | None:
+    """:func:`_update` of a linear layer in two numba passes (:func:`_fast`): the same
+    histogram and integer sums, and float64 sums up to their summation order."""
+    from .. import kernels
+
+    info = st.info
+    a = a.contiguous()
+    st.count += a.shape[0]
+    r = None
+    if info.kind == "first":
+        xbar = x.flatten(1).abs().sum(1, dtype=torch.float64) / info.fan_in
+        r = 0.5 / xbar.clamp_min(1e-30)
+    # bins k = rint(a scale + shift) in float32, as _add_hist; monotone in a, so the
+    # occupied range is that of the extremes
+    scale, shift = np.float32(1.0 / st.w), np.float32(-st.lo / st.w)
+    lo, hi = (np.float32(v) for v in torch.aminmax(a))
+    k_lo, k_hi = int(np.rint(lo * scale + shift)), int(np.rint(hi * scale + shift))
+    _check_bins(st, k_lo, k_hi)
+    _grow(st, k_lo, k_hi)
+    f64, empty = np.empty(0), np.empty(0, np.float32)
+    grid = np.float32(st.grid if info.kind == "first" else 0.0)
+    extra = ((st._thr.numpy(), st._tau_flat.numpy(), r.numpy(), st.n_plus.numpy(),
+              st.s_abs.numpy(), st.min_m.numpy(), st.sum_half.numpy()) if grid else
+             (empty, st._tau_flat.numpy(), f64, np.empty(0, np.int64), f64, f64, f64))
+    kernels.margin_cols(a.numpy(), scale, shift, st.k0, st.hist.numpy(), grid, *extra)
+    return _FastBatch(a, r) if st.se is not None else None
 
 
 def _per_image(st: LayerStats, a: Tensor, x: Tensor, m64: Tensor | None,
@@ -407,29 +505,42 @@ def _add_se(stats: dict[int, LayerStats], values: dict[int, tuple]) -> None:
     Every layer's base values then meet all series in one product (:meth:`_CoMoments.add`).
     """
     u: dict[int, Tensor] = {}  # (B, 4): mean, bn, norm, half
-    for k, (v, half, r) in values.items():
+    for k, val in values.items():
         st = stats[k]
         if st._wagg is None:
             continue
-        g = v @ st._wagg
-        um = g[:, 0]
-        if half is None:
-            uh = um / 2
-        elif r is not None:
-            uh = um * r
+        if isinstance(val, _FastBatch):
+            g = val.layer_means(st)
+            um = g[:, 0]
+            uh = um / 2 if val.r is None else um * val.r
         else:
-            uh = half @ st._wagg[:, 0]
+            v, half, r = val
+            g = v @ st._wagg
+            um = g[:, 0]
+            if half is None:
+                uh = um / 2
+            elif r is not None:
+                uh = um * r
+            else:
+                uh = half @ st._wagg[:, 0]
         u[k] = torch.stack([um, g[:, 1], um / st.info.fan_in, uh], 1)
     any_v = next(iter(values.values()))[0]
     zeros = torch.zeros(any_v.shape[0], 4, dtype=torch.float64, device=any_v.device)
     w = torch.stack(list(u.values()), 0).mean(0) if u else zeros
-    for k, (v, half, _) in values.items():
+    for k, val in values.items():
         st = stats[k]
         uk = u.get(k, zeros)
         y0 = torch.stack([uk[:, 0], w[:, 0], uk[:, 1], w[:, 1], w[:, 2], w[:, 3]], 1)
+        y1 = torch.stack([uk[:, 3], w[:, 3]], 1)
+        if isinstance(val, _FastBatch):
+            val.add_to(st.se[0], st, y0, half=False, sxx=not st.exact)
+            if val.r is not None:
+                val.add_to(st.se[1], st, y1, half=True, sxx=True)
+            continue
+        v, half, _ = val
         st.se[0].add(v, y0, sxx=st.info.conv or not st.exact)
         if half is not None:
-            st.se[1].add(half, torch.stack([uk[:, 3], w[:, 3]], 1))
+            st.se[1].add(half, y1)
 
 
 def _se_table(st: LayerStats, hist: Tensor | None, marg: Tensor | None,
