@@ -4,13 +4,16 @@
 (drawing the map is not timed; median over a sample of the sweep's maps, half before and half
 after the engines). ``packed``: :func:`bnn_tol.evaluate.sweep` with the packed XNOR/popcount
 engine over the whole grid, seconds per faulty row (BER-0 rows cost nothing and are not
-counted; map drawing included). ``fp32``: the batched float engine on a few maps. Every engine
-accuracy is checked equal to the naive one on the sampled maps (``exact``).
+counted; map drawing included); for fc also the ``int8`` engine (``= auto``: the engine
+``engine="auto"`` picks on this CPU) and, on CPUs with an int8 dot product, the int8 roofline
+(the ``_int_mm`` products of one map at the throughput measured in the same run). ``fp32``:
+the batched float engine on a few maps. Every engine accuracy is checked equal to the naive
+one on the sampled maps (``exact``).
 
 Cases: ``fc`` (784-2048-2048-10; ``runs/fc`` when it exists) and ``vgg3`` on all 10k test
 images, 11 BERs (0 to 10 %) x 20 maps; ``vgg7`` (2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10
 on 1x28x28, random init) on all 10k images with 11 BERs x 1 map (a naive vgg7 map takes
-minutes). Target: naive / packed >= 3 for the conv models, >= 7 for fc.
+minutes). Target: naive / engine >= 3 for the conv models, >= 7 for fc.
 
 ``memory``: peak resident memory (``VmHWM``) of a fresh process running one sweep --
 vgg7 on 10k images (2 maps) and fc 2048-2048 with 10 and 100 maps -- and its growth over the
@@ -69,7 +72,25 @@ def _model(arch: str, shape):
     return models.build(arch, seed=0, **kw).eval(), f"{arch} (random init)"
 
 
-def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int) -> list[dict]:
+def _int8_roofline(model, n: int) -> float:
+    """Seconds of the int8 products ``(n, I) x (I, O)`` of every linear layer of ``model``
+    (``torch._int_mm``, best of 3): the floor of an int8 engine's time per map."""
+    total = 0.0
+    for layer in model.binary_layers().values():
+        o, i = layer.weight.shape
+        a = torch.randint(-128, 128, (n, i), dtype=torch.int8)
+        w = torch.randint(-1, 2, (o, i), dtype=torch.int8)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch._int_mm(a, w.t())
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total
+
+
+def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int,
+          engines: tuple[str, ...] = ("packed",), roofline: bool = False) -> list[dict]:
     model, label = _model(arch, test.shape)
     seeds = errors.map_seeds(0, n_maps)
     sample = [(0.1 if i % 2 == 0 else 0.05, seeds[i % n_maps]) for i in range(n_naive)]
@@ -78,10 +99,13 @@ def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int) -> list[di
     for b, s in sample[:half]:
         naive_acc[(b, s)], t = _naive(model, test, b, s)
         naive_t.append(t)
-    t0 = time.perf_counter()
-    df = evaluate.sweep(model, test, bers=BERS, n_maps=n_maps, seed=0, engine="packed",
-                        progress=False)
-    packed_t = (time.perf_counter() - t0) / int((df["ber"] > 0).sum())
+    auto = evaluate._pick_engine(model, torch.device("cpu"), "auto", ("weights",)).name
+    grids = {}
+    for eng in engines:
+        t0 = time.perf_counter()
+        df = evaluate.sweep(model, test, bers=BERS, n_maps=n_maps, seed=0, engine=eng,
+                            progress=False)
+        grids[eng] = (df, (time.perf_counter() - t0) / int((df["ber"] > 0).sum()))
     fp32_t, fp32_df = None, None
     if fp32_maps:
         t0 = time.perf_counter()
@@ -100,9 +124,16 @@ def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int) -> list[di
 
     case = f"{label}, {len(test)} images, {len(BERS)} BERs x {n_maps} maps"
     rows = [{"case": case, "implementation": "naive loop (deepcopy + fp32 model(x))",
-             "seconds_per_map": naive, "ratio": 1.0, "exact": True},
-            {"case": case, "implementation": "sweep packed engine (whole grid, per faulty row)",
-             "seconds_per_map": packed_t, "ratio": naive / packed_t, "exact": exact(df)}]
+             "seconds_per_map": naive, "ratio": 1.0, "exact": True}]
+    for eng, (df, secs) in grids.items():
+        rows.append({"case": case, "implementation": f"sweep {eng} engine (whole grid, per "
+                     f"faulty row){' = auto' if eng == auto else ''}",
+                     "seconds_per_map": secs, "ratio": naive / secs, "exact": exact(df)})
+    if roofline:
+        secs = _int8_roofline(model, len(test))
+        rows.append({"case": case, "implementation": "int8 roofline (_int_mm GEMMs of one map, "
+                     "measured here)", "seconds_per_map": secs, "ratio": naive / secs,
+                     "exact": True})
     if fp32_t is not None:
         rows.append({"case": case, "implementation": f"sweep fp32 engine (p=0.05/0.1, "
                                                      f"{fp32_maps} maps)",
@@ -160,7 +191,9 @@ def _run(quick: bool) -> pd.DataFrame:
     test = _test_set()
     if quick:
         test = test.subset(500)
-    rows = _case("fc", test, 3 if quick else 20, 2 if quick else 5, 2)
+    fc_engines = ("packed", "int8") if evaluate._int8_ok(torch.device("cpu")) else ("packed",)
+    rows = _case("fc", test, 3 if quick else 20, 2 if quick else 5, 2, fc_engines,
+                 roofline=evaluate.int8_is_fast())
     rows += _case("vgg3", test, 2 if quick else 20, 2 if quick else 3, 0)
     rows += _case("vgg7", test.subset(100) if quick else test, 1, 2, 0)
     if not quick:
