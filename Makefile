@@ -44,6 +44,7 @@ demo: setup
 
 lint: $(STAMP)
 	$(BIN)/ruff check bnn_tol tests benchmarks scripts
+	$(BIN)/lint-imports
 
 test: setup lint
 	$(BIN)/python -m pytest -q

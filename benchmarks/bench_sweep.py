@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 import bnn_tol
+import bnn_tol.engines.int8 as int8_engine
 from bnn_tol import data, errors, evaluate, models
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"
@@ -89,8 +90,15 @@ def _int8_roofline(model, n: int) -> float:
     return total
 
 
-def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int,
-          engines: tuple[str, ...] = ("packed",), roofline: bool = False) -> list[dict]:
+def _case(
+    arch: str,
+    test,
+    n_maps: int,
+    n_naive: int,
+    fp32_maps: int,
+    engines: tuple[str, ...] = ("packed",),
+    roofline: bool = False,
+) -> list[dict]:
     model, label = _model(arch, test.shape)
     seeds = errors.map_seeds(0, n_maps)
     sample = [(0.1 if i % 2 == 0 else 0.05, seeds[i % n_maps]) for i in range(n_naive)]
@@ -99,18 +107,22 @@ def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int,
     for b, s in sample[:half]:
         naive_acc[(b, s)], t = _naive(model, test, b, s)
         naive_t.append(t)
-    auto = evaluate._pick_engine(model, torch.device("cpu"), "auto", ("weights",)).name
+    auto = evaluate.pick_engine(
+        model, device=torch.device("cpu"), engine="auto", targets=("weights",)
+    ).name
     grids = {}
     for eng in engines:
         t0 = time.perf_counter()
-        df = evaluate.sweep(model, test, bers=BERS, n_maps=n_maps, seed=0, engine=eng,
-                            progress=False)
+        df = evaluate.sweep(
+            model, test, bers=BERS, n_maps=n_maps, seed=0, engine=eng, progress=False
+        )
         grids[eng] = (df, (time.perf_counter() - t0) / int((df["ber"] > 0).sum()))
     fp32_t, fp32_df = None, None
     if fp32_maps:
         t0 = time.perf_counter()
-        fp32_df = evaluate.sweep(model, test, bers=[0.05, 0.1], n_maps=fp32_maps, seed=0,
-                                 engine="fp32", progress=False)
+        fp32_df = evaluate.sweep(
+            model, test, bers=[0.05, 0.1], n_maps=fp32_maps, seed=0, engine="fp32", progress=False
+        )
         fp32_t = (time.perf_counter() - t0) / len(fp32_df)
     for b, s in sample[half:]:
         naive_acc[(b, s)], t = _naive(model, test, b, s)
@@ -123,22 +135,47 @@ def _case(arch: str, test, n_maps: int, n_naive: int, fp32_maps: int,
         return bool(keys) and all(got[k] == naive_acc[k] for k in keys)
 
     case = f"{label}, {len(test)} images, {len(BERS)} BERs x {n_maps} maps"
-    rows = [{"case": case, "implementation": "naive loop (deepcopy + fp32 model(x))",
-             "seconds_per_map": naive, "ratio": 1.0, "exact": True}]
+    rows = [
+        {
+            "case": case,
+            "implementation": "naive loop (deepcopy + fp32 model(x))",
+            "seconds_per_map": naive,
+            "ratio": 1.0,
+            "exact": True,
+        }
+    ]
     for eng, (df, secs) in grids.items():
-        rows.append({"case": case, "implementation": f"sweep {eng} engine (whole grid, per "
-                     f"faulty row){' = auto' if eng == auto else ''}",
-                     "seconds_per_map": secs, "ratio": naive / secs, "exact": exact(df)})
+        rows.append(
+            {
+                "case": case,
+                "implementation": f"sweep {eng} engine (whole grid, per "
+                f"faulty row){' = auto' if eng == auto else ''}",
+                "seconds_per_map": secs,
+                "ratio": naive / secs,
+                "exact": exact(df),
+            }
+        )
     if roofline:
         secs = _int8_roofline(model, len(test))
-        rows.append({"case": case, "implementation": "int8 roofline (_int_mm GEMMs of one map, "
-                     "measured here)", "seconds_per_map": secs, "ratio": naive / secs,
-                     "exact": True})
+        rows.append(
+            {
+                "case": case,
+                "implementation": "int8 roofline (_int_mm GEMMs of one map, measured here)",
+                "seconds_per_map": secs,
+                "ratio": naive / secs,
+                "exact": True,
+            }
+        )
     if fp32_t is not None:
-        rows.append({"case": case, "implementation": f"sweep fp32 engine (p=0.05/0.1, "
-                                                     f"{fp32_maps} maps)",
-                     "seconds_per_map": fp32_t, "ratio": naive / fp32_t,
-                     "exact": exact(fp32_df)})
+        rows.append(
+            {
+                "case": case,
+                "implementation": f"sweep fp32 engine (p=0.05/0.1, {fp32_maps} maps)",
+                "seconds_per_map": fp32_t,
+                "ratio": naive / fp32_t,
+                "exact": exact(fp32_df),
+            }
+        )
     return rows
 
 
@@ -160,8 +197,7 @@ def _memory_child(arch: str, n_maps: int, queue) -> None:
     model, label = _model(arch, test.shape)
     start = _rss_mb()
     t0 = time.perf_counter()
-    evaluate.sweep(model, test, bers=[0.05], n_maps=n_maps, seed=0, engine="packed",
-                   progress=False)
+    evaluate.sweep(model, test, bers=[0.05], n_maps=n_maps, seed=0, engine="packed", progress=False)
     queue.put((label, start, _rss_mb(), time.perf_counter() - t0))
 
 
@@ -172,10 +208,13 @@ def _memory(arch: str, n_maps: int) -> dict:
     p.start()
     label, start, peak, secs = q.get()
     p.join()
-    return {"case": f"memory: {label}, 10k images, p=0.05 x {n_maps} maps",
-            "implementation": "sweep packed engine (fresh process)",
-            "seconds_per_map": secs / n_maps, "peak_rss_mb": peak,
-            "rss_above_start_mb": peak - start}
+    return {
+        "case": f"memory: {label}, 10k images, p=0.05 x {n_maps} maps",
+        "implementation": "sweep packed engine (fresh process)",
+        "seconds_per_map": secs / n_maps,
+        "peak_rss_mb": peak,
+        "rss_above_start_mb": peak - start,
+    }
 
 
 def run(quick: bool = False) -> pd.DataFrame:
@@ -191,9 +230,18 @@ def _run(quick: bool) -> pd.DataFrame:
     test = _test_set()
     if quick:
         test = test.subset(500)
-    fc_engines = ("packed", "int8") if evaluate._int8_ok(torch.device("cpu")) else ("packed",)
-    rows = _case("fc", test, 3 if quick else 20, 2 if quick else 5, 2, fc_engines,
-                 roofline=evaluate.int8_is_fast())
+    fc_engines = (
+        ("packed", "int8") if int8_engine.int8_available(torch.device("cpu")) else ("packed",)
+    )
+    rows = _case(
+        "fc",
+        test,
+        3 if quick else 20,
+        2 if quick else 5,
+        2,
+        fc_engines,
+        roofline=evaluate.int8_is_fast(),
+    )
     rows += _case("vgg3", test, 2 if quick else 20, 2 if quick else 3, 0)
     rows += _case("vgg7", test.subset(100) if quick else test, 1, 2, 0)
     if not quick:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .exceptions import InvalidArgument
+from bnn_tol.exceptions import InvalidArgument
 
 __all__ = ["main"]
 
@@ -47,6 +47,35 @@ def _parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
     return _parse_list(text, what, int)
 
 
+class RegistryChoice(click.Choice):
+    """A choice among the names of a library registry, read when first needed.
+
+    The registries (engines, error models, estimators) live in modules that import torch
+    (~2 s); reading them lazily keeps ``bnn-tol --help`` and usage errors instant, while the
+    registry stays the single source of the names (no list is repeated here).
+    """
+
+    def __init__(self, names, *, extra: tuple[str, ...] = ()) -> None:
+        self._names, self._extra, self._cached = names, tuple(extra), None
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # noqa: D102
+        if self._cached is None:
+            self._cached = (*self._extra, *self._names())
+        return self._cached
+
+    @choices.setter
+    def choices(self, value) -> None:  # click assigns in __init__; the registry decides
+        pass
+
+
+def _engine_names() -> list[str]:
+    from bnn_tol.engines import engines
+
+    return engines()
+
+
 class _OneLineError(click.ClickException):
     """A user error shown as the single line ``Error: <message>`` (exit ``code``)."""
 
@@ -67,7 +96,7 @@ class _Cli(click.Group):
     """
 
     def invoke(self, ctx: click.Context):
-        from .exceptions import BnnTolError, InvalidArgument
+        from bnn_tol.exceptions import BnnTolError, InvalidArgument
 
         try:
             return super().invoke(ctx)
@@ -157,8 +186,10 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
     RandBET, and save a checkpoint."""
     import torch
 
-    from . import data, io, models
-    from . import train as train_mod
+    from bnn_tol import data
+    from bnn_tol import train as train_mod
+    from bnn_tol.core import models as models
+    from bnn_tol.interop import checkpoint as io
 
     io.check_out(out, overwrite=overwrite)
     if hidden and model_name.lower() != "fc":
@@ -216,7 +247,7 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
 def demo(out, dataset, data_dir, epochs, seed, device, maps, study_name) -> None:
     """The end-to-end demo of `make demo`: train normal + flip-trained BNNs, sweep them under
     bit errors, compute both tolerance metrics, run the quick correlation study + report."""
-    from . import demo as demo_mod
+    from bnn_tol.study import demo as demo_mod
 
     demo_mod.run(out, dataset=dataset, data_dir=data_dir, epochs=epochs, seed=seed,
                  device=device, n_maps=maps,
@@ -306,8 +337,7 @@ def _parse_bers(text: str) -> list:
               help="Use only the first N test samples.")
 @click.option("--batch-size", type=int, default=None,
               help="Test samples per chunk (>= 1; default from a memory budget).")
-@click.option("--engine", type=click.Choice(["auto", "packed", "int8", "fp32", "fixed",
-                                            "reference"]),
+@click.option("--engine", type=RegistryChoice(_engine_names, extra=("auto",)),
               default="auto", show_default=True, help="Evaluation engine (all exact).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to compute.")
@@ -329,7 +359,9 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
           engine, device, out, resume, profile_file, voltages, offsets, quiet) -> None:
     """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map),
     or on a profiled chip per voltage (--profile)."""
-    from . import data, evaluate, io
+    from bnn_tol import data
+    from bnn_tol import engines as evaluate
+    from bnn_tol.interop import checkpoint as io
 
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
@@ -367,8 +399,9 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
 def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset, out,
                    quiet) -> None:
     """``sweep --profile``: accuracy vs voltage and energy on a profiled chip."""
-    from . import data, io
-    from . import profile as prof
+    from bnn_tol import data, engines
+    from bnn_tol.faults import chip as prof
+    from bnn_tol.interop import checkpoint as io
 
     if not out:
         raise click.UsageError("--profile needs --out FILE (the profile sweep CSV)")
@@ -384,11 +417,11 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
     test = data.load(name, "test", data_dir=data_dir)
     if subset is not None:
         test = test.subset(subset)
-    df = prof.profile_sweep(models, test, chip, voltages=volts, offsets=offs,
+    df = engines.profile_sweep(models, test, chip, voltages=volts, offsets=offs,
                             progress=not quiet)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False, float_format="%.17g")
-    summ = prof.summary_energy(df)
+    summ = engines.summary_energy(df)
     click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"wrote {len(df)} rows to {out}")
 
@@ -416,7 +449,7 @@ def profile_group() -> None:
 def profile_synth(out, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, to_one, voltages,
                   seed) -> None:
     """Write a synthetic chip profile (see bnn_tol.profile.synthetic_profile)."""
-    from . import profile as prof
+    from bnn_tol.faults import chip as prof
 
     if Path(out).exists():
         raise click.UsageError(f"{out} exists; choose another --out")
@@ -454,7 +487,8 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
               help="Confidence level of the band over fault maps, in (0, 1).")
 def plot_sweep(csv, out, metric, level) -> None:
     """Accuracy vs BER from a sweep CSV: mean and confidence band per model."""
-    from . import evaluate, plots
+    from bnn_tol import engines as evaluate
+    from bnn_tol.study import plots as plots
 
     fig = plots.sweep(evaluate.read_sweep(csv), level=level, metric=metric)
     fig.savefig(out, dpi=150)
@@ -470,7 +504,8 @@ def plot_sweep(csv, out, metric, level) -> None:
 def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
     """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
     [onnx] extra) and save it as a bnn_tol checkpoint."""
-    from . import io, onnx_io
+    from bnn_tol.interop import checkpoint as io
+    from bnn_tol.interop import onnx as onnx_io
 
     io.check_out(out, overwrite=overwrite)
     model = onnx_io.import_onnx(onnx_file, in_shape=_parse_ints(in_shape, "--in-shape"))
@@ -489,12 +524,13 @@ def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
               help="Also write an ONNX graph with the same predictions (needs [onnx]).")
 def export_cmd(run, out, overwrite, onnx_path) -> None:
     """Export checkpoint RUN bit-exactly for hardware: packed bits + integer thresholds."""
-    from . import bundle, io
+    from bnn_tol.interop import bundle as bundle
+    from bnn_tol.interop import checkpoint as io
 
     model = io.load(run)
     path = bundle.export(model, out, overwrite=overwrite)
     if onnx_path:
-        from .onnx_io import export_onnx
+        from bnn_tol.interop.onnx import export_onnx
 
         export_onnx(model, onnx_path)
     man = json.loads((Path(path) / bundle.MANIFEST).read_text())
@@ -510,7 +546,7 @@ def plot_energy(csv, out) -> None:
     """Accuracy vs voltage and vs energy saving from a `sweep --profile` CSV."""
     import pandas as pd
 
-    from . import plots
+    from bnn_tol.study import plots as plots
 
     try:
         df = pd.read_csv(csv)
@@ -559,8 +595,8 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
     reproduces the run."""
     import shlex
 
-    from . import report as report_mod
-    from . import study as study_mod
+    from bnn_tol.study import report as report_mod
+    from bnn_tol.study import runner as study_mod
 
     if (study_file is None) == (preset is None):
         raise click.UsageError("give a STUDY_FILE (TOML) or --preset NAME "
@@ -608,7 +644,7 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def report(results, out, n_boot, seed) -> None:
     """Write the HTML report (figures, tables, summary) of a study results directory."""
-    from . import report as report_mod
+    from bnn_tol.study import report as report_mod
 
     try:
         path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo)
@@ -642,8 +678,10 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     """Neuron-level margin and importance of trained checkpoints (RUNS: checkpoint dirs)."""
     import pandas as pd
 
-    from . import data, io, models
-    from . import metrics as mt
+    from bnn_tol import data
+    from bnn_tol import metrics as mt
+    from bnn_tol.core import models as models
+    from bnn_tol.interop import checkpoint as io
 
     labels = [Path(r).name for r in runs]
     dup = sorted({v for v in labels if labels.count(v) > 1})
@@ -700,7 +738,7 @@ def plot_margins(csv, out, value) -> None:
     """Per-layer histograms of a per-neuron margin column, models overlaid (from `metrics`)."""
     import pandas as pd
 
-    from . import plots
+    from bnn_tol.study import plots as plots
 
     try:
         table = pd.read_csv(csv)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .exceptions import BnnTolError, InvalidArgument, require_int
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, require_int
 
 __all__ = [
     "BNNDataset",

@@ -17,8 +17,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+import torch
+
+from bnn_tol._version import __version__
+
 __all__ = ["environment", "cpuinfo", "cpu_model", "cpu_flags_digest", "has_cpu_flag",
-           "available_cores", "git_commit"]
+           "available_cores", "git_commit", "model_digest", "data_digest"]
 
 
 @lru_cache(maxsize=1)
@@ -89,12 +95,6 @@ def environment(threads: int | None = None, workers: int = 1,
     task (default: the current ``torch.get_num_threads()``), workers, and the command that
     reproduces the run.
     """
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from . import __version__
-
     commit, dirty = git_commit()
     return {"bnn_tol": __version__, "git_commit": commit, "git_dirty": dirty,
             "torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
@@ -102,3 +102,25 @@ def environment(threads: int | None = None, workers: int = 1,
             "cpu": cpu_model(), "cpu_flags": cpu_flags_digest(), "cores": available_cores(),
             "torch_threads": int(threads if threads is not None else torch.get_num_threads()),
             "workers": int(workers), "command": command}
+
+
+def _tensor_bytes(t) -> bytes:
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_digest(model) -> str:
+    """sha256 over a model's state dict: per tensor (sorted by name) its name, dtype, shape and
+    bytes. What identifies "the same weights" in sweep sidecars and studies."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def data_digest(data) -> str:
+    """sha256 over a dataset's images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64."""
+    h = hashlib.sha256(f"{tuple(data.images.shape)}|".encode())
+    h.update(_tensor_bytes(data.images))
+    h.update(_tensor_bytes(data.labels.to(torch.int64)))
+    return h.hexdigest()

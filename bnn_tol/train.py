@@ -17,19 +17,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import errors
-from .data import BNNDataset
-from .evaluate import accuracy, resolve_device
-from .exceptions import InvalidArgument, require_int
+from bnn_tol.core.inference import accuracy, resolve_device
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults import maps as errors
+from bnn_tol.faults.seeds import spawn
+from bnn_tol.interop.checkpoint import check_out, save
 
-__all__ = ["fit", "modified_hinge_loss", "LOSSES", "child_seeds"]
+__all__ = ["fit", "modified_hinge_loss", "LOSSES"]
 
 
 def modified_hinge_loss(scores: Tensor, target: Tensor, b: float = 1.0) -> Tensor:
@@ -47,12 +48,6 @@ def modified_hinge_loss(scores: Tensor, target: Tensor, b: float = 1.0) -> Tenso
 
 
 LOSSES = {"ce": "cross-entropy", "mhl": "modified hinge loss"}
-
-
-def child_seeds(seed: int, n: int) -> list[int]:
-    """``n`` independent 63-bit seeds derived from ``seed`` (numpy ``SeedSequence``)."""
-    state = np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint64)
-    return [int(s) & ((1 << 63) - 1) for s in state]
 
 
 def _loss_fn(loss: str, b: float):
@@ -175,7 +170,6 @@ def fit(
     if len(train) == 0:
         raise InvalidArgument("the training set is empty")
     if out is not None:
-        from .io import check_out
 
         check_out(out, overwrite=overwrite)
     old_threads = torch.get_num_threads()
@@ -212,14 +206,14 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     p_target = errors.rates(flip_ber) if flip_ber is not None else (0.0, 0.0)
     flipping = max(p_target) > 0
     layers = errors.select_layers(model, flip_layers)
-    s_shuffle, s_flip = child_seeds(seed, 2)
+    s_shuffle, s_flip = spawn(seed, 2)
     shuffle_gen = torch.Generator().manual_seed(s_shuffle)
     flip_gen = torch.Generator(device=dev).manual_seed(s_flip)
     bounds = _clamp_bounds(layers, clip)
     rb = errors.rates(randbet_ber) if randbet_ber is not None else (0.0, 0.0)
     rb_layers = errors.select_layers(model, randbet_layers) if max(rb) > 0 else {}
     # RandBET draws from its own stream (child seed 3 of 3: the first two are unchanged)
-    rb_gen = torch.Generator(device=dev).manual_seed(child_seeds(seed, 3)[2]) \
+    rb_gen = torch.Generator(device=dev).manual_seed(spawn(seed, 3)[2]) \
         if rb_layers else None
     rb_faults = {n: errors.TransientFlip(rb, rb_gen) for n in rb_layers}
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -285,7 +279,6 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
             meta["history"] = rows
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
             if out is not None:
-                from .io import save
 
                 save(model, out)
     finally:

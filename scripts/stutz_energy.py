@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import bnn_tol
-from bnn_tol import data, plots, profile, provenance
+from bnn_tol import data, evaluate, plots, profile, provenance
 
 NETS = ["q8 asym+clip+randbet", "q8 sym", "q4 asym+clip+randbet", "q4 sym", "bnn1280 bft",
         "bnn1280"]
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         nets[label] = bnn_tol.load(path)
     offsets = [int(o) for o in args.offsets.split(",")]
-    df = profile.profile_sweep(nets, te, chip, offsets=offsets, progress=False)
+    df = evaluate.profile_sweep(nets, te, chip, offsets=offsets, progress=False)
     df.to_csv(out / "chip_sweep.csv", index=False, float_format="%.17g")
-    summ = profile.summary_energy(df, tolerance=0.01)
+    summ = evaluate.summary_energy(df, tolerance=0.01)
     summ.to_csv(out / "energy_summary.csv", index=False, float_format="%.6g")
     plots.energy(df, title="synthetic chip (seed 0), fc on Fashion-MNIST").savefig(
         out / "energy.png", dpi=120)

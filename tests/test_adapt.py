@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnn_tol
-from bnn_tol import errors, evaluate, metrics, models
-from bnn_tol.adapt import AdaptError
+from bnn_tol import errors, evaluate, metrics
 from bnn_tol.data import BNNDataset, to_float
+from bnn_tol.interop.adapt import AdaptError
 
 # -- style 1: BinaryNet (Courbariaux/Hubara): the layer binarizes weights in place and its own
 #    input (except the first layer), Hardtanh as activation, LogSoftmax at the end -------------
@@ -128,7 +128,7 @@ def test_independent_bnn_styles_adapt_exactly_and_work_everywhere(make, tmp_path
     user = _randomize(make())
     imgs = _example()
     x = to_float(imgs)
-    model = models.adapt(user, x, sign_zero=0 if make is TorchSignNet else None)
+    model = bnn_tol.adapt(user, x, sign_zero=0 if make is TorchSignNet else None)
     scores = model(x)
     with torch.no_grad():
         ref = user(x)
@@ -151,18 +151,18 @@ def test_adapt_refuses_what_it_cannot_map_naming_it():
     user = _randomize(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.BatchNorm1d(10)))
     x = to_float(_example())
     with pytest.raises(AdaptError, match="not a binarized layer"):
-        models.adapt(user, x)
+        bnn_tol.adapt(user, x)
     user = _randomize(nn.Sequential(nn.Flatten(), BinLin(64, 16, bias=False), nn.BatchNorm1d(16),
                                     nn.Sigmoid(), BinLin(16, 10, bias=False)))
     with pytest.raises(AdaptError, match="Sigmoid"):
-        models.adapt(user, x)
+        bnn_tol.adapt(user, x)
     with pytest.raises(AdaptError, match="input grid"):
-        models.adapt(sequential_cnn(), torch.rand(4, 1, 8, 8))
+        bnn_tol.adapt(sequential_cnn(), torch.rand(4, 1, 8, 8))
     cnn = _randomize(sequential_cnn())
     with torch.no_grad():
         cnn[6].weight[0] = -1.0  # gamma < 0 after a max-pool: does not commute
     with pytest.raises(AdaptError, match="gamma"):
-        models.adapt(cnn, x)
+        bnn_tol.adapt(cnn, x)
 
 
 def test_brevitas_binary_network_adapts_with_its_weight_scale_folded():
@@ -186,7 +186,7 @@ def test_brevitas_binary_network_adapts_with_its_weight_scale_folded():
                 m.bias.normal_(0, 0.1, generator=g)
     net.eval()
     x = to_float(_example(256, seed=3))
-    model = models.adapt(net, x)
+    model = bnn_tol.adapt(net, x)
     with torch.no_grad():
         ref = net(x)
     # Brevitas computes with alpha sign(W) (alpha = 0.1): the scale is folded into the BN, equal

@@ -14,9 +14,10 @@ import torch
 from click.testing import CliRunner
 
 import bnn_tol
-from bnn_tol import data, errors, io, models, train
+from bnn_tol import data, errors, models, train
 from bnn_tol.cli import main
 from bnn_tol.exceptions import BnnTolError, InvalidArgument
+from bnn_tol.interop import checkpoint as io
 
 
 def _one_line(r, *needles: str, code: int | None = None) -> str:

@@ -9,8 +9,8 @@ import torch
 from scipy import stats
 
 from bnn_tol import codec, errors, models
+from bnn_tol.core.layers import BinaryLinear, QuantConv2d, QuantLinear
 from bnn_tol.exceptions import InvalidArgument
-from bnn_tol.layers import BinaryLinear, QuantConv2d, QuantLinear
 
 SCHEMES = list(itertools.product((2, 3, 4, 8), codec.SCHEMES, codec.GRANULARITIES))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from bnn_tol import demo
 from bnn_tol.cli import main
 from bnn_tol.exceptions import ResultsMismatch
+from bnn_tol.study import demo
 
 
 def test_demo_refuses_a_foreign_non_empty_directory_and_leaves_it_unchanged(tmp_path):

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 import bnn_tol
 from bnn_tol import deploy, errors, evaluate, models
-from bnn_tol.bundle import pack_rows
 from bnn_tol.cli import main
-from bnn_tol.compiled import UnsupportedModel
+from bnn_tol.core.compiled import UnsupportedModel
 from bnn_tol.data import BNNDataset
+from bnn_tol.interop.bundle import pack_rows
 
 ARCHS = [("fc", {"hidden": (70, 30)}), ("vgg3", {"channels": ((8,), (6,)), "fc_width": 20})]
 
@@ -173,7 +173,7 @@ def test_fashion_mnist_onnx_and_adapted_copy_agree_on_all_test_images(tmp_path):
     from bnn_tol import data, train
 
     ort = pytest.importorskip("onnxruntime")
-    from bnn_tol.onnx_io import export_onnx
+    from bnn_tol.interop.onnx import export_onnx
 
     try:
         tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
@@ -203,5 +203,5 @@ def test_fashion_mnist_onnx_and_adapted_copy_agree_on_all_test_images(tmp_path):
         seq += ([nn.Flatten()] if k == 0 else []) + [lin, b.bn]
         seq += [Sign()] if b.binary_output else []
     user = nn.Sequential(*seq).eval()
-    adapted = models.adapt(user, x[:256])
+    adapted = bnn_tol.adapt(user, x[:256])
     assert np.array_equal(evaluate.predict(adapted, te).numpy(), ref)

@@ -7,16 +7,20 @@ import copy
 import pytest
 import torch
 
+import bnn_tol.engines.int8 as int8_engine
 from bnn_tol import errors, evaluate, models
-from bnn_tol.compiled import UnsupportedModel, check_bnn, compile_model
+from bnn_tol.core.compiled import UnsupportedModel, check_bnn, compile_model
 from bnn_tol.data import BNNDataset
-from bnn_tol.profile import accuracy_with_flips
+from bnn_tol.faults.chip import accuracy_with_flips
 
 
 def _data(n=300, shape=(1, 8, 8), seed=0):
     g = torch.Generator().manual_seed(seed)
-    return BNNDataset(torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
-                      torch.randint(0, 10, (n,), generator=g), name="synthetic")
+    return BNNDataset(
+        torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
+        torch.randint(0, 10, (n,), generator=g),
+        name="synthetic",
+    )
 
 
 def _trained_like(model, seed=0):
@@ -56,12 +60,20 @@ CASES = [
 
 @pytest.mark.parametrize(("arch", "kw", "bits", "quant", "gran"), CASES)
 def test_m_bit_sweep_rows_equal_the_naive_loop_and_replay_alone(arch, kw, bits, quant, gran):
-    model = _trained_like(models.build(arch, in_shape=(1, 8, 8), weight_bits=bits, quant=quant,
-                                       granularity=gran, seed=1, **kw))
+    model = _trained_like(
+        models.build(
+            arch, in_shape=(1, 8, 8), weight_bits=bits, quant=quant, granularity=gran, seed=1, **kw
+        )
+    )
     data = _data()
     bers = [0.0, 0.01, (0.005, 0.03)]
     df = evaluate.sweep({"q": model}, data, bers=bers, n_maps=3, seed=2, progress=False)
-    assert evaluate._pick_engine(model, torch.device("cpu"), "auto", ("weights",)).name == "fixed"
+    assert (
+        evaluate.pick_engine(
+            model, device=torch.device("cpu"), engine="auto", targets=("weights",)
+        ).name
+        == "fixed"
+    )
     changed = 0
     for r in df.itertuples():
         ber = (r.p01, r.p10)
@@ -73,7 +85,7 @@ def test_m_bit_sweep_rows_equal_the_naive_loop_and_replay_alone(arch, kw, bits, 
 
 
 def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch):
-    from bnn_tol import kernels
+    from bnn_tol.core import kernels
 
     cpu = torch.device("cpu")
     bnn = models.build("fc", hidden=(8,), in_shape=(1, 4, 4))
@@ -81,33 +93,43 @@ def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch
     conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     monkeypatch.setattr(kernels, "AVAILABLE", True)
     # an int8 dot product (VNNI/AMX) makes int8 the fastest on fc; conv models stay packed
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: True)
-    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "int8"
-    assert evaluate._pick_engine(conv, cpu, "auto", ("weights",)).name == "packed"
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
-    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "packed"
-    assert evaluate._pick_engine(conv, cpu, "auto", ("weights",)).name == "packed"
-    assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: True)
+    assert evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("weights",)).name == "int8"
+    assert (
+        evaluate.pick_engine(conv, device=cpu, engine="auto", targets=("weights",)).name == "packed"
+    )
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: False)
+    assert (
+        evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("weights",)).name == "packed"
+    )
+    assert (
+        evaluate.pick_engine(conv, device=cpu, engine="auto", targets=("weights",)).name == "packed"
+    )
+    assert evaluate.pick_engine(q, device=cpu, engine="auto", targets=("weights",)).name == "fixed"
     monkeypatch.setattr(kernels, "AVAILABLE", False)  # without numba: int8 (VNNI) or fp32
     with pytest.raises(UnsupportedModel, match="numba"):
-        evaluate._pick_engine(bnn, cpu, "packed", ("weights",))
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
-    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "fp32"
-    assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
-    assert evaluate._pick_engine(bnn, cpu, "auto", ("activations",)).name == "reference"
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: True)
-    assert evaluate._pick_engine(bnn, cpu, "auto", ("weights",)).name == "int8"
-    assert evaluate._pick_engine(q, cpu, "auto", ("weights",)).name == "fixed"
+        evaluate.pick_engine(bnn, device=cpu, engine="packed", targets=("weights",))
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: False)
+    assert evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("weights",)).name == "fp32"
+    assert evaluate.pick_engine(q, device=cpu, engine="auto", targets=("weights",)).name == "fixed"
+    assert (
+        evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("activations",)).name
+        == "reference"
+    )
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: True)
+    assert evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("weights",)).name == "int8"
+    assert evaluate.pick_engine(q, device=cpu, engine="auto", targets=("weights",)).name == "fixed"
     with pytest.raises(UnsupportedModel, match="sign .1-bit. weights"):
-        evaluate._pick_engine(q, cpu, "fp32", ("weights",))
+        evaluate.pick_engine(q, device=cpu, engine="fp32", targets=("weights",))
     with pytest.raises(UnsupportedModel, match="evaluates"):
-        evaluate._pick_engine(bnn, cpu, "int8", ("thresholds",))
+        evaluate.pick_engine(bnn, device=cpu, engine="int8", targets=("thresholds",))
     assert evaluate.engines() == ["packed", "int8", "fp32", "fixed", "reference"]
 
 
 def test_fixed_engine_on_a_bnn_equals_the_sign_engines():
-    model = _trained_like(models.build("vgg3", channels=((4,), (4,)), fc_width=16,
-                                       in_shape=(1, 8, 8), seed=3))
+    model = _trained_like(
+        models.build("vgg3", channels=((4,), (4,)), fc_width=16, in_shape=(1, 8, 8), seed=3)
+    )
     data = _data(200)
     kw = {"bers": [0.02, 0.1], "n_maps": 3, "seed": 1, "progress": False}
     a = evaluate.sweep(model, data, engine="fixed", **kw)
@@ -117,13 +139,16 @@ def test_fixed_engine_on_a_bnn_equals_the_sign_engines():
 
 def test_accuracy_under_flips_matches_every_path():
     for bits in (1, 4):
-        model = _trained_like(models.build("fc", hidden=(16,), in_shape=(1, 8, 8),
-                                           weight_bits=bits, seed=4))
+        model = _trained_like(
+            models.build("fc", hidden=(16,), in_shape=(1, 8, 8), weight_bits=bits, seed=4)
+        )
         data = _data(200)
         layers = model.binary_layers()
         g = torch.Generator().manual_seed(0)
-        sets = [{n: torch.randperm(lay.n_stored_bits, generator=g)[:40]
-                 for n, lay in layers.items()} for _ in range(3)]
+        sets = [
+            {n: torch.randperm(lay.n_stored_bits, generator=g)[:40] for n, lay in layers.items()}
+            for _ in range(3)
+        ]
         got = evaluate.accuracy_under_flips(model, data, sets)
         ref = evaluate.accuracy_under_flips(model, data, sets, engine="reference")
         assert got == ref == [accuracy_with_flips(model, data, s) for s in sets]
@@ -132,8 +157,9 @@ def test_accuracy_under_flips_matches_every_path():
 
 
 def test_compiled_view_owns_the_block_facts():
-    model = models.build("vgg3", channels=((4,), (6,)), fc_width=16, in_shape=(1, 8, 8),
-                         weight_bits=4)
+    model = models.build(
+        "vgg3", channels=((4,), (6,)), fc_width=16, in_shape=(1, 8, 8), weight_bits=4
+    )
     cm = compile_model(model)
     assert [s.kind for s in cm.stages] == ["first", "hidden", "hidden", "output"]
     assert [s.scale for s in cm.stages] == [128, 1, 1, 1]
@@ -148,8 +174,10 @@ def test_compiled_view_owns_the_block_facts():
 
 def test_sweep_rows_carry_bits_per_weight_and_memory_bits(tmp_path):
     data = _data(100)
-    nets = {"bnn": models.build("fc", hidden=(16,), in_shape=(1, 8, 8)),
-            "q4": models.build("fc", hidden=(16,), in_shape=(1, 8, 8), weight_bits=4)}
+    nets = {
+        "bnn": models.build("fc", hidden=(16,), in_shape=(1, 8, 8)),
+        "q4": models.build("fc", hidden=(16,), in_shape=(1, 8, 8), weight_bits=4),
+    }
     out = tmp_path / "s.csv"
     df = evaluate.sweep(nets, data, bers=[0.01], n_maps=2, progress=False, out=out)
     by = df.groupby("model")[["bits_per_weight", "memory_bits"]].first()
@@ -163,13 +191,15 @@ def test_sweep_files_of_the_old_format_stay_readable_but_are_not_resumed(tmp_pat
     old.write_text(",".join(evaluate.OLD_COLUMNS) + "\nfc,0.01,0.01,0.01,0,5,0.5,0.5\n")
     df = evaluate.read_sweep(old)
     assert list(df.columns) == evaluate.COLUMNS and df["memory_bits"].iloc[0] == -1
-    evaluate.meta_path(old).write_text('{"format": "bnn_tol.sweep", "version": 1, '
-                                       '"settings": {"models": {}, "dataset": {}}}')
+    evaluate.meta_path(old).write_text(
+        '{"format": "bnn_tol.sweep", "version": 1, "settings": {"models": {}, "dataset": {}}}'
+    )
     before = old.read_bytes()
     model = models.build("fc", hidden=(16,), in_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="older bnn_tol"):
-        evaluate.sweep(model, _data(50), bers=[0.01], n_maps=1, progress=False, out=old,
-                       resume=True)
+        evaluate.sweep(
+            model, _data(50), bers=[0.01], n_maps=1, progress=False, out=old, resume=True
+        )
     assert old.read_bytes() == before
 
 
@@ -178,4 +208,4 @@ def test_cli_and_study_offer_every_registered_engine():
 
     opt = next(p for p in cli.sweep.params if p.name == "engine")
     assert set(opt.type.choices) == {"auto", *evaluate.engines()}
-    assert set(study._ENGINES) == {"auto", *evaluate.engines()}
+    assert set(study.engine_choices()) == {"auto", *evaluate.engines()}

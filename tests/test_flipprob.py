@@ -7,7 +7,7 @@ from scipy import stats
 from test_margin import toy_data, toy_model
 
 from bnn_tol import data, metrics, models
-from bnn_tol.errors import flip_binary
+from bnn_tol.faults.maps import flip_binary
 
 
 @pytest.mark.parametrize("n,p", [(7, 0.1), (12, 0.3), (1, 0.5)])

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from _helpers import randomize_bn
 
+import bnn_tol.engines.int8 as int8_engine
 from bnn_tol import data, metrics, models
-from bnn_tol.errors import flip_binary
-from bnn_tol.train import child_seeds
+from bnn_tol.faults.maps import flip_binary
+from bnn_tol.faults.seeds import spawn
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_mc_importance_equals_per_neuron_injection_loop(digits):
     model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=2)
     p, n_maps, seed = 0.1, 3, 7
     imp = metrics.importance(model, digits, estimator="mc", ber=p, n_maps=n_maps, seed=seed)
-    seeds = child_seeds(seed, len(model.blocks) * n_maps)
+    seeds = spawn(seed, len(model.blocks) * n_maps)
     x, y = next(digits.batches(len(digits)))
     with torch.no_grad():
         acc0 = (model(x).argmax(1) == y).double().mean()
@@ -388,7 +389,6 @@ def test_pm_matmul_uses_int8_only_where_it_is_fast(monkeypatch):
     # without VNNI torch._int_mm was measured 30x slower than the exact float32 product
     import importlib
 
-    from bnn_tol import evaluate
 
     imp = importlib.import_module("bnn_tol.metrics.importance")
     g = torch.Generator().manual_seed(0)
@@ -402,9 +402,9 @@ def test_pm_matmul_uses_int8_only_where_it_is_fast(monkeypatch):
         return real(x, y)
 
     monkeypatch.setattr(torch, "_int_mm", spy)
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: False)
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: False)
     assert torch.equal(imp._pm_matmul(a, b), a @ b) and not calls
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: True)
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: True)
     assert torch.equal(imp._pm_matmul(a, b), a @ b) and calls
 
 

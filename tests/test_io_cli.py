@@ -5,8 +5,9 @@ import torch
 from click.testing import CliRunner
 
 import bnn_tol
-from bnn_tol import data, io, models, train
+from bnn_tol import data, models, train
 from bnn_tol.cli import main
+from bnn_tol.interop import checkpoint as io
 
 
 def _trained(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnn_tol.layers import (
+from bnn_tol.core.layers import (
     BinaryConv2d,
     BinaryLinear,
     apply_folded,
@@ -138,7 +138,7 @@ def test_folded_threshold_on_a_scaled_grid_matches_float_batchnorm():
 def test_fast_sign_and_ste_equal_where_and_masked_fill_bit_for_bit():
     """sign writes +-1 as float32 bit patterns and the STE skips or fuses the mask; both must
     give the bits of the plain forms, also at 0, -0, +-1, just above 1, inf and NaN."""
-    from bnn_tol.layers import _ste_grad
+    from bnn_tol.core.layers import _ste_grad
 
     special = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, math.nan, -math.nan, math.inf,
                             -math.inf, 1.0, -1.0, 1.0000001, -1.0000001, 0.99999994])
@@ -167,7 +167,7 @@ def test_fused_sign_pool_equals_pool_of_sign_bit_for_bit(trial):
     and other kernels take the composite."""
     import torch.nn.functional as F
 
-    from bnn_tol.layers import sign_pool
+    from bnn_tol.core.layers import sign_pool
 
     g = torch.Generator().manual_seed(trial)
     shape = (3, 4, 6, 8) if trial < 6 else ((2, 3, 5, 6) if trial == 6 else (2, 3, 9, 9))

@@ -8,9 +8,10 @@ import torch
 from _helpers import randomize_bn
 from torch import nn
 
-from bnn_tol import data, kernels, metrics, models
-from bnn_tol.layers import BinaryLinear
-from bnn_tol.models import BNN, BinaryBlock
+from bnn_tol import data, metrics, models
+from bnn_tol.core import kernels
+from bnn_tol.core.layers import BinaryLinear
+from bnn_tol.core.models import BNN, BinaryBlock
 
 
 def _set_bn(bn, gamma, beta, mu, var):

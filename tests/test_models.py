@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bnn_tol import models
-from bnn_tol.layers import BinaryConv2d, BinaryLinear
+from bnn_tol.core.layers import BinaryConv2d, BinaryLinear
 
 
 def test_registry_lists_anchor_models_and_rejects_unknown():

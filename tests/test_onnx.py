@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from bnn_tol.onnx_io import OnnxError, export_onnx, import_onnx  # noqa: E402
+from bnn_tol.interop.onnx import OnnxError, export_onnx, import_onnx  # noqa: E402
 
 
 def _model(arch, kw, seed=1):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from _helpers import randomize_bn
 
-from bnn_tol import data, errors, evaluate, kernels, models
+from bnn_tol import data, errors, evaluate, models
+from bnn_tol.core import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
@@ -60,12 +61,13 @@ def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
 
 
-@pytest.mark.parametrize("c_in,c_out,k,pad,hw", [(64, 64, 3, 1, 7), (70, 130, 3, 1, 6),
-                                                  (5, 9, 3, 0, 5), (3, 4, 5, 2, 4)])
+@pytest.mark.parametrize(
+    "c_in,c_out,k,pad,hw", [(64, 64, 3, 1, 7), (70, 130, 3, 1, 6), (5, 9, 3, 0, 5), (3, 4, 5, 2, 4)]
+)
 def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     x, w = _pm1((4, c_in, hw, hw), 3), _pm1((c_out, c_in, k, k), 4)
     a = F.conv2d(x, w, padding=pad).numpy().astype(np.int64)  # (B, O, Ho, Wo)
-    from bnn_tol.packed import _Layout
+    from bnn_tol.engines.packed import _Layout
 
     class St:  # the few stage facts a layout reads
         conv, pool, k, wb = True, None, 1, w
@@ -76,8 +78,16 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     w_t = lay.pack(w)
     d, t, const = _rule(c_out, 5)
     out = np.empty((4, *a.shape[2:], -(-c_out // 64)), np.uint64)
-    kernels.conv_hidden(kernels.pack_rows(x.permute(0, 2, 3, 1).numpy()), w_t, lay.tap_pop(w_t),
-                        k, pad, c_in, *kernels.comparator(d, t, const), out)
+    kernels.conv_hidden(
+        kernels.pack_rows(x.permute(0, 2, 3, 1).numpy()),
+        w_t,
+        lay.tap_pop(w_t),
+        k,
+        pad,
+        c_in,
+        *kernels.comparator(d, t, const),
+        out,
+    )
     want = _expected_bits(a.transpose(0, 2, 3, 1), d, t, const)
     assert (_unpack(out, c_out) == want).all()
 
@@ -126,8 +136,7 @@ def test_packed_sweep_rows_equal_the_reference_engine(arch, kw, shape):
     with torch.no_grad():  # a dead unit (gamma = 0) in a hidden conv/fc block
         model.blocks[1].bn.weight[2] = 0.0
     ds = _data(model, shape)
-    sw = dict(bers=[0.0, 0.02, (0.05, 0.15), 0.3], n_maps=3, seed=1, progress=False,
-              batch_size=128)
+    sw = dict(bers=[0.0, 0.02, (0.05, 0.15), 0.3], n_maps=3, seed=1, progress=False, batch_size=128)
     ref = evaluate.sweep(model, ds, engine="reference", **sw)
     got = evaluate.sweep(model, ds, engine="packed", **sw)
     assert got["accuracy"].tolist() == ref["accuracy"].tolist()
@@ -139,13 +148,17 @@ def test_packed_sweep_rows_equal_the_reference_engine(arch, kw, shape):
 
 
 def test_packed_engine_equals_naive_loop_on_explicit_flips():
-    model = randomize_bn(models.build("vgg3", in_shape=(1, 14, 14), channels=((16,), (64,)),
-                                      fc_width=40, seed=5), seed=6)
+    model = randomize_bn(
+        models.build("vgg3", in_shape=(1, 14, 14), channels=((16,), (64,)), fc_width=40, seed=5),
+        seed=6,
+    )
     ds = _data(model, (1, 14, 14), n=200, seed=2)
     layers = model.binary_layers()
     g = torch.Generator().manual_seed(0)
-    sets = [{n: torch.randperm(lay.weight.numel(), generator=g)[:40] for n, lay in
-             layers.items()} for _ in range(3)]
+    sets = [
+        {n: torch.randperm(lay.weight.numel(), generator=g)[:40] for n, lay in layers.items()}
+        for _ in range(3)
+    ]
     got = evaluate.accuracy_under_flips(model, ds, sets, engine="packed")
     want = evaluate.accuracy_under_flips(model, ds, sets, engine="reference")
     assert got == want
@@ -158,8 +171,13 @@ def test_auto_picks_packed_for_bnns_on_cpu():
     conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     cpu = torch.device("cpu")
     fc_engine = "int8" if evaluate.int8_is_fast() else "packed"
-    assert evaluate._pick_engine(model, cpu, "auto", ("weights",)).name == fc_engine
-    assert evaluate._pick_engine(conv, cpu, "auto", ("weights",)).name == "packed"
+    assert (
+        evaluate.pick_engine(model, device=cpu, engine="auto", targets=("weights",)).name
+        == fc_engine
+    )
+    assert (
+        evaluate.pick_engine(conv, device=cpu, engine="auto", targets=("weights",)).name == "packed"
+    )
     assert evaluate.engines()[0] == "packed"
     maps = errors.draw_maps(model, 0, 0.1)
     assert set(maps) == set(model.binary_layers())

@@ -75,7 +75,7 @@ def test_synthetic_profile_is_seeded_nested_and_asymmetric():
         if prev is not None:
             assert all(prev[n] <= fl[n] for n in fl)  # nested: failures only grow
         prev = fl
-    df = prof.profile_sweep({"q4": model}, _data(50, shape=(1, 8, 8)), a, offsets=(0, 5000),
+    df = evaluate.profile_sweep({"q4": model}, _data(50, shape=(1, 8, 8)), a, offsets=(0, 5000),
                             progress=False)
     low = df[df.voltage == df.voltage.min()]
     # a failing cell reads 1 with probability 0.2: stored 0s flip ~4x less than stored 1s
@@ -87,7 +87,7 @@ def test_profile_sweep_equals_the_naive_flipped_copy():
     ds = _data(300)
     model = models.build("fc", hidden=(16,), in_shape=(1, 4, 4), seed=1)
     chip = prof.synthetic_profile(rows=16, cols=16, n_arrays=2, v_mean=0.85, v_sd=0.05, seed=0)
-    df = prof.profile_sweep(model, ds, chip, offsets=(0, 7), progress=False)
+    df = evaluate.profile_sweep(model, ds, chip, offsets=(0, 7), progress=False)
     for _, r in df.sample(6, random_state=0).iterrows():
         naive = copy.deepcopy(model)
         fl = prof.profile_flips(model, chip, r.voltage, offset=int(r.offset))
@@ -109,7 +109,7 @@ def test_energy_is_normalized_to_the_lowest_error_free_voltage():
     df = pd.DataFrame({"model": "m", "voltage": [1.0, 0.9, 0.8, 0.7], "offset": 0,
                        "accuracy": [0.90, 0.895, 0.885, 0.5], "clean_accuracy": 0.9,
                        "energy": [1.0, 0.81, 0.64, 0.49]})
-    s = prof.summary_energy(df, tolerance=0.01)
+    s = evaluate.summary_energy(df, tolerance=0.01)
     assert s["voltage"].iloc[0] == 0.9 and s["energy_saving"].iloc[0] == pytest.approx(0.19)
 
 

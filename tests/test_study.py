@@ -13,9 +13,10 @@ import torch
 from click.testing import CliRunner
 
 import bnn_tol
-from bnn_tol import analysis, data, evaluate, report, study
+from bnn_tol import analysis, data, evaluate, report
 from bnn_tol.cli import main
 from bnn_tol.exceptions import BnnTolError, InvalidArgument
+from bnn_tol.study import runner as study
 
 SMALL = {"train": {"seeds": [0, 1], "bers": [0.0, 0.2], "epochs": 3},
          "eval": {"bers": [0.0, 0.1, 0.2], "n_maps": 2}}

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from scipy import stats
 
 import bnn_tol
+import bnn_tol.engines.int8 as int8_engine
 from bnn_tol import data, errors, evaluate, models, train
 
 
@@ -221,10 +222,9 @@ def test_auto_engine_picks_int8_only_on_cpus_with_a_fast_int8_product(monkeypatc
                                                                       fast):
     # torch._int_mm without VNNI was measured ~30x slower than fp32: auto must not pick it there
     # (the packed engine comes first where numba is installed; here it is taken away)
-    from bnn_tol import kernels
+    from bnn_tol.core import kernels
 
     monkeypatch.setattr(kernels, "AVAILABLE", False)
-    monkeypatch.setattr(evaluate, "int8_is_fast", lambda: fast)
-    runner = evaluate._Runner(fc, digits, layers=None, device=torch.device("cpu"), engine="auto",
-                              batch_size=None, maps_per_step=None, targets=("weights",))
-    assert runner.engine == ("int8" if fast else "fp32")
+    monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: fast)
+    cls = evaluate.pick_engine(fc, device="cpu", engine="auto", targets=("weights",))
+    assert cls.name == ("int8" if fast else "fp32")

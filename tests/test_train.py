@@ -5,8 +5,10 @@ import pytest
 import torch
 from scipy import stats
 
-from bnn_tol import data, errors, kernels, models, train
-from bnn_tol.layers import BinaryLinear
+from bnn_tol import data, errors, models, train
+from bnn_tol.core import kernels
+from bnn_tol.core.layers import BinaryLinear
+from bnn_tol.faults import maps as fault_maps
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +214,7 @@ def test_byte_flip_mask_has_exact_rates_including_the_tie_refinement(p01, p10):
 def test_layers_flip_in_place_as_the_flip_of_the_sign(ber):
     """binary_weight flips the sign bits in place (TransientFlip.flip_stored_): the same values,
     flips and latent-weight gradients as fault(sign(w)) from the same generator."""
-    from bnn_tol.layers import BinaryConv2d, sign
+    from bnn_tol.core.layers import BinaryConv2d, sign
 
     conv_cl = BinaryConv2d(5, 7)
     conv_cl.weight.data = conv_cl.weight.data.to(memory_format=torch.channels_last)
@@ -232,7 +234,7 @@ def test_layers_flip_in_place_as_the_flip_of_the_sign(ber):
 
 
 def _torch_gap_path(monkeypatch):
-    monkeypatch.setattr(errors, "_KERNEL_FROM", 1 << 62)
+    monkeypatch.setattr(fault_maps, "_KERNEL_FROM", 1 << 62)
 
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="needs numba")
@@ -241,7 +243,7 @@ def test_fused_gap_kernel_draws_the_same_positions_as_the_torch_ops(p, monkeypat
     """bernoulli_indices: the numba pass (gap_positions) and the torch ops give the same
     positions from the same generator state, bit for bit, and leave it in the same state."""
     for n, seed in ((1_000_003, 0), (4_000_000, 1), (70_000, 2)):
-        monkeypatch.setattr(errors, "_KERNEL_FROM", 0)
+        monkeypatch.setattr(fault_maps, "_KERNEL_FROM", 0)
         g1 = torch.Generator().manual_seed(seed)
         fused = [errors.bernoulli_indices(n, p, generator=g1) for _ in range(3)]
         _torch_gap_path(monkeypatch)
@@ -254,7 +256,7 @@ def test_fused_gap_kernel_draws_the_same_positions_as_the_torch_ops(p, monkeypat
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="needs numba")
 def test_gap_kernel_clamps_huge_gaps_and_continues_across_chunks():
-    from bnn_tol.kernels import gap_positions
+    from bnn_tol.core.kernels import gap_positions
 
     log1mp, n = math.log1p(-0.1), 50
     # 0.0: gap 0; -1e300: a gap clamped to n (ends the draw); values near the gap boundaries

@@ -16,6 +16,7 @@ from bnn_tol import errors, models, train
 from bnn_tol.cli import main
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.seeds import spawn
 
 
 def _data(n: int = 256, seed: int = 0) -> BNNDataset:
@@ -44,10 +45,10 @@ def test_randbet_loss_is_the_mean_of_the_clean_and_the_perturbed_loss():
                      progress=False, device="cpu")
     x = (ds.images.float() - 128.0) / 128.0
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(
-        train.child_seeds(5, 2)[0]))
+        spawn(5, 2)[0]))
     x, y = x[perm], ds.labels[perm]
     clean = F.cross_entropy(ref(x), y).detach()
-    gen = torch.Generator().manual_seed(train.child_seeds(5, 3)[2])
+    gen = torch.Generator().manual_seed(spawn(5, 3)[2])
     for layer in ref.binary_layers().values():
         layer.fault = errors.TransientFlip(0.05, gen)
     err = F.cross_entropy(ref(x), y).detach()

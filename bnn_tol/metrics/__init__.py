@@ -10,16 +10,22 @@ inter-neuron importance variance, plus the analytic flip probability of a neuron
 >>> metrics.predict_accuracy(model, test, [0.01, 0.1])  # doctest: +SKIP
 """
 
-from .flipprob import flip_probability, flip_tables
-from .importance import (
+from bnn_tol.metrics.flipprob import flip_probability, flip_tables
+from bnn_tol.metrics.importance import (
     ESTIMATORS,
     importance,
     importance_variance,
     negation_logits,
     required_samples,
 )
-from .margin import MARGIN_COLUMNS, margin, margin_positions, margin_summary, score_margin
-from .predict import predict_accuracy
+from bnn_tol.metrics.margin import (
+    MARGIN_COLUMNS,
+    margin,
+    margin_positions,
+    margin_summary,
+    score_margin,
+)
+from bnn_tol.metrics.predict import predict_accuracy
 
 __all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS",
            "importance", "importance_variance", "required_samples", "negation_logits", "ESTIMATORS",

@@ -11,14 +11,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..compiled import (
-    check_bnn,
-    eval_mode,  # noqa: F401 -- re-exported for the metrics modules
+from bnn_tol.core.compiled import check_bnn
+from bnn_tol.core.layers import (
+    BinaryConv2d,
+    BinaryLinear,
+    FoldedThreshold,
+    bn_threshold,
+    fold_threshold,
 )
-from ..data import BNNDataset
-from ..exceptions import InvalidArgument
-from ..layers import BinaryConv2d, BinaryLinear, FoldedThreshold, bn_threshold, fold_threshold
-from ..models import check_data as check_model_data
+from bnn_tol.core.models import check_data as check_model_data
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import InvalidArgument
 
 #: Largest histogram (entries) kept per layer by the margin pass (int64: 1 GiB).
 MAX_HIST = 2**27

@@ -36,10 +36,10 @@ import pandas as pd
 from scipy import stats
 from torch import nn
 
-from ..data import BNNDataset
-from ..errors import rates
-from ..exceptions import InvalidArgument
-from .margin import LayerStats, margin_pass
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.maps import rates
+from bnn_tol.metrics.margin import LayerStats, margin_pass
 
 __all__ = ["flip_probability", "flip_tables", "flip_given_preact"]
 

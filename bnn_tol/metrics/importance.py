@@ -79,17 +79,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import BNNDataset
-from ..errors import flip_binary, rates
-from ..exceptions import InvalidArgument
-from ..layers import BinaryConv2d, apply_folded
-from ._common import (
+from bnn_tol.core.compiled import eval_mode
+from bnn_tol.core.layers import BinaryConv2d, apply_folded
+from bnn_tol.data import BNNDataset
+from bnn_tol.engines import int8
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.maps import flip_binary, rates
+from bnn_tol.faults.seeds import spawn
+from bnn_tol.metrics._common import (
     LayerInfo,
     binary_weight,
     blocks_of,
     check_data,
     device_of,
-    eval_mode,
     hidden_layers,
     run_block,
 )
@@ -266,10 +268,9 @@ def _pm_matmul(a: Tensor, b: Tensor) -> Tensor:
     :func:`bnn_tol.evaluate.int8_is_fast`) where the shapes allow it, else the float32 product
     (exact for sums below 2^24; without VNNI ``_int_mm`` was 30x slower). Returns float32.
     """
-    from ..evaluate import int8_is_fast
 
     if (a.device.type == "cpu" and a.shape[0] > 16 and a.shape[1] % 8 == 0
-            and b.shape[1] % 8 == 0 and hasattr(torch, "_int_mm") and int8_is_fast()):
+            and b.shape[1] % 8 == 0 and hasattr(torch, "_int_mm") and int8.int8_is_fast()):
         try:
             return torch._int_mm(a.to(torch.int8), b.to(torch.int8)).to(torch.float32)
         except RuntimeError:  # pragma: no cover - kernel not built for this CPU
@@ -407,7 +408,7 @@ def importance(
     See the module doc for the estimators' formulas. Exact estimators negate each neuron's
     binary output on every sample; ``"mc"`` corrupts only neuron ``j``'s incoming weights
     with ``n_maps`` persistent fault maps at ``ber`` (map ``k`` of block ``l`` drawn from
-    ``child_seeds(seed, ...)``; the same maps for every batch and every neuron of the layer).
+    ``faults.seeds.spawn(seed, ...)``; the same maps for every batch and every neuron of the layer).
 
     Args:
         model: a trained :class:`~bnn_tol.models.BNN`.
@@ -439,7 +440,6 @@ def importance(
         ValueError: unknown estimator, empty dataset, wrong input shape, a hidden layer
             without BatchNorm (naming the layer).
     """
-    from ..train import child_seeds
 
     ests = [estimator] if isinstance(estimator, str) else list(estimator)
     bad = [e for e in ests if e not in ESTIMATORS]
@@ -477,7 +477,7 @@ def importance(
         p01, p10 = rates(ber)
         if n_maps < 1:
             raise InvalidArgument(f"n_maps must be >= 1, got {n_maps}")
-        seeds = child_seeds(seed, len(blocks) * n_maps)
+        seeds = spawn(seed, len(blocks) * n_maps)
         for info in infos:
             wb = binary_weight(info.block.layer)
             for k in range(n_maps):

@@ -55,15 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import BNNDataset
-from ..exceptions import InvalidArgument
-from ._common import (
+from bnn_tol.core import kernels
+from bnn_tol.core.compiled import eval_mode
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.metrics._common import (
     MAX_HIST,
     LayerInfo,
     blocks_of,
     check_data,
     device_of,
-    eval_mode,
     hidden_layers,
     run_block,
 )
@@ -398,7 +399,6 @@ class _FastBatch(NamedTuple):
 
     def layer_means(self, st: LayerStats) -> Tensor:
         """``v @ wagg`` ``(B, 2)`` (``v_nj = m_nj``; see :func:`_add_se`)."""
-        from .. import kernels
 
         out = torch.empty(self.a.shape[0], 2, dtype=torch.float64)
         kernels.margin_rows(self.a.numpy(), st._tau_flat.numpy(), st._wagg.numpy(), out.numpy())
@@ -406,7 +406,6 @@ class _FastBatch(NamedTuple):
 
     def add_to(self, co: _CoMoments, st: LayerStats, y: Tensor, half: bool, sxx: bool) -> None:
         """:meth:`_CoMoments.add` of ``x = m`` (``half``: ``m r``) with ``y``."""
-        from .. import kernels
 
         z, by = co.design(y)
         c = self.a.shape[1]
@@ -426,7 +425,6 @@ def _fast(st: LayerStats, a: Tensor) -> bool:
     if (info.conv or a.device.type != "cpu" or a.dtype != torch.float32
             or not (st.exact or (st.grid and info.kind == "first"))):
         return False
-    from .. import kernels
 
     return kernels.AVAILABLE
 
@@ -434,7 +432,6 @@ def _fast(st: LayerStats, a: Tensor) -> bool:
 def _update_fast(st: LayerStats, a: Tensor, x: Tensor) -> _FastBatch | None:
     """:func:`_update` of a linear layer in two numba passes (:func:`_fast`): the same
     histogram and integer sums, and float64 sums up to their summation order."""
-    from .. import kernels
 
     info = st.info
     a = a.contiguous()

@@ -78,13 +78,20 @@ import torch
 from scipy import special
 from torch import nn
 
-from ..data import BNNDataset
-from ..errors import rates, select_layers
-from ..exceptions import InvalidArgument
-from ..layers import BinaryConv2d, fold_threshold
-from ._common import blocks_of, check_data, device_of, eval_mode, hidden_layers, run_block
-from .flipprob import flip_given_preact, flip_tables
-from .importance import _argmax1, negation_logits
+from bnn_tol.core.compiled import eval_mode
+from bnn_tol.core.layers import BinaryConv2d, fold_threshold
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.maps import rates, select_layers
+from bnn_tol.metrics._common import (
+    blocks_of,
+    check_data,
+    device_of,
+    hidden_layers,
+    run_block,
+)
+from bnn_tol.metrics.flipprob import flip_given_preact, flip_tables
+from bnn_tol.metrics.importance import _argmax1, negation_logits
 
 __all__ = ["predict_accuracy"]
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codec import Codec, FixedPointCodec, SignCodec
-from .codec import _StraightThrough as _Through
-from .exceptions import InvalidArgument
+from bnn_tol.core.codec import Codec, FixedPointCodec, SignCodec
+from bnn_tol.core.codec import _StraightThrough as _Through
+from bnn_tol.exceptions import InvalidArgument
 
 __all__ = [
     "sign",

@@ -22,11 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .data import INPUT_SCALE
-from .exceptions import InvalidArgument
-from .layers import BinaryConv2d, BinaryLayer, FoldedThreshold, fold_threshold
+from bnn_tol.core.layers import BinaryConv2d, BinaryLayer, FoldedThreshold, fold_threshold
+from bnn_tol.data import INPUT_SCALE
+from bnn_tol.exceptions import InvalidArgument
 
 __all__ = ["INPUT_SCALE", "UnsupportedModel", "Stage", "CompiledModel", "compile_model",
            "check_bnn", "stored_layers", "positions", "eval_mode"]
@@ -93,6 +94,13 @@ class Stage:
         return bool(self.layer.codec.is_sign)
 
     @cached_property
+    def wb(self) -> Tensor:
+        """The stored +-1 weights (sign of the latent weight, ``sign(0) = +1``, no faults):
+        float32 on CPU, the shape of ``layer.weight``."""
+        with torch.no_grad():
+            return torch.where(self.layer.weight.detach() >= 0, 1.0, -1.0).cpu()
+
+    @cached_property
     def folded(self) -> FoldedThreshold:
         """Integer comparator of ``sign(BN(a))`` on the grid ``a = k / scale`` (sign blocks)."""
         if self.activation != "sign":
@@ -131,6 +139,18 @@ class CompiledModel:
     def by_name(self) -> dict[str, Stage]:
         """``{layer name: stage}``."""
         return {s.name: s for s in self.stages}
+
+    def integer_issue(self) -> str | None:
+        """Why the integer arithmetic of a BNN (exact pre-activations compared with folded
+        thresholds: the engines, export, deploy) cannot express this model, or ``None``: a
+        layer bias, or a convolution that is strided, grouped or dilated."""
+        for st in self.stages:
+            lay = st.layer
+            if lay.bias is not None:
+                return f"{st.name} has a bias (integer thresholds need bias-free layers)"
+            if st.conv and (lay.stride != (1, 1) or lay.groups != 1 or lay.dilation != (1, 1)):
+                return f"{st.name}: only stride-1, ungrouped convolutions"
+        return None
 
 
 def compile_model(model: nn.Module) -> CompiledModel:
@@ -184,13 +204,15 @@ def compile_model(model: nn.Module) -> CompiledModel:
 
 
 def check_bnn(model: nn.Module, *, what: str = "this function", need_sign: bool = True,
-              need_bn_stats: bool = True) -> CompiledModel:
+              need_bn_stats: bool = True, need_integer: bool = False) -> CompiledModel:
     """Compile ``model`` and refuse what ``what`` cannot handle.
 
     Args:
         what: named in the message (``"margin"``, ``"the fp32 engine"``).
         need_sign: sign weights and sign activations (the BNN case) are required.
         need_bn_stats: hidden BatchNorms must track running statistics (thresholds).
+        need_integer: the layers must fit the integer arithmetic
+            (:meth:`CompiledModel.integer_issue`).
 
     Raises:
         UnsupportedModel: naming the first block that does not fit, and why.
@@ -207,6 +229,9 @@ def check_bnn(model: nn.Module, *, what: str = "this function", need_sign: bool 
         if need_bn_stats and s.hidden and s.block.bn.running_mean is None:
             raise UnsupportedModel(f"{s.name}: its BatchNorm has no running statistics "
                                    "(track_running_stats=False); the threshold is undefined")
+    why = cm.integer_issue() if need_integer else None
+    if why:
+        raise UnsupportedModel(f"{what}: {why}")
     return cm
 
 

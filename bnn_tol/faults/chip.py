@@ -42,10 +42,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .exceptions import InvalidArgument, require_int
+from bnn_tol.core.inference import accuracy
+from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults.maps import select_layers
 
 __all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "cells",
-           "profile_flips", "energy", "profile_sweep", "summary_energy", "FORMAT"]
+           "profile_flips", "energy", "accuracy_with_flips", "FORMAT"]
 
 FORMAT = "bnn_tol.profile"
 
@@ -219,8 +221,6 @@ def cells(n_bits: int, profile: Profile, offset: int = 0) -> np.ndarray:
 
 
 def _stored_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from .errors import select_layers
-
     return select_layers(model)
 
 
@@ -283,8 +283,6 @@ class _FixedFlips:
 def accuracy_with_flips(model: nn.Module, data, flips: dict[str, Tensor], *,
                         batch_size: int = 2048) -> float:
     """Accuracy with the given stored bits flipped (exact: the same path as ``errors.inject``)."""
-    from .evaluate import accuracy
-
     layers = _stored_layers(model)
     saved = {n: lay.fault for n, lay in layers.items()}
     try:
@@ -294,95 +292,3 @@ def accuracy_with_flips(model: nn.Module, data, flips: dict[str, Tensor], *,
     finally:
         for n, lay in layers.items():
             lay.fault = saved[n]
-
-
-def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] | None = None,
-                  offsets: Sequence[int] = (0,), progress: bool = True) -> pd.DataFrame:
-    """Accuracy of each model on the profiled chip at each voltage and placement.
-
-    Each (voltage, offset) is one explicit set of stored-bit flips evaluated by the fastest
-    exact engine (:func:`bnn_tol.evaluate.accuracy_under_flips`).
-
-    Returns:
-        Tidy frame, one row per (model, voltage, offset): ``model, voltage, offset,
-        ber_realized`` (flipped / stored bits), ``p01_realized``, ``p10_realized`` (flips
-        among stored 0s / 1s), ``energy`` (relative to the lowest error-free voltage of the
-        profile), ``energy_saving = 1 - energy``, ``accuracy``, ``rerr``, ``clean_accuracy``,
-        ``bits_per_weight``, ``memory_bits``.
-    """
-    from tqdm.auto import tqdm
-
-    from . import evaluate
-    from .models import memory_bits
-
-    if isinstance(models, nn.Module):
-        models = {str(getattr(models, "config", {}).get("name", "model")): models}
-    volts = list(profile.voltages) if voltages is None else [float(v) for v in voltages]
-    if not volts:
-        raise InvalidArgument("no voltages given")
-    offsets = [require_int(o, "offset", minimum=0) for o in offsets]
-    free = [float(v) for v in profile.voltages if not profile.failing(float(v)).any()]
-    if not free:
-        raise InvalidArgument("the profile has no error-free voltage to normalize energy to")
-    ref = min(free)
-    e_all = energy(profile.voltages, reference=ref, table=profile.energy)
-    e_of = {float(v): float(e) for v, e in zip(profile.voltages, e_all, strict=True)}
-    for v in volts:
-        if v not in e_of and profile.energy is not None:
-            raise InvalidArgument(f"voltage {v} is not in the profile's energy table")
-    rows = []
-    bar = tqdm(total=len(models) * len(volts) * len(offsets), desc="profile sweep",
-               disable=not progress)
-    try:
-        for label, model in models.items():
-            layers = _stored_layers(model)
-            images = {n: lay.stored_bits() for n, lay in layers.items()}
-            n0 = sum(int((b == 0).sum()) for b in images.values())
-            n1 = sum(int((b == 1).sum()) for b in images.values())
-            clean = evaluate.accuracy(model, data)
-            bpw = sorted({int(lay.codec.bits_per_weight) for lay in layers.values()})
-            for v in volts:
-                for off in offsets:
-                    fl = profile_flips(model, profile, v, offset=off)
-                    f01 = sum(int((images[n][i] == 0).sum()) for n, i in fl.items())
-                    f10 = sum(int(i.numel()) for i in fl.values()) - f01
-                    acc = evaluate.accuracy_under_flips(model, data, [fl], device="cpu")[0]
-                    e = e_of.get(v, float(energy([v], reference=ref)[0]))
-                    rows.append({"model": str(label), "voltage": v, "offset": off,
-                                 "ber_realized": (f01 + f10) / max(n0 + n1, 1),
-                                 "p01_realized": f01 / max(n0, 1),
-                                 "p10_realized": f10 / max(n1, 1),
-                                 "energy": e, "energy_saving": 1.0 - e, "accuracy": acc,
-                                 "rerr": 1.0 - acc, "clean_accuracy": clean,
-                                 "bits_per_weight": bpw[0] if len(bpw) == 1 else float("nan"),
-                                 "memory_bits": memory_bits(model)})
-                    bar.update(1)
-    finally:
-        bar.close()
-    return pd.DataFrame(rows)
-
-
-def summary_energy(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
-    """Per model the lowest-energy voltage whose accuracy (mean over offsets) stays within
-    ``tolerance`` of the clean accuracy -- the paper's headline quantity -- and its saving.
-
-    Returns:
-        One row per model: ``model, clean_accuracy, voltage, accuracy, energy,
-        energy_saving`` (NaN voltage when no voltage qualifies).
-    """
-    need = {"model", "voltage", "accuracy", "clean_accuracy", "energy"}
-    if not need <= set(df.columns):
-        raise InvalidArgument(f"summary_energy needs a profile sweep with {sorted(need)}")
-    out = []
-    for label, g in df.groupby("model", sort=False):
-        m = g.groupby("voltage", sort=True).agg(accuracy=("accuracy", "mean"),
-                                                energy=("energy", "first")).reset_index()
-        clean = float(g["clean_accuracy"].iloc[0])
-        ok = m[m["accuracy"] >= clean - tolerance]
-        best = ok.loc[ok["energy"].idxmin()] if len(ok) else None
-        out.append({"model": label, "clean_accuracy": clean,
-                    "voltage": float(best["voltage"]) if best is not None else math.nan,
-                    "accuracy": float(best["accuracy"]) if best is not None else math.nan,
-                    "energy": float(best["energy"]) if best is not None else math.nan,
-                    "energy_saving": 1 - float(best["energy"]) if best is not None else math.nan})
-    return pd.DataFrame(out)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -52,8 +51,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .codec import _StraightThrough  # forward: the flipped tensor; backward: straight through
-from .exceptions import InvalidArgument, require_int
+from bnn_tol.core import kernels
+from bnn_tol.core.codec import (
+    _StraightThrough,  # forward: the flipped tensor; backward: straight through
+)
+from bnn_tol.core.compiled import positions, stored_layers
+from bnn_tol.core.kernels import serial
+from bnn_tol.core.layers import fold_threshold
+from bnn_tol.data import INPUT_SCALE
+from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults.seeds import derive, spawn
 
 __all__ = [
     "BER",
@@ -178,7 +185,6 @@ def _gap_kernel(chunk: int, device: torch.device | str):
     small draws do not pay numba's import). Both give the same positions."""
     if chunk < _KERNEL_FROM or torch.device(device).type != "cpu":
         return None
-    from . import kernels
 
     return kernels.gap_positions if kernels.AVAILABLE else None
 
@@ -341,9 +347,8 @@ class TransientFlip:
         else:
             idx = self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
             if _gap_kernel(idx.numel(), flat.device) is not None:
-                from .kernels import negate_at
 
-                negate_at(flat.numpy(), idx.numpy())
+                kernels.negate_at(flat.numpy(), idx.numpy())
             else:
                 flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
         return stored
@@ -378,7 +383,6 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
         ValueError: the model has no binary layers, or a name/position does not exist
             (the message lists the valid names).
     """
-    from .compiled import stored_layers
 
     found = stored_layers(model)
     if not found:
@@ -408,26 +412,6 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
             raise InvalidArgument(f"unknown layer {key!r}; binary layers are: {', '.join(names)}")
         chosen[name] = found[name]
     return {n: chosen[n] for n in names if n in chosen}
-
-
-@contextlib.contextmanager
-def _serial() -> Iterator[None]:
-    """Run light tensor ops (sampling, index bookkeeping) on one intra-op thread.
-
-    Ops on ~1e4-1e6 elements gain nothing from a second thread, and on a busy machine each
-    parallel region waits for a scheduler slice (measured: fault_map 0.78 s with 2 threads vs
-    0.04 s with 1 under load). Results are identical. Only the main thread changes the setting
-    (``torch.set_num_threads`` is process-global), so worker threads are never affected.
-    """
-    n = torch.get_num_threads()
-    if n == 1 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +459,7 @@ class FaultMap:
         if max(p01, p10) > self.cap:
             raise InvalidArgument(f"this fault map was drawn up to p={self.cap}; it cannot answer "
                              f"p01={p01}, p10={p10}: draw it with a larger cap")
-        with _serial():
+        with serial():
             dev = stored.device
             idx = self.idx.to(dev)
             u = self.u.to(dev)
@@ -513,7 +497,7 @@ def fault_map(numel: int, cap: float, *, generator: torch.Generator) -> FaultMap
     Returns:
         :class:`FaultMap` with ``cap`` rounded up to a band edge.
     """
-    with _serial():
+    with serial():
         return _fault_map(numel, cap, generator)
 
 
@@ -547,30 +531,20 @@ def _fault_map(numel: int, cap: float, generator: torch.Generator) -> FaultMap:
 
 
 def layer_seed(seed: int, position: int, stream: int = 0) -> int:
-    """Seed of one tensor's map: ``SeedSequence(seed, spawn_key=(position, stream))`` (63 bits).
-
-    ``stream`` 0 is the weights (spawn key ``(position,)``), 1 the activations, 2 the BN
-    thresholds of binary layer ``position``.
-    """
-    key = (int(position),) if stream == 0 else (int(position), int(stream))
-    state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(1, dtype=np.uint64)
-    return int(state[0]) & ((1 << 63) - 1)
+    """Seed of one stored tensor's map on chip ``seed``: :func:`~bnn_tol.faults.seeds.derive`
+    with key ``(position,)`` for the weights of the stored layer at ``position``, ``(position,
+    stream)`` for its other tensors (1: activations, 2: BN thresholds)."""
+    return derive(seed, position) if stream == 0 else derive(seed, position, stream)
 
 
 def map_seeds(seed: int, n_maps: int) -> list[int]:
-    """Seeds of the ``n_maps`` fault maps of a sweep: ``SeedSequence(seed).generate_state``.
-
-    The same derivation as :func:`bnn_tol.train.child_seeds`; each is a 63-bit int usable as
-    ``inject(..., seed=s)``.
-    """
+    """The chips of a sweep: ``spawn(seed, n_maps)`` (:mod:`bnn_tol.faults.seeds`); each is a
+    63-bit int usable as ``inject(..., seed=s)``."""
     n_maps = require_int(n_maps, "n_maps", minimum=0)
-    seed = require_int(seed, "seed", minimum=0)
-    state = np.random.SeedSequence(int(seed)).generate_state(n_maps, dtype=np.uint64)
-    return [int(s) & ((1 << 63) - 1) for s in state]
+    return spawn(seed, n_maps)
 
 
 def _positions(model: nn.Module) -> dict[str, int]:
-    from .compiled import positions
 
     return positions(model)
 
@@ -774,8 +748,6 @@ def inject(
 
 
 def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
-    from .data import INPUT_SCALE
-    from .layers import fold_threshold
 
     blocks = getattr(model, "blocks", None)
     if blocks is None:

@@ -21,8 +21,13 @@ from typing import Any
 
 import pandas as pd
 
-from . import data, evaluate, io, models, train
-from .exceptions import ResultsMismatch
+from bnn_tol import data, metrics, train
+from bnn_tol import engines as evaluate
+from bnn_tol.core import models
+from bnn_tol.exceptions import ResultsMismatch
+from bnn_tol.interop import checkpoint as io
+from bnn_tol.study import plots, report
+from bnn_tol.study import runner as study_mod
 
 __all__ = ["run", "MARKER"]
 
@@ -64,7 +69,6 @@ def run(
         ``{"models": {label: dir}, "accuracy": {label: clean acc}, "sweeps": DataFrame,
         "metrics": DataFrame, "report": path or None}``.
     """
-    from . import metrics, plots
 
     out = Path(out)
     _claim(out)
@@ -116,8 +120,6 @@ def run(
 
     result["report"] = None
     if study:
-        from . import report
-        from . import study as study_mod
 
         echo(f"[demo] correlation study, preset {study!r}")
         res = study_mod.run(study, out / "study")

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .exceptions import InvalidArgument, require_int
+from bnn_tol.exceptions import InvalidArgument, require_int
 
 __all__ = ["Codec", "SignCodec", "FixedPointCodec", "make", "SCHEMES", "GRANULARITIES",
            "ROUNDINGS"]

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from .compiled import UnsupportedModel
+from bnn_tol.core.compiled import UnsupportedModel, check_bnn
+from bnn_tol.core.models import build
+from bnn_tol.interop.bundle import _score_table
 
 __all__ = ["export_onnx", "import_onnx", "OnnxError"]
 
@@ -49,13 +52,8 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
     Raises:
         UnsupportedModel: what :func:`bnn_tol.bundle.export` refuses (m-bit, biases, strides).
     """
-    from .bundle import _score_table
-    from .compiled import check_bnn
-    from .evaluate import _compile
-
     onnx, helper, numpy_helper = _onnx()
-    check_bnn(model, what="ONNX export")
-    stages = _compile(model)
+    stages = check_bnn(model, what="ONNX export", need_integer=True).stages
     inits, nodes = [], []
 
     def const(name, arr):
@@ -67,7 +65,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
     minus = const("minus_one", np.float32(-1.0))
     zero = const("zero", np.float32(0.0))
     for st in stages:
-        k = st.k
+        k = st.index
         if st.flatten:
             nodes.append(helper.make_node("Flatten", [h], [f"flat{k}"], axis=1))
             h = f"flat{k}"
@@ -145,9 +143,6 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify=None):
     Raises:
         OnnxError: naming the first node that cannot be mapped.
     """
-    from torch import nn
-
-    from .models import build
 
     onnx, helper, numpy_helper = _onnx()
     try:

@@ -196,7 +196,7 @@ def _flip_with_maps(man: dict, weights: dict, ber, seed: int) -> None:
     """XOR the flips of ``errors.inject(model, ber, seed=seed)`` into the packed image."""
     import torch
 
-    from .errors import fault_map, layer_seed, rates
+    from bnn_tol.faults.maps import fault_map, layer_seed, rates
 
     p01, p10 = rates(ber)
     for pos, e in enumerate(man["layers"]):  # every stored layer, in forward order

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .exceptions import InvalidArgument, require_int
-from .layers import (
+from bnn_tol.core.codec import GRANULARITIES, ROUNDINGS, SCHEMES
+from bnn_tol.core.layers import (
     BinaryConv2d,
     BinaryLayer,
     BinaryLinear,
@@ -31,9 +31,10 @@ from .layers import (
     sign,
     sign_pool,
 )
+from bnn_tol.exceptions import InvalidArgument, require_int
 
 __all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "memory_bits",
-           "fc", "vgg3", "vgg7", "custom", "adapt", "ACTIVATIONS"]
+           "fc", "vgg3", "vgg7", "custom", "ACTIVATIONS"]
 
 #: Activations of hidden blocks: ``sign`` (binary, the BNN case) or ``relu`` (real valued, the
 #: m-bit networks of Stutz et al.).
@@ -208,7 +209,6 @@ class _Storage:
 
     def __init__(self, weight_bits: int = 1, quant: str = "symmetric", granularity: str = "layer",
                  rounding: str = "nearest", activation: str | None = None) -> None:
-        from .codec import GRANULARITIES, ROUNDINGS, SCHEMES
 
         self.bits = require_int(weight_bits, "weight_bits", minimum=1)
         if self.bits > 8:
@@ -399,13 +399,6 @@ def custom(
     cfg = {"name": "custom", "kwargs": {"blocks": [dict(b) for b in blocks],
                                         "in_shape": list(shape), "n_classes": int(n_classes)}}
     return BNN(out, cfg)
-
-
-def adapt(module: nn.Module, example: Tensor, **kwargs: Any) -> BNN:
-    """Convert a user's PyTorch BNN into a bnn_tol BNN (see :func:`bnn_tol.adapt.adapt`)."""
-    from .adapt import adapt as _adapt
-
-    return _adapt(module, example, **kwargs)
 
 
 def memory_bits(model: nn.Module) -> int:

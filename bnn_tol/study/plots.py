@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .exceptions import InvalidArgument
+from bnn_tol.engines.driver import summarize
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.study import analysis
+from bnn_tol.study.analysis import feature_name
 
 __all__ = [
     "accuracy_vs_ber",
@@ -158,8 +161,6 @@ def metric_scatter(
     """
     import seaborn as sns
 
-    from . import analysis
-
     feats = analysis.feature_table(metrics, level="all")
     name = analysis.feature_name(metric, layer)
     if name not in feats.columns:
@@ -209,8 +210,6 @@ def correlation_heatmap(
     """
     import seaborn as sns
 
-    from .analysis import feature_name
-
     c = corr[(corr["method"] == method) & (corr["group"] == group)]
     if layer is not None:
         c = c[c["layer"].isin([layer] if isinstance(layer, str) else list(layer))]
@@ -247,7 +246,6 @@ def sweep(df: pd.DataFrame, *, level: float = 0.95, metric: str = "accuracy",
     Returns:
         A Figure with one line + shaded band per model.
     """
-    from .evaluate import summarize
 
     if metric not in ("accuracy", "rerr"):
         raise InvalidArgument(f"metric must be 'accuracy' or 'rerr', got {metric!r}")
@@ -353,8 +351,6 @@ def metric_scatter_by_model(
     :func:`rho_vs_ber` is the summary.
     """
     import seaborn as sns
-
-    from . import analysis
 
     m = analysis.metric_table(metrics)
     m = m[(m["metric"] == metric) & (m["layer"] == layer)]

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .exceptions import InvalidArgument
+from bnn_tol.exceptions import InvalidArgument
 
 __all__ = [
     "METHODS",

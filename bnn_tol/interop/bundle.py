@@ -36,13 +36,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .exceptions import InvalidArgument, ResultsMismatch
+from bnn_tol._version import __version__
+from bnn_tol.core.compiled import UnsupportedModel, check_bnn
+from bnn_tol.exceptions import InvalidArgument, ResultsMismatch
+from bnn_tol.interop import deploy
 
 __all__ = ["export", "pack_rows", "FORMAT", "MANIFEST"]
 
@@ -113,12 +117,8 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
             cannot express (stride/groups/bias), or a single-block model.
         ResultsMismatch: ``out`` holds something else.
     """
-    from . import __version__
-    from .compiled import UnsupportedModel, check_bnn
-    from .evaluate import _compile
-
-    cm = check_bnn(model, what="export")
-    stages = _compile(model)  # validates stride 1, no groups, no bias
+    cm = check_bnn(model, what="export", need_integer=True)
+    stages = cm.stages
     if len(stages) < 2:
         raise UnsupportedModel("export needs at least one hidden block before the output block")
     out = Path(out)
@@ -133,13 +133,13 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
         files[name] = _sha(out / name)
         return name
 
-    for st, view in zip(stages, cm.stages, strict=True):
+    for st in stages:
         w = st.wb.reshape(st.wb.shape[0], -1).numpy() > 0
-        k = st.k
+        k = st.index
         entry = {"index": k, "name": st.name, "kind": "conv" if st.conv else "linear",
                  "rows": int(w.shape[0]), "fan_in": int(w.shape[1]),
                  "flatten": bool(st.flatten), "pool": int(st.pool) if st.pool else None,
-                 "input_scale": int(view.scale), "role": view.kind,
+                 "input_scale": int(st.scale), "role": st.kind,
                  "weights": save(f"layer{k}_weights.npy", pack_rows(w))}
         if st.conv:
             layer = st.block.layer
@@ -156,10 +156,6 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
             entry["scores"] = save(f"layer{k}_scores.npy",
                                    _score_table(st.block.bn, int(w.shape[1])))
         layers.append(entry)
-    import shutil
-
-    from . import deploy
-
     shutil.copyfile(deploy.__file__, out / "bnn_deploy.py")
     files["bnn_deploy.py"] = _sha(out / "bnn_deploy.py")
     n_classes = layers[-1]["rows"]

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .compiled import UnsupportedModel
+from bnn_tol.core.compiled import UnsupportedModel
+from bnn_tol.core.models import build
 
 __all__ = ["adapt", "AdaptError"]
 
@@ -240,7 +241,6 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
     Raises:
         AdaptError: naming the first operation or block that cannot be mapped, and why.
     """
-    from .models import build
 
     if not isinstance(example, Tensor) or example.dim() not in (2, 4) or len(example) == 0:
         raise AdaptError("example must be a non-empty batch (N, C, H, W) or (N, features)")

@@ -77,7 +77,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -88,16 +87,25 @@ from typing import Any
 
 import pandas as pd
 
-from . import provenance
-from .exceptions import BnnTolError, InvalidArgument
-from .provenance import available_cores
+from bnn_tol import data, metrics, provenance, train
+from bnn_tol import engines as evaluate
+from bnn_tol.core import models
+from bnn_tol.data import BNNDataset
+from bnn_tol.engines import engines
+from bnn_tol.exceptions import BnnTolError, InvalidArgument
+from bnn_tol.faults import maps as errors
+from bnn_tol.files import atomic_write
+from bnn_tol.interop import checkpoint as io
+from bnn_tol.metrics.importance import ESTIMATORS
+from bnn_tol.provenance import available_cores
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the backport has the same API
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "DEFAULTS"]
+__all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "DEFAULTS",
+           "engine_choices"]
 
 #: Defaults filled into every study config (a study file overrides any of them).
 DEFAULTS: dict[str, Any] = {
@@ -200,8 +208,12 @@ def load_config(
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEVICES = ("cpu", "cuda", "auto")
 _LOSSES = ("ce", "mhl")
-#: Sweep engines of ``evaluate.sweep`` (all exact: the choice changes speed, not results).
-_ENGINES = ("auto", "packed", "int8", "fp32", "fixed", "reference")
+
+
+def engine_choices() -> tuple[str, ...]:
+    """``[eval] engine`` values: ``auto`` and the registered engines (all exact: the choice
+    changes speed, not results)."""
+    return ("auto", *engines())
 
 
 def _is_int(v: Any) -> bool:
@@ -230,7 +242,6 @@ def _check_int(where: str, val: Any, lo: int, *, none: bool = False) -> None:
 
 
 def _check_ber(where: str, val: Any, *, pairs: bool) -> None:
-    from . import errors
 
     ok = _is_num(val) or (pairs and isinstance(val, list | tuple) and len(val) == 2
                           and all(_is_num(v) for v in val))
@@ -251,8 +262,6 @@ def _check_layers(where: str, val: Any) -> None:
 
 def _validate(cfg: dict) -> None:
     """Type- and range-check every key of a merged config; errors name the key and value."""
-    from . import models
-    from .metrics.importance import ESTIMATORS
 
     _check_name("name", cfg["name"])
     if not isinstance(cfg.get("description", ""), str):
@@ -296,8 +305,8 @@ def _validate(cfg: dict) -> None:
     _check_int("[eval] seed", ev["seed"], 0)
     _check_layers("[eval] layers", ev["layers"])
     _check_int("[eval] batch_size", ev["batch_size"], 1)
-    if ev["engine"] not in _ENGINES:
-        raise _bad("[eval] engine", ev["engine"], f"one of {list(_ENGINES)}")
+    if ev["engine"] not in engine_choices():
+        raise _bad("[eval] engine", ev["engine"], f"one of {list(engine_choices())}")
 
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else mt["importance"]
     if (not isinstance(ests, list) or not ests
@@ -343,8 +352,6 @@ def check(cfg: Mapping[str, Any]) -> None:
         DatasetNotFound, CorruptDataset: the dataset's files are missing or corrupt.
     """
     import torch
-
-    from . import models
 
     d = cfg["data"]
     try:
@@ -419,29 +426,16 @@ def _spec_hash(spec: Mapping[str, Any]) -> str:
 
 # -- one task -----------------------------------------------------------------------------------
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    _atomic(path, lambda p: df.to_csv(p, index=False))
+    atomic_write(path, lambda p: df.to_csv(p, index=False))
 
 
 def _write_text(text: str, path: Path) -> None:
-    _atomic(path, lambda p: Path(p).write_text(text))
+    atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 @lru_cache(maxsize=8)
 def _dataset(name: str, split: str, data_dir: str | None):
-    from . import data
 
     return data.load(name, split, data_dir=data_dir)
 
@@ -492,8 +486,6 @@ def metric_halves(ds, seed: int) -> tuple[Any, Any]:
     """
     import torch
 
-    from .data import BNNDataset
-
     n = len(ds)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     cut = (n + 1) // 2
@@ -503,7 +495,6 @@ def metric_halves(ds, seed: int) -> tuple[Any, Any]:
 
 def _metric_rows(model, ds, ests: list[str], batch_size: int):
     """``(margin table, importance table, long metrics)`` of one model on one image set."""
-    from . import metrics
 
     mg = metrics.margin(model, ds, batch_size=batch_size)
     imp = metrics.importance(model, ds, estimator=ests, batch_size=batch_size)
@@ -579,8 +570,6 @@ def _read_timing(tdir: Path) -> dict[str, float]:
 
 def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> None:
     import torch
-
-    from . import evaluate, io, metrics, models, train
 
     t = time.perf_counter()
     torch.set_num_threads(int(spec["run"]["threads"]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .exceptions import BnnTolError, ResultsMismatch
-from .models import BNN, build
+from bnn_tol._version import __version__
+from bnn_tol.core.models import BNN, build
+from bnn_tol.exceptions import BnnTolError, ResultsMismatch
+from bnn_tol.files import atomic_write
 
 __all__ = ["save", "load", "check_out", "CheckpointError", "WEIGHTS", "CONFIG"]
 
@@ -28,17 +28,6 @@ FORMAT = 1
 
 class CheckpointError(BnnTolError, ValueError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_out(path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -97,8 +86,8 @@ def save(model: BNN, path: str | os.PathLike, **extra: Any) -> Path:
                      "python": platform.python_version()},
     }
     text = json.dumps(config, indent=2, default=_json_default)
-    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(path / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG, lambda p: Path(p).write_text(text))
     return path
 
 

@@ -1,0 +1,268 @@
+"""The engine interface, its registry and what the +-1 engines share.
+
+An engine evaluates one model on one dataset under many flip sets, exactly: for every flip
+set it returns the accuracy of ``model(x).argmax(1)`` of the faulty model, bit for bit. A flip
+set is ``{layer name: int64 flat indices into layer.stored_bits()}`` (the one currency of
+:mod:`bnn_tol.faults`), the same keys for every engine.
+
+The registry is the single source of engine names: :func:`engines` lists them in ``"auto"``
+preference order, the CLI and study files take their choices from it, and
+:func:`pick_engine` chooses (``engine="auto"``: the first registered engine, by
+:attr:`Engine.rank`, that supports the model and is :meth:`Engine.preferred` on this machine).
+Adding an engine is one module with a class decorated by :func:`register_engine`, imported
+in :mod:`bnn_tol.engines`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnn_tol.core.compiled import CompiledModel, UnsupportedModel, check_bnn, compile_model
+from bnn_tol.core.inference import resolve_device
+from bnn_tol.core.layers import apply_folded
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.maps import select_layers
+
+__all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
+           "MEMORY_BUDGET", "FlipSet"]
+
+#: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
+MEMORY_BUDGET = 2**28
+
+#: ``{layer name: int64 (F,) flat indices into layer.stored_bits()}``.
+FlipSet = dict[str, Tensor]
+
+
+class Engine:
+    """Base of the sweep engines. Every engine is exact: for each flip set it returns the
+    accuracy of ``model(x).argmax(1)`` of the faulty model, bit for bit.
+
+    Class attributes declare what an engine supports; :func:`pick_engine` asks each registered
+    engine, in order of :attr:`rank` (fastest first), whether it supports a model.
+
+    Attributes:
+        name: the ``engine=`` value.
+        rank: order of preference for ``"auto"`` (lower first).
+        targets: fault targets it evaluates (``weights`` / ``activations`` / ``thresholds``).
+    """
+
+    name = ""
+    rank = 100
+    targets: frozenset = frozenset({"weights"})
+
+    @classmethod
+    def unsupported(cls, cm: CompiledModel | None, device: torch.device,
+                    targets: tuple) -> str | None:
+        """Why this engine cannot evaluate the compiled model ``cm`` (``None``: it can;
+        ``cm`` is ``None`` for a module that is not a block model)."""
+        if not set(targets) <= cls.targets:
+            return f"it evaluates {sorted(cls.targets)} errors only"
+        return None
+
+    @classmethod
+    def preferred(cls, cm: CompiledModel, device: torch.device) -> bool:
+        """Whether ``"auto"`` should pick it when supported (e.g. int8 only with VNNI)."""
+        return True
+
+    def __init__(self, model: nn.Module, data: BNNDataset, *, layers, device: torch.device,
+                 batch_size: int | None, maps_per_step: int | None, targets: tuple) -> None:
+        self.model, self.data, self.layers, self.device = model, data, layers, device
+        self.targets, self.labels = targets, data.labels
+        self.chosen = select_layers(model, layers)
+        self.batch_size = batch_size or 2048
+        self.g = maps_per_step or 1
+        self._clean: float | None = None
+
+    def clean_accuracy(self) -> float:
+        """Accuracy without errors (cached)."""
+        if self._clean is None:
+            self._clean = self.evaluate([{}])[0]
+        return self._clean
+
+    def flips(self, fmap: dict, p01: float, p10: float) -> FlipSet:
+        """The flip set of fault map ``fmap`` (``{layer name: FaultMap}``) at ``(p01, p10)``,
+        for the layers this engine evaluates with errors."""
+        raise NotImplementedError
+
+    def evaluate(self, flips: list[FlipSet]) -> list[float]:
+        """Accuracies of the given flip sets (``[{}]``: clean)."""
+        raise NotImplementedError
+
+    def accuracies(self, maps, seeds, p01, p10, bar) -> list[float]:
+        """Accuracies of fault maps ``maps`` (an iterable, consumed in order; or seeds, for
+        engines that draw them) at one BER; maps that flip nothing reuse the clean accuracy.
+        At most ``maps_per_step`` maps and their flips are held at a time."""
+        results: list[float | None] = []
+        group: list[tuple[int, FlipSet]] = []
+
+        def flush() -> None:
+            for (i, _), a in zip(group, self.evaluate([f for _, f in group]), strict=True):
+                results[i] = a
+            bar.update(len(group))
+            group.clear()
+
+        for i, fm in enumerate(maps):
+            f = self.flips(fm, p01, p10)
+            if all(v.numel() == 0 for v in f.values()):
+                results.append(self.clean_accuracy())
+                bar.update(1)
+                continue
+            results.append(None)
+            group.append((i, f))
+            if len(group) == self.g:
+                flush()
+        if group:
+            flush()
+        return results  # type: ignore[return-value]
+
+
+_ENGINES: dict[str, type[Engine]] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    """Class decorator adding a sweep engine to the registry under ``cls.name``."""
+    if not cls.name:
+        raise InvalidArgument(f"{cls.__name__} has no name")
+    _ENGINES[cls.name] = cls
+    return cls
+
+
+def engines() -> list[str]:
+    """Names of the registered engines, in ``"auto"`` preference order."""
+    return [c.name for c in sorted(_ENGINES.values(), key=lambda c: c.rank)]
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The registered engine ``name``.
+
+    Raises:
+        InvalidArgument: an unknown name (lists the registered ones).
+    """
+    if name not in _ENGINES:
+        raise InvalidArgument(f"engine must be auto or one of {', '.join(engines())}, "
+                              f"got {name!r}")
+    return _ENGINES[name]
+
+
+def pick_engine(model: nn.Module, *, engine: str = "auto",
+                device: str | torch.device = "auto",
+                targets: tuple[str, ...] | str = ("weights",)) -> type[Engine]:
+    """The engine that evaluates ``model``: the named one (refused with the reason when it
+    cannot), or for ``"auto"`` the first supported and preferred engine in rank order.
+
+    Raises:
+        InvalidArgument: an unknown engine name.
+        UnsupportedModel: the named engine cannot evaluate this model (says why).
+    """
+    if engine != "auto":
+        engine_class(engine)
+    dev = resolve_device(device)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    try:
+        cm = compile_model(model)
+    except UnsupportedModel:
+        cm = None  # not a block model: only the reference engine (inject + forward) applies
+    if engine != "auto":
+        cls = _ENGINES[engine]
+        why = cls.unsupported(cm, dev, targets)
+        if why:
+            raise UnsupportedModel(f"engine={engine!r} cannot evaluate this model: {why}")
+        return cls
+    for cls in sorted(_ENGINES.values(), key=lambda c: c.rank):
+        if cls.unsupported(cm, dev, targets) is None and cls.preferred(cm, dev):
+            return cls
+    raise UnsupportedModel("no sweep engine supports this model")  # reference supports all
+
+
+class SignEngine(Engine):
+    """Shared plumbing of the +-1 engines: the compiled stages (their ``wb`` and ``folded``),
+    the output BatchNorm on the engine's device, the clean prefix per data chunk."""
+
+    @classmethod
+    def unsupported(cls, cm, device, targets):  # noqa: D102
+        why = super().unsupported(cm, device, targets)
+        if why:
+            return why
+        if cm is None:
+            return "it needs a bnn_tol block model (.blocks)"
+        if not cm.is_bnn:
+            return "it needs sign (1-bit) weights and sign activations; use 'fixed' or 'reference'"
+        return cm.integer_issue()
+
+    def __init__(self, model, data, **kw) -> None:
+        super().__init__(model, data, **kw)
+        self.stages = check_bnn(model, what="this sweep engine").stages
+        self.index = {st.name: st.index for st in self.stages}
+        # the output BatchNorm where the engine computes (eval mode)
+        self.out_bn = copy.deepcopy(self.stages[-1].block.bn).to(self.device).eval()
+        self.faulty = [k for k, st in enumerate(self.stages) if st.name in self.chosen]
+        # first stage that differs between maps (the last one if no layer is faulty)
+        self.start = min(self.faulty[0] if self.faulty else len(self.stages),
+                         len(self.stages) - 1)
+        self._prefix: list[tuple[Tensor, Tensor]] | None = None
+
+    def by_index(self, flips: FlipSet) -> dict[int, Tensor]:
+        """A flip set keyed by stage index (what the kernels address)."""
+        return {self.index[name]: idx for name, idx in flips.items()}
+
+    def _max_width(self) -> int:
+        x = torch.zeros(1, *self.data.shape)
+        widths = [x.numel()]
+        with torch.no_grad():
+            for block in self.model.blocks:
+                x = _cpu_block(block, x)
+                widths.append(x.numel())
+        return max(widths)
+
+    def flips(self, fmap, p01, p10):  # noqa: D102
+        return {self.stages[k].name: fmap[self.stages[k].name].flips(self.stages[k].wb, p01, p10)
+                for k in self.faulty}
+
+    def _input(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _prefix_of(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _chunks(self):
+        """Clean prefix (input of the first faulty stage) per data chunk, computed once."""
+        if self._prefix is None:
+            self._prefix = []
+            imgs, labels = self.data.images, self.data.labels
+            for i in range(0, len(self.data), self.batch_size):
+                h = self._prefix_of(self._input(imgs[i: i + self.batch_size]))
+                self._prefix.append((h, labels[i: i + self.batch_size].to(self.device)))
+        return self._prefix
+
+
+def _cpu_block(block: nn.Module, x: Tensor) -> Tensor:
+    """Shape probe: run a copy-free block on a CPU zero input (weights may live on CUDA)."""
+    p = next(block.parameters())
+    was = block.training
+    block.eval()
+    try:
+        return block(x.to(p.device)).cpu()
+    finally:
+        block.train(was)
+
+
+def fp32_prefix(stages, x: Tensor, ws: list[Tensor], stop: int) -> Tensor:
+    """Clean, shared output of stages ``0 .. stop-1`` (input of stage ``stop``): float
+    GEMM/conv on exact values, pre-activations rounded to the integers ``scale a`` they equal,
+    folded thresholds, max pooling."""
+    h = x
+    for k in range(stop):
+        st = stages[k]
+        if st.flatten:
+            h = h.flatten(1)
+        a = h @ ws[k].t() if not st.conv else F.conv2d(h, ws[k], padding=st.block.layer.padding)
+        ai = torch.round(a * st.scale)
+        h = apply_folded(ai, st.folded).to(x.dtype)
+        if st.pool:
+            h = F.max_pool2d(h, st.pool)
+    return h

@@ -1,0 +1,39 @@
+"""The reference engine: ``faults.inject`` + the model's own forward pass, per map.
+
+Any model, every fault target; the oracle the other engines are tested against (and the only
+engine for activation and threshold errors).
+"""
+
+from __future__ import annotations
+
+from bnn_tol.core.inference import accuracy
+from bnn_tol.engines.base import Engine, register_engine
+from bnn_tol.faults.chip import accuracy_with_flips
+from bnn_tol.faults.maps import inject
+
+__all__ = ["ReferenceEngine"]
+
+
+@register_engine
+class ReferenceEngine(Engine):
+    """``faults.inject`` + :func:`~bnn_tol.core.inference.accuracy` per map: any model, every
+    target."""
+
+    name, rank = "reference", 9
+    targets = frozenset({"weights", "activations", "thresholds"})
+
+    def accuracies(self, maps, seeds, p01, p10, bar):  # noqa: D102
+        out = []
+        for s in seeds:
+            with inject(self.model, (p01, p10), seed=s, layers=self.layers,
+                        targets=self.targets):
+                out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
+            bar.update(1)
+        return out
+
+    def flips(self, fmap, p01, p10):  # noqa: D102
+        return {}
+
+    def evaluate(self, flips):  # noqa: D102
+        return [accuracy_with_flips(self.model, self.data, dict(fl), batch_size=self.batch_size)
+                for fl in flips]

@@ -1,0 +1,267 @@
+"""The sweep CSV format: recognized, locked, validated, resumable.
+
+A sweep writes ``<out>`` (one row per (model, BER, map), :data:`COLUMNS`) and the sidecar
+``<out>.meta.json`` (what defines the rows: per model a sha256 of its state dict and its faulty
+layers; the dataset's name, split, size and sha256; the fault targets; and the provenance).
+While a sweep runs it holds an exclusive ``flock`` on ``<out>``; rows of each finished
+(model, BER) are appended in one write and fsynced, so a killed sweep leaves at most a torn
+last line, which :meth:`SweepFile.open_rows` cuts off before resuming. Nothing in an existing
+file is touched before it is recognized as ours (sidecar + exact header + same settings).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io as _io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bnn_tol.data import BNNDataset
+from bnn_tol.exceptions import FileInUse, InvalidArgument, ResultsMismatch
+from bnn_tol.faults.maps import select_layers
+from bnn_tol.files import write_text
+from bnn_tol.provenance import data_digest, environment, model_digest
+
+__all__ = ["COLUMNS", "OLD_COLUMNS", "META_SUFFIX", "meta_path", "read_sweep", "SweepFile",
+           "settings"]
+
+COLUMNS = ["model", "ber", "p01", "p10", "map", "seed", "accuracy", "rerr", "bits_per_weight",
+           "memory_bits"]
+#: Columns of sweep files written before codecs (still readable; ``bits_per_weight`` and
+#: ``memory_bits`` are NaN / -1 there).
+OLD_COLUMNS = COLUMNS[:8]
+
+#: Suffix of the sidecar that records what defines the sweep in ``<out>`` (``<out>.meta.json``).
+META_SUFFIX = ".meta.json"
+_META_FORMAT = "bnn_tol.sweep"
+_HEADER = ",".join(COLUMNS)
+_OLD_HEADER = ",".join(OLD_COLUMNS)
+_FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr", "bits_per_weight")
+_INT_COLS = ("map", "seed", "memory_bits")
+_UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
+_KEY = ["model", "p01", "p10", "map", "seed"]
+
+
+def meta_path(out) -> Path:
+    """The sidecar ``<out>.meta.json`` of sweep CSV ``out``."""
+    return Path(os.fspath(out) + META_SUFFIX)
+
+
+def settings(models: dict, data: BNNDataset, layers, targets: tuple) -> dict:
+    """What defines a sweep's rows besides (model, BER, map, seed): engine, device and batch
+    size do not (every engine is exact)."""
+    return {
+        "models": {str(lb): {"digest": model_digest(m), "layers": list(select_layers(m, layers))}
+                   for lb, m in models.items()},
+        "dataset": {"name": str(data.name), "split": str(data.split), "n_samples": len(data),
+                    "digest": data_digest(data)},
+        "targets": sorted(targets),
+    }
+
+
+def _write_meta(out, settings: dict) -> None:
+    """Write the sidecar atomically (temporary file in the same directory, fsync, rename)."""
+    text = json.dumps({"format": _META_FORMAT, "version": 1, "columns": COLUMNS,
+                       "settings": settings, "provenance": environment()}, indent=2)
+    write_text(meta_path(out), text, fsync=True)
+
+
+def _read_meta(out) -> dict:
+    """The sidecar's settings; ``ResultsMismatch`` if ``out`` has no valid sidecar of ours."""
+    path = meta_path(out)
+    why = None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+            why = f"its sidecar {path.name} is not a bnn_tol sweep sidecar"
+        elif meta.get("version") != 1:
+            why = f"its sidecar {path.name} has unknown version {meta.get('version')!r}"
+    except FileNotFoundError:
+        why = f"its sidecar {path.name} is missing (every bnn_tol sweep writes one)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"its sidecar {path.name} is unreadable ({type(e).__name__})"
+    if why:
+        raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: {why}; it was "
+                              "left untouched, use another --out")
+    return meta["settings"]
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between recorded and current settings (models of ``new``
+    that the file does not know yet are not a difference: they are added)."""
+    diffs = []
+    od, nd = old.get("dataset", {}), new["dataset"]
+    for k in ("name", "split", "n_samples"):
+        if od.get(k) != nd[k]:
+            diffs.append(f"dataset {k}={od.get(k)!r}, now {k}={nd[k]!r}")
+    if not diffs and od.get("digest") != nd["digest"]:
+        diffs.append("other test images or labels (same name and size, different sha256)")
+    if old.get("targets") != new["targets"]:
+        diffs.append(f"targets={old.get('targets')}, now targets={new['targets']}")
+    for lb, m in new["models"].items():
+        o = old.get("models", {}).get(lb)
+        if o is None:
+            continue
+        if o.get("digest") != m["digest"]:
+            diffs.append(f"model {lb!r} with weights sha256 {str(o.get('digest'))[:12]}..., "
+                         f"now {m['digest'][:12]}... (retrained or another checkpoint)")
+        if o.get("layers") != m["layers"]:
+            diffs.append(f"model {lb!r} with faulty layers={o.get('layers')}, "
+                         f"now layers={m['layers']}")
+    return diffs
+
+
+def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
+    """Validate a whole sweep CSV (``raw`` bytes) and return its rows (see :func:`read_sweep`)."""
+    def bad(why: str) -> ResultsMismatch:
+        return ResultsMismatch(f"{path} {why}")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("is not a sweep CSV (not UTF-8 text)") from None
+    if not text.strip():
+        raise bad("is empty: not a sweep CSV")
+    lines = text.split("\n")
+    first = lines[0].rstrip("\r")
+    if first not in (_HEADER, _OLD_HEADER):
+        raise bad(f"is not a sweep CSV: its header is {first[:100]!r}, expected {_HEADER!r}")
+    header = first
+    if lines[-1] != "":
+        raise bad("ends in a partial line (an interrupted sweep): continue it with --resume "
+                  "(resume=True) before reading it")
+    for n, line in enumerate(lines[1:-1], start=2):
+        if line.rstrip("\r") in (_HEADER, _OLD_HEADER):
+            raise bad(f"has a second header at line {n} (two sweeps wrote into it)")
+    try:
+        df = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise bad(f"is not a valid sweep CSV ({msg})") from None
+
+    def convert(col: str, cast) -> list:
+        out = []
+        for n, v in enumerate(df[col], start=2):
+            try:
+                x = cast(v)
+            except (TypeError, ValueError):
+                raise bad(f"line {n}: {col}={v!r} is not a number") from None
+            if cast is float and not (math.isfinite(x) and (col in _UNBOUNDED or 0.0 <= x <= 1.0)):
+                raise bad(f"line {n}: {col}={v!r} is out of range")
+            out.append(x)
+        return out
+
+    res = pd.DataFrame({"model": df["model"].astype(str)})
+    for col in COLUMNS[1:]:
+        if header == _OLD_HEADER and col not in OLD_COLUMNS:  # written before codecs
+            res[col] = -1 if col in _INT_COLS else math.nan
+            continue
+        res[col] = convert(col, int if col in _INT_COLS else float)
+    res = res.astype({c: "int64" for c in _INT_COLS} | {c: "float64" for c in _FLOAT_COLS})
+    dup = res.duplicated(_KEY)
+    if dup.any():
+        n = int(np.flatnonzero(dup.to_numpy())[0]) + 2
+        raise bad(f"line {n} repeats the key (model, p01, p10, map, seed) of an earlier row "
+                  "(two sweeps wrote into it)")
+    return res[COLUMNS]
+
+
+def read_sweep(path) -> pd.DataFrame:
+    """Read and validate a sweep CSV written by :func:`sweep` (``out=``).
+
+    Accepts only a complete file: the exact header (:data:`COLUMNS`, or :data:`OLD_COLUMNS` of
+    files written before codecs) once, every row complete and newline-terminated, numeric
+    columns finite (rates and accuracies in [0, 1], ``map``/``seed``/``memory_bits``
+    integers), no key ``(model, p01, p10, map, seed)`` twice.
+
+    Returns:
+        One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``seed`` int64).
+
+    Raises:
+        ResultsMismatch: anything less than a valid sweep CSV (one line naming the problem).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ResultsMismatch(f"{path}: cannot read the sweep CSV ({e.strerror})") from None
+    return _parse_sweep(raw, path)
+
+
+class SweepFile:
+    """``out`` opened for appending under an exclusive, non-blocking ``flock`` held for the
+    whole sweep; a second writer gets :class:`FileInUse`. Nothing in an existing file is
+    touched before it is recognized as ours (sidecar + exact header + same settings)."""
+
+    def __init__(self, out, *, resume: bool) -> None:
+        self.path = Path(os.fspath(out))
+        if self.path.exists() and self.path.stat().st_size > 0 and not resume:
+            raise InvalidArgument(f"{out} exists: pass resume=True (--resume) to continue that "
+                                  "sweep, or choose another file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()
+        self.fh = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise FileInUse(f"{out} is in use by another sweep (it holds the file's lock); wait "
+                            "for it to finish or use another --out") from None
+        self.wrote_meta = False
+
+    def open_rows(self, settings: dict) -> pd.DataFrame:
+        """Recognize, compare and repair the existing rows (empty frame for a new file)."""
+        if self.path.stat().st_size == 0:
+            _write_meta(self.path, settings)
+            self.wrote_meta = True
+            return pd.DataFrame(columns=COLUMNS)
+        old = _read_meta(self.path)
+        with open(self.path, "rb") as fh:
+            raw = fh.read()
+        if raw.split(b"\n", 1)[0].rstrip(b"\r") == _OLD_HEADER.encode():
+            raise ResultsMismatch(f"{self.path} was written by an older bnn_tol (no "
+                                  "bits_per_weight/memory_bits columns); it was left untouched, "
+                                  "use another --out (read_sweep still reads it)")
+        if raw.split(b"\n", 1)[0].rstrip(b"\r") != _HEADER.encode():
+            raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
+                                  "first line is not the sweep header; it was left untouched, "
+                                  "use another --out")
+        diffs = _differences(old, settings)
+        if diffs:
+            raise ResultsMismatch(f"{self.path} was made with {'; '.join(diffs)}; use another "
+                                  "--out for these settings")
+        if not raw.endswith(b"\n"):  # ours, torn by a killed writer: drop the partial line
+            cut = raw.rfind(b"\n") + 1
+            os.ftruncate(self.fh.fileno(), cut)
+            raw = raw[:cut]
+        rows = _parse_sweep(raw, self.path)
+        new = {lb: m for lb, m in settings["models"].items() if lb not in old["models"]}
+        if new:
+            _write_meta(self.path, {**old, "models": {**old["models"], **new}})
+        return rows
+
+    def append(self, rows: list[dict]) -> None:
+        """Append rows (with the header if the file is empty) in one write, flush + fsync: a
+        crash leaves at most a torn last line, which :meth:`open_rows` repairs."""
+        buf = _io.StringIO()
+        header = os.fstat(self.fh.fileno()).st_size == 0
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(buf, header=header, index=False,
+                                                   float_format="%.17g", lineterminator="\n")
+        self.fh.write(buf.getvalue().encode("utf-8"))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        """Release the lock; a file this sweep created but never wrote a row to is removed."""
+        try:
+            if self.created and os.fstat(self.fh.fileno()).st_size == 0:
+                self.path.unlink(missing_ok=True)
+                if self.wrote_meta:
+                    meta_path(self.path).unlink(missing_ok=True)
+        finally:
+            self.fh.close()
+

@@ -1,0 +1,1 @@
+"""Interop: how models come in (checkpoints, adapt, ONNX) and go out (export, deploy)."""
