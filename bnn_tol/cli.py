@@ -6,6 +6,8 @@ Sub-commands: ``train``, ``sweep``, ``metrics``, ``plot ...``, ``study``, ``repo
 from __future__ import annotations
 
 import json
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -266,7 +268,6 @@ def _parse_bers(text: str) -> list:
     and STOP itself despite float rounding (``0:0.1:0.01`` has 11 points, the last 0.1).
     Every BER must be finite and in [0, 1]; at most :data:`MAX_BERS` points.
     """
-    import math
 
     text = text.replace(" ", "")
     usage = "use START:STOP:STEP, a list p1,p2,... or p01/p10 pairs"
@@ -593,7 +594,6 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
 
     Writes environment.json (versions, commit, CPU, threads) and the command that
     reproduces the run."""
-    import shlex
 
     from bnn_tol.study import report as report_mod
     from bnn_tol.study import runner as study_mod

@@ -1,12 +1,13 @@
 """Datasets without torchvision: IDX files (MNIST, Fashion-MNIST, KMNIST), CIFAR-10 python
 batches, and scikit-learn's ``digits`` as a tiny built-in set.
 
-Images are kept as ``uint8`` ``(N, C, H, W)`` tensors; batches are converted to float with
+Images are kept as ``uint8`` ``(N, C, H, W)`` tensors; batches are converted to float on the
+library's input grid :data:`INPUT` (the one place it is defined),
 
-    x = (p - 128) / 128       p in {0, ..., 255}
+    x = (p - offset) / scale = (p - 128) / 128       p in {0, ..., 255},
 
 a dyadic scaling: first-layer sums of up to 2^16 terms ``+-x`` are exact in float32 in any
-summation order, and ``p - 128`` fits in int8 for integer kernels.
+summation order, and ``q = p - 128`` fits in int8 for integer kernels.
 
 >>> train = load("fashion-mnist", "train")          # doctest: +SKIP
 >>> x, y = next(train.batches(256, shuffle=True, seed=0))  # doctest: +SKIP
@@ -19,6 +20,7 @@ import os
 import pickle
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ from bnn_tol.exceptions import BnnTolError, InvalidArgument, require_int
 
 __all__ = [
     "BNNDataset",
-    "INPUT_SCALE",
+    "InputGrid",
+    "INPUT",
     "DatasetNotFound",
     "CorruptDataset",
     "load",
@@ -62,13 +65,49 @@ class CorruptDataset(BnnTolError, ValueError):
     """A dataset file exists but is truncated or malformed."""
 
 
-#: Pixels enter models as ``(p - INPUT_SCALE) / INPUT_SCALE``: a dyadic grid of step 1/128.
-INPUT_SCALE = 128
+@dataclass(frozen=True)
+class InputGrid:
+    """How ``uint8`` pixels ``p`` enter a model: ``x = (p - offset) / scale``.
+
+    ``q = p - offset`` is the integer input of the integer engines and of the deploy bundle;
+    a first layer of +-1 weights then has pre-activations on the grid ``a = k / scale`` with
+    the integer ``k = sum_i w_i q_i`` (its folded threshold lives on that grid, see
+    :attr:`bnn_tol.core.compiled.Stage.scale`).
+
+    Attributes:
+        offset: subtracted from the pixel (``q = p - offset``).
+        scale: a power of two, so ``x`` is exact in float32 and sums of ``+-x`` are exact.
+    """
+
+    offset: int
+    scale: int
+
+    @property
+    def q_max(self) -> int:
+        """The largest ``|q|`` of a pixel in ``0..255``: bounds ``|k| <= q_max fan_in``."""
+        return max(self.offset, 255 - self.offset)
+
+    def to_float(self, images: Tensor) -> Tensor:
+        """``uint8`` pixels, any shape -> float32 ``(p - offset) / scale``."""
+        return (images.to(torch.float32) - float(self.offset)) / float(self.scale)
+
+    def to_int(self, images: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
+        """``uint8`` pixels, any shape -> the integers ``q = p - offset`` (``dtype``)."""
+        return images.to(dtype) - self.offset
+
+    def describe(self) -> str:
+        """The transform in words (written into export manifests)."""
+        return (f"q = p - {self.offset} (int); the float model sees "
+                f"(p - {self.offset}) / {self.scale}")
+
+
+#: The library's input grid: ``x = (p - 128) / 128`` in ``[-1, 0.9921875]``, step 1/128.
+INPUT = InputGrid(offset=128, scale=128)
 
 
 def to_float(images: Tensor) -> Tensor:
-    """``uint8`` pixels ``(N, C, H, W)`` -> float32 ``(p - 128) / 128`` in ``[-1, 0.9921875]``."""
-    return (images.to(torch.float32) - float(INPUT_SCALE)) / float(INPUT_SCALE)
+    """``uint8`` pixels ``(N, C, H, W)`` -> float32 on the input grid :data:`INPUT`."""
+    return INPUT.to_float(images)
 
 
 class BNNDataset(Dataset):

@@ -11,6 +11,8 @@ The concrete types also derive from the built-in type a caller would expect
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = ["BnnTolError", "InvalidArgument", "ResultsMismatch", "FileInUse", "require_int"]
 
 
@@ -37,8 +39,6 @@ def require_int(value: object, name: str, *, minimum: int | None = None,
     ``numpy`` integers and (unless ``strict``) integral floats such as ``2.0`` are accepted;
     ``1.5``, ``True``, ``"3"`` and ``None`` raise :class:`InvalidArgument` naming ``name``.
     """
-    import numbers
-
     ok = isinstance(value, numbers.Integral) or (
         not strict and isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not ok:

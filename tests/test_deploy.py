@@ -205,3 +205,30 @@ def test_fashion_mnist_onnx_and_adapted_copy_agree_on_all_test_images(tmp_path):
     user = nn.Sequential(*seq).eval()
     adapted = bnn_tol.adapt(user, x[:256])
     assert np.array_equal(evaluate.predict(adapted, te).numpy(), ref)
+
+
+def test_deploy_reads_the_input_grid_from_the_manifest(tmp_path):
+    model = _model(*ARCHS[1])
+    imgs = _images(200).clamp(max=254)
+    b = bnn_tol.export(model, tmp_path / "b")
+    ref = deploy.predict(b, imgs.numpy())
+    man = json.loads((b / "manifest.json").read_text())
+    assert (man["input"]["offset"], man["input"]["scale"]) == (128, 128)
+    # offset 129 with pixels p + 1 gives the same integers q: the same predictions
+    man["input"]["offset"] = 129
+    (b / "manifest.json").write_text(json.dumps(man))
+    assert np.array_equal(deploy.predict(b, (imgs + 1).numpy()), ref)
+    assert not np.array_equal(deploy.predict(b, imgs.numpy()), ref)
+    # bundles of the previous release state the transform only in words
+    del man["input"]["offset"], man["input"]["scale"]
+    man["input"]["transform"] = "q = p - 128 (int); the float model sees (p - 128) / 128"
+    (b / "manifest.json").write_text(json.dumps(man))
+    assert np.array_equal(deploy.predict(b, imgs.numpy()), ref)
+    man["input"]["transform"] = "x = p / 255"
+    (b / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(deploy.DeployError, match="no input offset"):
+        deploy.predict(b, imgs.numpy())
+    man["input"].update(offset=128, scale=64)
+    (b / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(deploy.DeployError, match="inconsistent"):
+        deploy.predict(b, imgs.numpy())

@@ -268,7 +268,7 @@ def _per_image_values(model, ds):
             dims = tuple(range(2, a.dim()))
             v = m.mean(dims) if dims else m
             h = half.mean(dims) if dims else half
-            out[k] = (v.numpy(), h.numpy(), info.scale.numpy(), info.fan_in,
+            out[k] = (v.numpy(), h.numpy(), info.bn_scale.numpy(), info.fan_in,
                       (info.direction != 0).numpy(), int(np.prod(a.shape[2:])))
             x = model.blocks[k](x)
     return out

@@ -69,11 +69,11 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     a = F.conv2d(x, w, padding=pad).numpy().astype(np.int64)  # (B, O, Ho, Wo)
     from bnn_tol.engines.packed import _Layout
 
-    class St:  # the few stage facts a layout reads
-        conv, pool, k, wb = True, None, 1, w
-        block = torch.nn.Module()
+    class St:  # the few compiled-stage facts a layout reads
+        conv, pool, index, wb, kernel, padding = True, None, 1, w, (k, k), (pad, pad)
+        in_shape = (c_in, hw, hw)
+        preact_shape = (c_out, hw + 2 * pad - k + 1, hw + 2 * pad - k + 1)
 
-    St.block.layer = torch.nn.Conv2d(c_in, c_out, k, padding=pad)
     lay = _Layout(St, (c_in, hw, hw))
     w_t = lay.pack(w)
     d, t, const = _rule(c_out, 5)

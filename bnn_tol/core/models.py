@@ -14,6 +14,7 @@ block sees real-valued inputs (pixels scaled to ``(p - 128) / 128``), all others
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -177,7 +178,6 @@ def build(name: str, *, seed: int = 0, **kwargs: Any) -> BNN:
         InvalidArgument: unknown name (listing the known ones), an option the factory does not
             take (listing those it takes), a non-integer or negative ``seed``, or a bad width.
     """
-    import inspect
 
     if not isinstance(name, str) or name.lower().replace("-", "_") not in _REGISTRY:
         raise InvalidArgument(f"unknown model {name!r}; available: {', '.join(available())}")

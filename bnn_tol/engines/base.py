@@ -196,7 +196,8 @@ class SignEngine(Engine):
 
     def __init__(self, model, data, **kw) -> None:
         super().__init__(model, data, **kw)
-        self.stages = check_bnn(model, what="this sweep engine").stages
+        self.cm = check_bnn(model, what="this sweep engine")
+        self.stages = self.cm.stages
         self.index = {st.name: st.index for st in self.stages}
         # the output BatchNorm where the engine computes (eval mode)
         self.out_bn = copy.deepcopy(self.stages[-1].block.bn).to(self.device).eval()
@@ -209,15 +210,6 @@ class SignEngine(Engine):
     def by_index(self, flips: FlipSet) -> dict[int, Tensor]:
         """A flip set keyed by stage index (what the kernels address)."""
         return {self.index[name]: idx for name, idx in flips.items()}
-
-    def _max_width(self) -> int:
-        x = torch.zeros(1, *self.data.shape)
-        widths = [x.numel()]
-        with torch.no_grad():
-            for block in self.model.blocks:
-                x = _cpu_block(block, x)
-                widths.append(x.numel())
-        return max(widths)
 
     def flips(self, fmap, p01, p10):  # noqa: D102
         return {self.stages[k].name: fmap[self.stages[k].name].flips(self.stages[k].wb, p01, p10)
@@ -238,17 +230,6 @@ class SignEngine(Engine):
                 h = self._prefix_of(self._input(imgs[i: i + self.batch_size]))
                 self._prefix.append((h, labels[i: i + self.batch_size].to(self.device)))
         return self._prefix
-
-
-def _cpu_block(block: nn.Module, x: Tensor) -> Tensor:
-    """Shape probe: run a copy-free block on a CPU zero input (weights may live on CUDA)."""
-    p = next(block.parameters())
-    was = block.training
-    block.eval()
-    try:
-        return block(x.to(p.device)).cpu()
-    finally:
-        block.train(was)
 
 
 def fp32_prefix(stages, x: Tensor, ws: list[Tensor], stop: int) -> Tensor:

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from bnn_tol.core.compiled import Stage
 from bnn_tol.core.layers import apply_folded
-from bnn_tol.data import to_float
 from bnn_tol.engines.base import MEMORY_BUDGET, SignEngine, fp32_prefix, register_engine
 
 __all__ = ["Fp32Engine"]
@@ -91,11 +90,11 @@ class Fp32Engine(SignEngine):
         super().__init__(model, data, batch_size=batch_size, maps_per_step=maps_per_step or 8,
                          **kw)
         self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET //
-                                                    (self._max_width() * 12 * self.g)))
+                                                    (self.cm.max_width * 12 * self.g)))
         self.w_dev = [st.wb.to(self.device) for st in self.stages]
 
     def _input(self, images):  # noqa: D102
-        return to_float(images.to(self.device))
+        return self.cm.input.to_float(images.to(self.device))
 
     def _prefix_of(self, h):  # noqa: D102
         return fp32_prefix(self.stages, h, self.w_dev, self.start) if self.start > 0 else h

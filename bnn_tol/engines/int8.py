@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from bnn_tol.core.compiled import Stage
 from bnn_tol.core.kernels import serial
-from bnn_tol.data import INPUT_SCALE
+from bnn_tol.data import InputGrid
 from bnn_tol.engines.base import SignEngine, register_engine
 from bnn_tol.provenance import has_cpu_flag
 
@@ -47,16 +47,18 @@ class _Int8Net:
     """Exact integer evaluation of an all-linear BNN with ``torch._int_mm``.
 
     Activations are kept neuron-major ``(features, B)``. The first layer multiplies int8
-    ``q = p - 128`` (so ``128 a = W q`` exactly); hidden outputs are stored as bits
-    ``b = (h + 1) / 2`` in {0, 1}, so the next pre-activation is ``a = 2 W b - rowsum(W)``.
+    ``q = p - offset`` (so ``scale a = W q`` exactly, on the input grid ``grid``); hidden
+    outputs are stored as bits ``b = (h + 1) / 2`` in {0, 1}, so the next pre-activation is
+    ``a = 2 W b - rowsum(W)``.
     Rows of ``W`` are multiplied by the BN direction ``d`` so that every comparator reads
     ``W_d b >= ceil((t_d + rowsum(W_d)) / 2)`` (``t_d = d t``; dead neurons: zero row,
     ``t_d = 0`` for constant +1 and ``1`` for constant -1). The last layer feeds the exact
     ``a`` to the model's float BatchNorm and takes ``argmax``: bit-identical to ``model(x)``.
     """
 
-    def __init__(self, stages: list[Stage], out_bn: nn.Module, device: torch.device) -> None:
-        self.stages, self.out_bn, self.device = stages, out_bn, device
+    def __init__(self, stages: list[Stage], out_bn: nn.Module, grid: InputGrid,
+                 device: torch.device) -> None:
+        self.stages, self.out_bn, self.grid, self.device = stages, out_bn, grid, device
         self.w: list[Tensor] = []  # direction-folded int8 weights (out, in) on device
         self.t: list[Tensor | None] = []  # folded integer thresholds (out,) int64
         self.s: list[Tensor] = []  # row sums of self.w, int64
@@ -110,8 +112,8 @@ class _Int8Net:
             ws[k] = w.to(self.device)
 
     def input(self, images: Tensor) -> Tensor:
-        """uint8 ``(B, C, H, W)`` -> int8 ``q = p - 128`` neuron-major ``(C H W, B)``."""
-        q = (images.reshape(images.shape[0], -1).to(torch.int16) - INPUT_SCALE).to(torch.int8)
+        """uint8 ``(B, C, H, W)`` -> int8 ``q = p - offset`` neuron-major ``(C H W, B)``."""
+        q = self.grid.to_int(images.reshape(images.shape[0], -1), torch.int16).to(torch.int8)
         return q.t().contiguous().to(self.device)
 
     def run(self, h: Tensor, start: int, ws: list[Tensor], cs: list[Tensor]) -> Tensor:
@@ -128,7 +130,7 @@ class _Int8Net:
             return (r >= c).view(torch.int8)
         with serial():  # (B, n_classes): tiny
             a = r.t().contiguous().to(torch.float64)
-            a = a / float(INPUT_SCALE) if k == 0 else 2.0 * a - c
+            a = a / float(st.scale) if k == 0 else 2.0 * a - c
             return self.out_bn(a.to(torch.float32)).argmax(1)
 
 
@@ -147,6 +149,9 @@ class Int8Engine(SignEngine):
             return why
         if not (cm.all_linear and int8_available(device)):
             return "it needs an all-linear model (fc) on CPU; use 'fp32'"
+        lim = torch.iinfo(torch.int8)
+        if not lim.min <= -cm.input.offset <= 255 - cm.input.offset <= lim.max:
+            return f"its input integers q = p - {cm.input.offset} do not fit int8"
         return None
 
     @classmethod
@@ -161,7 +166,7 @@ class Int8Engine(SignEngine):
         widest = max(st.wb.shape[0] for st in self.stages)
         self.batch_size = batch_size or max(256, min(len(data), INT8_CHUNK_BYTES //
                                                      (4 * widest) // 64 * 64))
-        self.net = _Int8Net(self.stages, self.out_bn, self.device)
+        self.net = _Int8Net(self.stages, self.out_bn, self.cm.input, self.device)
         self._clean_wc = self.net.clean()
 
     def _input(self, images):  # noqa: D102

@@ -3,7 +3,7 @@
 :class:`PackedNet` holds a BNN's stages as packed ``uint64`` words (:mod:`bnn_tol.kernels`) and
 evaluates faulty copies of it without a float model:
 
-- the first stage sees integer pixels ``q = p - INPUT_SCALE`` and runs as a float32 conv/GEMM on
+- the first stage sees integer pixels ``q = p - offset`` and runs as a float32 conv/GEMM on
   ``q`` (every partial sum is an integer below ``2^24``, so any summation order is exact; float64
   when the fan-in could reach ``2^24``), compared with the folded integer threshold;
 - every later stage sees +-1 bits: ``a = n - 2 popcount(w XOR x)``, compared with the folded
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bnn_tol.core import kernels
-from bnn_tol.data import INPUT_SCALE, to_float
+from bnn_tol.core.compiled import CompiledModel
 from bnn_tol.engines import int8
 from bnn_tol.engines.base import MEMORY_BUDGET, SignEngine, fp32_prefix, register_engine
 
@@ -42,7 +42,9 @@ _EXACT_F32 = 2**24
 
 
 class _Layout:
-    """Where stage ``k``'s weights and activations live in the packed words.
+    """Where stage ``k``'s weights and activations live in the packed words (the geometry
+    itself is the compiled stage's: :attr:`~bnn_tol.core.compiled.Stage.in_shape`,
+    ``preact_shape``, ``kernel``, ``padding``).
 
     Attributes:
         conv: a convolution (activations ``(B, H, W, nw)``) or linear (``(B, nw)``).
@@ -53,30 +55,27 @@ class _Layout:
         out_hw: output spatial size before pooling (conv).
     """
 
-    def __init__(self, st, in_shape: tuple[int, ...]) -> None:
-        w = st.wb
+    def __init__(self, st, source: tuple[int, ...]) -> None:
         self.conv = st.conv
         self.pool = st.pool or 1
+        self.o = st.preact_shape[0]
         self.hw: tuple[int, int] | None = None
+        self.out_hw = None
         if self.conv:
-            self.o, self.c_in, self.kh, self.kw = w.shape
-            pad = st.block.layer.padding
+            self.c_in = st.in_shape[0]
+            self.kh, self.kw = st.kernel
+            pad = st.padding
             pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
             if pad[0] != pad[1] or self.kh != self.kw:
                 raise ValueError("square kernels with equal padding only")
             self.pad = int(pad[0])
-            h, wd = in_shape[-2:]
-            self.out_hw = (h + 2 * self.pad - self.kh + 1, wd + 2 * self.pad - self.kw + 1)
-            self.nw = -(-self.c_in // 64)
+            self.out_hw = tuple(st.preact_shape[1:])
+        elif len(source) == 3 and st.index > 0:  # flatten after a conv stage
+            c, h, wd = source
+            self.hw, self.c_in = (h, wd), c
         else:
-            self.o, n_in = w.shape
-            if len(in_shape) == 3 and st.index > 0:  # flatten after a conv stage
-                c, h, wd = in_shape
-                self.hw, self.c_in = (h, wd), c
-                self.nw = -(-c // 64)
-            else:
-                self.c_in, self.nw = n_in, -(-n_in // 64)
-            self.out_hw = None
+            self.c_in = st.in_shape[0]
+        self.nw = -(-self.c_in // 64)
 
     def pack(self, wb: Tensor) -> np.ndarray:
         """+-1 weights in the layer's own shape -> transposed packed words ``(K, O)``: conv
@@ -137,20 +136,19 @@ class PackedNet:
     """Packed-bit evaluation of compiled sign stages (:class:`bnn_tol.core.compiled.Stage`).
 
     Args:
-        stages: compiled sign stages (``wb`` the +-1 weights, ``folded`` for hidden ones).
+        cm: the compiled BNN (its stages' ``wb``, ``folded``, geometry; its input grid).
         out_bn: an eval-mode copy of the output BatchNorm.
-        in_shape: the model's input shape ``(C, H, W)``.
     """
 
-    def __init__(self, stages, out_bn, in_shape: tuple[int, ...]) -> None:
+    def __init__(self, cm: CompiledModel, out_bn) -> None:
         if not kernels.AVAILABLE:
             raise RuntimeError("the packed engine needs numba (pip install numba)")
+        stages, self.grid = cm.stages, cm.input
         self.stages, self.out_bn = stages, out_bn
         self.layouts: list[_Layout] = []
         self.rule: list[tuple[np.ndarray, np.ndarray] | None] = []
-        shape = tuple(in_shape)
-        for st in stages:
-            lay = _Layout(st, shape)
+        for k, st in enumerate(stages):
+            lay = _Layout(st, stages[k - 1].out_shape if k else cm.in_shape)
             self.layouts.append(lay)
             if st.hidden:
                 f = st.folded
@@ -158,14 +156,9 @@ class PackedNet:
                                                     f.t.cpu().numpy(), f.const.cpu().numpy()))
             else:
                 self.rule.append(None)
-            if lay.conv:
-                h, w = lay.out_hw
-                shape = (lay.o, h // lay.pool, w // lay.pool)
-            else:
-                shape = (lay.o,)
         fan_in = stages[0].wb[0].numel()
         # first conv: int32 numba kernel; first linear: float GEMM, exact below 2^24
-        self.first_dtype = torch.float32 if fan_in * INPUT_SCALE < _EXACT_F32 else torch.float64
+        self.first_dtype = torch.float32 if fan_in * self.grid.q_max < _EXACT_F32 else torch.float64
         self.clean = [self._stage_weights(k, st.wb) for k, st in enumerate(stages)]
 
     # -- weights ------------------------------------------------------------------------------
@@ -220,9 +213,9 @@ class PackedNet:
 
     def first_input(self, images: Tensor):
         """uint8 ``(B, C, H, W)`` -> the first stage's input: for a first conv ``q = p -
-        INPUT_SCALE`` int32 channels-last; for a first linear layer ``_FirstLinear`` (``q`` as a
+        offset`` int32 channels-last; for a first linear layer ``_FirstLinear`` (``q`` as a
         float tensor, and for a hidden one also ``q`` transposed and the clean ``W q``)."""
-        q = images.to(torch.int32) - INPUT_SCALE
+        q = self.grid.to_int(images)
         if self.layouts[0].conv:
             return np.ascontiguousarray(q.permute(0, 2, 3, 1).numpy())
         qf = q.flatten(1).to(self.first_dtype)
@@ -297,7 +290,7 @@ class PackedNet:
         """Exact output pre-activations (integers on the grid of stage ``k``) -> argmax of the
         model's BatchNorm on ``a`` in float32, as ``model(x)``."""
         if k == 0:
-            a = a / float(INPUT_SCALE)
+            a = a / float(self.stages[k].scale)
         return self.out_bn(a.to(torch.float32)).argmax(1)
 
 
@@ -336,12 +329,12 @@ class PackedEngine(SignEngine):
     def __init__(self, model, data, *, batch_size, maps_per_step, **kw) -> None:
         super().__init__(model, data, batch_size=batch_size, maps_per_step=1, **kw)
         self.batch_size = batch_size or max(64, min(len(data), MEMORY_BUDGET //
-                                                    (self._max_width() * 12)))
-        self.net = PackedNet(self.stages, self.out_bn, tuple(model.in_shape))
+                                                    (self.cm.max_width * 12)))
+        self.net = PackedNet(self.cm, self.out_bn)
         self.w_dev = [st.wb for st in self.stages]
 
     def _input(self, images):  # noqa: D102
-        return self.net.first_input(images) if self.start == 0 else to_float(images)
+        return self.net.first_input(images) if self.start == 0 else self.cm.input.to_float(images)
 
     def _prefix_of(self, h):  # noqa: D102
         if self.start == 0:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
     Raises:
         InvalidArgument: not a profile file, or invalid fields (names the field).
     """
-    import zipfile
 
     if not zipfile.is_zipfile(path):
         raise InvalidArgument(f"{path} is not a bnn_tol profile (a .npz archive); make one with "

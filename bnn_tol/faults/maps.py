@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ from bnn_tol.core.codec import (
 from bnn_tol.core.compiled import positions, stored_layers
 from bnn_tol.core.kernels import serial
 from bnn_tol.core.layers import fold_threshold
-from bnn_tol.data import INPUT_SCALE
+from bnn_tol.data import INPUT
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.seeds import derive, spawn
 
@@ -97,7 +98,6 @@ def rates(ber: BER) -> tuple[float, float]:
     Raises:
         ValueError: a rate outside ``[0, 1]``, NaN, or a tuple not of length 2.
     """
-    import numbers
 
     def num(v: object) -> float:
         if isinstance(v, bool | str | bytes) or v is None:
@@ -764,7 +764,7 @@ def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
                                   f"{block.activation}")
         if "thresholds" in targets:
             gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
-            scale = INPUT_SCALE if k == 0 else 1
+            scale = INPUT.scale if k == 0 else 1
             folded = fold_threshold(block.bn, scale=scale)
             reach = block.layer.fan_in * scale
             nb = bits or _threshold_bits(reach)

@@ -17,9 +17,10 @@ not trace), reads the chain of operations, and maps it onto the library's blocks
 * **Max-pooling before BatchNorm** (conv -> pool -> BN -> sign, BinaryNet's VGG order) equals
   the library's BN -> sign -> pool when every BN scale ``gamma`` is > 0 (a monotone BN commutes
   with max); with a ``gamma < 0`` channel it is refused.
-* **Inputs**: the adapted model takes the library's inputs ``x = (p - 128) / 128``
-  (:func:`bnn_tol.data.to_float`); the user's model must have been trained on that scaling
-  (the example must lie on that grid). Other input conventions are refused with the reason.
+* **Inputs**: the adapted model takes the library's inputs ``x = (p - offset) / scale``
+  (:data:`bnn_tol.data.INPUT`, :func:`bnn_tol.data.to_float`); the user's model must have
+  been trained on that scaling (the example must lie on that grid). Other input conventions
+  are refused with the reason.
 * **Brevitas**: ``QuantLinear``/``QuantConv2d``/``QuantIdentity`` are leaves; binary weights
   with a per-tensor scale (``alpha sign(W)``, Brevitas' default ``alpha = 0.1``) are recognized
   and ``alpha`` is folded into the following BatchNorm (``BN(alpha a) = BN'(a)`` with mean /
@@ -35,6 +36,7 @@ studies, ``io.save``/``load`` and :func:`bnn_tol.export` work on it.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 
 from bnn_tol.core.compiled import UnsupportedModel
 from bnn_tol.core.models import build
+from bnn_tol.data import INPUT
 
 __all__ = ["adapt", "AdaptError"]
 
@@ -215,7 +218,6 @@ def _fold_scale(bn: nn.Module, alpha: float) -> nn.Module:
     """``BN(alpha a) = BN'(a)``: running mean / alpha, variance and eps / alpha^2 (alpha > 0)."""
     if alpha == 1.0:
         return bn
-    import copy
 
     out = copy.deepcopy(bn)
     out.running_mean.div_(alpha)
@@ -229,8 +231,8 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
 
     Args:
         module: the user's model (eval mode is used; its state is not modified).
-        example: a batch of inputs in the library's scaling ``(p - 128) / 128``, ``(N, C, H, W)``
-            (or ``(N, features)`` with ``in_shape``).
+        example: a batch of inputs on the library's grid (:data:`bnn_tol.data.INPUT`),
+            ``(N, C, H, W)`` (or ``(N, features)`` with ``in_shape``).
         in_shape: ``(C, H, W)`` when ``example`` is flat.
         sign_zero: what the user's sign does at exactly 0 (``+1``, ``-1``, or ``0`` as
             ``torch.sign``); ``None``: refuse if a BN output of the example is exactly 0.
@@ -244,9 +246,10 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
 
     if not isinstance(example, Tensor) or example.dim() not in (2, 4) or len(example) == 0:
         raise AdaptError("example must be a non-empty batch (N, C, H, W) or (N, features)")
-    grid = example.double() * 128
-    if not torch.equal(grid, torch.round(grid)) or float(example.abs().max()) > 1.0:
-        raise AdaptError("example is not on the library's input grid (p - 128) / 128: adapt "
+    grid = example.double() * INPUT.scale
+    lo, hi = -INPUT.offset, 255 - INPUT.offset
+    if not torch.equal(grid, torch.round(grid)) or float(grid.min()) < lo or float(grid.max()) > hi:
+        raise AdaptError(f"example is not on the library's input grid {INPUT.describe()}: adapt "
                          "supports models trained on bnn_tol's input scaling "
                          "(bnn_tol.data.to_float); retrain or rescale the first layer")
     if example.dim() == 4:

@@ -165,8 +165,8 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
     manifest = {
         "format": FORMAT, "version": 1, "bnn_tol": __version__,
         "model": getattr(model, "config", {}),
-        "input": {"shape": in_shape, "dtype": "uint8",
-                  "transform": "q = p - 128 (int); the float model sees (p - 128) / 128"},
+        "input": {"shape": in_shape, "dtype": "uint8", "offset": int(cm.input.offset),
+                  "scale": int(cm.input.scale), "transform": cm.input.describe()},
         "bit_order": "row r = output neuron/channel; bit j (LSB 0) of word w of row r = weight "
                      "64 w + j of that row in torch flatten order; 1 = +1, 0 = -1; padding "
                      "bits 0; stored-bit index i = r * fan_in + c",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,28 @@ def load_bundle(path: str | os.PathLike) -> dict:
             arrays[name] = np.load(f, allow_pickle=False)
     man["arrays"] = arrays
     return man
+
+
+def _input_offset(man: dict) -> int:
+    """The pixel offset of the bundle's input grid (``q = p - offset``), checked against the
+    grid its first layer was folded on. Bundles written before ``input.offset`` existed state
+    the transform only in words (``"q = p - <offset> (int); ..."``): it is read from there."""
+    inp = man.get("input", {})
+    offset = inp.get("offset")
+    if offset is None:
+        m = re.match(r"q = p - (\d+) \(int\)", str(inp.get("transform", "")))
+        if m is None:
+            raise DeployError("the bundle's manifest states no input offset (input.offset)")
+        offset = int(m.group(1))
+    if not isinstance(offset, int) or not 0 <= offset <= 255:
+        raise DeployError(f"the bundle's input offset {offset!r} is not a pixel value 0..255")
+    scales = [e.get("input_scale") for e in man.get("layers", [])]
+    if "scale" in inp and scales and scales[0] != inp["scale"]:
+        raise DeployError(f"the first layer was folded on the grid 1/{scales[0]} but the input "
+                          f"grid is 1/{inp['scale']}: an inconsistent manifest")
+    if any(s != 1 for s in scales[1:]):
+        raise DeployError("layers after the first must see +-1 inputs (input_scale 1)")
+    return offset
 
 
 def memory_image(bundle) -> dict[str, np.ndarray]:
@@ -134,7 +157,7 @@ def _compare(a: np.ndarray, t, d, const) -> np.ndarray:
 def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     arr = man["arrays"]
     n = images.shape[0]
-    x: np.ndarray = images.astype(np.int64) - 128  # first block: integer inputs q
+    x: np.ndarray = images.astype(np.int64) - _input_offset(man)  # first block: integers q
     first = True
     layers = man["layers"]
     for e in layers:
@@ -144,7 +167,7 @@ def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> n
             if e["flatten"] or x.ndim > 2:
                 x = x.reshape(n, -1)
             if first:
-                a = _int_matmul(x, _unpack_pm1(w, fan_in))  # (N, rows) = 128 a
+                a = _int_matmul(x, _unpack_pm1(w, fan_in))  # (N, rows) = k = scale a
             else:
                 xb = _pack(x > 0)  # (N, words)
                 diff = np.zeros((n, e["rows"]), dtype=np.int64)
@@ -182,8 +205,8 @@ def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> n
 
 
 def _int_matmul(q: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``q @ w.T`` for integer pixels ``|q| <= 128`` and +-1 weights, exactly: every partial sum
-    is an integer below ``128 fan_in < 2^53``, so float64 BLAS is exact; int64 result."""
+    """``q @ w.T`` for integer pixels ``|q| <= 255`` and +-1 weights, exactly: every partial sum
+    is an integer below ``255 fan_in < 2^53``, so float64 BLAS is exact; int64 result."""
     return np.rint(q.astype(np.float64) @ w.T.astype(np.float64)).astype(np.int64)
 
 

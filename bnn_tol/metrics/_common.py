@@ -1,4 +1,5 @@
-"""Shared plumbing of the metrics: model/data validation, per-layer constants, clean forward.
+"""Shared plumbing of the metrics: model/data validation and the compiled view they read
+(per-layer constants live on :class:`bnn_tol.core.compiled.Stage`).
 
 Private: the public functions live in :mod:`.margin`, :mod:`.importance`, :mod:`.flipprob`.
 """
@@ -6,19 +7,12 @@ Private: the public functions live in :mod:`.margin`, :mod:`.importance`, :mod:`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.core.compiled import check_bnn
-from bnn_tol.core.layers import (
-    BinaryConv2d,
-    BinaryLinear,
-    FoldedThreshold,
-    bn_threshold,
-    fold_threshold,
-)
+from bnn_tol.core.compiled import CompiledModel, Stage, check_bnn
+from bnn_tol.core.layers import BinaryConv2d, BinaryLinear
 from bnn_tol.core.models import check_data as check_model_data
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
@@ -27,68 +21,29 @@ from bnn_tol.exceptions import InvalidArgument
 MAX_HIST = 2**27
 
 
-@dataclass
-class LayerInfo:
-    """Constants of one hidden block ``k`` (a binary layer followed by BN and sign).
-
-    Attributes:
-        index: block index ``k`` (``layer_index`` in the tables).
-        name: qualified name of the binary layer (``"blocks.0.layer"``).
-        kind: ``"first"`` (real-valued inputs) or ``"hidden"`` ({-1, +1} inputs).
-        conv: the layer is a :class:`BinaryConv2d`.
-        fan_in: weights per output unit (conv: ``C_in * kh * kw``, the full kernel).
-        tau: ``(C,)`` float64 real BN threshold (nan for dead neurons).
-        direction: ``(C,)`` int8 in {+1, -1, 0}.
-        scale: ``(C,)`` float64 ``|gamma| / sqrt(s2 + eps)`` (BN-scaled margin factor).
-        folded: integer comparator equal to the float BN + sign (hidden layers).
-    """
-
-    index: int
-    name: str
-    block: nn.Module
-    kind: str
-    conv: bool
-    fan_in: int
-    tau: Tensor
-    direction: Tensor
-    scale: Tensor
-    folded: FoldedThreshold
-
-
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The blocks of a BNN, validated by :func:`bnn_tol.compiled.check_bnn` (sign weights and
-    activations, BatchNorm with running statistics after every layer).
+def compiled(model: nn.Module) -> CompiledModel:
+    """The compiled view of a BNN the metrics read (:func:`bnn_tol.core.compiled.check_bnn`:
+    sign weights and activations, BatchNorm with running statistics after every layer).
 
     Raises:
         UnsupportedModel: naming the first block that does not fit, and why.
     """
-    return [s.block for s in check_bnn(model, what="each tolerance metric").stages]
+    return check_bnn(model, what="each tolerance metric")
 
 
-def layer_names(model: nn.Module) -> dict[int, str]:
-    """``id(layer) -> qualified name`` for every module of ``model``."""
-    return {id(m): n for n, m in model.named_modules()}
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a BNN, validated by :func:`compiled`."""
+    return [s.block for s in compiled(model).stages]
 
 
-def hidden_layers(model: nn.Module) -> list[LayerInfo]:
-    """:class:`LayerInfo` of every hidden block (all blocks but the last), from the compiled
-    view (:mod:`bnn_tol.compiled`).
+def hidden_layers(model: nn.Module) -> list[Stage]:
+    """The compiled hidden stages (all blocks but the last): each carries ``tau``,
+    ``direction``, ``bn_scale`` and the folded comparator on its grid.
 
     Raises:
-        UnsupportedModel: see :func:`blocks_of`.
+        UnsupportedModel: see :func:`compiled`.
     """
-    out = []
-    for s in check_bnn(model, what="each tolerance metric").stages:
-        if not s.hidden:
-            continue
-        bn = s.block.bn
-        thr = bn_threshold(bn)
-        gamma = (bn.weight.detach().double().cpu() if bn.weight is not None
-                 else torch.ones(bn.num_features, dtype=torch.float64))
-        scale = gamma.abs() / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps)
-        out.append(LayerInfo(s.index, s.name, s.block, s.kind, s.conv, s.fan_in, thr.tau,
-                             thr.direction, scale, fold_threshold(bn)))
-    return out
+    return compiled(model).hidden
 
 
 def check_data(model: nn.Module, data: BNNDataset) -> None:
@@ -100,8 +55,8 @@ def check_data(model: nn.Module, data: BNNDataset) -> None:
         raise InvalidArgument(f"dataset {data.name!r} is empty: the metrics average over samples, "
                          "pass at least one sample")
     check_model_data(model, data)
-    blocks = blocks_of(model)
-    name = layer_names(model).get(id(blocks[0].layer), "blocks.0.layer")
+    first = compiled(model).stages[0]
+    blocks, name = [first.block], first.name
     expected = None
     try:
         expected = tuple(model.in_shape)

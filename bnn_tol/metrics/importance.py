@@ -79,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_tol.core.compiled import eval_mode
+from bnn_tol.core.compiled import Stage, eval_mode
 from bnn_tol.core.layers import BinaryConv2d, apply_folded
 from bnn_tol.data import BNNDataset
 from bnn_tol.engines import int8
@@ -87,7 +87,6 @@ from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.maps import flip_binary, rates
 from bnn_tol.faults.seeds import spawn
 from bnn_tol.metrics._common import (
-    LayerInfo,
     binary_weight,
     blocks_of,
     check_data,
@@ -279,7 +278,7 @@ def _pm_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _near_threshold_logits(blocks, l: int, cache, u: Tensor, cols: Tensor,
-                           info_next: LayerInfo, w1: Tensor, w2: Tensor) -> Tensor:
+                           info_next: Stage, w1: Tensor, w2: Tensor) -> Tensor:
     """Case 2 of the module doc: logits ``(B, C_out, J)`` for ``u = delta / 2`` ``(B, J)``."""
     xs, as_, hs = cache
     a1, h1 = as_[l + 1], hs[l + 1]
@@ -312,7 +311,7 @@ def _chunk_size(blocks, l: int, cache, n_cols: int, fast: bool) -> int:
 
 def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
                     delta: Tensor | None = None, *, cols: Tensor | None = None,
-                    cache=None, infos: dict[int, LayerInfo] | None = None):
+                    cache=None, infos: dict[int, Stage] | None = None):
     """Logits with each channel of block ``layer_index``'s output perturbed alone.
 
     Yields ``(cols_chunk, z')`` with ``z'`` of shape ``(B, C_out, J)``: ``z'[:, :, i]`` are

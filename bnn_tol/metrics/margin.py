@@ -56,14 +56,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnn_tol.core import kernels
-from bnn_tol.core.compiled import eval_mode
+from bnn_tol.core.compiled import Stage, eval_mode
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.metrics._common import (
     MAX_HIST,
-    LayerInfo,
-    blocks_of,
     check_data,
+    compiled,
     device_of,
     hidden_layers,
     run_block,
@@ -82,8 +81,6 @@ MARGIN_COLUMNS = ["layer", "layer_index", "kind", "neuron", "fan_in", "tau", "di
                   *[f"cov_layer_{s}" for s in _SE_STATS],
                   *[f"cov_network_{s}" for s in _SE_STATS]]
 
-#: Data quantum of :func:`bnn_tol.data.to_float`: inputs are multiples of 1/128 in [-1, 1).
-_QUANTUM = 1.0 / 128.0
 
 
 #: Per-image aggregate series (see :func:`margin`) that a layer's base values ``v_nj`` are
@@ -155,7 +152,7 @@ class LayerStats:
     for linear layers); only the occupied bin range ``k0 .. k0 + len(hist) - 1`` is kept.
     """
 
-    info: LayerInfo
+    info: Stage
     lo: float
     w: float
     n_bins: int
@@ -198,7 +195,7 @@ def _neff_map(layer: nn.Conv2d, hw: tuple[int, int], device) -> Tensor:
     return (taps[0, 0].round().to(torch.int64) * layer.in_channels)
 
 
-def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
+def _init_stats(info: Stage, a: Tensor, x: Tensor, max_bins: int,
                 per_position: bool) -> LayerStats:
     dev = a.device
     c = a.shape[1]
@@ -218,8 +215,9 @@ def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
     else:
         bias = info.block.layer.bias
         r = info.fan_in * 1.0 + (float(bias.detach().abs().max()) if bias is not None else 0.0)
-        q = max(1, math.ceil(2 * r / _QUANTUM / max_bins))
-        w = q * _QUANTUM
+        quantum = 1.0 / info.scale  # the input grid: a = k / scale
+        q = max(1, math.ceil(2 * r / quantum / max_bins))
+        w = q * quantum
         lo = -math.ceil(r / w) * w
         b = int(round(-2 * lo / w)) + 1
     exact = info.kind == "hidden" and w == 1.0
@@ -235,7 +233,7 @@ def _init_stats(info: LayerInfo, a: Tensor, x: Tensor, max_bins: int,
         st.sum_m = torch.zeros(c, dtype=torch.float64, device=dev)
         st.min_m = torch.full((c,), math.inf, dtype=torch.float64, device=dev)
         st.sum_half = torch.zeros(c, dtype=torch.float64, device=dev)
-        unit = 1.0 / _QUANTUM if info.kind == "first" else 1.0
+        unit = float(info.scale)  # integer units k = scale * a (1 after the first layer)
         if info.block.layer.bias is None and unit * info.fan_in < 2**24:
             # integer units k = unit * a (exact in float32); t = floor(unit tau), clamped to
             # the reachable range so that it stays exact in float32 (dead neurons: t = -inf)
@@ -489,7 +487,7 @@ def _init_se(st: LayerStats, dev) -> None:
     live = (st.info.direction != 0).double()
     if live.sum() > 0:
         wl = live / live.sum()
-        st._wagg = torch.stack([wl, wl * st.info.scale], 1).to(dev)
+        st._wagg = torch.stack([wl, wl * st.info.bn_scale], 1).to(dev)
 
 
 def _add_se(stats: dict[int, LayerStats], values: dict[int, tuple]) -> None:
@@ -558,7 +556,7 @@ def _se_table(st: LayerStats, hist: Tensor | None, marg: Tensor | None,
     else:
         sxx0 = c0.sxx.cpu()
     col = dict(zip(_Y0, c0.sxy.cpu().unbind(1), strict=True))
-    fan, sc = float(info.fan_in), info.scale.double()
+    fan, sc = float(info.fan_in), info.bn_scale.double()
     out = {
         "mean_margin": (sxx0, col["u_mean"], col["w_mean"]),
         "mean_margin_norm": (sxx0 / fan**2, col["u_mean"] / fan**2, col["w_norm"] / fan),
@@ -592,15 +590,15 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
                          "margins are defined for layers followed by BN + sign")
     wanted = {i.index: i for i in infos}
     last = max(wanted)
-    blocks = blocks_of(model)
+    stages = compiled(model).stages
+    blocks = [s.block for s in stages]
     stats: dict[int, LayerStats] = {}
     dev = device_of(model)
     with eval_mode(model):
         for x, _ in data.batches(batch_size, device=dev):
             values = {}
             for k, block in enumerate(blocks[: last + 1]):
-                name = wanted[k].name if k in wanted else f"blocks.{k}.layer"
-                a = run_block(block.preact, x, name)
+                a = run_block(block.preact, x, stages[k].name)
                 if k in wanted:
                     h = block.post(a) if k < last else None
                     if k not in stats:
@@ -716,7 +714,7 @@ def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
         "n": n.numpy().astype("int64"), "mean_margin": mean.numpy(), "min_margin": mn.numpy(),
         "q10_margin": q10.numpy(), "mean_margin_half": half.numpy(),
         "mean_margin_norm": (mean / info.fan_in).numpy(),
-        "mean_margin_bn": torch.where(dead, inf, mean * info.scale).numpy(),
+        "mean_margin_bn": torch.where(dead, inf, mean * info.bn_scale).numpy(),
         **extra,
     })
 
@@ -911,8 +909,8 @@ def score_margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000) 
         DataFrame ``sample, label, pred, correct, score_margin, score_margin_flips``.
     """
     check_data(model, data)
-    blocks = blocks_of(model)
-    bn = blocks[-1].bn
+    stages = compiled(model).stages
+    bn = stages[-1].block.bn
     if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
         g = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
         s = (g.abs() / torch.sqrt(bn.running_var + bn.eps)).float()
@@ -922,8 +920,8 @@ def score_margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000) 
     parts = []
     with eval_mode(model):
         for x, y in data.batches(batch_size, device=dev):
-            for block in blocks:
-                x = run_block(block, x, "blocks")
+            for st in stages:
+                x = run_block(st.block, x, st.name)
             z = x.float()
             zy = z.gather(1, y[:, None])
             other = z.scatter(1, y[:, None], -math.inf)

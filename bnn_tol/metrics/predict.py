@@ -9,7 +9,8 @@ and clean correctness ``c_n = 1{argmax z_n = y_n}``:
    - binary inputs (``l >= 1``): exact, from the integer pre-activation ``a_nj``, the fan-in
      and the folded threshold (:func:`~bnn_tol.metrics.flipprob.flip_given_preact`: the
      binomial law of :mod:`.flipprob`);
-   - first block (real inputs ``x_i = k_i / 128``): a flip of ``w_ji`` moves ``a_nj`` by
+   - first block (real inputs ``x_i = q_i / s`` on the input grid, ``s = 128``): a flip of
+     ``w_ji`` moves ``a_nj`` by
      ``-2 w_ji x_ni``, so ``a'_nj`` has mean ``(1 - 2p) a_nj`` and variance
      ``4 p (1 - p) ||x_n||^2`` (the same for every neuron of the sample); ``q_nj`` is its
      normal approximation on the 1/128 grid (continuity-corrected, against the folded
@@ -79,17 +80,10 @@ from scipy import special
 from torch import nn
 
 from bnn_tol.core.compiled import eval_mode
-from bnn_tol.core.layers import BinaryConv2d, fold_threshold
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.maps import rates, select_layers
-from bnn_tol.metrics._common import (
-    blocks_of,
-    check_data,
-    device_of,
-    hidden_layers,
-    run_block,
-)
+from bnn_tol.metrics._common import check_data, compiled, device_of, run_block
 from bnn_tol.metrics.flipprob import flip_given_preact, flip_tables
 from bnn_tol.metrics.importance import _argmax1, negation_logits
 
@@ -253,21 +247,21 @@ def predict_accuracy(
         raise InvalidArgument("per_layer=True needs method='poisson' (the mean-field method "
                               "predicts the network as a whole)")
     check_data(model, data)
-    blocks = blocks_of(model)
-    names = {id(b.layer): n for n, b in ((f"blocks.{k}.layer", b) for k, b in enumerate(blocks))}
-    for k, b in enumerate(blocks):
-        if isinstance(b.layer, BinaryConv2d) or getattr(b, "pool", None):
+    stages = compiled(model).stages
+    blocks = [s.block for s in stages]
+    for st in stages:
+        if st.conv or st.pool:
             raise InvalidArgument(
-                f"blocks.{k}.layer is a convolution: predict_accuracy supports fully connected "
+                f"{st.name} is a convolution: predict_accuracy supports fully connected "
                 "BNNs (the flip law of pooled conv outputs is not modelled); use evaluate.sweep")
     chosen = select_layers(model, layers)
     chosen_ids = {id(m) for m in chosen.values()}
     sel = [k for k, b in enumerate(blocks) if id(b.layer) in chosen_ids]
-    infos = {i.index: i for i in hidden_layers(model)}
+    infos = {st.index: st for st in stages if st.hidden}
     n_blocks = len(blocks)
     hidden_sel = [k for k in sel if k < n_blocks - 1]
     out_sel = (n_blocks - 1) in sel
-    first_fold = fold_threshold(blocks[0].bn, scale=128)
+    first_fold = stages[0].folded  # on the input grid: k = scale a
     all_hidden = list(range(n_blocks - 1))
 
     # pass 1: per-sample pre-activations and single-flip effects
@@ -279,16 +273,16 @@ def predict_accuracy(
         for x, y in data.batches(batch_size, device=dev):
             xs, as_, hs = [], [], []
             h = x
-            for b in blocks:
+            for st, b in zip(stages, blocks, strict=True):
                 xs.append(h)
-                a = run_block(b.preact, h, names[id(b.layer)])
+                a = run_block(b.preact, h, st.name)
                 as_.append(a)
                 h = b.post(a)
                 hs.append(h)
             ok = hs[-1].argmax(1) == y
             for k in all_hidden:
                 if k == 0:
-                    pre[k].append(torch.round(as_[0].double() * 128).cpu().numpy()
+                    pre[k].append(torch.round(as_[0].double() * stages[0].scale).cpu().numpy()
                                   .astype(np.int64))
                 else:
                     pre[k].append(torch.round(as_[k].double()).cpu().numpy().astype(np.int64))
@@ -298,7 +292,7 @@ def predict_accuracy(
                                for _, zj in negation_logits(model, x, k, cache=(xs, as_, hs),
                                                             infos=infos)], dim=1)
                 eff[k].append(e.cpu().numpy())
-            s2s.append((xs[0].flatten(1).double() * 128).pow(2).sum(1, keepdim=True)
+            s2s.append((xs[0].flatten(1).double() * stages[0].scale).pow(2).sum(1, keepdim=True)
                            .cpu().numpy())
             a_outs.append(torch.round(as_[-1].double()).cpu().numpy().astype(np.int64))
             ys.append(y.cpu().numpy())

@@ -33,6 +33,7 @@ older studies without ``se``/``split`` read as ``se = NaN``, ``split = "all"``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -842,7 +843,6 @@ def claims(
     expected, estimate, ci_low, ci_high, verdict, detail``.
     """
     if claim_metrics is None:  # the defaults plus every estimator's variance (lower expected)
-        import re
 
         pat = re.compile(r"importance_\w+?_variance(_unbiased)?")
         present = set(metric_table(metrics)["metric"])
