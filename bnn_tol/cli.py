@@ -78,6 +78,12 @@ def _engine_names() -> list[str]:
     return engines()
 
 
+def _estimator_names() -> list[str]:
+    from bnn_tol.metrics import estimators
+
+    return estimators.names()
+
+
 class _OneLineError(click.ClickException):
     """A user error shown as the single line ``Error: <message>`` (exit ``code``)."""
 
@@ -662,8 +668,8 @@ def report(results, out, n_boot, seed) -> None:
 @click.option("--subset", type=click.IntRange(min=1), default=None,
               help="Use only the first N samples.")
 @click.option("--estimator", "estimators", multiple=True, default=("accuracy",),
-              show_default=True,
-              help="Importance estimator(s): accuracy, loss, flips, taylor, mc (repeatable).")
+              show_default=True, type=RegistryChoice(_estimator_names),
+              help="Importance estimator (repeatable).")
 @click.option("--no-importance", is_flag=True, help="Margins only.")
 @click.option("--flip-ber", type=float, default=None,
               help="Also add the analytic flip probability at this BER (column flip_prob).")

@@ -299,7 +299,7 @@ def test_loss_norm_is_invariant_to_output_bn_scale_while_loss_form_is_not(digits
     of the output BN scale (``loss_norm``) does not. For c a power of 2 the float scaling is
     exact, so the invariance is bit for bit; for c = 3 up to float32 rounding of the logits.
     """
-    assert "loss_norm" in metrics.ESTIMATORS
+    assert "loss_norm" in metrics.estimators.names()
     base = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=4)
     ests = ["accuracy", "loss", "loss_norm"]
     key = ["estimator", "layer_index", "neuron"]
@@ -416,3 +416,44 @@ def test_argmax1_is_torch_argmax_with_first_maximum_on_ties():
     assert torch.equal(_argmax1(z), z.argmax(1))
     z = torch.randn(50, 3, 5, generator=g, dtype=torch.float64)
     assert torch.equal(_argmax1(z), z.argmax(1))
+
+
+@pytest.mark.parametrize("name,kw", MODELS)
+def test_a_new_negation_estimator_is_one_function_and_a_registry_line(monkeypatch, digits, name,
+                                                                      kw):
+    from bnn_tol.metrics import estimators
+
+    monkeypatch.setattr(estimators, "_REGISTRY", dict(estimators._REGISTRY))
+
+    @estimators.register("true_logit", formula="mean_n [z_ny - z'_ny]: drop of the true score")
+    def _true_logit(zj, pj, clean):
+        zy = clean.z.gather(1, clean.y[:, None])  # (B, 1)
+        return (zy - zj.gather(1, clean.y[:, None, None].expand(-1, 1, zj.shape[2]))[:, 0]
+                ).double()
+
+    assert "true_logit" in estimators.names()
+    model = randomize_bn(models.build(name, seed=0, **kw))
+    imp = metrics.importance(model, digits, estimator=["true_logit", "accuracy"], batch_size=256)
+    x, y = next(digits.batches(len(digits)))
+    with torch.no_grad():
+        z = model(x)
+        zy = z.gather(1, y[:, None])[:, 0].double()
+    # the batched and the per-neuron forward apply the float32 output BN to the same exact
+    # integer pre-activations in different layouts: each logit may differ by a rounding,
+    # |dz| <= 2 eps_32 |z|, so a mean of differences stays within 4 eps_32 max|z|
+    tol = 4 * 2.0**-24 * float(z.abs().max())
+    with torch.no_grad():
+        for l in range(len(model.blocks) - 1):
+            ref = []
+            for j in range(model.blocks[l].layer.weight.shape[0]):
+                h = x
+                for k, b in enumerate(model.blocks):
+                    h = _negate(b(h), j) if k == l else b(h)
+                ref.append(float((zy - h.gather(1, y[:, None])[:, 0].double()).mean()))
+            got = imp[(imp.layer_index == l) & (imp.estimator == "true_logit")]
+            np.testing.assert_allclose(got.sort_values("neuron")["importance"], ref, rtol=0,
+                                       atol=tol, err_msg=f"{name} layer {l}")
+    with pytest.raises(ValueError, match="already registered"):
+        estimators.register("accuracy", formula="again")(lambda zj, pj, clean: zj)
+    with pytest.raises(ValueError, match="unknown importance estimator"):
+        metrics.importance(model, digits, estimator="nope")

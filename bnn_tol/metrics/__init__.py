@@ -6,13 +6,15 @@ inter-neuron importance variance, plus the analytic flip probability of a neuron
 >>> metrics.margin_summary(m)                    # doctest: +SKIP
 >>> imp = metrics.importance(model, test)        # doctest: +SKIP
 >>> metrics.importance_variance(imp)             # doctest: +SKIP
+>>> metrics.estimators.names()                   # doctest: +SKIP
+['accuracy', 'loss', 'flips', 'taylor', 'mc', 'loss_norm']
 >>> metrics.flip_probability(model, test, ber=0.05)  # doctest: +SKIP
 >>> metrics.predict_accuracy(model, test, [0.01, 0.1])  # doctest: +SKIP
 """
 
+from bnn_tol.metrics import estimators
 from bnn_tol.metrics.flipprob import flip_probability, flip_tables
 from bnn_tol.metrics.importance import (
-    ESTIMATORS,
     importance,
     importance_variance,
     negation_logits,
@@ -28,5 +30,5 @@ from bnn_tol.metrics.margin import (
 from bnn_tol.metrics.predict import predict_accuracy
 
 __all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS",
-           "importance", "importance_variance", "required_samples", "negation_logits", "ESTIMATORS",
-           "flip_probability", "flip_tables", "predict_accuracy"]
+           "importance", "importance_variance", "required_samples", "negation_logits",
+           "estimators", "flip_probability", "flip_tables", "predict_accuracy"]

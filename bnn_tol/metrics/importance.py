@@ -86,6 +86,7 @@ from bnn_tol.engines import int8
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.maps import flip_binary, rates
 from bnn_tol.faults.seeds import spawn
+from bnn_tol.metrics import estimators
 from bnn_tol.metrics._common import (
     binary_weight,
     blocks_of,
@@ -95,11 +96,8 @@ from bnn_tol.metrics._common import (
     run_block,
 )
 
-__all__ = ["importance", "importance_variance", "required_samples", "negation_logits",
-           "ESTIMATORS"]
+__all__ = ["importance", "importance_variance", "required_samples", "negation_logits"]
 
-ESTIMATORS = ("accuracy", "loss", "flips", "taylor", "mc", "loss_norm")
-_EXACT = ("accuracy", "loss", "flips", "loss_norm")
 
 #: Elements of the largest per-chunk tensor (float32): bounds memory at ~64 MiB per tensor.
 _CHUNK_ELEMS = 2**24
@@ -412,7 +410,7 @@ def importance(
     Args:
         model: a trained :class:`~bnn_tol.models.BNN`.
         data: samples to average over (e.g. the test set).
-        estimator: one name of :data:`ESTIMATORS` or a list of them.
+        estimator: a registered name (:func:`bnn_tol.metrics.estimators.names`) or a list.
         layers: hidden block indices (default all hidden blocks).
         batch_size: samples per clean forward pass.
         ber, n_maps, seed: the ``"mc"`` estimator's BER ``p`` or ``(p01, p10)``, number of
@@ -440,11 +438,8 @@ def importance(
             without BatchNorm (naming the layer).
     """
 
-    ests = [estimator] if isinstance(estimator, str) else list(estimator)
-    bad = [e for e in ests if e not in ESTIMATORS]
-    if bad or not ests:
-        raise InvalidArgument(f"unknown importance estimator(s) {bad or ests}; choose from "
-                         f"{', '.join(ESTIMATORS)}")
+    ests = estimators.check(estimator)
+    family = {e: estimators.get(e).family for e in ests}
     check_data(model, data)
     blocks = blocks_of(model)
     all_infos = hidden_layers(model)
@@ -462,15 +457,15 @@ def importance(
     names = {i.index: i.name for i in all_infos}
     dev = device_of(model)
     n_total = 0
-    exact = [e for e in ests if e in _EXACT]
+    exact = [e for e in ests if family[e] == "negation"]
     sums = {(e, i.index): None for e in exact for i in infos}
-    tay = {i.index: None for i in infos} if "taylor" in ests else {}
-    mc = {i.index: None for i in infos} if "mc" in ests else {}
+    tay = {i.index: None for i in infos} if "taylor" in family.values() else {}
+    mc = {i.index: None for i in infos} if "faults" in family.values() else {}
     clean_correct = 0.0
     clean_loss = 0.0
     n_groups = max(1, min(JACKKNIFE_GROUPS, len(data)))
     contrib = {(e, i.index): _Contributions(n_groups) for e in ests for i in infos}
-    scale = _output_scale(blocks) if "loss_norm" in ests else 1.0
+    scale = _output_scale(blocks) if any(estimators.get(e).needs_scale for e in ests) else 1.0
     flipped_w: dict[tuple[int, int], Tensor] = {}
     if mc:
         p01, p10 = rates(ber)
@@ -491,11 +486,9 @@ def importance(
         for x, y in data.batches(batch_size, device=dev):
             cache = _forward_cache(blocks, x, names)
             z = cache[2][-1]
-            pred = z.argmax(1)
-            ok = (pred == y).double()
-            ce = F.cross_entropy(z, y, reduction="none").double()
-            ce_n = (F.cross_entropy(z / scale, y, reduction="none").double()
-                    if "loss_norm" in ests else None)
+            clean = estimators.Clean(z, y, scale)
+            ok = clean.ok
+            ce = clean.ce
             clean_correct += float(ok.sum())
             clean_loss += float(ce.sum())
             n_total += len(y)
@@ -506,19 +499,8 @@ def importance(
                     per = {e: [] for e in exact}  # per-sample contributions c_nj: (B, chunk)
                     for _, zj in negation_logits(model, x, l, cache=cache, infos=by_index):
                         pj = _argmax1(zj)
-                        if "accuracy" in parts:
-                            per["accuracy"].append(ok[:, None] - (pj == y[:, None]).double())
-                        if "flips" in parts:
-                            per["flips"].append((pj != pred[:, None]).double())
-                        if "loss" in parts:
-                            cej = F.cross_entropy(zj, y[:, None].expand(pj.shape),
-                                                  reduction="none").double()
-                            per["loss"].append(cej - ce[:, None])
-                        if "loss_norm" in parts:
-                            cej = F.cross_entropy(zj / scale, y[:, None].expand(pj.shape),
-                                                  reduction="none").double()
-                            per["loss_norm"].append(cej - ce_n[:, None])
                         for e in exact:
+                            per[e].append(estimators.get(e).contribution(zj, pj, clean))
                             parts[e].append(per[e][-1].sum(0))
                     for e in exact:
                         _acc(sums, (e, l), torch.cat(parts[e]))
@@ -553,12 +535,7 @@ def importance(
     for info in infos:
         l = info.index
         for e in ests:
-            if e in _EXACT:
-                v = sums[(e, l)]
-            elif e == "taylor":
-                v = tay[l]
-            else:
-                v = mc[l]
+            v = {"negation": sums.get((e, l)), "taylor": tay.get(l), "faults": mc.get(l)}[family[e]]
             v = (v / n_total).cpu().numpy()
             se, bias, _ = stats[e, l]
             frames.append(pd.DataFrame({"layer": info.name, "layer_index": l,

@@ -96,7 +96,7 @@ from bnn_tol.exceptions import BnnTolError, InvalidArgument
 from bnn_tol.faults import maps as errors
 from bnn_tol.files import atomic_write
 from bnn_tol.interop import checkpoint as io
-from bnn_tol.metrics.importance import ESTIMATORS
+from bnn_tol.metrics import estimators
 from bnn_tol.provenance import available_cores
 
 try:
@@ -310,10 +310,10 @@ def _validate(cfg: dict) -> None:
 
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else mt["importance"]
     if (not isinstance(ests, list) or not ests
-            or not all(isinstance(e, str) and e in ESTIMATORS for e in ests)
+            or not all(isinstance(e, str) and e in estimators.names() for e in ests)
             or len(set(ests)) != len(ests)):
         raise _bad("[metrics] importance", mt["importance"],
-                   f"an estimator or a list of distinct ones of {list(ESTIMATORS)}")
+                   f"an estimator or a list of distinct ones of {estimators.names()}")
     _check_int("[metrics] batch_size", mt["batch_size"], 1)
 
     if rn["device"] not in _DEVICES:
