@@ -26,6 +26,7 @@ from bnn_tol.core.inference import resolve_device
 from bnn_tol.core.layers import apply_folded
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.apply import FlipSet
 from bnn_tol.faults.maps import select_layers
 
 __all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
@@ -33,9 +34,6 @@ __all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
 
 #: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
 MEMORY_BUDGET = 2**28
-
-#: ``{layer name: int64 (F,) flat indices into layer.stored_bits()}``.
-FlipSet = dict[str, Tensor]
 
 
 class Engine:

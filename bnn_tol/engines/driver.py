@@ -23,6 +23,7 @@ from bnn_tol.data import BNNDataset
 from bnn_tol.engines.base import MEMORY_BUDGET, engine_class, pick_engine
 from bnn_tol.engines.sweep_file import _KEY, COLUMNS, SweepFile, settings
 from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults.apply import check_flips
 from bnn_tol.faults.maps import draw_maps, map_seeds, rates, select_layers
 
 __all__ = ["sweep", "accuracy_under_flips", "summarize"]
@@ -277,19 +278,7 @@ def accuracy_under_flips(model: nn.Module, data: BNNDataset, flip_sets: list[dic
         model, data, layers=None, device=dev, batch_size=batch_size, maps_per_step=None,
         targets=("weights",))
     layers = stored_layers(model)
-    converted = []
-    for fs in flip_sets:
-        conv = {}
-        for name, idx in fs.items():
-            if name not in layers:
-                raise InvalidArgument(f"unknown layer {name!r}; layers: {', '.join(layers)}")
-            idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
-            n_bits = layers[name].n_stored_bits
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_bits):
-                raise InvalidArgument(f"{name}: a flip index is outside its {n_bits} stored bits")
-            conv[name] = idx
-        converted.append(conv)
-    return impl.evaluate(converted)
+    return impl.evaluate([check_flips(layers, fs) for fs in flip_sets])
 
 
 def summarize(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:

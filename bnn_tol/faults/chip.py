@@ -42,12 +42,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.core.inference import accuracy
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.maps import select_layers
 
 __all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "cells",
-           "profile_flips", "energy", "accuracy_with_flips", "FORMAT"]
+           "profile_flips", "energy", "FORMAT"]
 
 FORMAT = "bnn_tol.profile"
 
@@ -263,32 +262,3 @@ def energy(voltages: Sequence[float], *, reference: float, table: Sequence[float
     if t.shape != v.shape or not idx.size:
         raise InvalidArgument("an energy table needs one value per voltage, reference included")
     return t / t[idx[0]]
-
-
-class _FixedFlips:
-    """Layer fault flipping fixed stored-bit indices (+-1 convention of :mod:`bnn_tol.errors`)."""
-
-    def __init__(self, idx: Tensor) -> None:
-        self.idx = idx
-
-    def __call__(self, bits: Tensor) -> Tensor:
-        if self.idx.numel() == 0:
-            return bits
-        flat = bits.detach().reshape(-1).clone()
-        i = self.idx.to(flat.device)
-        flat[i] = -flat[i]
-        return bits + (flat.view_as(bits) - bits).detach()
-
-
-def accuracy_with_flips(model: nn.Module, data, flips: dict[str, Tensor], *,
-                        batch_size: int = 2048) -> float:
-    """Accuracy with the given stored bits flipped (exact: the same path as ``errors.inject``)."""
-    layers = _stored_layers(model)
-    saved = {n: lay.fault for n, lay in layers.items()}
-    try:
-        for n, lay in layers.items():
-            lay.fault = _FixedFlips(flips.get(n, torch.empty(0, dtype=torch.int64)))
-        return accuracy(model, data, batch_size=batch_size)
-    finally:
-        for n, lay in layers.items():
-            lay.fault = saved[n]

@@ -52,14 +52,13 @@ import torch
 from torch import Tensor, nn
 
 from bnn_tol.core import kernels
-from bnn_tol.core.codec import (
-    _StraightThrough,  # forward: the flipped tensor; backward: straight through
-)
+from bnn_tol.core.codec import flip_bits
 from bnn_tol.core.compiled import positions, stored_layers
 from bnn_tol.core.kernels import serial
 from bnn_tol.core.layers import fold_threshold
 from bnn_tol.data import INPUT_SCALE
 from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults.apply import negate, negate_
 from bnn_tol.faults.seeds import derive, spawn
 
 __all__ = [
@@ -233,9 +232,7 @@ def flip_binary(
     """
     flat = wb.detach().reshape(-1)
     idx = flip_indices(flat, p01, p10, generator=generator)
-    out = flat.clone()
-    out[idx] = -out[idx]
-    return out.view_as(wb), idx
+    return negate_(flat.clone(), idx).view_as(wb), idx
 
 
 #: From this rate on, transient flips use one random byte per bit (:func:`flip_mask`); below,
@@ -340,27 +337,19 @@ class TransientFlip:
         the flips are applied to the sign bits before they become +-1, without a copy of the
         binarized weight.
         """
-        flat = stored.view(-1)
         if max(self.p01, self.p10) >= BYTES_ABOVE:
             self._last = flip_mask(stored, self.p01, self.p10, generator=self.generator)
-            flat.bitwise_xor_(self._last.view(-1))
-        else:
-            idx = self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
-            if _gap_kernel(idx.numel(), flat.device) is not None:
-
-                kernels.negate_at(flat.numpy(), idx.numpy())
-            else:
-                flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
-        return stored
+            return negate_(stored, self._last)
+        self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
+        return negate_(stored, self._last)
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
         w = wb.detach()
         if max(self.p01, self.p10) >= BYTES_ABOVE:
             self._last = flip_mask(w, self.p01, self.p10, generator=self.generator)
-            flipped = torch.where(self._last, -w, w)
         else:
-            flipped, self._last = flip_binary(w, self.p01, self.p10, generator=self.generator)
-        return _StraightThrough.apply(wb, flipped)
+            self._last = flip_indices(w, self.p01, self.p10, generator=self.generator)
+        return negate(wb, self._last)
 
     def __repr__(self) -> str:
         return f"TransientFlip(p01={self.p01}, p10={self.p10})"
@@ -593,13 +582,7 @@ class PersistentFlip:
         return self.last_flips
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
-        idx = self.fmap.flips(wb.detach(), self.p01, self.p10)
-        self.last_flips = idx
-        if idx.numel() == 0:
-            return wb
-        flat = wb.detach().reshape(-1).clone()
-        flat[idx] = -flat[idx]
-        return wb + (flat.view_as(wb) - wb).detach()
+        return negate(wb, self.indices(wb.detach()))
 
     def __repr__(self) -> str:
         return (f"PersistentFlip(p01={self.p01}, p10={self.p10}, "
@@ -640,13 +623,11 @@ def _threshold_hook(folded, fmap: FaultMap, p01: float, p10: float, bits: int, s
     if bits < _threshold_bits(reach):
         raise InvalidArgument(f"BN thresholds of this layer need {_threshold_bits(reach)} bits "
                          f"(|a| <= {reach}); threshold_bits={bits} is too small")
-    stored = (t[:, None] >> torch.arange(bits)) & 1  # (C, bits) two's complement bits
-    flat = stored.reshape(-1) * 2 - 1
-    idx = fmap.flips(flat, p01, p10)
-    stored.view(-1)[idx] ^= 1
-    weights = 1 << torch.arange(bits, dtype=torch.int64)
-    weights[-1] = -weights[-1]
-    t_bad = (stored * weights).sum(1)
+    codes = t & ((1 << bits) - 1)  # (C,) two's complement words
+    stored = (codes[:, None] >> torch.arange(bits)) & 1  # their bits, LSB first
+    idx = fmap.flips(stored.reshape(-1) * 2 - 1, p01, p10)
+    bad = flip_bits(codes, idx, bits)
+    t_bad = torch.where(bad >= 1 << (bits - 1), bad - (1 << bits), bad)
     d = folded.direction.to(torch.int64)
     const = folded.const.to(torch.float32)
 
