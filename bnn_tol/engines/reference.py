@@ -1,7 +1,7 @@
 """The reference engine: ``faults.inject`` / ``faults.apply`` + the model's own forward pass.
 
-Any model, every fault target; the oracle the other engines are tested against (and the only
-engine for activation and threshold errors).
+Any model, every fault target and error model; the oracle the other engines are tested against
+(and the only engine for activation and threshold errors).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from bnn_tol.core.inference import accuracy
 from bnn_tol.engines.base import Engine, register_engine
 from bnn_tol.faults.apply import apply
-from bnn_tol.faults.maps import inject
+from bnn_tol.faults.inject import inject
 
 __all__ = ["ReferenceEngine"]
 
@@ -26,7 +26,7 @@ class ReferenceEngine(Engine):
         out = []
         for s in seeds:
             with inject(self.model, (p01, p10), seed=s, layers=self.layers,
-                        targets=self.targets):
+                        targets=self.targets, error=self.error):
                 out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
             bar.update(1)
         return out

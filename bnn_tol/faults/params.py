@@ -1,0 +1,147 @@
+"""Errors in the stored parameters besides the weights (Stutz et al.: "every parameter").
+
+A deployed BNN stores, per block, its weight bits and its BatchNorm as fixed-point words of a
+stated width whose bits fail like the weights' (any error model that models the stream),
+chosen by a *target* of :func:`~bnn_tol.faults.inject.inject` /
+``evaluate.sweep(..., targets=)`` (``"name:m"`` states the width ``m``):
+
+* ``"thresholds"`` (hidden blocks): the folded integer threshold ``t_c`` of each channel
+  (:func:`~bnn_tol.core.layers.fold_threshold`), clamped to the reachable range
+  ``|scale a| <= R`` (``R = fan_in``; the first block in units of ``1 / INPUT_SCALE``:
+  ``R = INPUT_SCALE fan_in``) and stored as ``m``-bit two's complement (default: the fewest
+  bits holding ``+-(R + 1)``); the comparator reads the corrupted ``t'``. Exact: at BER 0 the
+  block equals the float model bit for bit.
+Bit layout (what a map of the site flips): word ``j`` of ``W`` words of ``m`` bits occupies
+stored bits ``j m .. j m + m - 1``, LSB first (the codec's layout,
+:func:`~bnn_tol.core.codec.flip_bits`). Seeds: the site of the block layer at position ``k``
+is stream 2 (thresholds) of chip ``seed`` (:func:`~bnn_tol.faults.maps.layer_seed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bnn_tol.core.codec import flip_bits
+from bnn_tol.core.layers import fold_threshold
+from bnn_tol.data import INPUT_SCALE
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.registry import STREAMS, Site
+
+__all__ = ["TARGETS", "parse_targets", "threshold_bits", "encode_words", "decode_words",
+           "word_bits", "threshold_hook", "threshold_site"]
+
+#: Targets of :func:`~bnn_tol.faults.inject.inject`; ``thresholds`` takes ``:m``.
+TARGETS = ("weights", "activations", "thresholds")
+
+_MAX_BITS = 62
+
+
+def parse_targets(targets: Sequence[str] | str) -> dict[str, int | None]:
+    """``("weights", "thresholds:8")`` -> ``{"weights": None, "thresholds": 8}`` (``None``:
+    default width).
+
+    Raises:
+        InvalidArgument: an unknown target, a bad width, a target twice.
+    """
+    items = (targets,) if isinstance(targets, str) else tuple(targets)
+    out: dict[str, int | None] = {}
+    for t in items:
+        if not isinstance(t, str):
+            raise InvalidArgument(f"a target is a name, one of {', '.join(TARGETS)}; got {t!r}")
+        kind, sep, width = t.partition(":")
+        if kind not in TARGETS:
+            raise InvalidArgument(f"unknown targets [{t!r}]; use {', '.join(TARGETS)} "
+                                  "(thresholds:m states the word width m)")
+        bits = None
+        if sep:
+            if kind != "thresholds" or not width.isdigit() or not 2 <= int(width) <= _MAX_BITS:
+                raise InvalidArgument(f"target {t!r}: only thresholds:m takes a width, "
+                                      f"2 <= m <= {_MAX_BITS}")
+            bits = int(width)
+        if kind in out:
+            raise InvalidArgument(f"target {kind!r} given twice")
+        out[kind] = bits
+    if not out:
+        raise InvalidArgument(f"no targets given; use {', '.join(TARGETS)}")
+    return out
+
+
+def threshold_bits(reach: int) -> int:
+    """Bits of a two's complement integer holding ``[-reach - 1, reach + 1]``."""
+    return int(reach + 1).bit_length() + 1
+
+
+def encode_words(q: Tensor, m: int) -> Tensor:
+    """Signed integers ``q`` (int64, ``|q| < 2^(m-1)``) -> ``m``-bit two's complement words."""
+    return q.to(torch.int64) & ((1 << m) - 1)
+
+
+def decode_words(codes: Tensor, m: int) -> Tensor:
+    """``m``-bit two's complement words -> signed int64 (``c - 2^m`` where ``c >= 2^(m-1)``)."""
+    c = codes.to(torch.int64)
+    return torch.where(c >= 1 << (m - 1), c - (1 << m), c)
+
+
+def word_bits(codes: Tensor, m: int) -> Tensor:
+    """Stored bits of ``W`` words: uint8 ``(W m,)``, bit ``j m + b`` = bit ``b`` of word ``j``."""
+    flat = codes.reshape(-1).to(torch.int64)
+    return ((flat[:, None] >> torch.arange(m)) & 1).to(torch.uint8).reshape(-1)
+
+
+def _flipped_words(codes: Tensor, m: int, fmap, p01: float, p10: float) -> Tensor:
+    """The words with the bits ``fmap`` flips (given the stored bits) flipped."""
+    idx = fmap.flips(word_bits(codes, m).to(torch.float32) * 2 - 1, p01, p10)
+    return flip_bits(codes, idx, m)
+
+
+def _check_bn(name: str, block: nn.Module) -> nn.modules.batchnorm._BatchNorm:
+    bn = getattr(block, "bn", None)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+        raise InvalidArgument(f"{name}: parameter errors need a BatchNorm with running "
+                              "statistics after the layer")
+    return bn
+
+
+def threshold_hook(block: nn.Module, first: bool, name: str, fmap, p01: float, p10: float,
+                   m: int | None):
+    """Forward hook on ``block.bn`` replacing ``sign(bn(a))`` by the comparator with corrupted
+    ``m``-bit integer thresholds (the map ``fmap`` of the site, see the module docstring).
+
+    Returns:
+        ``(hook, t_bad)``: the hook and the corrupted thresholds int64 ``(C,)``.
+    """
+    bn = _check_bn(name, block)
+    scale = INPUT_SCALE if first else 1
+    folded = fold_threshold(bn, scale=scale)
+    reach = block.layer.fan_in * scale
+    nb = m or threshold_bits(reach)
+    if nb < threshold_bits(reach):
+        raise InvalidArgument(f"BN thresholds of this layer need {threshold_bits(reach)} bits "
+                              f"(|a| <= {reach}); threshold_bits={nb} is too small")
+    t = folded.t.clamp(-reach - 1, reach + 1)
+    t_bad = decode_words(_flipped_words(encode_words(t, nb), nb, fmap, p01, p10), nb)
+    d = folded.direction.to(torch.int64)
+    const = folded.const.to(torch.float32)
+
+    def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
+        a = inputs[0] * scale
+        shape = [1, -1] + [1] * (a.dim() - 2)
+        tt = t_bad.to(a.device, a.dtype).view(shape)
+        dd = d.to(a.device).view(shape)
+        y = torch.where(dd > 0, a - tt, tt - a)
+        y = torch.where(dd == 0, const.to(a.device, a.dtype).view(shape), y)
+        return torch.where(y >= 0, 1.0, -1.0).to(out.dtype)
+
+    return hook, t_bad
+
+
+def threshold_site(block: nn.Module, first: bool, name: str, position: int,
+                   m: int | None) -> Site:
+    """The site of a block's threshold words (stream 2)."""
+    bn = _check_bn(name, block)
+    scale = INPUT_SCALE if first else 1
+    nb = m or threshold_bits(block.layer.fan_in * scale)
+    return Site(name, position, bn.num_features * nb, STREAMS["thresholds"])
