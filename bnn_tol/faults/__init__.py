@@ -11,7 +11,7 @@
 * :mod:`~bnn_tol.faults.inject` -- :func:`inject`, the replay of a sweep row.
 """
 
-from bnn_tol.faults import bernoulli, stuck_at  # noqa: F401 -- register the error models
+from bnn_tol.faults import bernoulli, chip, stuck_at  # noqa: F401 -- register the error models
 from bnn_tol.faults.apply import (
     BULK_FROM,
     FixedFlips,
