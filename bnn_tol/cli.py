@@ -349,7 +349,8 @@ def _parse_bers(text: str) -> list:
               help="Layers with errors: 'all' (default), 'hidden', or comma-separated "
                    "positions/names.")
 @click.option("--targets", default="weights", show_default=True,
-              help="Comma-separated: weights, activations, thresholds[:m] (m-bit words).")
+              help="Comma-separated: weights, activations, thresholds[:m], bn[:m] (the BN "
+                   "thresholds or scale/shift as m-bit words).")
 @click.option("--error", type=ErrorModelChoice(_error_names), default="bernoulli",
               show_default=True, help="Error model (how stored bits fail).")
 @click.option("--dataset", default=None,

@@ -25,6 +25,7 @@ from bnn_tol.engines.sweep_file import _KEY, COLUMNS, SweepFile, settings
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.apply import check_flips
 from bnn_tol.faults.maps import map_seeds, select_layers
+from bnn_tol.faults.params import parse_targets
 from bnn_tol.faults.registry import check_rates, draw_maps, error_model, map_nbytes
 
 __all__ = ["sweep", "accuracy_under_flips", "summarize"]
@@ -169,6 +170,7 @@ def sweep(
     if engine != "auto":
         engine_class(engine)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    parse_targets(targets)  # validates names and word widths
     if resume and out is None:
         raise InvalidArgument("resume=True needs out= (--out): the file to continue")
     dev = resolve_device(device)

@@ -1,7 +1,7 @@
 """The reference engine: ``faults.inject`` / ``faults.apply`` + the model's own forward pass.
 
 Any model, every fault target and error model; the oracle the other engines are tested against
-(and the only engine for activation and threshold errors).
+(and the only engine for activation, threshold and BN errors).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class ReferenceEngine(Engine):
     target."""
 
     name, rank = "reference", 9
-    targets = frozenset({"weights", "activations", "thresholds"})
+    targets = frozenset({"weights", "activations", "thresholds", "bn"})
 
     def accuracies(self, maps, seeds, p01, p10, bar):  # noqa: D102
         out = []

@@ -67,8 +67,8 @@ def inject(
     ``fault`` and restores the previous one on exit, also when the block raises.
 
     Args:
-        model: a module with binary layers (a :class:`~bnn_tol.models.BNN` for the activation
-            and threshold targets).
+        model: a module with binary layers (a :class:`~bnn_tol.models.BNN` for the activation,
+            threshold and BN targets).
         ber: ``p`` or ``(p01, p10)``.
         seed: the chip.
         layers: see :func:`~bnn_tol.faults.maps.select_layers` (``None``: all, ``"hidden"``:
@@ -76,9 +76,9 @@ def inject(
         mode: ``"persistent"`` or ``"transient"``.
         targets: any of ``"weights"``, ``"activations"`` (binary outputs of the selected
             layers' blocks; a persistent map over the per-sample activation buffer: the same
-            positions flip on every sample), ``"thresholds[:m]"`` (the folded BN thresholds of
-            the selected hidden blocks as ``m``-bit words, :mod:`bnn_tol.faults.params`).
-            Activations/thresholds are persistent only.
+            positions flip on every sample), ``"thresholds[:m]"`` / ``"bn[:m]"`` (the stored
+            BatchNorm of the selected blocks as ``m``-bit words, :mod:`bnn_tol.faults.params`).
+            Activations/thresholds/bn are persistent only.
         threshold_bits: width of the threshold words (as ``"thresholds:m"``).
         error: an error model name of :func:`~bnn_tol.faults.registry.models` (or an
             instance); default ``"bernoulli"``.
@@ -124,7 +124,7 @@ def inject(
         with attach(chosen, faults):
             if set(want) - {"weights"}:
                 if mode != "persistent":
-                    raise InvalidArgument("activation/threshold errors are persistent only")
+                    raise InvalidArgument("activation/threshold/bn errors are persistent only")
                 handles += _hook_blocks(model, chosen, seed, p01, p10, want, em)
             yield faults
     finally:
@@ -136,7 +136,7 @@ def _hook_blocks(model, chosen, seed, p01, p10, want: dict, em: ErrorModel) -> l
     """Forward hooks of the activation / threshold / BN targets of the selected blocks."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise InvalidArgument("activation/threshold errors need a bnn_tol BNN (model.blocks)")
+        raise InvalidArgument("activation/threshold/bn errors need a bnn_tol BNN (model.blocks)")
     pos = positions(model)
     handles = []
     cap = max(p01, p10)
@@ -145,6 +145,11 @@ def _hook_blocks(model, chosen, seed, p01, p10, want: dict, em: ErrorModel) -> l
             name = next((n for n, m in chosen.items() if m is block.layer), None)
             if name is None:
                 continue
+            if "bn" in want:
+                site = params.bn_site(block, name, pos[name], want["bn"])
+                fmap = draw_sites([site], seed, cap, error=em)[name]
+                hook = params.bn_hook(block, name, fmap, p01, p10, want["bn"])[0]
+                handles.append(block.bn.register_forward_hook(hook))
             if not block.binary_output or not set(want) & {"thresholds", "activations"}:
                 continue
             if getattr(block, "activation", "sign") != "sign":

@@ -52,8 +52,8 @@ __all__ = ["ErrorModel", "Site", "BitMap", "register_error", "models", "error_mo
 DEFAULT = "bernoulli"
 
 #: Stored tensors of a block by stream number (the third key of a site's seed): 0 its weights,
-#: 1 its binary activations, 2 its folded BN thresholds.
-STREAMS = {"weights": 0, "activations": 1, "thresholds": 2}
+#: 1 its binary activations, 2 its folded BN thresholds, 3 its BN scale/shift words.
+STREAMS = {"weights": 0, "activations": 1, "thresholds": 2, "bn": 3}
 
 
 @dataclass(frozen=True)
