@@ -46,7 +46,8 @@ from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.maps import layer_seed, rates, select_layers
 
 __all__ = ["ErrorModel", "Site", "BitMap", "register_error", "models", "error_model",
-           "model_sites", "draw_sites", "draw_maps", "map_nbytes", "DEFAULT", "STREAMS"]
+           "model_sites", "draw_sites", "draw_maps", "map_nbytes", "check_rates", "DEFAULT",
+           "STREAMS"]
 
 #: The default error model (today's persistent nested Bernoulli maps).
 DEFAULT = "bernoulli"
