@@ -2,7 +2,9 @@
 
 A sweep writes ``<out>`` (one row per (model, BER, map), :data:`COLUMNS`) and the sidecar
 ``<out>.meta.json`` (what defines the rows: per model a sha256 of its state dict and its faulty
-layers; the dataset's name, split, size and sha256; the fault targets; and the provenance).
+layers; the dataset's name, split, size and sha256; the fault targets; the error model; and the
+provenance). A sidecar without an error model (written before error models were selectable)
+is a Bernoulli sweep.
 While a sweep runs it holds an exclusive ``flock`` on ``<out>``; rows of each finished
 (model, BER) are appended in one write and fsynced, so a killed sweep leaves at most a torn
 last line, which :meth:`SweepFile.open_rows` cuts off before resuming. Nothing in an existing

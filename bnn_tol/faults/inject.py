@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bnn_tol.core.compiled import positions
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults import params
-from bnn_tol.faults.apply import attach
+from bnn_tol.faults.apply import attach, negate
 from bnn_tol.faults.maps import (
     BER,
     FaultMap,
@@ -177,19 +176,19 @@ def _hook_blocks(model, chosen, seed, p01, p10, want: dict, em: ErrorModel) -> l
 
 
 def _activation_hook(fmap: FaultMap, p01: float, p10: float):
+    """Forward hook negating the block outputs at the map's positions (the same positions on
+    every sample: the activation buffer is one stored tensor)."""
     def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
-        shape = out.shape[1:]
-        ref = out[:1].reshape(-1)
-        idx = fmap.flips(ref, p01, p10) if p01 == p10 else None
-        if idx is None:  # asymmetric: the stored value differs per sample
+        flat = out.reshape(out.shape[0], -1)
+        if p01 == p10:
+            mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=out.device)
+            mask[fmap.flips(flat[0], p01, p10)] = True
+            mask = mask.expand_as(flat)
+        else:  # asymmetric: the stored value differs per sample
             u = torch.full((fmap.numel,), 2.0, dtype=torch.float64, device=out.device)
             u[fmap.idx.to(out.device)] = fmap.u.to(out.device)
-            flat = out.reshape(out.shape[0], -1)
-            rate = torch.where(flat > 0, p10, p01)
-            return torch.where(u[None, :] < rate, -flat, flat).view_as(out)
-        sign = torch.ones(int(np.prod(shape)), dtype=out.dtype, device=out.device)
-        sign[idx] = -1
-        return out * sign.view(shape)
+            mask = u[None, :] < torch.where(flat > 0, p10, p01)
+        return negate(flat, mask).view_as(out)
 
     return hook
 
