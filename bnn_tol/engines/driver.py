@@ -26,7 +26,13 @@ from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.apply import check_flips
 from bnn_tol.faults.maps import map_seeds, select_layers
 from bnn_tol.faults.params import parse_targets
-from bnn_tol.faults.registry import check_rates, draw_maps, error_model, map_nbytes
+from bnn_tol.faults.registry import (
+    ErrorModel,
+    check_rates,
+    draw_maps,
+    error_model,
+    map_nbytes,
+)
 
 __all__ = ["sweep", "accuracy_under_flips", "summarize"]
 
@@ -88,7 +94,7 @@ def sweep(
     out=None,
     resume: bool = False,
     maps_per_step: int | None = None,
-    error=None,
+    error: str | ErrorModel | None = None,
 ) -> pd.DataFrame:
     """Accuracy under persistent bit errors for every (model, BER, fault map).
 

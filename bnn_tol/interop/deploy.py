@@ -192,7 +192,7 @@ def _unpack_pm1(w: np.ndarray, fan_in: int) -> np.ndarray:
     return bits.astype(np.int64) * 2 - 1
 
 
-def _flip_with_maps(man: dict, weights: dict, ber, seed: int, error=None) -> None:
+def _flip_with_maps(man: dict, weights: dict, ber, seed: int, error: str | None) -> None:
     """XOR the flips of ``errors.inject(model, ber, seed=seed, error=error)`` into the packed
     image: the maps come from the library's own drawing function
     (:func:`bnn_tol.faults.registry.draw_sites`, what ``inject`` and the sweep draw)."""
@@ -218,7 +218,7 @@ def _flip_with_maps(man: dict, weights: dict, ber, seed: int, error=None) -> Non
 
 
 def predict(bundle, x, *, ber=None, seed: int | None = None, flip_mask=None,
-            batch_size: int = 1000, error=None) -> np.ndarray:
+            batch_size: int = 1000, error: str | None = None) -> np.ndarray:
     """Predicted classes ``(N,)`` int64 of inputs ``x`` with the exported BNN.
 
     Args:
