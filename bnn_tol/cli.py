@@ -72,6 +72,27 @@ class RegistryChoice(click.Choice):
         pass
 
 
+class ErrorModelChoice(RegistryChoice):
+    """An error model of the library's registry (:func:`bnn_tol.errors.models`): a listed
+    name, or ``name:argument`` for a model that takes one (``chip:<profile.npz>``). The
+    registry validates the value (one-line error otherwise)."""
+
+    def convert(self, value, param, ctx):  # noqa: D102
+        from bnn_tol.faults import error_model
+
+        try:
+            error_model(value)
+        except InvalidArgument as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
+def _error_names() -> list[str]:
+    from bnn_tol.faults import models
+
+    return models()
+
+
 def _engine_names() -> list[str]:
     from bnn_tol.engines import engines
 
@@ -335,7 +356,10 @@ def _parse_bers(text: str) -> list:
               help="Layers with errors: 'all' (default), 'hidden', or comma-separated "
                    "positions/names.")
 @click.option("--targets", default="weights", show_default=True,
-              help="Comma-separated: weights, activations, thresholds.")
+              help="Comma-separated: weights, activations, thresholds[:m], bn[:m] (the BN "
+                   "thresholds or scale/shift as m-bit words).")
+@click.option("--error", type=ErrorModelChoice(_error_names), default="bernoulli",
+              show_default=True, help="Error model (how stored bits fail).")
 @click.option("--dataset", default=None,
               help="Test set (default: the dataset the first checkpoint was trained on).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -362,8 +386,9 @@ def _parse_bers(text: str) -> list:
 @click.option("--offsets", default="0", show_default=True,
               help="With --profile: placements of the model in the chip (bit offsets).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, batch_size,
-          engine, device, out, resume, profile_file, voltages, offsets, quiet) -> None:
+def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, subset,
+          batch_size, engine, device, out, resume, profile_file, voltages, offsets,
+          quiet) -> None:
     """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map),
     or on a profiled chip per voltage (--profile)."""
     from bnn_tol import data
@@ -394,7 +419,7 @@ def sweep(runs, bers, n_maps, seed, layers, targets, dataset, data_dir, subset, 
                             layers=sel, batch_size=batch_size, device=device,
                             progress=not quiet, engine=engine,
                             targets=[t for t in targets.split(",") if t], out=out,
-                            resume=resume)
+                            resume=resume, error=error)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     summ = evaluate.summarize(df)

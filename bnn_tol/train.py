@@ -27,6 +27,7 @@ from bnn_tol.core.inference import accuracy, resolve_device
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults import maps as errors
+from bnn_tol.faults.apply import attach
 from bnn_tol.faults.seeds import spawn
 from bnn_tol.interop.checkpoint import check_out, save
 
@@ -62,14 +63,8 @@ def _perturbed_loss(model: nn.Module, rb_layers: dict, rb_faults: dict, loss_fn,
                     y: Tensor) -> Tensor:
     """RandBET's second term: the loss under a fresh random stored-bit error pattern (any
     flip-training fault on the same layers is replaced for this pass and restored after)."""
-    saved = {n: layer.fault for n, layer in rb_layers.items()}
-    try:
-        for n, layer in rb_layers.items():
-            layer.fault = rb_faults[n]
+    with attach(rb_layers, rb_faults):
         return loss_fn(model(x), y)
-    finally:
-        for n, layer in rb_layers.items():
-            layer.fault = saved[n]
 
 
 def _ber_at(epoch: int, target: tuple[float, float], warmup: int) -> tuple[float, float]:

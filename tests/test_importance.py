@@ -7,9 +7,7 @@ import torch.nn.functional as F
 from _helpers import randomize_bn
 
 import bnn_tol.engines.int8 as int8_engine
-from bnn_tol import data, metrics, models
-from bnn_tol.faults.maps import flip_binary
-from bnn_tol.faults.seeds import spawn
+from bnn_tol import data, errors, evaluate, metrics, models
 
 
 @pytest.fixture(scope="module")
@@ -64,30 +62,40 @@ def test_batched_importance_equals_per_neuron_loop(digits, name, kw):
                                        err_msg=f"{name} layer {l} {est}")
 
 
-def test_mc_importance_equals_per_neuron_injection_loop(digits):
-    model = randomize_bn(models.build("fc", hidden=(24, 20), in_shape=(1, 8, 8)), seed=2)
-    p, n_maps, seed = 0.1, 3, 7
-    imp = metrics.importance(model, digits, estimator="mc", ber=p, n_maps=n_maps, seed=seed)
-    seeds = spawn(seed, len(model.blocks) * n_maps)
-    x, y = next(digits.batches(len(digits)))
-    with torch.no_grad():
-        acc0 = (model(x).argmax(1) == y).double().mean()
-        for l in (0, 1):
-            layer = model.blocks[l].layer
-            wb = layer.binary_weight()
-            ref = np.zeros(wb.shape[0])
-            for k in range(n_maps):
-                g = torch.Generator().manual_seed(seeds[l * n_maps + k])
-                wf = flip_binary(wb, p, p, generator=g)[0]
-                for j in range(wb.shape[0]):
-                    w = wb.clone()
-                    w[j] = wf[j]  # only neuron j's incoming weights carry errors
-                    layer.fault = lambda _, w=w: w
-                    ref[j] += float(acc0 - (model(x).argmax(1) == y).double().mean()) / n_maps
-                    layer.fault = None
-            got = imp[imp.layer_index == l].sort_values("neuron")["importance"]
-            np.testing.assert_allclose(got, ref, atol=1e-9)
-    again = metrics.importance(model, digits, estimator="mc", ber=p, n_maps=n_maps, seed=seed)
+@pytest.mark.parametrize("model_kw,error,ber", [(MODELS[0], "bernoulli", 0.1),
+                                                (MODELS[0], "bernoulli", (0.02, 0.2)),
+                                                (MODELS[0], "stuck-at", 0.2),
+                                                (MODELS[1], "bernoulli", 0.1)])
+def test_mc_importance_is_the_sweeps_chips_on_one_row_at_a_time(digits, model_kw, error, ber):
+    """MC importance of neuron j = acc - mean_k acc(chip k of the sweep with this seed, its
+    flips applied to row j of the layer only), chip k = map_seeds(seed, n_maps)[k]."""
+    name, kw = model_kw
+    model = randomize_bn(models.build(name, **kw), seed=2)
+    n_maps, seed = 3, 7
+    imp = metrics.importance(model, digits, estimator="mc", ber=ber, n_maps=n_maps, seed=seed,
+                             error=error)
+    p01, p10 = errors.rates(ber)
+    chips = evaluate.sweep(model, digits.subset(1), bers=[ber], n_maps=n_maps, seed=seed,
+                           error=error, progress=False).seed.tolist()
+    assert chips == errors.map_seeds(seed, n_maps)
+    acc0 = evaluate.accuracy(model, digits)
+    layers = list(model.binary_layers().items())
+    for l in sorted(imp.layer_index.unique()):
+        lname, layer = layers[l]
+        rows = layer.weight.shape[0]
+        ref = np.zeros(rows)
+        for chip in chips:
+            maps = errors.draw_maps(model, chip, max(p01, p10), error=error)
+            flips = maps[lname].flips(layer.stored_bits(), p01, p10)
+            for j in range(rows):
+                own = flips[flips // layer.fan_in == j]  # only neuron j's incoming weights
+                with errors.apply(model, {lname: own}):
+                    ref[j] += (acc0 - evaluate.accuracy(model, digits)) / n_maps
+        got = imp[imp.layer_index == l].sort_values("neuron")["importance"].to_numpy()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+        assert np.abs(ref).max() > 0
+    again = metrics.importance(model, digits, estimator="mc", ber=ber, n_maps=n_maps, seed=seed,
+                               error=error)
     assert again.equals(imp)
 
 

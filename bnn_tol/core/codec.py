@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from bnn_tol.exceptions import InvalidArgument, require_int
 
-__all__ = ["Codec", "SignCodec", "FixedPointCodec", "make", "SCHEMES", "GRANULARITIES",
-           "ROUNDINGS"]
+__all__ = ["Codec", "SignCodec", "FixedPointCodec", "make", "flip_bits", "SCHEMES",
+           "GRANULARITIES", "ROUNDINGS"]
 
 SCHEMES = ("symmetric", "asymmetric")
 GRANULARITIES = ("layer", "channel")
@@ -63,6 +63,22 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
         return grad, None
+
+
+def flip_bits(codes: Tensor, idx: Tensor, m: int) -> Tensor:
+    """``m``-bit integer words with the stored bits at flat memory-image indices ``idx``
+    flipped: ``code_j ^= 2^b`` for each ``i = j m + b`` (the layout of :meth:`Codec.to_bits`;
+    ``idx`` int64 unique). ``codes``: int64 words ``0 <= c < 2^m`` of any shape; a new tensor.
+
+    The one implementation of a stored-bit flip on multi-bit words (weights of fixed-point
+    layers, BN thresholds and parameter words of :mod:`bnn_tol.faults.params`).
+    """
+    out = codes.clone()
+    flat = out.view(-1)
+    idx = idx.to(flat.device)
+    j = torch.div(idx, m, rounding_mode="floor")
+    flat ^= torch.zeros_like(flat).index_add_(0, j, 1 << (idx % m))
+    return out
 
 
 class Codec(nn.Module):
@@ -108,15 +124,9 @@ class Codec(nn.Module):
         return (b * weights).sum(1).reshape(shape)
 
     def flip(self, codes: Tensor, idx: Tensor) -> Tensor:
-        """Codes with the stored bits at flat memory-image indices ``idx`` flipped:
-        ``code_j ^= 2^b`` for each ``i = j m + b`` (``idx`` unique); a new tensor."""
-        m = self.bits_per_weight
-        out = codes.clone()
-        flat = out.view(-1)
-        idx = idx.to(flat.device)
-        j = torch.div(idx, m, rounding_mode="floor")
-        flat ^= torch.zeros_like(flat).index_add_(0, j, 1 << (idx % m))
-        return out
+        """Codes with the stored bits at flat memory-image indices ``idx`` flipped
+        (:func:`flip_bits` with ``m = bits_per_weight``); a new tensor."""
+        return flip_bits(codes, idx, self.bits_per_weight)
 
     def place_values(self) -> Tensor:
         """``(m,)`` float64: change of the integer level when stored bit ``b`` goes 0 -> 1.

@@ -26,16 +26,15 @@ from bnn_tol.core.inference import resolve_device
 from bnn_tol.core.layers import apply_folded
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.apply import FlipSet
 from bnn_tol.faults.maps import select_layers
+from bnn_tol.faults.registry import ErrorModel, error_model
 
 __all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
            "MEMORY_BUDGET", "FlipSet"]
 
 #: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
 MEMORY_BUDGET = 2**28
-
-#: ``{layer name: int64 (F,) flat indices into layer.stored_bits()}``.
-FlipSet = dict[str, Tensor]
 
 
 class Engine:
@@ -60,7 +59,7 @@ class Engine:
                     targets: tuple) -> str | None:
         """Why this engine cannot evaluate the compiled model ``cm`` (``None``: it can;
         ``cm`` is ``None`` for a module that is not a block model)."""
-        if not set(targets) <= cls.targets:
+        if not {t.partition(":")[0] for t in targets} <= cls.targets:
             return f"it evaluates {sorted(cls.targets)} errors only"
         return None
 
@@ -70,9 +69,11 @@ class Engine:
         return True
 
     def __init__(self, model: nn.Module, data: BNNDataset, *, layers, device: torch.device,
-                 batch_size: int | None, maps_per_step: int | None, targets: tuple) -> None:
+                 batch_size: int | None, maps_per_step: int | None, targets: tuple,
+                 error: str | ErrorModel | None = None) -> None:
         self.model, self.data, self.layers, self.device = model, data, layers, device
         self.targets, self.labels = targets, data.labels
+        self.error = error_model(error)
         self.chosen = select_layers(model, layers)
         self.batch_size = batch_size or 2048
         self.g = maps_per_step or 1
@@ -85,8 +86,9 @@ class Engine:
         return self._clean
 
     def flips(self, fmap: dict, p01: float, p10: float) -> FlipSet:
-        """The flip set of fault map ``fmap`` (``{layer name: FaultMap}``) at ``(p01, p10)``,
-        for the layers this engine evaluates with errors."""
+        """The flip set of chip ``fmap`` (``{layer name: map}`` of any error model,
+        :func:`bnn_tol.faults.draw_maps`) at ``(p01, p10)``, for the layers this engine
+        evaluates with errors."""
         raise NotImplementedError
 
     def evaluate(self, flips: list[FlipSet]) -> list[float]:

@@ -25,8 +25,11 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
                   offsets: Sequence[int] = (0,), progress: bool = True) -> pd.DataFrame:
     """Accuracy of each model on the profiled chip at each voltage and placement.
 
-    Each (voltage, offset) is one explicit set of stored-bit flips evaluated by the fastest
-    exact engine (:func:`bnn_tol.engines.driver.accuracy_under_flips`).
+    Each (voltage, offset) is the flip set of the ``chip`` error model
+    (:class:`~bnn_tol.faults.chip.ChipErrors`) at rate ``voltage_rate(profile, voltage)`` and
+    chip seed ``offset`` -- the row ``evaluate.sweep(..., error="chip:<profile>")`` gives for
+    that rate and map seed -- evaluated by the fastest exact engine
+    (:func:`bnn_tol.engines.driver.accuracy_under_flips`).
 
     Returns:
         Tidy frame, one row per (model, voltage, offset): ``model, voltage, offset,

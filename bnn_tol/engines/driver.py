@@ -23,15 +23,24 @@ from bnn_tol.data import BNNDataset
 from bnn_tol.engines.base import MEMORY_BUDGET, engine_class, pick_engine
 from bnn_tol.engines.sweep_file import _KEY, COLUMNS, SweepFile, settings
 from bnn_tol.exceptions import InvalidArgument, require_int
-from bnn_tol.faults.maps import draw_maps, map_seeds, rates, select_layers
+from bnn_tol.faults.apply import check_flips
+from bnn_tol.faults.maps import map_seeds, select_layers
+from bnn_tol.faults.params import parse_targets
+from bnn_tol.faults.registry import (
+    ErrorModel,
+    check_rates,
+    draw_maps,
+    error_model,
+    map_nbytes,
+)
 
 __all__ = ["sweep", "accuracy_under_flips", "summarize"]
 
 
-def _ber_list(bers) -> list[tuple[float, float]]:
+def _ber_list(bers, error) -> list[tuple[float, float]]:
     if isinstance(bers, int | float):
         bers = [bers]
-    out = [rates(b) for b in bers]
+    out = check_rates(error, list(bers))
     if not out:
         raise InvalidArgument("bers is empty: give at least one BER, e.g. bers=[0, 0.01, 0.05]")
     return out
@@ -85,13 +94,16 @@ def sweep(
     out=None,
     resume: bool = False,
     maps_per_step: int | None = None,
+    error: str | ErrorModel | None = None,
 ) -> pd.DataFrame:
     """Accuracy under persistent bit errors for every (model, BER, fault map).
 
-    Map ``m`` has seed ``s_m = errors.map_seeds(seed, n_maps)[m]``; its flips at BER
-    ``(p01, p10)`` are those of ``errors.inject(model, (p01, p10), seed=s_m, layers=layers)``
-    (nested across BERs, identical on every run/device), so any row can be replayed alone
-    and gives exactly the same accuracy.
+    Map ``m`` has seed ``s_m = errors.map_seeds(seed, n_maps)[m]`` (the chip); its flips at
+    BER ``(p01, p10)`` are those of ``errors.inject(model, (p01, p10), seed=s_m,
+    layers=layers, error=error)`` (identical on every run/device; nested across BERs for the
+    built-in error models), so any row can be replayed alone and gives exactly the same
+    accuracy. The error model (``error``, :func:`bnn_tol.errors.models`) draws each chip once
+    and answers every BER from it.
 
     Engines (a registry, :func:`engines`; all exact: they reproduce ``model(x).argmax(1)`` of
     the faulty model bit for bit). ``engine="auto"`` takes the first that supports the model:
@@ -120,6 +132,9 @@ def sweep(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         progress: tqdm bar over (model, BER, map).
         targets: see :func:`bnn_tol.errors.inject`.
+        error: the error model, a name of :func:`bnn_tol.errors.models` (default
+            ``"bernoulli"``: persistent nested Bernoulli maps) or an
+            :class:`~bnn_tol.faults.registry.ErrorModel`.
         out: CSV path; rows of each finished (model, BER) are appended in one write. The file
             is locked (``flock``) for the whole sweep; the sidecar ``<out>.meta.json`` records
             what defines the rows (per model a sha256 of its state dict and its faulty layers;
@@ -149,7 +164,8 @@ def sweep(
         models = {str(getattr(models, "config", {}).get("name", "model")): models}
     if not models:
         raise InvalidArgument("no models given")
-    ber_list = _ber_list(bers)
+    err = error_model(error)
+    ber_list = _ber_list(bers, err)
     n_maps = require_int(n_maps, "n_maps", minimum=1, strict=True)
     seed = require_int(seed, "seed", minimum=0, strict=True)
     batch_size = check_batch_size(batch_size, optional=True)
@@ -160,6 +176,7 @@ def sweep(
     if engine != "auto":
         engine_class(engine)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    parse_targets(targets)  # validates names and word widths
     if resume and out is None:
         raise InvalidArgument("resume=True needs out= (--out): the file to continue")
     dev = resolve_device(device)
@@ -173,7 +190,7 @@ def sweep(
     if out is not None:
         file = SweepFile(out, resume=resume)
         try:
-            old = file.open_rows(settings(models, data, layers, targets))
+            old = file.open_rows(settings(models, data, layers, targets, error=err.settings()))
         except BaseException:
             file.close()
             raise
@@ -188,10 +205,10 @@ def sweep(
         for label, model in models.items():
             runner = pick_engine(model, engine=engine, device=dev, targets=targets)(
                 model, data, layers=layers, device=dev, batch_size=batch_size,
-                maps_per_step=maps_per_step, targets=targets)
-            # maps depend on (seed, layer position, size) only: share them between models
-            # of the same architecture (the same chips)
-            layout = (tuple((n, lay.weight.numel()) for n, lay in select_layers(model).items()),
+                maps_per_step=maps_per_step, targets=targets, error=err)
+            # maps depend on (seed, layer position, stored bits) only: share them between
+            # models of the same memory layout (the same chips)
+            layout = (tuple((n, lay.n_stored_bits) for n, lay in select_layers(model).items()),
                       tuple(select_layers(model, layers)))
             if layout != map_layout:
                 maps, map_layout = _MapCache(), layout
@@ -204,7 +221,7 @@ def sweep(
                     fmaps = (None for _ in todo)
                 else:
                     fmaps = (maps.get(m, lambda m=m, model=model: draw_maps(
-                        model, seeds[m], cap, layers=layers)) for m in todo)
+                        model, seeds[m], cap, layers=layers, error=err)) for m in todo)
                 accs = runner.accuracies(fmaps, [seeds[m] for m in todo], p01, p10, bar)
                 rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
                          "p10": p10, "map": m, "seed": seeds[m], "accuracy": a,
@@ -250,8 +267,7 @@ class _MapCache:
         if m in self.maps:
             return self.maps[m]
         fm = draw()
-        size = sum(f.idx.numel() * f.idx.element_size() + f.u.numel() * f.u.element_size()
-                   for f in fm.values())
+        size = sum(map_nbytes(f) for f in fm.values())
         if self.used + size <= self.budget:
             self.maps[m] = fm
             self.used += size
@@ -277,19 +293,7 @@ def accuracy_under_flips(model: nn.Module, data: BNNDataset, flip_sets: list[dic
         model, data, layers=None, device=dev, batch_size=batch_size, maps_per_step=None,
         targets=("weights",))
     layers = stored_layers(model)
-    converted = []
-    for fs in flip_sets:
-        conv = {}
-        for name, idx in fs.items():
-            if name not in layers:
-                raise InvalidArgument(f"unknown layer {name!r}; layers: {', '.join(layers)}")
-            idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
-            n_bits = layers[name].n_stored_bits
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_bits):
-                raise InvalidArgument(f"{name}: a flip index is outside its {n_bits} stored bits")
-            conv[name] = idx
-        converted.append(conv)
-    return impl.evaluate(converted)
+    return impl.evaluate([check_flips(layers, fs) for fs in flip_sets])
 
 
 def summarize(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:

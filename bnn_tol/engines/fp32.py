@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from bnn_tol.core.compiled import Stage
 from bnn_tol.core.layers import apply_folded
 from bnn_tol.engines.base import MEMORY_BUDGET, SignEngine, fp32_prefix, register_engine
+from bnn_tol.faults.apply import negate_
 
 __all__ = ["Fp32Engine"]
 
@@ -107,9 +108,8 @@ class Fp32Engine(SignEngine):
             w = self.stages[k].wb.expand(len(flips), *self.stages[k].wb.shape).clone()
             for g, f in enumerate(flips):
                 idx = f.get(k)
-                if idx is not None and idx.numel():
-                    flat = w[g].view(-1)
-                    flat[idx] = -flat[idx]
+                if idx is not None:
+                    negate_(w[g], idx)
             ws[k] = w.to(self.device)
         correct = torch.zeros(len(flips), dtype=torch.int64, device=self.device)
         for h, y in self._chunks():

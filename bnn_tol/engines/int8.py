@@ -14,6 +14,7 @@ from bnn_tol.core.compiled import Stage
 from bnn_tol.core.kernels import serial
 from bnn_tol.data import InputGrid
 from bnn_tol.engines.base import SignEngine, register_engine
+from bnn_tol.faults.apply import negate_
 from bnn_tol.provenance import has_cpu_flag
 
 __all__ = ["Int8Engine", "int8_is_fast", "int8_available", "VNNI_FLAGS"]
@@ -104,9 +105,8 @@ class _Int8Net:
             if idx.numel() == 0:
                 continue
             w = self.w[k].clone()
-            flat = w.view(-1)
-            old = flat[idx]
-            flat[idx] = -old
+            old = w.view(-1)[idx]
+            negate_(w, idx)
             rows = torch.div(idx, w.shape[1], rounding_mode="floor")
             cs[k] = self.comparator(k, self.s[k].index_add(0, rows, -2 * old.to(torch.int64)))
             ws[k] = w.to(self.device)

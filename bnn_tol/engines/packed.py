@@ -35,6 +35,7 @@ from bnn_tol.core import kernels
 from bnn_tol.core.compiled import CompiledModel
 from bnn_tol.engines import int8
 from bnn_tol.engines.base import MEMORY_BUDGET, SignEngine, fp32_prefix, register_engine
+from bnn_tol.faults.apply import negate
 
 __all__ = ["PackedEngine", "PackedNet", "DELTA_FRACTION"]
 
@@ -191,9 +192,7 @@ class PackedNet:
                 coef = (-2 * wb.view(-1)[idx]).to(torch.int32).numpy()
                 ws[0] = ("delta", rows.astype(np.int64), cols.astype(np.int64), coef)
             elif k == 0:
-                w = self.stages[0].wb.clone().view(-1)
-                w[idx] = -w[idx]
-                ws[0] = self._stage_weights(0, w.view_as(self.stages[0].wb))
+                ws[0] = self._stage_weights(0, negate(self.stages[0].wb, idx))
             else:
                 word, bit = self.layouts[k].positions(idx.cpu().numpy())
                 w_t = self.clean[k][0].copy()

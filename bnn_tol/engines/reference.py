@@ -1,15 +1,15 @@
-"""The reference engine: ``faults.inject`` + the model's own forward pass, per map.
+"""The reference engine: ``faults.inject`` / ``faults.apply`` + the model's own forward pass.
 
-Any model, every fault target; the oracle the other engines are tested against (and the only
-engine for activation and threshold errors).
+Any model, every fault target and error model; the oracle the other engines are tested against
+(and the only engine for activation, threshold and BN errors).
 """
 
 from __future__ import annotations
 
 from bnn_tol.core.inference import accuracy
 from bnn_tol.engines.base import Engine, register_engine
-from bnn_tol.faults.chip import accuracy_with_flips
-from bnn_tol.faults.maps import inject
+from bnn_tol.faults.apply import apply
+from bnn_tol.faults.inject import inject
 
 __all__ = ["ReferenceEngine"]
 
@@ -20,13 +20,13 @@ class ReferenceEngine(Engine):
     target."""
 
     name, rank = "reference", 9
-    targets = frozenset({"weights", "activations", "thresholds"})
+    targets = frozenset({"weights", "activations", "thresholds", "bn"})
 
     def accuracies(self, maps, seeds, p01, p10, bar):  # noqa: D102
         out = []
         for s in seeds:
             with inject(self.model, (p01, p10), seed=s, layers=self.layers,
-                        targets=self.targets):
+                        targets=self.targets, error=self.error):
                 out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
             bar.update(1)
         return out
@@ -35,5 +35,8 @@ class ReferenceEngine(Engine):
         return {}
 
     def evaluate(self, flips):  # noqa: D102
-        return [accuracy_with_flips(self.model, self.data, dict(fl), batch_size=self.batch_size)
-                for fl in flips]
+        out = []
+        for fl in flips:
+            with apply(self.model, fl):
+                out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
+        return out

@@ -2,7 +2,9 @@
 
 A sweep writes ``<out>`` (one row per (model, BER, map), :data:`COLUMNS`) and the sidecar
 ``<out>.meta.json`` (what defines the rows: per model a sha256 of its state dict and its faulty
-layers; the dataset's name, split, size and sha256; the fault targets; and the provenance).
+layers; the dataset's name, split, size and sha256; the fault targets; the error model; and the
+provenance). A sidecar without an error model (written before error models were selectable)
+is a Bernoulli sweep.
 While a sweep runs it holds an exclusive ``flock`` on ``<out>``; rows of each finished
 (model, BER) are appended in one write and fsynced, so a killed sweep leaves at most a torn
 last line, which :meth:`SweepFile.open_rows` cuts off before resuming. Nothing in an existing
@@ -45,6 +47,8 @@ _FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr", "bits_per_weight")
 _INT_COLS = ("map", "seed", "memory_bits")
 _UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
 _KEY = ["model", "p01", "p10", "map", "seed"]
+#: The error model of sidecars written before error models were recorded.
+_DEFAULT_ERROR = {"name": "bernoulli"}
 
 
 def meta_path(out) -> Path:
@@ -52,10 +56,13 @@ def meta_path(out) -> Path:
     return Path(os.fspath(out) + META_SUFFIX)
 
 
-def settings(models: dict, data: BNNDataset, layers, targets: tuple) -> dict:
+def settings(models: dict, data: BNNDataset, layers, targets: tuple,
+             error: dict | None = None) -> dict:
     """What defines a sweep's rows besides (model, BER, map, seed): engine, device and batch
-    size do not (every engine is exact)."""
+    size do not (every engine is exact); the error model does (``error``: its
+    :meth:`~bnn_tol.faults.registry.ErrorModel.settings`; default Bernoulli)."""
     return {
+        "error": error or dict(_DEFAULT_ERROR),
         "models": {str(lb): {"digest": model_digest(m), "layers": list(select_layers(m, layers))}
                    for lb, m in models.items()},
         "dataset": {"name": str(data.name), "split": str(data.split), "n_samples": len(data),
@@ -101,6 +108,11 @@ def _differences(old: dict, new: dict) -> list[str]:
             diffs.append(f"dataset {k}={od.get(k)!r}, now {k}={nd[k]!r}")
     if not diffs and od.get("digest") != nd["digest"]:
         diffs.append("other test images or labels (same name and size, different sha256)")
+    oe, ne = old.get("error", _DEFAULT_ERROR), new.get("error", _DEFAULT_ERROR)
+    if oe != ne:
+        diffs.append(f"error model {oe.get('name')!r}, now {ne.get('name')!r}"
+                     if oe.get("name") != ne.get("name") else
+                     f"error model {ne.get('name')!r} with settings {oe}, now {ne}")
     if old.get("targets") != new["targets"]:
         diffs.append(f"targets={old.get('targets')}, now targets={new['targets']}")
     for lb, m in new["models"].items():

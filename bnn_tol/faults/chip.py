@@ -19,6 +19,27 @@ A bit stored in a failed cell flips iff it differs from ``flip_to``. Failures ar
 across voltages by construction (a cell that fails at V fails below V), so the flips at a lower
 voltage include those at a higher one for the same stored bits.
 
+**Error model** ``chip:<profile.npz>`` (:class:`ChipErrors`, in the registry of
+:mod:`bnn_tol.faults.registry`). A chip is a stuck-at memory whose stuck cells and values are
+measured instead of drawn (:class:`~bnn_tol.faults.stuck_at.StuckMap`): cell ``c`` reads
+``flip_to_c`` once it fails. The axes of a sweep (``evaluate.sweep(..., error="chip:x.npz")``,
+``bnn-tol sweep --error chip:x.npz``) map onto the chip as follows:
+
+* **rate = fraction of failing cells.** Each cell gets its failure rank
+  ``u_c = #{c' : v_fail_c' > v_fail_c} / n_cells`` (``u_c = 1``, never failing, where
+  ``v_fail_c = -inf``); at rate ``p`` the cells with ``u_c < p`` have failed. Lowering the
+  voltage to ``V`` fails exactly the cells with ``u_c < p(V)``,
+  ``p(V) = #{c : v_fail_c > V} / n_cells`` (:func:`voltage_rate`; the ``failing`` column of
+  :meth:`Profile.cell_error_rate`), so a sweep over ``p(V)`` is the voltage sweep, and any
+  ``p`` in ``[0, 1]`` is the chip at the voltage where a fraction ``p`` of its cells fail
+  (nested across ``p``). The realized BER is lower: a bit flips only where it differs from what
+  its failed cell reads. One rate ``p`` only (the direction is the profile's).
+* **map = placement.** Chip seed ``s`` places the model at bit offset ``s mod n_cells`` of the
+  memory (the layout below; weight memory image only), so the sweep's maps are random
+  placements of the model on the one profiled chip, and :func:`profile_sweep`'s row
+  ``(V, offset)`` is the sweep row ``(p(V), seed = offset)``:
+  ``inject(model, voltage_rate(profile, V), seed=offset, error=ChipErrors(profile))``.
+
 **Layout** (weight-to-memory): the model's memory image is the concatenation, in forward order,
 of every layer's stored bits (:meth:`~bnn_tol.layers.BinaryLayer.stored_bits`: ``numel * m``
 bits, weight-major, LSB first). Bit ``k`` of that stream at ``offset`` ``o`` (in bits) is bit
@@ -31,24 +52,28 @@ values place the model at different addresses of the same chip.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.core.inference import accuracy
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.maps import select_layers
+from bnn_tol.faults.registry import ErrorModel, Site, draw_sites, model_sites, register_error
+from bnn_tol.faults.stuck_at import StuckMap
 
 __all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "cells",
-           "profile_flips", "energy", "accuracy_with_flips", "FORMAT"]
+           "profile_flips", "energy", "FORMAT", "ChipErrors", "failure_rank", "voltage_rate"]
 
 FORMAT = "bnn_tol.profile"
 
@@ -226,25 +251,34 @@ def _stored_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def profile_flips(model: nn.Module, profile: Profile, voltage: float, *,
                   offset: int = 0) -> dict[str, Tensor]:
-    """Stored bits that flip when ``model`` sits at ``offset`` in ``profile`` at ``voltage``.
+    """Stored bits that flip when ``model`` sits at ``offset`` in ``profile`` at ``voltage``:
+    the flips of the chip error model at rate ``voltage_rate(profile, voltage)``, chip seed
+    ``offset`` (a bit whose cell fails at ``voltage`` and reads the other value).
 
     Returns:
         ``{layer name: int64 (F,) sorted flat indices into layer.stored_bits()}`` for every
         binary/quantized layer (forward order).
     """
-    layers = _stored_layers(model)
-    images = {n: lay.stored_bits().cpu().numpy() for n, lay in layers.items()}
-    total = sum(b.size for b in images.values())
-    where = cells(total, profile, offset)
-    fails = profile.failing(float(voltage))[where]
-    reads = profile.flip_to[where]
-    out, start = {}, 0
-    for name, bits in images.items():
-        sl = slice(start, start + bits.size)
-        flip = fails[sl] & (bits != reads[sl])
-        out[name] = torch.from_numpy(np.flatnonzero(flip).astype(np.int64))
-        start += bits.size
-    return out
+    offset = require_int(offset, "offset", minimum=0)
+    p = voltage_rate(profile, voltage)
+    maps = draw_sites(model_sites(model), offset, p, error=ChipErrors(profile))
+    return {n: maps[n].flips(lay.stored_bits(), p, p) for n, lay in _stored_layers(model).items()}
+
+
+def failure_rank(profile: Profile) -> np.ndarray:
+    """float64 ``(n_cells,)``: ``u_c = #{c' : v_fail_c' > v_fail_c} / n_cells`` (``1`` for
+    cells that never fail); the cells failing at voltage ``V`` are those with
+    ``u_c < voltage_rate(profile, V)``."""
+    v = np.asarray(profile.v_fail, np.float64)
+    n = v.size
+    greater = n - np.searchsorted(np.sort(v), v, side="right")
+    return np.where(np.isneginf(v), 1.0, greater / n)
+
+
+def voltage_rate(profile: Profile, voltage: float) -> float:
+    """The chip's rate at ``voltage``: the fraction of its cells that fail there,
+    ``#{c : v_fail_c > V} / n_cells``."""
+    return int(profile.failing(float(voltage)).sum()) / profile.n_cells
 
 
 def energy(voltages: Sequence[float], *, reference: float, table: Sequence[float] | None = None
@@ -265,30 +299,51 @@ def energy(voltages: Sequence[float], *, reference: float, table: Sequence[float
     return t / t[idx[0]]
 
 
-class _FixedFlips:
-    """Layer fault flipping fixed stored-bit indices (+-1 convention of :mod:`bnn_tol.errors`)."""
+@register_error
+class ChipErrors(ErrorModel):
+    """``chip:<profile.npz>``: the failures of a profiled (or synthetic) chip (module
+    docstring: rate = fraction of failing cells, map seed = placement).
 
-    def __init__(self, idx: Tensor) -> None:
-        self.idx = idx
+    Args:
+        profile: a :class:`Profile` or the path of a profile file.
+    """
 
-    def __call__(self, bits: Tensor) -> Tensor:
-        if self.idx.numel() == 0:
-            return bits
-        flat = bits.detach().reshape(-1).clone()
-        i = self.idx.to(flat.device)
-        flat[i] = -flat[i]
-        return bits + (flat.view_as(bits) - bits).detach()
+    name = "chip"
+    argument = "profile.npz"
+    symmetric = True
 
+    def __init__(self, profile: Profile | str | os.PathLike) -> None:
+        if isinstance(profile, Profile):
+            self.profile, self.path = profile, None
+        else:
+            self.path = str(profile)
+            self.profile = load_profile(profile)
 
-def accuracy_with_flips(model: nn.Module, data, flips: dict[str, Tensor], *,
-                        batch_size: int = 2048) -> float:
-    """Accuracy with the given stored bits flipped (exact: the same path as ``errors.inject``)."""
-    layers = _stored_layers(model)
-    saved = {n: lay.fault for n, lay in layers.items()}
-    try:
-        for n, lay in layers.items():
-            lay.fault = _FixedFlips(flips.get(n, torch.empty(0, dtype=torch.int64)))
-        return accuracy(model, data, batch_size=batch_size)
-    finally:
-        for n, lay in layers.items():
-            lay.fault = saved[n]
+    @cached_property
+    def rank(self) -> np.ndarray:
+        """:func:`failure_rank` of the profile (computed once)."""
+        return failure_rank(self.profile)
+
+    def draw(self, site: Site, seed: int, cap: float) -> StuckMap:
+        """The cells of ``site``'s bits at placement ``seed mod n_cells`` that fail below
+        ``cap``, with what they read."""
+        if site.address < 0:
+            raise InvalidArgument("a chip profile maps the weight memory image only")
+        offset = seed % self.profile.n_cells + site.address
+        where = cells(site.n_bits, self.profile, offset)
+        u = self.rank[where]
+        idx = np.flatnonzero(u < cap)
+        return StuckMap(site.n_bits, torch.from_numpy(idx.astype(np.int64)),
+                        torch.from_numpy(u[idx]),
+                        torch.from_numpy(self.profile.flip_to[where][idx].astype(bool)), cap)
+
+    def spec(self) -> str:  # noqa: D102
+        return f"chip:{self.path}" if self.path else "chip:<Profile>"
+
+    def settings(self) -> dict[str, Any]:
+        """The name and a sha256 of the profile's contents (not its path)."""
+        h = hashlib.sha256()
+        p = self.profile
+        for a in (p.voltages, np.array([p.rows, p.cols, p.n_arrays]), p.v_fail, p.flip_to):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return {"name": "chip", "profile_sha256": h.hexdigest()}

@@ -1,4 +1,8 @@
-"""Bit error model for weights stored in approximate memory.
+"""Drawing bit errors: the Bernoulli law, persistent nested fault maps, transient flips.
+
+The error models built on these draws are :mod:`bnn_tol.faults.registry` entries (the default,
+:mod:`bnn_tol.faults.bernoulli`, is the persistent map below); injection is
+:func:`bnn_tol.faults.inject.inject`.
 
 Each layer stores its weights through a codec (:mod:`bnn_tol.codec`): ``m`` bits per weight,
 the memory image ``codec.to_bits(codec.encode(w))`` of ``numel * m`` bits. In the BNN case
@@ -21,15 +25,16 @@ process over ``n`` bits are drawn as geometric gaps,
 
 which needs about ``n p`` uniforms instead of ``n`` and has exactly the Bernoulli law.
 
-Persistent fault maps (:func:`fault_map`, :func:`draw_maps`, :func:`inject`) model one chip:
+Persistent fault maps (:func:`fault_map`; per model :func:`~bnn_tol.faults.registry.draw_maps`)
+model one chip:
 every stored bit ``i`` gets one uniform ``u_i ~ U(0, 1)`` and flips iff ``u_i < p`` (iff
 ``u_i < p01`` for a stored 0, ``u_i < p10`` for a stored 1). Maps are therefore nested across
 BERs (the flips at 1 % are a subset of those at 2 % for the same seed) and identical on every
 run and every device (they are always drawn on CPU). Only the ``u_i`` below a cap are ever
 materialized (see :func:`fault_map`), so low BERs cost about ``n p`` draws, not ``n``.
 
-Seed -> map (what :func:`inject` and :func:`bnn_tol.evaluate.sweep` both use, so any sweep row
-can be replayed with ``inject(model, ber, seed=row.seed)``)::
+Seed -> map of the ``bernoulli`` error model (what ``inject`` and :func:`bnn_tol.evaluate.sweep`
+both use, so any sweep row can be replayed with ``inject(model, ber, seed=row.seed)``)::
 
     layer_seed(seed, k) = SeedSequence(seed, spawn_key=(k,)).generate_state(1, uint64) & (2**63-1)
     map of binary layer k = fault_map(layer.n_stored_bits, cap,   # numel * m stored bits
@@ -42,25 +47,19 @@ cap (it only decides how many ``u_i`` are materialized).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bnn_tol.core import kernels
-from bnn_tol.core.codec import (
-    _StraightThrough,  # forward: the flipped tensor; backward: straight through
-)
-from bnn_tol.core.compiled import positions, stored_layers
+from bnn_tol.core.compiled import stored_layers
 from bnn_tol.core.kernels import serial
-from bnn_tol.core.layers import fold_threshold
-from bnn_tol.data import INPUT
 from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults.apply import negate, negate_
 from bnn_tol.faults.seeds import derive, spawn
 
 __all__ = [
@@ -77,9 +76,7 @@ __all__ = [
     "fault_map",
     "layer_seed",
     "map_seeds",
-    "draw_maps",
     "PersistentFlip",
-    "inject",
     "BAND_EDGES",
 ]
 
@@ -233,9 +230,7 @@ def flip_binary(
     """
     flat = wb.detach().reshape(-1)
     idx = flip_indices(flat, p01, p10, generator=generator)
-    out = flat.clone()
-    out[idx] = -out[idx]
-    return out.view_as(wb), idx
+    return negate_(flat.clone(), idx).view_as(wb), idx
 
 
 #: From this rate on, transient flips use one random byte per bit (:func:`flip_mask`); below,
@@ -340,27 +335,19 @@ class TransientFlip:
         the flips are applied to the sign bits before they become +-1, without a copy of the
         binarized weight.
         """
-        flat = stored.view(-1)
         if max(self.p01, self.p10) >= BYTES_ABOVE:
             self._last = flip_mask(stored, self.p01, self.p10, generator=self.generator)
-            flat.bitwise_xor_(self._last.view(-1))
-        else:
-            idx = self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
-            if _gap_kernel(idx.numel(), flat.device) is not None:
-
-                kernels.negate_at(flat.numpy(), idx.numpy())
-            else:
-                flat.scatter_(0, idx, flat.gather(0, idx).logical_not_())
-        return stored
+            return negate_(stored, self._last)
+        self._last = flip_indices(stored, self.p01, self.p10, generator=self.generator)
+        return negate_(stored, self._last)
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
         w = wb.detach()
         if max(self.p01, self.p10) >= BYTES_ABOVE:
             self._last = flip_mask(w, self.p01, self.p10, generator=self.generator)
-            flipped = torch.where(self._last, -w, w)
         else:
-            flipped, self._last = flip_binary(w, self.p01, self.p10, generator=self.generator)
-        return _StraightThrough.apply(wb, flipped)
+            self._last = flip_indices(w, self.p01, self.p10, generator=self.generator)
+        return negate(wb, self._last)
 
     def __repr__(self) -> str:
         return f"TransientFlip(p01={self.p01}, p10={self.p10})"
@@ -544,45 +531,17 @@ def map_seeds(seed: int, n_maps: int) -> list[int]:
     return spawn(seed, n_maps)
 
 
-def _positions(model: nn.Module) -> dict[str, int]:
-
-    return positions(model)
-
-
-def draw_maps(
-    model: nn.Module,
-    seed: int,
-    cap: float,
-    *,
-    layers: Sequence[str | int] | str | None = None,
-) -> dict[str, FaultMap]:
-    """Fault maps of the stored weight bits of the selected layers for chip ``seed``.
-
-    Layer ``k`` (position among all binary/quantized layers) uses
-    ``torch.Generator().manual_seed(layer_seed(seed, k))`` over its ``numel * m`` stored bits
-    (:attr:`~bnn_tol.layers.BinaryLayer.n_stored_bits`; ``m = 1`` for a BNN).
-
-    Returns:
-        ``{layer name: FaultMap}`` in forward order.
-    """
-    seed = require_int(seed, "seed", minimum=0)
-    pos = _positions(model)
-    chosen = select_layers(model, layers)
-    return {
-        name: fault_map(layer.n_stored_bits, cap,
-                        generator=torch.Generator().manual_seed(layer_seed(seed, pos[name])))
-        for name, layer in chosen.items()
-    }
-
-
 class PersistentFlip:
-    """Layer fault: the flips of a persistent :class:`FaultMap` at rates ``(p01, p10)``.
+    """Layer fault: the flips of one persistent map (any error model's) at rates ``(p01, p10)``.
 
-    Forward: ``w'_i = -w_i`` iff ``u_i < p10`` (``w_i = +1``) or ``u_i < p01`` (``w_i = -1``),
-    decided from the binarized weight it is called with. Backward: straight through.
+    ``fmap`` is what an error model draws for the layer's stored bits
+    (:meth:`bnn_tol.faults.registry.ErrorModel.draw`, e.g. a :class:`FaultMap`): its
+    ``flips(stored, p01, p10)`` names the flat indices that flip given the stored bits.
+    Forward: ``w' = negate(w, flips(w))`` on the binarized weight it is called with; backward:
+    straight through. Fixed-point layers ask :meth:`indices` and flip their codes.
     """
 
-    def __init__(self, fmap: FaultMap, p01: float, p10: float) -> None:
+    def __init__(self, fmap, p01: float, p10: float) -> None:
         self.fmap = fmap
         self.p01, self.p10 = p01, p10
         self.last_flips: Tensor | None = None
@@ -593,200 +552,7 @@ class PersistentFlip:
         return self.last_flips
 
     def __call__(self, wb: Tensor) -> Tensor:  # noqa: D102
-        idx = self.fmap.flips(wb.detach(), self.p01, self.p10)
-        self.last_flips = idx
-        if idx.numel() == 0:
-            return wb
-        flat = wb.detach().reshape(-1).clone()
-        flat[idx] = -flat[idx]
-        return wb + (flat.view_as(wb) - wb).detach()
+        return negate(wb, self.indices(wb.detach()))
 
     def __repr__(self) -> str:
-        return (f"PersistentFlip(p01={self.p01}, p10={self.p10}, "
-                f"candidates={self.fmap.idx.numel()})")
-
-
-def _activation_hook(fmap: FaultMap, p01: float, p10: float):
-    def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
-        shape = out.shape[1:]
-        ref = out[:1].reshape(-1)
-        idx = fmap.flips(ref, p01, p10) if p01 == p10 else None
-        if idx is None:  # asymmetric: the stored value differs per sample
-            u = torch.full((fmap.numel,), 2.0, dtype=torch.float64, device=out.device)
-            u[fmap.idx.to(out.device)] = fmap.u.to(out.device)
-            flat = out.reshape(out.shape[0], -1)
-            rate = torch.where(flat > 0, p10, p01)
-            return torch.where(u[None, :] < rate, -flat, flat).view_as(out)
-        sign = torch.ones(int(np.prod(shape)), dtype=out.dtype, device=out.device)
-        sign[idx] = -1
-        return out * sign.view(shape)
-
-    return hook
-
-
-def _threshold_bits(reach: int) -> int:
-    """Bits of a two's complement integer holding ``[-reach - 1, reach + 1]``."""
-    return int(reach + 1).bit_length() + 1
-
-
-def _threshold_hook(folded, fmap: FaultMap, p01: float, p10: float, bits: int, scale: int,
-                    reach: int):
-    """Replace ``sign(bn(a))`` by the comparator with a corrupted ``bits``-bit integer threshold.
-
-    ``reach`` bounds ``|scale a|``; thresholds beyond it are clamped to ``+-(reach + 1)``
-    first (the same comparator on every reachable ``a``).
-    """
-    t = folded.t.clamp(-reach - 1, reach + 1)
-    if bits < _threshold_bits(reach):
-        raise InvalidArgument(f"BN thresholds of this layer need {_threshold_bits(reach)} bits "
-                         f"(|a| <= {reach}); threshold_bits={bits} is too small")
-    stored = (t[:, None] >> torch.arange(bits)) & 1  # (C, bits) two's complement bits
-    flat = stored.reshape(-1) * 2 - 1
-    idx = fmap.flips(flat, p01, p10)
-    stored.view(-1)[idx] ^= 1
-    weights = 1 << torch.arange(bits, dtype=torch.int64)
-    weights[-1] = -weights[-1]
-    t_bad = (stored * weights).sum(1)
-    d = folded.direction.to(torch.int64)
-    const = folded.const.to(torch.float32)
-
-    def hook(module: nn.Module, inputs, out: Tensor) -> Tensor:
-        a = inputs[0] * scale
-        shape = [1, -1] + [1] * (a.dim() - 2)
-        tt = t_bad.to(a.device, a.dtype).view(shape)
-        dd = d.to(a.device).view(shape)
-        y = torch.where(dd > 0, a - tt, tt - a)
-        y = torch.where(dd == 0, const.to(a.device, a.dtype).view(shape), y)
-        return torch.where(y >= 0, 1.0, -1.0).to(out.dtype)
-
-    return hook, t_bad
-
-
-@contextlib.contextmanager
-def inject(
-    model: nn.Module,
-    ber: BER,
-    seed: int = 0,
-    *,
-    layers: Sequence[str | int] | str | None = None,
-    mode: str = "persistent",
-    targets: Sequence[str] | str = ("weights",),
-    threshold_bits: int | None = None,
-) -> Iterator[dict[str, object]]:
-    """Context manager: run ``model`` on fault map (chip) ``seed`` at bit error rate ``ber``.
-
-    ``mode="persistent"``: weight bit ``i`` of binary layer ``k`` flips iff
-    ``u_i < p10`` (stored +1) or ``u_i < p01`` (stored -1), with the ``u_i`` of
-    :func:`draw_maps` -- the same map on every run, nested across BERs, and exactly the map of
-    the sweep row with this ``seed``. ``mode="transient"``: a fresh draw on every forward pass
-    (:class:`TransientFlip`, what bit flip training uses), seeded by ``layer_seed(seed, k)``.
-
-    The weights themselves are never modified: the context sets each selected layer's
-    ``fault`` and restores the previous one on exit, also when the block raises.
-
-    Args:
-        model: a module with binary layers (a :class:`~bnn_tol.models.BNN` for the activation
-            and threshold targets).
-        ber: ``p`` or ``(p01, p10)``.
-        seed: the chip.
-        layers: see :func:`select_layers` (``None``: all, ``"hidden"``: all but first/last).
-        mode: ``"persistent"`` or ``"transient"``.
-        targets: any of ``"weights"``, ``"activations"`` (binary outputs of the selected
-            layers' blocks; a persistent map over the per-sample activation buffer: the same
-            positions flip on every sample), ``"thresholds"`` (the folded integer BN threshold
-            of each selected hidden block, clamped to the reachable range ``|a| <= R`` (``R =
-            fan_in``; first layer in units of 1/128: ``R = 128 fan_in``) and stored as
-            ``threshold_bits``-bit two's complement (default: the fewest bits holding
-            ``+-(R + 1)``). Activations/thresholds are persistent only.
-
-    Yields:
-        ``{layer name: fault}`` of the weight faults (``PersistentFlip`` / ``TransientFlip``).
-
-    Raises:
-        ValueError: bad rates, unknown layer names or targets, no binary layers.
-    """
-    if ber is None:
-        raise InvalidArgument("inject needs a bit error rate: ber=p or ber=(p01, p10), got None")
-    p01, p10 = rates(ber)
-    seed = require_int(seed, "seed", minimum=0)
-    if mode not in ("persistent", "transient"):
-        raise InvalidArgument(f"mode must be 'persistent' or 'transient', got {mode!r}")
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    bad = set(targets) - {"weights", "activations", "thresholds"}
-    if bad or not targets:
-        raise InvalidArgument(
-            f"unknown targets {sorted(bad)}; use weights, activations, thresholds")
-    chosen = select_layers(model, layers)
-    pos = _positions(model)
-    cap = max(p01, p10)
-    saved = {name: layer.fault for name, layer in chosen.items()}
-    handles: list = []
-    faults: dict[str, object] = {}
-    try:
-        if "weights" in targets:
-            for name, layer in chosen.items():
-                gen = torch.Generator().manual_seed(layer_seed(seed, pos[name]))
-                if mode == "persistent":
-                    fmap = fault_map(layer.n_stored_bits, cap, generator=gen)
-                    fault: object = PersistentFlip(fmap, p01, p10)
-                else:
-                    dev = layer.weight.device
-                    tgen = torch.Generator(device=dev).manual_seed(layer_seed(seed, pos[name]))
-                    fault = TransientFlip((p01, p10), tgen)
-                layer.fault = fault  # type: ignore[assignment]
-                faults[name] = fault
-        if {"activations", "thresholds"} & set(targets):
-            if mode != "persistent":
-                raise InvalidArgument("activation/threshold errors are persistent only")
-            handles += _hook_blocks(model, chosen, pos, seed, p01, p10, targets, threshold_bits)
-        yield faults
-    finally:
-        for h in handles:
-            h.remove()
-        for name, layer in chosen.items():
-            layer.fault = saved[name]
-
-
-def _hook_blocks(model, chosen, pos, seed, p01, p10, targets, bits) -> list:
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise InvalidArgument("activation/threshold errors need a bnn_tol BNN (model.blocks)")
-    handles = []
-    cap = max(p01, p10)
-    for k, block in enumerate(blocks):
-        name = next((n for n, m in chosen.items() if m is block.layer), None)
-        if name is None or not block.binary_output:
-            continue
-        if getattr(block, "activation", "sign") != "sign":
-            raise InvalidArgument(f"{name}: activation/threshold errors need sign activations "
-                                  f"(binary outputs and a BN threshold); this block uses "
-                                  f"{block.activation}")
-        if "thresholds" in targets:
-            gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 2))
-            scale = INPUT.scale if k == 0 else 1
-            folded = fold_threshold(block.bn, scale=scale)
-            reach = block.layer.fan_in * scale
-            nb = bits or _threshold_bits(reach)
-            fmap = fault_map(folded.t.numel() * nb, cap, generator=gen)
-            hook, _ = _threshold_hook(folded, fmap, p01, p10, nb, scale, reach)
-            handles.append(block.bn.register_forward_hook(hook))
-        if "activations" in targets:
-            gen = torch.Generator().manual_seed(layer_seed(seed, pos[name], 1))
-            n_out = _block_out_numel(model, k)
-            fmap = fault_map(n_out, cap, generator=gen)
-            handles.append(block.register_forward_hook(_activation_hook(fmap, p01, p10)))
-    return handles
-
-
-def _block_out_numel(model, k: int) -> int:
-    x = torch.zeros(1, *model.in_shape, device=next(model.parameters()).device)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for block in model.blocks[: k + 1]:
-                x = block(x)
-    finally:
-        model.train(was)
-    return int(x[0].numel())
+        return f"PersistentFlip({self.fmap!r}, p01={self.p01}, p10={self.p10})"

@@ -215,27 +215,33 @@ def _unpack_pm1(w: np.ndarray, fan_in: int) -> np.ndarray:
     return bits.astype(np.int64) * 2 - 1
 
 
-def _flip_with_maps(man: dict, weights: dict, ber, seed: int) -> None:
-    """XOR the flips of ``errors.inject(model, ber, seed=seed)`` into the packed image."""
+def _flip_with_maps(man: dict, weights: dict, ber, seed: int, error: str | None) -> None:
+    """XOR the flips of ``errors.inject(model, ber, seed=seed, error=error)`` into the packed
+    image: the maps come from the library's own drawing function
+    (:func:`bnn_tol.faults.registry.draw_sites`, what ``inject`` and the sweep draw)."""
     import torch
 
-    from bnn_tol.faults.maps import fault_map, layer_seed, rates
+    from bnn_tol.faults.registry import Site, check_rates, draw_sites, error_model
 
-    p01, p10 = rates(ber)
+    em = error_model(error)
+    ((p01, p10),) = check_rates(em, [ber])
+    sites, address = [], 0
     for pos, e in enumerate(man["layers"]):  # every stored layer, in forward order
-        key = f"layer{e['index']}"
-        rows, fan_in = e["rows"], e["fan_in"]
+        n_bits = e["rows"] * e["fan_in"]
+        sites.append(Site(f"layer{e['index']}", pos, n_bits, 0, address))
+        address += n_bits
+    maps = draw_sites(sites, seed, max(p01, p10), error=em)
+    for e in man["layers"]:
+        key, fan_in = f"layer{e['index']}", e["fan_in"]
         stored = _unpack_pm1(weights[key], fan_in).reshape(-1)
-        gen = torch.Generator().manual_seed(layer_seed(seed, pos))
-        fmap = fault_map(rows * fan_in, max(p01, p10), generator=gen)
-        idx = fmap.flips(torch.from_numpy(stored.astype(np.float32)), p01, p10).numpy()
+        idx = maps[key].flips(torch.from_numpy(stored.astype(np.float32)), p01, p10).numpy()
         r, c = np.divmod(idx, fan_in)
         np.bitwise_xor.at(weights[key], (r, c // 64), np.left_shift(
             np.uint64(1), (c % 64).astype(np.uint64)))
 
 
 def predict(bundle, x, *, ber=None, seed: int | None = None, flip_mask=None,
-            batch_size: int = 1000) -> np.ndarray:
+            batch_size: int = 1000, error: str | None = None) -> np.ndarray:
     """Predicted classes ``(N,)`` int64 of inputs ``x`` with the exported BNN.
 
     Args:
@@ -243,7 +249,8 @@ def predict(bundle, x, *, ber=None, seed: int | None = None, flip_mask=None,
         x: uint8 pixels ``(N, C, H, W)`` / ``(N, C H W)``, or float pixels (``p / 255`` or
             ``p``).
         ber, seed: bit errors of chip ``seed`` at ``p`` or ``(p01, p10)``: the fault map of
-            ``errors.inject(model, ber, seed=seed)`` (needs torch for the draw).
+            ``errors.inject(model, ber, seed=seed, error=error)`` (needs torch for the draw).
+        error: the error model (a name of ``bnn_tol.errors.models()``; default bernoulli).
         flip_mask: ``{"layer{k}": uint64 XOR mask like the packed weights}`` or an ``.npz``.
         batch_size: images per step (memory: the conv patches of one step).
 
@@ -256,7 +263,7 @@ def predict(bundle, x, *, ber=None, seed: int | None = None, flip_mask=None,
     if ber is not None:
         if seed is None:
             raise DeployError("ber= needs seed= (the chip)")
-        _flip_with_maps(man, weights, ber, int(seed))
+        _flip_with_maps(man, weights, ber, int(seed), error)
     if flip_mask is not None:
         masks = dict(np.load(flip_mask, allow_pickle=False)) \
             if isinstance(flip_mask, str | os.PathLike) else dict(flip_mask)

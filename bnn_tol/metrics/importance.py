@@ -10,7 +10,9 @@ the next layer sees, after sign and max-pool) is corrupted. Estimators (``estima
 - ``"taylor"``:  ``I_j ~ mean_n sum_pos -2 h_nj dCE_n/dh_nj`` -- first-order change of the loss
   under the negation, one backward pass (gradients through later signs use the STE)
 - ``"mc"``:      ``I_j = acc(net) - mean_k acc(net with only neuron j's incoming weights
-  corrupted by fault map k at BER p)`` (``ber``, ``n_maps``, ``seed``)
+  corrupted by fault map k at BER p)`` (``ber``, ``n_maps``, ``seed``, ``error``): map ``k`` is
+  chip ``map_seeds(seed, n_maps)[k]`` of the sweep with that seed -- the maps of
+  ``draw_maps(model, chip, p, error=error)`` -- restricted to neuron ``j``'s row
 - ``"loss_norm"``: the loss form on logits in units of the output BN scale,
   ``I_j = mean_n [CE(z'_n / s) - CE(z_n / s)]``, ``s = mean_c |gamma_c| / sqrt(s2_c + eps)``
   of the output BatchNorm (so ``z / s`` is measured in output pre-activation counts).
@@ -84,8 +86,9 @@ from bnn_tol.core.layers import BinaryConv2d, apply_folded
 from bnn_tol.data import BNNDataset
 from bnn_tol.engines import int8
 from bnn_tol.exceptions import InvalidArgument
-from bnn_tol.faults.maps import flip_binary, rates
-from bnn_tol.faults.seeds import spawn
+from bnn_tol.faults.apply import negate
+from bnn_tol.faults.maps import map_seeds
+from bnn_tol.faults.registry import ErrorModel, check_rates, draw_maps, error_model
 from bnn_tol.metrics import estimators
 from bnn_tol.metrics._common import (
     binary_weight,
@@ -399,13 +402,18 @@ def importance(
     ber: float | tuple[float, float] = 0.05,
     n_maps: int = 5,
     seed: int = 0,
+    error: str | ErrorModel | None = None,
 ) -> pd.DataFrame:
     """Importance of every hidden neuron: one row per (layer, neuron, estimator).
 
     See the module doc for the estimators' formulas. Exact estimators negate each neuron's
     binary output on every sample; ``"mc"`` corrupts only neuron ``j``'s incoming weights
-    with ``n_maps`` persistent fault maps at ``ber`` (map ``k`` of block ``l`` drawn from
-    ``faults.seeds.spawn(seed, ...)``; the same maps for every batch and every neuron of the layer).
+    with ``n_maps`` persistent fault maps at ``ber``: map ``k`` is chip
+    ``s_k = faults.map_seeds(seed, n_maps)[k]`` -- the chip of map ``k`` of
+    ``evaluate.sweep(..., n_maps=n_maps, seed=seed, error=error)`` -- and neuron ``j`` of
+    layer ``l`` gets the flips of ``draw_maps(model, s_k, p, error=error)[layer l]`` that fall
+    in its row (output channel) of the weight, the rest of the network error free (the same
+    maps for every batch).
 
     Args:
         model: a trained :class:`~bnn_tol.models.BNN`.
@@ -414,7 +422,9 @@ def importance(
         layers: hidden block indices (default all hidden blocks).
         batch_size: samples per clean forward pass.
         ber, n_maps, seed: the ``"mc"`` estimator's BER ``p`` or ``(p01, p10)``, number of
-            fault maps and seed.
+            fault maps and the sweep seed of the chips.
+        error: the ``"mc"`` estimator's error model (:func:`bnn_tol.errors.models`; default
+            ``"bernoulli"``).
 
     Returns:
         DataFrame ``layer, layer_index, neuron, importance, estimator, se, bias, n_samples,
@@ -468,16 +478,16 @@ def importance(
     scale = _output_scale(blocks) if any(estimators.get(e).needs_scale for e in ests) else 1.0
     flipped_w: dict[tuple[int, int], Tensor] = {}
     if mc:
-        p01, p10 = rates(ber)
+        em = error_model(error)
+        ((p01, p10),) = check_rates(em, [ber])
         if n_maps < 1:
             raise InvalidArgument(f"n_maps must be >= 1, got {n_maps}")
-        seeds = spawn(seed, len(blocks) * n_maps)
-        for info in infos:
-            wb = binary_weight(info.block.layer)
-            for k in range(n_maps):
-                g = torch.Generator(device=wb.device).manual_seed(
-                    seeds[info.index * n_maps + k])
-                flipped_w[info.index, k] = flip_binary(wb, p01, p10, generator=g)[0]
+        names_mc = [info.name for info in infos]
+        for k, chip in enumerate(map_seeds(seed, n_maps)):
+            maps = draw_maps(model, chip, max(p01, p10), layers=names_mc, error=em)
+            for info in infos:
+                wb = binary_weight(info.block.layer)
+                flipped_w[info.index, k] = negate(wb, maps[info.name].flips(wb, p01, p10))
 
     def _acc(store, key, val):
         store[key] = val if store[key] is None else store[key] + val

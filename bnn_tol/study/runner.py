@@ -55,7 +55,8 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, s
     [data]    dataset, train_subset, test_subset, metric_subset, subset_seed, data_dir
     [train]   bers, seeds, epochs, batch_size, lr, lr_step, lr_gamma, loss, flip_layers,
               flip_warmup
-    [eval]    bers, n_maps, seed, layers, batch_size, engine (``evaluate.sweep``'s; all exact)
+    [eval]    bers, n_maps, seed, layers, batch_size, engine (``evaluate.sweep``'s; all exact),
+              error (the error model, a name of ``bnn_tol.errors.models()``)
     [metrics] importance (estimator name or list of names), batch_size
     [run]     device, threads ("auto": cores // concurrent tasks, or an integer), workers
               (> 1: a local Dask cluster of that many single-thread worker processes)
@@ -94,6 +95,7 @@ from bnn_tol.data import BNNDataset
 from bnn_tol.engines import engines
 from bnn_tol.exceptions import BnnTolError, InvalidArgument
 from bnn_tol.faults import maps as errors
+from bnn_tol.faults.registry import error_model
 from bnn_tol.files import atomic_write
 from bnn_tol.interop import checkpoint as io
 from bnn_tol.metrics import estimators
@@ -116,7 +118,7 @@ DEFAULTS: dict[str, Any] = {
               "lr_step": None, "lr_gamma": 0.5, "loss": "ce", "flip_layers": "all",
               "flip_warmup": 0},
     "eval": {"bers": [0.0, 0.01, 0.02, 0.05, 0.1], "n_maps": 10, "seed": 0, "layers": "all",
-             "batch_size": 2048, "engine": "auto"},
+             "batch_size": 2048, "engine": "auto", "error": "bernoulli"},
     "metrics": {"importance": "accuracy", "batch_size": 1024},
     "run": {"device": "cpu", "threads": "auto", "workers": 1},
     "models": [{"label": "fc", "name": "fc"}],
@@ -307,6 +309,12 @@ def _validate(cfg: dict) -> None:
     _check_int("[eval] batch_size", ev["batch_size"], 1)
     if ev["engine"] not in engine_choices():
         raise _bad("[eval] engine", ev["engine"], f"one of {list(engine_choices())}")
+    try:
+        em = error_model(ev["error"])
+        for p in ev["bers"]:
+            em.check_rates(*errors.rates(tuple(p) if isinstance(p, list) else p))
+    except InvalidArgument as e:
+        raise InvalidArgument(f"[eval] error: {e}") from e
 
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else mt["importance"]
     if (not isinstance(ests, list) or not ests
@@ -414,6 +422,10 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                 del spec["train"]["bers"], spec["train"]["seeds"]
                 spec["run"]["threads"] = threads
                 del spec["run"]["workers"]  # how tasks are spread does not change them
+                if spec["eval"]["error"] == DEFAULTS["eval"]["error"]:
+                    # the default is not part of the spec: tasks finished before error models
+                    # were selectable keep their hash (and stay cached)
+                    del spec["eval"]["error"]
                 spec.update(model=dict(m, label=label), train_ber=float(ber), seed=int(seed),
                             model_id=task_id(label, ber, seed))
                 out.append(spec)
@@ -608,7 +620,8 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     eval_layers = None if ev["layers"] in (None, "all") else ev["layers"]
     sw = evaluate.sweep({spec["model_id"]: model}, test_ds, bers=bers, n_maps=ev["n_maps"],
                         seed=ev["seed"], layers=eval_layers, batch_size=ev["batch_size"],
-                        device=dev, progress=False, engine=ev["engine"])
+                        device=dev, progress=False, engine=ev["engine"],
+                        error=ev.get("error", DEFAULTS["eval"]["error"]))
     sw = sw.rename(columns={"seed": "map_seed"}).drop(columns=["model"])
     _write_csv(front(sw), tdir / "sweep.csv")
     stages["sweep_s"], t = time.perf_counter() - t, time.perf_counter()
