@@ -10,8 +10,40 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bnn_tol import schema
+from bnn_tol import data, metrics, models, schema, train
 from bnn_tol.exceptions import InvalidArgument
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "test").subset(200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fc():
+    m = models.build("fc", seed=0, hidden=(32, 32), in_shape=(1, 8, 8))
+    train.fit(m, data.load("digits", "train").subset(400), epochs=1, batch_size=64,
+              progress=False)
+    return m.eval()
+
+
+def test_every_metric_writer_returns_a_table_of_its_schema(fc, digits):
+    mg = metrics.margin(fc, digits)
+    imp = metrics.importance(fc, digits, estimator=["accuracy", "loss_norm"])
+    out = {"margin": mg, "margin_summary": metrics.margin_summary(mg), "importance": imp,
+           "importance_variance": metrics.importance_variance(imp),
+           "flip_probability": metrics.flip_probability(fc, digits, ber=[0.01, 0.05]),
+           "predictions": metrics.predict_accuracy(fc, digits, [0.01, 0.05]),
+           "score_margin": metrics.score_margin(fc, digits)}
+    for table, df in out.items():
+        assert schema.validate(df, table) is df
+        declared = schema.columns(table)
+        assert [c for c in df.columns if c in declared] == declared, table
+    assert list(mg.columns) == metrics.MARGIN_COLUMNS == schema.columns("margin")
+    # standard errors are <column>_se everywhere, no bare seed / se columns
+    for df in out.values():
+        assert not schema.is_previous(df)
+    assert "importance_se" in imp.columns and "mean_margin_norm_se" in mg.columns
 
 
 def test_a_writer_refuses_a_table_that_breaks_its_schema():
