@@ -10,8 +10,8 @@ and thread count (the margin tables' standard-error columns within float64 round
 recording CPU with one thread (float training has no tolerance that bounds its drift).
 
 The golden files use the column names of their time; issue 19's schema renamed them
-(:func:`_new_names`: ``se_X`` -> ``X_se``, ``se`` -> ``importance_se``). Only names are
-mapped; every number is compared as before.
+(:func:`_new_names`: ``seed`` -> ``map_seed``, ``se_X`` -> ``X_se``, ``se`` ->
+``importance_se``). Only names are mapped; every number is compared as before.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def now(tmp_path_factory) -> Path:
 
 def _new_name(c: str) -> str:
     """The schema's name of a golden column (issue 19)."""
-    return {"se": "importance_se"}.get(
+    return {"seed": "map_seed", "se": "importance_se"}.get(
         c, f"{c[3:]}_se" if c.startswith("se_") else c)
 
 
@@ -70,8 +70,9 @@ def test_fault_maps_injection_and_transient_draws_are_unchanged(now):
 
 
 def test_sweep_rows_are_unchanged(now):
-    before = pd.read_csv(GOLDEN / "sweeps.csv")
+    before = _new_names(pd.read_csv(GOLDEN / "sweeps.csv"))
     after = pd.read_csv(now / "sweeps.csv")
+    assert "map_seed" in before.columns
     # sweeps gained bits_per_weight / memory_bits columns; every column that existed is equal
     pd.testing.assert_frame_equal(before, after[before.columns], check_exact=True)
     assert (after["bits_per_weight"] == 1).all()

@@ -4,14 +4,27 @@ are read through the declared upgrade (or refused with the command that regenera
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
-from bnn_tol import data, metrics, models, schema, train
-from bnn_tol.exceptions import InvalidArgument
+import bnn_tol
+from bnn_tol import data, evaluate, metrics, models, plots, schema, train
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, ResultsMismatch
+from bnn_tol.faults import chip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+FC35 = ROOT / "docs" / "results" / "fmnist_fc35"
+
+
+STUTZ_ROWS = ROOT / "docs" / "results" / "stutz_fmnist" / "rows.csv"
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +38,21 @@ def fc():
     train.fit(m, data.load("digits", "train").subset(400), epochs=1, batch_size=64,
               progress=False)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def sweep_rows(fc, digits):
+    return evaluate.sweep({"fc": fc}, digits, bers=[0, 0.05], n_maps=2, seed=0, progress=False)
+
+
+def _one_line_cli_error(args) -> str:
+    r = CliRunner().invoke(bnn_tol.cli.main, args)
+    assert r.exit_code != 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit | BnnTolError), r.exception
+    msg = r.output if r.exception is None or isinstance(r.exception, SystemExit) else str(
+        r.exception)
+    assert "Traceback" not in msg and "pandera" not in msg.lower()
+    return msg
 
 
 def test_every_metric_writer_returns_a_table_of_its_schema(fc, digits):
@@ -46,6 +74,30 @@ def test_every_metric_writer_returns_a_table_of_its_schema(fc, digits):
     assert "importance_se" in imp.columns and "mean_margin_norm_se" in mg.columns
 
 
+def test_sweep_and_profile_writers_return_tables_of_their_schema(fc, digits, sweep_rows,
+                                                                 tmp_path):
+    assert list(sweep_rows.columns) == evaluate.COLUMNS == schema.columns("sweep")
+    assert "map_seed" in sweep_rows.columns and "seed" not in sweep_rows.columns
+    schema.validate(sweep_rows, "sweep")
+    prof = chip.synthetic_profile(rows=64, cols=16, n_arrays=2, seed=0)
+    pr = evaluate.profile_sweep({"fc": fc}, digits, prof, voltages=prof.voltages[-2:],
+                                progress=False)
+    assert list(pr.columns) == schema.columns("profile")
+    schema.validate(pr, "profile")
+    # the map seed of a row replays it
+    row = sweep_rows.iloc[-1]
+    with bnn_tol.errors.inject(fc, (row.p01, row.p10), seed=int(row.map_seed)):
+        assert evaluate.accuracy(fc, digits) == row.accuracy
+
+
+def test_sweep_file_sidecar_records_the_columns_and_its_version(fc, digits, tmp_path):
+    out = tmp_path / "s.csv"
+    evaluate.sweep({"fc": fc}, digits, bers=[0.01], n_maps=1, progress=False, out=out)
+    meta = json.loads(evaluate.meta_path(out).read_text())
+    assert meta["version"] == evaluate.META_VERSION == 2 and meta["columns"] == evaluate.COLUMNS
+    assert out.read_text().splitlines()[0] == ",".join(schema.columns("sweep"))
+
+
 def test_a_writer_refuses_a_table_that_breaks_its_schema():
     bad = pd.DataFrame({"model": ["a"], "ber": [1.5], "p01": [0.1], "p10": [0.1], "map": [0],
                         "map_seed": [3], "accuracy": [0.5], "rerr": [0.5],
@@ -62,6 +114,71 @@ def test_a_writer_refuses_a_table_that_breaks_its_schema():
         schema.validate(bad.assign(ber=0.1, seed=3), "sweep")
     with pytest.raises(InvalidArgument, match="'model' must hold text"):
         schema.validate(bad.assign(ber=0.1, model=1), "sweep")
+
+
+def _study_sweeps(sweep_rows: pd.DataFrame, n: int = 2) -> pd.DataFrame:
+    """A study's sweeps.csv built from real sweep rows: n networks, two training BERs."""
+    parts = []
+    for i in range(n):
+        tb = [0.0, 0.1][i % 2]
+        parts.append(sweep_rows.drop(columns="model").assign(
+            model_id=f"fc_ber{tb:g}_s{i}", model="fc", arch="fc", train_ber=tb, train_seed=i))
+    df = pd.concat(parts, ignore_index=True)
+    return df[schema.columns("study.sweeps")]
+
+
+def test_plot_sweep_accepts_a_study_sweeps_csv_and_a_sweep_csv(fc, digits, sweep_rows,
+                                                               tmp_path):
+    study_csv = tmp_path / "sweeps.csv"
+    _study_sweeps(sweep_rows).to_csv(study_csv, index=False)
+    assert schema.read_csv(study_csv, "study.sweeps").shape[0] == 2 * len(sweep_rows)
+    sweep_csv = tmp_path / "s.csv"
+    evaluate.sweep({"fc": fc}, digits, bers=[0, 0.05], n_maps=2, progress=False, out=sweep_csv)
+    for csv in (study_csv, sweep_csv):
+        png = tmp_path / f"{csv.stem}.png"
+        r = CliRunner().invoke(bnn_tol.cli.main, ["plot", "sweep", str(csv), "--out", str(png)])
+        assert r.exit_code == 0, r.output
+        assert png.stat().st_size > 0
+    # one line per label and training BER for a study
+    fig = plots.sweep(evaluate.load_sweep(study_csv))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["fc, training BER 0", "fc, training BER 0.1"]
+
+
+def test_previous_release_sweep_csvs_are_read_and_never_resumed(fc, digits, tmp_path):
+    old = tmp_path / "old.csv"
+    evaluate.sweep({"fc": fc}, digits, bers=[0.05], n_maps=2, progress=False, out=old)
+    new_rows = evaluate.read_sweep(old)
+    # rewrite it as the previous release wrote it: header `seed`, sidecar version 1
+    text = old.read_text().replace("map_seed", "seed", 1)
+    old.write_text(text)
+    meta = json.loads(evaluate.meta_path(old).read_text())
+    meta.update(version=1, columns=evaluate.PREVIOUS_COLUMNS)
+    evaluate.meta_path(old).write_text(json.dumps(meta))
+    pd.testing.assert_frame_equal(evaluate.read_sweep(old), new_rows)
+    before = old.read_bytes(), evaluate.meta_path(old).read_bytes()
+    with pytest.raises(ResultsMismatch, match="older bnn_tol.*'seed', now 'map_seed'"):
+        evaluate.sweep({"fc": fc}, digits, bers=[0.05, 0.1], n_maps=2, progress=False, out=old,
+                       resume=True)
+    assert (old.read_bytes(), evaluate.meta_path(old).read_bytes()) == before
+    # our header with a sidecar of the previous version: not recognized, left untouched
+    old.write_text(text.replace("seed", "map_seed", 1))
+    before = old.read_bytes()
+    with pytest.raises(ResultsMismatch, match="not recognized.*version 1"):
+        evaluate.sweep({"fc": fc}, digits, bers=[0.05], n_maps=2, progress=False, out=old,
+                       resume=True)
+    assert old.read_bytes() == before
+
+
+def test_other_sweep_tables_of_the_previous_release_plot(tmp_path):
+    assert "seed" in pd.read_csv(STUTZ_ROWS, nrows=1).columns
+    rows = evaluate.load_sweep(STUTZ_ROWS)  # extra column `group` kept, seed -> map_seed
+    assert {"map_seed", "group"} <= set(rows.columns) and "seed" not in rows.columns
+    for csv in (STUTZ_ROWS, FC35 / "sweeps.csv"):  # a script's rows, a study's sweeps
+        png = tmp_path / f"{csv.parent.name}.png"
+        r = CliRunner().invoke(bnn_tol.cli.main, ["plot", "sweep", str(csv), "--out", str(png)])
+        assert r.exit_code == 0, r.output
+        assert png.stat().st_size > 0
 
 
 def test_upgrade_is_the_declared_renames_and_nothing_else():
