@@ -5,6 +5,7 @@ are read through the declared upgrade (or refused with the command that regenera
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,17 +15,18 @@ import pytest
 from click.testing import CliRunner
 
 import bnn_tol
-from bnn_tol import data, evaluate, metrics, models, plots, schema, train
+from bnn_tol import analysis, data, evaluate, metrics, models, plots, report, schema, train
 from bnn_tol.exceptions import BnnTolError, InvalidArgument, ResultsMismatch
 from bnn_tol.faults import chip
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 FC35 = ROOT / "docs" / "results" / "fmnist_fc35"
-
-
 STUTZ_ROWS = ROOT / "docs" / "results" / "stutz_fmnist" / "rows.csv"
+#: The report's hard-coded lists before issue 19 (the schema must reproduce them).
+OLD_HEADLINE = ["mean_margin_norm", "mean_q10_margin", "importance_variance", "importance_cv"]
+OLD_CURVE = ["mean_margin_norm", "importance_variance_unbiased", "importance_variance",
+             "importance_accuracy_variance_unbiased", "importance_accuracy_variance",
+             "importance_loss_norm_variance_unbiased", "predicted_accuracy", "clean_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,9 @@ def _one_line_cli_error(args) -> str:
         r.exception)
     assert "Traceback" not in msg and "pandera" not in msg.lower()
     return msg
+
+
+# -- writers ----------------------------------------------------------------------------------
 
 
 def test_every_metric_writer_returns_a_table_of_its_schema(fc, digits):
@@ -116,6 +121,9 @@ def test_a_writer_refuses_a_table_that_breaks_its_schema():
         schema.validate(bad.assign(ber=0.1, model=1), "sweep")
 
 
+# -- readers ----------------------------------------------------------------------------------
+
+
 def _study_sweeps(sweep_rows: pd.DataFrame, n: int = 2) -> pd.DataFrame:
     """A study's sweeps.csv built from real sweep rows: n networks, two training BERs."""
     parts = []
@@ -143,6 +151,66 @@ def test_plot_sweep_accepts_a_study_sweeps_csv_and_a_sweep_csv(fc, digits, sweep
     fig = plots.sweep(evaluate.load_sweep(study_csv))
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["fc, training BER 0", "fc, training BER 0.1"]
+
+
+def test_study_analysis_and_figures_accept_a_plain_sweep(sweep_rows):
+    acc = analysis.accuracy_at_ber(sweep_rows)  # each model label is one network
+    assert list(acc.model_id.unique()) == ["fc"] and list(acc.ber) == [0.0, 0.05]
+    assert acc.loc[1, "accuracy"] == sweep_rows[sweep_rows.ber == 0.05].accuracy.mean()
+    assert analysis.clean_accuracy(sweep_rows).loc["fc"] == sweep_rows.accuracy.iloc[0]
+    fig = plots.accuracy_vs_ber(sweep_rows)
+    assert len(fig.axes) == 1
+
+
+def test_a_reader_refuses_a_table_that_breaks_the_schema_with_one_line(sweep_rows, tmp_path):
+    d = tmp_path / "res"
+    shutil.copytree(FC35, d, ignore=shutil.ignore_patterns("report.html"))
+    sw = pd.read_csv(d / "sweeps.csv")
+    sw.loc[5, "accuracy"] = 1.5
+    sw.to_csv(d / "sweeps.csv", index=False)
+    with pytest.raises(ResultsMismatch) as ei:
+        report.load_results(d)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(d / "sweeps.csv") in msg
+    assert "column 'accuracy' must lie in [0, 1] (e.g. 1.5 at row 5)" in msg
+    assert "regenerate it with bnn-tol study" in msg
+    cli = _one_line_cli_error(["report", str(d), "--n-boot", "10"])
+    assert "must lie in [0, 1]" in cli
+    # a sweep CSV whose rows break the schema (memory_bits below -1) and a foreign table
+    s = tmp_path / "s.csv"
+    sweep_rows.assign(memory_bits=-5).to_csv(s, index=False, float_format="%.17g")
+    assert "memory_bits" in _one_line_cli_error(["plot", "sweep", str(s), "--out",
+                                                 str(tmp_path / "p.png")])
+    # frames passed to the analysis: InvalidArgument, one line
+    with pytest.raises(InvalidArgument, match="must lie in"):
+        analysis.accuracy_at_ber(sweep_rows.assign(accuracy=2.0))
+
+
+# -- the previous release ----------------------------------------------------------------------
+
+
+def test_committed_results_of_the_previous_release_are_read_through_the_upgrade():
+    assert "seed" in pd.read_csv(FC35 / "models.csv", nrows=1).columns  # really the old format
+    res = report.load_results(FC35)
+    assert "train_seed" in res["models"].columns and "seed" not in res["models"].columns
+    assert {"train_seed", "map_seed"} <= set(res["sweeps"].columns)
+    assert "value_se" in res["metrics"].columns and "se" not in res["metrics"].columns
+    old = pd.read_csv(FC35 / "metrics.csv")
+    np.testing.assert_array_equal(res["metrics"]["value_se"].to_numpy(), old["se"].to_numpy())
+    np.testing.assert_array_equal(res["sweeps"]["train_seed"].to_numpy(),
+                                  pd.read_csv(FC35 / "sweeps.csv")["seed"].to_numpy())
+    # sweeps of that release lacked the storage columns: unknown, not invented
+    assert res["sweeps"]["memory_bits"].eq(-1).all()
+    assert res["sweeps"]["bits_per_weight"].isna().all()
+
+
+def test_report_of_the_committed_fc35_study_still_works(tmp_path):
+    out = report.write(FC35, tmp_path / "report.html", n_boot=20)
+    assert "<h2>Summary</h2>" in out.read_text()
+    # the tables that do not depend on the bootstrap are the committed ones, byte for byte
+    for name in ("comparison.csv",):
+        assert (tmp_path / name).read_bytes() == (FC35 / name).read_bytes()
+    assert not any(p.name.startswith(".") for p in FC35.iterdir())
 
 
 def test_previous_release_sweep_csvs_are_read_and_never_resumed(fc, digits, tmp_path):
@@ -181,6 +249,20 @@ def test_other_sweep_tables_of_the_previous_release_plot(tmp_path):
         assert png.stat().st_size > 0
 
 
+def test_a_previous_table_that_cannot_be_upgraded_names_the_command_that_regenerates_it(
+        tmp_path):
+    csv = tmp_path / "sweeps.csv"
+    pd.DataFrame({"model": ["a"], "ber": [0.0], "p01": [0.0], "p10": [0.0], "map": [0],
+                  "seed": [1], "map_seed": [2], "accuracy": [0.5], "rerr": [0.5]}).to_csv(
+        csv, index=False)
+    msg = _one_line_cli_error(["plot", "sweep", str(csv), "--out", str(tmp_path / "p.png")])
+    assert "both 'seed'" in msg and "regenerate it with bnn-tol sweep" in msg
+    m = pd.DataFrame({"model_id": ["x"], "layer": ["network"], "metric": ["m"], "value": [1.0],
+                      "se": [0.1], "value_se": [0.1]})
+    with pytest.raises(InvalidArgument, match="regenerate it with bnn-tol study"):
+        analysis.feature_table(m)
+
+
 def test_upgrade_is_the_declared_renames_and_nothing_else():
     sweep = pd.DataFrame({"model": ["a"], "ber": [0.0], "p01": [0.0], "p10": [0.0], "map": [0],
                           "seed": [7], "accuracy": [0.5], "rerr": [0.5]})
@@ -197,11 +279,48 @@ def test_upgrade_is_the_declared_renames_and_nothing_else():
     assert new is up  # a table of this version is returned as is
 
 
+# -- the metric vocabulary ----------------------------------------------------------------------
+
+
+def test_report_metric_lists_come_from_the_schema_and_match_the_old_report():
+    names = pd.read_csv(FC35 / "metrics.csv")["metric"].unique().tolist()
+    present = [*names, "predicted_accuracy", "clean_accuracy"]
+    assert report.HEADLINE == OLD_HEADLINE
+    assert schema.report_metrics("curve", present) == [m for m in OLD_CURVE if m in present]
+    assert schema.report_metrics("headline", present) == [m for m in OLD_HEADLINE
+                                                          if m in present]
+    assert schema.report_metrics("scatter") == ["mean_margin_norm",
+                                                "importance_variance_unbiased",
+                                                "importance_variance"]
+    cm = schema.claim_metrics(names)
+    assert cm == {"mean_margin_norm": "larger", "importance_accuracy_variance": "smaller",
+                  "importance_accuracy_variance_unbiased": "smaller",
+                  "importance_loss_norm_variance": "smaller",
+                  "importance_loss_norm_variance_unbiased": "smaller"}
+    assert analysis.CLAIM_METRICS == {"mean_margin_norm": "larger",
+                                      "importance_variance": "smaller",
+                                      "importance_variance_unbiased": "smaller"}
+
+
 def test_a_report_metric_must_be_a_declared_column():
     decls = dict(schema._DECLS)
     decls["margin_summary"] = schema._Decl(("layer", "mean_margin_normalized"), "", "")
     with pytest.raises(AssertionError, match="mean_margin_norm"):
         schema._check_declarations(decls)
+
+
+def test_metric_names_are_the_runner_names(fc, digits):
+    from bnn_tol.study.runner import _metric_rows
+
+    long = _metric_rows(fc, digits, ["accuracy", "loss_norm"], 256)[2]
+    assert "importance_accuracy_variance_unbiased" in set(long.metric)
+    assert schema.metric_name("importance_variance", "variance_unbiased", "accuracy") in set(
+        long.metric)
+    assert schema.metric_name("margin_summary", "mean_margin_norm") in set(long.metric)
+    assert list(long.columns) == ["layer", "metric", "value", "value_se"]
+
+
+# -- cost -----------------------------------------------------------------------------------------
 
 
 def test_validation_is_cheap_for_result_sized_tables():
