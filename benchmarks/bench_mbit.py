@@ -59,7 +59,7 @@ def run(quick: bool = False) -> pd.DataFrame:
         engine_t = (time.perf_counter() - t0) / len(df)
         naive_t, exact = [], True
         for r in df.itertuples():
-            acc, t = _naive(model, test, r.ber, r.seed)
+            acc, t = _naive(model, test, r.ber, r.map_seed)
             naive_t.append(t)
             exact &= acc == r.accuracy
         naive = sum(naive_t) / len(naive_t)

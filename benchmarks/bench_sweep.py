@@ -130,7 +130,7 @@ def _case(
     naive = sorted(naive_t)[len(naive_t) // 2]
 
     def exact(d) -> bool:
-        got = {(r.ber, r.seed): r.accuracy for r in d.itertuples()}
+        got = {(r.ber, r.map_seed): r.accuracy for r in d.itertuples()}
         keys = [k for k in naive_acc if k in got]
         return bool(keys) and all(got[k] == naive_acc[k] for k in keys)
 

@@ -49,6 +49,7 @@ STAGES = {
     "plots": "bnn_tol.study.plots",
     "report": "bnn_tol.study.report",
     "provenance": "bnn_tol.provenance",
+    "schema": "bnn_tol.schema",
     "exceptions": "bnn_tol.exceptions",
     "cli": "bnn_tol.cli",
     "core": "bnn_tol.core",

@@ -518,11 +518,12 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
               callback=lambda ctx, param, v: _check_level(v),
               help="Confidence level of the band over fault maps, in (0, 1).")
 def plot_sweep(csv, out, metric, level) -> None:
-    """Accuracy vs BER from a sweep CSV: mean and confidence band per model."""
+    """Accuracy vs BER from a sweep table (a sweep CSV, or a study's sweeps.csv): mean and
+    confidence band per model (a study: per model and training BER)."""
     from bnn_tol import engines as evaluate
     from bnn_tol.study import plots as plots
 
-    fig = plots.sweep(evaluate.read_sweep(csv), level=level, metric=metric)
+    fig = plots.sweep(evaluate.load_sweep(csv), level=level, metric=metric)
     fig.savefig(out, dpi=150)
     click.echo(f"wrote {out}")
 
@@ -709,7 +710,7 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     """Neuron-level margin and importance of trained checkpoints (RUNS: checkpoint dirs)."""
     import pandas as pd
 
-    from bnn_tol import data
+    from bnn_tol import data, schema
     from bnn_tol import metrics as mt
     from bnn_tol.core import models as models
     from bnn_tol.interop import checkpoint as io
@@ -747,6 +748,7 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
         summaries += [s.assign(model=label) for s in summ]
     table = pd.concat(tables, ignore_index=True)
     table = table[["model", *[c for c in table.columns if c != "model"]]]
+    schema.validate(table, "margin", what=f"the table for {out}")
     table.to_csv(out, index=False)
     summ = pd.concat(summaries, ignore_index=True)
     summ = summ[["model", *[c for c in summ.columns if c != "model"]]]
@@ -769,6 +771,7 @@ def plot_margins(csv, out, value) -> None:
     """Per-layer histograms of a per-neuron margin column, models overlaid (from `metrics`)."""
     import pandas as pd
 
+    from bnn_tol import schema
     from bnn_tol.study import plots as plots
 
     try:
@@ -780,6 +783,9 @@ def plot_margins(csv, out, value) -> None:
         raise InvalidArgument(f"{csv} is not a per-neuron table of `bnn-tol metrics`: no column "
                               f"{', '.join(map(repr, missing))} (it has "
                               f"{', '.join(map(str, table.columns[:8]))})")
+    # a margin table of `metrics` or a study's margins.csv (older ones upgraded), checked
+    table = schema.conform(table, "study.margins" if "model_id" in table else "margin",
+                           what=str(csv), require=("layer", value))
     fig = plots.margins(table, value=value)
     fig.savefig(out, dpi=150)
     click.echo(f"wrote {out}")

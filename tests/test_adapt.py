@@ -138,7 +138,7 @@ def test_independent_bnn_styles_adapt_exactly_and_work_everywhere(make, tmp_path
     ds = BNNDataset(imgs, ref.argmax(1))
     df = evaluate.sweep(model, ds, bers=[0, 0.05], n_maps=2, seed=0, progress=False)
     assert df.query("ber == 0")["accuracy"].eq(1.0).all()
-    with errors.inject(model, 0.05, seed=int(df.seed.iloc[-1])):
+    with errors.inject(model, 0.05, seed=int(df.map_seed.iloc[-1])):
         assert evaluate.accuracy(model, ds) == df.accuracy.iloc[-1]
     if make is not TorchSignNet:  # the sign engines and metrics need bias-free layers
         assert len(metrics.margin(model, ds)) > 0

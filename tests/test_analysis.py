@@ -23,7 +23,7 @@ def _study(n=24, seed=0, bers=(0.0, 0.05, 0.1), n_maps=3):
     noise = rng.normal(size=n)
     mrows, srows = [], []
     for i, mid in enumerate(ids):
-        base = dict(model_id=mid, model="fc", train_ber=[0.0, 0.1][i % 2], seed=i // 2)
+        base = dict(model_id=mid, model="fc", train_ber=[0.0, 0.1][i % 2], train_seed=i // 2)
         for layer, metric, v in [("network", "tol", tol[i]), ("network", "inv", -tol[i] ** 3),
                                  ("network", "noise", noise[i]),
                                  ("blocks.0.layer", "tol", 2 * tol[i]),
@@ -59,7 +59,7 @@ def test_accuracy_at_ber_is_the_mean_over_maps():
     acc = analysis.accuracy_at_ber(s)
     row = acc[(acc.model_id == "m3") & (acc.ber == 0.1)].iloc[0]
     assert row["accuracy"] == pytest.approx(truth["clean"][3] - 0.4 * (1 - truth["tol"][3]))
-    assert row["n"] == 3 and row["seed"] == 1 and row["train_ber"] == 0.1
+    assert row["n"] == 3 and row["train_seed"] == 1 and row["train_ber"] == 0.1
     assert analysis.clean_accuracy(s)["m3"] == pytest.approx(truth["clean"][3])
 
 
@@ -142,7 +142,7 @@ def test_regression_baseline_wins_when_only_clean_accuracy_matters():
     r = analysis.predict_accuracy(m, s, seed=1).set_index(["ber", "features"])
     assert r.loc[(0.1, "clean"), "r2"] > 0.999
     assert r.loc[(0.1, "metrics"), "r2"] < 0.5
-    g = analysis.predict_accuracy(m, s, groups="seed")
+    g = analysis.predict_accuracy(m, s, groups="train_seed")
     assert len(g) == 6
 
 

@@ -24,12 +24,12 @@ def _tables(x, acc_by_ber, *, se=None, train_ber=None, model="fc", metric="m", m
     ids = [f"{model}{i:03d}" for i in range(n)]
     mrows, srows = [], []
     for i, mid in enumerate(ids):
-        base = dict(model_id=mid, model=model, train_ber=tb[i], seed=i)
+        base = dict(model_id=mid, model=model, train_ber=tb[i], train_seed=i)
         vals = {metric: x[i], **({} if extra is None else {k: v[i] for k, v in extra.items()})}
         for name, v in vals.items():
             row = {**base, "layer": "network", "metric": name, "value": float(v)}
             if se is not None:
-                row["se"] = float(se[i])
+                row["value_se"] = float(se[i])
             if split:
                 mrows += [{**row, "split": s} for s in ("all", "a", "b")]
             else:
@@ -50,7 +50,8 @@ def _rows(curve, **sel):
 def test_monotone_metric_without_noise_has_rho_one_and_a_degenerate_interval_at_every_ber():
     rng = np.random.default_rng(1)
     t = rng.uniform(size=20)
-    accs = {0.0: 0.9 - 0.01 * rng.uniform(size=20), 0.05: 0.5 + 0.3 * t, 0.1: 0.2 + t ** 2}
+    accs = {0.0: 0.9 - 0.01 * rng.uniform(size=20), 0.05: 0.5 + 0.3 * t,
+            0.1: 0.2 + 0.7 * t ** 2}
     metrics, sweeps = _tables(np.exp(t), accs, se=np.zeros(20))
     cur = analysis.correlate_curve(metrics, sweeps, n_boot=200, kinds=["raw"])
     r = _rows(cur, metric="m", method="spearman")
@@ -92,9 +93,9 @@ def test_accuracy_noise_combines_map_spread_and_binomial_image_noise():
                            "accuracy": [0.6, 0.7, 0.8, 0.7]})
     out = analysis.accuracy_noise(sweeps, n_test=1000).iloc[0]
     s2 = np.var([0.6, 0.7, 0.8, 0.7], ddof=1)
-    assert out.se_acc == pytest.approx(np.sqrt(s2 / 4 + 0.7 * 0.3 / 1000), rel=8 * EPS)
+    assert out.accuracy_se == pytest.approx(np.sqrt(s2 / 4 + 0.7 * 0.3 / 1000), rel=8 * EPS)
     one = analysis.accuracy_noise(sweeps.iloc[:1], n_test=100).iloc[0]
-    assert one.se_acc == pytest.approx(np.sqrt(0.6 * 0.4 / 100), rel=8 * EPS)
+    assert one.accuracy_se == pytest.approx(np.sqrt(0.6 * 0.4 / 100), rel=8 * EPS)
     with pytest.raises(InvalidArgument, match="n_test"):
         analysis.accuracy_noise(sweeps, n_test=0)
 
@@ -178,7 +179,7 @@ def test_predicted_accuracy_is_one_more_metric_paired_per_ber_and_its_fit():
             0.1: rng.uniform(0.2, 0.6, n)}
     metrics, sweeps = _tables(rng.normal(size=n), accs)
     ids = sorted(metrics.model_id.unique())
-    pred = pd.DataFrame([{"model_id": mid, "model": "fc", "train_ber": 0.0, "seed": i,
+    pred = pd.DataFrame([{"model_id": mid, "model": "fc", "train_ber": 0.0, "train_seed": i,
                           "ber": b, "predicted_accuracy": accs[b][i] - 0.02}
                          for i, mid in enumerate(ids) for b in (0.05, 0.1)])
     cur = analysis.correlate_curve(metrics, sweeps, predictions=pred, n_boot=20)
@@ -228,13 +229,14 @@ def test_reliability_is_spearman_brown_of_the_split_half_correlation_and_flags_n
 
 def _claim_study(effect, slope_by_ber, n=8, seed=0):
     """Two training BERs (0 normal, 0.2 flip), n networks each; margin shifted by
-    ``effect`` in flip networks; accuracy at BER p = base + slope_p * margin + noise."""
+    ``effect`` in flip networks; accuracy at BER p = base + slope_p / 2 * margin + noise
+    (in [0, 1] for the slopes used)."""
     rng = np.random.default_rng(seed)
     tb = np.repeat([0.0, 0.2], n)
     marg = rng.normal(size=2 * n) + effect * (tb > 0)
     accs = {0.0: 0.9 + 0.001 * rng.normal(size=2 * n)}
     for p, s in slope_by_ber.items():
-        accs[p] = 0.5 + s * marg + 0.01 * rng.normal(size=2 * n)
+        accs[p] = 0.5 + 0.5 * s * marg + 0.01 * rng.normal(size=2 * n)
     return _tables(marg, accs, se=np.zeros(2 * n), train_ber=tb, metric="mean_margin_norm")
 
 
@@ -264,7 +266,7 @@ def test_claims_mark_an_unreliable_metric():
 
 
 def test_curve_bad_arguments_are_named():
-    metrics, sweeps = _tables(np.arange(4.0), {0.0: np.full(4, 0.9), 0.1: np.arange(4.0)})
+    metrics, sweeps = _tables(np.arange(4.0), {0.0: np.full(4, 0.9), 0.1: np.arange(4.0) / 4})
     with pytest.raises(InvalidArgument, match="kind"):
         analysis.correlate_curve(metrics, sweeps, kinds=["nope"])
     with pytest.raises(InvalidArgument, match="method"):

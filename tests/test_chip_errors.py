@@ -82,7 +82,7 @@ def test_chip_sweep_rows_are_the_profile_sweep_rows_and_the_naive_loop(fc, digit
     rates = [prof.voltage_rate(p, v) for v in volts]
     df = evaluate.sweep(fc, digits, bers=rates, n_maps=3, seed=2, error=f"chip:{path}",
                         progress=False)
-    offsets = [int(s) % p.n_cells for s in df.seed.unique()]
+    offsets = [int(s) % p.n_cells for s in df.map_seed.unique()]
     ps = evaluate.profile_sweep(fc, digits, p, voltages=volts, offsets=offsets, progress=False)
     for v, r in zip(volts, rates, strict=True):
         got = df[df.ber == r].sort_values("map").accuracy.tolist()
@@ -90,7 +90,7 @@ def test_chip_sweep_rows_are_the_profile_sweep_rows_and_the_naive_loop(fc, digit
         assert got == want == [_naive(fc, digits, p, v, o) for o in offsets]
     assert df.accuracy.iloc[-3:].mean() < df.accuracy.iloc[:3].mean()
     for row in df.iloc[-3:].itertuples():
-        with errors.inject(fc, row.ber, seed=int(row.seed), error=f"chip:{path}"):
+        with errors.inject(fc, row.ber, seed=int(row.map_seed), error=f"chip:{path}"):
             assert evaluate.accuracy(fc, digits) == row.accuracy
     ref = evaluate.sweep(fc, digits, bers=rates[-1:], n_maps=3, seed=2, engine="reference",
                          error=errors.error_model(f"chip:{path}"), progress=False)
@@ -123,7 +123,7 @@ def test_cli_sweep_error_chip(fc, digits, chip, tmp_path):
     df = evaluate.read_sweep(out)
     assert df.accuracy.tolist() == [_naive(fc, digits, p, np.inf if b == 0 else 0.8,
                                            int(s) % p.n_cells)
-                                    for b, s in zip(df.ber, df.seed, strict=True)]
+                                    for b, s in zip(df.ber, df.map_seed, strict=True)]
     res = CliRunner().invoke(main, ["sweep", str(run), "--bers", "0.1", "--dataset", "digits",
                                     "--error", f"chip:{tmp_path / 'nope.npz'}", "--quiet"])
     assert res.exit_code == 2 and "not a bnn_tol profile" in res.output

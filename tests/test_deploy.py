@@ -60,7 +60,7 @@ def test_flip_mask_equals_the_fault_map_and_the_sweep_row(tmp_path):
     ds = BNNDataset(imgs, labels)
     bnn_tol.export(model, tmp_path / "b")
     row = evaluate.sweep(model, ds, bers=[0.05], n_maps=1, seed=4, progress=False).iloc[0]
-    maps = errors.draw_maps(model, int(row.seed), 0.05)
+    maps = errors.draw_maps(model, int(row.map_seed), 0.05)
     masks = {}
     for k, (name, layer) in enumerate(model.binary_layers().items()):
         rows, fan_in = layer.weight.shape[0], layer.weight[0].numel()
@@ -161,7 +161,7 @@ def test_fashion_mnist_all_test_images_clean_and_five_maps(tmp_path, arch):
     assert np.array_equal(deploy.predict(man, imgs), evaluate.predict(model, te).numpy())
     df = evaluate.sweep(model, te, bers=[0.01], n_maps=5, seed=0, progress=False)
     for r in df.itertuples():
-        pred = deploy.predict(man, imgs, ber=0.01, seed=r.seed)
+        pred = deploy.predict(man, imgs, ber=0.01, seed=r.map_seed)
         assert (pred == te.labels.numpy()).mean() == r.accuracy
 
 

@@ -81,8 +81,8 @@ def test_m_bit_sweep_rows_equal_the_naive_loop_and_replay_alone(arch, kw, bits, 
     changed = 0
     for r in df.itertuples():
         ber = (r.p01, r.p10)
-        assert r.accuracy == _naive(model, data, ber, r.seed)
-        with errors.inject(model, ber, seed=r.seed):
+        assert r.accuracy == _naive(model, data, ber, r.map_seed)
+        with errors.inject(model, ber, seed=r.map_seed):
             assert r.accuracy == evaluate.accuracy(model, data)
         changed += r.accuracy != df.accuracy.iloc[0]
     assert changed > 0  # the errors matter: the test can fail

@@ -81,11 +81,11 @@ def test_a_toy_error_model_defined_in_a_test_sweeps_and_replays_exactly(fc, digi
     for engine in ("auto", "reference"):
         df = evaluate.sweep(fc, digits, bers=[0.0, 0.05, 0.3], n_maps=3, seed=4,
                             error="test-burst", engine=engine, progress=False, layers=[1, 2])
-        ref = [_naive_burst(fc, digits, p, s, layers=[1, 2]) for p, s in zip(df.ber, df.seed,
+        ref = [_naive_burst(fc, digits, p, s, layers=[1, 2]) for p, s in zip(df.ber, df.map_seed,
                                                                            strict=True)]
         assert df.accuracy.tolist() == ref
         for row in df.itertuples():
-            with errors.inject(fc, row.ber, seed=int(row.seed), error="test-burst",
+            with errors.inject(fc, row.ber, seed=int(row.map_seed), error="test-burst",
                                layers=[1, 2]):
                 assert evaluate.accuracy(fc, digits) == row.accuracy
     assert len(set(df[df.ber == 0.3].accuracy)) > 1  # the chips differ

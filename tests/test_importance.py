@@ -76,7 +76,7 @@ def test_mc_importance_is_the_sweeps_chips_on_one_row_at_a_time(digits, model_kw
                              error=error)
     p01, p10 = errors.rates(ber)
     chips = evaluate.sweep(model, digits.subset(1), bers=[ber], n_maps=n_maps, seed=seed,
-                           error=error, progress=False).seed.tolist()
+                           error=error, progress=False).map_seed.tolist()
     assert chips == errors.map_seeds(seed, n_maps)
     acc0 = evaluate.accuracy(model, digits)
     layers = list(model.binary_layers().items())
@@ -116,8 +116,8 @@ def test_taylor_of_last_hidden_layer_matches_hand_derived_gradient(digits):
     got = imp[imp.layer_index == 1].sort_values("neuron")
     np.testing.assert_allclose(got["importance"], ref, rtol=1e-4, atol=1e-6)
     # its se: the spread of the per-sample terms (float32 gradients: same tolerance)
-    np.testing.assert_allclose(got["se"], per.std(0, ddof=1) / math.sqrt(len(per)), rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(got["importance_se"], per.std(0, ddof=1) / math.sqrt(len(per)),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_importance_variance_hand_example():
@@ -188,7 +188,7 @@ def test_streamed_se_bias_and_jackknife_equal_explicit_contribution_matrix(digit
         # sums of N terms |d| <= 2 max|c|: error <= N eps sum|d^2| per sum, a few sums
         m2 = (2 * np.abs(c).max()) ** 2
         tol = 8 * n * n * np.finfo(float).eps * m2 / (n - 1)
-        np.testing.assert_allclose(n * got["se"] ** 2, np.diag(s), rtol=0, atol=tol)
+        np.testing.assert_allclose(n * got["importance_se"] ** 2, np.diag(s), rtol=0, atol=tol)
         np.testing.assert_allclose(n * got["bias"], np.diag(s) - s.mean(1), rtol=0, atol=2 * tol)
         assert (got["n_samples"] == n).all()
         # delete-a-group jackknife over groups n mod G, explicit
@@ -218,7 +218,7 @@ def test_importance_variance_hand_example_of_sampling_bias():
     """Two neurons, contributions known: plug-in minus bias, noise share, network mean."""
     imp = __import__("pandas").DataFrame({
         "layer": ["a", "a"], "layer_index": [0, 0], "neuron": [0, 1],
-        "importance": [0.0, 0.2], "estimator": "accuracy", "se": [0.1, 0.1],
+        "importance": [0.0, 0.2], "estimator": "accuracy", "importance_se": [0.1, 0.1],
         "bias": [0.001, 0.003], "n_samples": 100, "vu_se": 0.004, "vu_netcov": 1.6e-5,
         "vu_layers": 1})
     v = metrics.importance_variance(imp).set_index("layer")
@@ -292,7 +292,8 @@ def test_unbiased_variance_and_se_match_disjoint_subsets_of_a_trained_fc(trained
         assert lo < ratio < hi, (l, ratio)
     for l in (0, 1):  # per-neuron se matches the spread of I_j across subsets (pooled)
         i_k = np.array([s[s.layer_index == l].sort_values("neuron")["importance"] for s in subs])
-        se_k = np.array([s[s.layer_index == l].sort_values("neuron")["se"] for s in subs])
+        se_k = np.array([s[s.layer_index == l].sort_values("neuron")["importance_se"]
+                         for s in subs])
         ratio = i_k.var(0, ddof=1).mean() / (se_k ** 2).mean()
         assert lo < ratio < hi, (l, ratio)
 
@@ -334,7 +335,7 @@ def test_loss_norm_is_invariant_to_output_bn_scale_while_loss_form_is_not(digits
             s = float((bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).mean())
             tol = 64 * np.finfo(np.float32).eps * float((z0 / s).abs().max() + 1)
             np.testing.assert_allclose(norm, norm0, rtol=0, atol=tol)
-        assert got.loc["loss_norm", "se"].notna().all()
+        assert got.loc["loss_norm", "importance_se"].notna().all()
 
 
 # -- required_samples -------------------------------------------------------------------------
@@ -351,7 +352,8 @@ def _synthetic_table(c, groups=32):
     vse, cov = _jackknife(reps[None])
     return __import__("pandas").DataFrame({
         "layer": "a", "layer_index": 0, "neuron": range(c.shape[1]), "importance": c.mean(0),
-        "estimator": "accuracy", "se": se.numpy(), "bias": bias.numpy(), "n_samples": len(c),
+        "estimator": "accuracy", "importance_se": se.numpy(), "bias": bias.numpy(),
+        "n_samples": len(c),
         "vu_se": float(vse[0]), "vu_netcov": float(cov[0]), "vu_layers": 1})
 
 
@@ -374,7 +376,7 @@ def test_required_samples_gives_the_target_relative_error_on_synthetic_contribut
     assert 0.75 * r < achieved < 1.33 * r, (n_star, achieved)
     # per neuron: N_j = sigma_j^2 / (r^2 mu_j^2); the estimate's relative error ~ 2 se/|I|
     true_med = np.median(sig ** 2 / (r * mu) ** 2)
-    band = 4 * np.median(2 * imp["se"] / imp["importance"].abs())
+    band = 4 * np.median(2 * imp["importance_se"] / imp["importance"].abs())
     assert abs(math.log(req.loc[0, "neuron_required_n_median"] / true_med)) < band
     # more precision costs more images, ~ 1/r^2 while the signal term dominates
     assert metrics.required_samples(imp, rel_error=r / 2).loc[0, "required_n"] > 3 * n_star / 2
@@ -385,7 +387,7 @@ def test_required_samples_rejects_bad_input():
     with pytest.raises(ValueError, match="rel_error"):
         metrics.required_samples(imp, rel_error=0)
     with pytest.raises(ValueError, match="lacks"):
-        metrics.required_samples(imp.drop(columns="se"))
+        metrics.required_samples(imp.drop(columns="importance_se"))
     # neurons with equal importance: variance_unbiased = 0 - bias < 0, no spread to measure
     flat = _synthetic_table(np.random.default_rng(2).standard_normal((500, 6))).assign(
         importance=0.0)

@@ -299,7 +299,7 @@ def test_margin_standard_errors_match_brute_force_per_image_aggregates(digits, n
             # library: position means in float32 (error <= p eps32 max|v| per value, which
             # moves a standard deviation by at most as much), float64 co-moments of n terms
             tol = 4 * p * eps32 * np.abs(val).max() / math.sqrt(n) + 4 * n * eps64 * _se(val)
-            got = rows[f"se_{st}"].to_numpy()
+            got = rows[f"{st}_se"].to_numpy()
             assert (np.abs(got[live] - _se(val)[live]) <= tol).all(), (k, st)
             assert np.isnan(got[~live]).all()
             # aggregates are means of values: the same per-value error bound carries over
@@ -339,7 +339,7 @@ def test_margin_se_matches_spread_of_disjoint_subset_means(digits, name, kw):
     lo, hi = (fpc * stats.chi2.ppf(q, n_sub - 1) / (n_sub - 1) for q in (0.0005, 0.9995))
     for st in ("mean_margin", "mean_margin_half", "mean_margin_bn"):
         means = np.stack([t[st].to_numpy() for t in tabs])
-        se2 = np.stack([t[f"se_{st}"].to_numpy() for t in tabs]) ** 2
+        se2 = np.stack([t[f"{st}_se"].to_numpy() for t in tabs]) ** 2
         live = ~tabs[0]["dead"].to_numpy()
         for k in tabs[0]["layer_index"].unique():
             sel = live & (tabs[0]["layer_index"] == k).to_numpy()
@@ -415,4 +415,4 @@ def test_numba_path_of_linear_layers_equals_the_torch_path(digits, monkeypatch):
 
 
 _FLOAT_SUMS = ["mean_margin_half",
-               *[c for c in metrics.MARGIN_COLUMNS if c.startswith(("se_", "cov_"))]]
+               *[c for c in metrics.MARGIN_COLUMNS if c.endswith("_se") or c.startswith("cov_")]]

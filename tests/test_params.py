@@ -134,11 +134,11 @@ def test_bn_word_errors_sweep_exactly_against_the_naive_loop(fc, vgg, digits, er
         df = evaluate.sweep(model, digits, bers=bers, n_maps=2, seed=6, targets="bn",
                             error=error, progress=False)
         ref = [_naive_bn(model, digits, (a, b), s, error)
-               for a, b, s in zip(df.p01, df.p10, df.seed, strict=True)]
+               for a, b, s in zip(df.p01, df.p10, df.map_seed, strict=True)]
         assert df.accuracy.tolist() == ref
         assert df.accuracy.min() < df.accuracy.iloc[0]
         row = df.iloc[-1]
-        with errors.inject(model, (row.p01, row.p10), seed=int(row.seed), targets="bn",
+        with errors.inject(model, (row.p01, row.p10), seed=int(row.map_seed), targets="bn",
                            error=error):
             assert evaluate.accuracy(model, digits) == row.accuracy
 
@@ -148,7 +148,7 @@ def test_every_parameter_weights_and_bn_words_at_once(fc, digits):
                         targets=("weights", "bn:8"), progress=False)
     assert df.accuracy.tolist() == [_naive_bn(fc, digits, p, s, "bernoulli", m_bits=8,
                                               weights=True)
-                                    for p, s in zip(df.ber, df.seed, strict=True)]
+                                    for p, s in zip(df.ber, df.map_seed, strict=True)]
 
 
 @pytest.mark.parametrize("error", ["bernoulli", "stuck-at"])
@@ -156,7 +156,7 @@ def test_threshold_word_errors_sweep_exactly_against_the_naive_loop(fc, digits, 
     df = evaluate.sweep(fc, digits, bers=[0.0, 0.02, 0.1], n_maps=2, seed=3,
                         targets="thresholds", error=error, progress=False)
     assert df.accuracy.iloc[0] == evaluate.accuracy(fc, digits)  # the comparator is exact
-    ref = [_naive_thresholds(fc, digits, p, s, error) for p, s in zip(df.ber, df.seed,
+    ref = [_naive_thresholds(fc, digits, p, s, error) for p, s in zip(df.ber, df.map_seed,
                                                                       strict=True)]
     assert df.accuracy.tolist() == ref
     assert df.accuracy.iloc[-1] < df.accuracy.iloc[0]
@@ -178,7 +178,7 @@ def test_cli_sweep_states_the_word_width_and_refuses_bad_targets(fc, digits, tmp
     assert res.exit_code == 0, res.output
     df = evaluate.read_sweep(out)
     assert df.accuracy.tolist() == [_naive_bn(fc, digits, 0.02, s, "stuck-at", m_bits=8)
-                                    for s in df.seed]
+                                    for s in df.map_seed]
     for bad, msg in (("bn:1", "take a width"), ("thresholds,bn", "choose one"),
                      ("weights:3", "take a width"), ("biases", "unknown targets")):
         res = CliRunner().invoke(main, ["sweep", str(run), "--bers", "0.02", "--dataset",

@@ -110,7 +110,7 @@ def test_slope_at_zero_matches_sweep_monte_carlo(trained):
     sw = evaluate.sweep(model, ds, bers=[p], n_maps=n_maps, layers=layers, progress=False,
                         device="cpu")
     n_flips = []
-    for s in sw["seed"]:
+    for s in sw["map_seed"]:
         with errors.inject(model, p, seed=int(s), layers=layers):
             n_flips.append(sum(int((lay.binary_weight() != clean[n]).sum())
                                for n, lay in chosen.items()))

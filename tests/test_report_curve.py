@@ -16,11 +16,12 @@ def _write_results(d, *, new_format=True, seed=0):
     tol = rng.uniform(size=n) + 2 * tb
     clean = 0.9 - 0.05 * tb + 0.002 * rng.uniform(size=n)
     ids = [f"fc_{i:02d}" for i in range(n)]
+    seed = "train_seed" if new_format else "seed"  # old directories: the previous names
     models = pd.DataFrame({"model_id": ids, "model": "fc", "train_ber": tb,
-                           "seed": np.tile(np.arange(4), 3), "clean_acc": clean})
+                           seed: np.tile(np.arange(4), 3), "clean_acc": clean})
     srows, mrows, prows = [], [], []
     for i, mid in enumerate(ids):
-        base = dict(model_id=mid, model="fc", train_ber=tb[i], seed=i % 4)
+        base = {"model_id": mid, "model": "fc", "train_ber": tb[i], seed: i % 4}
         for ber in (0.0, 0.05, 0.1, 0.2):
             acc = clean[i] if ber == 0 else 0.2 + 0.3 * tol[i] - ber
             srows += [{**base, "ber": ber, "map": k, "accuracy": acc + 0.001 * k}
@@ -34,7 +35,7 @@ def _write_results(d, *, new_format=True, seed=0):
         for metric, (v, a, b, se) in vals.items():
             row = {**base, "layer": "network", "metric": metric}
             if new_format:
-                mrows += [{**row, "value": x, "se": se, "split": s}
+                mrows += [{**row, "value": x, "value_se": se, "split": s}
                           for s, x in (("all", v), ("a", a), ("b", b))]
             else:
                 mrows.append({**row, "value": v})

@@ -132,11 +132,11 @@ def test_sweep_equals_the_naive_deepcopy_and_write_loop_and_rows_replay(fc, vgg,
         df = evaluate.sweep(model, digits, bers=[0.0, 0.05, 0.3], n_maps=3, seed=7,
                             error=variant, engine=engine, layers=layers, progress=False)
         ref = [_naive_accuracy(model, digits, p, s, variant, layers)
-               for p, s in zip(df.ber, df.seed, strict=True)]
+               for p, s in zip(df.ber, df.map_seed, strict=True)]
         assert df.accuracy.tolist() == ref, (variant, engine, layers)
         assert df[df.ber == 0.3].accuracy.mean() < df[df.ber == 0].accuracy.mean()
         for row in df[df.ber == 0.3].itertuples():
-            with errors.inject(model, row.ber, seed=int(row.seed), error=variant,
+            with errors.inject(model, row.ber, seed=int(row.map_seed), error=variant,
                                layers=layers):
                 assert evaluate.accuracy(model, digits) == row.accuracy
 
@@ -171,7 +171,7 @@ def test_cli_sweep_with_error_stuck_at_equals_the_naive_loop(fc, digits, tmp_pat
     df = evaluate.read_sweep(out)
     assert len(df) == 6
     assert df.accuracy.tolist() == [_naive_accuracy(fc, digits, p, s, "stuck-at")
-                                    for p, s in zip(df.ber, df.seed, strict=True)]
+                                    for p, s in zip(df.ber, df.map_seed, strict=True)]
 
 
 def test_study_file_eval_error_stuck_at_sweeps_the_trained_network(tmp_path):

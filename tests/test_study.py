@@ -4,6 +4,7 @@ import filecmp
 import html
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,15 @@ def test_outputs_are_tidy_and_consistent_with_the_checkpoints(tiny_run):
     net = set(metrics[metrics.layer == "network"].metric)
     assert {"mean_margin_norm", "importance_variance", "importance_cv"} <= net
     # every table's task columns agree with models.csv
+    assert list(models.columns[:5]) == ["model_id", "model", "arch", "train_ber", "train_seed"]
     for df in (sweeps, metrics, pd.read_csv(res["margins"]), pd.read_csv(res["importance"])):
-        merged = df.merge(models[["model_id", "train_ber", "seed"]], on="model_id",
-                          suffixes=("", "_m"))
+        assert list(df.columns[:5]) == list(models.columns[:5])
+        merged = df.merge(models[["model_id", "arch", "train_ber", "train_seed"]],
+                          on="model_id", suffixes=("", "_m"))
         assert len(merged) == len(df)
         assert (merged.train_ber == merged.train_ber_m).all()
-        assert (merged.seed == merged.seed_m).all()
+        assert (merged.train_seed == merged.train_seed_m).all()
+        assert (merged.arch == merged.arch_m).all() and set(merged.arch) == {"fc"}
     # the checkpoint reproduces the recorded clean accuracy exactly
     cfg = study.load_config("tiny", SMALL)
     test = data.load("digits", "test")
@@ -363,8 +367,8 @@ def test_metrics_carry_se_and_split_and_match_the_library(tiny_run):
 
     out, res = tiny_run
     met = pd.read_csv(res["metrics"])
-    assert list(met.columns) == ["model_id", "model", "train_ber", "seed", "layer", "metric",
-                                 "value", "se", "split"]
+    assert list(met.columns) == ["model_id", "model", "arch", "train_ber", "train_seed",
+                                 "layer", "metric", "value", "value_se", "split"]
     assert set(met.split) == {"all", "a", "b"}
     assert not met.duplicated(["model_id", "layer", "metric", "split"]).any()
     # the analysis takes the first row per model and metric: the whole subset comes first
@@ -382,13 +386,13 @@ def test_metrics_carry_se_and_split_and_match_the_library(tiny_run):
         for col in ("mean_margin_norm", "mean_margin"):
             r = rows.loc[("network", col)]
             assert r.value == summ.loc["network", col]
-            assert r.se == summ.loc["network", f"{col}_se"] and r.se > 0
+            assert r.value_se == summ.loc["network", f"{col}_se"] and r.value_se > 0
             # an X_se column is stored as its own metric too
-            assert rows.loc[("network", f"{col}_se"), "value"] == r.se
+            assert rows.loc[("network", f"{col}_se"), "value"] == r.value_se
         iv = mlib.importance_variance(mlib.importance(model, ds)).set_index("layer")
         r = rows.loc[("network", "importance_variance_unbiased")]
         assert r.value == iv.loc["network", "variance_unbiased"]
-        assert r.se == iv.loc["network", "variance_unbiased_se"]
+        assert r.value_se == iv.loc["network", "variance_unbiased_se"]
         assert rows.loc[("network", "importance_noise_share"), "value"] == iv.loc[
             "network", "noise_share"]
     # score margin: mean over correctly classified images, se = sd / sqrt(n)
@@ -396,7 +400,8 @@ def test_metrics_carry_se_and_split_and_match_the_library(tiny_run):
     sm = sm[sm["correct"].astype(bool)]["score_margin"]
     r = met[(met.model_id == mid) & (met.split == "all") & (met.metric == "score_margin")]
     assert r.value.item() == float(sm.mean())
-    assert r.se.item() == pytest.approx(float(sm.std(ddof=1)) / len(sm) ** 0.5, rel=1e-12)
+    assert r.value_se.item() == pytest.approx(float(sm.std(ddof=1)) / len(sm) ** 0.5,
+                                              rel=1e-12)
 
 
 def test_predictions_are_collected_per_task(tiny_run):
@@ -406,7 +411,8 @@ def test_predictions_are_collected_per_task(tiny_run):
         pytest.skip("metrics.predict_accuracy not available")
     out, res = tiny_run
     pred = pd.read_csv(res["predictions"])
-    assert list(pred.columns[:5]) == ["model_id", "model", "train_ber", "seed", "ber"]
+    assert list(pred.columns[:6]) == ["model_id", "model", "arch", "train_ber", "train_seed",
+                                      "ber"]
     assert "predicted_accuracy" in pred.columns
     models = pd.read_csv(res["models"])
     assert len(pred) == len(models) * len(SMALL["eval"]["bers"])
@@ -479,3 +485,37 @@ def test_markdown_summary_quotes_the_sweep_accuracies_and_the_reproduction_comma
             cell += f" ± {g['accuracy'].std():.4f}"
         assert cell in md, (tb, ber, cell)
     assert "## The paper's claims" in md
+
+
+def test_every_collected_table_fits_its_schema(tiny_run):
+    from bnn_tol import schema
+
+    _, res = tiny_run
+    for stem, table in study.SCHEMAS.items():
+        key = "models" if stem == "model" else study.TABLES[stem][:-4]
+        df = schema.read_csv(res[key], table)
+        assert len(df) and not schema.is_previous(df)
+        assert list(df.columns) == schema.columns(table), table
+
+
+def test_tasks_finished_by_the_previous_release_are_collected_with_the_new_names(tiny_run,
+                                                                                  tmp_path):
+    from bnn_tol import schema
+
+    out, res = tiny_run
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    # task 0 as the previous release left it: seed, se, se_<stat>, no arch
+    tdir = copy / "models" / "fc_ber0_s0"
+    for stem in ("model", *study.TABLES):
+        df = pd.read_csv(tdir / f"{stem}.csv")
+        old = {"train_seed": "seed", "value_se": "se", "importance_se": "se",
+               **{f"{s}_se": f"se_{s}" for s in schema.MARGIN_SE_STATS}}
+        if stem != "model":
+            df = df.drop(columns="arch")
+        df.rename(columns=old).to_csv(tdir / f"{stem}.csv", index=False)
+    paths = study.collect(copy, list(pd.read_csv(res["models"]).model_id))
+    for fname in ("models.csv", *study.TABLES.values()):
+        new = pd.read_csv(paths[fname[:-4]])
+        ref = pd.read_csv(out / fname)
+        pd.testing.assert_frame_equal(new, ref, check_exact=True)

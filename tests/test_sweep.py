@@ -63,7 +63,7 @@ BERS = [0.0, 0.01, 0.05, (0.02, 0.15), 0.3]
 def test_fc_sweep_equals_naive_loop_exactly(fc, digits, engine):
     df = evaluate.sweep(fc, digits, bers=BERS, n_maps=4, seed=3, engine=engine, progress=False,
                         batch_size=200)
-    ref = [naive_accuracy(fc, digits, (a, b), s) for a, b, s in zip(df.p01, df.p10, df.seed,
+    ref = [naive_accuracy(fc, digits, (a, b), s) for a, b, s in zip(df.p01, df.p10, df.map_seed,
                                                                      strict=True)]
     assert df["accuracy"].tolist() == ref
     assert df["accuracy"].nunique() > 3  # the errors did something
@@ -72,7 +72,7 @@ def test_fc_sweep_equals_naive_loop_exactly(fc, digits, engine):
 def test_vgg_sweep_equals_naive_loop_exactly(vgg, digits):
     df = evaluate.sweep(vgg, digits, bers=[0.02, 0.1, (0.0, 0.2)], n_maps=3, seed=1,
                         progress=False, maps_per_step=2, batch_size=150)
-    ref = [naive_accuracy(vgg, digits, (a, b), s) for a, b, s in zip(df.p01, df.p10, df.seed,
+    ref = [naive_accuracy(vgg, digits, (a, b), s) for a, b, s in zip(df.p01, df.p10, df.map_seed,
                                                                       strict=True)]
     assert df["accuracy"].tolist() == ref
     assert df["accuracy"].nunique() > 2
@@ -83,7 +83,7 @@ def test_layer_selection_and_clean_prefix_equal_naive(fc, digits, layers):
     for engine in ("int8", "fp32"):
         df = evaluate.sweep(fc, digits, bers=[0.05, 0.2], n_maps=2, seed=0, layers=layers,
                             engine=engine, progress=False)
-        ref = [naive_accuracy(fc, digits, b, s, layers=layers) for b, s in zip(df.ber, df.seed,
+        ref = [naive_accuracy(fc, digits, b, s, layers=layers) for b, s in zip(df.ber, df.map_seed,
                                                                                strict=True)]
         assert df["accuracy"].tolist() == ref, engine
 
@@ -92,7 +92,7 @@ def test_any_row_replays_alone_with_inject(fc, digits):
     df = evaluate.sweep({"a": fc}, digits, bers=[0.03, (0.1, 0.01)], n_maps=3, seed=5,
                         progress=False)
     for row in df.itertuples():
-        with errors.inject(fc, (row.p01, row.p10), seed=row.seed):
+        with errors.inject(fc, (row.p01, row.p10), seed=row.map_seed):
             assert evaluate.accuracy(fc, digits) == row.accuracy
 
 
@@ -143,7 +143,7 @@ def test_reference_engine_for_activation_targets_matches_inject(fc, digits):
     df = evaluate.sweep(fc, digits, bers=[0.05], n_maps=2, seed=0, targets=("activations",),
                         progress=False)
     for row in df.itertuples():
-        with errors.inject(fc, row.ber, seed=row.seed, targets="activations"):
+        with errors.inject(fc, row.ber, seed=row.map_seed, targets="activations"):
             assert evaluate.accuracy(fc, digits) == row.accuracy
 
 
@@ -193,7 +193,7 @@ def test_fashion_fc_int8_sweep_equals_naive_loop():
     test = data.load("fashion-mnist", "test").subset(3000)
     model = bnn_tol.load(FC_RUN)
     df = evaluate.sweep(model, test, bers=[0.01, 0.1], n_maps=2, seed=0, progress=False)
-    ref = [naive_accuracy(model, test, b, s) for b, s in zip(df.ber, df.seed, strict=True)]
+    ref = [naive_accuracy(model, test, b, s) for b, s in zip(df.ber, df.map_seed, strict=True)]
     assert df["accuracy"].tolist() == ref
 
 

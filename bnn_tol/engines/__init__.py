@@ -39,10 +39,20 @@ from bnn_tol.engines.fp32 import Fp32Engine
 from bnn_tol.engines.int8 import Int8Engine, int8_is_fast
 from bnn_tol.engines.packed import PackedEngine
 from bnn_tol.engines.reference import ReferenceEngine
-from bnn_tol.engines.sweep_file import COLUMNS, META_SUFFIX, OLD_COLUMNS, meta_path, read_sweep
+from bnn_tol.engines.sweep_file import (
+    COLUMNS,
+    META_SUFFIX,
+    META_VERSION,
+    OLD_COLUMNS,
+    PREVIOUS_COLUMNS,
+    load_sweep,
+    meta_path,
+    read_sweep,
+)
 
 __all__ = ["accuracy", "predict", "resolve_device", "sweep", "accuracy_under_flips",
-           "summarize", "read_sweep", "meta_path", "COLUMNS", "OLD_COLUMNS", "META_SUFFIX",
+           "summarize", "read_sweep", "load_sweep", "meta_path", "COLUMNS", "PREVIOUS_COLUMNS",
+           "OLD_COLUMNS", "META_SUFFIX", "META_VERSION",
            "engines", "engine_class", "pick_engine", "register_engine", "Engine", "SignEngine",
            "FlipSet", "MEMORY_BUDGET", "Int8Engine", "PackedEngine", "Fp32Engine",
            "FixedPointEngine", "ReferenceEngine", "int8_is_fast", "profile_sweep",

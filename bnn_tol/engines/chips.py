@@ -12,6 +12,7 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
+from bnn_tol import schema
 from bnn_tol.core.inference import accuracy
 from bnn_tol.core.models import memory_bits
 from bnn_tol.engines.driver import accuracy_under_flips
@@ -32,7 +33,8 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
     (:func:`bnn_tol.engines.driver.accuracy_under_flips`).
 
     Returns:
-        Tidy frame, one row per (model, voltage, offset): ``model, voltage, offset,
+        Tidy frame, one row per (model, voltage, offset), the ``profile`` table of
+        :mod:`bnn_tol.schema`: ``model, voltage, offset,
         ber_realized`` (flipped / stored bits), ``p01_realized``, ``p10_realized`` (flips
         among stored 0s / 1s), ``energy`` (relative to the lowest error-free voltage of the
         profile), ``energy_saving = 1 - energy``, ``accuracy``, ``rerr``, ``clean_accuracy``,
@@ -77,12 +79,14 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
                                  "p10_realized": f10 / max(n1, 1),
                                  "energy": e, "energy_saving": 1.0 - e, "accuracy": acc,
                                  "rerr": 1.0 - acc, "clean_accuracy": clean,
-                                 "bits_per_weight": bpw[0] if len(bpw) == 1 else float("nan"),
+                                 "bits_per_weight": float(bpw[0]) if len(bpw) == 1
+                                 else float("nan"),
                                  "memory_bits": memory_bits(model)})
                     bar.update(1)
     finally:
         bar.close()
-    return pd.DataFrame(rows)
+    return schema.validate(pd.DataFrame(rows, columns=schema.columns("profile")), "profile",
+                           what="the profile sweep")
 
 
 def summary_energy(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:

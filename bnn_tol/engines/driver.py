@@ -17,6 +17,7 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
+from bnn_tol import schema
 from bnn_tol.core.compiled import stored_layers
 from bnn_tol.core.inference import check_batch_size, resolve_device
 from bnn_tol.data import BNNDataset
@@ -98,10 +99,10 @@ def sweep(
 ) -> pd.DataFrame:
     """Accuracy under persistent bit errors for every (model, BER, fault map).
 
-    Map ``m`` has seed ``s_m = errors.map_seeds(seed, n_maps)[m]`` (the chip); its flips at
-    BER ``(p01, p10)`` are those of ``errors.inject(model, (p01, p10), seed=s_m,
-    layers=layers, error=error)`` (identical on every run/device; nested across BERs for the
-    built-in error models), so any row can be replayed alone and gives exactly the same
+    Map ``m`` has seed ``s_m = errors.map_seeds(seed, n_maps)[m]`` (the chip, the row's
+    ``map_seed``); its flips at BER ``(p01, p10)`` are those of ``errors.inject(model, (p01,
+    p10), seed=s_m, layers=layers, error=error)`` (identical on every run; nested across BERs
+    for the built-in error models), so any row can be replayed alone and gives exactly the same
     accuracy. The error model (``error``, :func:`bnn_tol.errors.models`) draws each chip once
     and answers every BER from it.
 
@@ -145,11 +146,12 @@ def sweep(
             (BERs, maps and models may be added); a torn last line is cut off first.
 
     Returns:
-        One row per (model, BER, map): ``model, ber, p01, p10, map, seed, accuracy, rerr,
-        bits_per_weight, memory_bits`` (``ber = p`` for symmetric rates, ``(p01 + p10) / 2``
-        otherwise; ``rerr = 1 - accuracy``; ``memory_bits`` the model's stored weight bits,
-        ``bits_per_weight`` those per weight). With ``out`` the returned frame holds the
-        file's rows of this sweep too.
+        One row per (model, BER, map), the ``sweep`` table of :mod:`bnn_tol.schema`:
+        ``model, ber, p01, p10, map, map_seed, accuracy, rerr, bits_per_weight,
+        memory_bits`` (``model`` the label of ``models``; ``ber = p`` for symmetric rates,
+        ``(p01 + p10) / 2`` otherwise; ``map_seed`` the map's seed ``s_m``; ``rerr = 1 -
+        accuracy``; ``memory_bits`` the model's stored weight bits, ``bits_per_weight`` those
+        per weight). With ``out`` the returned frame holds the file's rows of this sweep too.
 
     Raises:
         InvalidArgument: BER outside [0, 1], empty ``bers``, unknown layers, models without
@@ -224,7 +226,7 @@ def sweep(
                         model, seeds[m], cap, layers=layers, error=err)) for m in todo)
                 accs = runner.accuracies(fmaps, [seeds[m] for m in todo], p01, p10, bar)
                 rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
-                         "p10": p10, "map": m, "seed": seeds[m], "accuracy": a,
+                         "p10": p10, "map": m, "map_seed": seeds[m], "accuracy": a,
                          "rerr": 1.0 - a, **storage} for m, a in zip(todo, accs, strict=True)]
                 if file is not None and rows:
                     file.append(rows)
@@ -238,17 +240,17 @@ def sweep(
         keys = {(str(lb), p01, p10) for lb in models for p01, p10 in ber_list}
         mask = [(m, a, b) in keys and s == seeds[k] if k < n_maps else False
                 for m, a, b, k, s in zip(old["model"], old["p01"], old["p10"], old["map"],
-                                         old["seed"], strict=True)]
+                                         old["map_seed"], strict=True)]
         df = pd.concat([old[mask], df], ignore_index=True)
     order_m = {str(lb): i for i, lb in enumerate(models)}
     order_b = {b: i for i, b in enumerate(ber_list)}
     df = df.assign(_m=df["model"].map(order_m),
                    _b=[order_b[(a, b)] for a, b in zip(df["p01"], df["p10"], strict=True)])
     df = df.sort_values(["_m", "_b", "map"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
-    df["map"] = df["map"].astype("int64")
-    df["seed"] = df["seed"].astype("int64")
-    df["memory_bits"] = df["memory_bits"].astype("int64")
-    return df
+    df = df.astype({c: "int64" for c in ("map", "map_seed", "memory_bits")}
+                   | {c: "float64" for c in ("ber", "p01", "p10", "accuracy", "rerr",
+                                             "bits_per_weight")})
+    return schema.validate(df, "sweep", what="the sweep")
 
 
 class _MapCache:

@@ -1,14 +1,19 @@
 """The sweep CSV format: recognized, locked, validated, resumable.
 
-A sweep writes ``<out>`` (one row per (model, BER, map), :data:`COLUMNS`) and the sidecar
-``<out>.meta.json`` (what defines the rows: per model a sha256 of its state dict and its faulty
-layers; the dataset's name, split, size and sha256; the fault targets; the error model; and the
-provenance). A sidecar without an error model (written before error models were selectable)
-is a Bernoulli sweep.
+A sweep writes ``<out>`` (one row per (model, BER, map), :data:`COLUMNS`: the ``sweep`` table
+of :mod:`bnn_tol.schema`) and the sidecar ``<out>.meta.json`` (format version
+:data:`META_VERSION`, the columns, what defines the rows: per model a sha256 of its state dict
+and its faulty layers; the dataset's name, split, size and sha256; the fault targets; the error
+model; and the provenance). A sidecar without an error model (written before error models were
+selectable) is a Bernoulli sweep.
 While a sweep runs it holds an exclusive ``flock`` on ``<out>``; rows of each finished
 (model, BER) are appended in one write and fsynced, so a killed sweep leaves at most a torn
 last line, which :meth:`SweepFile.open_rows` cuts off before resuming. Nothing in an existing
 file is touched before it is recognized as ours (sidecar + exact header + same settings).
+
+Files of earlier versions are read (:func:`read_sweep`), never resumed: the previous release
+(sidecar version 1) named the map seed ``seed`` (now ``map_seed``); files written before codecs
+lack ``bits_per_weight`` / ``memory_bits`` (read as NaN / -1).
 """
 
 from __future__ import annotations
@@ -23,30 +28,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bnn_tol import schema
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import FileInUse, InvalidArgument, ResultsMismatch
 from bnn_tol.faults.maps import select_layers
 from bnn_tol.files import write_text
 from bnn_tol.provenance import data_digest, environment, model_digest
 
-__all__ = ["COLUMNS", "OLD_COLUMNS", "META_SUFFIX", "meta_path", "read_sweep", "SweepFile",
-           "settings"]
+__all__ = ["COLUMNS", "PREVIOUS_COLUMNS", "OLD_COLUMNS", "META_SUFFIX", "META_VERSION",
+           "meta_path", "read_sweep", "load_sweep", "SweepFile", "settings"]
 
-COLUMNS = ["model", "ber", "p01", "p10", "map", "seed", "accuracy", "rerr", "bits_per_weight",
-           "memory_bits"]
+#: Columns of a sweep CSV, in order: the ``sweep`` table of :mod:`bnn_tol.schema`.
+COLUMNS = schema.columns("sweep")
+#: Columns of sweep CSVs of the previous release (sidecar version 1): the map seed was
+#: ``seed``. Read (as ``map_seed``), not resumed.
+PREVIOUS_COLUMNS = [("seed" if c == "map_seed" else c) for c in COLUMNS]
 #: Columns of sweep files written before codecs (still readable; ``bits_per_weight`` and
 #: ``memory_bits`` are NaN / -1 there).
-OLD_COLUMNS = COLUMNS[:8]
+OLD_COLUMNS = PREVIOUS_COLUMNS[:8]
 
 #: Suffix of the sidecar that records what defines the sweep in ``<out>`` (``<out>.meta.json``).
 META_SUFFIX = ".meta.json"
+#: Version of the sidecar; it changes with the header (2: ``map_seed``, schema 2).
+META_VERSION = 2
 _META_FORMAT = "bnn_tol.sweep"
 _HEADER = ",".join(COLUMNS)
+_PREVIOUS_HEADER = ",".join(PREVIOUS_COLUMNS)
 _OLD_HEADER = ",".join(OLD_COLUMNS)
+_HEADERS = {_HEADER: COLUMNS, _PREVIOUS_HEADER: PREVIOUS_COLUMNS, _OLD_HEADER: OLD_COLUMNS}
 _FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr", "bits_per_weight")
-_INT_COLS = ("map", "seed", "memory_bits")
+_INT_COLS = ("map", "map_seed", "memory_bits")
 _UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
-_KEY = ["model", "p01", "p10", "map", "seed"]
+_KEY = ["model", "p01", "p10", "map", "map_seed"]
 #: The error model of sidecars written before error models were recorded.
 _DEFAULT_ERROR = {"name": "bernoulli"}
 
@@ -73,21 +86,24 @@ def settings(models: dict, data: BNNDataset, layers, targets: tuple,
 
 def _write_meta(out, settings: dict) -> None:
     """Write the sidecar atomically (temporary file in the same directory, fsync, rename)."""
-    text = json.dumps({"format": _META_FORMAT, "version": 1, "columns": COLUMNS,
+    text = json.dumps({"format": _META_FORMAT, "version": META_VERSION, "columns": COLUMNS,
                        "settings": settings, "provenance": environment()}, indent=2)
     write_text(meta_path(out), text, fsync=True)
 
 
 def _read_meta(out) -> dict:
-    """The sidecar's settings; ``ResultsMismatch`` if ``out`` has no valid sidecar of ours."""
+    """The sidecar (``format``, ``version`` 1 or :data:`META_VERSION`, ``settings``, ...);
+    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours."""
     path = meta_path(out)
     why = None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
             why = f"its sidecar {path.name} is not a bnn_tol sweep sidecar"
-        elif meta.get("version") != 1:
+        elif meta.get("version") not in (1, META_VERSION):
             why = f"its sidecar {path.name} has unknown version {meta.get('version')!r}"
+        elif not isinstance(meta.get("settings"), dict):
+            why = f"its sidecar {path.name} records no settings"
     except FileNotFoundError:
         why = f"its sidecar {path.name} is missing (every bnn_tol sweep writes one)"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -95,7 +111,7 @@ def _read_meta(out) -> dict:
     if why:
         raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: {why}; it was "
                               "left untouched, use another --out")
-    return meta["settings"]
+    return meta
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -141,14 +157,14 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
         raise bad("is empty: not a sweep CSV")
     lines = text.split("\n")
     first = lines[0].rstrip("\r")
-    if first not in (_HEADER, _OLD_HEADER):
+    if first not in _HEADERS:
         raise bad(f"is not a sweep CSV: its header is {first[:100]!r}, expected {_HEADER!r}")
-    header = first
+    header = _HEADERS[first]
     if lines[-1] != "":
         raise bad("ends in a partial line (an interrupted sweep): continue it with --resume "
                   "(resume=True) before reading it")
     for n, line in enumerate(lines[1:-1], start=2):
-        if line.rstrip("\r") in (_HEADER, _OLD_HEADER):
+        if line.rstrip("\r") in _HEADERS:
             raise bad(f"has a second header at line {n} (two sweeps wrote into it)")
     try:
         df = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False)
@@ -168,31 +184,34 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
             out.append(x)
         return out
 
+    df = schema.upgrade(df, "sweep")  # the previous release's seed is the map seed
     res = pd.DataFrame({"model": df["model"].astype(str)})
     for col in COLUMNS[1:]:
-        if header == _OLD_HEADER and col not in OLD_COLUMNS:  # written before codecs
-            res[col] = -1 if col in _INT_COLS else math.nan
+        if header is OLD_COLUMNS and col in ("bits_per_weight", "memory_bits"):
+            res[col] = -1 if col in _INT_COLS else math.nan  # written before codecs
             continue
         res[col] = convert(col, int if col in _INT_COLS else float)
     res = res.astype({c: "int64" for c in _INT_COLS} | {c: "float64" for c in _FLOAT_COLS})
     dup = res.duplicated(_KEY)
     if dup.any():
         n = int(np.flatnonzero(dup.to_numpy())[0]) + 2
-        raise bad(f"line {n} repeats the key (model, p01, p10, map, seed) of an earlier row "
+        raise bad(f"line {n} repeats the key (model, p01, p10, map, map_seed) of an earlier row "
                   "(two sweeps wrote into it)")
-    return res[COLUMNS]
+    return schema.validate(res[COLUMNS], "sweep", what=str(path), error=ResultsMismatch)
 
 
 def read_sweep(path) -> pd.DataFrame:
     """Read and validate a sweep CSV written by :func:`sweep` (``out=``).
 
-    Accepts only a complete file: the exact header (:data:`COLUMNS`, or :data:`OLD_COLUMNS` of
+    Accepts only a complete file: the exact header (:data:`COLUMNS`; :data:`PREVIOUS_COLUMNS`
+    of the previous release, whose ``seed`` is read as ``map_seed``; :data:`OLD_COLUMNS` of
     files written before codecs) once, every row complete and newline-terminated, numeric
-    columns finite (rates and accuracies in [0, 1], ``map``/``seed``/``memory_bits``
-    integers), no key ``(model, p01, p10, map, seed)`` twice.
+    columns finite (rates and accuracies in [0, 1], ``map``/``map_seed``/``memory_bits``
+    integers), no key ``(model, p01, p10, map, map_seed)`` twice; then the rows are validated
+    against the ``sweep`` table of :mod:`bnn_tol.schema`.
 
     Returns:
-        One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``seed`` int64).
+        One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``map_seed`` int64).
 
     Raises:
         ResultsMismatch: anything less than a valid sweep CSV (one line naming the problem).
@@ -202,6 +221,25 @@ def read_sweep(path) -> pd.DataFrame:
     except OSError as e:
         raise ResultsMismatch(f"{path}: cannot read the sweep CSV ({e.strerror})") from None
     return _parse_sweep(raw, path)
+
+
+def load_sweep(path) -> pd.DataFrame:
+    """Any sweep table in a file: a sweep CSV (:func:`read_sweep`, every check of the file
+    format), or another CSV that fits the ``sweep`` table of :mod:`bnn_tol.schema` (a study's
+    ``sweeps.csv``, extra columns kept; tables of the previous release upgraded).
+
+    Raises:
+        ResultsMismatch: one line naming ``path`` and what is wrong (a table that is not a
+            sweep says ``not a sweep CSV``).
+    """
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise ResultsMismatch(f"{path}: cannot read the sweep CSV ({e.strerror})") from None
+    if not first or first.decode("utf-8", "replace") in _HEADERS:
+        return read_sweep(path)
+    return schema.read_csv(path, "sweep")
 
 
 class SweepFile:
@@ -231,17 +269,29 @@ class SweepFile:
             _write_meta(self.path, settings)
             self.wrote_meta = True
             return pd.DataFrame(columns=COLUMNS)
-        old = _read_meta(self.path)
+        meta = _read_meta(self.path)
+        old = meta["settings"]
         with open(self.path, "rb") as fh:
             raw = fh.read()
-        if raw.split(b"\n", 1)[0].rstrip(b"\r") == _OLD_HEADER.encode():
+        first = raw.split(b"\n", 1)[0].rstrip(b"\r")
+        if first == _OLD_HEADER.encode():
             raise ResultsMismatch(f"{self.path} was written by an older bnn_tol (no "
                                   "bits_per_weight/memory_bits columns); it was left untouched, "
                                   "use another --out (read_sweep still reads it)")
-        if raw.split(b"\n", 1)[0].rstrip(b"\r") != _HEADER.encode():
+        if first == _PREVIOUS_HEADER.encode():
+            raise ResultsMismatch(f"{self.path} was written by an older bnn_tol (its map seed "
+                                  "column is 'seed', now 'map_seed'); it was left untouched, use "
+                                  "another --out (read_sweep still reads it)")
+        if first != _HEADER.encode():
             raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
                                   "first line is not the sweep header; it was left untouched, "
                                   "use another --out")
+        if meta.get("version") != META_VERSION or meta.get("columns") != COLUMNS:
+            raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
+                                  f"sidecar {meta_path(self.path).name} is of version "
+                                  f"{meta.get('version')!r} with columns {meta.get('columns')}, "
+                                  "not those of its header; it was left untouched, use another "
+                                  "--out")
         diffs = _differences(old, settings)
         if diffs:
             raise ResultsMismatch(f"{self.path} was made with {'; '.join(diffs)}; use another "
@@ -261,8 +311,9 @@ class SweepFile:
         crash leaves at most a torn last line, which :meth:`open_rows` repairs."""
         buf = _io.StringIO()
         header = os.fstat(self.fh.fileno()).st_size == 0
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(buf, header=header, index=False,
-                                                   float_format="%.17g", lineterminator="\n")
+        frame = schema.validate(pd.DataFrame(rows, columns=COLUMNS), "sweep",
+                                what=f"rows for {self.path}")
+        frame.to_csv(buf, header=header, index=False, float_format="%.17g", lineterminator="\n")
         self.fh.write(buf.getvalue().encode("utf-8"))
         self.fh.flush()
         os.fsync(self.fh.fileno())

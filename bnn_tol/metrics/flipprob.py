@@ -36,6 +36,7 @@ import pandas as pd
 from scipy import stats
 from torch import nn
 
+from bnn_tol import schema
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.maps import rates
@@ -140,7 +141,7 @@ def flip_probability(
 
     Returns:
         DataFrame ``layer, layer_index, neuron, fan_in, ber, flip_prob`` (``neuron`` absent
-        for ``level="layer"``).
+        for ``level="layer"``): the ``flip_probability`` table of :mod:`bnn_tol.schema`.
     """
     bers = [ber] if isinstance(ber, int | float) else list(ber)
     ps = []
@@ -175,5 +176,5 @@ def flip_probability(
     if level == "layer":
         out = (out.groupby(["layer_index", "layer", "fan_in", "ber"], sort=True)["flip_prob"]
                .mean().reset_index()[["layer", "layer_index", "fan_in", "ber", "flip_prob"]])
-    return out
+    return schema.validate(out, "flip_probability", what="the flip probability table")
 

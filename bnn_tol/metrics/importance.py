@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnn_tol import schema
 from bnn_tol.core.compiled import Stage, eval_mode
 from bnn_tol.core.layers import BinaryConv2d, apply_folded
 from bnn_tol.data import BNNDataset
@@ -427,9 +428,10 @@ def importance(
             ``"bernoulli"``).
 
     Returns:
-        DataFrame ``layer, layer_index, neuron, importance, estimator, se, bias, n_samples,
-        vu_se, vu_netcov, vu_layers``: ``importance = I_j = mean_n c_nj``;
-        ``se = sqrt(S_jj / N)`` its standard error (``S``: the unbiased ``1/(N-1)``
+        DataFrame ``layer, layer_index, neuron, importance, estimator, importance_se, bias,
+        n_samples, vu_se, vu_netcov, vu_layers`` (the ``importance`` table of
+        :mod:`bnn_tol.schema`): ``importance = I_j = mean_n c_nj``;
+        ``importance_se = sqrt(S_jj / N)`` its standard error (``S``: the unbiased ``1/(N-1)``
         sample covariance over images of the contributions ``c_n.`` of the layer's
         neurons, ``N = n_samples``); ``bias = (S_jj - mean_k S_jk) / N``, neuron ``j``'s
         share of the sampling bias of the plug-in variance; per layer (repeated on its
@@ -550,10 +552,12 @@ def importance(
             se, bias, _ = stats[e, l]
             frames.append(pd.DataFrame({"layer": info.name, "layer_index": l,
                                         "neuron": range(len(v)), "importance": v,
-                                        "estimator": e, "se": se.numpy(), "bias": bias.numpy(),
+                                        "estimator": e, "importance_se": se.numpy(),
+                                        "bias": bias.numpy(),
                                         "n_samples": n_total, "vu_se": jack[e, l][0],
                                         "vu_netcov": jack[e, l][1], "vu_layers": len(infos)}))
-    return pd.concat(frames, ignore_index=True)
+    return schema.validate(pd.concat(frames, ignore_index=True), "importance",
+                           what="the importance table")
 
 
 def importance_variance(imp: pd.DataFrame) -> pd.DataFrame:
@@ -629,8 +633,9 @@ def importance_variance(imp: pd.DataFrame) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         share = 1.0 - out["variance_unbiased"].to_numpy() / out["variance"].to_numpy()
     out["noise_share"] = np.clip(share, 0.0, 1.0)
-    return out[[*keys, "layer", "layer_index", "n_neurons", "mean", "std", "variance", "cv",
-                "value", "bias", "variance_unbiased", "variance_unbiased_se", "noise_share"]]
+    out = out[[*keys, "layer", "layer_index", "n_neurons", "mean", "std", "variance", "cv",
+               "value", "bias", "variance_unbiased", "variance_unbiased_se", "noise_share"]]
+    return schema.validate(out, "importance_variance", what="the importance variance table")
 
 
 def required_samples(imp: pd.DataFrame, rel_error: float = 0.1) -> pd.DataFrame:
@@ -663,12 +668,12 @@ def required_samples(imp: pd.DataFrame, rel_error: float = 0.1) -> pd.DataFrame:
         (median over the layer's neurons of ``N_j``).
 
     Raises:
-        InvalidArgument: ``rel_error`` not in (0, inf) or the table lacks ``se`` /
+        InvalidArgument: ``rel_error`` not in (0, inf) or the table lacks ``importance_se`` /
             ``n_samples`` (pass ``metrics.importance(...)``).
     """
     if not (isinstance(rel_error, (int, float)) and 0 < rel_error < math.inf):
         raise InvalidArgument(f"rel_error must be a positive number, got {rel_error!r}")
-    need = {"importance", "se", "n_samples", "bias", "vu_se"}
+    need = {"importance", "importance_se", "n_samples", "bias", "vu_se"}
     if need - set(imp.columns):
         raise InvalidArgument(f"importance table lacks {sorted(need - set(imp.columns))}; pass "
                               "metrics.importance(...) (tables without standard errors "
@@ -693,7 +698,7 @@ def required_samples(imp: pd.DataFrame, rel_error: float = 0.1) -> pd.DataFrame:
         for l, gl in g.groupby("layer_index", sort=True):
             n = float(gl["n_samples"].iloc[0])
             i_j = gl["importance"].to_numpy(dtype=float)
-            s_jj = n * gl["se"].to_numpy(dtype=float) ** 2
+            s_jj = n * gl["importance_se"].to_numpy(dtype=float) ** 2
             j = len(i_j)
             a = 4 * float(((i_j - i_j.mean()) ** 2 * s_jj).sum()) / j**2
             b = 2 * float((s_jj**2).sum()) / j**2

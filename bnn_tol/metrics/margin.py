@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnn_tol import schema
 from bnn_tol.core import kernels
 from bnn_tol.core.compiled import Stage, eval_mode
 from bnn_tol.data import BNNDataset
@@ -70,16 +71,11 @@ from bnn_tol.metrics._common import (
 
 __all__ = ["margin", "margin_summary", "margin_positions", "score_margin", "MARGIN_COLUMNS"]
 
-#: Per-neuron means that get a standard error (``se_<stat>``) in :func:`margin`.
-_SE_STATS = ["mean_margin", "mean_margin_half", "mean_margin_norm", "mean_margin_bn"]
+#: Per-neuron means that get a standard error (``<stat>_se``) in :func:`margin`.
+_SE_STATS = list(schema.MARGIN_SE_STATS)
 
-#: Columns of :func:`margin`, in order.
-MARGIN_COLUMNS = ["layer", "layer_index", "kind", "neuron", "fan_in", "tau", "direction", "dead",
-                  "n", "mean_margin", "min_margin", "q10_margin", "mean_margin_half",
-                  "mean_margin_norm", "mean_margin_bn",
-                  *[f"se_{s}" for s in _SE_STATS],
-                  *[f"cov_layer_{s}" for s in _SE_STATS],
-                  *[f"cov_network_{s}" for s in _SE_STATS]]
+#: Columns of :func:`margin`, in order: the ``margin`` table of :mod:`bnn_tol.schema`.
+MARGIN_COLUMNS = schema.columns("margin")
 
 
 
@@ -702,7 +698,7 @@ def _neuron_table(st: LayerStats, quantile: float) -> pd.DataFrame:
     se = _se_table(st, hist, marg, mean) if st.se is not None else None
     for s in _SE_STATS:
         se2 = nan if se is None else se[s][0]
-        extra[f"se_{s}"] = torch.where(dead, nan, se2.sqrt()).numpy()
+        extra[f"{s}_se"] = torch.where(dead, nan, se2.sqrt()).numpy()
     for j, col in enumerate(("cov_layer", "cov_network")):
         for s in _SE_STATS:
             cov = se[s][1][:, j] if se is not None else nan
@@ -739,7 +735,7 @@ def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bi
     correlated within an image; the ``_half`` / ``_norm`` / ``_bn`` forms transformed alike)
     and ``N`` images::
 
-        se_<stat>_j = sqrt( sum_n (v_nj - vbar_j)^2 / ((N - 1) N) )
+        <stat>_se_j = sqrt( sum_n (v_nj - vbar_j)^2 / ((N - 1) N) )
 
     for ``<stat>`` in ``mean_margin, mean_margin_half, mean_margin_norm, mean_margin_bn``
     (``nan`` for ``N < 2`` and dead neurons). Since all neurons are measured on the same
@@ -768,7 +764,8 @@ def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bi
         layers: block indices to measure (default: all hidden blocks).
 
     Returns:
-        DataFrame with :data:`MARGIN_COLUMNS` (``n`` = samples x positions per neuron).
+        DataFrame with :data:`MARGIN_COLUMNS`, the ``margin`` table of :mod:`bnn_tol.schema`
+        (``n`` = samples x positions per neuron).
 
     Raises:
         ValueError: empty dataset, images of the wrong shape, or a hidden binary layer not
@@ -776,7 +773,8 @@ def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bi
     """
     stats = margin_pass(model, data, batch_size=batch_size, max_bins=max_bins, layers=layers,
                         se=True)
-    return pd.concat([_neuron_table(st, quantile) for st in stats], ignore_index=True)
+    out = pd.concat([_neuron_table(st, quantile) for st in stats], ignore_index=True)
+    return schema.validate(out, "margin", what="the margin table")
 
 
 def margin_positions(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
@@ -888,7 +886,7 @@ def margin_summary(m: pd.DataFrame) -> pd.DataFrame:
     out["value_se"] = out["mean_margin_norm_se"]
     cols = [*keys, "layer", "layer_index", "kind", "fan_in", "n_neurons", "n_dead",
             *_SUMMARY_STATS, "value", *[f"{s}_se" for s in _SE_STATS], "value_se"]
-    return out[cols]
+    return schema.validate(out[cols], "margin_summary", what="the margin summary")
 
 
 @torch.no_grad()
@@ -906,7 +904,8 @@ def score_margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000) 
     classified samples: filter on ``correct``.
 
     Returns:
-        DataFrame ``sample, label, pred, correct, score_margin, score_margin_flips``.
+        DataFrame ``sample, label, pred, correct, score_margin, score_margin_flips`` (the
+        ``score_margin`` table of :mod:`bnn_tol.schema`).
     """
     check_data(model, data)
     stages = compiled(model).stages
@@ -934,7 +933,8 @@ def score_margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000) 
                 fl = torch.full_like(sm, math.nan)
             parts.append(torch.stack([y.float(), z.argmax(1).float(), sm, fl], 1).cpu())
     t = torch.cat(parts).double()
-    return pd.DataFrame({"sample": range(len(t)), "label": t[:, 0].long().numpy(),
-                         "pred": t[:, 1].long().numpy(),
-                         "correct": (t[:, 0] == t[:, 1]).numpy(),
-                         "score_margin": t[:, 2].numpy(), "score_margin_flips": t[:, 3].numpy()})
+    out = pd.DataFrame({"sample": range(len(t)), "label": t[:, 0].long().numpy(),
+                        "pred": t[:, 1].long().numpy(),
+                        "correct": (t[:, 0] == t[:, 1]).numpy(),
+                        "score_margin": t[:, 2].numpy(), "score_margin_flips": t[:, 3].numpy()})
+    return schema.validate(out, "score_margin", what="the score margin table")

@@ -79,6 +79,7 @@ import torch
 from scipy import special
 from torch import nn
 
+from bnn_tol import schema
 from bnn_tol.core.compiled import eval_mode
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
@@ -234,7 +235,7 @@ def predict_accuracy(
         predicted_accuracy, predicted_drop, first_order_accuracy, clean_accuracy,
         n_samples``. ``layer == "network"`` (``layer_index == -1``) is the prediction with
         every selected layer corrupted; ``predicted_drop = clean_accuracy -
-        predicted_accuracy``.
+        predicted_accuracy`` (the ``predictions`` table of :mod:`bnn_tol.schema`).
 
     Raises:
         InvalidArgument: asymmetric or out-of-range BERs, an empty BER list, unknown layers,
@@ -385,5 +386,5 @@ def predict_accuracy(
     df["predicted_drop"] = acc0 - df["predicted_accuracy"]
     df["clean_accuracy"] = acc0
     df["n_samples"] = n
-    return df[["ber", "layer", "layer_index", "predicted_accuracy", "predicted_drop",
-               "first_order_accuracy", "clean_accuracy", "n_samples"]]
+    return schema.validate(df[schema.columns("predictions")], "predictions",
+                           what="the predictions")

@@ -1,14 +1,19 @@
 """Do the metrics explain and predict bit error tolerance? Correlation, regression, comparison.
 
-Inputs are the tidy tables of a study (:mod:`bnn_tol.study`):
+Inputs are tables of :mod:`bnn_tol.schema` (checked on entry; tables of the previous release
+are upgraded, see :func:`bnn_tol.schema.upgrade`):
 
-- ``metrics``: long form, one row per (model, layer, metric):
-  ``model_id, model, train_ber, seed, layer, metric, value``; ``layer == "network"`` holds the
-  network-level aggregates.
-- ``sweeps``: one row per (model, BER, fault map): ``model_id, ber, map, accuracy, ...``.
+- ``metrics``: a study's long-form ``metrics.csv`` (``study.metrics``), one row per (network,
+  layer, metric): ``model_id, model, arch, train_ber, train_seed, layer, metric, value,
+  value_se, split``; ``layer == "network"`` holds the network-level aggregates.
+- ``sweeps``: any ``sweep`` table, one row per (network, BER, fault map): a study's
+  ``sweeps.csv`` (``model_id, ..., ber, map, accuracy, ...``) or the rows of
+  :func:`bnn_tol.evaluate.sweep` (no ``model_id``: each ``model`` label is one network).
 
 The unit of observation is a trained network (``model_id``); its accuracy at BER ``p`` is
-the mean over fault maps, ``acc_p = mean_k acc(model, map_k at p)``.
+the mean over fault maps, ``acc_p = mean_k acc(model, map_k at p)``. ``model`` is the label
+of a study's ``[[models]]`` entry (one architecture and its arguments): analyses "per
+architecture" group by it.
 
 Functions:
 
@@ -21,7 +26,7 @@ Functions:
 - :func:`compare` -- normal vs flip-trained: per-layer differences with effect sizes.
 
 Issue 10 (metrics with standard errors, ``split`` halves and ``predictions.csv``; tables of
-older studies without ``se``/``split`` read as ``se = NaN``, ``split = "all"``):
+older studies without ``value_se``/``split`` read as ``value_se = NaN``, ``split = "all"``):
 
 - :func:`correlate_curve` -- per architecture, every BER: raw, partial (given clean accuracy)
   and within-training-BER Spearman/Pearson, bootstrap intervals with metric and accuracy
@@ -33,13 +38,13 @@ older studies without ``se``/``split`` read as ``se = NaN``, ``split = "all"``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bnn_tol import schema
 from bnn_tol.exceptions import InvalidArgument
 
 __all__ = [
@@ -64,6 +69,22 @@ __all__ = [
 #: Correlation coefficients computed by :func:`correlate`.
 METHODS = ("pearson", "spearman", "kendall")
 _ID = "model_id"
+#: Columns that identify a network of a study, carried along by :func:`accuracy_at_ber`.
+_IDS = ("model", "arch", "train_ber", "train_seed")
+
+
+def _sweeps(sweeps: pd.DataFrame, what: str = "sweeps") -> pd.DataFrame:
+    """``sweeps`` as a ``sweep`` table with ``model_id`` (a plain sweep: its ``model``)."""
+    if isinstance(sweeps, pd.DataFrame) and _ID not in sweeps.columns and \
+            "model" in sweeps.columns:
+        sweeps = sweeps.assign(**{_ID: sweeps["model"].astype(str)})
+    return schema.conform(sweeps, "sweep", what=what, require=(_ID, "ber", "accuracy"))
+
+
+def _metrics(metrics: pd.DataFrame, what: str = "metrics") -> pd.DataFrame:
+    """``metrics`` as a ``study.metrics`` table (at least ``model_id, layer, metric, value``)."""
+    return schema.conform(metrics, "study.metrics", what=what,
+                          require=(_ID, "layer", "metric", "value"))
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
@@ -74,14 +95,15 @@ def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
 
 
 def accuracy_at_ber(sweeps: pd.DataFrame) -> pd.DataFrame:
-    """Mean accuracy over fault maps, one row per (model, BER).
+    """Mean accuracy over fault maps, one row per (network, BER).
 
     ``acc_p = mean_k accuracy(model_id, ber = p, map = k)``; also ``std`` and ``n`` (maps).
-    Identifying columns (``model, train_ber, seed``) are carried along when present.
+    Identifying columns (``model, arch, train_ber, train_seed``) are carried along when
+    present. ``sweeps``: any ``sweep`` table (a plain sweep's ``model`` is its ``model_id``).
     """
-    _need(sweeps, [_ID, "ber", "accuracy"], "sweeps")
+    sweeps = _sweeps(sweeps)
     keys = [_ID, "ber"]
-    extra = [c for c in ("model", "train_ber", "seed") if c in sweeps.columns]
+    extra = [c for c in _IDS if c in sweeps.columns and c != _ID]
     g = sweeps.groupby(keys, sort=True)["accuracy"]
     out = g.agg(accuracy="mean", std="std", n="count").reset_index()
     if extra:
@@ -125,8 +147,7 @@ def feature_table(metrics: pd.DataFrame, *, level: str = "network") -> pd.DataFr
         metrics: long-form metrics (``model_id, layer, metric, value``).
         level: ``"network"`` (rows with ``layer == "network"``), ``"layer"`` or ``"all"``.
     """
-    _need(metrics, [_ID, "layer", "metric", "value"], "metrics")
-    m = _select_level(metrics, level)
+    m = _select_level(_metrics(metrics), level)
     names = [feature_name(mt, ly) for mt, ly in zip(m["metric"], m["layer"], strict=True)]
     wide = (m.assign(feature=names)
             .pivot_table(index=_ID, columns="feature", values="value", aggfunc="first",
@@ -247,9 +268,8 @@ def correlate(
             raise InvalidArgument(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if not 0 < ci < 1:
         raise InvalidArgument(f"ci must be in (0, 1), got {ci}")
-    _need(metrics, [_ID, "layer", "metric", "value"], "metrics")
     acc = accuracy_at_ber(sweeps).pivot(index=_ID, columns="ber", values="accuracy")
-    m = _select_level(metrics, level)
+    m = _select_level(_metrics(metrics), level)
     if by is None:
         groups = [("all", m)]
     else:
@@ -314,7 +334,7 @@ def predict_accuracy(
 
     Model: ``StandardScaler -> RidgeCV(alphas)`` (scikit-learn). Out-of-fold predictions
     ``yhat`` come from ``cross_val_predict`` with ``KFold(min(cv, n), shuffle, seed)`` (or
-    ``GroupKFold`` over the column ``groups`` of the metrics, e.g. ``"seed"``), and
+    ``GroupKFold`` over the column ``groups`` of the metrics, e.g. ``"train_seed"``), and
 
         R^2 = 1 - sum_i (y_i - yhat_i)^2 / sum_i (y_i - mean(y))^2
 
@@ -407,8 +427,8 @@ def compare(
         if long_form:
             columns = ["value"]
         else:
-            skip = {"neuron", "layer_index", "fan_in", "seed", "train_ber", "direction", "dead",
-                    "tau", "map", "epoch", *by}
+            skip = {"neuron", "layer_index", "fan_in", "train_seed", "map_seed", "train_ber",
+                    "direction", "dead", "tau", "map", "epoch", *by}
             columns = [c for c in normal.columns
                        if c not in skip and pd.api.types.is_numeric_dtype(normal[c])
                        and not pd.api.types.is_bool_dtype(normal[c])]
@@ -463,27 +483,26 @@ KINDS = ("raw", "partial_clean", "within_train_ber")
 def metric_table(metrics: pd.DataFrame, *, split: str = "all") -> pd.DataFrame:
     """Long metrics of one ``split`` with the columns old result directories lack filled in.
 
-    A table without ``split`` is all ``"all"``; without ``se`` the standard error is NaN;
-    without ``model`` (architecture label) every network is ``"all"``.
-    Returns ``model_id, model, train_ber, seed, layer, metric, value, se``.
+    A table without ``split`` is all ``"all"``; without ``value_se`` the standard error is
+    NaN; without ``model`` (the ``[[models]]`` label) every network is ``"all"``.
+    Returns ``model_id, model, train_ber, train_seed, layer, metric, value, value_se``.
     """
-    _need(metrics, [_ID, "layer", "metric", "value"], "metrics")
-    m = metrics
+    m = _metrics(metrics)
     if "split" in m.columns:
         m = m[m["split"].astype(str) == split]
     elif split != "all":
         m = m.iloc[:0]
     m = m.copy()
-    if "se" not in m.columns:
-        m["se"] = np.nan
+    if "value_se" not in m.columns:
+        m["value_se"] = np.nan
     if "model" not in m.columns:
         m["model"] = "all"
-    for c in ("train_ber", "seed"):
+    for c in ("train_ber", "train_seed"):
         if c not in m.columns:
             m[c] = np.nan
     m["value"] = m["value"].astype(float)
-    m["se"] = pd.to_numeric(m["se"], errors="coerce").astype(float)
-    return m[[_ID, "model", "train_ber", "seed", "layer", "metric", "value", "se"]]
+    m["value_se"] = pd.to_numeric(m["value_se"], errors="coerce").astype(float)
+    return m[[_ID, "model", "train_ber", "train_seed", "layer", "metric", "value", "value_se"]]
 
 
 def accuracy_noise(sweeps: pd.DataFrame, *, n_test: int | None = None) -> pd.DataFrame:
@@ -491,13 +510,14 @@ def accuracy_noise(sweeps: pd.DataFrame, *, n_test: int | None = None) -> pd.Dat
 
     With ``K`` fault maps of standard deviation ``s`` and ``N`` test images,
 
-        se_acc^2 = s^2 / K + acc (1 - acc) / N.
+        accuracy_se^2 = s^2 / K + acc (1 - acc) / N.
 
     The first term is the fault-map noise; the second is the binomial noise of a mean over
     ``N`` images, which approximates resampling the test images (it treats images as
     independent and ignores that all maps see the same images). ``s`` is 0 for ``K = 1``;
     ``n_test=None`` leaves the image term out.
-    Returns ``model_id, [model, train_ber, seed,] ber, accuracy, std, n, se_acc``.
+    Returns ``model_id, [model, arch, train_ber, train_seed,] ber, accuracy, std, n,
+    accuracy_se``.
     """
     if n_test is not None and (isinstance(n_test, bool) or int(n_test) != n_test
                                or n_test < 1):
@@ -506,23 +526,25 @@ def accuracy_noise(sweeps: pd.DataFrame, *, n_test: int | None = None) -> pd.Dat
     var = acc["std"].fillna(0.0) ** 2 / acc["n"]
     if n_test is not None:
         var = var + acc["accuracy"] * (1 - acc["accuracy"]) / float(n_test)
-    return acc.assign(se_acc=np.sqrt(var))
+    return acc.assign(accuracy_se=np.sqrt(var))
 
 
 def predictions_long(predictions: pd.DataFrame) -> pd.DataFrame:
     """``predictions.csv`` as per-BER metric rows ``metric == "predicted_accuracy"``.
 
-    Returns ``model_id, model, train_ber, seed, layer ("network"), metric, value, se (NaN),
-    ber``: one more metric for :func:`correlate_curve`, paired with the accuracy at its BER.
+    Returns ``model_id, model, train_ber, train_seed, layer ("network"), metric, value,
+    value_se (NaN), ber``: one more metric for :func:`correlate_curve`, paired with the
+    accuracy at its BER.
     """
-    _need(predictions, [_ID, "ber", "predicted_accuracy"], "predictions")
-    p = predictions.copy()
-    for c, d in (("model", "all"), ("train_ber", np.nan), ("seed", np.nan)):
+    p = schema.conform(predictions, "study.predictions", what="predictions",
+                       require=(_ID, "ber", "predicted_accuracy")).copy()
+    for c, d in (("model", "all"), ("train_ber", np.nan), ("train_seed", np.nan)):
         if c not in p.columns:
             p[c] = d
     return pd.DataFrame({_ID: p[_ID], "model": p["model"], "train_ber": p["train_ber"],
-                         "seed": p["seed"], "layer": "network", "metric": "predicted_accuracy",
-                         "value": p["predicted_accuracy"].astype(float), "se": np.nan,
+                         "train_seed": p["train_seed"], "layer": "network",
+                         "metric": "predicted_accuracy",
+                         "value": p["predicted_accuracy"].astype(float), "value_se": np.nan,
                          "ber": p["ber"].astype(float)})
 
 
@@ -575,8 +597,9 @@ def correlate_curve(
     """Correlation of each metric with accuracy at every evaluation BER, per architecture.
 
     Networks ``i`` of one architecture (``model`` column) have metric ``x_i`` (standard error
-    ``se_i``, split ``"all"``), accuracy ``y_i = acc_p,i`` at BER ``p`` with ``se_acc,i``
-    (:func:`accuracy_noise`) and clean accuracy ``c_i = acc_0,i``. Kinds:
+    ``se_i``: its ``value_se``; split ``"all"``), accuracy ``y_i = acc_p,i`` at BER ``p`` with
+    standard error ``accuracy_se,i`` (:func:`accuracy_noise`) and clean accuracy
+    ``c_i = acc_0,i``. Kinds:
 
     - ``raw``: ``corr(x, y)``;
     - ``partial_clean``: ``(r_xy - r_xc r_yc) / sqrt((1 - r_xc^2)(1 - r_yc^2))``, the
@@ -588,14 +611,14 @@ def correlate_curve(
 
     Bootstrap (``n_boot`` replicates, ``numpy.random.default_rng(seed)``): each replicate
     draws ``n`` networks with replacement and, with ``noise=True``, adds
-    ``N(0, se_i^2)`` to each drawn metric, ``N(0, se_acc,i^2)`` to its accuracy and to its
-    clean accuracy (``se`` NaN counts as 0), so the interval contains metric and test-image
+    ``N(0, se_i^2)`` to each drawn metric, ``N(0, accuracy_se,i^2)`` to its accuracy and to
+    its clean accuracy (NaN counts as 0), so the interval contains metric and test-image
     noise (approximately: see :func:`accuracy_noise`). ``ci_low, ci_high`` are the
     ``(1 -+ ci)/2`` quantiles of the finite replicates (``n_boot_valid``).
 
     ``predictions`` (``predictions.csv``) adds the metric ``predicted_accuracy`` whose value
     at BER ``p`` is paired with the accuracy at ``p``. The sweep's clean accuracy is added
-    as the metric ``clean_accuracy`` (``se = se_acc`` at BER 0).
+    as the metric ``clean_accuracy`` (``value_se = accuracy_se`` at BER 0).
 
     Returns one row per (model, metric, layer, ber, kind, method): ``model, metric, layer,
     ber, kind, method, r, ci_low, ci_high, n, n_boot_valid``.
@@ -613,13 +636,14 @@ def correlate_curve(
     m = _select_level(metric_table(metrics), level).assign(ber=np.nan)
     acc = accuracy_noise(sweeps, n_test=n_test)
     ya = acc.pivot(index=_ID, columns="ber", values="accuracy")
-    ys = acc.pivot(index=_ID, columns="ber", values="se_acc")
+    ys = acc.pivot(index=_ID, columns="ber", values="accuracy_se")
     if 0 not in ya.columns and 0.0 not in ya.columns:
         raise InvalidArgument("the sweep has no rows at ber == 0, so clean accuracy is unknown; "
                               "add 0 to the evaluation BERs")
-    ids = m.drop_duplicates(_ID).set_index(_ID)[["model", "train_ber", "seed"]]
+    ids = m.drop_duplicates(_ID).set_index(_ID)[["model", "train_ber", "train_seed"]]
     clean = pd.DataFrame({_ID: ya.index, "layer": "network", "metric": "clean_accuracy",
-                          "value": ya[0.0].to_numpy(), "se": ys[0.0].to_numpy(), "ber": np.nan})
+                          "value": ya[0.0].to_numpy(), "value_se": ys[0.0].to_numpy(),
+                          "ber": np.nan})
     clean = clean.join(ids, on=_ID, how="inner")
     parts = [m, clean]
     if predictions is not None and not predictions.empty:
@@ -651,7 +675,7 @@ def correlate_curve(
                     continue
                 sub = net[pos]
                 x = fb.loc[sub, "value"].to_numpy(float)
-                xs = np.nan_to_num(fb.loc[sub, "se"].to_numpy(float))
+                xs = np.nan_to_num(fb.loc[sub, "value_se"].to_numpy(float))
                 y = ya.loc[sub, ber].to_numpy(float)
                 yse = np.nan_to_num(ys.loc[sub, ber].to_numpy(float))
                 c, cs, g = c_all[pos], cs_all[pos], g_all[pos]
@@ -802,9 +826,9 @@ def reliability(
     return pd.DataFrame(rows, columns=cols)
 
 
-#: Metrics of claim (a) and the direction the paper expects in flip-trained networks.
-CLAIM_METRICS = {"mean_margin_norm": "larger", "importance_variance": "smaller",
-                 "importance_variance_unbiased": "smaller"}
+#: Metrics of claim (a) and the direction the paper expects in flip-trained networks (as
+#: declared in :data:`bnn_tol.schema.REPORT_METRICS`; one-estimator names).
+CLAIM_METRICS = schema.claim_metrics()
 
 
 def claims(
@@ -825,7 +849,8 @@ def claims(
     the largest; ``effect = mean(flip) - mean(normal)`` with a percentile bootstrap interval
     (networks resampled within each group, ``default_rng(seed)``). Verdict: ``holds`` if
     the interval excludes 0 on the side the claim expects (``claim_metrics``:
-    ``"larger"``/``"smaller"``; by default :data:`CLAIM_METRICS` and every
+    ``"larger"``/``"smaller"``; by default :func:`bnn_tol.schema.claim_metrics` of the
+    metrics present: :data:`CLAIM_METRICS` and every
     ``importance_<estimator>_variance[_unbiased]`` as ``"smaller"``), ``contradicted`` if it
     excludes 0 on the other side, else ``not supported`` (also with fewer than 2 networks in
     a group).
@@ -842,12 +867,8 @@ def claims(
     Returns one row per (model, metric, claim): ``model, metric, claim ("a" | "b"),
     expected, estimate, ci_low, ci_high, verdict, detail``.
     """
-    if claim_metrics is None:  # the defaults plus every estimator's variance (lower expected)
-
-        pat = re.compile(r"importance_\w+?_variance(_unbiased)?")
-        present = set(metric_table(metrics)["metric"])
-        cm = {**CLAIM_METRICS, **{m: "smaller" for m in sorted(present)
-                                  if pat.fullmatch(m) and not m.endswith("_se")}}
+    if claim_metrics is None:  # as declared, for every estimator present
+        cm = schema.claim_metrics(metric_table(metrics)["metric"])
     else:
         cm = claim_metrics
     for k, v in cm.items():

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bnn_tol import schema
 from bnn_tol.engines.driver import summarize
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.study import analysis
@@ -238,9 +239,12 @@ def sweep(df: pd.DataFrame, *, level: float = 0.95, metric: str = "accuracy",
     """Accuracy (or ``metric="rerr"``) vs BER: mean over fault maps and a ``level`` band per model.
 
     Args:
-        df: a sweep frame (:func:`bnn_tol.evaluate.sweep`, one row per model, BER, map) or its
+        df: any ``sweep`` table of :mod:`bnn_tol.schema` (:func:`bnn_tol.evaluate.sweep`, one
+            row per model, BER, map; a study's ``sweeps.csv``: one line per model and
+            training BER, the band over maps and training seeds) or a
             :func:`bnn_tol.evaluate.summarize` (columns ``mean, ci_low, ci_high``).
-        level: confidence level of the Student-t band over maps (sweep frames only).
+        level: confidence level of the Student-t band over the rows at a BER (sweep frames
+            only).
         metric: ``"accuracy"`` or ``"rerr"`` (robust error ``1 - accuracy``).
 
     Returns:
@@ -249,7 +253,15 @@ def sweep(df: pd.DataFrame, *, level: float = 0.95, metric: str = "accuracy",
 
     if metric not in ("accuracy", "rerr"):
         raise InvalidArgument(f"metric must be 'accuracy' or 'rerr', got {metric!r}")
-    s = df if {"mean", "ci_low", "ci_high"} <= set(df.columns) else summarize(df, level=level)
+    if {"mean", "ci_low", "ci_high"} <= set(df.columns):
+        s = df
+    else:
+        df = schema.conform(df, "sweep", what="the sweep frame",
+                            require=("model", "ber", "p01", "p10", "accuracy"))
+        if "train_ber" in df.columns:  # a study: one line per label and training BER
+            df = df.assign(model=[f"{m}, training BER {b:g}"
+                                  for m, b in zip(df["model"], df["train_ber"], strict=True)])
+        s = summarize(df, level=level)
     if not len(s):
         raise InvalidArgument("the sweep frame is empty: nothing to plot")
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
@@ -391,6 +403,7 @@ def energy(df: pd.DataFrame, *, title: str | None = None) -> Figure:
     if not need <= set(df.columns):
         raise InvalidArgument(f"an energy plot needs a profile sweep with columns {sorted(need)}"
                               " (bnn-tol sweep --profile)")
+    df = schema.conform(df, "profile", what="the profile sweep", require=sorted(need))
     if not len(df):
         raise InvalidArgument("the profile sweep is empty: nothing to plot")
     fig = Figure(figsize=(10, 3.8), layout="constrained")

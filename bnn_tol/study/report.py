@@ -1,7 +1,8 @@
 """A self-contained HTML report of a study: figures, tables and a plain-language summary.
 
 ``write(results_dir, out)`` reads the tidy tables written by :func:`bnn_tol.study.run`
-(``models.csv, sweeps.csv, metrics.csv, margins.csv, importance.csv``), runs the analysis
+(``models.csv, sweeps.csv, metrics.csv, margins.csv, importance.csv``; each read and validated
+as its :mod:`bnn_tol.schema` table, tables of the previous release upgraded), runs the analysis
 (:mod:`bnn_tol.analysis`), draws the figures (:mod:`bnn_tol.plots`, embedded as PNG data
 URIs: the page is one file) and writes next to the report the analysis tables
 ``correlations.csv, regression.csv, comparison.csv`` and (issue 10)
@@ -9,8 +10,10 @@ URIs: the page is one file) and writes next to the report the analysis tables
 BER, noise-aware intervals), ``reliability.csv`` (split-half), ``claims.csv`` (the paper's
 two claims answered per architecture) and ``prediction_fit.csv`` (when the study wrote
 ``predictions.csv``). Metrics with low reliability or a high noise share are flagged in the
-tables and the summary. Result directories of older versions (no ``split``/``se`` columns, no
-predictions) give the same report without those parts.
+tables and the summary. Result directories of older versions (no ``split``/``value_se``
+columns, no predictions) give the same report without those parts. Which metrics the summary,
+the correlation table and the figures show is declared in the schema
+(:func:`bnn_tol.schema.report_metrics`), not here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bnn_tol import schema
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.files import write_text
 from bnn_tol.study import analysis, plots
@@ -35,16 +39,26 @@ from bnn_tol.study.analysis import accuracy_at_ber
 __all__ = ["write", "load_results", "summarize", "markdown_summary", "HEADLINE",
            "CURVE_METRICS", "TABLE_BERS", "curve_table", "warnings_html"]
 
-#: Network-level metrics the summary talks about (all metrics are in the tables).
-HEADLINE = ["mean_margin_norm", "mean_q10_margin", "importance_variance", "importance_cv"]
+#: Network-level metrics the summary talks about (all metrics are in the tables), as declared
+#: in :data:`bnn_tol.schema.REPORT_METRICS` (names of a one-estimator study; with several
+#: estimators :func:`bnn_tol.schema.report_metrics` names them per estimator).
+HEADLINE = schema.report_metrics("headline")
 
-#: Metrics of the rho-vs-BER table (those present; ``predicted_accuracy`` from predictions.csv).
-#: With several estimators the importance names carry the estimator (accuracy form,
-#: scale-free loss form ``loss_norm``).
-CURVE_METRICS = ["mean_margin_norm", "importance_variance_unbiased", "importance_variance",
-                 "importance_accuracy_variance_unbiased", "importance_accuracy_variance",
-                 "importance_loss_norm_variance_unbiased", "predicted_accuracy",
-                 "clean_accuracy"]
+#: Metrics of the rho-vs-BER table (those present; ``predicted_accuracy`` from predictions.csv,
+#: ``clean_accuracy`` from the sweeps), as declared in the schema: the unbiased importance
+#: variance of every estimator, the plug-in one of the paper's (accuracy form).
+CURVE_METRICS = schema.report_metrics("curve")
+
+#: The study tables the report reads: file stem -> (:mod:`bnn_tol.schema` table, the columns
+#: the report needs; the other declared columns are checked where present).
+_TABLES = {"models": ("study.models", ("model_id", "model", "train_ber", "train_seed",
+                                       "clean_acc")),
+           "sweeps": ("study.sweeps", ("model_id", "model", "train_ber", "ber", "accuracy")),
+           "metrics": ("study.metrics", ("model_id", "model", "train_ber", "layer", "metric",
+                                         "value")),
+           "margins": ("study.margins", ("model_id", "model", "train_ber", "layer")),
+           "importance": ("study.importance", ("model_id", "model", "train_ber", "layer")),
+           "predictions": ("study.predictions", ("model_id", "ber", "predicted_accuracy"))}
 #: Evaluation BERs of the rho table (the nearest BER of the sweep is used).
 TABLE_BERS = (0.05, 0.1, 0.2)
 #: Test-set sizes of the known datasets (the binomial term of the accuracy noise).
@@ -67,9 +81,15 @@ ul.summary li{margin:.35em 0}code{background:#f4f4f4;padding:0 .2em}
 def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """The study tables of ``results_dir`` as DataFrames (missing optional ones are empty).
 
+    Each table is read as its :mod:`bnn_tol.schema` table (:func:`bnn_tol.schema.read_csv`):
+    validated, and upgraded if the previous release wrote it (``seed`` -> ``train_seed``,
+    ``se`` -> ``value_se``, ...).
+
     Raises:
         FileNotFoundError: ``models.csv``, ``sweeps.csv`` or ``metrics.csv`` is missing
             (says to run ``bnn-tol study`` first).
+        ResultsMismatch: a table does not fit the schema (one line: the file, the problem and
+            the command that regenerates it).
     """
     d = Path(results_dir)
     out: dict[str, pd.DataFrame] = {}
@@ -77,7 +97,8 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
                  "predictions"):
         p = d / f"{name}.csv"
         if p.is_file() and p.stat().st_size > 0:
-            out[name] = pd.read_csv(p)
+            out[name] = (schema.read_csv(p, *_TABLES[name]) if name in _TABLES
+                         else pd.read_csv(p))
         elif name in ("models", "sweeps", "metrics"):
             raise FileNotFoundError(f"{p} not found: {d} is not a study results directory. "
                                     f"Run `bnn-tol study --preset quick --out {d}` first.")
@@ -130,7 +151,7 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
     n = len(models)
     lines.append(f"{n} networks were trained ({', '.join(sorted(models['model'].unique()))}; "
                  f"training BERs {', '.join(f'{b:g}' for b in sorted(models.train_ber.unique()))}"
-                 f"; {models['seed'].nunique()} seed(s) each)."
+                 f"; {models['train_seed'].nunique()} seed(s) each)."
                  + (" With so few networks every correlation below is a rough indication; look "
                     "at the intervals." if n < 20 else ""))
 
@@ -155,7 +176,7 @@ def summarize(res: dict[str, Any], corr: pd.DataFrame, reg: pd.DataFrame,
                 f"{verdict} tolerant: at evaluation BER {top:g} they reach {by[hi]:.3f} "
                 f"against {by[lo]:.3f} for normally trained ones.")
     names = sorted(res["metrics"].loc[res["metrics"].layer == "network", "metric"].unique())
-    headline = [m for m in HEADLINE if m in names] or names
+    headline = schema.report_metrics("headline", names) or names
     if not comp.empty:
         net = comp[(comp["layer"] == "network") & comp["metric"].isin(headline)]
         for r in net.itertuples():
@@ -224,7 +245,7 @@ def curve_table(curve: pd.DataFrame, rel: pd.DataFrame | None = None, *,
     (low split-half reliability or high noise share)."""
     c = curve[(curve["layer"] == "network") & (curve["method"] == method)
               & (curve["kind"] == kind)]
-    names = [m for m in CURVE_METRICS if m in set(c["metric"])]
+    names = schema.report_metrics("curve", c["metric"])
     avail = np.array(sorted(c.loc[c["ber"] > 0, "ber"].unique()), dtype=float)
     if not names or avail.size == 0:
         return pd.DataFrame()
@@ -361,7 +382,8 @@ def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd
                       "noise included)", "", _md(ct), ""]
     if not rel.empty:
         r = rel[rel["layer"] == "network"]
-        keep = [m for m in CURVE_METRICS + HEADLINE if m in set(r["metric"])]
+        keep = (schema.report_metrics("curve", r["metric"])
+                + schema.report_metrics("headline", r["metric"]))
         r = r[r["metric"].isin(keep)]
         cols = [c for c in ("model", "metric", "reliability", "ci_low", "ci_high", "n",
                             "noise_share", "reliable", "noisy") if c in r.columns]
@@ -454,6 +476,7 @@ def write(
     reg.to_csv(out.parent / "regression.csv", index=False)
     comp.to_csv(out.parent / "comparison.csv", index=False)
 
+    rel_names = rel["metric"] if "metric" in rel.columns else []
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bnn_tol study "
              f"{html.escape(str(cfg.get('name', rd.name)))}</title><style>{_CSS}</style>"
              "</head><body>",
@@ -464,7 +487,9 @@ def write(
              *[f"<li>{s}</li>" for s in summarize(res, corr, reg, comp)],
              *[f"<li>{s}</li>" for s in _claims_html(cl)],
              *[f"<li>{s}</li>" for s in warnings_html(
-                 rel, [*CURVE_METRICS, *HEADLINE, *set(cl["metric"])])], "</ul>"]
+                 rel, [*schema.report_metrics("curve", rel_names),
+                       *schema.report_metrics("headline", rel_names),
+                       *set(cl["metric"])])], "</ul>"]
 
     figs: list[tuple[str, str, Any]] = []
     figs.append(("Accuracy under bit errors",
@@ -481,14 +506,13 @@ def write(
                      lambda: plots.importance_distributions(res["importance"])))
     top = float(sweeps["ber"].max())
     net_metrics = sorted(metrics.loc[metrics.layer == "network", "metric"].unique())
-    shown = [m for m in CURVE_METRICS if m in set(curve["metric"])]
+    shown = schema.report_metrics("curve", curve["metric"])
     figs.append(("Correlation with accuracy across the BER range",
                  "Spearman correlation of each metric with accuracy at each evaluation BER, "
                  "per architecture; band: 95 % bootstrap interval (networks resampled, metric "
                  "and accuracy perturbed by their standard errors).",
                  lambda: plots.rho_vs_ber(curve, metrics=shown or None)))
-    for mname in _pick(net_metrics, ["mean_margin_norm", "importance_variance_unbiased",
-                                     "importance_variance"]):
+    for mname in _pick(net_metrics, schema.report_metrics("scatter")):
         figs.append((f"{mname} vs accuracy at BER {top:g}",
                      "One point per network, one panel per architecture, colour = training "
                      "BER (no line pooled across architectures).",

@@ -1,9 +1,10 @@
 """The correlation study: train a family of BNNs, sweep them under bit errors, measure them.
 
-A study is a grid of independent tasks ``(model, training BER, seed)``. Each task
+A study is a grid of independent tasks ``(model, training BER, training seed)``. Each task
 
-1. builds the model (``models.build(name, seed=seed)``) and trains it
-   (``train.fit(..., flip_ber=train_ber, seed=seed)``; ``train_ber == 0`` is normal training),
+1. builds the model (``models.build(name, seed=train_seed)``) and trains it
+   (``train.fit(..., flip_ber=train_ber, seed=train_seed)``; ``train_ber == 0`` is normal
+   training),
 2. saves the checkpoint (``bnn_tol.save``) in ``out/models/<task-id>/``,
 3. sweeps it (``evaluate.sweep`` over the evaluation BERs x fault maps),
 4. measures it (``metrics.margin`` + ``margin_summary``, ``metrics.score_margin`` of the last
@@ -13,16 +14,19 @@ A study is a grid of independent tasks ``(model, training BER, seed)``. Each tas
 and writes its tables into the task directory (each file atomically, the ``done`` marker
 last). Re-running skips tasks whose ``done`` marker matches the task spec; a failed task
 writes ``error.txt``, is reported, and does not stop the others. At the end the per-task
-tables are concatenated into tidy files in ``out/``:
+tables are concatenated into tidy files in ``out/``, each a table of :mod:`bnn_tol.schema`
+(validated when written; ``study.<stem>``). Every per-network table starts with the task
+columns ``model_id, model, arch, train_ber, train_seed`` (``model``: the ``[[models]] label``;
+``arch``: its architecture, the ``name``; ``train_seed``: the training seed):
 
-- ``models.csv``: one row per task: ``model_id, model, train_ber, seed, arch, clean_acc,
-  train_acc, epochs, checkpoint, threads`` (timings are not results: they are in ``status.csv`` and
-  each task's ``history.csv``);
-- ``sweeps.csv``: one row per (task, BER, map): ``model_id, model, train_ber, seed, ber, p01,
-  p10, map, map_seed, accuracy, rerr`` (``map_seed`` is the fault-map seed that
-  ``evaluate.sweep`` calls ``seed``);
-- ``metrics.csv``: long form ``model_id, model, train_ber, seed, layer, metric, value, se,
-  split`` (``layer == "network"`` for network-level aggregates). ``se`` is the metric's
+- ``models.csv``: one row per task: task columns, ``clean_acc, train_acc, epochs,
+  checkpoint, threads`` (timings are not results: they are in ``status.csv`` and each task's
+  ``history.csv``);
+- ``sweeps.csv``: one row per (task, BER, map): task columns and the rows of
+  ``evaluate.sweep`` (``ber, p01, p10, map, map_seed, accuracy, rerr, bits_per_weight,
+  memory_bits``);
+- ``metrics.csv``: long form: task columns, ``layer, metric, value, value_se, split``
+  (``layer == "network"`` for network-level aggregates). ``value_se`` is the metric's
   standard error where the library gives one (a summary column ``X_se`` is the se of
   ``X``; the ``X_se`` columns are metrics of their own too), else NaN. ``split`` is
   ``"all"`` for the whole metric subset (written first for each task) and ``"a"`` / ``"b"``
@@ -34,7 +38,8 @@ tables are concatenated into tidy files in ``out/``:
   classified samples) and
   ``importance_variance``, ``importance_cv``, ``importance_mean``, ``importance_std`` (the
   numeric columns of ``importance_variance``; with several estimators in ``[metrics]
-  importance = [...]`` they are named ``importance_<estimator>_variance`` etc.);
+  importance = [...]`` they are named ``importance_<estimator>_variance`` etc.:
+  :func:`bnn_tol.schema.metric_name`);
 - ``margins.csv`` / ``importance.csv``: per-neuron tables of ``metrics.margin`` /
   ``metrics.importance`` (whole metric subset) with the task columns in front;
 - ``predictions.csv`` (when ``metrics.predict_accuracy`` exists): accuracy predicted from
@@ -88,7 +93,7 @@ from typing import Any
 
 import pandas as pd
 
-from bnn_tol import data, metrics, provenance, train
+from bnn_tol import data, metrics, provenance, schema, train
 from bnn_tol import engines as evaluate
 from bnn_tol.core import models
 from bnn_tol.data import BNNDataset
@@ -106,8 +111,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the backport has the same API
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "DEFAULTS",
-           "engine_choices"]
+__all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "SCHEMAS",
+           "DEFAULTS", "engine_choices"]
 
 #: Defaults filled into every study config (a study file overrides any of them).
 DEFAULTS: dict[str, Any] = {
@@ -127,9 +132,13 @@ DEFAULTS: dict[str, Any] = {
 #: Tidy tables concatenated by :func:`collect` (file stem in each task dir -> output file).
 TABLES = {"sweep": "sweeps.csv", "metrics": "metrics.csv", "margin": "margins.csv",
           "importance": "importance.csv", "predictions": "predictions.csv"}
+#: The :mod:`bnn_tol.schema` table of each file stem (per task and collected).
+SCHEMAS = {"model": "study.models", "sweep": "study.sweeps", "metrics": "study.metrics",
+           "margin": "study.margins", "importance": "study.importance",
+           "predictions": "study.predictions"}
 #: Tables a finished task may lack (``metrics.predict_accuracy`` is optional).
 _OPTIONAL = {"predictions"}
-_TASK_COLS = ["model_id", "model", "train_ber", "seed"]
+_TASK_COLS = list(schema.TASK_COLUMNS)
 _DONE = "done"
 _TIMING = "timing.json"
 #: Per-stage wall-clock seconds a task records in ``timing.json`` (train includes saving).
@@ -438,7 +447,10 @@ def _spec_hash(spec: Mapping[str, Any]) -> str:
 
 # -- one task -----------------------------------------------------------------------------------
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
+def _write_csv(df: pd.DataFrame, path: Path, table: str | None = None) -> None:
+    """Write ``df`` atomically; validated against the schema ``table`` first, if given."""
+    if table is not None:
+        schema.validate(df, table, what=str(path))
     atomic_write(path, lambda p: df.to_csv(p, index=False))
 
 
@@ -456,16 +468,18 @@ def _subset(ds, n, seed):
     return ds if n is None else ds.subset(int(n), seed=int(seed))
 
 
-def _long_metrics(summary: pd.DataFrame, prefix: str) -> pd.DataFrame:
-    """Melt a per-layer summary (``layer`` + numeric columns) to ``layer, metric, value, se``.
+def _long_metrics(summary: pd.DataFrame, table: str,
+                  estimator: str | None = None) -> pd.DataFrame:
+    """Melt a per-layer summary (``layer`` + numeric columns) to ``layer, metric, value,
+    value_se``.
 
     Columns that identify or count rather than measure (``layer_index, n_neurons, n_dead,
     fan_in``) and ``value`` / ``value_se`` (copies of the headline column and its se) are
-    dropped; metric names are ``<prefix>_<column>`` unless the column already contains the
-    prefix. Standard errors are picked up generically: a column ``X_se`` is the se of
-    metric ``X`` (and a plain ``se`` that of the headline column ``value`` repeats); every
-    ``X_se`` column is also kept as a metric of its own. ``se`` is NaN where the summary
-    has none.
+    dropped; metric names are :func:`bnn_tol.schema.metric_name` of ``table`` (the summary's
+    schema table), the column and ``estimator``. Standard errors are picked up generically:
+    a column ``X_se`` is the se of metric ``X`` (and ``value_se`` that of the headline
+    column ``value`` repeats, if it has no ``X_se``); every ``X_se`` column is also kept as
+    a metric of its own. ``value_se`` is NaN where the summary has none.
     """
     skip = {"layer", "layer_index", "kind", "n", "n_neurons", "n_dead", "neurons", "fan_in",
             "estimator", "value", "value_se", "model"}
@@ -473,18 +487,16 @@ def _long_metrics(summary: pd.DataFrame, prefix: str) -> pd.DataFrame:
             if c not in skip and pd.api.types.is_numeric_dtype(summary[c])
             and not pd.api.types.is_bool_dtype(summary[c])]
     se_of = {c[:-3]: c for c in cols if c.endswith("_se") and c[:-3] in cols}
-    if "value" in summary.columns:
-        head = next((c for c in cols if c != "se" and summary[c].equals(summary["value"])), None)
-        for col in ("se", "value_se"):
-            if head is not None and head not in se_of and col in summary.columns:
-                se_of[head] = col
-    cols = [c for c in cols if c != "se" or "se" not in se_of.values()]
+    if "value" in summary.columns and "value_se" in summary.columns:
+        head = next((c for c in cols if summary[c].equals(summary["value"])), None)
+        if head is not None and head not in se_of:
+            se_of[head] = "value_se"
     long = summary[["layer", *cols]].melt(id_vars=["layer"], var_name="metric",
                                           value_name="value")
     se = pd.concat([summary[se_of[c]] if c in se_of else
                     pd.Series(math.nan, index=summary.index) for c in cols], ignore_index=True)
-    long["se"] = se.astype(float).to_numpy()
-    long["metric"] = [c if prefix in c else f"{prefix}_{c}" for c in long["metric"]]
+    long["value_se"] = se.astype(float).to_numpy()
+    long["metric"] = [schema.metric_name(table, c, estimator) for c in long["metric"]]
     long["layer"] = long["layer"].astype(str)
     long["value"] = long["value"].astype(float)
     return long
@@ -517,13 +529,13 @@ def _metric_rows(model, ds, ests: list[str], batch_size: int):
     score = pd.DataFrame({"layer": last, "metric": ["score_margin", "score_margin_flips"],
                           "value": [float(sm[c].mean()) for c in ("score_margin",
                                                                   "score_margin_flips")],
-                          "se": [float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
-                                 else math.nan for v in vals]})
+                          "value_se": [float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
+                                       else math.nan for v in vals]})
     iv = metrics.importance_variance(imp)
     iv = iv if "estimator" in iv.columns else iv.assign(estimator=ests[0])
-    long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin"), score,
-                      *[_long_metrics(iv[iv["estimator"] == e],
-                                      "importance" if len(ests) == 1 else f"importance_{e}")
+    long = pd.concat([_long_metrics(metrics.margin_summary(mg), "margin_summary"), score,
+                      *[_long_metrics(iv[iv["estimator"] == e], "importance_variance",
+                                      None if len(ests) == 1 else e)
                         for e in ests]],
                      ignore_index=True)
     return mg, imp, long
@@ -605,7 +617,8 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
                      flip_warmup=tr["flip_warmup"], seed=seed, device=dev, progress=False)
     model.eval()
     io.save(model, tdir, study_task={k: spec[k] for k in ("model_id", "train_ber", "seed")})
-    ids = {"model_id": spec["model_id"], "model": label, "train_ber": ber, "seed": seed}
+    ids = {"model_id": spec["model_id"], "model": label, "arch": name, "train_ber": ber,
+           "train_seed": seed}
     stages["train_s"], t = time.perf_counter() - t, time.perf_counter()
 
     def front(df: pd.DataFrame) -> pd.DataFrame:
@@ -622,8 +635,8 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
                         seed=ev["seed"], layers=eval_layers, batch_size=ev["batch_size"],
                         device=dev, progress=False, engine=ev["engine"],
                         error=ev.get("error", DEFAULTS["eval"]["error"]))
-    sw = sw.rename(columns={"seed": "map_seed"}).drop(columns=["model"])
-    _write_csv(front(sw), tdir / "sweep.csv")
+    sw = sw.drop(columns=["model"])  # the sweep's label was model_id
+    _write_csv(front(sw), tdir / "sweep.csv", SCHEMAS["sweep"])
     stages["sweep_s"], t = time.perf_counter() - t, time.perf_counter()
 
     ests = [mt["importance"]] if isinstance(mt["importance"], str) else list(mt["importance"])
@@ -631,24 +644,25 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     parts = [long.assign(split="all")]
     for split, half in zip("ab", metric_halves(metric_ds, d["subset_seed"]), strict=True):
         parts.append(_metric_rows(model, half, ests, mt["batch_size"])[2].assign(split=split))
-    _write_csv(front(mg), tdir / "margin.csv")
-    _write_csv(front(imp), tdir / "importance.csv")
-    _write_csv(front(pd.concat(parts, ignore_index=True)), tdir / "metrics.csv")
+    _write_csv(front(mg), tdir / "margin.csv", SCHEMAS["margin"])
+    _write_csv(front(imp), tdir / "importance.csv", SCHEMAS["importance"])
+    _write_csv(front(pd.concat(parts, ignore_index=True)), tdir / "metrics.csv",
+               SCHEMAS["metrics"])
     if hasattr(metrics, "predict_accuracy"):
         sym = [float(b) for b in bers if not isinstance(b, tuple)]
         if sym:
             pred = metrics.predict_accuracy(model, metric_ds, sym, batch_size=mt["batch_size"])
-            _write_csv(front(pred), tdir / "predictions.csv")
+            _write_csv(front(pred), tdir / "predictions.csv", SCHEMAS["predictions"])
 
     clean = sw[sw["p01"].eq(0) & sw["p10"].eq(0)]
     clean_acc = (float(clean["accuracy"].mean()) if len(clean)
                  else evaluate.accuracy(model, test_ds))
     final = hist.iloc[-1] if len(hist) else None
-    row = {**ids, "arch": name, "clean_acc": clean_acc,
+    row = {**ids, "clean_acc": clean_acc,
            "train_acc": float(final["train_acc"]) if final is not None else math.nan,
            "epochs": int(tr["epochs"]), "checkpoint": str(Path("models") / spec["model_id"]),
            "threads": int(spec["run"]["threads"])}
-    _write_csv(pd.DataFrame([row]), tdir / "model.csv")
+    _write_csv(pd.DataFrame([row]), tdir / "model.csv", SCHEMAS["model"])
     _write_csv(hist, tdir / "history.csv")
     stages["metrics_s"] = time.perf_counter() - t
 
@@ -849,7 +863,10 @@ def collect(out: str | os.PathLike, model_ids: Iterable[str] | None = None) -> d
     """Concatenate the per-task tables of finished tasks into the tidy files of ``out``.
 
     Tasks are taken in the order of ``model_ids`` (default: sorted task directories);
-    unfinished or failed tasks are skipped. Returns ``{"models", "sweeps", ...}`` -> paths.
+    unfinished or failed tasks are skipped. Each table is read and validated as its
+    :mod:`bnn_tol.schema` table (:data:`SCHEMAS`); tables of tasks finished by the previous
+    release are upgraded (:func:`bnn_tol.schema.upgrade`; their ``arch`` is taken from the
+    task's ``model.csv``). Returns ``{"models", "sweeps", ...}`` -> paths.
     """
     out = Path(out)
     root = out / "models"
@@ -857,10 +874,22 @@ def collect(out: str | os.PathLike, model_ids: Iterable[str] | None = None) -> d
         model_ids = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     finished = [m for m in model_ids if (root / m / _DONE).is_file()]
     paths = {}
+    arch: dict[str, str] = {}
     for stem, fname in {"model": "models.csv", **TABLES}.items():
-        frames = [pd.read_csv(root / m / f"{stem}.csv") for m in finished
-                  if stem not in _OPTIONAL or (root / m / f"{stem}.csv").is_file()]
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_TASK_COLS)
-        _write_csv(df, out / fname)
+        table = SCHEMAS[stem]
+        frames = []
+        for m in finished:
+            path = root / m / f"{stem}.csv"
+            if stem in _OPTIONAL and not path.is_file():
+                continue
+            df = schema.read_csv(path, table)
+            if stem == "model":
+                arch[m] = str(df["arch"].iloc[0])
+            elif "arch" not in df.columns:  # a task finished by the previous release
+                df.insert(df.columns.get_loc("model") + 1, "arch", arch.get(m, ""))
+            frames.append(df)
+        df = (pd.concat(frames, ignore_index=True) if frames
+              else pd.DataFrame(columns=schema.columns(table)))
+        _write_csv(df, out / fname, table)
         paths[fname[:-4]] = str(out / fname)
     return paths
