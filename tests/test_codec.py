@@ -199,8 +199,7 @@ def test_faults_flip_codes_directly_with_the_same_draws_as_on_the_bit_tensor(ber
     def make():
         if kind == "transient":
             return errors.TransientFlip(ber, torch.Generator().manual_seed(5))
-        fmap = errors.fault_map(50 * 40 * 4, max(errors.rates(ber)),
-                                generator=torch.Generator().manual_seed(5))
+        fmap = errors.fault_map(50 * 40 * 4, max(errors.rates(ber)), seed=5)
         return errors.PersistentFlip(fmap, *errors.rates(ber))
 
     fast = layer_with(make)

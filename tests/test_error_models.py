@@ -100,8 +100,7 @@ def test_default_error_model_is_the_bernoulli_map_of_before(fc, digits):
     assert a.equals(b)
     maps = errors.draw_maps(fc, 7, 0.1)
     for k, (name, layer) in enumerate(fc.binary_layers().items()):
-        g = torch.Generator().manual_seed(errors.layer_seed(7, k))
-        fm = errors.fault_map(layer.n_stored_bits, 0.1, generator=g)
+        fm = errors.fault_map(layer.n_stored_bits, 0.1, seed=errors.layer_seed(7, k))
         assert torch.equal(maps[name].idx, fm.idx) and torch.equal(maps[name].u, fm.u)
 
 

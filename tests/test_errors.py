@@ -51,7 +51,7 @@ def test_realized_flip_rates_match_p01_p10_per_layer(model, p01, p10):
 
 def test_map_uniforms_are_uniform_below_cap_and_count_binomial():
     n, cap = 400_000, 0.03
-    fm = errors.fault_map(n, cap, generator=torch.Generator().manual_seed(5))
+    fm = errors.fault_map(n, cap, seed=5)
     assert fm.cap >= cap and torch.all(fm.u < fm.cap)
     assert torch.unique(fm.idx).numel() == fm.idx.numel()
     assert stats.binomtest(fm.idx.numel(), n, fm.cap).pvalue > 1e-4
@@ -60,7 +60,7 @@ def test_map_uniforms_are_uniform_below_cap_and_count_binomial():
 
 def test_high_rates_and_extremes():
     n = 50_000
-    fm = errors.fault_map(n, 1.0, generator=torch.Generator().manual_seed(2))
+    fm = errors.fault_map(n, 1.0, seed=2)
     stored = torch.ones(n)
     assert fm.flips(stored, 1.0, 1.0).numel() == n
     assert fm.flips(stored, 0.0, 0.0).numel() == 0
@@ -72,7 +72,7 @@ def test_high_rates_and_extremes():
 def test_errors_at_lower_ber_are_subset_of_higher_ber():
     n = 200_000
     stored = torch.where(torch.rand(n, generator=torch.Generator().manual_seed(0)) < .5, 1., -1.)
-    fm = errors.fault_map(n, 0.1, generator=torch.Generator().manual_seed(3))
+    fm = errors.fault_map(n, 0.1, seed=3)
     prev = torch.empty(0, dtype=torch.int64)
     for p in (0.001, 0.01, 0.02, 0.05, 0.1):
         cur = fm.flips(stored, p, p)
@@ -87,8 +87,8 @@ def test_errors_at_lower_ber_are_subset_of_higher_ber():
 
 def test_map_does_not_depend_on_the_cap():
     n = 100_000
-    small = errors.fault_map(n, 0.01, generator=torch.Generator().manual_seed(9))
-    big = errors.fault_map(n, 0.4, generator=torch.Generator().manual_seed(9))
+    small = errors.fault_map(n, 0.01, seed=9)
+    big = errors.fault_map(n, 0.4, seed=9)
     stored = torch.ones(n)
     for p in (0.001, 0.005, 0.01):
         a, b = small.flips(stored, p, p), big.flips(stored, p, p)
@@ -115,7 +115,7 @@ def test_selecting_fewer_layers_keeps_the_other_layers_maps(model):
 def test_seed_to_map_derivation_is_as_documented(model):
     name, layer = list(model.binary_layers().items())[2]
     s = errors.layer_seed(11, 2)
-    fm = errors.fault_map(layer.weight.numel(), 0.05, generator=torch.Generator().manual_seed(s))
+    fm = errors.fault_map(layer.weight.numel(), 0.05, seed=s)
     assert torch.equal(errors.draw_maps(model, 11, 0.05)[name].idx, fm.idx)
 
 
@@ -187,6 +187,6 @@ def test_bad_inputs_give_clear_errors(model):
     with pytest.raises(ValueError, match="targets"):
         with errors.inject(model, 0.1, targets="biases"):
             pass
-    fm = errors.fault_map(100, 0.01, generator=torch.Generator().manual_seed(0))
+    fm = errors.fault_map(100, 0.01, seed=0)
     with pytest.raises(ValueError, match="larger cap"):
         fm.flips(torch.ones(100), 0.5, 0.5)

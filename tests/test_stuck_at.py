@@ -45,8 +45,7 @@ def vgg():
 
 def _naive_stuck(n: int, p: float, chip: int, position: int, variant: str):
     """Stuck bits and values by the documented law, one uniform per bit of the chip's map."""
-    g = torch.Generator().manual_seed(errors.layer_seed(chip, position))
-    fm = errors.fault_map(n, max(p, 1e-12), generator=g)
+    fm = errors.fault_map(n, max(p, 1e-12), seed=errors.layer_seed(chip, position))
     idx = fm.idx[fm.u < p]
     if variant != "stuck-at":
         return idx, torch.full((idx.numel(),), variant == "stuck-at-1")

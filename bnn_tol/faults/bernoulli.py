@@ -1,7 +1,7 @@
 """``bernoulli``: independent, persistent, nested bit flips -- the default error model.
 
 Every stored bit ``i`` of chip ``seed`` gets one uniform ``u_i ~ U(0, 1)``
-(:func:`~bnn_tol.faults.maps.fault_map`, drawn from the site's generator) and flips iff
+(:func:`~bnn_tol.faults.maps.fault_map` on the site's stream) and flips iff
 
     u_i < p10   (stored 1, weight +1 -> -1)        u_i < p01   (stored 0, weight -1 -> +1),
 
@@ -27,5 +27,5 @@ class Bernoulli(ErrorModel):
     streams = frozenset(STREAMS.values())
 
     def draw(self, site: Site, seed: int, cap: float) -> FaultMap:
-        """``fault_map(site.n_bits, cap)`` from the site's generator."""
-        return fault_map(site.n_bits, cap, generator=self.generator(site, seed))
+        """``fault_map(site.n_bits, cap)`` on the site's stream."""
+        return fault_map(site.n_bits, cap, seed=self.site_seed(site, seed))

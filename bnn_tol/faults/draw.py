@@ -1,9 +1,13 @@
-"""The library's fault-map draws in numpy: torch's CPU generator, replayed word for word.
+"""The library's persistent fault-map draws, in numpy: torch's CPU generator, replayed word
+for word.
 
-Numpy only (plus :mod:`bnn_tol.exceptions`), so the deployable inference code can import the
-same drawing code as the library. Every function here gives, from the same seed, the values of
-its torch counterpart in :mod:`bnn_tol.faults.maps` (``tests/test_draw.py`` checks them against
-torch, bit for bit).
+Numpy only (plus :mod:`bnn_tol.exceptions`): every persistent map of the library is drawn here
+(:func:`bnn_tol.faults.maps.fault_map`, the ``bernoulli`` and ``stuck-at`` error models, hence
+sweeps, ``inject`` and ``deploy``). The streams are those of ``torch.Generator().manual_seed(s)``
+on CPU, so the maps are the ones the library drew with torch before (``tests/test_draw.py``
+checks against torch ops bit for bit; the golden tests against the recorded maps); training's
+transient draws stay in torch, on the model's device (:func:`bnn_tol.faults.maps.
+bernoulli_indices`).
 
 **Generator.** ``torch.Generator().manual_seed(s)`` on CPU is MT19937 (``at::mt19937``) seeded
 with the low 32 bits of ``s`` by Matsumoto-Nishimura's ``init_genrand``::
@@ -65,11 +69,14 @@ __all__ = [
     "flips",
 ]
 
-#: Above this rate one float32 uniform per bit is drawn instead of geometric gaps
-#: (:data:`bnn_tol.faults.maps.DENSE_ABOVE`).
+#: Above this rate one float32 uniform per bit is cheaper than geometric gaps (here and in the
+#: torch draws of :func:`bnn_tol.faults.maps.bernoulli_indices`).
 DENSE_ABOVE = 0.2
 
-#: Edges of the bands of :func:`fault_map` (:data:`bnn_tol.faults.maps.BAND_EDGES`).
+#: Edges ``0 = b_0 < b_1 < ... < b_J = 1`` of the bands in which per-bit uniforms are drawn
+#: (:func:`fault_map`): coarse below ``2^-7`` (few bands), then doubling, so a map capped at
+#: ``p >= 2^-7`` materializes at most ``2 p n`` uniforms and one capped lower at most
+#: ``n 2^-7`` (~0.8 %).
 BAND_EDGES: tuple[float, ...] = (0.0, 2.0**-16, 2.0**-12, 2.0**-9, 2.0**-7, 2.0**-6, 2.0**-5,
                                  2.0**-4, 2.0**-3, 2.0**-2, 2.0**-1, 1.0)
 

@@ -57,9 +57,10 @@ from torch import Tensor
 
 from bnn_tol.core import kernels
 from bnn_tol.core.compiled import stored_layers
-from bnn_tol.core.kernels import serial
 from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.faults import draw
 from bnn_tol.faults.apply import negate, negate_
+from bnn_tol.faults.draw import BAND_EDGES, DENSE_ABOVE
 from bnn_tol.faults.seeds import derive, spawn
 
 __all__ = [
@@ -80,8 +81,6 @@ __all__ = [
     "BAND_EDGES",
 ]
 
-#: Above this rate one dense uniform per bit is cheaper than geometric gaps.
-DENSE_ABOVE = 0.2
 
 BER = float | tuple[float, float] | Sequence[float]
 
@@ -405,14 +404,6 @@ def select_layers(model: torch.nn.Module, layers: Sequence[str | int] | str | No
 # Persistent, nested fault maps
 # ---------------------------------------------------------------------------------------------
 
-#: Edges ``0 = b_0 < b_1 < ... < b_J = 1`` of the bands in which per-bit uniforms are drawn:
-#: coarse below ``2^-7`` (few bands = few tensor ops), then doubling, so a map capped at
-#: ``p >= 2^-7`` materializes at most ``2 p n`` uniforms and one capped lower at most
-#: ``n 2^-7`` (~0.8 %).
-BAND_EDGES: tuple[float, ...] = (0.0, 2.0**-16, 2.0**-12, 2.0**-9, 2.0**-7, 2.0**-6, 2.0**-5,
-                                 2.0**-4, 2.0**-3, 2.0**-2, 2.0**-1, 1.0)
-
-
 @dataclass(frozen=True)
 class FaultMap:
     """Per-bit uniforms of one stored tensor, materialized below a cap.
@@ -443,78 +434,47 @@ class FaultMap:
         Returns:
             int64 ``(F,)`` unique flat indices on ``stored.device``.
         """
-        if max(p01, p10) > self.cap:
-            raise InvalidArgument(f"this fault map was drawn up to p={self.cap}; it cannot answer "
-                             f"p01={p01}, p10={p10}: draw it with a larger cap")
-        with serial():
-            dev = stored.device
-            idx = self.idx.to(dev)
-            u = self.u.to(dev)
-            if p01 == p10:
-                return idx[u < p01]
-            s = stored.reshape(-1)[idx] > 0
-            return idx[u < torch.where(s, p10, p01)]
+        out = draw.flips(draw.MapArrays(self.numel, self.idx.numpy(), self.u.numpy(), self.cap),
+                         _cpu_values(stored) if p01 != p10 else None, p01, p10)
+        return _tensor(out).to(stored.device)
 
 
-def _band_cap(cap: float) -> int:
-    """Number of bands needed so that the materialized range covers ``[0, cap)``."""
-    for j, hi in enumerate(BAND_EDGES[1:]):
-        if cap <= hi:
-            return j + 1
-    return len(BAND_EDGES) - 1
+def _tensor(a) -> Tensor:
+    """A numpy array as a CPU tensor sharing its memory (an empty one with ordinary strides:
+    numpy may give size-0 arrays stride 0, which some tensor views refuse)."""
+    return torch.from_numpy(a) if a.size else torch.empty(0, dtype=torch.from_numpy(a).dtype)
 
 
-def fault_map(numel: int, cap: float, *, generator: torch.Generator) -> FaultMap:
+def _cpu_values(stored: Tensor):
+    """The stored values as a CPU numpy array (flat), for the asymmetric comparison."""
+    return stored.detach().reshape(-1).cpu().numpy()
+
+
+def fault_map(numel: int, cap: float, *, seed: int) -> FaultMap:
     """Draw the per-bit uniforms ``u_i < cap`` of ``numel`` bits (all ``u_i`` iid U(0, 1)).
 
     The range ``[0, 1)`` is cut into the bands of :data:`BAND_EDGES`. Band ``j = [b_j, b_{j+1})``
-    draws independent "hits" at rate ``r_j = (b_{j+1} - b_j) / (1 - b_j)`` with
-    :func:`bernoulli_indices` (geometric gaps) and a uniform value in the band for each hit;
-    ``u_i`` is the value of bit ``i``'s first hit. Then ``P(first hit in band j) =
-    prod_{l<j}(1 - r_l) r_j = b_{j+1} - b_j`` and ``u_i`` is uniform inside its band: exactly
-    one U(0, 1) per bit. Bands are drawn in a fixed order from ``generator`` and stop at the
-    first band edge ``>= cap``, so a smaller cap yields a prefix of the same draws: the map of a
-    bit does not depend on the cap. Cost: about ``max(2 cap, 2^-7) numel`` uniforms.
+    draws independent "hits" at rate ``r_j = (b_{j+1} - b_j) / (1 - b_j)`` (geometric gaps)
+    and a uniform value in the band for each hit; ``u_i`` is the value of bit ``i``'s first
+    hit. Then ``P(first hit in band j) = prod_{l<j}(1 - r_l) r_j = b_{j+1} - b_j`` and ``u_i``
+    is uniform inside its band: exactly one U(0, 1) per bit. Bands are drawn in a fixed order
+    and stop at the first band edge ``>= cap``, so a smaller cap yields a prefix of the same
+    draws: the map of a bit does not depend on the cap. Cost: about ``max(2 cap, 2^-7) numel``
+    uniforms.
+
+    The draw is :func:`bnn_tol.faults.draw.fault_map` (numpy only, the code ``deploy`` and the
+    export bundles use too) on the stream of ``torch.Generator().manual_seed(seed)``.
 
     Args:
         numel: number of bits ``n``.
         cap: largest rate to be answered, in ``[0, 1]``.
-        generator: a CPU ``torch.Generator`` (maps are device independent).
+        seed: the stream (e.g. :func:`layer_seed` of a chip and a stored tensor).
 
     Returns:
-        :class:`FaultMap` with ``cap`` rounded up to a band edge.
+        :class:`FaultMap` with ``cap`` rounded up to a band edge (CPU tensors).
     """
-    with serial():
-        return _fault_map(numel, cap, generator)
-
-
-def _fault_map(numel: int, cap: float, generator: torch.Generator) -> FaultMap:
-    if not 0.0 <= cap <= 1.0:
-        raise InvalidArgument(f"cap {cap} is outside [0, 1]")
-    if generator.device.type != "cpu":
-        raise InvalidArgument("fault maps are drawn on CPU: pass a CPU torch.Generator")
-    n_bands = _band_cap(cap) if cap > 0 else 0
-    idx_parts: list[Tensor] = []
-    u_parts: list[Tensor] = []
-    for j in range(n_bands):
-        lo, hi = BAND_EDGES[j], BAND_EDGES[j + 1]
-        hit = bernoulli_indices(numel, (hi - lo) / (1.0 - lo), generator=generator)
-        v = torch.rand(hit.numel(), generator=generator, dtype=torch.float64)
-        u = (lo + (hi - lo) * v).clamp_(max=math.nextafter(hi, lo))
-        idx_parts.append(hit)
-        u_parts.append(u)
-    top = BAND_EDGES[n_bands]
-    if not idx_parts:
-        empty = torch.empty(0, dtype=torch.int64)
-        return FaultMap(numel, empty, torch.empty(0, dtype=torch.float64), top)
-    # keep each bit's first hit (lowest band = smallest u); later bands skip bits already hit
-    seen = torch.zeros(numel, dtype=torch.bool)
-    for j, hit in enumerate(idx_parts):
-        if j:
-            new = ~seen[hit]
-            idx_parts[j], u_parts[j] = hit[new], u_parts[j][new]
-        seen[idx_parts[j]] = True
-    return FaultMap(numel, torch.cat(idx_parts), torch.cat(u_parts), top)
+    m = draw.fault_map(numel, cap, draw.generator(seed))
+    return FaultMap(m.numel, _tensor(m.idx), _tensor(m.u), m.cap)
 
 
 def layer_seed(seed: int, position: int, stream: int = 0) -> int:

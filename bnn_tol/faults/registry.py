@@ -120,10 +120,16 @@ class ErrorModel:
                                   f" not {what}")
 
     @staticmethod
-    def generator(site: Site, seed: int) -> torch.Generator:
-        """The CPU generator of chip ``seed`` at ``site``:
-        ``manual_seed(layer_seed(seed, site.position, site.stream))``."""
-        return torch.Generator().manual_seed(layer_seed(seed, site.position, site.stream))
+    def site_seed(site: Site, seed: int) -> int:
+        """The stream of chip ``seed`` at ``site``: ``layer_seed(seed, site.position,
+        site.stream)`` (:func:`bnn_tol.faults.seeds.derive`)."""
+        return layer_seed(seed, site.position, site.stream)
+
+    @classmethod
+    def generator(cls, site: Site, seed: int) -> torch.Generator:
+        """A CPU ``torch.Generator`` on the stream of chip ``seed`` at ``site``
+        (``manual_seed(site_seed(site, seed))``), for error models that draw with torch."""
+        return torch.Generator().manual_seed(cls.site_seed(site, seed))
 
     def spec(self) -> str:
         """The name that selects this model (``name`` or ``name:argument``)."""

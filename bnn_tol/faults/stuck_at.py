@@ -6,7 +6,7 @@ stuck value ``v_i`` whatever was written, so it flips only where the stored bit 
     stuck_i  iff  u_i < p,        flip_i  iff  stuck_i  and  stored_i != v_i,
 
 with the chip's per-bit uniforms ``u_i`` -- the same ``u_i`` as the ``bernoulli`` map of that
-chip (:func:`~bnn_tol.faults.maps.fault_map` from the site's generator), so the stuck cells at
+chip (:func:`~bnn_tol.faults.maps.fault_map` on the site's stream), so the stuck cells at
 ``p`` are the cells the Bernoulli model flips at ``p`` (a weak cell is weak whatever its
 failure mode) and they are nested across rates: the stuck bits at ``p`` are a subset of those
 at ``p' > p``, with the same stuck values. The stuck value is ``v_i = 0`` or ``1`` with equal
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from bnn_tol.core.kernels import serial
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults import draw
 from bnn_tol.faults.maps import fault_map, layer_seed
 from bnn_tol.faults.registry import STREAMS, ErrorModel, Site, register_error
 from bnn_tol.faults.seeds import derive
@@ -85,10 +86,9 @@ class StuckMap:
 
 def stuck_values(n: int, idx: Tensor, seed: int) -> Tensor:
     """Stuck values (bool) of the bits ``idx`` of a tensor of ``n`` bits: bit ``i mod 64`` of
-    word ``i // 64`` of ``ceil(n / 64)`` random int64 words from ``manual_seed(seed)``."""
-    g = torch.Generator().manual_seed(seed)
-    words = torch.empty(math.ceil(n / 64), dtype=torch.int64).random_(-(2**63), None,
-                                                                       generator=g)
+    word ``i // 64`` of ``ceil(n / 64)`` random int64 words of the stream ``seed``
+    (:func:`bnn_tol.faults.draw.random64`, torch's ``random_(-2**63, None)``)."""
+    words = torch.from_numpy(draw.random64(draw.generator(seed), math.ceil(n / 64)))
     return ((words[idx // 64] >> (idx % 64)) & 1).bool()
 
 
@@ -104,7 +104,7 @@ class StuckAt(ErrorModel):
 
     def draw(self, site: Site, seed: int, cap: float) -> StuckMap:
         """The chip's uniforms of ``site`` below ``cap`` and their stuck values."""
-        fm = fault_map(site.n_bits, cap, generator=self.generator(site, seed))
+        fm = fault_map(site.n_bits, cap, seed=self.site_seed(site, seed))
         if self.value is None:
             s = derive(layer_seed(seed, site.position, site.stream), 1)
             value = stuck_values(site.n_bits, fm.idx, s)

@@ -9,9 +9,12 @@ packed weight words, integer threshold comparisons, bit max-pooling, and the exp
 table of the output block; predictions equal ``model(x).argmax(1)`` of the torch model for every
 input. Bit errors go into the packed memory image:
 
-* ``ber=p`` or ``(p01, p10)`` with ``seed=s``: exactly the fault map of
-  ``errors.inject(model, ber, seed=s)`` (drawn with bnn_tol's generator, so this path imports
-  torch), hence the predictions of the sweep row with that seed, bit for bit;
+* ``ber=p`` or ``(p01, p10)`` with ``seed=s`` (and ``error=``, default ``bernoulli``): exactly
+  the flips of ``errors.inject(model, ber, seed=s, error=...)``, drawn by the library's own
+  drawing entry point (:func:`bnn_tol.faults.registry.draw_sites`, whose persistent maps are
+  the numpy-only :mod:`bnn_tol.faults.draw`), hence the predictions of the sweep row with that
+  seed, bit for bit. This path needs bnn_tol installed (the registry imports torch for the
+  other error models); the bundle's standalone copy does clean inference and flip masks;
 * ``flip_mask=``: XOR masks over the image (``{"layer{k}": uint64 array shaped like the packed
   weights}``, or an ``.npz`` path with those keys) -- pure numpy.
 
@@ -249,7 +252,7 @@ def predict(bundle, x, *, ber=None, seed: int | None = None, flip_mask=None,
         x: uint8 pixels ``(N, C, H, W)`` / ``(N, C H W)``, or float pixels (``p / 255`` or
             ``p``).
         ber, seed: bit errors of chip ``seed`` at ``p`` or ``(p01, p10)``: the fault map of
-            ``errors.inject(model, ber, seed=seed, error=error)`` (needs torch for the draw).
+            ``errors.inject(model, ber, seed=seed, error=error)`` (needs bnn_tol installed).
         error: the error model (a name of ``bnn_tol.errors.models()``; default bernoulli).
         flip_mask: ``{"layer{k}": uint64 XOR mask like the packed weights}`` or an ``.npz``.
         batch_size: images per step (memory: the conv patches of one step).
