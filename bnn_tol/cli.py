@@ -218,9 +218,9 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
     from bnn_tol import data
     from bnn_tol import train as train_mod
     from bnn_tol.core import models as models
-    from bnn_tol.interop import checkpoint as io
+    from bnn_tol.interop import checkpoint
 
-    io.check_out(out, overwrite=overwrite)
+    checkpoint.check_out(out, overwrite=overwrite)
     if hidden and model_name.lower() != "fc":
         raise click.BadParameter(f"--hidden is an fc option; {model_name} takes --fc-width",
                                  param_hint="'--hidden'")
@@ -251,7 +251,7 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
                          clip=clip, randbet_ber=_parse_ber(randbet_ber), seed=seed,
                          device=device, out=out, overwrite=overwrite, progress=not quiet,
                          threads=threads if threads is not None else torch.get_num_threads())
-    io.save(model, out)
+    checkpoint.save(model, out)
     last = hist.iloc[-1].to_dict() if len(hist) else {}
     click.echo(json.dumps({"out": str(Path(out)), "model": model_name,
                            "flip_ber": model.meta["training"]["flip_ber"],
@@ -391,9 +391,8 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
           quiet) -> None:
     """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map),
     or on a profiled chip per voltage (--profile)."""
-    from bnn_tol import data
-    from bnn_tol import engines as evaluate
-    from bnn_tol.interop import checkpoint as io
+    from bnn_tol import data, engines
+    from bnn_tol.interop import checkpoint
 
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
@@ -401,7 +400,7 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
         return _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset,
                               out, quiet)
     ber_list = _parse_bers(bers)
-    models = {Path(r).name: io.load(r) for r in runs}
+    models = {Path(r).name: checkpoint.load(r) for r in runs}
     if len(models) != len(runs):
         raise click.BadParameter("two checkpoints have the same directory name")
     first = next(iter(models.values()))
@@ -415,14 +414,14 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
     elif layers:
         sel = layers
     try:
-        df = evaluate.sweep(models, test, bers=ber_list, n_maps=n_maps, seed=seed,
+        df = engines.sweep(models, test, bers=ber_list, n_maps=n_maps, seed=seed,
                             layers=sel, batch_size=batch_size, device=device,
                             progress=not quiet, engine=engine,
                             targets=[t for t in targets.split(",") if t], out=out,
                             resume=resume, error=error)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    summ = evaluate.summarize(df)
+    summ = engines.summarize(df)
     click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if out:
         click.echo(f"wrote {len(df)} rows to {out}")
@@ -433,7 +432,7 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
     """``sweep --profile``: accuracy vs voltage and energy on a profiled chip."""
     from bnn_tol import data, engines
     from bnn_tol.faults import chip as prof
-    from bnn_tol.interop import checkpoint as io
+    from bnn_tol.interop import checkpoint
 
     if not out:
         raise click.UsageError("--profile needs --out FILE (the profile sweep CSV)")
@@ -443,7 +442,7 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
     chip = prof.load_profile(profile_file)
     volts = _parse_list(voltages, "--voltages", float)
     offs = _parse_ints(offsets, "--offsets") or (0,)
-    models = {Path(r).name: io.load(r) for r in runs}
+    models = {Path(r).name: checkpoint.load(r) for r in runs}
     first = next(iter(models.values()))
     name = dataset or first.meta.get("training", {}).get("dataset", "fashion-mnist")
     test = data.load(name, "test", data_dir=data_dir)
@@ -520,10 +519,10 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
 def plot_sweep(csv, out, metric, level) -> None:
     """Accuracy vs BER from a sweep table (a sweep CSV, or a study's sweeps.csv): mean and
     confidence band per model (a study: per model and training BER)."""
-    from bnn_tol import engines as evaluate
+    from bnn_tol import engines
     from bnn_tol.study import plots as plots
 
-    fig = plots.sweep(evaluate.load_sweep(csv), level=level, metric=metric)
+    fig = plots.sweep(engines.load_sweep(csv), level=level, metric=metric)
     fig.savefig(out, dpi=150)
     click.echo(f"wrote {out}")
 
@@ -537,12 +536,12 @@ def plot_sweep(csv, out, metric, level) -> None:
 def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
     """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
     [onnx] extra) and save it as a bnn_tol checkpoint."""
-    from bnn_tol.interop import checkpoint as io
+    from bnn_tol.interop import checkpoint
     from bnn_tol.interop import onnx as onnx_io
 
-    io.check_out(out, overwrite=overwrite)
+    checkpoint.check_out(out, overwrite=overwrite)
     model = onnx_io.import_onnx(onnx_file, in_shape=_parse_ints(in_shape, "--in-shape"))
-    io.save(model, out)
+    checkpoint.save(model, out)
     click.echo(json.dumps({"out": str(out), "blocks": len(model.blocks),
                            "in_shape": list(model.in_shape)}))
 
@@ -558,9 +557,9 @@ def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
 def export_cmd(run, out, overwrite, onnx_path) -> None:
     """Export checkpoint RUN bit-exactly for hardware: packed bits + integer thresholds."""
     from bnn_tol.interop import bundle as bundle
-    from bnn_tol.interop import checkpoint as io
+    from bnn_tol.interop import checkpoint
 
-    model = io.load(run)
+    model = checkpoint.load(run)
     path = bundle.export(model, out, overwrite=overwrite)
     if onnx_path:
         from bnn_tol.interop.onnx import export_onnx
@@ -713,7 +712,7 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     from bnn_tol import data, schema
     from bnn_tol import metrics as mt
     from bnn_tol.core import models as models
-    from bnn_tol.interop import checkpoint as io
+    from bnn_tol.interop import checkpoint
 
     labels = [Path(r).name for r in runs]
     dup = sorted({v for v in labels if labels.count(v) > 1})
@@ -723,7 +722,7 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     ds = data.load(dataset, split, data_dir=data_dir)
     if subset is not None:
         ds = ds.subset(subset)
-    loaded = {label: io.load(run) for label, run in zip(labels, runs, strict=True)}
+    loaded = {label: checkpoint.load(run) for label, run in zip(labels, runs, strict=True)}
     for label, model in loaded.items():
         try:
             models.check_data(model, ds)

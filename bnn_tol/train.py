@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bnn_tol import faults
 from bnn_tol.core.inference import accuracy, resolve_device
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument, require_int
-from bnn_tol.faults import maps as errors
 from bnn_tol.faults.apply import attach
 from bnn_tol.faults.seeds import spawn
 from bnn_tol.interop.checkpoint import check_out, save
@@ -85,11 +85,11 @@ def fit(
     lr_gamma: float = 0.5,
     loss: str = "ce",
     mhl_margin: float = 1.0,
-    flip_ber: errors.BER | None = None,
+    flip_ber: faults.BER | None = None,
     flip_layers: Sequence[str | int] | str | None = None,
     flip_warmup: int = 0,
     clip: float | None = None,
-    randbet_ber: errors.BER | None = None,
+    randbet_ber: faults.BER | None = None,
     randbet_layers: Sequence[str | int] | str | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
@@ -155,9 +155,9 @@ def fit(
             raise InvalidArgument(f"{label} must be a finite number"
                                   f"{'' if label == 'mhl_margin' else ' > 0'}, got {v!r}")
     if flip_ber is not None:
-        errors.rates(flip_ber)
+        faults.rates(flip_ber)
     if randbet_ber is not None:
-        errors.rates(randbet_ber)
+        faults.rates(randbet_ber)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
                              or not math.isfinite(clip) or clip <= 0):
         raise InvalidArgument(f"clip must be a finite number > 0 (w_max), got {clip!r}")
@@ -198,19 +198,19 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     dev = resolve_device(device)
     model.to(dev)
     loss_fn = _loss_fn(loss, mhl_margin)
-    p_target = errors.rates(flip_ber) if flip_ber is not None else (0.0, 0.0)
+    p_target = faults.rates(flip_ber) if flip_ber is not None else (0.0, 0.0)
     flipping = max(p_target) > 0
-    layers = errors.select_layers(model, flip_layers)
+    layers = faults.select_layers(model, flip_layers)
     s_shuffle, s_flip = spawn(seed, 2)
     shuffle_gen = torch.Generator().manual_seed(s_shuffle)
     flip_gen = torch.Generator(device=dev).manual_seed(s_flip)
     bounds = _clamp_bounds(layers, clip)
-    rb = errors.rates(randbet_ber) if randbet_ber is not None else (0.0, 0.0)
-    rb_layers = errors.select_layers(model, randbet_layers) if max(rb) > 0 else {}
+    rb = faults.rates(randbet_ber) if randbet_ber is not None else (0.0, 0.0)
+    rb_layers = faults.select_layers(model, randbet_layers) if max(rb) > 0 else {}
     # RandBET draws from its own stream (child seed 3 of 3: the first two are unchanged)
     rb_gen = torch.Generator(device=dev).manual_seed(spawn(seed, 3)[2]) \
         if rb_layers else None
-    rb_faults = {n: errors.TransientFlip(rb, rb_gen) for n in rb_layers}
+    rb_faults = {n: faults.TransientFlip(rb, rb_gen) for n in rb_layers}
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     step = lr_step if lr_step is not None else max(1, epochs // 4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=lr_gamma)
@@ -222,7 +222,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
         "threads": torch.get_num_threads(),
         "dataset": getattr(train, "name", "custom"),
     }
-    codecs = {n: m.codec.config() for n, m in errors.select_layers(model).items()}
+    codecs = {n: m.codec.config() for n, m in faults.select_layers(model).items()}
     if clip is not None or rb_layers or any(c["kind"] != "sign" for c in codecs.values()):
         # recorded only where used, so a BNN's recipe reads as before codecs existed
         recipe.update({"clip": clip, "randbet_ber": list(rb) if rb_layers else None,
@@ -239,7 +239,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
         for epoch in bar:
             p01, p10 = _ber_at(epoch, p_target, flip_warmup)
             for layer in layers.values():
-                layer.fault = errors.TransientFlip((p01, p10), flip_gen) if flipping else None
+                layer.fault = faults.TransientFlip((p01, p10), flip_gen) if flipping else None
             model.train()
             t0 = time.perf_counter()
             tot_loss = torch.zeros((), dtype=torch.float64, device=dev)

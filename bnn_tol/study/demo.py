@@ -2,7 +2,7 @@
 
 1. Trains a normal and a bit-flip-trained (p = 0.1) ``fc`` BNN on Fashion-MNIST (hidden layers
    of 1024 so that this takes about a minute on 2 CPU cores) and prints their clean accuracy.
-2. Sweeps both over BER 0..10 % with persistent fault maps (``evaluate.sweep``) and prints
+2. Sweeps both over BER 0..10 % with persistent fault maps (``engines.sweep``) and prints
    mean accuracy per BER; writes ``sweeps.csv`` and ``acc_vs_ber.png``.
 3. Computes both tolerance metrics (``metrics.margin_summary``, ``metrics.importance_variance``)
    with their standard errors (the importance variance as its unbiased estimate, with the
@@ -21,11 +21,10 @@ from typing import Any
 
 import pandas as pd
 
-from bnn_tol import data, metrics, train
-from bnn_tol import engines as evaluate
+from bnn_tol import data, engines, metrics, train
 from bnn_tol.core import models
 from bnn_tol.exceptions import ResultsMismatch
-from bnn_tol.interop import checkpoint as io
+from bnn_tol.interop import checkpoint
 from bnn_tol.study import plots, report
 from bnn_tol.study import runner as study_mod
 
@@ -81,8 +80,8 @@ def run(
                              n_classes=len(tr.classes))
         echo(f"[demo] training {label} ({epochs} epochs, hidden {hidden}, flip BER {ber or 0})")
         hist = train.fit(model, tr, te, epochs=epochs, flip_ber=ber, seed=seed, device=device)
-        io.check_out(out / label, overwrite=True)  # a checkpoint of an earlier demo run
-        path = io.save(model, out / label)
+        checkpoint.check_out(out / label, overwrite=True)  # a checkpoint of an earlier demo run
+        path = checkpoint.save(model, out / label)
         acc = float(hist["test_acc"].iloc[-1])
         result["models"][label] = str(path)
         result["accuracy"][label] = acc
@@ -91,10 +90,10 @@ def run(
              f"({hist['seconds'].sum():.1f} s)  -> {path}")
 
     echo(f"[demo] BER sweep: {len(bers)} BERs x {n_maps} fault maps on {len(te)} test images")
-    df = evaluate.sweep(trained, te, bers=list(bers), n_maps=n_maps, seed=seed, device=device)
+    df = engines.sweep(trained, te, bers=list(bers), n_maps=n_maps, seed=seed, device=device)
     df.to_csv(out / "sweeps.csv", index=False)
     plots.sweep(df).savefig(out / "acc_vs_ber.png", dpi=120, bbox_inches="tight")
-    table = evaluate.summarize(df).pivot(index="ber", columns="model", values="mean")
+    table = engines.summarize(df).pivot(index="ber", columns="model", values="mean")
     echo("[demo] mean accuracy under bit errors:\n" + table.to_string(float_format="{:.4f}".format))
     result["sweeps"] = df
 

@@ -6,7 +6,7 @@ A study is a grid of independent tasks ``(model, training BER, training seed)``.
    (``train.fit(..., flip_ber=train_ber, seed=train_seed)``; ``train_ber == 0`` is normal
    training),
 2. saves the checkpoint (``bnn_tol.save``) in ``out/models/<task-id>/``,
-3. sweeps it (``evaluate.sweep`` over the evaluation BERs x fault maps),
+3. sweeps it (``engines.sweep`` over the evaluation BERs x fault maps),
 4. measures it (``metrics.margin`` + ``margin_summary``, ``metrics.score_margin`` of the last
    layer, ``metrics.importance`` + ``importance_variance``) on the metric subset and on its
    two halves, and predicts its accuracy under BER (``metrics.predict_accuracy``),
@@ -23,7 +23,7 @@ columns ``model_id, model, arch, train_ber, train_seed`` (``model``: the ``[[mod
   checkpoint, threads`` (timings are not results: they are in ``status.csv`` and each task's
   ``history.csv``);
 - ``sweeps.csv``: one row per (task, BER, map): task columns and the rows of
-  ``evaluate.sweep`` (``ber, p01, p10, map, map_seed, accuracy, rerr, bits_per_weight,
+  ``engines.sweep`` (``ber, p01, p10, map, map_seed, accuracy, rerr, bits_per_weight,
   memory_bits``);
 - ``metrics.csv``: long form: task columns, ``layer, metric, value, value_se, split``
   (``layer == "network"`` for network-level aggregates). ``value_se`` is the metric's
@@ -60,7 +60,7 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, s
     [data]    dataset, train_subset, test_subset, metric_subset, subset_seed, data_dir
     [train]   bers, seeds, epochs, batch_size, lr, lr_step, lr_gamma, loss, flip_layers,
               flip_warmup
-    [eval]    bers, n_maps, seed, layers, batch_size, engine (``evaluate.sweep``'s; all exact),
+    [eval]    bers, n_maps, seed, layers, batch_size, engine (``engines.sweep``'s; all exact),
               error (the error model, a name of ``bnn_tol.errors.models()``)
     [metrics] importance (estimator name or list of names), batch_size
     [run]     device, threads ("auto": cores // concurrent tasks, or an integer), workers
@@ -93,16 +93,13 @@ from typing import Any
 
 import pandas as pd
 
-from bnn_tol import data, metrics, provenance, schema, train
-from bnn_tol import engines as evaluate
+from bnn_tol import data, engines, faults, metrics, provenance, schema, train
 from bnn_tol.core import models
 from bnn_tol.data import BNNDataset
-from bnn_tol.engines import engines
 from bnn_tol.exceptions import BnnTolError, InvalidArgument
-from bnn_tol.faults import maps as errors
 from bnn_tol.faults.registry import error_model
 from bnn_tol.files import atomic_write
-from bnn_tol.interop import checkpoint as io
+from bnn_tol.interop import checkpoint
 from bnn_tol.metrics import estimators
 from bnn_tol.provenance import available_cores
 
@@ -224,7 +221,7 @@ _LOSSES = ("ce", "mhl")
 def engine_choices() -> tuple[str, ...]:
     """``[eval] engine`` values: ``auto`` and the registered engines (all exact: the choice
     changes speed, not results)."""
-    return ("auto", *engines())
+    return ("auto", *engines.engines())
 
 
 def _is_int(v: Any) -> bool:
@@ -259,7 +256,7 @@ def _check_ber(where: str, val: Any, *, pairs: bool) -> None:
     if not ok:
         raise _bad(where, val, "a number p" + (" or a pair [p01, p10]" if pairs else ""))
     try:
-        errors.rates(tuple(val) if isinstance(val, list) else val)
+        faults.rates(tuple(val) if isinstance(val, list) else val)
     except InvalidArgument as e:
         raise InvalidArgument(f"{where}: {e}") from e
 
@@ -321,7 +318,7 @@ def _validate(cfg: dict) -> None:
     try:
         em = error_model(ev["error"])
         for p in ev["bers"]:
-            em.check_rates(*errors.rates(tuple(p) if isinstance(p, list) else p))
+            em.check_rates(*faults.rates(tuple(p) if isinstance(p, list) else p))
     except InvalidArgument as e:
         raise InvalidArgument(f"[eval] error: {e}") from e
 
@@ -616,7 +613,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
                      loss=tr["loss"], flip_ber=ber if ber > 0 else None, flip_layers=layers,
                      flip_warmup=tr["flip_warmup"], seed=seed, device=dev, progress=False)
     model.eval()
-    io.save(model, tdir, study_task={k: spec[k] for k in ("model_id", "train_ber", "seed")})
+    checkpoint.save(model, tdir, study_task={k: spec[k] for k in ("model_id", "train_ber", "seed")})
     ids = {"model_id": spec["model_id"], "model": label, "arch": name, "train_ber": ber,
            "train_seed": seed}
     stages["train_s"], t = time.perf_counter() - t, time.perf_counter()
@@ -631,7 +628,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
 
     bers = [tuple(b) if isinstance(b, list) else b for b in ev["bers"]]
     eval_layers = None if ev["layers"] in (None, "all") else ev["layers"]
-    sw = evaluate.sweep({spec["model_id"]: model}, test_ds, bers=bers, n_maps=ev["n_maps"],
+    sw = engines.sweep({spec["model_id"]: model}, test_ds, bers=bers, n_maps=ev["n_maps"],
                         seed=ev["seed"], layers=eval_layers, batch_size=ev["batch_size"],
                         device=dev, progress=False, engine=ev["engine"],
                         error=ev.get("error", DEFAULTS["eval"]["error"]))
@@ -656,7 +653,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
 
     clean = sw[sw["p01"].eq(0) & sw["p10"].eq(0)]
     clean_acc = (float(clean["accuracy"].mean()) if len(clean)
-                 else evaluate.accuracy(model, test_ds))
+                 else engines.accuracy(model, test_ds))
     final = hist.iloc[-1] if len(hist) else None
     row = {**ids, "clean_acc": clean_acc,
            "train_acc": float(final["train_acc"]) if final is not None else math.nan,
