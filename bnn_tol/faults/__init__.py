@@ -1,8 +1,10 @@
 """Faults: seeds, error models and the one path by which stored bits flip.
 
 * :mod:`~bnn_tol.faults.seeds` -- the one seed derivation;
-* :mod:`~bnn_tol.faults.maps` -- drawing (geometric gaps, nested fault maps), transient and
-  persistent layer faults, layer selection;
+* :mod:`~bnn_tol.faults.draw` -- the persistent map draws, numpy only (the library's and
+  deploy's), on torch's CPU generator stream;
+* :mod:`~bnn_tol.faults.maps` -- rates, fault maps (:func:`fault_map`), transient draws on the
+  model's device (bit flip training), transient and persistent layer faults, layer selection;
 * :mod:`~bnn_tol.faults.registry` -- error models by name (:func:`models`,
   :func:`error_model`, :func:`register_error`) and the one drawing entry point;
 * one module per built-in error model (:mod:`~bnn_tol.faults.bernoulli`, ...);
