@@ -8,28 +8,11 @@ import copy
 
 import pytest
 import torch
+from _helpers import plain_accuracy
 
-from bnn_tol import data, errors, evaluate, models, train
+from bnn_tol import errors, evaluate
 from bnn_tol.core import kernels
 from bnn_tol.core.codec import flip_bits
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def fc():
-    m = models.build("fc", seed=0, hidden=(64, 48), in_shape=(1, 8, 8))
-    train.fit(m, data.load("digits", "train"), epochs=2, batch_size=64, progress=False)
-    return m.eval()
-
-
-def _plain_accuracy(model, test) -> float:
-    with torch.no_grad():
-        pred = torch.cat([model(x).argmax(1) for x, _ in test.batches(500)])
-    return float((pred == test.labels).double().mean())
 
 
 def _naive_write(model, flips):
@@ -47,7 +30,7 @@ def test_apply_equals_writing_the_flipped_weights_and_restores_the_faults(fc, di
     layers = fc.binary_layers()
     flips = {n: torch.randperm(lay.n_stored_bits, generator=g)[:40] for n, lay in
              list(layers.items())[::2]}
-    ref = _plain_accuracy(_naive_write(fc, flips), digits)
+    ref = plain_accuracy(_naive_write(fc, flips), digits)
     assert ref != evaluate.accuracy(fc, digits)
     sentinel = errors.FixedFlips(torch.tensor([0]))
     fc.blocks[1].layer.fault = sentinel

@@ -12,22 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bnn_tol import data, errors, evaluate, models, train
+from bnn_tol import errors, evaluate
 from bnn_tol import profile as prof
 from bnn_tol.cli import main
 from bnn_tol.interop import checkpoint
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def fc():
-    m = models.build("fc", seed=0, hidden=(64, 48), in_shape=(1, 8, 8))
-    train.fit(m, data.load("digits", "train"), epochs=2, batch_size=64, progress=False)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _helpers import plain_accuracy
 from click.testing import CliRunner
 
-from bnn_tol import data, errors, evaluate, models, train
+from bnn_tol import data, errors, evaluate
 from bnn_tol.cli import main
 from bnn_tol.faults.registry import ErrorModel, register_error
 from bnn_tol.interop import checkpoint
@@ -41,24 +42,6 @@ class Burst(ErrorModel):
         return BurstMap(site.n_bits, int(torch.randint(site.n_bits, (1,), generator=g)))
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def fc():
-    m = models.build("fc", seed=0, hidden=(64, 48), in_shape=(1, 8, 8))
-    train.fit(m, data.load("digits", "train"), epochs=2, batch_size=64, progress=False)
-    return m.eval()
-
-
-def _plain_accuracy(model, test) -> float:
-    with torch.no_grad():
-        pred = torch.cat([model(x).argmax(1) for x, _ in test.batches(500)])
-    return float((pred == test.labels).double().mean())
-
-
 def _naive_burst(model, test, p, chip, layers=None) -> float:
     """Obvious reference: positions from the burst definition, -sign(w) written into a copy."""
     m = copy.deepcopy(model)
@@ -73,7 +56,7 @@ def _naive_burst(model, test, p, chip, layers=None) -> float:
         for i in range(round(p * n)):
             w[(start + i) % n] = -wb[(start + i) % n]
         layer.weight.data = w.view_as(layer.weight)
-    return _plain_accuracy(m, test)
+    return plain_accuracy(m, test)
 
 
 def test_a_toy_error_model_defined_in_a_test_sweeps_and_replays_exactly(fc, digits):

@@ -7,12 +7,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from bnn_tol import data, errors, evaluate, models
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
+from bnn_tol import errors, evaluate, models
 
 
 @pytest.fixture(scope="module")

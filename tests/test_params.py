@@ -20,11 +20,6 @@ from bnn_tol.interop import checkpoint
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
 def fc():
     m = models.build("fc", seed=0, hidden=(64, 48), in_shape=(1, 8, 8))
     train.fit(m, data.load("digits", "train"), epochs=2, batch_size=64, progress=False)

@@ -24,18 +24,6 @@ VARIANTS = ("stuck-at", "stuck-at-0", "stuck-at-1")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def fc():
-    m = models.build("fc", seed=0, hidden=(64, 48), in_shape=(1, 8, 8))
-    train.fit(m, data.load("digits", "train"), epochs=2, batch_size=64, progress=False)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
 def vgg():
     m = models.build("vgg3", seed=0, channels=((8,), (8,)), fc_width=32, in_shape=(1, 8, 8))
     train.fit(m, data.load("digits", "train").subset(512), epochs=1, batch_size=64,

@@ -18,11 +18,6 @@ from bnn_tol import data, errors, evaluate, models, train
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
 def fc():
     tr = data.load("digits", "train")
     m = models.build("fc", seed=0, hidden=(96, 64), in_shape=(1, 8, 8))

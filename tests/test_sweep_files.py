@@ -26,11 +26,6 @@ KW = dict(bers=[0, 0.05], n_maps=2, seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return data.load("digits", "test")
-
-
-@pytest.fixture(scope="module")
 def fc():
     m = models.build("fc", seed=0, hidden=(32,), in_shape=(1, 8, 8))
     train.fit(m, data.load("digits", "train").subset(400), epochs=1, batch_size=64,
