@@ -67,14 +67,14 @@ def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
 def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     x, w = _pm1((4, c_in, hw, hw), 3), _pm1((c_out, c_in, k, k), 4)
     a = F.conv2d(x, w, padding=pad).numpy().astype(np.int64)  # (B, O, Ho, Wo)
-    from bnn_tol.engines.packed import _Layout
+    from bnn_tol.engines.packed import _PackedLayout
 
     class St:  # the few compiled-stage facts a layout reads
         conv, pool, index, wb, kernel, padding = True, None, 1, w, (k, k), (pad, pad)
         in_shape = (c_in, hw, hw)
         preact_shape = (c_out, hw + 2 * pad - k + 1, hw + 2 * pad - k + 1)
 
-    lay = _Layout(St, (c_in, hw, hw))
+    lay = _PackedLayout(St, (c_in, hw, hw))
     w_t = lay.pack(w)
     d, t, const = _rule(c_out, 5)
     out = np.empty((4, *a.shape[2:], -(-c_out // 64)), np.uint64)

@@ -42,7 +42,7 @@ __all__ = ["PackedEngine", "PackedNet", "DELTA_FRACTION"]
 _EXACT_F32 = 2**24
 
 
-class _Layout:
+class _PackedLayout:
     """Where stage ``k``'s weights and activations live in the packed words (the geometry
     itself is the compiled stage's: :attr:`~bnn_tol.core.compiled.Stage.in_shape`,
     ``preact_shape``, ``kernel``, ``padding``).
@@ -146,10 +146,10 @@ class PackedNet:
             raise RuntimeError("the packed engine needs numba (pip install numba)")
         stages, self.grid = cm.stages, cm.input
         self.stages, self.out_bn = stages, out_bn
-        self.layouts: list[_Layout] = []
+        self.layouts: list[_PackedLayout] = []
         self.rule: list[tuple[np.ndarray, np.ndarray] | None] = []
         for k, st in enumerate(stages):
-            lay = _Layout(st, stages[k - 1].out_shape if k else cm.in_shape)
+            lay = _PackedLayout(st, stages[k - 1].out_shape if k else cm.in_shape)
             self.layouts.append(lay)
             if st.hidden:
                 f = st.folded
