@@ -1,7 +1,8 @@
-"""Safe file writes: the one home of "write to a temporary file, then rename".
+"""Safe file writes: the one home of "write to a temporary file or directory, then rename".
 
 Every file the library writes whole (checkpoints, sweep sidecars, study tables, reports)
-goes through :func:`atomic_write`, so an interrupted write leaves the previous file or none,
+goes through :func:`atomic_write`, every directory written as a unit (export bundles) through
+:func:`atomic_dir`, so an interrupted write leaves the previous file or directory or none,
 never a torn one. Appending writers (sweep CSVs) lock and repair instead
 (:mod:`bnn_tol.engines.sweep_file`).
 """
@@ -9,11 +10,13 @@ never a torn one. Appending writers (sweep CSVs) lock and repair instead
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_text"]
+__all__ = ["atomic_write", "write_text", "atomic_dir"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -45,3 +48,34 @@ def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> No
                 os.fsync(fh.fileno())
 
     atomic_write(path, write)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty directory beside ``path``; when the block succeeds it replaces
+    ``path`` (the old directory, if any, is removed only after the new one is complete and
+    renamed into place), when it raises it is removed and ``path`` is untouched.
+
+    Deciding whether an existing ``path`` may be replaced (is it ours? was ``--overwrite``
+    given?) is the caller's, before entering.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700 directories
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / "d")
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / "d", path)  # put the previous directory back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
