@@ -792,3 +792,94 @@ def plot_margins(csv, out, value) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0,0.05,0.1"`` or ``"start:stop:step"`` (inclusive of stop) -> fractions in [0, 1]."""
+    if ":" in text:
+        parts = _parse_list(text.replace(":", ","), "--fractions", float)
+        if parts is None or len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+            raise click.BadParameter(f"--fractions {text!r}: give start:stop:step with "
+                                     "step > 0 and stop >= start")
+        n = int(round((parts[1] - parts[0]) / parts[2])) + 1
+        if n > 1000:
+            raise click.BadParameter(f"--fractions {text!r} gives {n} points (at most 1000)")
+        vals = tuple(round(parts[0] + i * parts[2], 12) for i in range(n))
+    else:
+        vals = _parse_list(text, "--fractions", float) or ()
+    if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
+        raise click.BadParameter(f"--fractions {text!r}: fractions lie in [0, 1]")
+    return vals
+
+
+@main.command("protect")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--rank", default="importance,margin,random", show_default=True,
+              help="Comma-separated rankings: importance[:estimator], margin, flip_probability, "
+                   "magnitude, gradient, random (expanded to --random-seeds seeds).")
+@click.option("--fractions", default="0,0.01,0.02,0.05,0.1,0.2", show_default=True,
+              help="Protected fractions of the stored bits: a list or start:stop:step.")
+@click.option("--bers", default="0.05,0.1,0.2", show_default=True,
+              help="BERs: START:STOP:STEP, a list p1,p2,... or p01/p10 pairs.")
+@click.option("--maps", "n_maps", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="Fault maps (chips) per BER.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the chips (the sweep's seed).")
+@click.option("--unit", type=click.Choice(["neuron", "weight"]), default="neuron",
+              show_default=True, help="Unit of protection.")
+@click.option("--random-seeds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Seeds of the random baseline (its band).")
+@click.option("--dataset", default=None,
+              help="Dataset (default: the one the checkpoint was trained on).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory searched first for the dataset files.")
+@click.option("--subset", type=click.IntRange(min=1), default=None,
+              help="Evaluate on the first N test images.")
+@click.option("--rank-subset", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Rank on N images of the training split (held out from the evaluation).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="CSV of the protection curves (one row per ranking, fraction, BER, map).")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the curves (png, pdf, svg).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out / --plot.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def protect(run, rank, fractions, bers, n_maps, seed, unit, random_seeds, dataset, data_dir,
+            subset, rank_subset, out, plot_out, overwrite, quiet) -> None:
+    """Protection curves of checkpoint RUN: accuracy under bit errors when the units ranked
+    first by each metric sit in reliable memory, against random protection of the same
+    memory; prints each ranking's area gain over random with its interval."""
+    from bnn_tol import data
+    from bnn_tol.files import atomic_write
+    from bnn_tol.interop import checkpoint
+    from bnn_tol.study import plots
+    from bnn_tol.study import protection as prot
+
+    fracs = _parse_fractions(fractions)
+    ber_list = _parse_bers(bers)
+    ranks = []
+    for r in (x.strip() for x in rank.split(",") if x.strip()):
+        ranks += [f"random:{s}" for s in range(random_seeds)] if r == "random" else [r]
+    for target in (out, plot_out):
+        if target and Path(target).exists() and not overwrite:
+            raise click.UsageError(f"{target} exists; pass --overwrite to replace it")
+        if target and Path(target).resolve().is_relative_to(Path(run).resolve()):
+            raise click.UsageError(f"{target} lies inside the checkpoint {run}: choose another")
+    model = checkpoint.load(run)
+    name = dataset or model.meta.get("training", {}).get("dataset", "fashion-mnist")
+    test = data.load(name, "test", data_dir=data_dir)
+    if subset is not None:
+        test = test.subset(subset)
+    train_ds = data.load(name, "train", data_dir=data_dir)
+    rank_ds = train_ds.subset(min(rank_subset, len(train_ds)), seed=0)
+    curve = prot.protection(model, test, rank=ranks, fractions=fracs, bers=ber_list,
+                            n_maps=n_maps, seed=seed, unit=unit, rank_data=rank_ds,
+                            label=Path(run).name, progress=not quiet)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda p: curve.to_csv(p, index=False, float_format="%.17g"))
+    auc = prot.protection_auc(curve)
+    cols = ["ber", "ranking", "gain", "gain_low", "gain_high", "better_than_baseline"]
+    click.echo(auc[cols].to_string(index=False, formatters={
+        "ber": "{:g}".format, **{c: "{:+.4f}".format for c in cols[2:5]}}))
+    if plot_out:
+        plots.protection(curve).savefig(plot_out, dpi=150)
+    click.echo(f"wrote {len(curve)} rows to {out}")

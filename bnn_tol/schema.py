@@ -21,7 +21,7 @@ Tables (:func:`describe` lists the columns of one with their meaning):
                          ``sweeps.csv`` fits it too (task columns in front)
 ``profile``              one row per (model, voltage, placement): ``evaluate.profile_sweep``
 ``protection``           one row per (model, ranking, protected fraction, BER, map): protection
-                         curves (declared for issue 21; no writer yet)
+                         curves (:func:`bnn_tol.study.protection.protection`)
 ``margin``               per neuron: :func:`bnn_tol.metrics.margin`
 ``margin_summary``       per layer + network: :func:`bnn_tol.metrics.margin_summary`
 ``importance``           per (estimator, neuron): :func:`bnn_tol.metrics.importance`
@@ -203,9 +203,15 @@ VOCABULARY: dict[str, ColumnSpec] = {
     "energy_saving": ColumnSpec("float", "1 - energy", False),
     "clean_accuracy": ColumnSpec("float", "accuracy without errors", False, (_rate,)),
     # protection (issue 21)
-    "ranking": _s("what ranked the protected bits (importance, margin, random, magnitude)"),
-    "protected_fraction": ColumnSpec("float", "fraction of stored bits kept error-free", False,
-                                     (_rate,)),
+    "ranking": _s("what ranked the protected units (importance[:estimator], margin, "
+                  "flip_probability, magnitude, gradient, random:<seed>)"),
+    "unit": _s("the unit of protection: neuron (all its incoming weights) or weight",
+               _isin(("neuron", "weight"))),
+    "fraction": ColumnSpec("float", "the protected fraction of stored bits asked for",
+                           False, (_rate,)),
+    "protected_fraction": ColumnSpec("float", "fraction of stored bits kept error-free (the "
+                                     "longest prefix of the ranking within the asked fraction)",
+                                     False, (_rate,)),
     # study: models.csv
     "clean_acc": ColumnSpec("float", "clean accuracy of the network on the study's test set "
                             "(mean of its BER-0 sweep rows)", False, (_rate,)),
@@ -323,11 +329,12 @@ _DECLS: dict[str, _Decl] = {
                      "one row per (model, voltage, placement) on a profiled chip",
                      "bnn-tol sweep <checkpoints> --profile <chip.npz> --out <file>",
                      key=("model", "voltage", "offset")),
-    "protection": _Decl(("model", "ranking", "protected_fraction", "ber", "p01", "p10", "map",
-                         "map_seed", "accuracy", "rerr"),
-                        "one row per (model, ranking, protected fraction, BER, fault map)",
-                        "the protection command (issue 21)",
-                        key=("model", "ranking", "protected_fraction", "p01", "p10", "map")),
+    "protection": _Decl(("model", "ranking", "unit", "fraction", "protected_fraction", "ber",
+                         "p01", "p10", "map", "map_seed", "accuracy", "rerr"),
+                        "one row per (model, ranking, protected fraction, BER, fault map): "
+                        "study.protection.protection",
+                        "bnn-tol protect <checkpoint> --out <file>",
+                        key=("model", "ranking", "unit", "fraction", "p01", "p10", "map")),
     "margin": _Decl(_MARGIN, "one row per (layer, neuron): metrics.margin",
                     "bnn-tol metrics <checkpoints> --out <file>", key=("layer", "neuron"),
                     optional=("model",)),

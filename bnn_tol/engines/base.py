@@ -28,6 +28,7 @@ from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.apply import FlipSet
 from bnn_tol.faults.maps import select_layers
+from bnn_tol.faults.protect import Protection
 from bnn_tol.faults.registry import ErrorModel, error_model
 
 __all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
@@ -70,10 +71,12 @@ class Engine:
 
     def __init__(self, model: nn.Module, data: BNNDataset, *, layers, device: torch.device,
                  batch_size: int | None, maps_per_step: int | None, targets: tuple,
-                 error: str | ErrorModel | None = None) -> None:
+                 error: str | ErrorModel | None = None, protect: Protection | None = None
+                 ) -> None:
         self.model, self.data, self.layers, self.device = model, data, layers, device
         self.targets, self.labels = targets, data.labels
         self.error = error_model(error)
+        self.protect = protect or {}  # engines given maps get them protected already
         self.chosen = select_layers(model, layers)
         self.batch_size = batch_size or 2048
         self.g = maps_per_step or 1

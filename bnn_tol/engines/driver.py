@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pandas as pd
 import torch
@@ -27,6 +28,7 @@ from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.apply import check_flips
 from bnn_tol.faults.maps import map_seeds, select_layers
 from bnn_tol.faults.params import parse_targets
+from bnn_tol.faults.protect import check_protection, digest, protect_maps
 from bnn_tol.faults.registry import (
     ErrorModel,
     check_rates,
@@ -96,6 +98,7 @@ def sweep(
     resume: bool = False,
     maps_per_step: int | None = None,
     error: str | ErrorModel | None = None,
+    protect: Mapping[str, object] | None = None,
 ) -> pd.DataFrame:
     """Accuracy under persistent bit errors for every (model, BER, fault map).
 
@@ -136,6 +139,9 @@ def sweep(
         error: the error model, a name of :func:`bnn_tol.errors.models` (default
             ``"bernoulli"``: persistent nested Bernoulli maps) or an
             :class:`~bnn_tol.faults.registry.ErrorModel`.
+        protect: stored weight bits kept error-free in every model, ``{layer name: bool mask
+            or bit indices}`` (:mod:`bnn_tol.faults.protect`): the same chips with those cells
+            spared; recorded in the sidecar (a digest), so a resume never mixes protections.
         out: CSV path; rows of each finished (model, BER) are appended in one write. The file
             is locked (``flock``) for the whole sweep; the sidecar ``<out>.meta.json`` records
             what defines the rows (per model a sha256 of its state dict and its faulty layers;
@@ -182,9 +188,13 @@ def sweep(
     if resume and out is None:
         raise InvalidArgument("resume=True needs out= (--out): the file to continue")
     dev = resolve_device(device)
+    shields = {}
     for label, model in models.items():
         select_layers(model, layers)  # validates names and that there are binary layers
         _check_shape(str(label), model, data)
+        shields[label] = check_protection(model, protect)
+    if protect and set(targets) != {"weights"}:
+        raise InvalidArgument("protect= keeps stored weight bits error-free: weight targets only")
     seeds = map_seeds(seed, n_maps)
     done: set = set()
     old = pd.DataFrame(columns=COLUMNS)
@@ -192,7 +202,8 @@ def sweep(
     if out is not None:
         file = SweepFile(out, resume=resume)
         try:
-            old = file.open_rows(settings(models, data, layers, targets, error=err.settings()))
+            old = file.open_rows(settings(models, data, layers, targets, error=err.settings(),
+                                          protect={lb: digest(sh) for lb, sh in shields.items()}))
         except BaseException:
             file.close()
             raise
@@ -205,9 +216,10 @@ def sweep(
     map_layout = None
     try:
         for label, model in models.items():
+            shield = shields[label]
             runner = pick_engine(model, engine=engine, device=dev, targets=targets)(
                 model, data, layers=layers, device=dev, batch_size=batch_size,
-                maps_per_step=maps_per_step, targets=targets, error=err)
+                maps_per_step=maps_per_step, targets=targets, error=err, protect=shield)
             # maps depend on (seed, layer position, stored bits) only: share them between
             # models of the same memory layout (the same chips)
             layout = (tuple((n, lay.n_stored_bits) for n, lay in select_layers(model).items()),
@@ -222,8 +234,8 @@ def sweep(
                 if runner.name == "reference":  # draws its own maps from the seeds
                     fmaps = (None for _ in todo)
                 else:
-                    fmaps = (maps.get(m, lambda m=m, model=model: draw_maps(
-                        model, seeds[m], cap, layers=layers, error=err)) for m in todo)
+                    fmaps = (protect_maps(maps.get(m, lambda m=m, model=model: draw_maps(
+                        model, seeds[m], cap, layers=layers, error=err)), shield) for m in todo)
                 accs = runner.accuracies(fmaps, [seeds[m] for m in todo], p01, p10, bar)
                 rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
                          "p10": p10, "map": m, "map_seed": seeds[m], "accuracy": a,

@@ -26,7 +26,7 @@ class ReferenceEngine(Engine):
         out = []
         for s in seeds:
             with inject(self.model, (p01, p10), seed=s, layers=self.layers,
-                        targets=self.targets, error=self.error):
+                        targets=self.targets, error=self.error, protect=self.protect):
                 out.append(accuracy(self.model, self.data, batch_size=self.batch_size))
             bar.update(1)
         return out

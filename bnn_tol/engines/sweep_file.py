@@ -70,13 +70,14 @@ def meta_path(out) -> Path:
 
 
 def settings(models: dict, data: BNNDataset, layers, targets: tuple,
-             error: dict | None = None) -> dict:
+             error: dict | None = None, protect: dict | None = None) -> dict:
     """What defines a sweep's rows besides (model, BER, map, seed): engine, device and batch
     size do not (every engine is exact); the error model does (``error``: its
     :meth:`~bnn_tol.faults.registry.ErrorModel.settings`; default Bernoulli)."""
     return {
         "error": error or dict(_DEFAULT_ERROR),
-        "models": {str(lb): {"digest": model_digest(m), "layers": list(select_layers(m, layers))}
+        "models": {str(lb): {"digest": model_digest(m), "layers": list(select_layers(m, layers)),
+                             **({"protect": protect[lb]} if (protect or {}).get(lb) else {})}
                    for lb, m in models.items()},
         "dataset": {"name": str(data.name), "split": str(data.split), "n_samples": len(data),
                     "digest": data_digest(data)},
@@ -141,6 +142,9 @@ def _differences(old: dict, new: dict) -> list[str]:
         if o.get("layers") != m["layers"]:
             diffs.append(f"model {lb!r} with faulty layers={o.get('layers')}, "
                          f"now layers={m['layers']}")
+        if o.get("protect") != m.get("protect"):
+            diffs.append(f"model {lb!r} with protected bits sha256 {o.get('protect')}, now "
+                         f"{m.get('protect')}")
     return diffs
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ from bnn_tol.faults.maps import (
     rates,
     select_layers,
 )
+from bnn_tol.faults.protect import check_protection, protect_maps
 from bnn_tol.faults.registry import (
     STREAMS,
     ErrorModel,
@@ -51,6 +52,7 @@ def inject(
     targets: Sequence[str] | str = ("weights",),
     threshold_bits: int | None = None,
     error: str | ErrorModel | None = None,
+    protect: Mapping[str, object] | None = None,
 ) -> Iterator[dict[str, object]]:
     """Context manager: run ``model`` on chip ``seed`` at bit error rate ``ber``.
 
@@ -82,6 +84,8 @@ def inject(
         threshold_bits: width of the threshold words (as ``"thresholds:m"``).
         error: an error model name of :func:`~bnn_tol.faults.registry.models` (or an
             instance); default ``"bernoulli"``.
+        protect: stored weight bits kept error-free, ``{layer name: bool mask or bit
+            indices}`` (:mod:`bnn_tol.faults.protect`); persistent weight errors only.
 
     Yields:
         ``{layer name: fault}`` of the weight faults (``PersistentFlip`` / ``TransientFlip``).
@@ -107,12 +111,16 @@ def inject(
         raise InvalidArgument("mode='transient' draws fresh Bernoulli flips on every pass; "
                               f"error model {em.spec()!r} is persistent only")
     chosen = select_layers(model, layers)
+    shield = check_protection(model, protect)
+    if shield and (mode != "persistent" or set(want) != {"weights"}):
+        raise InvalidArgument("protect= keeps stored weight bits error-free: persistent "
+                              "weight errors only")
     cap = max(p01, p10)
     faults: dict[str, object] = {}
     if "weights" in want:
         sites = model_sites(model, layers)
         if mode == "persistent":
-            maps = draw_sites(sites, seed, cap, error=em)
+            maps = protect_maps(draw_sites(sites, seed, cap, error=em), shield)
             faults = {n: PersistentFlip(maps[n], p01, p10) for n in sites}
         else:
             for n, site in sites.items():

@@ -46,9 +46,12 @@ from scipy import stats
 
 from bnn_tol import schema
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.study.protection import protection, protection_auc
 
 __all__ = [
     "METHODS",
+    "protection",
+    "protection_auc",
     "accuracy_at_ber",
     "clean_accuracy",
     "feature_table",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy import stats
 
 from bnn_tol import schema
 from bnn_tol.engines.driver import summarize
@@ -31,6 +32,7 @@ __all__ = [
     "rho_vs_ber",
     "metric_scatter_by_model",
     "energy",
+    "protection",
 ]
 
 
@@ -425,3 +427,40 @@ def energy(df: pd.DataFrame, *, title: str | None = None) -> Figure:
     ax_e.legend(title="model", fontsize=8)
     fig.suptitle(title or "profiled chip: accuracy vs voltage and energy")
     return fig
+
+
+def protection(curve: pd.DataFrame, *, level: float = 0.95) -> Figure:
+    """Protection curves: accuracy vs the protected fraction of stored bits, one panel per BER,
+    one line per ranking with its ``level`` band over fault maps; the ``random:<seed>``
+    rankings are pooled into one ``random`` line whose band spans maps and seeds.
+
+    Args:
+        curve: a ``protection`` table (:func:`bnn_tol.study.protection.protection`); one model
+            and unit (refused otherwise: curves of different networks are not pooled).
+    """
+    curve = schema.conform(curve, "protection", what="the protection curve")
+    if curve["model"].nunique() != 1 or curve["unit"].nunique() != 1:
+        raise InvalidArgument("plot one model and one unit at a time (curves of different "
+                              "networks or units are not comparable on one axis)")
+    df = curve.assign(ranking=[r.split(":")[0] if r.startswith("random") else r
+                               for r in curve["ranking"]])
+    bers = sorted(df["ber"].unique())
+    fig, axes = _grid(len(bers), ncols=3, size=(4.4, 3.4))
+    for ax, ber in zip(axes, bers, strict=False):
+        for r, g in df[df["ber"] == ber].groupby("ranking", sort=False):
+            s = g.groupby("fraction")["accuracy"].agg(["mean", "std", "count"]).reset_index()
+            half = (stats.t.ppf(0.5 + level / 2, (s["count"] - 1).clip(lower=1))
+                    * s["std"].fillna(0) / np.sqrt(s["count"]))
+            line, = ax.plot(s["fraction"], s["mean"], marker="o", ms=3, label=r,
+                            ls="--" if r == "random" else "-")
+            ax.fill_between(s["fraction"], s["mean"] - half, s["mean"] + half,
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(f"BER {ber:g}")
+        ax.set_xlabel(f"protected fraction of stored bits ({curve['unit'].iloc[0]}s)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="ranking", fontsize=8)
+    fig.suptitle(f"{curve['model'].iloc[0]}: protection guided by each ranking, "
+                 f"{level:.0%} band over maps")
+    return fig
+
