@@ -316,7 +316,7 @@ def _bytes(n: int) -> str:
 def _zero_or_one(a: np.ndarray, name: str) -> None:
     """Refuse values of ``a`` other than 0 and 1 (booleans read as their stored byte)."""
     b = a.view(np.uint8) if a.dtype.kind == "b" else a
-    bad = ~np.isin(b, (0, 1))
+    bad = (b != 0) & (b != 1)
     if bad.any():
         raise InvalidArgument(f"{name} must hold 0 or 1 per cell, got {b[bad][0].item()!r}")
 
@@ -440,8 +440,9 @@ def _read_profile(fh: BinaryIO) -> Profile:
         for f in infos:
             if _FIELDS[f].ndim == 1:
                 values[f] = _member_data(zf, infos[f], headers[f], f)
-    flip_to = values["flip_to"]  # kinds were checked from the headers; values now
-    _zero_or_one(flip_to, "profile flip_to")
+    flip_to = values["flip_to"]  # kinds were checked from the headers; values before a cast
+    if flip_to.dtype != np.uint8:  # (uint8 is the format's: the constructor checks it)
+        _zero_or_one(flip_to, "profile flip_to")
     return Profile(_exact(values["voltages"], np.float64, "profile voltages"), rows, cols,
                    n_arrays, _exact(values["v_fail"], np.float32, "profile v_fail"),
                    (flip_to.view(np.uint8) if flip_to.dtype.kind == "b" else flip_to
