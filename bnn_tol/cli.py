@@ -484,6 +484,9 @@ def profile_synth(out, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, to_one,
 
     if Path(out).exists():
         raise click.UsageError(f"{out} exists; choose another --out")
+    if not Path(out).parent.is_dir():
+        raise click.UsageError(f"cannot write {out}: the directory {Path(out).parent} does not "
+                               "exist")
     chip = prof.synthetic_profile(rows=rows, cols=cols, n_arrays=arrays, v_mean=v_mean,
                                   v_sd=v_sd, row_sd=row_sd, col_sd=col_sd, to_one=to_one,
                                   voltages=_parse_list(voltages, "--voltages", float), seed=seed)

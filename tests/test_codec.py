@@ -209,3 +209,37 @@ def test_faults_flip_codes_directly_with_the_same_draws_as_on_the_bit_tensor(ber
         a, b = fast.deployed_weight(), slow.deployed_weight()
         assert torch.equal(a, b)
     assert not torch.equal(a, fast.codec.decode(fast.codec.encode(fast.weight)))
+
+
+@pytest.mark.parametrize(("scheme", "gran"),
+                         list(itertools.product(codec.SCHEMES, codec.GRANULARITIES)))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_fixed_point_encode_refuses_nan_and_inf_weights(scheme, gran, bad):
+    """Issue 20 item 13: NaN/inf weights were encoded as code 0 (a weight of 0 or lo)."""
+    w = _weights()
+    w[3, 5] = bad
+    c = codec.FixedPointCodec(4, scheme, gran, channels=w.shape[0])
+    with pytest.raises(InvalidArgument, match=r"NaN or inf.*\(3, 5\)"):
+        c.encode(w)
+    with pytest.raises(InvalidArgument, match="NaN or inf"):
+        c.quantize(w.requires_grad_())
+    # the refused calls left the stored range untouched; finite weights encode as before
+    assert torch.equal(c.lo, -torch.ones_like(c.lo)) and torch.equal(c.hi, torch.ones_like(c.hi))
+    good = _weights()
+    fresh = codec.FixedPointCodec(4, scheme, gran, channels=w.shape[0])
+    assert torch.equal(c.encode(good), fresh.encode(good))
+    c.frozen = True
+    c.hi.fill_(float("nan"))
+    with pytest.raises(InvalidArgument, match="range"):
+        c.encode(good)
+
+
+def test_make_refuses_specs_that_are_not_codec_configs():
+    """Issue 20 item 15: ``codec.make("fixed")`` ended in an AttributeError."""
+    for spec, match in (("fixed", "mapping"), (["fixed"], "mapping"), (4, "mapping"),
+                        ({"kind": "fixed"}, "bits"), ({"kind": "fixed", "bits": 4.5}, "bits"),
+                        ({"kind": "fixed", "bits": 4, "colour": 1}, "colour"),
+                        ({"kind": ["sign"]}, "kind")):
+        with pytest.raises(InvalidArgument, match=match):
+            codec.make(spec)
+    assert codec.make({"kind": "fixed", "bits": 4}).config() == codec.FixedPointCodec(4).config()

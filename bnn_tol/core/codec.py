@@ -38,6 +38,7 @@ tensor(True)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -253,9 +254,26 @@ class FixedPointCodec(Codec):
     # -- codes ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, w: Tensor) -> Tensor:  # noqa: D102
+    def encode(self, w: Tensor) -> Tensor:
+        """Integer codes in ``[0, 2^m)``, int64, shape of ``w``; sets the range from ``w``
+        unless ``frozen``.
+
+        Raises:
+            InvalidArgument: a weight that is NaN or inf (naming the first one; it would
+                otherwise be stored as code 0 or saturate), or, when ``frozen``, a stored
+                range that is not finite with ``lo <= hi``. Nothing is changed then.
+        """
+        bad = ~torch.isfinite(w)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise InvalidArgument(f"cannot encode weights that are NaN or inf: weight {where} is "
+                                  f"{float(w[where])} (weights must be finite numbers)")
         if not self.frozen:
             self._observe(w)
+        elif not (bool(torch.isfinite(self.lo).all()) and bool(torch.isfinite(self.hi).all())
+                  and bool((self.lo <= self.hi).all())):
+            raise InvalidArgument("the frozen range of a fixed-point codec must be finite with "
+                                  f"lo <= hi, got lo={self.lo.tolist()}, hi={self.hi.tolist()}")
         w = w.detach().float()
         d = self._view(self.step().reshape(-1), w)
         qmin, qmax = self._levels()
@@ -291,13 +309,18 @@ class FixedPointCodec(Codec):
                 f"granularity={self.granularity}, rounding={self.rounding}")
 
 
-def make(spec: dict[str, Any] | None = None) -> Codec:
+def make(spec: Mapping[str, Any] | None = None) -> Codec:
     """A codec from :meth:`Codec.config` output (``None`` or ``{"kind": "sign"}``: sign).
 
     Raises:
-        InvalidArgument: an unknown kind or bad options.
+        InvalidArgument: ``spec`` not a mapping, an unknown kind or bad options.
     """
-    if spec is None or spec.get("kind", "sign") == "sign":
+    if spec is None:
+        return SignCodec()
+    if not isinstance(spec, Mapping):
+        raise InvalidArgument("a codec spec is a mapping such as {'kind': 'fixed', 'bits': 4} "
+                              f"(Codec.config()), got {spec!r}")
+    if spec.get("kind", "sign") == "sign":
         return SignCodec()
     if spec.get("kind") != "fixed":
         raise InvalidArgument(f"unknown codec kind {spec.get('kind')!r}; use 'sign' or 'fixed'")

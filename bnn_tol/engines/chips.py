@@ -16,8 +16,16 @@ from bnn_tol import schema
 from bnn_tol.core.inference import accuracy
 from bnn_tol.core.models import memory_bits
 from bnn_tol.engines.driver import accuracy_under_flips
-from bnn_tol.exceptions import InvalidArgument, require_int
-from bnn_tol.faults.chip import Profile, _stored_layers, energy, profile_flips
+from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.faults.chip import (
+    MAX_VOLTAGES,
+    Profile,
+    _offset,
+    _stored_layers,
+    _voltage,
+    energy,
+    profile_flips,
+)
 
 __all__ = ["profile_sweep", "summary_energy"]
 
@@ -32,6 +40,11 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
     that rate and map seed -- evaluated by the fastest exact engine
     (:func:`bnn_tol.engines.driver.accuracy_under_flips`).
 
+    Raises:
+        InvalidArgument: a voltage that is not a finite number > 0 (NaN would fail no cell
+            and read as the clean chip), more than ``MAX_VOLTAGES`` voltages, an offset that
+            is not an integer in ``[0, MAX_OFFSET]``; before anything is evaluated.
+
     Returns:
         Tidy frame, one row per (model, voltage, offset), the ``profile`` table of
         :mod:`bnn_tol.schema`: ``model, voltage, offset,
@@ -42,10 +55,13 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
     """
     if isinstance(models, nn.Module):
         models = {str(getattr(models, "config", {}).get("name", "model")): models}
-    volts = list(profile.voltages) if voltages is None else [float(v) for v in voltages]
-    if not volts:
-        raise InvalidArgument("no voltages given")
-    offsets = [require_int(o, "offset", minimum=0) for o in offsets]
+    if isinstance(voltages, str | bytes) or isinstance(offsets, str | bytes):
+        raise InvalidArgument("voltages and offsets are sequences of numbers, not strings")
+    volts = list(profile.voltages) if voltages is None \
+        else [_voltage(v) for v in voltages]
+    if not 1 <= len(volts) <= MAX_VOLTAGES:
+        raise InvalidArgument(f"give 1 to {MAX_VOLTAGES} voltages, got {len(volts)}")
+    offsets = [_offset(o) for o in offsets]
     free = [float(v) for v in profile.voltages if not profile.failing(float(v)).any()]
     if not free:
         raise InvalidArgument("the profile has no error-free voltage to normalize energy to")

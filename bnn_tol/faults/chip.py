@@ -1,10 +1,10 @@
 """Bit errors of a profiled chip, per supply voltage, and the energy they buy (Stutz et al.).
 
-**Profile file** (``.npz``, loaded with ``allow_pickle=False``)::
+**Profile file** (``.npz``: a zip of ``<field>.npy`` members, as ``numpy.savez`` writes)::
 
     format     ()        str      "bnn_tol.profile"
-    version    ()        int      1
-    voltages   (V,)      float64  supply voltages, strictly decreasing (any unit; the
+    version    ()        int      1 (optional)
+    voltages   (V,)      float64  supply voltages > 0, strictly decreasing (any unit; the
                                   synthetic profiles use V / V_min, V_min = 1)
     rows, cols ()        int      geometry of one SRAM array (e.g. 512 x 64 cells)
     n_arrays   ()        int      number of arrays; n_cells = n_arrays * rows * cols
@@ -14,6 +14,29 @@
                                   (a 1 -> 0 flip, p10), 1 corrupts a stored 0 (p01)
     energy     (V,)      float64  optional: energy per access at each voltage
                                   (default E ~ V^2, see :func:`energy`)
+
+At most :data:`MAX_CELLS` cells and :data:`MAX_VOLTAGES` voltages (the :class:`Profile`
+constructor, :func:`synthetic_profile` and :func:`load_profile` all refuse more).
+
+**Reading a file** (:func:`load_profile`) trusts nothing in it and never runs code: members
+are parsed here, not by ``numpy.load``; object arrays are refused, nothing is unpickled.
+Before any member's data is decompressed it checks, from the zip's records and each
+member's ``.npy`` header: a regular file; a zip whose central directory has at most
+:data:`MAX_MEMBERS` entries in at most :data:`MAX_DIRECTORY_BYTES`; the members named above,
+each once, nothing else; stored or deflated (``savez`` / ``savez_compressed``), not
+encrypted; a header of at most :data:`MAX_HEADER_BYTES`; a dtype of the field's kind (integer
+or float numbers, booleans too for ``flip_to``, a string for ``format``; never complex, object,
+structured or wider than 8 bytes); the field's number of dimensions; at most
+:data:`MAX_VOLTAGES` voltages and :data:`MAX_CELLS` cells; and that the zip's declared size of
+the member is exactly its header plus its data. The scalars are read next, and
+``n_arrays * rows * cols`` is compared with the declared lengths of ``v_fail`` and
+``flip_to`` before those are read. Every member's CRC is verified. Values are checked before
+they are cast to the field's dtype, and a cast must change no value: an integer field holds
+an integer (``64.0`` is ``64``; ``64.7`` and ``True`` are refused), ``flip_to`` 0 or 1 (``-256``
+and ``1.4`` are refused), a real field values its dtype holds exactly (a float64 ``v_fail`` is
+read if every value is a float32; NaN never). Every failure is one :class:`InvalidArgument`
+line naming the file and the member. Memory is bounded by the limits, never by what a file
+declares.
 
 A bit stored in a failed cell flips iff it differs from ``flip_to``. Failures are nested
 across voltages by construction (a cell that fails at V fails below V), so the flips at a lower
@@ -33,54 +56,128 @@ measured instead of drawn (:class:`~bnn_tol.faults.stuck_at.StuckMap`): cell ``c
   :meth:`Profile.cell_error_rate`), so a sweep over ``p(V)`` is the voltage sweep, and any
   ``p`` in ``[0, 1]`` is the chip at the voltage where a fraction ``p`` of its cells fail
   (nested across ``p``). The realized BER is lower: a bit flips only where it differs from what
-  its failed cell reads. One rate ``p`` only (the direction is the profile's).
+  its failed cell reads. One rate ``p`` only (the direction is the profile's). A voltage is a
+  finite number > 0 everywhere (NaN would fail no cell and pass for a clean chip).
 * **map = placement.** Chip seed ``s`` places the model at bit offset ``s mod n_cells`` of the
   memory (the layout below; weight memory image only), so the sweep's maps are random
   placements of the model on the one profiled chip, and :func:`profile_sweep`'s row
   ``(V, offset)`` is the sweep row ``(p(V), seed = offset)``:
   ``inject(model, voltage_rate(profile, V), seed=offset, error=ChipErrors(profile))``.
+  Offsets are integers in ``[0, MAX_OFFSET]`` (:data:`MAX_OFFSET`: the map seeds' range).
 
 **Layout** (weight-to-memory): the model's memory image is the concatenation, in forward order,
 of every layer's stored bits (:meth:`~bnn_tol.layers.BinaryLayer.stored_bits`: ``numel * m``
 bits, weight-major, LSB first). Bit ``k`` of that stream at ``offset`` ``o`` (in bits) is bit
 ``j = (k + o) mod cols`` of word ``w = (k + o) // cols``; words are interleaved across arrays
 (array ``w mod n_arrays``, row ``(w // n_arrays) mod rows``), so cell
-``c = a rows cols + r cols + j``. A model with more bits than the chip wraps around (the chip's
-pattern repeats, as when a profiled chip is tiled over a larger memory). Different ``offset``
-values place the model at different addresses of the same chip.
+``c = a rows cols + r cols + j``. The layout repeats every ``n_cells`` bits, so an offset acts
+modulo ``n_cells``. A model with more bits than the chip wraps around (the chip's pattern
+repeats, as when a profiled chip is tiled over a larger memory). Different ``offset`` values
+place the model at different addresses of the same chip.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import numbers
 import os
+import stat
+import struct
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, require_int
 from bnn_tol.faults.maps import select_layers
 from bnn_tol.faults.registry import ErrorModel, Site, draw_sites, model_sites, register_error
 from bnn_tol.faults.stuck_at import StuckMap
+from bnn_tol.files import atomic_write
 
 __all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "cells",
-           "profile_flips", "energy", "FORMAT", "ChipErrors", "failure_rank", "voltage_rate"]
+           "profile_flips", "energy", "FORMAT", "ChipErrors", "failure_rank", "voltage_rate",
+           "MAX_CELLS", "MAX_VOLTAGES", "MAX_OFFSET", "MAX_HEADER_BYTES", "MAX_MEMBERS",
+           "MAX_DIRECTORY_BYTES"]
 
 FORMAT = "bnn_tol.profile"
+
+#: Most cells a profile may describe (``n_arrays * rows * cols``): 2^26, 64 times the 2^20
+#: cells Stutz et al. profiled (32 arrays of 512 x 64). Such a profile takes 320 MiB
+#: (float32 ``v_fail`` + ``flip_to``) and about 1.5 GiB more while its failure ranks are
+#: computed; a larger one is refused before anything is allocated.
+MAX_CELLS = 2**26
+#: Most voltages of a profile (and of one profile sweep): measured grids have tens of points,
+#: and each voltage is a row per model and placement of the sweep's table.
+MAX_VOLTAGES = 4096
+#: Largest placement offset (chip seed): the range of the map seeds (63 bits) and of the
+#: ``offset`` column (int64); an offset acts modulo ``n_cells`` anyway.
+MAX_OFFSET = 2**63 - 1
+#: Largest ``.npy`` header of a member: numpy's own default ``max_header_size``; a profile's
+#: headers take 128 bytes.
+MAX_HEADER_BYTES = 10_000
+#: Most entries in a profile file's zip directory: a profile has at most 9 members; zipfile
+#: parses the whole directory when it opens a file, so it is checked from the end record first.
+MAX_MEMBERS = 16
+#: Largest zip central directory of a profile file, in bytes: 9 entries take about 1 KB.
+MAX_DIRECTORY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _Field:
+    """What a member of a profile file may be: dtype ``kinds`` (numpy ``dtype.kind``) before
+    conversion, ``ndim``, most elements, whether the file must have it."""
+
+    kinds: str
+    ndim: int
+    limit: int = 1
+    required: bool = True
+
+
+_FIELDS = {
+    "format": _Field("U", 0),
+    "version": _Field("iuf", 0, required=False),
+    "voltages": _Field("iuf", 1, MAX_VOLTAGES),
+    "rows": _Field("iuf", 0),
+    "cols": _Field("iuf", 0),
+    "n_arrays": _Field("iuf", 0),
+    "v_fail": _Field("iuf", 1, MAX_CELLS),
+    "flip_to": _Field("biuf", 1, MAX_CELLS),
+    "energy": _Field("iuf", 1, MAX_VOLTAGES, required=False),
+}
+#: Widest element of a numeric member (float64 / int64; longdouble and complex are refused).
+_MAX_ITEMSIZE = 8
+#: Longest ``format`` string (in characters; "bnn_tol.profile" has 15).
+_MAX_FORMAT_CHARS = 64
+_KIND_NAMES = {"b": "boolean", "i": "integer", "u": "integer", "f": "float",
+               "c": "complex", "U": "string", "S": "bytes", "O": "object", "V": "structured",
+               "M": "datetime", "m": "timedelta"}
+#: What zipfile, zlib and numpy's header parser raise on a damaged archive or member.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, struct.error, EOFError, OSError, ValueError,
+            TypeError, OverflowError, KeyError, IndexError, UnicodeDecodeError,
+            NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A profiled (or synthetic) chip; see the module docstring for the fields."""
+    """A profiled (or synthetic) chip; see the module docstring for the fields.
+
+    The arrays are taken as given (lists become arrays, no dtype is cast). Validated on
+    construction: real arrays (no complex, object or string values; ``flip_to`` may be
+    boolean), voltages finite, > 0 and strictly decreasing (at most :data:`MAX_VOLTAGES`),
+    integer ``rows``, ``cols``, ``n_arrays`` >= 1 with at most :data:`MAX_CELLS` cells,
+    ``v_fail`` finite or ``-inf``, ``flip_to`` 0 or 1, ``energy`` positive, one per voltage.
+    """
 
     voltages: np.ndarray
     rows: int
@@ -96,8 +193,13 @@ class Profile:
         return self.n_arrays * self.rows * self.cols
 
     def failing(self, voltage: float) -> np.ndarray:
-        """Boolean ``(n_cells,)``: the cells that fail at ``voltage`` (``voltage < v_fail``)."""
-        return voltage < self.v_fail
+        """Boolean ``(n_cells,)``: the cells that fail at ``voltage`` (``voltage < v_fail``).
+
+        Raises:
+            InvalidArgument: ``voltage`` is not a number > 0 (NaN would fail no cell; ``+inf``
+                is taken: no cell fails there).
+        """
+        return _voltage(voltage, finite=False) < self.v_fail
 
     def cell_error_rate(self) -> pd.DataFrame:
         """Per voltage the fraction of failing cells and of cells failing to 0 / to 1."""
@@ -110,76 +212,345 @@ class Profile:
         return pd.DataFrame(rows)
 
     def __post_init__(self) -> None:
+        for name in ("voltages", "v_fail", "flip_to", "energy"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, np.ndarray):
+                object.__setattr__(self, name, np.asarray(value))
         _validate(self)
 
 
+def _voltage(value: object, name: str = "voltage", *, finite: bool = True) -> float:
+    """``value`` as a float if it is a real number (not a bool or string) > 0, finite unless
+    ``finite=False`` (then ``+inf``, a voltage at which no cell fails, is taken); never NaN."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise InvalidArgument(f"{name} must be a number > 0, got {value!r}")
+    v = float(value)
+    if not v > 0 or (finite and not math.isfinite(v)):
+        raise InvalidArgument(f"{name} must be a {'finite ' if finite else ''}number > 0, "
+                              f"got {v!r}")
+    return v
+
+
+def _offset(value: object) -> int:
+    """A placement: an integer in ``[0, MAX_OFFSET]``."""
+    out = require_int(value, "offset", minimum=0)
+    if out > MAX_OFFSET:
+        raise InvalidArgument(f"offset must be <= {MAX_OFFSET} (2^63 - 1, the map seeds' "
+                              f"range; placements act modulo the chip's cells), got {out}")
+    return out
+
+
+def _real(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite real number (not a bool or string)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(float(value)):
+        raise InvalidArgument(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _real_array(values: object, name: str) -> np.ndarray:
+    """``values`` as float64 if they are real numbers float64 holds exactly (no cast first)."""
+    a = np.asarray(values)
+    _kind(a, name, "iuf")
+    return _exact(a, np.float64, name)
+
+
+def _kind(a: np.ndarray, name: str, kinds: str) -> None:
+    """Refuse an array whose dtype is not of one of ``kinds`` (before any cast)."""
+    if a.dtype.kind not in kinds or a.dtype.itemsize > _MAX_ITEMSIZE:
+        raise InvalidArgument(f"{name} must hold {_allowed(kinds)} numbers, got "
+                              f"{_KIND_NAMES.get(a.dtype.kind, 'other')} values ({a.dtype})")
+
+
+def _allowed(kinds: str) -> str:
+    return " or ".join(dict.fromkeys(_KIND_NAMES[k] for k in kinds))
+
+
 def _validate(p: Profile) -> None:
-    v = np.asarray(p.voltages)
-    if v.ndim != 1 or v.size < 1 or not np.all(np.isfinite(v)):
-        raise InvalidArgument("profile voltages must be a non-empty 1-d array of finite numbers")
+    v = p.voltages
+    _kind(v, "profile voltages", "iuf")
+    if v.ndim != 1 or not 1 <= v.size <= MAX_VOLTAGES:
+        raise InvalidArgument(f"profile voltages must be a 1-d array of 1 to {MAX_VOLTAGES} "
+                              f"numbers, got shape {v.shape}")
+    if not np.all(np.isfinite(v)) or not np.all(v > 0):
+        raise InvalidArgument("profile voltages must be finite numbers > 0")
     if v.size > 1 and not np.all(np.diff(v) < 0):
         raise InvalidArgument("profile voltages must be strictly decreasing (nominal first)")
     for name in ("rows", "cols", "n_arrays"):
         require_int(getattr(p, name), f"profile {name}", minimum=1)
-    n = p.n_arrays * p.rows * p.cols
+    n = _n_cells(int(p.n_arrays), int(p.rows), int(p.cols))
+    _kind(p.v_fail, "profile v_fail", "iuf")
+    _kind(p.flip_to, "profile flip_to", "biuf")
     if p.v_fail.shape != (n,) or p.flip_to.shape != (n,):
         raise InvalidArgument(f"profile v_fail and flip_to must have n_arrays * rows * cols = {n} "
                               f"entries, got {p.v_fail.shape} and {p.flip_to.shape}")
     if np.isnan(p.v_fail).any() or np.isposinf(p.v_fail).any():
         raise InvalidArgument("profile v_fail must be finite or -inf (never fails)")
-    if not np.isin(p.flip_to, (0, 1)).all():
-        raise InvalidArgument("profile flip_to must hold 0 or 1 per cell")
+    _zero_or_one(p.flip_to, "profile flip_to")
     if p.energy is not None:
-        e = np.asarray(p.energy)
+        e = p.energy
+        _kind(e, "profile energy", "iuf")
         if e.shape != v.shape or not np.all(np.isfinite(e)) or np.any(e <= 0):
             raise InvalidArgument("profile energy must be positive, one value per voltage")
 
 
+def _n_cells(n_arrays: int, rows: int, cols: int) -> int:
+    """``n_arrays * rows * cols``, refused above :data:`MAX_CELLS` (naming the size)."""
+    n = n_arrays * rows * cols
+    if n > MAX_CELLS:
+        raise InvalidArgument(
+            f"a chip of {n_arrays} arrays x {rows} rows x {cols} cols = {n} cells "
+            f"(~{_bytes(n * 5)} as float32 v_fail + uint8 flip_to) is larger than MAX_CELLS = "
+            f"{MAX_CELLS} (2^26, 64 times the chip of Stutz et al.)")
+    return n
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def _zero_or_one(a: np.ndarray, name: str) -> None:
+    """Refuse values of ``a`` other than 0 and 1 (booleans read as their stored byte)."""
+    b = a.view(np.uint8) if a.dtype.kind == "b" else a
+    bad = (b != 0) & (b != 1)
+    if bad.any():
+        raise InvalidArgument(f"{name} must hold 0 or 1 per cell, got {b[bad][0].item()!r}")
+
+
+def _exact(a: np.ndarray, dtype: type[np.generic], name: str) -> np.ndarray:
+    """``a`` cast to ``dtype``, refused if the cast would change a value (NaN refused)."""
+    if a.dtype.kind == "f" and np.isnan(a).any():
+        raise InvalidArgument(f"{name} must not hold NaN")
+    with np.errstate(all="ignore"):
+        out = a.astype(dtype)
+        back = out.astype(a.dtype)
+    bad = back != a
+    if bad.any():
+        kind = np.dtype(dtype).name
+        raise InvalidArgument(f"{name} holds {a[bad][0].item()!r}, which {kind} cannot represent "
+                              f"exactly (the format stores {name.split()[-1]} as {kind})")
+    return out
+
+
 def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
-    """Write ``profile`` as a documented ``.npz`` (no pickle)."""
+    """Write ``profile`` as a documented ``.npz`` (no pickle), atomically
+    (:func:`bnn_tol.files.atomic_write`: a failed write leaves the previous file or none).
+
+    Raises:
+        InvalidArgument: a field the format's dtype cannot hold exactly (``v_fail`` values
+            that are not float32), or ``path`` cannot be written (its directory does not
+            exist, no space, read-only), naming the path and why.
+    """
     path = Path(path)
     arrays = {"format": np.array(FORMAT), "version": np.array(1),
-              "voltages": np.asarray(profile.voltages, np.float64),
-              "rows": np.array(profile.rows), "cols": np.array(profile.cols),
-              "n_arrays": np.array(profile.n_arrays),
-              "v_fail": np.asarray(profile.v_fail, np.float32),
-              "flip_to": np.asarray(profile.flip_to, np.uint8)}
+              "voltages": _exact(profile.voltages, np.float64, "profile voltages"),
+              "rows": np.array(int(profile.rows)), "cols": np.array(int(profile.cols)),
+              "n_arrays": np.array(int(profile.n_arrays)),
+              "v_fail": _exact(profile.v_fail, np.float32, "profile v_fail"),
+              "flip_to": np.asarray(profile.flip_to).astype(np.uint8)}
     if profile.energy is not None:
-        arrays["energy"] = np.asarray(profile.energy, np.float64)
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        arrays["energy"] = _exact(profile.energy, np.float64, "profile energy")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"cannot write the profile {path}: the directory {path.parent} "
+                              "does not exist")
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        if isinstance(e, BnnTolError):
+            raise
+        raise InvalidArgument(f"cannot write the profile {path}: {e.strerror or e}") from None
     return path
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
-    """Read and validate a profile file.
+    """Read and validate a profile file, trusting nothing in it (the module docstring lists
+    the checks and limits: sizes from the headers before any data is decompressed, values
+    before they are cast).
 
     Raises:
-        InvalidArgument: not a profile file, or invalid fields (names the field).
+        InvalidArgument: not a profile file, a damaged one, or invalid fields; one line
+            naming the file and the member.
     """
-
-    if not zipfile.is_zipfile(path):
-        raise InvalidArgument(f"{path} is not a bnn_tol profile (a .npz archive); make one with "
-                              "`bnn-tol profile synth` or profile.save_profile")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            need = {"format", "voltages", "rows", "cols", "n_arrays", "v_fail", "flip_to"}
-            if not need <= files or str(z["format"]) != FORMAT:
-                raise InvalidArgument(f"{path} is not a bnn_tol profile (.npz with "
-                                      f"{', '.join(sorted(need))})")
-            version = int(z["version"]) if "version" in files else 1
-            if version != 1:
-                raise InvalidArgument(f"{path}: unknown profile version {version}")
-            return Profile(np.asarray(z["voltages"], np.float64), int(z["rows"]),
-                           int(z["cols"]), int(z["n_arrays"]),
-                           np.asarray(z["v_fail"], np.float32),
-                           np.asarray(z["flip_to"], np.uint8),
-                           np.asarray(z["energy"], np.float64) if "energy" in files else None)
-    except (OSError, ValueError) as e:
-        if isinstance(e, InvalidArgument):
-            raise
-        raise InvalidArgument(f"{path}: cannot read the profile ({e})") from None
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise InvalidArgument(f"{path} is not a bnn_tol profile: {e.strerror or e}; make one "
+                              "with `bnn-tol profile synth` or profile.save_profile") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"{path} is not a bnn_tol profile: not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return _read_profile(fh)
+        except InvalidArgument as e:
+            raise InvalidArgument(_one_line(f"{path}: {e}")) from None
+        except _DAMAGED as e:
+            raise InvalidArgument(_one_line(f"{path}: damaged profile archive "
+                                            f"({type(e).__name__}: {e})")) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read_profile(fh: BinaryIO) -> Profile:
+    """The profile in the open file ``fh`` (module docstring: order of the checks)."""
+    # zipfile's own reader of the end record (private, unchanged since Python 2): the number
+    # of entries and the size of the central directory, before ZipFile parses the directory
+    end = zipfile._EndRecData(fh)
+    if end is None:
+        raise InvalidArgument("not a bnn_tol profile (a .npz archive); make one with "
+                              "`bnn-tol profile synth` or profile.save_profile")
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > MAX_MEMBERS or size > MAX_DIRECTORY_BYTES:
+        raise InvalidArgument(f"the archive declares {entries} entries in a {size}-byte "
+                              f"directory; a profile has at most {len(_FIELDS)} members "
+                              f"(limits: MAX_MEMBERS = {MAX_MEMBERS}, MAX_DIRECTORY_BYTES = "
+                              f"{MAX_DIRECTORY_BYTES})")
+    fh.seek(0)
+    with zipfile.ZipFile(fh) as zf:
+        infos = _members(zf.infolist())
+        headers = {f: _member_header(zf, info, f) for f, info in infos.items()}
+        values = {f: _member_data(zf, infos[f], headers[f], f)
+                  for f in infos if _FIELDS[f].ndim == 0}
+        if str(values["format"][()]) != FORMAT:
+            raise InvalidArgument(f"not a bnn_tol profile (format {str(values['format'][()])!r}"
+                                  f", expected {FORMAT!r})")
+        version = require_int(values["version"][()].item(), "profile version") \
+            if "version" in values else 1
+        if version != 1:
+            raise InvalidArgument(f"unknown profile version {version}")
+        rows, cols, n_arrays = (require_int(values[f][()].item(), f"profile {f}", minimum=1)
+                                for f in ("rows", "cols", "n_arrays"))
+        n = _n_cells(n_arrays, rows, cols)
+        for f in ("v_fail", "flip_to"):
+            if headers[f][0] != (n,):
+                raise InvalidArgument(f"member {f} declares shape {headers[f][0]}; "
+                                      f"n_arrays * rows * cols = {n} cells")
+        for f in infos:
+            if _FIELDS[f].ndim == 1:
+                values[f] = _member_data(zf, infos[f], headers[f], f)
+    flip_to = values["flip_to"]  # kinds were checked from the headers; values before a cast
+    if flip_to.dtype != np.uint8:  # (uint8 is the format's: the constructor checks it)
+        _zero_or_one(flip_to, "profile flip_to")
+    return Profile(_exact(values["voltages"], np.float64, "profile voltages"), rows, cols,
+                   n_arrays, _exact(values["v_fail"], np.float32, "profile v_fail"),
+                   (flip_to.view(np.uint8) if flip_to.dtype.kind == "b" else flip_to
+                    ).astype(np.uint8),
+                   _exact(values["energy"], np.float64, "profile energy")
+                   if "energy" in values else None)
+
+
+def _members(infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """``{field: zip entry}``: the required members, each known member once, nothing else."""
+    names = [i.filename for i in infos]
+    missing = [f for f, spec in _FIELDS.items() if spec.required and f"{f}.npy" not in names]
+    if missing:
+        raise InvalidArgument(f"not a bnn_tol profile: no member {', '.join(missing)} (a "
+                              f"profile has {', '.join(_FIELDS)})")
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        field = info.filename[:-4] if info.filename.endswith(".npy") else None
+        if field not in _FIELDS:
+            raise InvalidArgument(f"unexpected member {info.filename!r} (a profile has "
+                                  f"{', '.join(f'{f}.npy' for f in _FIELDS)})")
+        if field in out:
+            raise InvalidArgument(f"member {info.filename} appears twice (duplicate entries)")
+        out[field] = info
+    return out
+
+
+_Header = tuple[tuple[int, ...], bool, np.dtype, int]  # shape, fortran order, dtype, offset
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, field: str) -> _Header:
+    """Check a member's zip entry and ``.npy`` header against ``_FIELDS[field]`` and the
+    limits, reading only the header (at most 12 + MAX_HEADER_BYTES decompressed bytes)."""
+    spec = _FIELDS[field]
+    what = f"member {field}"
+    if info.flag_bits & 0x1:
+        raise InvalidArgument(f"{what} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise InvalidArgument(f"{what} uses zip compression method {info.compress_type}; a "
+                              "profile is stored or deflated (numpy.savez / savez_compressed)")
+    with _open(zf, info, what) as f:
+        magic = _read_exact(f, 8, what)
+        if magic[:6] != b"\x93NUMPY" or magic[6:] not in (b"\x01\x00", b"\x02\x00"):
+            raise InvalidArgument(f"{what} is not an .npy array (format 1.0 or 2.0)")
+        raw_len = _read_exact(f, 2 if magic[6] == 1 else 4, what)
+        header_len = int.from_bytes(raw_len, "little")
+        if header_len > MAX_HEADER_BYTES:
+            raise InvalidArgument(f"{what} declares a {header_len}-byte .npy header (limit "
+                                  f"MAX_HEADER_BYTES = {MAX_HEADER_BYTES})")
+        header = _read_exact(f, header_len, what)
+    buf = io.BytesIO(magic + raw_len + header)
+    read = np.lib.format.read_array_header_1_0 if magic[6] == 1 \
+        else np.lib.format.read_array_header_2_0
+    np.lib.format.read_magic(buf)
+    try:
+        shape, fortran, dtype = read(buf, max_header_size=MAX_HEADER_BYTES)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise InvalidArgument(f"{what} has an invalid .npy header ({e})") from None
+    if dtype.kind not in spec.kinds or (dtype.kind != "U" and dtype.itemsize > _MAX_ITEMSIZE) \
+            or (dtype.kind == "U" and not 0 < dtype.itemsize <= 4 * _MAX_FORMAT_CHARS):
+        raise InvalidArgument(f"{what} must hold {_allowed(spec.kinds)} values, its header "
+                              f"declares {_KIND_NAMES.get(dtype.kind, 'other')} {dtype.str}")
+    if len(shape) != spec.ndim or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what} must be {spec.ndim}-d, its header declares shape "
+                              f"{shape}")
+    count = math.prod(shape)
+    if count > spec.limit:
+        limit = "MAX_CELLS" if spec.limit == MAX_CELLS else "MAX_VOLTAGES"
+        raise InvalidArgument(f"{what} declares {count} elements ({_bytes(count * dtype.itemsize)}"
+                              f"); the limit is {limit} = {spec.limit}")
+    offset = len(magic) + len(raw_len) + header_len
+    if info.file_size != offset + count * dtype.itemsize:
+        raise InvalidArgument(f"{what} is {info.file_size} bytes in the zip directory, but "
+                              f"its .npy header declares {offset + count * dtype.itemsize}")
+    return tuple(int(d) for d in shape), bool(fortran), dtype, offset
+
+
+def _member_data(zf: zipfile.ZipFile, info: zipfile.ZipInfo, header: _Header,
+                 field: str) -> np.ndarray:
+    """The array of a member whose header :func:`_member_header` accepted (its CRC checked)."""
+    shape, fortran, dtype, offset = header
+    what = f"member {field}"
+    with _open(zf, info, what) as f:
+        _read_exact(f, offset, what)
+        data = _read_exact(f, math.prod(shape) * dtype.itemsize, what)
+        if f.read(1):  # also reaches the end of the member, where zipfile checks its CRC
+            raise InvalidArgument(f"{what} has bytes after its array")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+@contextmanager
+def _open(zf: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> Iterator[BinaryIO]:
+    """The member's stream; zip, zlib and CRC failures become one line naming the member."""
+    try:
+        with zf.open(info) as f:
+            yield f
+    except InvalidArgument:
+        raise
+    except _DAMAGED as e:
+        raise InvalidArgument(f"{what} is damaged ({type(e).__name__}: {e})") from None
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    """``n`` bytes of ``f`` (a request of at most ``n``: decompression stops there)."""
+    data = f.read(n)
+    if len(data) != n:
+        raise InvalidArgument(f"{what} ends early ({len(data)} of {n} bytes)")
+    return data
 
 
 def synthetic_profile(
@@ -213,30 +584,40 @@ def synthetic_profile(
         v_mean, v_sd, row_sd, col_sd: failure-voltage distribution.
         to_one: fraction of failing cells that read 1.
         seed: ``numpy.random.default_rng(seed)``.
+
+    Raises:
+        InvalidArgument: a parameter out of range, or more than :data:`MAX_CELLS` cells
+            (refused before anything is allocated, naming the size).
     """
     seed = require_int(seed, "seed", minimum=0)
+    v_mean = _real(v_mean, "v_mean")
     for name, val in (("v_sd", v_sd), ("row_sd", row_sd), ("col_sd", col_sd)):
-        if not (math.isfinite(val) and val >= 0):
+        if _real(val, name) < 0:
             raise InvalidArgument(f"{name} must be a finite number >= 0, got {val!r}")
-    if not 0.0 <= to_one <= 1.0:
+    if not 0.0 <= _real(to_one, "to_one") <= 1.0:
         raise InvalidArgument(f"to_one must be in [0, 1], got {to_one!r}")
     rows = require_int(rows, "rows", minimum=1)
     cols = require_int(cols, "cols", minimum=1)
     n_arrays = require_int(n_arrays, "n_arrays", minimum=1)
+    _n_cells(n_arrays, rows, cols)  # before allocating
+    volts = np.round(np.linspace(1.0, 0.8, 11), 10) if voltages is None \
+        else _real_array(voltages, "voltages")
     rng = np.random.default_rng(seed)
     cell = rng.standard_normal((n_arrays, rows, cols))
     row = rng.standard_normal((n_arrays, rows, 1))
     col = rng.standard_normal((n_arrays, 1, cols))
     v_fail = (v_mean + v_sd * cell + row_sd * row + col_sd * col).astype(np.float32).reshape(-1)
     flip_to = (rng.random(v_fail.size) < to_one).astype(np.uint8)
-    volts = np.round(np.linspace(1.0, 0.8, 11), 10) if voltages is None \
-        else np.asarray(voltages, np.float64)
     return Profile(volts, rows, cols, n_arrays, v_fail, flip_to)
 
 
 def cells(n_bits: int, profile: Profile, offset: int = 0) -> np.ndarray:
-    """Cell index ``(n_bits,)`` int64 of each bit of a memory image (see the module docstring)."""
-    offset = require_int(offset, "offset", minimum=0)
+    """Cell index ``(n_bits,)`` int64 of each bit of a memory image (see the module docstring).
+
+    The layout repeats every ``n_cells`` bits, so ``offset`` (any integer >= 0) is taken
+    modulo ``n_cells`` (no int64 overflow for large offsets).
+    """
+    offset = require_int(offset, "offset", minimum=0) % profile.n_cells
     k = np.arange(n_bits, dtype=np.int64) + offset
     j = k % profile.cols
     w = k // profile.cols
@@ -259,7 +640,7 @@ def profile_flips(model: nn.Module, profile: Profile, voltage: float, *,
         ``{layer name: int64 (F,) sorted flat indices into layer.stored_bits()}`` for every
         binary/quantized layer (forward order).
     """
-    offset = require_int(offset, "offset", minimum=0)
+    offset = _offset(offset)
     p = voltage_rate(profile, voltage)
     maps = draw_sites(model_sites(model), offset, p, error=ChipErrors(profile))
     return {n: maps[n].flips(lay.stored_bits(), p, p) for n, lay in _stored_layers(model).items()}
@@ -278,7 +659,7 @@ def failure_rank(profile: Profile) -> np.ndarray:
 def voltage_rate(profile: Profile, voltage: float) -> float:
     """The chip's rate at ``voltage``: the fraction of its cells that fail there,
     ``#{c : v_fail_c > V} / n_cells``."""
-    return int(profile.failing(float(voltage)).sum()) / profile.n_cells
+    return int(profile.failing(voltage).sum()) / profile.n_cells
 
 
 def energy(voltages: Sequence[float], *, reference: float, table: Sequence[float] | None = None
