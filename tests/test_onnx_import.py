@@ -4,6 +4,8 @@ verified against onnxruntime: never silently wrong, never a traceback (issue 20,
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -378,6 +380,26 @@ def test_the_import_command_ends_every_bad_graph_in_one_line(tmp_path):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error:"), (what, r.output)
         assert not out.exists(), what
+
+
+def test_the_import_command_writes_a_verified_checkpoint(tmp_path):
+    path = conv_graph().save(tmp_path / "c.onnx")
+    r = CliRunner().invoke(bnn_tol.cli.main, ["import", path, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert '"verified_with": "onnxruntime' in r.output
+    x = to_float(probe_images(n=50))
+    assert torch.equal(bnn_tol.load(tmp_path / "run")(x), import_onnx(path)(x))
+
+
+def test_without_onnxruntime_the_checks_hold_and_the_command_warns(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    g = G().flatten().gemm(64, 24).bn(24, 4.0).sign().gemm(24, 10, alpha=2.0)
+    _refused(g.save(tmp_path / "alpha.onnx"), "alpha")
+    path = fc_graph().save(tmp_path / "f.onnx")
+    _refused(path, "onnxruntime", verify=to_float(probe_images(n=4)))
+    assert "verified_with" not in import_onnx(path).meta
+    r = CliRunner().invoke(bnn_tol.cli.main, ["import", path, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0 and "not verified" in r.stderr
 
 
 def test_initializer_bytes_are_never_trusted_beyond_their_dims(tmp_path):
