@@ -38,7 +38,7 @@ import torch
 from bnn_tol.core.compiled import UnsupportedModel, check_bnn, compile_model
 from bnn_tol.core.models import BNN, build
 from bnn_tol.data import INPUT
-from bnn_tol.exceptions import require_int
+from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.interop.bundle import _score_table
 
 __all__ = ["export_onnx", "import_onnx", "OnnxError"]
@@ -382,7 +382,7 @@ def _io(gr: _Graph, in_shape) -> _Io:
     if in_shape is not None:
         try:
             given = tuple(require_int(v, "in_shape", minimum=1) for v in in_shape)
-        except TypeError:
+        except (TypeError, InvalidArgument):
             given = ()
         if len(given) != 3:
             raise OnnxError(f"in_shape must be three positive integers (C, H, W), got "
