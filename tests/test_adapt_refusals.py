@@ -175,3 +175,20 @@ def test_a_forward_that_raises_on_probes_is_one_line():
             return super().forward(x)
 
     _refused("fails", _randomize(Picky()), to_float(_example()))
+
+
+def test_a_batchnorm_without_running_statistics_is_refused():
+    user = nn.Sequential(nn.Flatten(), BinLin(64, 16, bias=False),
+                         nn.BatchNorm1d(16, track_running_stats=False), Sign(),
+                         BinLin(16, 10, bias=False)).eval()
+    _refused("running statistics", user, to_float(_example()))
+
+
+def test_a_batchnorm_without_affine_parameters_adapts():
+    user = nn.Sequential(nn.Flatten(), BinLin(64, 16, bias=False), nn.BatchNorm1d(16, affine=False),
+                         Sign(), BinLin(16, 10, bias=False)).eval()
+    with torch.no_grad():
+        user[2].running_mean.normal_(0, 2, generator=torch.Generator().manual_seed(0))
+    x = to_float(_example())
+    with torch.no_grad():
+        assert torch.equal(bnn_tol.adapt(user, x)(x), user(x))

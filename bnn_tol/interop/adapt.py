@@ -297,6 +297,7 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
                          f"{sign_zero!r}")
     if not isinstance(example, Tensor) or example.dim() not in (2, 4) or len(example) == 0:
         raise AdaptError("example must be a non-empty batch (N, C, H, W) or (N, features)")
+    example = example.detach()
     if example.dtype != torch.float32:
         raise AdaptError(f"example must be float32 on the library's input grid "
                          f"(bnn_tol.data.to_float), got {example.dtype}")
@@ -307,7 +308,6 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
                          "supports models trained on bnn_tol's input scaling "
                          "(bnn_tol.data.to_float); retrain or rescale the first layer")
     shape = _in_shape(example, in_shape)
-    example = example.detach()
     was = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -457,6 +457,10 @@ def _map_ops(module, example, ops, traced, sign_zero):
         elif kind == "bn":
             if cur is None or bns[-1] is not None:
                 raise AdaptError(f"{desc}: BatchNorm without a preceding binarized layer")
+            if op.running_mean is None or op.running_var is None:
+                raise AdaptError(f"{name}: a BatchNorm without running statistics "
+                                 "(track_running_stats=False) normalizes with each batch's own "
+                                 "statistics; its threshold is undefined")
             bns[-1] = _fold_scale(op, scales[-1])
             cur.update(bn_eps=float(bns[-1].eps), bn_affine=bool(op.affine))
             if pool_before_bn is not None:
