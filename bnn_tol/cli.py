@@ -534,19 +534,29 @@ def plot_sweep(csv, out, metric, level) -> None:
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Checkpoint directory to write (then sweep/metrics/study as usual).")
-@click.option("--in-shape", default=None, help="C,H,W when the graph input is flat.")
+@click.option("--in-shape", default=None,
+              help="C,H,W when the graph input is flat or its dims are symbolic.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
 def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
     """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
-    [onnx] extra) and save it as a bnn_tol checkpoint."""
+    [onnx] extra) and save it as a bnn_tol checkpoint.
+
+    The graph is checked (data flow, every attribute, shapes) and, with onnxruntime installed,
+    verified against it before anything is written; a graph that cannot be imported exactly
+    ends in one line and a non-zero exit."""
+    shape = _parse_ints(in_shape, "--in-shape")
     from bnn_tol.interop import checkpoint
     from bnn_tol.interop import onnx as onnx_io
 
     checkpoint.check_out(out, overwrite=overwrite)
-    model = onnx_io.import_onnx(onnx_file, in_shape=_parse_ints(in_shape, "--in-shape"))
+    model = onnx_io.import_onnx(onnx_file, in_shape=shape)
+    if "verified_with" not in model.meta:
+        click.echo("warning: onnxruntime is not installed: the graph was checked but not "
+                   "verified (pip install 'bnn_tol[onnx]')", err=True)
     checkpoint.save(model, out)
     click.echo(json.dumps({"out": str(out), "blocks": len(model.blocks),
-                           "in_shape": list(model.in_shape)}))
+                           "in_shape": list(model.in_shape),
+                           "verified_with": model.meta.get("verified_with")}))
 
 
 @main.command("export")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from bnn_tol.core.compiled import UnsupportedModel
 from bnn_tol.core.models import build
 from bnn_tol.data import INPUT
+from bnn_tol.exceptions import InvalidArgument, require_int
 
 __all__ = ["adapt", "AdaptError"]
 
@@ -128,8 +130,32 @@ def _ops(module: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
     return ops, True
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _call(desc: str, what: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` where ``fn`` runs the user's code: its failure is one line naming ``desc``
+    and ``what`` it was given (an :class:`AdaptError` passes through)."""
+    try:
+        with torch.no_grad():
+            return fn(*args)
+    except AdaptError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's module fails: a user error
+        raise AdaptError(f"{desc}: fails on {what} ({_first_line(e)})") from None
+
+
+def _name(desc: str, op: Any) -> str:
+    """``desc (Type)`` for modules, ``desc`` for functions and methods."""
+    return f"{desc} ({type(op).__name__})" if isinstance(op, nn.Module) else desc
+
+
 def _kind(desc: str, op: Any, x: Tensor) -> str:
-    """Classify one operation: layer, bn, pool, flatten, drop, sign, clip, softmax."""
+    """Classify one operation: layer, bn, pool, flatten, drop, sign, clip (hardtanh / clamp),
+    squash (another monotone sign-keeping function such as tanh: harmless before a sign, not
+    an activation of its own), softmax."""
     if isinstance(op, nn.Linear | nn.Conv2d):
         return "layer"
     if isinstance(op, nn.modules.batchnorm._BatchNorm):
@@ -142,22 +168,26 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
                                                                 ".softmax", ".log_softmax"):
         return "softmax"
     if isinstance(op, nn.Flatten) or desc in ("flatten", ".flatten", ".view", ".reshape"):
-        y = op(x)
+        y = _call(desc, "the example", op, x.clone())
         if y.dim() == 2 and y.shape[0] == x.shape[0]:
             return "flatten"
         raise AdaptError(f"{desc}: a reshape that is not a flatten to (N, -1)")
     probe = _PROBE.reshape(1, -1) if x.dim() == 2 else _PROBE.reshape(1, -1, 1, 1)
     try:
         with torch.no_grad():
-            y = op(probe.to(x.dtype))
+            y = op(probe.to(x.dtype).clone())
     except Exception as e:  # noqa: BLE001
-        raise AdaptError(f"{desc}: cannot probe this operation ({e})") from None
+        raise AdaptError(f"{_name(desc, op)}: cannot probe this operation "
+                         f"({_first_line(e)})") from None
     y = y.reshape(-1)
     if torch.equal(y, torch.where(_PROBE > 0, 1.0, -1.0)):
         return "sign"
-    if torch.equal(torch.sign(y), torch.sign(_PROBE)) and bool((torch.diff(y) >= 0).all()):
-        return "clip"  # hardtanh / clamp: keeps every sign, harmless before a sign
-    raise AdaptError(f"{desc} ({type(op).__name__}): not a recognized BNN operation (layer, "
+    if y.shape == _PROBE.shape and torch.equal(torch.sign(y), torch.sign(_PROBE)) and bool(
+            (torch.diff(y) >= 0).all()):
+        # keeps every sign: hardtanh / clamp (piecewise identity) or a squashing function
+        return "clip" if torch.equal(y, _PROBE.clamp(float(y.min()), float(y.max()))) \
+            else "squash"
+    raise AdaptError(f"{_name(desc, op)}: not a recognized BNN operation (layer, "
                      "BatchNorm, sign-like activation, hardtanh, max-pool, flatten)")
 
 
@@ -227,54 +257,62 @@ def _fold_scale(bn: nn.Module, alpha: float) -> nn.Module:
 
 
 def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int | None = None):
-    """Convert ``module`` (a user's BNN) into a bnn_tol BNN, verified on ``example``.
+    """Convert ``module`` (a user's BNN) into a bnn_tol BNN, verified on ``example`` and on
+    probe batches spanning the input range.
 
     Args:
-        module: the user's model (eval mode is used; its state is not modified).
-        example: a batch of inputs on the library's grid (:data:`bnn_tol.data.INPUT`),
+        module: the user's model, a ``torch.nn.Module`` (eval mode is used; its state is not
+            modified).
+        example: a float32 batch of inputs on the library's grid (:data:`bnn_tol.data.INPUT`),
             ``(N, C, H, W)`` (or ``(N, features)`` with ``in_shape``).
-        in_shape: ``(C, H, W)`` when ``example`` is flat.
-        sign_zero: what the user's sign does at exactly 0 (``+1``, ``-1``, or ``0`` as
-            ``torch.sign``); ``None``: refuse if a BN output of the example is exactly 0.
+        in_shape: ``(C, H, W)`` when ``example`` is flat (three positive integers holding its
+            features); with a 4-D example it may be given and must equal its shape.
+        sign_zero: what the user's sign does at exactly 0: ``None`` (refuse if a BN output of
+            the example is exactly 0), ``+1``, ``-1`` or ``0`` (as ``torch.sign``).
+
+    What is verified: the adapted model's class scores equal the module's (before a trailing
+    softmax; to float32 rounding where a weight scale was folded) on ``example`` and on probe
+    batches of pixels through the input grid -- dark, bright, uniform random, and constant
+    images (black, white, mid-gray). A module walk (``torch.fx`` cannot trace ``forward``, e.g.
+    data-dependent control flow such as ``if x.mean() > 0: h = -h``) sees only the registered
+    modules, and the probes are what shows whether ``forward`` does more with them.
 
     Returns:
         A :class:`~bnn_tol.models.BNN` (``config["name"] == "custom"``) in eval mode.
 
     Raises:
-        AdaptError: naming the first operation or block that cannot be mapped, and why.
+        AdaptError: one line naming the first operation or block that cannot be mapped and why
+            (an unsupported activation by name: ReLU, Tanh, Softsign, GELU, ...), the probe
+            batch on which the adapted model differs, a ``module`` that is not an
+            ``nn.Module``, a bad ``example``, ``in_shape`` or ``sign_zero``, or the user's
+            ``forward`` failing on the example or a probe.
     """
 
+    if not isinstance(module, nn.Module):
+        raise AdaptError(f"module must be a torch.nn.Module (your BNN), got "
+                         f"{type(module).__name__}")
+    if sign_zero is not None and (isinstance(sign_zero, bool) or not isinstance(
+            sign_zero, numbers.Integral) or sign_zero not in (-1, 0, 1)):
+        raise AdaptError(f"sign_zero must be None, -1, 0 or +1 (what your sign does at 0), got "
+                         f"{sign_zero!r}")
     if not isinstance(example, Tensor) or example.dim() not in (2, 4) or len(example) == 0:
         raise AdaptError("example must be a non-empty batch (N, C, H, W) or (N, features)")
+    example = example.detach()
+    if example.dtype != torch.float32:
+        raise AdaptError(f"example must be float32 on the library's input grid "
+                         f"(bnn_tol.data.to_float), got {example.dtype}")
     grid = example.double() * INPUT.scale
     lo, hi = -INPUT.offset, 255 - INPUT.offset
     if not torch.equal(grid, torch.round(grid)) or float(grid.min()) < lo or float(grid.max()) > hi:
         raise AdaptError(f"example is not on the library's input grid {INPUT.describe()}: adapt "
                          "supports models trained on bnn_tol's input scaling "
                          "(bnn_tol.data.to_float); retrain or rescale the first layer")
-    if example.dim() == 4:
-        shape = tuple(int(v) for v in example.shape[1:])
-    elif in_shape is None:
-        raise AdaptError("a flat example (N, features) needs in_shape=(C, H, W)")
-    else:
-        shape = tuple(int(v) for v in in_shape)
+    shape = _in_shape(example, in_shape)
     was = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad():
-            spec, layers, bns, scales = _map(module, example, shape, sign_zero)
-            model = build("custom", blocks=spec, in_shape=shape,
-                          n_classes=int(spec[-1]["out"]))
-            for block, layer, bn in zip(model.blocks, layers, bns, strict=True):
-                block.layer.weight.copy_(layer.weight)
-                if layer.bias is not None:
-                    block.layer.bias.copy_(layer.bias)
-                if bn is not None:
-                    block.bn.load_state_dict(bn.state_dict())
-            if bns[-1] is None and scales[-1] != 1.0:  # a scaled output layer without BN
-                model.blocks[-1].bn.weight.fill_(scales[-1])
-            model.eval()
-            _verify(module, model, example, shape, exact=all(a == 1.0 for a in scales))
+            model = _adapt(module, example, shape, sign_zero)
     finally:
         for m, flag in was:
             m.training = flag
@@ -282,39 +320,98 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
     return model
 
 
-def _map(module, example, shape, sign_zero):
-    """Map the traced operations; if that fails, the leaf-module walk (inferring functional
-    signs and flattens); the first error is reported when both fail."""
-    ops, traced = _ops(module)
-    try:
-        return _map_ops(module, example, ops, traced, sign_zero)
-    except AdaptError as first:
-        if not traced:
-            raise
+def _in_shape(example: Tensor, in_shape) -> tuple[int, int, int]:
+    """The per-sample ``(C, H, W)``: the example's, or ``in_shape`` holding its features."""
+    given = None
+    if in_shape is not None:
         try:
-            return _map_ops(module, example, _leaves(module), False, sign_zero)
+            given = tuple(require_int(v, "in_shape", minimum=1, strict=True) for v in in_shape)
+        except (TypeError, InvalidArgument):
+            given = ()
+        if len(given) != 3:
+            raise AdaptError(f"in_shape must be three positive integers (C, H, W), got "
+                             f"{in_shape!r}")
+    if example.dim() == 4:
+        shape = tuple(int(v) for v in example.shape[1:])
+        if given is not None and given != shape:
+            raise AdaptError(f"in_shape {given} differs from the example's shape {shape}")
+        return shape  # type: ignore[return-value]
+    if given is None:
+        raise AdaptError("a flat example (N, features) needs in_shape=(C, H, W)")
+    if math.prod(given) != example.shape[1]:
+        raise AdaptError(f"in_shape {given} holds {math.prod(given)} values; the example has "
+                         f"{example.shape[1]} features")
+    return given  # type: ignore[return-value]
+
+
+def _adapt(module, example, shape, sign_zero):
+    """Map the traced operations, build and verify; if the mapping fails, the leaf-module walk
+    (inferring functional signs and flattens). The traced mapping's error is reported when the
+    walk fails too; a traced model that maps but does not verify is refused as it is."""
+    if not any(isinstance(m, nn.Linear | nn.Conv2d) for m in module.modules()):
+        raise AdaptError(f"no Linear/Conv2d layer found in the module ({type(module).__name__})")
+    ops, traced = _ops(module)
+    if not traced:
+        why = " (torch.fx could not trace forward)"
+        try:
+            mapped = _map_ops(module, example, ops, False, sign_zero)
+        except AdaptError as e:
+            raise AdaptError(f"{e} -- the module walk{why} takes the registered modules in "
+                             "order: is every registered layer used, in that order?") from None
+        return _build_verified(module, example, shape, mapped, why)
+    try:
+        mapped = _map_ops(module, example, ops, True, sign_zero)
+    except AdaptError as first:
+        try:
+            walked = _map_ops(module, example, _leaves(module), False, sign_zero)
+            return _build_verified(module, example, shape, walked, "")
         except AdaptError:
             raise first from None
+    return _build_verified(module, example, shape, mapped, None)
+
+
+def _build_verified(module, example, shape, mapped, walk_why: str | None):
+    """Build the BNN from the mapped blocks and verify it (``walk_why``: a module walk)."""
+    spec, layers, bns, scales, assumed = mapped
+    model = build("custom", blocks=spec, in_shape=shape, n_classes=int(spec[-1]["out"]))
+    for block, layer, bn in zip(model.blocks, layers, bns, strict=True):
+        block.layer.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            block.layer.bias.copy_(layer.bias)
+        if bn is not None:
+            block.bn.load_state_dict(bn.state_dict())
+    if bns[-1] is None and scales[-1] != 1.0:  # a scaled output layer without BN
+        model.blocks[-1].bn.weight.fill_(scales[-1])
+    model.eval()
+    _verify(module, model, example, shape, exact=all(a == 1.0 for a in scales),
+            walk_why=walk_why, assumed=assumed)
+    return model
 
 
 def _map_ops(module, example, ops, traced, sign_zero):
-    """Walk the operations on ``example``; return the block specs, layers and BNs."""
-    x = example
+    """Walk the operations on ``example``; return the block specs, layers, BNs, weight scales
+    and what a module walk assumed (the functional signs it cannot see)."""
+    x = example.clone()
     spec: list[dict] = []
     layers, bns, scales = [], [], []
+    assumed: list[str] = []
+    kept: list[str] = []  # clip / squash operations after the current block's BatchNorm
     cur: dict | None = None
     pending_flatten = False
     pool_before_bn = None
     for i, (desc, op) in enumerate(ops):
         kind = _kind(desc, op, x)
+        name = _name(desc, op)
         if not traced and kind in ("layer", "pool") and cur is not None and bns[-1] is not None:
             # module walk: a functional sign between BN and the next layer/pool is invisible
+            assumed.append(f"a sign after {kept[-1] if kept else 'block ' + str(len(spec))}")
             spec.append(cur)
             cur = None
+            kept = []
             x = _lib_sign(x)
             if kind == "pool":
                 spec[-1]["pool"] = _pool_k(op)
-                x = op(x)
+                x = _call(name, "the example", op, x)
                 continue
         if not traced and kind == "layer" and isinstance(op, nn.Linear) and x.dim() > 2:
             pending_flatten = True  # module walk: an invisible x.view(N, -1)
@@ -322,14 +419,18 @@ def _map_ops(module, example, ops, traced, sign_zero):
         if kind == "flatten":
             pending_flatten = True
         elif kind == "layer":
-            if cur is not None and bns[-1] is not None and _binarizes_input(op, x):
+            if cur is not None and bns[-1] is not None and _call(
+                    name, "the example", _binarizes_input, op, x):
                 spec.append(cur)  # BinaryNet style: the layer binarizes its own input
                 cur = None
                 x = _lib_sign(x)
             if cur is not None:
+                why = f" ({', '.join(kept)} {'is' if len(kept) == 1 else 'are'} not a sign " \
+                    "activation)" if kept else ""
                 raise AdaptError(f"{desc}: a layer follows block {len(spec)} without a "
-                                 "sign activation in between")
-            scale = _weight_scale(op, x)
+                                 f"sign activation in between{why}")
+            kept = []
+            scale = _call(name, "the example", _weight_scale, op, x)
             if scale is None:
                 raise AdaptError(f"{desc} ({type(op).__name__}): its output is not "
                                  "linear/conv(x, alpha sign(weight)): not a binarized layer")
@@ -346,7 +447,7 @@ def _map_ops(module, example, ops, traced, sign_zero):
                    "in": int(op.in_channels if conv else op.in_features),
                    "out": int(op.out_channels if conv else op.out_features),
                    "bias": op.bias is not None, "flatten": pending_flatten or
-                   (not conv and not spec and x.dim() > 2)}
+                   (not conv and not spec)}  # the library's first block sees (N, C, H, W)
             if conv:
                 cur.update(kernel=int(op.kernel_size[0]), padding=int(op.padding[0]))
             pending_flatten = False
@@ -356,6 +457,10 @@ def _map_ops(module, example, ops, traced, sign_zero):
         elif kind == "bn":
             if cur is None or bns[-1] is not None:
                 raise AdaptError(f"{desc}: BatchNorm without a preceding binarized layer")
+            if op.running_mean is None or op.running_var is None:
+                raise AdaptError(f"{name}: a BatchNorm without running statistics "
+                                 "(track_running_stats=False) normalizes with each batch's own "
+                                 "statistics; its threshold is undefined")
             bns[-1] = _fold_scale(op, scales[-1])
             cur.update(bn_eps=float(bns[-1].eps), bn_affine=bool(op.affine))
             if pool_before_bn is not None:
@@ -374,26 +479,32 @@ def _map_ops(module, example, ops, traced, sign_zero):
                 spec[-1]["pool"] = k
             else:
                 raise AdaptError(f"{desc}: max-pool without a preceding block")
-        elif kind == "clip":
+        elif kind in ("clip", "squash"):
             if cur is None or bns[-1] is None:
-                raise AdaptError(f"{desc}: a clipping activation outside BN -> sign")
+                raise AdaptError(f"{name}: an activation outside layer -> BatchNorm -> sign "
+                                 "(not a sign activation)")
+            kept.append(name)
         elif kind == "sign":
             if cur is None or bns[-1] is None:
                 raise AdaptError(f"{desc}: a sign activation without layer -> BatchNorm before it")
             spec.append(cur)
             cur = None
+            kept = []
         elif kind == "softmax":
             if i != len(ops) - 1:
                 raise AdaptError(f"{desc}: softmax is only allowed as the last operation")
-        x = op(x)
+        x = _call(name, "the example", op, x)
     if cur is None:
         raise AdaptError("the module ends with a sign activation: the last block must output "
                          "class scores (Linear -> [BatchNorm])")
+    if kept:
+        raise AdaptError(f"{', '.join(kept)}: an activation after the last layer changes the "
+                         "class scores (only softmax / log_softmax may follow it)")
     cur["binary_output"] = False
     spec.append(cur)
     if sign_zero is None:
         _check_no_zero(module, example, [b for b in bns[:-1] if b is not None])
-    return spec, layers, bns, scales
+    return spec, layers, bns, scales, assumed
 
 
 def _check_no_zero(module, example, hidden_bns) -> None:
@@ -405,7 +516,7 @@ def _check_no_zero(module, example, hidden_bns) -> None:
 
     handles = [m.register_forward_hook(hook) for m in hidden_bns]
     try:
-        module(example)
+        _call(f"the module ({type(module).__name__})", "the example", module, example.clone())
     finally:
         for h in handles:
             h.remove()
@@ -415,38 +526,81 @@ def _check_no_zero(module, example, hidden_bns) -> None:
                          "pass sign_zero=+1/-1/0 to say what the model does")
 
 
-def _verify(module, model, example, shape, exact: bool = True) -> None:
-    """Scores of ``model`` equal ``module``'s (before a trailing softmax, captured with a hook
-    on the last module before it) bit for bit; with a folded weight scale (``exact=False``)
-    the predictions must be equal and the scores within float32 rounding (1e-4 relative)."""
+def _probe_batches(example: Tensor, shape: tuple[int, ...]) -> list[tuple[str, Tensor]]:
+    """The example and probe batches of pixels through the input grid, in the example's
+    layout: dark (0..31), bright (224..255), uniform random, and constant images (black,
+    white, around the input offset)."""
+    g = torch.Generator().manual_seed(0)
+    n = max(1, min(16, 2**20 // math.prod(shape)))
+
+    def pixels(lo: int, hi: int) -> Tensor:
+        return torch.randint(lo, hi, (n, *shape), generator=g, dtype=torch.uint8)
+
+    levels = torch.tensor([0, 255, INPUT.offset, INPUT.offset - 1, 1, 254], dtype=torch.uint8)
+    flat = levels.reshape(-1, 1, 1, 1).expand(-1, *shape).contiguous()
+    out = [("the example", example)]
+    for name, imgs in (("the dark probe batch", pixels(0, 32)),
+                       ("the bright probe batch", pixels(224, 256)),
+                       ("the random probe batch", pixels(0, 256)),
+                       ("the black/white/gray probe batch", flat)):
+        x = INPUT.to_float(imgs)
+        out.append((name, x.reshape(len(x), -1) if example.dim() == 2 else x))
+    return out
+
+
+def _reference(module, x: Tensor, what: str) -> Tensor:
+    """``module``'s class scores on ``x`` (``what``: its name in messages): before a trailing
+    softmax (captured with a hook on the last module before it, or by running the traced
+    operations but the last)."""
     leaves = _leaves(module)
     captured = []
     handle = None
     if leaves and isinstance(leaves[-1][1], nn.Softmax | nn.LogSoftmax) and len(leaves) > 1:
         handle = leaves[-2][1].register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        x = module(example)
+        y = _call(f"the module ({type(module).__name__})", what, module, x.clone())
     finally:
         if handle is not None:
             handle.remove()
     if captured:
-        x = captured[-1]
+        y = captured[-1]
     else:
         ops, traced = _ops(module)
         if traced and ops and ops[-1][0] in ("softmax", "log_softmax", ".softmax",
                                               ".log_softmax"):
-            x = example
-            for _desc, op in ops[:-1]:
-                x = op(x)
-    inp = example.reshape(-1, *shape) if example.dim() == 2 else example
-    got = model(inp)
-    x = x.value if hasattr(x, "value") else x
-    if not exact and x.shape == got.shape and torch.equal(x.argmax(1), got.argmax(1)) and \
-            torch.allclose(x, got, rtol=1e-4, atol=1e-4 * float(x.abs().max())):
-        return
-    if x.shape != got.shape or not torch.equal(x, got):
-        same = x.shape == got.shape and torch.equal(x.argmax(1), got.argmax(1))
-        diff = math.inf if x.shape != got.shape else float((x - got).abs().max())
-        raise AdaptError(f"the adapted model's scores differ from the original's on the example "
-                         f"(max |diff| = {diff:.3g}{', same predictions' if same else ''}): an "
-                         "operation was not mapped exactly")
+            y = x.clone()
+            for desc, op in ops[:-1]:
+                y = _call(desc, what, op, y)
+    return y.value if hasattr(y, "value") else y
+
+
+def _verify(module, model, example, shape, exact: bool = True, walk_why: str | None = None,
+            assumed: list[str] | None = None) -> None:
+    """On the example and each probe batch (:func:`_probe_batches`), the scores of ``model``
+    equal ``module``'s (:func:`_reference`) bit for bit; with a folded weight scale
+    (``exact=False``) the predictions must be equal and the scores within float32 rounding
+    (1e-4 relative). ``walk_why``: the operations came from a module walk (named in the
+    refusal with what it ``assumed``)."""
+    for name, x in _probe_batches(example, shape):
+        ref = _reference(module, x, name)
+        got = model(x.reshape(-1, *shape) if x.dim() == 2 else x)
+        if not exact and ref.shape == got.shape and torch.equal(ref.argmax(1), got.argmax(1)) \
+                and torch.allclose(ref, got, rtol=1e-4, atol=1e-4 * float(ref.abs().max())):
+            continue
+        if ref.shape == got.shape and torch.equal(ref, got):
+            continue
+        same = ref.shape == got.shape and torch.equal(ref.argmax(1), got.argmax(1))
+        diff = math.inf if ref.shape != got.shape else float((ref - got).abs().max())
+        preds = "same predictions" if same else (
+            f"{int((ref.argmax(1) != got.argmax(1)).sum())} of {len(x)} predictions differ"
+            if ref.shape == got.shape else f"scores of shape {tuple(ref.shape)} vs "
+            f"{tuple(got.shape)}")
+        if walk_why is None:
+            why = ": an operation was not mapped exactly"
+        else:
+            extra = f"; it assumed {', '.join(assumed)}" if assumed else ""
+            why = (f": the module walk{walk_why} sees the registered modules in order, not what "
+                   "forward does with them (e.g. data-dependent control flow such as "
+                   f"`if x.mean() > 0`){extra}")
+        raise AdaptError(f"the adapted model differs from the original on {name} ({preds}, "
+                         f"max |score diff| {diff:.3g}){why}")
