@@ -188,3 +188,31 @@ def test_fused_sign_pool_equals_pool_of_sign_bit_for_bit(trial):
         go[0, 0, 0, 0] = math.nan
     (ga,), (gb,) = torch.autograd.grad(ya, a, go), torch.autograd.grad(yb, b, go)
     assert torch.equal(ga.view(torch.int32), gb.view(torch.int32))
+
+
+def test_fold_threshold_far_beyond_float32_is_bounded_and_matches_the_float_bn():
+    """A threshold at |tau| ~ 1e12 (where float32 no longer resolves integers) folds by
+    doubling + bisection: a few dozen BN evaluations of (C,) values, not a window of 10^12
+    integers, and the comparator still equals the float BN on integers around the boundary."""
+    import tracemalloc
+
+    from bnn_tol.core.layers import fold_threshold
+
+    bn = torch.nn.BatchNorm1d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1e12, -3e11, 5.0, 2.0**40]))
+        bn.running_var.fill_(1.0)
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        bn.bias.zero_()
+    tracemalloc.start()
+    f = fold_threshold(bn)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20
+    for c in range(4):
+        for k in (int(f.t[c]) + dk for dk in (-2, -1, 0, 1, 2)):
+            x = torch.zeros(1, 4, dtype=torch.float32)
+            x[0, c] = float(k)
+            plus = bool(bn(x)[0, c] >= 0)
+            rule = k >= int(f.t[c]) if f.direction[c] > 0 else k <= int(f.t[c])
+            assert plus == rule, (c, k)

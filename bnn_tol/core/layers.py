@@ -432,8 +432,9 @@ def fold_threshold(
     Args:
         bn: a BatchNorm1d/2d module with running statistics.
         scale: grid of the pre-activations, ``a = k / scale`` with integer ``k``.
-        window: initial half-width of the search window around ``tau`` (widened until the
-            boundary is inside it).
+        window: initial half-width of the bracket around ``tau`` (widened by doubling until
+            the boundary is inside it, then bisected: ``O(C)`` memory, ``O(log |tau|)``
+            evaluations of the float BN whatever ``tau`` is).
 
     Returns:
         :class:`FoldedThreshold` with ``(C,)`` tensors on CPU.
@@ -446,28 +447,45 @@ def fold_threshold(
     const = torch.where(dead, torch.where(beta >= 0, 1, -1), 0).to(torch.int8)
     center = torch.where(dead, torch.zeros_like(thr.tau), thr.tau * scale).clamp(-2**52, 2**52)
     center = torch.floor(center).to(torch.int64)
-    t = torch.zeros(c, dtype=torch.int64)
-    todo = ~dead
-    w = window
-    while bool(todo.any()):
-        ks = center[None, :] + torch.arange(-w, w + 1)[:, None]  # (2w+1, C)
-        pos = _eval_bn(bn, ks.double() / scale) >= 0  # (2w+1, C) bool
-        up = direction > 0
-        # gamma > 0: pos is False...False True...True; need a False then True inside window.
-        # gamma < 0: pos is True...True False...False.
-        first = torch.where(up, ~pos[0], pos[0])
-        last = torch.where(up, pos[-1], ~pos[-1])
-        ok = first & last & todo
-        n_true = pos.sum(0)
-        idx_up = (2 * w + 1) - n_true  # index of the first True (gamma > 0)
-        idx_dn = n_true - 1  # index of the last True (gamma < 0)
-        idx = torch.where(up, idx_up, idx_dn).clamp(0, 2 * w)
-        val = ks.gather(0, idx[None, :])[0]
-        t = torch.where(ok, val, t)
-        todo = todo & ~ok
-        w *= 4
-        if w > 2**40:
-            raise InvalidArgument("could not fold BatchNorm threshold: non-finite parameters?")
+    up = direction > 0
+
+    def positive(k: Tensor) -> Tensor:  # BN(k / scale) >= 0 per channel, k int64 (C,)
+        return _eval_bn(bn, (k.double() / scale)[None, :])[0] >= 0
+
+    # bracket the boundary: below it BN < 0 (gamma > 0) / >= 0 (gamma < 0), above the reverse;
+    # widen each side by doubling steps (O(C) memory, O(log |tau|) evaluations)
+    lo, hi = center - window, center + window
+    for side, sign in ((0, -1), (1, 1)):
+        step = torch.full((c,), window, dtype=torch.int64)
+        while True:
+            k = lo if side == 0 else hi
+            p = positive(k)
+            outside = (p == up) if side == 0 else (p != up)  # still on the wrong side
+            outside &= ~dead
+            if not bool(outside.any()):
+                break
+            if bool((step[outside] > 2**52).any()):
+                raise InvalidArgument("could not fold BatchNorm threshold: non-finite "
+                                      "parameters?")
+            step = torch.where(outside, step * 2, step)
+            moved = k + sign * step
+            if side == 0:
+                lo = torch.where(outside, moved, lo)
+            else:
+                hi = torch.where(outside, moved, hi)
+    # bisect: keep lo on the "below" side, hi on the "above" side of the boundary
+    while True:
+        gap = (hi - lo) > 1
+        gap &= ~dead
+        if not bool(gap.any()):
+            break
+        mid = lo + (hi - lo) // 2
+        p = positive(mid)
+        above = p == up  # gamma > 0: BN >= 0 is above; gamma < 0: BN < 0 is above
+        hi = torch.where(gap & above, mid, hi)
+        lo = torch.where(gap & ~above, mid, lo)
+    # gamma > 0: the first k with BN >= 0 (hi); gamma < 0: the last k with BN >= 0 (lo)
+    t = torch.where(dead, torch.zeros_like(lo), torch.where(up, hi, lo))
     return FoldedThreshold(t, direction, const)
 
 
