@@ -5,7 +5,9 @@ runs it with numpy only.
 Bundle layout (plain ``.npy`` files, no pickle; every array's sha256 in the manifest)::
 
     manifest.json            format "bnn_tol.export" v1, shapes, bit order, input scaling,
-                             class names, per-layer entries, checksums, versions
+                             class names, per-layer entries, checksums, versions, and
+                             ``manifest_sha256``: the sha256 of the manifest's own canonical
+                             form (:func:`bnn_tol.deploy.manifest_digest`)
     bnn_deploy.py            a copy of :mod:`bnn_tol.deploy`: the numpy-only reader, usable
                              without bnn_tol or torch installed
     layer{k}_weights.npy     uint64 (rows, words): the packed weights of block k
@@ -50,8 +52,8 @@ from bnn_tol.interop import deploy
 
 __all__ = ["export", "pack_rows", "FORMAT", "MANIFEST"]
 
-FORMAT = "bnn_tol.export"
-MANIFEST = "manifest.json"
+FORMAT = deploy.FORMAT
+MANIFEST = deploy.MANIFEST
 
 
 def pack_rows(bits: np.ndarray) -> np.ndarray:
@@ -167,11 +169,10 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
         "model": getattr(model, "config", {}),
         "input": {"shape": in_shape, "dtype": "uint8", "offset": int(cm.input.offset),
                   "scale": int(cm.input.scale), "transform": cm.input.describe()},
-        "bit_order": "row r = output neuron/channel; bit j (LSB 0) of word w of row r = weight "
-                     "64 w + j of that row in torch flatten order; 1 = +1, 0 = -1; padding "
-                     "bits 0; stored-bit index i = r * fan_in + c",
+        "bit_order": deploy.BIT_ORDER,
         "classes": names, "layers": layers, "sha256": files,
         "memory_bits": int(sum(e["rows"] * e["fan_in"] for e in layers)),
     }
+    manifest["manifest_sha256"] = deploy.manifest_digest(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
