@@ -245,6 +245,19 @@ def test_a_truncated_array_with_recomputed_hashes_is_refused(fc):
     refused(fc, "layer1_weights.npy")
 
 
+@pytest.mark.parametrize("offset", [8, 10, 11, 20, 60, 127])
+def test_a_broken_npy_header_with_recomputed_hashes_is_refused(fc, offset):
+    """Found by the fuzz: a flipped header byte made numpy's header parser raise
+    tokenize.TokenError (offset 10, the opening brace)."""
+    raw = bytearray((fc / "layer0_const.npy").read_bytes())
+    raw[offset] ^= 1
+    (fc / "layer0_const.npy").write_bytes(bytes(raw))
+    man = manifest(fc)
+    man["sha256"]["layer0_const.npy"] = sha(fc / "layer0_const.npy")
+    write_manifest(fc, man)
+    refused(fc, "layer0_const.npy")
+
+
 def test_array_values_outside_the_format_are_refused(made, fc):
     man = manifest(fc)
     w = np.load(fc / "layer1_weights.npy")  # fan_in 70: bits 6..63 of word 1 are padding

@@ -187,8 +187,9 @@ def _npy(raw: bytes, what: str, dtype: str, shape: tuple[int, ...]) -> np.ndarra
             raise DeployError(f"{what}: .npy format version {version} (1.0 or 2.0 expected)")
     except DeployError:
         raise
-    except (ValueError, TypeError, EOFError, SyntaxError, OverflowError) as e:
-        raise DeployError(f"{what} is not a .npy array ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- numpy's header parser on untrusted bytes raises
+        # ValueError, SyntaxError, tokenize.TokenError, TypeError, EOFError, ...: all "not .npy"
+        raise DeployError(f"{what} is not a .npy array ({type(e).__name__}: {e})") from None
     if got.str != dtype or got.names is not None or got.subdtype is not None:
         raise DeployError(f"{what} holds {got} ({got.str}); the format stores {np.dtype(dtype)} "
                           f"({dtype})")
