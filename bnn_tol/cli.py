@@ -563,21 +563,34 @@ def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Bundle directory (new or empty): packed weights, integer thresholds, "
-                   "manifest.json, bnn_deploy.py.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+                   "manifest.json, bnn_deploy.py. Written as a unit: a failed export leaves "
+                   "the previous bundle or nothing.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier export in --out (only a directory holding nothing but "
+                   "a bundle) and an ONNX file written by bnn_tol at --onnx.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write an ONNX graph with the same predictions (needs [onnx]).")
+              help="Also write an ONNX graph with the same predictions (needs [onnx]); never "
+                   "into --out, over RUN's files, or over a file that is not our ONNX.")
 def export_cmd(run, out, overwrite, onnx_path) -> None:
     """Export checkpoint RUN bit-exactly for hardware: packed bits + integer thresholds."""
+    from bnn_tol import files
     from bnn_tol.interop import bundle as bundle
     from bnn_tol.interop import checkpoint
 
+    if onnx_path:  # refused before anything is written
+        reads = [Path(run) / checkpoint.CONFIG, Path(run) / checkpoint.WEIGHTS]
+        bundle.check_onnx_out(onnx_path, out=out, reads=reads, overwrite=overwrite)
     model = checkpoint.load(run)
     path = bundle.export(model, out, overwrite=overwrite)
     if onnx_path:
         from bnn_tol.interop.onnx import export_onnx
 
-        export_onnx(model, onnx_path)
+        try:
+            Path(onnx_path).parent.mkdir(parents=True, exist_ok=True)
+            files.atomic_write(onnx_path, lambda tmp: export_onnx(model, tmp))
+        except OSError as e:
+            raise bundle.ExportError(f"writing --onnx {onnx_path} failed ({e.strerror or e}); "
+                                     f"the bundle {path} is complete") from e
     man = json.loads((Path(path) / bundle.MANIFEST).read_text())
     click.echo(json.dumps({"out": str(path), "layers": len(man["layers"]),
                            "memory_bits": man["memory_bits"]}))

@@ -214,13 +214,19 @@ def test_deploy_reads_the_input_grid_from_the_manifest(tmp_path):
     ref = deploy.predict(b, imgs.numpy())
     man = json.loads((b / "manifest.json").read_text())
     assert (man["input"]["offset"], man["input"]["scale"]) == (128, 128)
+
+    def write(man):  # a deliberate edit: with its manifest hash recomputed
+        man["manifest_sha256"] = deploy.manifest_digest(man)
+        (b / "manifest.json").write_text(json.dumps(man))
+
     # offset 129 with pixels p + 1 gives the same integers q: the same predictions
     man["input"]["offset"] = 129
-    (b / "manifest.json").write_text(json.dumps(man))
+    man["input"]["transform"] = "q = p - 129 (int); the float model sees (p - 129) / 128"
+    write(man)
     assert np.array_equal(deploy.predict(b, (imgs + 1).numpy()), ref)
     assert not np.array_equal(deploy.predict(b, imgs.numpy()), ref)
-    # bundles of the previous release state the transform only in words
-    del man["input"]["offset"], man["input"]["scale"]
+    # bundles of the previous release state the transform only in words (and have no hash)
+    del man["input"]["offset"], man["input"]["scale"], man["manifest_sha256"]
     man["input"]["transform"] = "q = p - 128 (int); the float model sees (p - 128) / 128"
     (b / "manifest.json").write_text(json.dumps(man))
     assert np.array_equal(deploy.predict(b, imgs.numpy()), ref)
@@ -229,6 +235,6 @@ def test_deploy_reads_the_input_grid_from_the_manifest(tmp_path):
     with pytest.raises(deploy.DeployError, match="no input offset"):
         deploy.predict(b, imgs.numpy())
     man["input"].update(offset=128, scale=64)
-    (b / "manifest.json").write_text(json.dumps(man))
+    write(man)
     with pytest.raises(deploy.DeployError, match="inconsistent"):
         deploy.predict(b, imgs.numpy())

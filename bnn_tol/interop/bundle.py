@@ -5,7 +5,9 @@ runs it with numpy only.
 Bundle layout (plain ``.npy`` files, no pickle; every array's sha256 in the manifest)::
 
     manifest.json            format "bnn_tol.export" v1, shapes, bit order, input scaling,
-                             class names, per-layer entries, checksums, versions
+                             class names, per-layer entries, checksums, versions, and
+                             ``manifest_sha256``: the sha256 of the manifest's own canonical
+                             form (:func:`bnn_tol.deploy.manifest_digest`)
     bnn_deploy.py            a copy of :mod:`bnn_tol.deploy`: the numpy-only reader, usable
                              without bnn_tol or torch installed
     layer{k}_weights.npy     uint64 (rows, words): the packed weights of block k
@@ -29,6 +31,13 @@ blocks see +-1 activations held as bits: ``a = n - 2 popcount((x XOR w) AND vali
 the number of valid (non-padding) inputs. Max-pooling of +-1 values is an OR of bits. The output
 block looks up its scores in ``layer{k}_scores`` (the exact float32 values of the float model)
 and takes the first argmax, as ``torch.argmax`` does.
+
+**Writing.** A bundle is written as a unit (:func:`bnn_tol.files.atomic_dir`): into a new
+directory beside ``out``, read back by :func:`bnn_tol.deploy.load_bundle` (every check a
+reader makes, listed in :mod:`bnn_tol.deploy`), then renamed over ``out``. A failing export (a
+full disk, a read-only directory, an interrupt) leaves the previous bundle as it was, or
+nothing; a replaced bundle leaves no file of its predecessor. ``out`` is replaced only if it is
+empty or one of our bundles (:func:`check_out`), never a directory holding anything else.
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +56,23 @@ from torch import nn
 
 from bnn_tol._version import __version__
 from bnn_tol.core.compiled import UnsupportedModel, check_bnn
-from bnn_tol.exceptions import InvalidArgument, ResultsMismatch
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, ResultsMismatch
+from bnn_tol.files import atomic_dir
 from bnn_tol.interop import deploy
 
-__all__ = ["export", "pack_rows", "FORMAT", "MANIFEST"]
+__all__ = ["export", "pack_rows", "check_out", "check_onnx_out", "is_bnn_tol_onnx",
+           "ExportError", "FORMAT", "MANIFEST"]
 
-FORMAT = "bnn_tol.export"
-MANIFEST = "manifest.json"
+FORMAT = deploy.FORMAT
+MANIFEST = deploy.MANIFEST
+#: Names a file of a bundle can have (any layer index): what an export may replace.
+BUNDLE_FILE = re.compile(r"manifest\.json|bnn_deploy\.py|"
+                         r"layer\d+_(?:weights|t|direction|const|scores)\.npy")
+
+
+class ExportError(BnnTolError, OSError):
+    """Writing a bundle (or its ONNX file) failed: a full disk, a read-only directory, ...
+    The previous bundle, if any, is unchanged; nothing half-written is left."""
 
 
 def pack_rows(bits: np.ndarray) -> np.ndarray:
@@ -68,21 +89,124 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _own_manifest(out: Path) -> dict | None:
+    """``out``'s manifest if it is a plain file holding a JSON object of our format, else
+    None (missing, a link or directory, too large, not JSON, another format)."""
+    p = out / MANIFEST
+    try:
+        if p.is_symlink() or not p.is_file() or p.stat().st_size > deploy.MAX_MANIFEST_BYTES:
+            return None
+        man = json.loads(p.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return man if isinstance(man, dict) and man.get("format") == FORMAT else None
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a bundle directory that :func:`export` may not write.
+
+    Allowed: a path that does not exist, an empty directory, and -- with ``overwrite`` --
+    one of our bundles: a directory holding only plain files named as bundle files are
+    (:data:`BUNDLE_FILE`) whose ``manifest.json`` says our format, or (an export of an older
+    release interrupted before its manifest) only such files and no manifest. Everything
+    else is refused, whatever ``overwrite`` says: a symbolic link, a file, a directory with
+    any other file, subdirectory or link (export replaces the directory as a whole, so they
+    would be deleted), a ``manifest.json`` that is not ours.
+
+    Raises:
+        ResultsMismatch: naming what is in the way and what to do (one line).
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise ResultsMismatch(f"{out} is a symbolic link; export replaces --out as a whole: "
+                              "give the directory itself or a new path")
     if not out.exists():
         return
     if not out.is_dir():
         raise ResultsMismatch(f"{out} exists and is not a directory; choose another --out")
-    names = {p.name for p in out.iterdir()}
-    if not names:
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as e:
+        raise ResultsMismatch(f"{out} cannot be listed ({e.strerror}); choose another --out") \
+            from None
+    if not entries:
         return
-    ours = MANIFEST in names and json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
-    if not ours:
+    man = _own_manifest(out)
+    foreign = [p.name for p in entries
+               if p.is_symlink() or not p.is_file() or not BUNDLE_FILE.fullmatch(p.name)]
+    if man is None and (foreign or os.path.lexists(out / MANIFEST)):
         raise ResultsMismatch(f"{out} is not empty and not a bnn_tol export; refusing to write "
                               "into it: choose a new or empty --out")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ResultsMismatch(f"{out} holds files that are not part of its bundle ({shown}); "
+                              "export replaces the directory as a whole and would delete "
+                              "them: move them away or choose another --out")
     if not overwrite:
-        raise ResultsMismatch(f"{out} already holds an export; pass overwrite=True (--overwrite)"
-                              " to replace it")
+        what = "an export" if man is not None else \
+            "an incomplete export (bundle files without manifest.json)"
+        raise ResultsMismatch(f"{out} already holds {what}; pass overwrite=True (--overwrite) "
+                              "to replace it")
+
+
+def is_bnn_tol_onnx(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ONNX model written by :func:`bnn_tol.interop.onnx.export_onnx`:
+    its serialized ``ModelProto`` starts with ``ir_version`` (field 1) and ``producer_name``
+    (field 2) ``"bnn_tol"``. Reads 32 bytes; never parses the file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError:
+        return False
+    if head[:1] != b"\x08":
+        return False
+    i = 1
+    while i < len(head) and head[i] >> 7:  # the ir_version varint (continuation bit)
+        i += 1
+    name = b"bnn_tol"
+    return head[i + 1:i + 3 + len(name)] == bytes([0x12, len(name)]) + name
+
+
+def check_onnx_out(path: str | os.PathLike, *, out: str | os.PathLike,
+                   reads: Sequence[str | os.PathLike] = (), overwrite: bool = False) -> Path:
+    """Refuse an ONNX output path (``bnn-tol export --onnx``) that would lose data.
+
+    Refused, whatever ``overwrite`` says: the path (after resolving links) is, or is inside,
+    the bundle directory ``out`` (export replaces it as a whole), or is one of the files
+    ``reads`` the command reads (the checkpoint's ``config.json`` and ``model.safetensors``;
+    also through a link or a hard link), or is a symbolic link, or is an existing file that is
+    not an ONNX graph written by bnn_tol (:func:`is_bnn_tol_onnx`). An ONNX graph of ours is
+    replaced only with ``overwrite``.
+
+    Raises:
+        ResultsMismatch: naming ``--onnx`` and why (one line).
+    """
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    bundle = Path(os.path.realpath(out))
+    if real == bundle or bundle in real.parents:
+        raise ResultsMismatch(f"--onnx {path} is inside the bundle directory {out}, which "
+                              "export replaces as a whole: write the ONNX file beside it")
+    for r in reads:
+        same = real == Path(os.path.realpath(r))
+        try:
+            same = same or (path.exists() and os.path.samefile(path, r))
+        except OSError:
+            pass
+        if same:
+            raise ResultsMismatch(f"--onnx {path} is {r}, which this command reads; choose "
+                                  "another --onnx")
+    if path.is_symlink():
+        raise ResultsMismatch(f"--onnx {path} is a symbolic link; give a plain file path")
+    if path.exists():
+        if not path.is_file():
+            raise ResultsMismatch(f"--onnx {path} exists and is not a file")
+        if not is_bnn_tol_onnx(path):
+            raise ResultsMismatch(f"--onnx {path} exists and is not an ONNX graph written by "
+                                  "bnn_tol; refusing to replace it: choose another --onnx")
+        if not overwrite:
+            raise ResultsMismatch(f"--onnx {path} exists; pass --overwrite to replace it")
+    return path
 
 
 def _score_table(bn: nn.Module, fan_in: int) -> np.ndarray:
@@ -100,31 +224,8 @@ def _score_table(bn: nn.Module, fan_in: int) -> np.ndarray:
         bn.train(was)
 
 
-def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
-           overwrite: bool = False) -> Path:
-    """Write ``model`` (a BNN: sign weights and activations) as a deployable bundle.
-
-    Args:
-        model: a :class:`~bnn_tol.models.BNN`.
-        out: a new or empty directory (or an earlier export of ours with ``overwrite``).
-        class_names: names of the output classes (default ``"0".."C-1"``).
-
-    Returns:
-        The bundle directory.
-
-    Raises:
-        UnsupportedModel: m-bit weights, ReLU blocks, a block layout the integer arithmetic
-            cannot express (stride/groups/bias), or a single-block model.
-        ResultsMismatch: ``out`` holds something else.
-    """
-    cm = check_bnn(model, what="export", need_integer=True)
-    stages = cm.stages
-    if len(stages) < 2:
-        raise UnsupportedModel("export needs at least one hidden block before the output block")
-    out = Path(out)
-    _check_out(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    in_shape = [int(v) for v in model.in_shape]
+def _write(model: nn.Module, cm, out: Path, names: list[str]) -> None:
+    """The bundle's files in the (new, empty) directory ``out``, the manifest last."""
     files: dict[str, str] = {}
     layers = []
 
@@ -133,7 +234,7 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
         files[name] = _sha(out / name)
         return name
 
-    for st in stages:
+    for st in cm.stages:
         w = st.wb.reshape(st.wb.shape[0], -1).numpy() > 0
         k = st.index
         entry = {"index": k, "name": st.name, "kind": "conv" if st.conv else "linear",
@@ -156,22 +257,68 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names=None,
             entry["scores"] = save(f"layer{k}_scores.npy",
                                    _score_table(st.block.bn, int(w.shape[1])))
         layers.append(entry)
-    shutil.copyfile(deploy.__file__, out / "bnn_deploy.py")
-    files["bnn_deploy.py"] = _sha(out / "bnn_deploy.py")
-    n_classes = layers[-1]["rows"]
-    names = [str(c) for c in (class_names or range(n_classes))]
-    if len(names) != n_classes:
-        raise InvalidArgument(f"{len(names)} class names for {n_classes} classes")
+    shutil.copyfile(deploy.__file__, out / deploy.READER)
+    files[deploy.READER] = _sha(out / deploy.READER)
     manifest = {
-        "format": FORMAT, "version": 1, "bnn_tol": __version__,
+        "format": FORMAT, "version": deploy.VERSION, "bnn_tol": __version__,
         "model": getattr(model, "config", {}),
-        "input": {"shape": in_shape, "dtype": "uint8", "offset": int(cm.input.offset),
-                  "scale": int(cm.input.scale), "transform": cm.input.describe()},
-        "bit_order": "row r = output neuron/channel; bit j (LSB 0) of word w of row r = weight "
-                     "64 w + j of that row in torch flatten order; 1 = +1, 0 = -1; padding "
-                     "bits 0; stored-bit index i = r * fan_in + c",
+        "input": {"shape": [int(v) for v in model.in_shape], "dtype": "uint8",
+                  "offset": int(cm.input.offset), "scale": int(cm.input.scale),
+                  "transform": cm.input.describe()},
+        "bit_order": deploy.BIT_ORDER,
         "classes": names, "layers": layers, "sha256": files,
         "memory_bits": int(sum(e["rows"] * e["fan_in"] for e in layers)),
     }
+    manifest["manifest_sha256"] = deploy.manifest_digest(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def export(model: nn.Module, out: str | os.PathLike, *, class_names: Sequence | None = None,
+           overwrite: bool = False) -> Path:
+    """Write ``model`` (a BNN: sign weights and activations) as a deployable bundle.
+
+    The bundle is written into a new directory beside ``out``, read back with
+    :func:`bnn_tol.deploy.load_bundle` (so it passes every check a reader makes), and only
+    then renamed over ``out``: a failure leaves the previous bundle (or nothing), never half
+    of one, and a replaced bundle leaves no file of the old one behind.
+
+    Args:
+        model: a :class:`~bnn_tol.models.BNN`.
+        out: a new or empty directory, or -- with ``overwrite`` -- one of our bundles (see
+            :func:`check_out`; a directory holding anything else is never replaced).
+        class_names: names of the output classes (default ``"0".."C-1"``).
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        UnsupportedModel: m-bit weights, ReLU blocks, a block layout the integer arithmetic
+            cannot express (stride/groups/bias), or a single-block model.
+        InvalidArgument: class names that do not match the classes.
+        ResultsMismatch: ``out`` holds something else, or an export without ``overwrite``.
+        ExportError: writing failed (disk full, read-only, ...); ``out`` is unchanged.
+    """
+    cm = check_bnn(model, what="export", need_integer=True)
+    if len(cm.stages) < 2:
+        raise UnsupportedModel("export needs at least one hidden block before the output block")
+    n_classes = int(cm.stages[-1].wb.shape[0])
+    names = [str(c) for c in (range(n_classes) if class_names is None else class_names)]
+    if len(names) != n_classes:
+        raise InvalidArgument(f"{len(names)} class names for {n_classes} classes")
+    out = Path(out)
+    check_out(out, overwrite)
+    existed = out.exists()
+    try:
+        with atomic_dir(out) as tmp:
+            _write(model, cm, tmp, names)
+            deploy.load_bundle(tmp)
+    except deploy.DeployError as e:
+        raise ExportError(f"export wrote a bundle that deploy refuses, a bug in bnn_tol "
+                          f"({e}); {out} is unchanged") from e
+    except OSError as e:
+        if isinstance(e, BnnTolError):
+            raise
+        what = "the previous bundle is unchanged" if existed else "nothing was written"
+        raise ExportError(f"writing the bundle {out} failed ({e.strerror or e}); {what}") \
+            from e
     return out
