@@ -88,7 +88,7 @@ def _write_meta(out, settings: dict) -> None:
     """Write the sidecar atomically (temporary file in the same directory, fsync, rename)."""
     text = json.dumps({"format": _META_FORMAT, "version": META_VERSION, "columns": COLUMNS,
                        "settings": settings, "provenance": environment()}, indent=2)
-    write_text(meta_path(out), text, fsync=True)
+    write_text(meta_path(out), text, fsync=True, replace=True)
 
 
 def _read_meta(out) -> dict:

@@ -448,11 +448,11 @@ def _write_csv(df: pd.DataFrame, path: Path, table: str | None = None) -> None:
     """Write ``df`` atomically; validated against the schema ``table`` first, if given."""
     if table is not None:
         schema.validate(df, table, what=str(path))
-    atomic_write(path, lambda p: df.to_csv(p, index=False))
+    atomic_write(path, lambda p: df.to_csv(p, index=False), replace=True)
 
 
 def _write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
+    atomic_write(path, lambda p: Path(p).write_text(text), replace=True)
 
 
 @lru_cache(maxsize=8)
