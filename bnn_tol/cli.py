@@ -507,6 +507,10 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
         """Figures from result tables (PNG/PDF/SVG by the --out suffix)."""
 
 
+_OVERWRITE_FIGURE = ("Replace an existing --out that is not a figure bnn_tol wrote (never the "
+                     "table it reads).")
+
+
 @main.commands["plot"].command("sweep")
 @click.argument("csv", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
@@ -516,14 +520,16 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
 @click.option("--level", type=float, default=0.95, show_default=True,
               callback=lambda ctx, param, v: _check_level(v),
               help="Confidence level of the band over fault maps, in (0, 1).")
-def plot_sweep(csv, out, metric, level) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_FIGURE)
+def plot_sweep(csv, out, metric, level, overwrite) -> None:
     """Accuracy vs BER from a sweep table (a sweep CSV, or a study's sweeps.csv): mean and
     confidence band per model (a study: per model and training BER)."""
     from bnn_tol import engines
     from bnn_tol.study import plots as plots
 
+    plots.check_out(out, inputs=[csv], overwrite=overwrite)
     fig = plots.sweep(engines.load_sweep(csv), level=level, metric=metric)
-    fig.savefig(out, dpi=150)
+    plots.save(fig, out, inputs=[csv], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {out}")
 
 
@@ -574,17 +580,19 @@ def export_cmd(run, out, overwrite, onnx_path) -> None:
 @click.argument("csv", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Image file (png, pdf, svg).")
-def plot_energy(csv, out) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_FIGURE)
+def plot_energy(csv, out, overwrite) -> None:
     """Accuracy vs voltage and vs energy saving from a `sweep --profile` CSV."""
     import pandas as pd
 
     from bnn_tol.study import plots as plots
 
+    plots.check_out(out, inputs=[csv], overwrite=overwrite)
     try:
         df = pd.read_csv(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"{csv} is not a profile sweep CSV ({type(e).__name__})") from None
-    plots.energy(df).savefig(out, dpi=150)
+    plots.save(plots.energy(df), out, inputs=[csv], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {out}")
 
 
@@ -670,18 +678,28 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default RESULTS/report.html).")
-@click.option("--n-boot", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Bootstrap resamples of the correlation intervals.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-def report(results, out, n_boot, seed) -> None:
+@click.option("--n-boot", type=click.IntRange(min=1, max=100_000), default=1000,
+              show_default=True, help="Bootstrap resamples of the correlation intervals.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Bootstrap seed.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace files where the report writes that it did not write (never the "
+                   "tables it reads).")
+def report(results, out, n_boot, seed, overwrite) -> None:
     """Write the HTML report (figures, tables, summary) of a study results directory."""
     from bnn_tol.study import report as report_mod
 
     try:
-        path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo)
+        path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo,
+                                overwrite=overwrite)
     except FileNotFoundError as e:  # not a study results directory (says what to run)
         raise click.ClickException(str(e)) from e
     click.echo(str(path))
+
+
+#: How the tables of `metrics` begin (an existing file is replaced only if it is one of them).
+_METRICS_TABLE = "model,layer,layer_index,kind,neuron,"
+_METRICS_SUMMARY = "model,layer,layer_index,kind,fan_in,n_neurons,"
 
 
 @main.command("metrics")
@@ -704,12 +722,15 @@ def report(results, out, n_boot, seed) -> None:
               help="CSV: one row per (model, layer, neuron) with margins and importances.")
 @click.option("--summary", "summary_out", type=click.Path(dir_okay=False), default=None,
               help="CSV of the per-layer / network summaries (margin and importance variance).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing --out / --summary files that `metrics` did not write "
+                   "(never the checkpoints read).")
 def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importance, flip_ber,
-                batch_size, out, summary_out) -> None:
+                batch_size, out, summary_out, overwrite) -> None:
     """Neuron-level margin and importance of trained checkpoints (RUNS: checkpoint dirs)."""
     import pandas as pd
 
-    from bnn_tol import data, schema
+    from bnn_tol import data, files, schema
     from bnn_tol import metrics as mt
     from bnn_tol.core import models as models
     from bnn_tol.interop import checkpoint
@@ -719,6 +740,13 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     if dup:
         raise click.BadParameter(f"two checkpoints have the same directory name {dup[0]!r}: "
                                  "rows are labelled by it", param_hint="RUNS")
+    outputs = {"--out": (out, _METRICS_TABLE), "--summary": (summary_out, _METRICS_SUMMARY)}
+    if summary_out and files.input_of(summary_out, [out]):
+        raise InvalidArgument(f"--out and --summary name the same file {out}")
+    for option, (path, header) in outputs.items():
+        if path:
+            files.check_output(path, inputs=[*runs, data_dir], option=option,
+                               replace=True if overwrite else files.starts_with(header))
     ds = data.load(dataset, split, data_dir=data_dir)
     if subset is not None:
         ds = ds.subset(subset)
@@ -748,11 +776,14 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     table = pd.concat(tables, ignore_index=True)
     table = table[["model", *[c for c in table.columns if c != "model"]]]
     schema.validate(table, "margin", what=f"the table for {out}")
-    table.to_csv(out, index=False)
     summ = pd.concat(summaries, ignore_index=True)
     summ = summ[["model", *[c for c in summ.columns if c != "model"]]]
-    if summary_out:
-        summ.to_csv(summary_out, index=False)
+    for option, (path, header) in outputs.items():
+        if path:
+            frame = table if option == "--out" else summ
+            files.atomic_write(path, lambda p, frame=frame: frame.to_csv(p, index=False),
+                               inputs=[*runs, data_dir],
+                               replace=True if overwrite else files.starts_with(header))
     net = summ[summ["layer"] == "network"]
     cols = [c for c in ("model", "metric_group", "estimator", "mean_margin_norm",
                         "mean_margin_half", "variance", "cv") if c in net.columns]
@@ -766,13 +797,15 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
               help="Image file (png, pdf, svg).")
 @click.option("--value", default="mean_margin_norm", show_default=True,
               help="Per-neuron column to histogram (e.g. mean_margin_half, importance_accuracy).")
-def plot_margins(csv, out, value) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_FIGURE)
+def plot_margins(csv, out, value, overwrite) -> None:
     """Per-layer histograms of a per-neuron margin column, models overlaid (from `metrics`)."""
     import pandas as pd
 
     from bnn_tol import schema
     from bnn_tol.study import plots as plots
 
+    plots.check_out(out, inputs=[csv], overwrite=overwrite)
     try:
         table = pd.read_csv(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -786,7 +819,7 @@ def plot_margins(csv, out, value) -> None:
     table = schema.conform(table, "study.margins" if "model_id" in table else "margin",
                            what=str(csv), require=("layer", value))
     fig = plots.margins(table, value=value)
-    fig.savefig(out, dpi=150)
+    plots.save(fig, out, inputs=[csv], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {out}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from bnn_tol import schema
 from bnn_tol.engines.driver import summarize
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.files import atomic_write, check_output, sniff
 from bnn_tol.study import analysis
 from bnn_tol.study.analysis import feature_name
 
@@ -31,6 +33,9 @@ __all__ = [
     "rho_vs_ber",
     "metric_scatter_by_model",
     "energy",
+    "FORMATS",
+    "check_out",
+    "save",
 ]
 
 
@@ -425,3 +430,38 @@ def energy(df: pd.DataFrame, *, title: str | None = None) -> Figure:
     ax_e.legend(title="model", fontsize=8)
     fig.suptitle(title or "profiled chip: accuracy vs voltage and energy")
     return fig
+
+
+# -- writing figures (issue 20) -----------------------------------------------------------------
+
+#: Image formats a figure is written in, by the suffix of the file name.
+FORMATS = ("png", "pdf", "svg")
+
+
+def _is_figure(path) -> bool:
+    """A figure matplotlib wrote (its producer string, at the head or the end of the file)."""
+    return sniff(path, b"matplotlib", b"Matplotlib")
+
+
+def check_out(out, *, inputs=(), overwrite: bool = False) -> str:
+    """Check a figure's file name before drawing; returns its format (:data:`FORMATS`).
+
+    Raises:
+        InvalidArgument: the suffix is not ``.png``, ``.pdf`` or ``.svg``.
+        ResultsMismatch: ``out`` is an input, or an existing file matplotlib did not write
+            (without ``overwrite``), see :func:`bnn_tol.files.check_output`.
+    """
+    check_output(out, inputs=inputs, replace=True if overwrite else _is_figure)
+    fmt = Path(out).suffix[1:].lower()
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"{out}: the figure format is chosen by the suffix, one of "
+                              f"{', '.join('.' + f for f in FORMATS)}")
+    return fmt
+
+
+def save(fig: Figure, out, *, inputs=(), overwrite: bool = False, **kwargs) -> None:
+    """Write ``fig`` to ``out`` atomically (checked by :func:`check_out` first; ``kwargs`` go
+    to ``savefig``, e.g. ``dpi``)."""
+    fmt = check_out(out, inputs=inputs, overwrite=overwrite)
+    atomic_write(out, lambda p: fig.savefig(p, format=fmt, **kwargs), inputs=inputs,
+                 replace=True if overwrite else _is_figure)

@@ -1,0 +1,154 @@
+"""Issue 20, the writers: no command writes over its own inputs, over a file it did not create
+(without ``--overwrite``), or into a directory another process is writing; every case ends in
+one ``Error:`` line and leaves every file as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bnn_tol
+from bnn_tol import models
+from bnn_tol.cli import main
+from bnn_tol.study import runner as study
+
+TINY = {"train": {"seeds": [0], "bers": [0.0, 0.1], "epochs": 1},
+        "eval": {"bers": [0.0, 0.1], "n_maps": 1}}
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line(r, *needles: str) -> str:
+    assert r.exit_code != 0, r.output
+    assert isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` -> sha256 of its bytes (symlinks by their target)."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            out[str(p.relative_to(root))] = (f"-> {os.readlink(p)}" if p.is_symlink() else
+                                             hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck") / "m1"
+    bnn_tol.save(models.build("fc", hidden=(8,), in_shape=(1, 8, 8), seed=0), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "S"
+    study.run("tiny", out, overrides=TINY, echo=None)
+    return out
+
+
+# -- item 3: a command never writes over its inputs -----------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["--out", "{ck}/config.json"],
+    ["--out", "{ck}/model.safetensors"],
+    ["--out", "{tmp}/m.csv", "--summary", "{ck}/model.safetensors"],
+    ["--out", "{tmp}/m.csv", "--summary", "{ck}/config.json", "--overwrite"],
+    ["--out", "{tmp}/link.csv"],  # a symlink to the checkpoint's config
+])
+def test_metrics_never_writes_over_its_checkpoint(tmp_path, ck, args):
+    (tmp_path / "link.csv").symlink_to(ck / "config.json")
+    before = snapshot(ck)
+    args = [a.format(ck=ck, tmp=tmp_path) for a in args]
+    _one_line(_run("metrics", ck, "--dataset", "digits", "--no-importance", *args),
+              "input of this command")
+    assert snapshot(ck) == before and not (tmp_path / "m.csv").exists()
+
+
+def test_metrics_refuses_a_foreign_file_unless_overwrite_and_replaces_its_own(tmp_path, ck):
+    out, summ = tmp_path / "m.csv", tmp_path / "s.csv"
+    out.write_text("my,own\n1,2\n")
+    base = ["metrics", ck, "--dataset", "digits", "--no-importance", "--out", out]
+    _one_line(_run(*base), str(out), "--overwrite")
+    assert out.read_text() == "my,own\n1,2\n"
+    assert _run(*base, "--overwrite").exit_code == 0
+    first = out.read_bytes()
+    assert first.startswith(b"model,layer,")
+    r = _run(*base, "--summary", summ)  # its own table is rewritten without --overwrite
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == first and summ.read_bytes().startswith(b"model,layer,")
+    assert _run(*base, "--summary", summ).exit_code == 0
+    _one_line(_run(*base[:-1], summ, "--summary", summ), "same file")
+
+
+def test_report_never_writes_over_the_tables_it_reads(tmp_path, results):
+    before = snapshot(results)
+    for name in ("sweeps.csv", "models.csv", "metrics.csv", "study.json"):
+        for extra in ([], ["--overwrite"]):
+            _one_line(_run("report", results, "--out", results / name, "--n-boot", "10",
+                           *extra), "input of this command")
+    _one_line(_run("report", results, "--out", results / "summary.md", "--n-boot", "10"),
+              "summary.md")
+    assert snapshot(results) == before
+
+
+def test_report_refuses_foreign_files_where_it_writes_unless_overwrite(tmp_path, results):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "summary.md").write_text("# my own notes\n")
+    _one_line(_run("report", results, "--out", d / "r.html", "--n-boot", "10"),
+              "summary.md", "--overwrite")
+    assert sorted(os.listdir(d)) == ["summary.md"]
+    assert _run("report", results, "--out", d / "r.html", "--n-boot", "10",
+                "--overwrite").exit_code == 0
+    r = _run("report", results, "--out", d / "r.html", "--n-boot", "10")  # its own now
+    assert r.exit_code == 0, r.output
+    assert (d / "summary.md").read_text().startswith("# Study")
+
+
+@pytest.mark.parametrize("cmd", ["sweep", "margins"])
+def test_plot_never_writes_over_its_table_or_a_foreign_image(tmp_path, ck, cmd):
+    csv = tmp_path / "t.csv"
+    if cmd == "sweep":
+        assert _run("sweep", ck, "--dataset", "digits", "--bers", "0,0.1", "--maps", "2",
+                    "--quiet", "--out", csv).exit_code == 0
+    else:
+        assert _run("metrics", ck, "--dataset", "digits", "--no-importance", "--out",
+                    csv).exit_code == 0
+    before = snapshot(tmp_path)
+    _one_line(_run("plot", cmd, csv, "--out", csv), "input of this command")
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n my holiday photo")
+    before = snapshot(tmp_path)
+    _one_line(_run("plot", cmd, csv, "--out", png), "photo.png", "--overwrite")
+    assert snapshot(tmp_path) == before
+    assert _run("plot", cmd, csv, "--out", png, "--overwrite").exit_code == 0
+    assert _run("plot", cmd, csv, "--out", png).exit_code == 0  # its own figure now
+
+
+def test_save_refuses_a_directory_with_someone_elses_config(tmp_path):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["Bert"]}')
+    m = models.build("fc", hidden=(8,), in_shape=(1, 8, 8), seed=0)
+    with pytest.raises(bnn_tol.exceptions.ResultsMismatch, match="not written by bnn_tol"):
+        bnn_tol.save(m, d)
+    assert sorted(os.listdir(d)) == ["config.json"]
+    for extra in ([], ["--overwrite"]):
+        _one_line(_run("train", "--dataset", "digits", "--hidden", "4", "--epochs", "1",
+                       "--quiet", "--out", d, *extra), "not a bnn_tol checkpoint")
+    assert sorted(os.listdir(d)) == ["config.json"]
