@@ -391,11 +391,14 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
           quiet) -> None:
     """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map),
     or on a profiled chip per voltage (--profile)."""
-    from bnn_tol import data, engines
+    from bnn_tol import data, engines, files
     from bnn_tol.interop import checkpoint
 
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
+    if out:  # never into a checkpoint read; whether an existing file is ours: the sweep file
+        for path in (out, engines.meta_path(out)):
+            files.check_output(path, inputs=[*runs, data_dir], replace=True)
     if profile_file is not None:
         return _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset,
                               out, quiet)

@@ -152,3 +152,55 @@ def test_save_refuses_a_directory_with_someone_elses_config(tmp_path):
         _one_line(_run("train", "--dataset", "digits", "--hidden", "4", "--epochs", "1",
                        "--quiet", "--out", d, *extra), "not a bnn_tol checkpoint")
     assert sorted(os.listdir(d)) == ["config.json"]
+
+
+# -- item 5: a sweep's sidecar that the library did not write is never replaced ------------------
+
+
+def _sweep(ck, out, *extra):
+    return _run("sweep", ck, "--dataset", "digits", "--bers", "0,0.1", "--maps", "2", "--quiet",
+                "--out", out, *extra)
+
+
+@pytest.mark.parametrize("sidecar", ["foreign", "directory", "empty-csv"])
+def test_a_foreign_sidecar_is_never_replaced(tmp_path, ck, sidecar):
+    out = tmp_path / "s.csv"
+    meta = tmp_path / "s.csv.meta.json"
+    if sidecar == "directory":
+        meta.mkdir()
+    else:
+        meta.write_text('{"mine": "my notes about s.csv"}\n')
+    if sidecar == "empty-csv":
+        out.write_bytes(b"")
+    before = snapshot(tmp_path)
+    _one_line(_sweep(ck, out), "s.csv.meta.json")
+    _one_line(_sweep(ck, out, "--resume"), "s.csv.meta.json")
+    assert snapshot(tmp_path) == before and meta.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["s.csv.meta.json"]
+                                                  + (["s.csv"] if out.exists() else []))
+
+
+@pytest.mark.parametrize("settings", ['"x"', "{}", '{"dataset": "x", "models": "y"}',
+                                      '{"dataset": {}, "models": {"m1": 3}, "targets": "w"}',
+                                      '{"dataset": {"name": []}, "models": {}, "targets": []}',
+                                      "null", "[1, 2]"])
+def test_a_sidecar_with_malformed_settings_is_one_line_and_untouched(tmp_path, ck, settings):
+    out = tmp_path / "s.csv"
+    assert _sweep(ck, out).exit_code == 0
+    meta = tmp_path / "s.csv.meta.json"
+    text = meta.read_text()
+    start = text.index('"settings": ') + len('"settings": ')
+    end = text.index(',\n  "provenance"')
+    meta.write_text(text[:start] + settings + text[end:])
+    before = snapshot(tmp_path)
+    _one_line(_run("sweep", ck, "--dataset", "digits", "--bers", "0,0.1,0.2", "--maps", "2",
+                   "--quiet", "--out", out, "--resume"), "s.csv", "sidecar")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_sweep_never_writes_into_its_checkpoint(tmp_path, ck):
+    before = snapshot(ck)
+    for name in ("config.json", "model.safetensors"):
+        for extra in ([], ["--resume"]):
+            _one_line(_sweep(ck, ck / name, *extra), "input of this command")
+    assert snapshot(ck) == before

@@ -32,7 +32,7 @@ from bnn_tol import schema
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import FileInUse, InvalidArgument, ResultsMismatch
 from bnn_tol.faults.maps import select_layers
-from bnn_tol.files import write_text
+from bnn_tol.files import check_output, ensure_dir, write_text, writing
 from bnn_tol.provenance import data_digest, environment, model_digest
 
 __all__ = ["COLUMNS", "PREVIOUS_COLUMNS", "OLD_COLUMNS", "META_SUFFIX", "META_VERSION",
@@ -62,6 +62,8 @@ _UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
 _KEY = ["model", "p01", "p10", "map", "map_seed"]
 #: The error model of sidecars written before error models were recorded.
 _DEFAULT_ERROR = {"name": "bernoulli"}
+#: Largest sidecar read (a sidecar records settings and provenance: a few kB per model).
+_MAX_META = 64 << 20
 
 
 def meta_path(out) -> Path:
@@ -84,19 +86,61 @@ def settings(models: dict, data: BNNDataset, layers, targets: tuple,
     }
 
 
+def _is_sidecar(path: Path) -> bool:
+    """Whether ``path`` is a sweep sidecar the library wrote (a JSON object whose ``format``
+    is ``"bnn_tol.sweep"``); only such a file is ever replaced."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_META + 1)
+        meta = json.loads(raw) if len(raw) <= _MAX_META else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == _META_FORMAT
+
+
 def _write_meta(out, settings: dict) -> None:
-    """Write the sidecar atomically (temporary file in the same directory, fsync, rename)."""
+    """Write the sidecar atomically (temporary file in the same directory, fsync, rename);
+    an existing sidecar is replaced only if it is ours (:func:`_is_sidecar`)."""
     text = json.dumps({"format": _META_FORMAT, "version": META_VERSION, "columns": COLUMNS,
                        "settings": settings, "provenance": environment()}, indent=2)
-    write_text(meta_path(out), text, fsync=True, replace=True)
+    write_text(meta_path(out), text, fsync=True, replace=_is_sidecar)
+
+
+def _settings_problem(st: object) -> str | None:
+    """What is malformed in a sidecar's recorded ``settings`` (``None`` if nothing): the
+    shapes :func:`settings` writes (``error`` optional: sidecars before error models)."""
+    if not isinstance(st, dict):
+        return f"settings is {type(st).__name__}, not an object"
+    ds = st.get("dataset")
+    if not (isinstance(ds, dict) and isinstance(ds.get("name"), str)
+            and isinstance(ds.get("split"), str) and isinstance(ds.get("n_samples"), int)
+            and isinstance(ds.get("digest"), str)):
+        return "settings.dataset is not {name, split, n_samples, digest}"
+    ms = st.get("models")
+    if not (isinstance(ms, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("digest"), str)
+            and isinstance(m.get("layers"), list) for m in ms.values())):
+        return "settings.models is not {label: {digest, layers}}"
+    tg = st.get("targets")
+    if not (isinstance(tg, list) and all(isinstance(t, str) for t in tg)):
+        return "settings.targets is not a list of names"
+    err = st.get("error", _DEFAULT_ERROR)
+    if not (isinstance(err, dict) and isinstance(err.get("name"), str)):
+        return "settings.error is not {name, ...}"
+    return None
 
 
 def _read_meta(out) -> dict:
     """The sidecar (``format``, ``version`` 1 or :data:`META_VERSION`, ``settings``, ...);
-    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours."""
+    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours (the one validation of a
+    sidecar: its JSON, format, version, columns and the shape of every recorded setting)."""
     path = meta_path(out)
     why = None
     try:
+        if path.stat().st_size > _MAX_META:
+            raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: its sidecar "
+                                  f"{path.name} is larger than {_MAX_META} bytes; it was left "
+                                  "untouched, use another --out")
         meta = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
             why = f"its sidecar {path.name} is not a bnn_tol sweep sidecar"
@@ -104,9 +148,11 @@ def _read_meta(out) -> dict:
             why = f"its sidecar {path.name} has unknown version {meta.get('version')!r}"
         elif not isinstance(meta.get("settings"), dict):
             why = f"its sidecar {path.name} records no settings"
+        elif (problem := _settings_problem(meta["settings"])) is not None:
+            why = f"its sidecar {path.name} is malformed ({problem})"
     except FileNotFoundError:
         why = f"its sidecar {path.name} is missing (every bnn_tol sweep writes one)"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         why = f"its sidecar {path.name} is unreadable ({type(e).__name__})"
     if why:
         raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: {why}; it was "
@@ -249,12 +295,19 @@ class SweepFile:
 
     def __init__(self, out, *, resume: bool) -> None:
         self.path = Path(os.fspath(out))
+        meta = meta_path(self.path)
+        check_output(self.path, replace=True)  # a directory, a device, below a file
+        if os.path.lexists(meta) and not _is_sidecar(meta):
+            raise ResultsMismatch(f"{out}: its sidecar {meta.name} exists and was not written "
+                                  "by bnn_tol (or is not a file); it was left untouched, use "
+                                  "another --out")
         if self.path.exists() and self.path.stat().st_size > 0 and not resume:
             raise InvalidArgument(f"{out} exists: pass resume=True (--resume) to continue that "
                                   "sweep, or choose another file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         self.created = not self.path.exists()
-        self.fh = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
+        with writing(self.path):
+            self.fh = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
         try:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -298,7 +351,8 @@ class SweepFile:
                                   "--out for these settings")
         if not raw.endswith(b"\n"):  # ours, torn by a killed writer: drop the partial line
             cut = raw.rfind(b"\n") + 1
-            os.ftruncate(self.fh.fileno(), cut)
+            with writing(self.path):
+                os.ftruncate(self.fh.fileno(), cut)
             raw = raw[:cut]
         rows = _parse_sweep(raw, self.path)
         new = {lb: m for lb, m in settings["models"].items() if lb not in old["models"]}
@@ -314,9 +368,10 @@ class SweepFile:
         frame = schema.validate(pd.DataFrame(rows, columns=COLUMNS), "sweep",
                                 what=f"rows for {self.path}")
         frame.to_csv(buf, header=header, index=False, float_format="%.17g", lineterminator="\n")
-        self.fh.write(buf.getvalue().encode("utf-8"))
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
+        with writing(self.path):
+            self.fh.write(buf.getvalue().encode("utf-8"))
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
 
     def close(self) -> None:
         """Release the lock; a file this sweep created but never wrote a row to is removed."""
@@ -326,5 +381,6 @@ class SweepFile:
                 if self.wrote_meta:
                     meta_path(self.path).unlink(missing_ok=True)
         finally:
-            self.fh.close()
+            with writing(self.path):
+                self.fh.close()
 
