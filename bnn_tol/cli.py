@@ -637,6 +637,7 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
     Writes environment.json (versions, commit, CPU, threads) and the command that
     reproduces the run."""
 
+    from bnn_tol.exceptions import BnnTolError
     from bnn_tol.study import report as report_mod
     from bnn_tol.study import runner as study_mod
 
@@ -665,6 +666,8 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
                             overrides=overrides, echo=click.echo, fresh=fresh,
                             command=shlex.join(argv))
     except ValueError as e:
+        if isinstance(e, BnnTolError):  # one line, exit 1 (2 for bad arguments)
+            raise
         raise click.UsageError(str(e)) from e
     if make_report and Path(res["models"]).stat().st_size > 0 and not res["failed"]:
         path = report_mod.write(out, Path(out) / "report.html", echo=click.echo)

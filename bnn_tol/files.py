@@ -15,7 +15,8 @@ Every file the library writes goes through this module:
   then ``os.replace``), :func:`atomic_dir` a whole directory (export bundles): an interrupted
   write leaves the previous file or directory or none, never a torn one.
 * :func:`claim_dir` makes a directory a command's own (a marker file in a new or empty
-  directory; later runs accept only directories that carry it), :func:`locked` holds an
+  directory; later runs accept only directories that carry it; the marker is created in
+  place, never replaced, so it can serve as a lock file), :func:`locked` holds an
   exclusive ``flock`` so that a second writer is refused (:class:`FileInUse`). Appending
   writers (sweep CSVs) lock and repair instead (:mod:`bnn_tol.engines.sweep_file`) and wrap
   their writes in :func:`writing`.
@@ -274,8 +275,9 @@ def claim_dir(path: PathLike, marker: str, *, note: str, what: str,
     p = Path(path)
     check_claim(p, marker, what=what, recognize=recognize, option=option)
     ensure_dir(p)
-    if not (p / marker).is_file():
-        write_text(p / marker, note)
+    with writing(p / marker), open(p / marker, "ab") as fh:  # never replaced: a lock file
+        if fh.tell() == 0:
+            fh.write(note.encode("utf-8"))
     return p
 
 

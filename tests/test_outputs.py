@@ -204,3 +204,90 @@ def test_a_sweep_never_writes_into_its_checkpoint(tmp_path, ck):
         for extra in ([], ["--resume"]):
             _one_line(_sweep(ck, ck / name, *extra), "input of this command")
     assert snapshot(ck) == before
+
+
+# -- item 1: a study's directory is locked, claimed, and never mixes settings ----------------------
+
+STUDY_ARGS = ["study", "--preset", "tiny", "--epochs", "1", "--seeds", "0", "--train-bers", "0",
+              "--eval-bers", "0,0.1", "--maps", "1", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def done_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("done") / "S"
+    r = _run(*STUDY_ARGS, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_a_second_study_into_a_directory_in_use_is_one_line_and_changes_nothing(done_study):
+    from bnn_tol.files import locked
+
+    before = snapshot(done_study)
+    with locked(done_study / study.MARKER, what="the first study"):  # a study is running there
+        for extra in ([], ["--epochs", "3"]):
+            _one_line(_run(*STUDY_ARGS, "--out", done_study, *extra), "in use")
+    assert snapshot(done_study) == before
+
+
+def test_resuming_a_study_with_other_settings_is_refused(tmp_path, done_study):
+    before = snapshot(done_study)
+    for extra, needle in ([["--epochs", "3"], "[train] epochs"], [["--maps", "2"], "[eval] n_maps"],
+                          [["--eval-bers", "0,0.2"], "[eval] bers"],
+                          [["--threads", "2"], "[run] threads"]):
+        _one_line(_run(*STUDY_ARGS, "--out", done_study, *extra), needle, "another --out")
+    assert snapshot(done_study) == before
+    r = _run(*STUDY_ARGS, "--out", done_study)  # the same settings: every task cached
+    assert r.exit_code == 0 and "1/1 fc_ber0_s0: cached" in r.output, r.output
+
+
+def test_a_study_extends_its_grid_without_touching_finished_tasks(tmp_path, done_study):
+    out = tmp_path / "S"
+    import shutil
+
+    shutil.copytree(done_study, out)
+    before = snapshot(out / "models")
+    args = [a if a != "0" or i != STUDY_ARGS.index("--seeds") + 1 else "0,1"
+            for i, a in enumerate(STUDY_ARGS)]
+    r = _run(*args, "--out", out)
+    assert r.exit_code == 0, r.output
+    after = snapshot(out / "models")
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+SMALL_TOML = """
+[data]
+dataset = "digits"
+metric_subset = 50
+[train]
+bers = [0.0]
+epochs = 1
+[eval]
+bers = [0.0]
+n_maps = 1
+[[models]]
+label = "fc"
+name = "fc"
+hidden = [8]
+"""
+
+
+@pytest.mark.parametrize("kind", ["foreign", "file", "study-file-inside"])
+def test_a_study_never_writes_into_a_directory_it_did_not_make(tmp_path, kind):
+    out = tmp_path / "mine"
+    if kind == "file":
+        out.write_text("notes")
+        args = ["--out", out]
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")
+        args = ["--out", out]
+    if kind == "study-file-inside":
+        (out / "s.toml").write_text(SMALL_TOML)
+        args = ["study", out / "s.toml", "--out", out]
+        before = snapshot(tmp_path)
+        _one_line(_run(*args), "not written by")
+    else:
+        before = snapshot(tmp_path)
+        _one_line(_run(*STUDY_ARGS, *args), str(out))
+    assert snapshot(tmp_path) == before

@@ -93,10 +93,10 @@ from typing import Any
 
 import pandas as pd
 
-from bnn_tol import data, engines, faults, metrics, provenance, schema, train
+from bnn_tol import data, engines, faults, files, metrics, provenance, schema, train
 from bnn_tol.core import models
 from bnn_tol.data import BNNDataset
-from bnn_tol.exceptions import BnnTolError, InvalidArgument
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, OutputError, ResultsMismatch
 from bnn_tol.faults.registry import error_model
 from bnn_tol.files import atomic_write
 from bnn_tol.interop import checkpoint
@@ -109,7 +109,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport has the same API
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "SCHEMAS",
-           "DEFAULTS", "engine_choices"]
+           "DEFAULTS", "engine_choices", "MARKER"]
 
 #: Defaults filled into every study config (a study file overrides any of them).
 DEFAULTS: dict[str, Any] = {
@@ -557,18 +557,20 @@ def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     mid = spec["model_id"]
-    tdir = Path(out) / "models" / mid
-    tdir.mkdir(parents=True, exist_ok=True)
+    tdir = files.ensure_dir(Path(out) / "models" / mid)
     h = _spec_hash(spec)
     done = tdir / _DONE
     if done.is_file() and done.read_text().strip() == h:
         return {"model_id": mid, "status": "cached", **_read_timing(tdir), "error": ""}
-    done.unlink(missing_ok=True)
-    (tdir / "error.txt").unlink(missing_ok=True)
-    (tdir / _TIMING).unlink(missing_ok=True)
+    with files.writing(tdir):
+        done.unlink(missing_ok=True)
+        (tdir / "error.txt").unlink(missing_ok=True)
+        (tdir / _TIMING).unlink(missing_ok=True)
     stages: dict[str, float] = {}
     try:
         _compute(spec, tdir, stages)
+    except OutputError:  # the disk, not the task: stop the study (one line)
+        raise
     except Exception as e:  # noqa: BLE001 -- a failed task must not lose the others
         _write_text(traceback.format_exc(), tdir / "error.txt")
         return {"model_id": mid, "status": "failed", "seconds": time.perf_counter() - t0,
@@ -764,6 +766,25 @@ def run(
     if fresh and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not empty: a fresh run (--fresh) needs a "
                               "new or empty output directory")
+    inputs = [cfg["data"]["data_dir"]]
+    if not isinstance(study, Mapping):
+        inputs.append(study)
+    files.check_claim(out, MARKER, what="`bnn-tol study`", recognize=_is_study_dir)
+    for name in _OUTPUTS:
+        files.check_output(out / name, inputs=[p for p in inputs if p is not None],
+                           replace=True)
+    files.claim_dir(out, MARKER, what="`bnn-tol study`", recognize=_is_study_dir,
+                    note="written by bnn-tol study: this directory is a study's results; a "
+                         "running study holds this file's lock\n")
+    with files.locked(out / MARKER, what=f"the study directory {out}"):
+        return _run_locked(cfg, study, out, scheduler=scheduler, overrides=overrides, say=say,
+                           command=command)
+
+
+def _run_locked(cfg: dict[str, Any], study: Any, out: Path, *, scheduler: Any,
+                overrides: Mapping[str, Any] | None, say: Callable[[str], None],
+                command: str | None) -> dict[str, Any]:
+    """:func:`run` once ``out`` is claimed and locked."""
     cluster = None
     if scheduler is None and cfg["run"]["workers"] > 1:
         from dask.distributed import LocalCluster
@@ -790,7 +811,7 @@ def run(
         if command is None:
             command = (f"python -c \"import bnn_tol; bnn_tol.study.run({study!r}, {str(out)!r}"
                        + (f", overrides={dict(overrides)!r}" if overrides else "") + ")\"")
-        out.mkdir(parents=True, exist_ok=True)
+        _check_same_settings(out, cfg)
         _write_text(json.dumps(cfg, indent=2), out / "study.json")
         _write_text(json.dumps(environment(cfg["run"]["threads"], workers, command), indent=2),
                     out / "environment.json")
@@ -842,6 +863,70 @@ def run(
             "status": str(out / "status.csv"), "failed": failed}
 
 
+#: Marker (and lock file) of a study's results directory.
+MARKER = ".bnn_tol_study"
+#: The files a study writes at the top of its directory.
+_OUTPUTS = ("study.json", "environment.json", "status.csv", "models.csv",
+            *TABLES.values(), "report.html")
+
+
+def _is_study_dir(path: Path) -> bool:
+    """A results directory of a study made before markers existed: its ``study.json`` is a
+    study config (the sections of :data:`DEFAULTS`)."""
+    try:
+        cfg = json.loads((path / "study.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(cfg, dict) and {"name", "data", "train", "eval", "models"} <= set(cfg)
+
+
+def _task_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a study's finished tasks depend on besides their grid point (model label,
+    training BER, seed): every section but the grid (``[train] bers/seeds``, the set of
+    models), the name, the description and ``[run] workers``."""
+    cfg = _merge(DEFAULTS, cfg)
+    out: dict[str, Any] = {sec: dict(cfg[sec]) for sec in ("data", "train", "eval", "metrics")}
+    del out["train"]["bers"], out["train"]["seeds"]
+    out["run"] = {k: cfg["run"].get(k) for k in ("device", "threads")}
+    return out
+
+
+def _check_same_settings(out: Path, cfg: Mapping[str, Any]) -> None:
+    """Refuse to continue a study in ``out`` made with other settings (its finished tasks would
+    be mixed with, or replaced by, tasks of these). More models, seeds or training BERs are
+    allowed: they add tasks.
+
+    Raises:
+        ResultsMismatch: naming each difference (``[train] epochs = 10, now 3``).
+    """
+    path = out / "study.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not an object")
+        before = _task_settings(old)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise ResultsMismatch(f"{path} is unreadable ({e}); it was left untouched: use another "
+                              "--out") from None
+    now = _task_settings(cfg)
+    diffs = [f"[{sec}] {k} = {json.dumps(before[sec].get(k))}, now {json.dumps(now[sec].get(k))}"
+             for sec in now for k in sorted(set(now[sec]) | set(before[sec]))
+             if before[sec].get(k) != now[sec].get(k)]
+    models_before = {m.get("label", m.get("name")): m for m in old.get("models", [])
+                     if isinstance(m, dict)}
+    for m in cfg["models"]:
+        label = m.get("label", m["name"])
+        o = models_before.get(label)
+        if o is not None and dict(o, label=label) != dict(m, label=label):
+            diffs.append(f"[[models]] {label!r} = {json.dumps(o)}, now {json.dumps(m)}")
+    if diffs:
+        raise ResultsMismatch(f"{out} holds a study made with other settings ({'; '.join(diffs)})"
+                              ": its finished tasks would be mixed with these; use another --out "
+                              "(or the settings it was made with)")
+
+
 def _run_dask(specs: Sequence[dict], out: Path, client: Any, report) -> None:
     from dask.distributed import as_completed
 
@@ -851,6 +936,8 @@ def _run_dask(specs: Sequence[dict], out: Path, client: Any, report) -> None:
     for fut in as_completed(futures):
         try:
             report(fut.result())
+        except OutputError:
+            raise
         except Exception as e:  # noqa: BLE001 -- e.g. a worker died
             report({"model_id": by_key[fut.key], "status": "failed", "seconds": math.nan,
                     **dict.fromkeys(_STAGES, math.nan), "error": f"{type(e).__name__}: {e}"})
