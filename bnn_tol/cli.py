@@ -149,6 +149,14 @@ def main(debug: bool) -> None:
     """Bit error tolerance of binarized neural networks: train, inject, sweep, measure."""
 
 
+#: The library's bounds (bnn_tol.train.MAX_SEED, MAX_THREADS), here so that `--help` and usage
+#: errors need no torch import (tests/test_cli_limits.py checks that they agree).
+_MAX_SEED = (1 << 63) - 1
+_MAX_THREADS = 1024
+#: bnn_tol.engines.driver.MAX_MAPS (fault maps per BER of one sweep).
+_MAX_MAPS = 100_000
+
+
 @main.command()
 @click.option("--model", "model_name", default="fc", show_default=True,
               help="Architecture: fc, vgg3 or vgg7.")
@@ -195,11 +203,11 @@ def main(debug: bool) -> None:
               help="Random bit error training (RandBET) rate: p or p01,p10.")
 @click.option("--train-subset", type=click.IntRange(min=1), default=None,
               help="Use only the first N training samples (quick runs).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
               help="Seed of initialization, shuffling and flips.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(1, _MAX_THREADS), default=None,
               help="torch CPU threads while training (default: the current torch setting). "
                    "The trained weights depend on it; recorded in config.json.")
 @click.option("--out", type=click.Path(), required=True,
@@ -217,7 +225,6 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
 
     from bnn_tol import data
     from bnn_tol import train as train_mod
-    from bnn_tol.core import models as models
     from bnn_tol.interop import checkpoint
 
     checkpoint.check_out(out, overwrite=overwrite)
@@ -239,7 +246,7 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
                       rounding=rounding)
     if activation is not None:
         kwargs["activation"] = activation
-    model = models.build(model_name, seed=seed, **kwargs)
+    model = train_mod.build(model_name, seed=seed, **kwargs)  # refuses what cannot fit
     layers = None
     if flip_layers and flip_layers not in ("all", "hidden"):
         layers = [int(v) if v.lstrip("-").isdigit() else v for v in flip_layers.split(",")]
@@ -265,11 +272,13 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
 @click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Directory searched first for the dataset files.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Training epochs per model.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Training epochs per model.")
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
+              help="Seed of everything random.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to compute.")
-@click.option("--maps", type=int, default=10, show_default=True,
+@click.option("--maps", type=click.IntRange(1, _MAX_MAPS), default=10, show_default=True,
               help="Fault maps per BER in the demo sweep.")
 @click.option("--study", "study_name", default="quick", show_default=True,
               help="Study preset run at the end ('none' to skip).")
@@ -349,8 +358,8 @@ def _parse_bers(text: str) -> list:
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--bers", default="0:0.1:0.01", show_default=True,
               help="BERs: START:STOP:STEP (inclusive), a list 0,0.01,0.05, or p01/p10 pairs.")
-@click.option("--maps", "n_maps", type=int, default=20, show_default=True,
-              help="Fault maps (chips) per BER.")
+@click.option("--maps", "n_maps", type=click.IntRange(1, _MAX_MAPS), default=20,
+              show_default=True, help="Fault maps (chips) per BER.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fault maps.")
 @click.option("--layers", default=None,
               help="Layers with errors: 'all' (default), 'hidden', or comma-separated "
@@ -396,6 +405,7 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
 
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
+    _refuse_other_kind(click.get_current_context(), profile=profile_file is not None)
     if out:  # never into a checkpoint read; whether an existing file is ours: the sweep file
         for path in (out, engines.meta_path(out)):
             files.check_output(path, inputs=[*runs, data_dir], replace=True)
@@ -428,6 +438,26 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
     click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if out:
         click.echo(f"wrote {len(df)} rows to {out}")
+
+
+#: Options of a BER sweep that a profile sweep (--profile) does not take, and back.
+_BER_ONLY = ("bers", "n_maps", "seed", "layers", "targets", "error", "batch_size", "engine",
+             "device", "resume")
+_PROFILE_ONLY = ("voltages", "offsets")
+
+
+def _refuse_other_kind(ctx: click.Context, *, profile: bool) -> None:
+    """Refuse options given on the command line that the chosen kind of sweep would ignore."""
+    names = _BER_ONLY if profile else _PROFILE_ONLY
+    default = (click.core.ParameterSource.DEFAULT, None)
+    given = [p for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) not in default]
+    if given:
+        opts = ", ".join(p.opts[0] for p in given)
+        raise click.UsageError(f"{opts} {'is' if len(given) == 1 else 'are'} "
+                               + ("not used by a profile sweep (--profile sweeps voltages x "
+                                  "--offsets)" if profile else
+                                  "only used with --profile (a profiled chip)"))
 
 
 def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset, out,

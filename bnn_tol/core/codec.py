@@ -297,6 +297,7 @@ def make(spec: dict[str, Any] | None = None) -> Codec:
     Raises:
         InvalidArgument: an unknown kind or bad options.
     """
+    spec = spec if spec is None or isinstance(spec, dict) else {"kind": spec}  # a bare kind
     if spec is None or spec.get("kind", "sign") == "sign":
         return SignCodec()
     if spec.get("kind") != "fixed":

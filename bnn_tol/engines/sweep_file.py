@@ -360,7 +360,7 @@ class SweepFile:
             _write_meta(self.path, {**old, "models": {**old["models"], **new}})
         return rows
 
-    def append(self, rows: list[dict]) -> None:
+    def append(self, rows: list[dict] | pd.DataFrame) -> None:
         """Append rows (with the header if the file is empty) in one write, flush + fsync: a
         crash leaves at most a torn last line, which :meth:`open_rows` repairs."""
         buf = _io.StringIO()

@@ -117,8 +117,14 @@ def save(model: BNN, path: str | os.PathLike, **extra: Any) -> Path:
                      "python": platform.python_version()},
     }
     text = json.dumps(config, indent=2, default=_json_default)
-    atomic_write(path / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-                 replace=True)
+
+    def write_weights(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (disk full, file too large) are OSErrors
+            raise OSError(str(e).rsplit("I/O error: ", 1)[-1]) from e
+
+    atomic_write(path / WEIGHTS, write_weights, replace=True)
     atomic_write(path / CONFIG, lambda p: Path(p).write_text(text), replace=True)
     return path
 
@@ -131,6 +137,45 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"cannot store {type(o).__name__} in config.json")
+
+
+#: Largest config.json read (a config holds the recipe and the history: kilobytes).
+_MAX_CONFIG = 64 << 20
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint, validated: a JSON object with an integer ``format`` no
+    newer than :data:`FORMAT` (absent: 0), ``model = {"name": str, "kwargs": object}`` and
+    an object ``meta`` (absent: empty).
+
+    Raises:
+        CheckpointError: naming the file and the first thing that is wrong.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {why}; it is not a config.json that bnn_tol wrote")
+
+    try:
+        if path.stat().st_size > _MAX_CONFIG:
+            raise bad(f"larger than {_MAX_CONFIG} bytes")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise bad(f"a JSON {type(config).__name__}, not an object")
+    fmt = config.get("format", 0)
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise bad(f"format must be an integer, got {fmt!r}")
+    if fmt > FORMAT:
+        raise CheckpointError(f"{path}: format {fmt} is newer than this bnn_tol "
+                              f"({__version__}) understands")
+    model = config.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str)
+            and isinstance(model.get("kwargs"), dict)):
+        raise bad(f"model must be {{\"name\": str, \"kwargs\": object}}, got {model!r:.80}")
+    config.setdefault("meta", {})
+    if not isinstance(config["meta"], dict):
+        raise bad(f"meta must be an object, got {config['meta']!r:.80}")
+    return config
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> BNN:
@@ -149,16 +194,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> BNN:
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise CheckpointError(f"{path} is not a bnn_tol checkpoint: {p.name} is missing")
-    try:
-        config = json.loads(cfg_path.read_text())
-        name, kwargs = config["model"]["name"], config["model"]["kwargs"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable config ({e})") from e
-    if config.get("format", 0) > FORMAT:
-        raise CheckpointError(f"{cfg_path}: format {config['format']} is newer than this "
-                              f"bnn_tol ({__version__}) understands")
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{cfg_path}: model kwargs must be a JSON object, got {kwargs!r}")
+    config = _read_config(cfg_path)
+    name, kwargs = config["model"]["name"], config["model"]["kwargs"]
     try:  # shapes only: parameters on the meta device allocate nothing
         with torch.device("meta"):
             skeleton = build(name, **kwargs)
@@ -186,5 +223,5 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> BNN:
         raise CheckpointError(f"{w_path}: unreadable weights ({e})") from e
     model = build(name, **kwargs)
     model.load_state_dict(state)
-    model.meta = dict(config.get("meta", {}))
+    model.meta = dict(config["meta"])
     return model.to(device).eval()

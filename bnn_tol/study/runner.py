@@ -109,7 +109,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport has the same API
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "SCHEMAS",
-           "DEFAULTS", "engine_choices", "MARKER"]
+           "DEFAULTS", "engine_choices", "MARKER", "MAX_TASKS", "MAX_WORKERS"]
 
 #: Defaults filled into every study config (a study file overrides any of them).
 DEFAULTS: dict[str, Any] = {
@@ -171,7 +171,10 @@ def load_config(
     how the ``fmnist`` study is scaled down or up).
 
     Every key is type- and range-checked against :data:`DEFAULTS` (integer keys refuse
-    floats and booleans, BERs lie in [0, 1], labels and the name are plain names).
+    floats and booleans, BERs lie in [0, 1], labels and the name are plain names), and every
+    count is bounded: ``[train] epochs`` and ``[run] threads`` as :func:`bnn_tol.train.fit`,
+    ``[eval] n_maps`` and the sweep rows per network as :func:`bnn_tol.evaluate.sweep`, at
+    most :data:`MAX_TASKS` tasks and :data:`MAX_WORKERS` workers.
 
     Raises:
         InvalidArgument: unknown preset/path, unknown sections or keys, or invalid values
@@ -212,6 +215,10 @@ def load_config(
     return cfg
 
 
+#: Most tasks (models x training BERs x seeds) and local Dask workers of one study.
+MAX_TASKS = 10_000
+MAX_WORKERS = 256
+
 #: A label or study name is a file name, never a path: it names directories under ``out``.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEVICES = ("cpu", "cuda", "auto")
@@ -242,11 +249,13 @@ def _check_name(where: str, val: Any) -> None:
                    "letter or digit (it names a directory: no path separators, not '.'/'..')")
 
 
-def _check_int(where: str, val: Any, lo: int, *, none: bool = False) -> None:
+def _check_int(where: str, val: Any, lo: int, *, none: bool = False,
+               hi: int | None = None) -> None:
     if none and val is None:
         return
-    if not _is_int(val) or val < lo:
-        raise _bad(where, val, f"an integer >= {lo}" + (" or absent" if none else ""))
+    if not _is_int(val) or val < lo or (hi is not None and val > hi):
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise _bad(where, val, want + (" or absent" if none else ""))
 
 
 def _check_ber(where: str, val: Any, *, pairs: bool) -> None:
@@ -294,10 +303,11 @@ def _validate(cfg: dict) -> None:
         for p in bers:
             _check_ber(f"[{sec}] bers", p, pairs=pairs)
     seeds = tr["seeds"]
-    if (not isinstance(seeds, list) or not seeds or not all(_is_int(v) and v >= 0 for v in seeds)
+    if (not isinstance(seeds, list) or not seeds
+            or not all(_is_int(v) and 0 <= v <= train.MAX_SEED for v in seeds)
             or len(set(seeds)) != len(seeds)):
-        raise _bad("[train] seeds", seeds, "a non-empty list of distinct integers >= 0")
-    _check_int("[train] epochs", tr["epochs"], 1)
+        raise _bad("[train] seeds", seeds, "a non-empty list of distinct integers in [0, 2^63)")
+    _check_int("[train] epochs", tr["epochs"], 1, hi=train.MAX_EPOCHS)
     _check_int("[train] batch_size", tr["batch_size"], 1)
     if not _is_num(tr["lr"]) or tr["lr"] <= 0:
         raise _bad("[train] lr", tr["lr"], "a positive number")
@@ -309,7 +319,10 @@ def _validate(cfg: dict) -> None:
     _check_layers("[train] flip_layers", tr["flip_layers"])
     _check_int("[train] flip_warmup", tr["flip_warmup"], 0)
 
-    _check_int("[eval] n_maps", ev["n_maps"], 1)
+    _check_int("[eval] n_maps", ev["n_maps"], 1, hi=engines.driver.MAX_MAPS)
+    if len(ev["bers"]) * ev["n_maps"] > engines.driver.MAX_ROWS:
+        raise InvalidArgument(f"[eval] bers x n_maps = {len(ev['bers'])} x {ev['n_maps']} is "
+                              f"more than {engines.driver.MAX_ROWS} sweep rows per network")
     _check_int("[eval] seed", ev["seed"], 0)
     _check_layers("[eval] layers", ev["layers"])
     _check_int("[eval] batch_size", ev["batch_size"], 1)
@@ -333,8 +346,8 @@ def _validate(cfg: dict) -> None:
     if rn["device"] not in _DEVICES:
         raise _bad("[run] device", rn["device"], f"one of {list(_DEVICES)}")
     if rn["threads"] != "auto":
-        _check_int("[run] threads", rn["threads"], 1)
-    _check_int("[run] workers", rn["workers"], 1)
+        _check_int("[run] threads", rn["threads"], 1, hi=train.MAX_THREADS)
+    _check_int("[run] workers", rn["workers"], 1, hi=MAX_WORKERS)
 
     if not cfg["models"]:
         raise _bad("[[models]]", cfg["models"], "a non-empty list of model tables")
@@ -350,6 +363,10 @@ def _validate(cfg: dict) -> None:
         labels.append(label)
     if len(set(labels)) != len(labels):
         raise _bad("[[models]] labels", labels, "unique")
+    n_tasks = len(labels) * len(tr["bers"]) * len(seeds)
+    if n_tasks > MAX_TASKS:
+        raise InvalidArgument(f"{len(labels)} model(s) x {len(tr['bers'])} training BER(s) x "
+                              f"{len(seeds)} seed(s) = {n_tasks} tasks, more than {MAX_TASKS}")
 
 
 def check(cfg: Mapping[str, Any]) -> None:
@@ -358,8 +375,9 @@ def check(cfg: Mapping[str, Any]) -> None:
     Loads the datasets (``[data] dataset`` must be known and its files present) and builds
     every ``[[models]]`` entry once on the ``meta`` device with the dataset's shape, then
     runs a meta forward pass of a batch of shape ``(2, C, H, W)``: unknown or invalid model
-    arguments and shape mismatches are found here, not after training. Costs no memory for
-    weights.
+    arguments, shape mismatches and models too large to train in this machine's memory
+    (:func:`bnn_tol.train.check_memory`) are found here, not after training. Costs no memory
+    for weights.
 
     Raises:
         InvalidArgument: naming ``[data] dataset`` or the ``[[models]]`` label.
@@ -387,6 +405,7 @@ def check(cfg: Mapping[str, Any]) -> None:
             raise InvalidArgument(f"[[models]] {label!r}: cannot build {name} with {entry} on "
                                   f"{d['dataset']} images {tuple(train_ds.shape)}: "
                                   f"{type(e).__name__}: {e}") from e
+        train.check_memory(net, f"[[models]] {label!r}")
 
 
 def auto_threads(cores: int, concurrent: int) -> int:
