@@ -165,7 +165,7 @@ def writing(path: PathLike) -> Iterator[None]:
     except BnnTolError:
         raise
     except OSError as e:
-        why = e.strerror or type(e).__name__
+        why = e.strerror or str(e) or type(e).__name__
         raise OutputError(f"cannot write {path}: {why}; it was left as it was (free space, "
                           "make it writable or choose another output)") from e
 

@@ -28,11 +28,17 @@ def _one_line(r, *needles: str) -> str:
     assert r.exit_code != 0, r.output
     assert isinstance(r.exception, SystemExit), repr(r.exception)
     assert "Traceback" not in r.output
-    lines = r.stderr.strip().splitlines()
+    lines = _text_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def _text_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` without tqdm's progress bars (the demo trains with them)."""
+    return [ln for ln in stderr.splitlines()
+            if ln.strip() and "%|" not in ln and not ln.strip().startswith("\x1b")]
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -291,3 +297,157 @@ def test_a_study_never_writes_into_a_directory_it_did_not_make(tmp_path, kind):
         before = snapshot(tmp_path)
         _one_line(_run(*STUDY_ARGS, *args), str(out))
     assert snapshot(tmp_path) == before
+
+
+# -- item 15: every writer on a read-only or full disk ends in one line ---------------------------
+
+
+def _fail_under(monkeypatch, root: Path, err: int, *, at: str) -> None:
+    """Make writes below ``root`` fail with ``err``: ``at="create"`` any file or directory
+    creation (a read-only file system), ``at="rename"`` the final rename of an atomic write
+    (a disk that fills up while writing)."""
+    import builtins
+    import io
+
+    top = os.path.realpath(root)
+
+    def under(p) -> bool:
+        try:
+            return os.path.realpath(os.fspath(p)).startswith(top)
+        except TypeError:  # a file descriptor
+            return False
+
+    def boom(p):
+        raise OSError(err, os.strerror(err), os.fspath(p))
+
+    if at == "create":
+        real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+        def fake_open(file, mode="r", *a, **k):
+            if isinstance(file, str | bytes | os.PathLike) and set(mode) & set("wax+") \
+                    and under(file):
+                boom(file)
+            return real_open(file, mode, *a, **k)
+
+        def fake_os_open(path, flags, *a, **k):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+                boom(path)
+            return real_os_open(path, flags, *a, **k)
+
+        def fake_mkdir(path, *a, **k):
+            if under(path):
+                boom(path)
+            return real_mkdir(path, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    real_replace, real_rename = os.replace, os.rename
+
+    def fake_replace(src, dst, *a, **k):
+        if under(dst):
+            boom(dst)
+        return real_replace(src, dst, *a, **k)
+
+    def fake_rename(src, dst, *a, **k):
+        if under(dst):
+            boom(dst)
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", fake_replace)
+    monkeypatch.setattr(os, "rename", fake_rename)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory, ck):
+    d = tmp_path_factory.mktemp("tables")
+    assert _run("sweep", ck, "--dataset", "digits", "--bers", "0,0.1", "--maps", "2", "--quiet",
+                "--out", d / "s.csv").exit_code == 0
+    assert _run("metrics", ck, "--dataset", "digits", "--no-importance", "--out",
+                d / "m.csv").exit_code == 0
+    return d
+
+
+def _writers(ck, tables, results, d: Path) -> dict[str, list]:
+    """Every writer of the CLI, writing into ``d`` (inputs elsewhere)."""
+    return {
+        "sweep": ["sweep", ck, "--dataset", "digits", "--bers", "0,0.1", "--maps", "2",
+                  "--quiet", "--out", d / "s.csv"],
+        "train": ["train", "--dataset", "digits", "--hidden", "4", "--epochs", "1", "--quiet",
+                  "--train-subset", "64", "--out", d / "ck"],
+        "metrics": ["metrics", ck, "--dataset", "digits", "--no-importance", "--out",
+                    d / "m.csv"],
+        "study": [*STUDY_ARGS, "--out", d / "S"],
+        "plot sweep": ["plot", "sweep", tables / "s.csv", "--out", d / "p.png"],
+        "plot margins": ["plot", "margins", tables / "m.csv", "--out", d / "h.svg"],
+        "report": ["report", results, "--out", d / "r.html", "--n-boot", "10"],
+        "demo": ["demo", "--dataset", "digits", "--epochs", "1", "--study", "none", "--maps",
+                 "1", "--out", d / "demo"],
+    }
+
+
+def _no_temporary_files(d: Path) -> None:
+    import re
+
+    left = [str(p) for p in d.rglob("*") if re.fullmatch(r"\..+\.[a-z0-9_]{8}", p.name)]
+    assert not left, left
+
+
+@pytest.mark.parametrize("at,err", [("create", "EROFS"), ("rename", "ENOSPC"),
+                                    ("rename", "EFBIG")])
+@pytest.mark.parametrize("writer", ["sweep", "train", "metrics", "study", "plot sweep",
+                                    "plot margins", "report", "demo"])
+def test_every_writer_on_a_read_only_or_full_disk_is_one_line(tmp_path, monkeypatch, ck, tables,
+                                                              results, writer, at, err):
+    import errno
+
+    d = tmp_path / "out"
+    d.mkdir()
+    inputs = {p: snapshot(p) for p in (ck, tables, results)}
+    args = _writers(ck, tables, results, d)[writer]
+    _fail_under(monkeypatch, d, getattr(errno, err), at=at)
+    _one_line(_run(*args), "cannot write", os.strerror(getattr(errno, err)))
+    monkeypatch.undo()
+    _no_temporary_files(d)
+    assert {p: snapshot(p) for p in inputs} == inputs
+    if at == "create":
+        assert os.listdir(d) == []
+
+
+_FSIZE_DRIVER = """
+import json, resource, signal, sys
+from click.testing import CliRunner
+from bnn_tol.cli import main
+commands = json.loads(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+out = {}
+for name, args in commands.items():
+    r = CliRunner().invoke(main, args)
+    out[name] = [r.exit_code, r.stderr, repr(r.exception)]
+print(json.dumps(out))
+"""
+
+
+def test_every_writer_past_a_file_size_limit_is_one_line(tmp_path, ck, tables, results):
+    """A real EFBIG: the writers run in a process whose files may not grow past 100 bytes
+    (RLIMIT_FSIZE), so every write of the library meets the limit where it happens."""
+    import json
+    import subprocess
+    import sys
+
+    d = tmp_path / "out"
+    d.mkdir()
+    cmds = {k: [str(a) for a in v] for k, v in _writers(ck, tables, results, d).items()}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    p = subprocess.run([sys.executable, "-c", _FSIZE_DRIVER, json.dumps(cmds)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for name, (code, stderr, exc) in res.items():
+        lines = _text_lines(stderr)
+        assert code != 0 and "SystemExit" in exc, (name, code, exc, stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("Error: cannot write"), (name, stderr)
+        assert "File too large" in lines[0], (name, lines[0])
+    _no_temporary_files(d)
