@@ -451,3 +451,39 @@ def test_every_writer_past_a_file_size_limit_is_one_line(tmp_path, ck, tables, r
         assert len(lines) == 1 and lines[0].startswith("Error: cannot write"), (name, stderr)
         assert "File too large" in lines[0], (name, lines[0])
     _no_temporary_files(d)
+
+
+def test_resume_refuses_rows_of_a_model_its_sidecar_does_not_record(tmp_path, ck):
+    out = tmp_path / "s.csv"
+    assert _sweep(ck, out).exit_code == 0
+    lines = out.read_text().split("\n")
+    lines.insert(1, "x" + lines[1][len("m1"):])  # a row of another sweep pasted in
+    out.write_text("\n".join(lines))
+    before = snapshot(tmp_path)
+    _one_line(_run("sweep", ck, "--dataset", "digits", "--bers", "0,0.1,0.2", "--maps", "2",
+                   "--quiet", "--out", out, "--resume"), "'x'", "sidecar")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("m1,0,0.5,0,1,{seed},{acc},{rerr},1,{mem}", "ber"),  # ber is not that of p01/p10
+    ("m1,0.5,0,0,1,{seed},{acc},{rerr},1,{mem}", "ber"),
+    ("m1,0,0,0,1,{seed},{acc},0.5,1,{mem}", "rerr"),  # rerr is not 1 - accuracy
+    ("m1,0,0,0,1,999999999999999999999999999,{acc},{rerr},1,{mem}", "map_seed"),
+    ("m1,0,0,0,-1,{seed},{acc},{rerr},1,{mem}", "map"),
+    ("m1,0,0,0,1,{seed},{acc},{rerr},1,99999999999999999999999", "memory_bits"),
+])
+def test_a_sweep_row_that_contradicts_itself_is_refused(tmp_path, ck, line, needle):
+    out = tmp_path / "s.csv"
+    assert _sweep(ck, out).exit_code == 0
+    lines = out.read_text().split("\n")
+    f = lines[2].split(",")
+    lines[2] = line.format(seed=f[5], acc=f[6], rerr=f[7], mem=f[9])
+    out.write_text("\n".join(lines))
+    before = snapshot(tmp_path)
+    with pytest.raises(bnn_tol.exceptions.ResultsMismatch, match=f"line 3.*{needle}"):
+        bnn_tol.evaluate.read_sweep(out)
+    _one_line(_run("sweep", ck, "--dataset", "digits", "--bers", "0,0.1,0.2", "--maps", "2",
+                   "--quiet", "--out", out, "--resume"), "line 3", needle)
+    _one_line(_run("plot", "sweep", out, "--out", tmp_path / "p.png"), "line 3", needle)
+    assert snapshot(tmp_path) == before

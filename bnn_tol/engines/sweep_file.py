@@ -60,6 +60,9 @@ _FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr", "bits_per_weight")
 _INT_COLS = ("map", "map_seed", "memory_bits")
 _UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
 _KEY = ["model", "p01", "p10", "map", "map_seed"]
+#: The values an integer column may hold (seeds are 63-bit; memory_bits -1: unknown).
+_INT_RANGE = {"map": (0, (1 << 63) - 1), "map_seed": (0, (1 << 63) - 1),
+              "memory_bits": (-1, (1 << 63) - 1)}
 #: The error model of sidecars written before error models were recorded.
 _DEFAULT_ERROR = {"name": "bernoulli"}
 #: Largest sidecar read (a sidecar records settings and provenance: a few kB per model).
@@ -227,6 +230,8 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
                 raise bad(f"line {n}: {col}={v!r} is not a number") from None
             if cast is float and not (math.isfinite(x) and (col in _UNBOUNDED or 0.0 <= x <= 1.0)):
                 raise bad(f"line {n}: {col}={v!r} is out of range")
+            if cast is int and not _INT_RANGE[col][0] <= x <= _INT_RANGE[col][1]:
+                raise bad(f"line {n}: {col}={v!r} is out of range")
             out.append(x)
         return out
 
@@ -238,6 +243,15 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
             continue
         res[col] = convert(col, int if col in _INT_COLS else float)
     res = res.astype({c: "int64" for c in _INT_COLS} | {c: "float64" for c in _FLOAT_COLS})
+    p01, p10 = res["p01"].to_numpy(), res["p10"].to_numpy()
+    for col, want in (("ber", np.where(p01 == p10, p01, 0.5 * (p01 + p10))),
+                      ("rerr", 1.0 - res["accuracy"].to_numpy())):
+        wrong = np.flatnonzero(res[col].to_numpy() != want)
+        if len(wrong):
+            i = int(wrong[0])
+            raise bad(f"line {i + 2}: {col}={res[col].iloc[i]!r} contradicts the row ("
+                      + ("p01, p10" if col == "ber" else "1 - accuracy")
+                      + f" give {want[i]!r})")
     dup = res.duplicated(_KEY)
     if dup.any():
         n = int(np.flatnonzero(dup.to_numpy())[0]) + 2
@@ -253,8 +267,9 @@ def read_sweep(path) -> pd.DataFrame:
     of the previous release, whose ``seed`` is read as ``map_seed``; :data:`OLD_COLUMNS` of
     files written before codecs) once, every row complete and newline-terminated, numeric
     columns finite (rates and accuracies in [0, 1], ``map``/``map_seed``/``memory_bits``
-    integers), no key ``(model, p01, p10, map, map_seed)`` twice; then the rows are validated
-    against the ``sweep`` table of :mod:`bnn_tol.schema`.
+    integers in range), every row consistent (``ber`` is ``p`` or ``(p01 + p10) / 2``,
+    ``rerr = 1 - accuracy``, as written), no key ``(model, p01, p10, map, map_seed)`` twice;
+    then the rows are validated against the ``sweep`` table of :mod:`bnn_tol.schema`.
 
     Returns:
         One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``map_seed`` int64).
@@ -349,12 +364,17 @@ class SweepFile:
         if diffs:
             raise ResultsMismatch(f"{self.path} was made with {'; '.join(diffs)}; use another "
                                   "--out for these settings")
-        if not raw.endswith(b"\n"):  # ours, torn by a killed writer: drop the partial line
-            cut = raw.rfind(b"\n") + 1
+        torn = not raw.endswith(b"\n")  # ours, torn by a killed writer: drop the partial line
+        cut = raw.rfind(b"\n") + 1
+        rows = _parse_sweep(raw[:cut], self.path)
+        unknown = sorted(set(rows["model"]) - set(old["models"]))
+        if unknown:
+            raise ResultsMismatch(f"{self.path} has rows of model(s) {unknown[:3]} that its "
+                                  f"sidecar {meta_path(self.path).name} does not record (rows of "
+                                  "another sweep?); it was left untouched, use another --out")
+        if torn:  # only now that every complete row is valid
             with writing(self.path):
                 os.ftruncate(self.fh.fileno(), cut)
-            raw = raw[:cut]
-        rows = _parse_sweep(raw, self.path)
         new = {lb: m for lb, m in settings["models"].items() if lb not in old["models"]}
         if new:
             _write_meta(self.path, {**old, "models": {**old["models"], **new}})

@@ -186,7 +186,7 @@ def load_config(
         text = str(study)
         path = Path(text)
         if path.is_file():
-            raw = tomllib.loads(path.read_text())
+            raw = _read_toml(path)
             raw.setdefault("name", path.stem)
         elif text in presets():
             raw = tomllib.loads((resources.files("bnn_tol") / "presets" / f"{text}.toml")
@@ -213,6 +213,23 @@ def load_config(
         cfg = _merge(cfg, overrides)
     _validate(cfg)
     return cfg
+
+
+#: Largest study file read (a study file is a page of TOML).
+_MAX_STUDY_FILE = 1 << 20
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A study file's TOML (InvalidArgument naming the file if it is not UTF-8 TOML)."""
+    try:
+        if path.stat().st_size > _MAX_STUDY_FILE:
+            raise InvalidArgument(f"{path} is larger than {_MAX_STUDY_FILE} bytes: not a study "
+                                  "file")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
+        raise InvalidArgument(f"{path} is not a TOML study file ({e})") from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the study file {path} ({e.strerror})") from None
 
 
 #: Most tasks (models x training BERs x seeds) and local Dask workers of one study.
