@@ -487,3 +487,17 @@ def test_a_sweep_row_that_contradicts_itself_is_refused(tmp_path, ck, line, need
                    "--quiet", "--out", out, "--resume"), "line 3", needle)
     _one_line(_run("plot", "sweep", out, "--out", tmp_path / "p.png"), "line 3", needle)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name,text", [("study.json", "{not json"), ("study.json", "[1, 2]"),
+                                       ("environment.json", "\xff"), ("status.csv", '"a\n')])
+def test_report_of_a_results_directory_with_a_malformed_file_is_one_line(tmp_path, results,
+                                                                         name, text):
+    import shutil
+
+    d = tmp_path / "S"
+    shutil.copytree(results, d)
+    (d / name).write_text(text, encoding="latin-1")
+    before = snapshot(d)
+    _one_line(_run("report", d, "--out", tmp_path / "r.html", "--n-boot", "10"), name)
+    assert snapshot(d) == before and not (tmp_path / "r.html").exists()

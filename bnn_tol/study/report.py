@@ -122,7 +122,7 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
         p = d / f"{name}.csv"
         if p.is_file() and p.stat().st_size > 0:
             out[name] = (schema.read_csv(p, *_TABLES[name]) if name in _TABLES
-                         else pd.read_csv(p))
+                         else _plain_csv(p))
         elif name in ("models", "sweeps", "metrics"):
             raise FileNotFoundError(f"{p} not found: {d} is not a study results directory. "
                                     f"Run `bnn-tol study --preset quick --out {d}` first.")
@@ -132,8 +132,31 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
         raise InvalidArgument(f"{d / 'models.csv'} has no finished tasks (see status.csv and "
                          "models/<id>/error.txt)")
     cfg = d / "study.json"
-    out["config"] = json.loads(cfg.read_text()) if cfg.is_file() else {}  # type: ignore[assignment]
+    out["config"] = _json_object(cfg) if cfg.is_file() else {}  # type: ignore[assignment]
     return out
+
+
+def _plain_csv(path: Path) -> pd.DataFrame:
+    """A CSV without a declared table (``status.csv``); ResultsMismatch if it is not one."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError) as e:
+        raise ResultsMismatch(f"{path} is not a CSV table ({type(e).__name__}); regenerate it "
+                              "with `bnn-tol study`") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """``study.json`` / ``environment.json`` of a results directory: a JSON object, or
+    ResultsMismatch naming the file."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ResultsMismatch(f"{path} is unreadable ({type(e).__name__}); regenerate it with "
+                              "`bnn-tol study`") from None
+    if not isinstance(obj, dict):
+        raise ResultsMismatch(f"{path} is not a JSON object; regenerate it with `bnn-tol study`")
+    return obj
 
 
 def _fig_html(fig, alt: str) -> str:
@@ -352,7 +375,7 @@ def _reproduction_html(rd: Path) -> str:
         return ("<h2>Reproduction</h2><p class='note'>No <code>environment.json</code> in the "
                 "results directory: the command and environment are not recorded. A study is "
                 f"reproduced with <code>{html.escape(REPRODUCE)}</code>.</p>")
-    env = json.loads(path.read_text())
+    env = _json_object(path)
     keys = ["bnn_tol", "git_commit", "git_dirty", "torch", "numpy", "pandas", "python", "cpu",
             "cores", "torch_threads", "workers"]
     rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(env.get(k)))}</td></tr>"
@@ -382,7 +405,7 @@ def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd
     lines = [f"# Study {cfg.get('name', rd.name)}", "", str(cfg.get("description", "")), ""]
     env_path = rd / "environment.json"
     if env_path.is_file():
-        env = json.loads(env_path.read_text())
+        env = _json_object(env_path)
         commit = str(env.get("git_commit") or "unknown")[:12]
         lines += [f"Reproduce: `{env.get('command')}` · bnn_tol {env.get('bnn_tol')} @ {commit}"
                   f"{' (dirty)' if env.get('git_dirty') else ''} · torch {env.get('torch')} · "
