@@ -135,8 +135,8 @@ def _settings_problem(st: object) -> str | None:
 
 def _read_meta(out) -> dict:
     """The sidecar (``format``, ``version`` 1 or :data:`META_VERSION`, ``settings``, ...);
-    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours (the one validation of a
-    sidecar: its JSON, format, version, columns and the shape of every recorded setting)."""
+    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours (its JSON, format, version;
+    :meth:`SweepFile.open_rows` then checks the columns and the shape of every setting)."""
     path = meta_path(out)
     why = None
     try:
@@ -151,8 +151,6 @@ def _read_meta(out) -> dict:
             why = f"its sidecar {path.name} has unknown version {meta.get('version')!r}"
         elif not isinstance(meta.get("settings"), dict):
             why = f"its sidecar {path.name} records no settings"
-        elif (problem := _settings_problem(meta["settings"])) is not None:
-            why = f"its sidecar {path.name} is malformed ({problem})"
     except FileNotFoundError:
         why = f"its sidecar {path.name} is missing (every bnn_tol sweep writes one)"
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -360,6 +358,11 @@ class SweepFile:
                                   f"{meta.get('version')!r} with columns {meta.get('columns')}, "
                                   "not those of its header; it was left untouched, use another "
                                   "--out")
+        problem = _settings_problem(old)
+        if problem is not None:
+            raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
+                                  f"sidecar {meta_path(self.path).name} is malformed ({problem}); "
+                                  "it was left untouched, use another --out")
         diffs = _differences(old, settings)
         if diffs:
             raise ResultsMismatch(f"{self.path} was made with {'; '.join(diffs)}; use another "
