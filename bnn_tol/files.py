@@ -274,10 +274,19 @@ def claim_dir(path: PathLike, marker: str, *, note: str, what: str,
     """
     p = Path(path)
     check_claim(p, marker, what=what, recognize=recognize, option=option)
+    new = not os.path.lexists(p)
+    had_marker = (p / marker).is_file()
     ensure_dir(p)
-    with writing(p / marker), open(p / marker, "ab") as fh:  # never replaced: a lock file
-        if fh.tell() == 0:
-            fh.write(note.encode("utf-8"))
+    try:
+        with writing(p / marker), open(p / marker, "ab") as fh:  # never replaced: a lock file
+            if fh.tell() == 0:
+                fh.write(note.encode("utf-8"))
+    except OutputError:  # a full disk: leave nothing behind that was not there
+        if not had_marker:
+            (p / marker).unlink(missing_ok=True)
+        if new:
+            shutil.rmtree(p, ignore_errors=True)
+        raise
     return p
 
 

@@ -155,3 +155,21 @@ def test_sniff_reads_the_head_and_the_tail(tmp_path):
     f.write_bytes(b"%PDF" + b"x" * 100_000 + b"/Producer (Matplotlib)")
     assert sniff(f, b"Matplotlib") and not sniff(f, b"Inkscape")
     assert not sniff(tmp_path / "missing", b"x")
+
+
+def test_a_claim_that_cannot_write_its_marker_leaves_nothing(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.open
+
+    def full(file, mode="r", *a, **k):
+        if str(file).endswith(".mine") and "a" in mode:
+            fh = real(file, mode, *a, **k)
+            fh.close()  # created, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(OutputError, match="No space left"):
+        claim_dir(tmp_path / "d", ".mine", note="mine\n", what="test")
+    assert os.listdir(tmp_path) == []
