@@ -149,6 +149,14 @@ def main(debug: bool) -> None:
     """Bit error tolerance of binarized neural networks: train, inject, sweep, measure."""
 
 
+#: The library's bounds (bnn_tol.train.MAX_SEED, MAX_THREADS), here so that `--help` and usage
+#: errors need no torch import (tests/test_cli_limits.py checks that they agree).
+_MAX_SEED = (1 << 63) - 1
+_MAX_THREADS = 1024
+#: bnn_tol.engines.driver.MAX_MAPS (fault maps per BER of one sweep).
+_MAX_MAPS = 100_000
+
+
 @main.command()
 @click.option("--model", "model_name", default="fc", show_default=True,
               help="Architecture: fc, vgg3 or vgg7.")
@@ -195,11 +203,11 @@ def main(debug: bool) -> None:
               help="Random bit error training (RandBET) rate: p or p01,p10.")
 @click.option("--train-subset", type=click.IntRange(min=1), default=None,
               help="Use only the first N training samples (quick runs).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
               help="Seed of initialization, shuffling and flips.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(1, _MAX_THREADS), default=None,
               help="torch CPU threads while training (default: the current torch setting). "
                    "The trained weights depend on it; recorded in config.json.")
 @click.option("--out", type=click.Path(), required=True,
@@ -217,7 +225,6 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
 
     from bnn_tol import data
     from bnn_tol import train as train_mod
-    from bnn_tol.core import models as models
     from bnn_tol.interop import checkpoint
 
     checkpoint.check_out(out, overwrite=overwrite)
@@ -239,7 +246,7 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
                       rounding=rounding)
     if activation is not None:
         kwargs["activation"] = activation
-    model = models.build(model_name, seed=seed, **kwargs)
+    model = train_mod.build(model_name, seed=seed, **kwargs)  # refuses what cannot fit
     layers = None
     if flip_layers and flip_layers not in ("all", "hidden"):
         layers = [int(v) if v.lstrip("-").isdigit() else v for v in flip_layers.split(",")]
@@ -265,11 +272,13 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
 @click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Directory searched first for the dataset files.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Training epochs per model.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Training epochs per model.")
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
+              help="Seed of everything random.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to compute.")
-@click.option("--maps", type=int, default=10, show_default=True,
+@click.option("--maps", type=click.IntRange(1, _MAX_MAPS), default=10, show_default=True,
               help="Fault maps per BER in the demo sweep.")
 @click.option("--study", "study_name", default="quick", show_default=True,
               help="Study preset run at the end ('none' to skip).")
@@ -349,8 +358,8 @@ def _parse_bers(text: str) -> list:
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--bers", default="0:0.1:0.01", show_default=True,
               help="BERs: START:STOP:STEP (inclusive), a list 0,0.01,0.05, or p01/p10 pairs.")
-@click.option("--maps", "n_maps", type=int, default=20, show_default=True,
-              help="Fault maps (chips) per BER.")
+@click.option("--maps", "n_maps", type=click.IntRange(1, _MAX_MAPS), default=20,
+              show_default=True, help="Fault maps (chips) per BER.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fault maps.")
 @click.option("--layers", default=None,
               help="Layers with errors: 'all' (default), 'hidden', or comma-separated "
@@ -391,11 +400,15 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
           quiet) -> None:
     """Accuracy of checkpoints RUNS... under persistent bit errors (one row per model, BER, map),
     or on a profiled chip per voltage (--profile)."""
-    from bnn_tol import data, engines
+    from bnn_tol import data, engines, files
     from bnn_tol.interop import checkpoint
 
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE: the sweep CSV to continue")
+    _refuse_other_kind(click.get_current_context(), profile=profile_file is not None)
+    if out:  # never into a checkpoint read; whether an existing file is ours: the sweep file
+        for path in (out, engines.meta_path(out)):
+            files.check_output(path, inputs=[*runs, data_dir], replace=True)
     if profile_file is not None:
         return _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset,
                               out, quiet)
@@ -427,10 +440,30 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
         click.echo(f"wrote {len(df)} rows to {out}")
 
 
+#: Options of a BER sweep that a profile sweep (--profile) does not take, and back.
+_BER_ONLY = ("bers", "n_maps", "seed", "layers", "targets", "error", "batch_size", "engine",
+             "device", "resume")
+_PROFILE_ONLY = ("voltages", "offsets")
+
+
+def _refuse_other_kind(ctx: click.Context, *, profile: bool) -> None:
+    """Refuse options given on the command line that the chosen kind of sweep would ignore."""
+    names = _BER_ONLY if profile else _PROFILE_ONLY
+    default = (click.core.ParameterSource.DEFAULT, None)
+    given = [p for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) not in default]
+    if given:
+        opts = ", ".join(p.opts[0] for p in given)
+        raise click.UsageError(f"{opts} {'is' if len(given) == 1 else 'are'} "
+                               + ("not used by a profile sweep (--profile sweeps voltages x "
+                                  "--offsets)" if profile else
+                                  "only used with --profile (a profiled chip)"))
+
+
 def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, subset, out,
                    quiet) -> None:
     """``sweep --profile``: accuracy vs voltage and energy on a profiled chip."""
-    from bnn_tol import data, engines
+    from bnn_tol import data, engines, files
     from bnn_tol.faults import chip as prof
     from bnn_tol.interop import checkpoint
 
@@ -439,6 +472,7 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
     if Path(out).exists():
         raise click.UsageError(f"{out} exists; choose another --out (profile sweeps are not "
                                "resumed)")
+    files.check_output(out, inputs=[*runs, profile_file])
     chip = prof.load_profile(profile_file)
     volts = _parse_list(voltages, "--voltages", float)
     offs = _parse_ints(offsets, "--offsets") or (0,)
@@ -450,8 +484,8 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
         test = test.subset(subset)
     df = engines.profile_sweep(models, test, chip, voltages=volts, offsets=offs,
                             progress=not quiet)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False, float_format="%.17g")
+    files.atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.17g"),
+                       inputs=[*runs, profile_file])
     summ = engines.summary_energy(df)
     click.echo(summ.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"wrote {len(df)} rows to {out}")
@@ -510,6 +544,10 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
         """Figures from result tables (PNG/PDF/SVG by the --out suffix)."""
 
 
+_OVERWRITE_FIGURE = ("Replace an existing --out that is not a figure bnn_tol wrote (never the "
+                     "table it reads).")
+
+
 @main.commands["plot"].command("sweep")
 @click.argument("csv", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
@@ -519,14 +557,16 @@ if "plot" not in main.commands:  # the `plot` group: others add sub-commands to 
 @click.option("--level", type=float, default=0.95, show_default=True,
               callback=lambda ctx, param, v: _check_level(v),
               help="Confidence level of the band over fault maps, in (0, 1).")
-def plot_sweep(csv, out, metric, level) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_FIGURE)
+def plot_sweep(csv, out, metric, level, overwrite) -> None:
     """Accuracy vs BER from a sweep table (a sweep CSV, or a study's sweeps.csv): mean and
     confidence band per model (a study: per model and training BER)."""
     from bnn_tol import engines
     from bnn_tol.study import plots as plots
 
+    plots.check_out(out, inputs=[csv], overwrite=overwrite)
     fig = plots.sweep(engines.load_sweep(csv), level=level, metric=metric)
-    fig.savefig(out, dpi=150)
+    plots.save(fig, out, inputs=[csv], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {out}")
 
 
@@ -587,7 +627,8 @@ def export_cmd(run, out, overwrite, onnx_path) -> None:
 
         try:
             Path(onnx_path).parent.mkdir(parents=True, exist_ok=True)
-            files.atomic_write(onnx_path, lambda tmp: export_onnx(model, tmp))
+            files.atomic_write(onnx_path, lambda tmp: export_onnx(model, tmp),
+                               inputs=reads, replace=overwrite)
         except OSError as e:
             raise bundle.ExportError(f"writing --onnx {onnx_path} failed ({e.strerror or e}); "
                                      f"the bundle {path} is complete") from e
@@ -600,17 +641,19 @@ def export_cmd(run, out, overwrite, onnx_path) -> None:
 @click.argument("csv", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Image file (png, pdf, svg).")
-def plot_energy(csv, out) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_FIGURE)
+def plot_energy(csv, out, overwrite) -> None:
     """Accuracy vs voltage and vs energy saving from a `sweep --profile` CSV."""
     import pandas as pd
 
     from bnn_tol.study import plots as plots
 
+    plots.check_out(out, inputs=[csv], overwrite=overwrite)
     try:
         df = pd.read_csv(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"{csv} is not a profile sweep CSV ({type(e).__name__})") from None
-    plots.energy(df).savefig(out, dpi=150)
+    plots.save(plots.energy(df), out, inputs=[csv], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {out}")
 
 
@@ -652,6 +695,7 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
     Writes environment.json (versions, commit, CPU, threads) and the command that
     reproduces the run."""
 
+    from bnn_tol.exceptions import BnnTolError
     from bnn_tol.study import report as report_mod
     from bnn_tol.study import runner as study_mod
 
@@ -680,6 +724,8 @@ def study(study_file, preset, out, scheduler, epochs, train_subset, test_subset,
                             overrides=overrides, echo=click.echo, fresh=fresh,
                             command=shlex.join(argv))
     except ValueError as e:
+        if isinstance(e, BnnTolError):  # one line, exit 1 (2 for bad arguments)
+            raise
         raise click.UsageError(str(e)) from e
     if make_report and Path(res["models"]).stat().st_size > 0 and not res["failed"]:
         path = report_mod.write(out, Path(out) / "report.html", echo=click.echo)
@@ -696,18 +742,28 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default RESULTS/report.html).")
-@click.option("--n-boot", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Bootstrap resamples of the correlation intervals.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-def report(results, out, n_boot, seed) -> None:
+@click.option("--n-boot", type=click.IntRange(min=1, max=100_000), default=1000,
+              show_default=True, help="Bootstrap resamples of the correlation intervals.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Bootstrap seed.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace files where the report writes that it did not write (never the "
+                   "tables it reads).")
+def report(results, out, n_boot, seed, overwrite) -> None:
     """Write the HTML report (figures, tables, summary) of a study results directory."""
     from bnn_tol.study import report as report_mod
 
     try:
-        path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo)
+        path = report_mod.write(results, out, n_boot=n_boot, seed=seed, echo=click.echo,
+                                overwrite=overwrite)
     except FileNotFoundError as e:  # not a study results directory (says what to run)
         raise click.ClickException(str(e)) from e
     click.echo(str(path))
+
+
+#: How the tables of `metrics` begin (an existing file is replaced only if it is one of them).
+_METRICS_TABLE = "model,layer,layer_index,kind,neuron,"
+_METRICS_SUMMARY = "model,layer,layer_index,kind,fan_in,n_neurons,"
 
 
 @main.command("metrics")
@@ -730,12 +786,15 @@ def report(results, out, n_boot, seed) -> None:
               help="CSV: one row per (model, layer, neuron) with margins and importances.")
 @click.option("--summary", "summary_out", type=click.Path(dir_okay=False), default=None,
               help="CSV of the per-layer / network summaries (margin and importance variance).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing --out / --summary files that `metrics` did not write "
+                   "(never the checkpoints read).")
 def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importance, flip_ber,
-                batch_size, out, summary_out) -> None:
+                batch_size, out, summary_out, overwrite) -> None:
     """Neuron-level margin and importance of trained checkpoints (RUNS: checkpoint dirs)."""
     import pandas as pd
 
-    from bnn_tol import data, schema
+    from bnn_tol import data, files, schema
     from bnn_tol import metrics as mt
     from bnn_tol.core import models as models
     from bnn_tol.interop import checkpoint
@@ -745,6 +804,13 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     if dup:
         raise click.BadParameter(f"two checkpoints have the same directory name {dup[0]!r}: "
                                  "rows are labelled by it", param_hint="RUNS")
+    outputs = {"--out": (out, _METRICS_TABLE), "--summary": (summary_out, _METRICS_SUMMARY)}
+    if summary_out and files.input_of(summary_out, [out]):
+        raise InvalidArgument(f"--out and --summary name the same file {out}")
+    for option, (path, header) in outputs.items():
+        if path:
+            files.check_output(path, inputs=[*runs, data_dir], option=option,
+                               replace=True if overwrite else files.starts_with(header))
     ds = data.load(dataset, split, data_dir=data_dir)
     if subset is not None:
         ds = ds.subset(subset)
@@ -774,11 +840,14 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
     table = pd.concat(tables, ignore_index=True)
     table = table[["model", *[c for c in table.columns if c != "model"]]]
     schema.validate(table, "margin", what=f"the table for {out}")
-    table.to_csv(out, index=False)
     summ = pd.concat(summaries, ignore_index=True)
     summ = summ[["model", *[c for c in summ.columns if c != "model"]]]
-    if summary_out:
-        summ.to_csv(summary_out, index=False)
+    for option, (path, header) in outputs.items():
+        if path:
+            frame = table if option == "--out" else summ
+            files.atomic_write(path, lambda p, frame=frame: frame.to_csv(p, index=False),
+                               inputs=[*runs, data_dir],
+                               replace=True if overwrite else files.starts_with(header))
     net = summ[summ["layer"] == "network"]
     cols = [c for c in ("model", "metric_group", "estimator", "mean_margin_norm",
                         "mean_margin_half", "variance", "cv") if c in net.columns]
@@ -792,13 +861,15 @@ def metrics_cmd(runs, dataset, data_dir, split, subset, estimators, no_importanc
               help="Image file (png, pdf, svg).")
 @click.option("--value", default="mean_margin_norm", show_default=True,
               help="Per-neuron column to histogram (e.g. mean_margin_half, importance_accuracy).")
-def plot_margins(csv, out, value) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_FIGURE)
+def plot_margins(csv, out, value, overwrite) -> None:
     """Per-layer histograms of a per-neuron margin column, models overlaid (from `metrics`)."""
     import pandas as pd
 
     from bnn_tol import schema
     from bnn_tol.study import plots as plots
 
+    plots.check_out(out, inputs=[csv], overwrite=overwrite)
     try:
         table = pd.read_csv(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -812,7 +883,7 @@ def plot_margins(csv, out, value) -> None:
     table = schema.conform(table, "study.margins" if "model_id" in table else "margin",
                            what=str(csv), require=("layer", value))
     fig = plots.margins(table, value=value)
-    fig.savefig(out, dpi=150)
+    plots.save(fig, out, inputs=[csv], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {out}")
 
 
@@ -875,7 +946,7 @@ def protect(run, rank, fractions, bers, n_maps, seed, unit, random_seeds, datase
     first by each metric sit in reliable memory, against random protection of the same
     memory; prints each ranking's area gain over random with its interval."""
     from bnn_tol import data
-    from bnn_tol.files import atomic_write
+    from bnn_tol.files import atomic_write, check_output, starts_with
     from bnn_tol.interop import checkpoint
     from bnn_tol.study import plots
     from bnn_tol.study import protection as prot
@@ -885,11 +956,11 @@ def protect(run, rank, fractions, bers, n_maps, seed, unit, random_seeds, datase
     ranks = []
     for r in (x.strip() for x in rank.split(",") if x.strip()):
         ranks += [f"random:{s}" for s in range(random_seeds)] if r == "random" else [r]
-    for target in (out, plot_out):
-        if target and Path(target).exists() and not overwrite:
-            raise click.UsageError(f"{target} exists; pass --overwrite to replace it")
-        if target and Path(target).resolve().is_relative_to(Path(run).resolve()):
-            raise click.UsageError(f"{target} lies inside the checkpoint {run}: choose another")
+    # our own earlier curve (its header) is rewritten; anything else only with --overwrite
+    ours = True if overwrite else starts_with("model,ranking,unit,fraction,")
+    check_output(out, inputs=[run], replace=ours)
+    if plot_out:
+        plots.check_out(plot_out, inputs=[run], overwrite=overwrite)
     model = checkpoint.load(run)
     name = dataset or model.meta.get("training", {}).get("dataset", "fashion-mnist")
     test = data.load(name, "test", data_dir=data_dir)
@@ -900,12 +971,12 @@ def protect(run, rank, fractions, bers, n_maps, seed, unit, random_seeds, datase
     curve = prot.protection(model, test, rank=ranks, fractions=fracs, bers=ber_list,
                             n_maps=n_maps, seed=seed, unit=unit, rank_data=rank_ds,
                             label=Path(run).name, progress=not quiet)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda p: curve.to_csv(p, index=False, float_format="%.17g"))
+    atomic_write(out, lambda p: curve.to_csv(p, index=False, float_format="%.17g"),
+                 inputs=[run], replace=ours)
     auc = prot.protection_auc(curve)
     cols = ["ber", "ranking", "gain", "gain_low", "gain_high", "better_than_baseline"]
     click.echo(auc[cols].to_string(index=False, formatters={
         "ber": "{:g}".format, **{c: "{:+.4f}".format for c in cols[2:5]}}))
     if plot_out:
-        plots.protection(curve).savefig(plot_out, dpi=150)
+        plots.save(plots.protection(curve), plot_out, inputs=[run], overwrite=overwrite, dpi=150)
     click.echo(f"wrote {len(curve)} rows to {out}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["BnnTolError", "InvalidArgument", "ResultsMismatch", "FileInUse", "require_int"]
+__all__ = ["BnnTolError", "InvalidArgument", "ResultsMismatch", "FileInUse", "OutputError",
+           "require_int"]
 
 
 class BnnTolError(Exception):
@@ -30,6 +31,12 @@ class ResultsMismatch(BnnTolError, ValueError):
 
 class FileInUse(BnnTolError, RuntimeError):
     """Another process holds the lock of an output file."""
+
+
+class OutputError(BnnTolError, OSError):
+    """An output could not be written: a read-only file system, a full disk, a file size
+    limit, no permission (:mod:`bnn_tol.files` raises it naming the path; what was there
+    before is left as it was)."""
 
 
 def require_int(value: object, name: str, *, minimum: int | None = None,

@@ -12,6 +12,7 @@ Same seed, same device -> identical weights, bit for bit.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bnn_tol import faults
+from bnn_tol.core import models
 from bnn_tol.core.inference import accuracy, resolve_device
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument, require_int
@@ -31,7 +33,67 @@ from bnn_tol.faults.apply import attach
 from bnn_tol.faults.seeds import spawn
 from bnn_tol.interop.checkpoint import check_out, save
 
-__all__ = ["fit", "modified_hinge_loss", "LOSSES"]
+__all__ = ["fit", "build", "check_fits", "check_memory", "training_bytes", "modified_hinge_loss",
+           "LOSSES", "MAX_EPOCHS", "MAX_THREADS", "MAX_SEED"]
+
+#: Most epochs and torch threads :func:`fit` takes (beyond them a count is a typo, not a recipe).
+MAX_EPOCHS = 100_000
+MAX_THREADS = 1024
+#: Largest seed (torch generators take 64-bit signed seeds).
+MAX_SEED = (1 << 63) - 1
+
+
+def training_bytes(model: nn.Module) -> int:
+    """Bytes that training ``model`` holds for its parameters at least: the float32 weights,
+    their gradients and Adam's two moments (``16 * n_parameters``), plus the buffers."""
+    params = sum(p.numel() for p in model.parameters())
+    return 16 * params + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 1 << 62
+
+
+def check_memory(model: nn.Module, what: str = "the model") -> None:
+    """Refuse a model whose training state (:func:`training_bytes`) exceeds this machine's
+    physical memory (a model built on the ``meta`` device costs nothing to check).
+
+    Raises:
+        InvalidArgument: naming the parameter count, the memory needed and the memory there is.
+    """
+    need, have = training_bytes(model), _physical_memory()
+    if need > have:
+        n = sum(p.numel() for p in model.parameters())
+        raise InvalidArgument(f"{what} has {n:.3g} parameters: training it needs at least "
+                              f"{need / 2**30:.3g} GiB of memory, this machine has "
+                              f"{have / 2**30:.3g} GiB; choose smaller widths")
+
+
+def check_fits(name: str, *, seed: int = 0, **kwargs: Any) -> None:
+    """Check the arguments of :func:`bnn_tol.models.build` and that the model can be trained
+    in this machine's memory (:func:`check_memory`), on the ``meta`` device: nothing is
+    allocated.
+
+    Raises:
+        InvalidArgument: as :func:`bnn_tol.models.build`, a seed outside [0, 2^63), or a model
+            too large to train here.
+    """
+    seed = require_int(seed, "seed", minimum=0)
+    if seed > MAX_SEED:
+        raise InvalidArgument(f"seed must be < 2^63, got {seed}")
+    with torch.device("meta"):
+        skeleton = models.build(name, seed=seed, **kwargs)
+    check_memory(skeleton, f"{name} {kwargs.get('hidden', kwargs.get('fc_width', ''))}".strip())
+
+
+def build(name: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """:func:`bnn_tol.models.build` after :func:`check_fits` (a model too large for this
+    machine is refused before anything is allocated)."""
+    check_fits(name, seed=seed, **kwargs)
+    return models.build(name, seed=seed, **kwargs)
 
 
 def modified_hinge_loss(scores: Tensor, target: Tensor, b: float = 1.0) -> Tensor:
@@ -138,8 +200,11 @@ def fit(
 
     Raises:
         InvalidArgument: naming the argument: non-integer or negative ``epochs``,
-            ``flip_warmup``, ``seed``; ``batch_size``, ``lr_step``, ``threads`` < 1; ``lr``,
-            ``lr_gamma`` not finite and > 0; a BER outside [0, 1]; an empty training set.
+            ``flip_warmup``, ``seed``; ``batch_size``, ``lr_step``, ``threads`` < 1; ``epochs``,
+            ``seed``, ``threads`` above :data:`MAX_EPOCHS`, :data:`MAX_SEED`,
+            :data:`MAX_THREADS`; ``lr``, ``lr_gamma`` not finite and > 0; a BER outside
+            [0, 1]; an empty training set; a model too large to train here
+            (:func:`check_memory`).
     """
     epochs = require_int(epochs, "epochs", minimum=0)
     batch_size = require_int(batch_size, "batch_size", minimum=1)
@@ -149,6 +214,11 @@ def fit(
         lr_step = require_int(lr_step, "lr_step", minimum=1)
     if threads is not None:
         threads = require_int(threads, "threads", minimum=1)
+    for label, v, top in (("epochs", epochs, MAX_EPOCHS), ("seed", seed, MAX_SEED),
+                          ("threads", threads, MAX_THREADS)):
+        if v is not None and v > top:
+            raise InvalidArgument(f"{label} must be <= {top}, got {v}")
+    check_memory(model)
     for label, v in (("lr", lr), ("lr_gamma", lr_gamma), ("mhl_margin", mhl_margin)):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
                 or (v <= 0 and label != "mhl_margin"):
@@ -165,7 +235,6 @@ def fit(
     if len(train) == 0:
         raise InvalidArgument("the training set is empty")
     if out is not None:
-
         check_out(out, overwrite=overwrite)
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -274,7 +343,6 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
             meta["history"] = rows
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
             if out is not None:
-
                 save(model, out)
     finally:
         for layer in (*layers.values(), *rb_layers.values()):

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnn_tol.cli import main
-from bnn_tol.exceptions import ResultsMismatch
+from bnn_tol.exceptions import InvalidArgument, ResultsMismatch
 from bnn_tol.study import demo
 
 
@@ -27,8 +27,31 @@ def test_demo_claims_an_empty_directory_and_accepts_its_own_again(tmp_path, monk
     def stop(*a, **k):
         raise RuntimeError("stop after the directory check")
 
-    monkeypatch.setattr(demo.data, "load", stop)
+    monkeypatch.setattr(demo.train, "fit", stop)
     for _ in range(2):  # the second run finds its own marker
         with pytest.raises(RuntimeError, match="stop after"):
-            demo.run(out, study=None)
+            demo.run(out, study=None, dataset="digits")
         assert (out / demo.MARKER).is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--study", "nope"], "'nope' is neither a study file nor a preset"),
+    (["--epochs", "0"], "--epochs"),
+    (["--maps", "0"], "--maps"),
+    (["--maps", "1000000000"], "--maps"),
+    (["--seed", "99999999999999999999999"], "--seed"),
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+])
+def test_demo_validates_everything_before_training(tmp_path, monkeypatch, args, needle):
+    def no_training(*a, **k):
+        raise AssertionError("trained before validating")
+
+    monkeypatch.setattr(demo.train, "fit", no_training)
+    out = tmp_path / "d"
+    res = CliRunner().invoke(main, ["demo", "--dataset", "digits", "--out", str(out), *args])
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.exception
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], res.stderr
+    assert not out.exists()
+    with pytest.raises(InvalidArgument):
+        demo.run(out, epochs=0, study=None)

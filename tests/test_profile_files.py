@@ -359,3 +359,20 @@ def test_placements_are_taken_modulo_the_chip(small):
     n = small.n_cells
     for off in (0, 5, n + 5, 2**63 - 1, 2**80):
         assert np.array_equal(chip.cells(3 * n, small, off), chip.cells(3 * n, small, off % n))
+
+
+def test_save_replaces_a_profile_but_never_a_foreign_file(tmp_path, small):
+    path = chip.save_profile(small, tmp_path / "p.npz")
+    other = chip.synthetic_profile(rows=2, cols=2, n_arrays=1)
+    _same(chip.load_profile(chip.save_profile(other, path)), other)  # ours: replaced
+    foreign = tmp_path / "notes.npz"
+    foreign.write_bytes(b"my notes")
+    with pytest.raises(BnnTolError, match="notes.npz"):
+        chip.save_profile(small, foreign)
+    assert foreign.read_bytes() == b"my notes"
+    plain = tmp_path / "arrays.npz"
+    np.savez(plain, a=np.arange(3))  # an npz, but not a profile
+    before = plain.read_bytes()
+    with pytest.raises(BnnTolError):
+        chip.save_profile(small, plain)
+    assert plain.read_bytes() == before

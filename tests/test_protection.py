@@ -210,8 +210,12 @@ def test_cli_protect_writes_the_curve_and_refuses_to_overwrite(fc, tmp_path):
     curve = pd.read_csv(tmp_path / "p.csv")
     assert set(curve["ranking"]) == {"magnitude", "random:0", "random:1"}
     assert len(curve) == 3 * 3 * 2 and "magnitude" in res.output
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0 and "exists" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(main, [*args[:-3], "--out", str(run / "p.csv"), "--quiet"])
-    assert res.exit_code != 0 and "inside the checkpoint" in res.output
+    res = CliRunner().invoke(main, args)  # its own earlier curve is rewritten
+    assert res.exit_code == 0, res.output
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    res = CliRunner().invoke(main, [*args[:-3], "--out", str(tmp_path / "other.csv"), "--quiet"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"  # a foreign file: untouched
+    res = CliRunner().invoke(main, [*args[:-3], "--out", str(run / "config.json"), "--quiet"])
+    assert res.exit_code != 0 and "input of this command" in res.output
     assert math.isclose(curve.query("fraction == 0")["protected_fraction"].max(), 0.0)

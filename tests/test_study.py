@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import bnn_tol
 from bnn_tol import analysis, data, evaluate, report
 from bnn_tol.cli import main
-from bnn_tol.exceptions import BnnTolError, InvalidArgument
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, ResultsMismatch
 from bnn_tol.study import runner as study
 
 SMALL = {"train": {"seeds": [0, 1], "bers": [0.0, 0.2], "epochs": 3},
@@ -124,9 +124,11 @@ def test_rerun_skips_finished_tasks_and_recomputes_only_missing_or_stale(tmp_pat
     again = pd.read_csv(study.run("tiny", tmp_path, overrides=cfg, echo=None)["status"])
     assert list(again.status) == ["cached", "done"]
     assert all((tmp_path / f).read_bytes() == before[f] for f in RESULTS)
-    cfg["train"]["epochs"] = 2  # a changed spec is not served from the cache
-    again = pd.read_csv(study.run("tiny", tmp_path, overrides=cfg, echo=None)["status"])
-    assert list(again.status) == ["done", "done"]
+    cfg["train"]["epochs"] = 2  # a changed spec is neither served from the cache nor mixed in
+    with pytest.raises(ResultsMismatch, match=r"\[train\] epochs = 1, now 2"):
+        study.run("tiny", tmp_path, overrides=cfg, echo=None)
+    assert all((tmp_path / f).read_bytes() == before[f] for f in RESULTS)
+    assert ck.stat().st_mtime_ns == stamp
     assert res["failed"] == []
 
 

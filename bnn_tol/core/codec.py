@@ -315,7 +315,7 @@ def make(spec: Mapping[str, Any] | None = None) -> Codec:
     Raises:
         InvalidArgument: ``spec`` not a mapping, an unknown kind or bad options.
     """
-    if spec is None:
+    if spec is None or spec == "sign":  # the default, or the bare name of the sign codec
         return SignCodec()
     if not isinstance(spec, Mapping):
         raise InvalidArgument("a codec spec is a mapping such as {'kind': 'fixed', 'bits': 4} "

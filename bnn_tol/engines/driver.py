@@ -37,7 +37,13 @@ from bnn_tol.faults.registry import (
     map_nbytes,
 )
 
-__all__ = ["sweep", "accuracy_under_flips", "summarize"]
+__all__ = ["sweep", "accuracy_under_flips", "summarize", "MAX_MAPS", "MAX_ROWS"]
+
+#: Most fault maps per BER of one sweep (the chips' seeds are drawn at once).
+MAX_MAPS = 100_000
+#: Most rows (models x BERs x maps) of one sweep: the returned table is held in memory
+#: (~100 bytes a row), so a sweep never grows past a few hundred MB whatever its counts.
+MAX_ROWS = 2_000_000
 
 
 def _ber_list(bers, error) -> list[tuple[float, float]]:
@@ -162,8 +168,9 @@ def sweep(
     Raises:
         InvalidArgument: BER outside [0, 1], empty ``bers``, unknown layers, models without
             binary layers, a dataset whose image shape is not the model's ``in_shape``,
-            ``n_maps``/``seed``/``batch_size`` not integers (>= 1, >= 0, >= 1), ``resume``
-            without ``out``, an existing ``out`` without ``resume``.
+            ``n_maps``/``seed``/``batch_size`` not integers (>= 1, >= 0, >= 1), ``n_maps``
+            above :data:`MAX_MAPS` or more than :data:`MAX_ROWS` rows, ``resume`` without
+            ``out``, an existing ``out`` without ``resume``.
         ResultsMismatch: ``resume`` into a file that is not a valid sweep CSV of ours, or that
             was made with other settings (names the difference; the file is left untouched).
         FileInUse: another process is writing ``out``.
@@ -175,6 +182,11 @@ def sweep(
     err = error_model(error)
     ber_list = _ber_list(bers, err)
     n_maps = require_int(n_maps, "n_maps", minimum=1, strict=True)
+    if n_maps > MAX_MAPS:
+        raise InvalidArgument(f"n_maps must be <= {MAX_MAPS} (fault maps per BER), got {n_maps}")
+    if len(models) * len(ber_list) * n_maps > MAX_ROWS:
+        raise InvalidArgument(f"{len(models)} model(s) x {len(ber_list)} BER(s) x {n_maps} maps "
+                              f"is more than {MAX_ROWS} rows; sweep fewer at a time")
     seed = require_int(seed, "seed", minimum=0, strict=True)
     batch_size = check_batch_size(batch_size, optional=True)
     if maps_per_step is not None:
@@ -211,7 +223,7 @@ def sweep(
     cap = max(max(p) for p in ber_list)
     total = len(models) * len(ber_list) * n_maps
     bar = tqdm(total=total, desc="sweep", unit="map", disable=not progress)
-    rows_all: list[dict] = []
+    frames: list[pd.DataFrame] = []
     maps = _MapCache()
     map_layout = None
     try:
@@ -237,17 +249,20 @@ def sweep(
                     fmaps = (protect_maps(maps.get(m, lambda m=m, model=model: draw_maps(
                         model, seeds[m], cap, layers=layers, error=err)), shield) for m in todo)
                 accs = runner.accuracies(fmaps, [seeds[m] for m in todo], p01, p10, bar)
-                rows = [{"model": str(label), "ber": _ber_value(p01, p10), "p01": p01,
-                         "p10": p10, "map": m, "map_seed": seeds[m], "accuracy": a,
-                         "rerr": 1.0 - a, **storage} for m, a in zip(todo, accs, strict=True)]
-                if file is not None and rows:
-                    file.append(rows)
-                rows_all += rows
+                rows = pd.DataFrame({
+                    "model": str(label), "ber": _ber_value(p01, p10), "p01": p01, "p10": p10,
+                    "map": todo, "map_seed": [seeds[m] for m in todo], "accuracy": accs,
+                    "rerr": [1.0 - a for a in accs], **storage}, columns=COLUMNS)
+                if len(rows):
+                    if file is not None:
+                        file.append(rows)
+                    frames.append(rows)
     finally:
         bar.close()
         if file is not None:
             file.close()
-    df = pd.DataFrame(rows_all, columns=COLUMNS)
+    df = (pd.concat(frames, ignore_index=True) if frames
+          else pd.DataFrame(columns=COLUMNS))
     if len(old):
         keys = {(str(lb), p01, p10) for lb in models for p01, p10 in ber_list}
         mask = [(m, a, b) in keys and s == seeds[k] if k < n_maps else False

@@ -32,7 +32,7 @@ from bnn_tol import schema
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import FileInUse, InvalidArgument, ResultsMismatch
 from bnn_tol.faults.maps import select_layers
-from bnn_tol.files import write_text
+from bnn_tol.files import check_output, ensure_dir, write_text, writing
 from bnn_tol.provenance import data_digest, environment, model_digest
 
 __all__ = ["COLUMNS", "PREVIOUS_COLUMNS", "OLD_COLUMNS", "META_SUFFIX", "META_VERSION",
@@ -60,8 +60,13 @@ _FLOAT_COLS = ("ber", "p01", "p10", "accuracy", "rerr", "bits_per_weight")
 _INT_COLS = ("map", "map_seed", "memory_bits")
 _UNBOUNDED = ("ber", "bits_per_weight")  # not rates/accuracies in [0, 1]
 _KEY = ["model", "p01", "p10", "map", "map_seed"]
+#: The values an integer column may hold (seeds are 63-bit; memory_bits -1: unknown).
+_INT_RANGE = {"map": (0, (1 << 63) - 1), "map_seed": (0, (1 << 63) - 1),
+              "memory_bits": (-1, (1 << 63) - 1)}
 #: The error model of sidecars written before error models were recorded.
 _DEFAULT_ERROR = {"name": "bernoulli"}
+#: Largest sidecar read (a sidecar records settings and provenance: a few kB per model).
+_MAX_META = 64 << 20
 
 
 def meta_path(out) -> Path:
@@ -85,19 +90,61 @@ def settings(models: dict, data: BNNDataset, layers, targets: tuple,
     }
 
 
+def _is_sidecar(path: Path) -> bool:
+    """Whether ``path`` is a sweep sidecar the library wrote (a JSON object whose ``format``
+    is ``"bnn_tol.sweep"``); only such a file is ever replaced."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_META + 1)
+        meta = json.loads(raw) if len(raw) <= _MAX_META else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == _META_FORMAT
+
+
 def _write_meta(out, settings: dict) -> None:
-    """Write the sidecar atomically (temporary file in the same directory, fsync, rename)."""
+    """Write the sidecar atomically (temporary file in the same directory, fsync, rename);
+    an existing sidecar is replaced only if it is ours (:func:`_is_sidecar`)."""
     text = json.dumps({"format": _META_FORMAT, "version": META_VERSION, "columns": COLUMNS,
                        "settings": settings, "provenance": environment()}, indent=2)
-    write_text(meta_path(out), text, fsync=True)
+    write_text(meta_path(out), text, fsync=True, replace=_is_sidecar)
+
+
+def _settings_problem(st: object) -> str | None:
+    """What is malformed in a sidecar's recorded ``settings`` (``None`` if nothing): the
+    shapes :func:`settings` writes (``error`` optional: sidecars before error models)."""
+    if not isinstance(st, dict):
+        return f"settings is {type(st).__name__}, not an object"
+    ds = st.get("dataset")
+    if not (isinstance(ds, dict) and isinstance(ds.get("name"), str)
+            and isinstance(ds.get("split"), str) and isinstance(ds.get("n_samples"), int)
+            and isinstance(ds.get("digest"), str)):
+        return "settings.dataset is not {name, split, n_samples, digest}"
+    ms = st.get("models")
+    if not (isinstance(ms, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("digest"), str)
+            and isinstance(m.get("layers"), list) for m in ms.values())):
+        return "settings.models is not {label: {digest, layers}}"
+    tg = st.get("targets")
+    if not (isinstance(tg, list) and all(isinstance(t, str) for t in tg)):
+        return "settings.targets is not a list of names"
+    err = st.get("error", _DEFAULT_ERROR)
+    if not (isinstance(err, dict) and isinstance(err.get("name"), str)):
+        return "settings.error is not {name, ...}"
+    return None
 
 
 def _read_meta(out) -> dict:
     """The sidecar (``format``, ``version`` 1 or :data:`META_VERSION`, ``settings``, ...);
-    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours."""
+    ``ResultsMismatch`` if ``out`` has no valid sidecar of ours (its JSON, format, version;
+    :meth:`SweepFile.open_rows` then checks the columns and the shape of every setting)."""
     path = meta_path(out)
     why = None
     try:
+        if path.stat().st_size > _MAX_META:
+            raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: its sidecar "
+                                  f"{path.name} is larger than {_MAX_META} bytes; it was left "
+                                  "untouched, use another --out")
         meta = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
             why = f"its sidecar {path.name} is not a bnn_tol sweep sidecar"
@@ -107,7 +154,7 @@ def _read_meta(out) -> dict:
             why = f"its sidecar {path.name} records no settings"
     except FileNotFoundError:
         why = f"its sidecar {path.name} is missing (every bnn_tol sweep writes one)"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         why = f"its sidecar {path.name} is unreadable ({type(e).__name__})"
     if why:
         raise ResultsMismatch(f"{out} is not recognized as a bnn_tol sweep CSV: {why}; it was "
@@ -185,6 +232,8 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
                 raise bad(f"line {n}: {col}={v!r} is not a number") from None
             if cast is float and not (math.isfinite(x) and (col in _UNBOUNDED or 0.0 <= x <= 1.0)):
                 raise bad(f"line {n}: {col}={v!r} is out of range")
+            if cast is int and not _INT_RANGE[col][0] <= x <= _INT_RANGE[col][1]:
+                raise bad(f"line {n}: {col}={v!r} is out of range")
             out.append(x)
         return out
 
@@ -196,6 +245,15 @@ def _parse_sweep(raw: bytes, path) -> pd.DataFrame:
             continue
         res[col] = convert(col, int if col in _INT_COLS else float)
     res = res.astype({c: "int64" for c in _INT_COLS} | {c: "float64" for c in _FLOAT_COLS})
+    p01, p10 = res["p01"].to_numpy(), res["p10"].to_numpy()
+    for col, want in (("ber", np.where(p01 == p10, p01, 0.5 * (p01 + p10))),
+                      ("rerr", 1.0 - res["accuracy"].to_numpy())):
+        wrong = np.flatnonzero(res[col].to_numpy() != want)
+        if len(wrong):
+            i = int(wrong[0])
+            raise bad(f"line {i + 2}: {col}={res[col].iloc[i]!r} contradicts the row ("
+                      + ("p01, p10" if col == "ber" else "1 - accuracy")
+                      + f" give {want[i]!r})")
     dup = res.duplicated(_KEY)
     if dup.any():
         n = int(np.flatnonzero(dup.to_numpy())[0]) + 2
@@ -211,8 +269,9 @@ def read_sweep(path) -> pd.DataFrame:
     of the previous release, whose ``seed`` is read as ``map_seed``; :data:`OLD_COLUMNS` of
     files written before codecs) once, every row complete and newline-terminated, numeric
     columns finite (rates and accuracies in [0, 1], ``map``/``map_seed``/``memory_bits``
-    integers), no key ``(model, p01, p10, map, map_seed)`` twice; then the rows are validated
-    against the ``sweep`` table of :mod:`bnn_tol.schema`.
+    integers in range), every row consistent (``ber`` is ``p`` or ``(p01 + p10) / 2``,
+    ``rerr = 1 - accuracy``, as written), no key ``(model, p01, p10, map, map_seed)`` twice;
+    then the rows are validated against the ``sweep`` table of :mod:`bnn_tol.schema`.
 
     Returns:
         One row per (model, BER, map), columns :data:`COLUMNS` (``map``/``map_seed`` int64).
@@ -253,12 +312,19 @@ class SweepFile:
 
     def __init__(self, out, *, resume: bool) -> None:
         self.path = Path(os.fspath(out))
+        meta = meta_path(self.path)
+        check_output(self.path, replace=True)  # a directory, a device, below a file
+        if os.path.lexists(meta) and not _is_sidecar(meta):
+            raise ResultsMismatch(f"{out}: its sidecar {meta.name} exists and was not written "
+                                  "by bnn_tol (or is not a file); it was left untouched, use "
+                                  "another --out")
         if self.path.exists() and self.path.stat().st_size > 0 and not resume:
             raise InvalidArgument(f"{out} exists: pass resume=True (--resume) to continue that "
                                   "sweep, or choose another file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         self.created = not self.path.exists()
-        self.fh = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
+        with writing(self.path):
+            self.fh = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
         try:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -296,21 +362,32 @@ class SweepFile:
                                   f"{meta.get('version')!r} with columns {meta.get('columns')}, "
                                   "not those of its header; it was left untouched, use another "
                                   "--out")
+        problem = _settings_problem(old)
+        if problem is not None:
+            raise ResultsMismatch(f"{self.path} is not recognized as a bnn_tol sweep CSV: its "
+                                  f"sidecar {meta_path(self.path).name} is malformed ({problem}); "
+                                  "it was left untouched, use another --out")
         diffs = _differences(old, settings)
         if diffs:
             raise ResultsMismatch(f"{self.path} was made with {'; '.join(diffs)}; use another "
                                   "--out for these settings")
-        if not raw.endswith(b"\n"):  # ours, torn by a killed writer: drop the partial line
-            cut = raw.rfind(b"\n") + 1
-            os.ftruncate(self.fh.fileno(), cut)
-            raw = raw[:cut]
-        rows = _parse_sweep(raw, self.path)
+        torn = not raw.endswith(b"\n")  # ours, torn by a killed writer: drop the partial line
+        cut = raw.rfind(b"\n") + 1
+        rows = _parse_sweep(raw[:cut], self.path)
+        unknown = sorted(set(rows["model"]) - set(old["models"]))
+        if unknown:
+            raise ResultsMismatch(f"{self.path} has rows of model(s) {unknown[:3]} that its "
+                                  f"sidecar {meta_path(self.path).name} does not record (rows of "
+                                  "another sweep?); it was left untouched, use another --out")
+        if torn:  # only now that every complete row is valid
+            with writing(self.path):
+                os.ftruncate(self.fh.fileno(), cut)
         new = {lb: m for lb, m in settings["models"].items() if lb not in old["models"]}
         if new:
             _write_meta(self.path, {**old, "models": {**old["models"], **new}})
         return rows
 
-    def append(self, rows: list[dict]) -> None:
+    def append(self, rows: list[dict] | pd.DataFrame) -> None:
         """Append rows (with the header if the file is empty) in one write, flush + fsync: a
         crash leaves at most a torn last line, which :meth:`open_rows` repairs."""
         buf = _io.StringIO()
@@ -318,9 +395,10 @@ class SweepFile:
         frame = schema.validate(pd.DataFrame(rows, columns=COLUMNS), "sweep",
                                 what=f"rows for {self.path}")
         frame.to_csv(buf, header=header, index=False, float_format="%.17g", lineterminator="\n")
-        self.fh.write(buf.getvalue().encode("utf-8"))
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
+        with writing(self.path):
+            self.fh.write(buf.getvalue().encode("utf-8"))
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
 
     def close(self) -> None:
         """Release the lock; a file this sweep created but never wrote a row to is removed."""
@@ -330,5 +408,6 @@ class SweepFile:
                 if self.wrote_meta:
                     meta_path(self.path).unlink(missing_ok=True)
         finally:
-            self.fh.close()
+            with writing(self.path):
+                self.fh.close()
 

@@ -336,14 +336,25 @@ def _exact(a: np.ndarray, dtype: type[np.generic], name: str) -> np.ndarray:
     return out
 
 
+def _is_profile(path: Path) -> bool:
+    """Is ``path`` a profile archive this module wrote (its ``format`` member says so)?"""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "format.npy" in npz.zip.namelist() and str(npz["format"][()]) == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
     """Write ``profile`` as a documented ``.npz`` (no pickle), atomically
     (:func:`bnn_tol.files.atomic_write`: a failed write leaves the previous file or none).
+    An existing file is replaced only if it is a profile archive (any other file is refused).
 
     Raises:
         InvalidArgument: a field the format's dtype cannot hold exactly (``v_fail`` values
             that are not float32), or ``path`` cannot be written (its directory does not
             exist, no space, read-only), naming the path and why.
+        ResultsMismatch: ``path`` exists and is not a profile archive (left untouched).
     """
     path = Path(path)
     arrays = {"format": np.array(FORMAT), "version": np.array(1),
@@ -363,7 +374,7 @@ def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
         raise InvalidArgument(f"cannot write the profile {path}: the directory {path.parent} "
                               "does not exist")
     try:
-        atomic_write(path, write)
+        atomic_write(path, write, replace=_is_profile)
     except OSError as e:
         if isinstance(e, BnnTolError):
             raise

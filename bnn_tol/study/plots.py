@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from scipy import stats
 from bnn_tol import schema
 from bnn_tol.engines.driver import summarize
 from bnn_tol.exceptions import InvalidArgument
+from bnn_tol.files import atomic_write, check_output, sniff
 from bnn_tol.study import analysis
 from bnn_tol.study.analysis import feature_name
 
@@ -33,6 +35,9 @@ __all__ = [
     "metric_scatter_by_model",
     "energy",
     "protection",
+    "FORMATS",
+    "check_out",
+    "save",
 ]
 
 
@@ -464,3 +469,37 @@ def protection(curve: pd.DataFrame, *, level: float = 0.95) -> Figure:
                  f"{level:.0%} band over maps")
     return fig
 
+
+# -- writing figures (issue 20) -----------------------------------------------------------------
+
+#: Image formats a figure is written in, by the suffix of the file name.
+FORMATS = ("png", "pdf", "svg")
+
+
+def _is_figure(path) -> bool:
+    """A figure matplotlib wrote (its producer string, at the head or the end of the file)."""
+    return sniff(path, b"matplotlib", b"Matplotlib")
+
+
+def check_out(out, *, inputs=(), overwrite: bool = False) -> str:
+    """Check a figure's file name before drawing; returns its format (:data:`FORMATS`).
+
+    Raises:
+        InvalidArgument: the suffix is not ``.png``, ``.pdf`` or ``.svg``.
+        ResultsMismatch: ``out`` is an input, or an existing file matplotlib did not write
+            (without ``overwrite``), see :func:`bnn_tol.files.check_output`.
+    """
+    check_output(out, inputs=inputs, replace=True if overwrite else _is_figure)
+    fmt = Path(out).suffix[1:].lower()
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"{out}: the figure format is chosen by the suffix, one of "
+                              f"{', '.join('.' + f for f in FORMATS)}")
+    return fmt
+
+
+def save(fig: Figure, out, *, inputs=(), overwrite: bool = False, **kwargs) -> None:
+    """Write ``fig`` to ``out`` atomically (checked by :func:`check_out` first; ``kwargs`` go
+    to ``savefig``, e.g. ``dpi``)."""
+    fmt = check_out(out, inputs=inputs, overwrite=overwrite)
+    atomic_write(out, lambda p: fig.savefig(p, format=fmt, **kwargs), inputs=inputs,
+                 replace=True if overwrite else _is_figure)

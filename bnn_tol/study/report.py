@@ -31,13 +31,14 @@ import numpy as np
 import pandas as pd
 
 from bnn_tol import schema
-from bnn_tol.exceptions import InvalidArgument
-from bnn_tol.files import write_text
+from bnn_tol.exceptions import InvalidArgument, ResultsMismatch, require_int
+from bnn_tol.files import atomic_write, check_output, sniff, starts_with
 from bnn_tol.study import analysis, plots
 from bnn_tol.study.analysis import accuracy_at_ber
 
 __all__ = ["write", "load_results", "summarize", "markdown_summary", "HEADLINE",
-           "CURVE_METRICS", "TABLE_BERS", "curve_table", "warnings_html"]
+           "CURVE_METRICS", "TABLE_BERS", "curve_table", "warnings_html", "SIDE_FILES",
+           "MAX_N_BOOT"]
 
 #: Network-level metrics the summary talks about (all metrics are in the tables), as declared
 #: in :data:`bnn_tol.schema.REPORT_METRICS` (names of a one-estimator study; with several
@@ -59,6 +60,29 @@ _TABLES = {"models": ("study.models", ("model_id", "model", "train_ber", "train_
            "margins": ("study.margins", ("model_id", "model", "train_ber", "layer")),
            "importance": ("study.importance", ("model_id", "model", "train_ber", "layer")),
            "predictions": ("study.predictions", ("model_id", "ber", "predicted_accuracy"))}
+#: The tables the report reads from a results directory (never written by it).
+_READS = ("models", "sweeps", "metrics", "margins", "importance", "status", "predictions")
+#: The files the report writes beside its HTML page, each with how it is recognized as the
+#: report's (an existing one is replaced without ``overwrite`` only then).
+SIDE_FILES = {
+    "correlation_curve.csv": starts_with("model,metric,layer,ber,kind", '""'),
+    "reliability.csv": starts_with("model,metric,layer,r_half", '""'),
+    "claims.csv": starts_with("model,metric,claim", '""'),
+    "prediction_fit.csv": starts_with("model,pearson", '""'),
+    "summary.md": starts_with("# Study "),
+    "correlations.csv": starts_with("group,metric,layer", '""'),
+    "regression.csv": starts_with("ber,features", '""'),
+    "comparison.csv": starts_with("layer,metric", '""'),
+}
+#: Most bootstrap resamples (each analysis holds arrays of n_boot x networks).
+MAX_N_BOOT = 100_000
+
+
+def _is_report(path: Path) -> bool:
+    """An HTML page written by :func:`write` (its title)."""
+    return sniff(path, b"<title>bnn_tol study", tail=0)
+
+
 #: Evaluation BERs of the rho table (the nearest BER of the sweep is used).
 TABLE_BERS = (0.05, 0.1, 0.2)
 #: Test-set sizes of the known datasets (the binomial term of the accuracy noise).
@@ -98,7 +122,7 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
         p = d / f"{name}.csv"
         if p.is_file() and p.stat().st_size > 0:
             out[name] = (schema.read_csv(p, *_TABLES[name]) if name in _TABLES
-                         else pd.read_csv(p))
+                         else _plain_csv(p))
         elif name in ("models", "sweeps", "metrics"):
             raise FileNotFoundError(f"{p} not found: {d} is not a study results directory. "
                                     f"Run `bnn-tol study --preset quick --out {d}` first.")
@@ -108,8 +132,31 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
         raise InvalidArgument(f"{d / 'models.csv'} has no finished tasks (see status.csv and "
                          "models/<id>/error.txt)")
     cfg = d / "study.json"
-    out["config"] = json.loads(cfg.read_text()) if cfg.is_file() else {}  # type: ignore[assignment]
+    out["config"] = _json_object(cfg) if cfg.is_file() else {}  # type: ignore[assignment]
     return out
+
+
+def _plain_csv(path: Path) -> pd.DataFrame:
+    """A CSV without a declared table (``status.csv``); ResultsMismatch if it is not one."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError) as e:
+        raise ResultsMismatch(f"{path} is not a CSV table ({type(e).__name__}); regenerate it "
+                              "with `bnn-tol study`") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """``study.json`` / ``environment.json`` of a results directory: a JSON object, or
+    ResultsMismatch naming the file."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ResultsMismatch(f"{path} is unreadable ({type(e).__name__}); regenerate it with "
+                              "`bnn-tol study`") from None
+    if not isinstance(obj, dict):
+        raise ResultsMismatch(f"{path} is not a JSON object; regenerate it with `bnn-tol study`")
+    return obj
 
 
 def _fig_html(fig, alt: str) -> str:
@@ -328,7 +375,7 @@ def _reproduction_html(rd: Path) -> str:
         return ("<h2>Reproduction</h2><p class='note'>No <code>environment.json</code> in the "
                 "results directory: the command and environment are not recorded. A study is "
                 f"reproduced with <code>{html.escape(REPRODUCE)}</code>.</p>")
-    env = json.loads(path.read_text())
+    env = _json_object(path)
     keys = ["bnn_tol", "git_commit", "git_dirty", "torch", "numpy", "pandas", "python", "cpu",
             "cores", "torch_threads", "workers"]
     rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(env.get(k)))}</td></tr>"
@@ -358,7 +405,7 @@ def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd
     lines = [f"# Study {cfg.get('name', rd.name)}", "", str(cfg.get("description", "")), ""]
     env_path = rd / "environment.json"
     if env_path.is_file():
-        env = json.loads(env_path.read_text())
+        env = _json_object(env_path)
         commit = str(env.get("git_commit") or "unknown")[:12]
         lines += [f"Reproduce: `{env.get('command')}` · bnn_tol {env.get('bnn_tol')} @ {commit}"
                   f"{' (dirty)' if env.get('git_dirty') else ''} · torch {env.get('torch')} · "
@@ -406,22 +453,53 @@ def write(
     n_boot: int = 1000,
     seed: int = 0,
     echo: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the HTML report of the study in ``results_dir`` (default ``report.html`` there).
+    """Write the HTML report of the study in ``results_dir`` (default ``report.html`` there)
+    and its tables (:data:`SIDE_FILES`) beside it.
+
+    Every output is checked before the analysis starts: none may be a table the report reads
+    (``results_dir/models.csv`` ...; not even with ``overwrite``), and an existing one is
+    replaced only if the report wrote it (recognized by its header or title) or ``overwrite``.
 
     Args:
         results_dir: output directory of :func:`bnn_tol.study.run`.
         out: the HTML file to write.
         n_boot, seed: bootstrap resamples and seed of the correlation intervals.
+        overwrite: replace outputs that the report did not write.
 
     Returns:
         The path of the report.
+
+    Raises:
+        ResultsMismatch: an output is an input, a table of the report's own, or a file the
+            report did not write (without ``overwrite``). OutputError: it cannot be written.
     """
 
     say = echo or (lambda s: None)
     rd = Path(results_dir)
     out = Path(out) if out is not None else rd / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.name in SIDE_FILES:
+        raise ResultsMismatch(f"{out}: the report writes its table {out.name} beside the HTML "
+                              "file; choose another --out")
+    n_boot = require_int(n_boot, "n_boot", minimum=0)
+    if n_boot > MAX_N_BOOT:
+        raise InvalidArgument(f"n_boot must be <= {MAX_N_BOOT}, got {n_boot}")
+    inputs = [rd / f"{name}.csv" for name in _READS] + [rd / "study.json",
+                                                         rd / "environment.json"]
+
+    def replace(name: str):
+        return True if overwrite else SIDE_FILES.get(name, _is_report)
+
+    for path in (out, *(out.parent / name for name in SIDE_FILES)):
+        check_output(path, inputs=inputs, replace=replace(path.name))
+
+    def save(path: Path, write) -> None:
+        atomic_write(path, write, inputs=inputs, replace=replace(path.name))
+
+    def save_csv(df: pd.DataFrame, name: str) -> None:
+        save(out.parent / name, lambda p: df.to_csv(p, index=False))
+
     res = load_results(rd)
     models, sweeps, metrics = res["models"], res["sweeps"], res["metrics"]
     metrics_all_splits = metrics
@@ -455,12 +533,13 @@ def write(
     cl = analysis.claims(metrics, curve, rel=rel, n_boot=n_boot, seed=seed)
     pfit = (analysis.prediction_fit(res["predictions"], sweeps) if not res["predictions"].empty
             else pd.DataFrame())
-    curve.to_csv(out.parent / "correlation_curve.csv", index=False)
-    rel.to_csv(out.parent / "reliability.csv", index=False)
-    cl.to_csv(out.parent / "claims.csv", index=False)
+    save_csv(curve, "correlation_curve.csv")
+    save_csv(rel, "reliability.csv")
+    save_csv(cl, "claims.csv")
     if not pfit.empty:
-        pfit.to_csv(out.parent / "prediction_fit.csv", index=False)
-    (out.parent / "summary.md").write_text(markdown_summary(rd, res, curve, rel, cl, pfit))
+        save_csv(pfit, "prediction_fit.csv")
+    summary = markdown_summary(rd, res, curve, rel, cl, pfit)
+    save(out.parent / "summary.md", lambda p: Path(p).write_text(summary, encoding="utf-8"))
     ext = _extremes(models)
     comp = pd.DataFrame(columns=["layer", "metric"])
     neuron_comp = pd.DataFrame()
@@ -472,9 +551,9 @@ def write(
             mg = res["margins"]
             neuron_comp = analysis.compare(mg[mg.train_ber == lo], mg[mg.train_ber == hi],
                                            by=["model", "layer"] if multi else "layer")
-    corr.to_csv(out.parent / "correlations.csv", index=False)
-    reg.to_csv(out.parent / "regression.csv", index=False)
-    comp.to_csv(out.parent / "comparison.csv", index=False)
+    save_csv(corr, "correlations.csv")
+    save_csv(reg, "regression.csv")
+    save_csv(comp, "comparison.csv")
 
     rel_names = rel["metric"] if "metric" in rel.columns else []
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bnn_tol study "
@@ -585,6 +664,7 @@ def write(
                   _table(neuron_comp)]
     parts.append(_reproduction_html(rd))
     parts.append("<p class='note'>Generated by <code>bnn-tol report</code>.</p></body></html>")
-    write_text(out, "\n".join(parts))
+    page = "\n".join(parts)
+    save(out, lambda p: Path(p).write_text(page, encoding="utf-8"))
     say(f"[report] written to {out}")
     return out

@@ -93,10 +93,10 @@ from typing import Any
 
 import pandas as pd
 
-from bnn_tol import data, engines, faults, metrics, provenance, schema, train
+from bnn_tol import data, engines, faults, files, metrics, provenance, schema, train
 from bnn_tol.core import models
 from bnn_tol.data import BNNDataset
-from bnn_tol.exceptions import BnnTolError, InvalidArgument
+from bnn_tol.exceptions import BnnTolError, InvalidArgument, OutputError, ResultsMismatch
 from bnn_tol.faults.registry import error_model
 from bnn_tol.files import atomic_write
 from bnn_tol.interop import checkpoint
@@ -109,7 +109,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport has the same API
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = ["presets", "load_config", "tasks", "run_task", "run", "collect", "TABLES", "SCHEMAS",
-           "DEFAULTS", "engine_choices"]
+           "DEFAULTS", "engine_choices", "MARKER", "MAX_TASKS", "MAX_WORKERS"]
 
 #: Defaults filled into every study config (a study file overrides any of them).
 DEFAULTS: dict[str, Any] = {
@@ -171,7 +171,10 @@ def load_config(
     how the ``fmnist`` study is scaled down or up).
 
     Every key is type- and range-checked against :data:`DEFAULTS` (integer keys refuse
-    floats and booleans, BERs lie in [0, 1], labels and the name are plain names).
+    floats and booleans, BERs lie in [0, 1], labels and the name are plain names), and every
+    count is bounded: ``[train] epochs`` and ``[run] threads`` as :func:`bnn_tol.train.fit`,
+    ``[eval] n_maps`` and the sweep rows per network as :func:`bnn_tol.evaluate.sweep`, at
+    most :data:`MAX_TASKS` tasks and :data:`MAX_WORKERS` workers.
 
     Raises:
         InvalidArgument: unknown preset/path, unknown sections or keys, or invalid values
@@ -183,7 +186,7 @@ def load_config(
         text = str(study)
         path = Path(text)
         if path.is_file():
-            raw = tomllib.loads(path.read_text())
+            raw = _read_toml(path)
             raw.setdefault("name", path.stem)
         elif text in presets():
             raw = tomllib.loads((resources.files("bnn_tol") / "presets" / f"{text}.toml")
@@ -211,6 +214,27 @@ def load_config(
     _validate(cfg)
     return cfg
 
+
+#: Largest study file read (a study file is a page of TOML).
+_MAX_STUDY_FILE = 1 << 20
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A study file's TOML (InvalidArgument naming the file if it is not UTF-8 TOML)."""
+    try:
+        if path.stat().st_size > _MAX_STUDY_FILE:
+            raise InvalidArgument(f"{path} is larger than {_MAX_STUDY_FILE} bytes: not a study "
+                                  "file")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
+        raise InvalidArgument(f"{path} is not a TOML study file ({e})") from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the study file {path} ({e.strerror})") from None
+
+
+#: Most tasks (models x training BERs x seeds) and local Dask workers of one study.
+MAX_TASKS = 10_000
+MAX_WORKERS = 256
 
 #: A label or study name is a file name, never a path: it names directories under ``out``.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -242,11 +266,13 @@ def _check_name(where: str, val: Any) -> None:
                    "letter or digit (it names a directory: no path separators, not '.'/'..')")
 
 
-def _check_int(where: str, val: Any, lo: int, *, none: bool = False) -> None:
+def _check_int(where: str, val: Any, lo: int, *, none: bool = False,
+               hi: int | None = None) -> None:
     if none and val is None:
         return
-    if not _is_int(val) or val < lo:
-        raise _bad(where, val, f"an integer >= {lo}" + (" or absent" if none else ""))
+    if not _is_int(val) or val < lo or (hi is not None and val > hi):
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise _bad(where, val, want + (" or absent" if none else ""))
 
 
 def _check_ber(where: str, val: Any, *, pairs: bool) -> None:
@@ -294,10 +320,11 @@ def _validate(cfg: dict) -> None:
         for p in bers:
             _check_ber(f"[{sec}] bers", p, pairs=pairs)
     seeds = tr["seeds"]
-    if (not isinstance(seeds, list) or not seeds or not all(_is_int(v) and v >= 0 for v in seeds)
+    if (not isinstance(seeds, list) or not seeds
+            or not all(_is_int(v) and 0 <= v <= train.MAX_SEED for v in seeds)
             or len(set(seeds)) != len(seeds)):
-        raise _bad("[train] seeds", seeds, "a non-empty list of distinct integers >= 0")
-    _check_int("[train] epochs", tr["epochs"], 1)
+        raise _bad("[train] seeds", seeds, "a non-empty list of distinct integers in [0, 2^63)")
+    _check_int("[train] epochs", tr["epochs"], 1, hi=train.MAX_EPOCHS)
     _check_int("[train] batch_size", tr["batch_size"], 1)
     if not _is_num(tr["lr"]) or tr["lr"] <= 0:
         raise _bad("[train] lr", tr["lr"], "a positive number")
@@ -309,7 +336,10 @@ def _validate(cfg: dict) -> None:
     _check_layers("[train] flip_layers", tr["flip_layers"])
     _check_int("[train] flip_warmup", tr["flip_warmup"], 0)
 
-    _check_int("[eval] n_maps", ev["n_maps"], 1)
+    _check_int("[eval] n_maps", ev["n_maps"], 1, hi=engines.driver.MAX_MAPS)
+    if len(ev["bers"]) * ev["n_maps"] > engines.driver.MAX_ROWS:
+        raise InvalidArgument(f"[eval] bers x n_maps = {len(ev['bers'])} x {ev['n_maps']} is "
+                              f"more than {engines.driver.MAX_ROWS} sweep rows per network")
     _check_int("[eval] seed", ev["seed"], 0)
     _check_layers("[eval] layers", ev["layers"])
     _check_int("[eval] batch_size", ev["batch_size"], 1)
@@ -333,8 +363,8 @@ def _validate(cfg: dict) -> None:
     if rn["device"] not in _DEVICES:
         raise _bad("[run] device", rn["device"], f"one of {list(_DEVICES)}")
     if rn["threads"] != "auto":
-        _check_int("[run] threads", rn["threads"], 1)
-    _check_int("[run] workers", rn["workers"], 1)
+        _check_int("[run] threads", rn["threads"], 1, hi=train.MAX_THREADS)
+    _check_int("[run] workers", rn["workers"], 1, hi=MAX_WORKERS)
 
     if not cfg["models"]:
         raise _bad("[[models]]", cfg["models"], "a non-empty list of model tables")
@@ -350,6 +380,10 @@ def _validate(cfg: dict) -> None:
         labels.append(label)
     if len(set(labels)) != len(labels):
         raise _bad("[[models]] labels", labels, "unique")
+    n_tasks = len(labels) * len(tr["bers"]) * len(seeds)
+    if n_tasks > MAX_TASKS:
+        raise InvalidArgument(f"{len(labels)} model(s) x {len(tr['bers'])} training BER(s) x "
+                              f"{len(seeds)} seed(s) = {n_tasks} tasks, more than {MAX_TASKS}")
 
 
 def check(cfg: Mapping[str, Any]) -> None:
@@ -358,8 +392,9 @@ def check(cfg: Mapping[str, Any]) -> None:
     Loads the datasets (``[data] dataset`` must be known and its files present) and builds
     every ``[[models]]`` entry once on the ``meta`` device with the dataset's shape, then
     runs a meta forward pass of a batch of shape ``(2, C, H, W)``: unknown or invalid model
-    arguments and shape mismatches are found here, not after training. Costs no memory for
-    weights.
+    arguments, shape mismatches and models too large to train in this machine's memory
+    (:func:`bnn_tol.train.check_memory`) are found here, not after training. Costs no memory
+    for weights.
 
     Raises:
         InvalidArgument: naming ``[data] dataset`` or the ``[[models]]`` label.
@@ -387,6 +422,7 @@ def check(cfg: Mapping[str, Any]) -> None:
             raise InvalidArgument(f"[[models]] {label!r}: cannot build {name} with {entry} on "
                                   f"{d['dataset']} images {tuple(train_ds.shape)}: "
                                   f"{type(e).__name__}: {e}") from e
+        train.check_memory(net, f"[[models]] {label!r}")
 
 
 def auto_threads(cores: int, concurrent: int) -> int:
@@ -448,11 +484,11 @@ def _write_csv(df: pd.DataFrame, path: Path, table: str | None = None) -> None:
     """Write ``df`` atomically; validated against the schema ``table`` first, if given."""
     if table is not None:
         schema.validate(df, table, what=str(path))
-    atomic_write(path, lambda p: df.to_csv(p, index=False))
+    atomic_write(path, lambda p: df.to_csv(p, index=False), replace=True)
 
 
 def _write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
+    atomic_write(path, lambda p: Path(p).write_text(text), replace=True)
 
 
 @lru_cache(maxsize=8)
@@ -557,18 +593,20 @@ def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     mid = spec["model_id"]
-    tdir = Path(out) / "models" / mid
-    tdir.mkdir(parents=True, exist_ok=True)
+    tdir = files.ensure_dir(Path(out) / "models" / mid)
     h = _spec_hash(spec)
     done = tdir / _DONE
     if done.is_file() and done.read_text().strip() == h:
         return {"model_id": mid, "status": "cached", **_read_timing(tdir), "error": ""}
-    done.unlink(missing_ok=True)
-    (tdir / "error.txt").unlink(missing_ok=True)
-    (tdir / _TIMING).unlink(missing_ok=True)
+    with files.writing(tdir):
+        done.unlink(missing_ok=True)
+        (tdir / "error.txt").unlink(missing_ok=True)
+        (tdir / _TIMING).unlink(missing_ok=True)
     stages: dict[str, float] = {}
     try:
         _compute(spec, tdir, stages)
+    except OutputError:  # the disk, not the task: stop the study (one line)
+        raise
     except Exception as e:  # noqa: BLE001 -- a failed task must not lose the others
         _write_text(traceback.format_exc(), tdir / "error.txt")
         return {"model_id": mid, "status": "failed", "seconds": time.perf_counter() - t0,
@@ -764,6 +802,25 @@ def run(
     if fresh and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not empty: a fresh run (--fresh) needs a "
                               "new or empty output directory")
+    inputs = [cfg["data"]["data_dir"]]
+    if not isinstance(study, Mapping):
+        inputs.append(study)
+    files.check_claim(out, MARKER, what="`bnn-tol study`", recognize=_is_study_dir)
+    for name in _OUTPUTS:
+        files.check_output(out / name, inputs=[p for p in inputs if p is not None],
+                           replace=True)
+    files.claim_dir(out, MARKER, what="`bnn-tol study`", recognize=_is_study_dir,
+                    note="written by bnn-tol study: this directory is a study's results; a "
+                         "running study holds this file's lock\n")
+    with files.locked(out / MARKER, what=f"the study directory {out}"):
+        return _run_locked(cfg, study, out, scheduler=scheduler, overrides=overrides, say=say,
+                           command=command)
+
+
+def _run_locked(cfg: dict[str, Any], study: Any, out: Path, *, scheduler: Any,
+                overrides: Mapping[str, Any] | None, say: Callable[[str], None],
+                command: str | None) -> dict[str, Any]:
+    """:func:`run` once ``out`` is claimed and locked."""
     cluster = None
     if scheduler is None and cfg["run"]["workers"] > 1:
         from dask.distributed import LocalCluster
@@ -790,7 +847,7 @@ def run(
         if command is None:
             command = (f"python -c \"import bnn_tol; bnn_tol.study.run({study!r}, {str(out)!r}"
                        + (f", overrides={dict(overrides)!r}" if overrides else "") + ")\"")
-        out.mkdir(parents=True, exist_ok=True)
+        _check_same_settings(out, cfg)
         _write_text(json.dumps(cfg, indent=2), out / "study.json")
         _write_text(json.dumps(environment(cfg["run"]["threads"], workers, command), indent=2),
                     out / "environment.json")
@@ -842,6 +899,70 @@ def run(
             "status": str(out / "status.csv"), "failed": failed}
 
 
+#: Marker (and lock file) of a study's results directory.
+MARKER = ".bnn_tol_study"
+#: The files a study writes at the top of its directory.
+_OUTPUTS = ("study.json", "environment.json", "status.csv", "models.csv",
+            *TABLES.values(), "report.html")
+
+
+def _is_study_dir(path: Path) -> bool:
+    """A results directory of a study made before markers existed: its ``study.json`` is a
+    study config (the sections of :data:`DEFAULTS`)."""
+    try:
+        cfg = json.loads((path / "study.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(cfg, dict) and {"name", "data", "train", "eval", "models"} <= set(cfg)
+
+
+def _task_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a study's finished tasks depend on besides their grid point (model label,
+    training BER, seed): every section but the grid (``[train] bers/seeds``, the set of
+    models), the name, the description and ``[run] workers``."""
+    cfg = _merge(DEFAULTS, cfg)
+    out: dict[str, Any] = {sec: dict(cfg[sec]) for sec in ("data", "train", "eval", "metrics")}
+    del out["train"]["bers"], out["train"]["seeds"]
+    out["run"] = {k: cfg["run"].get(k) for k in ("device", "threads")}
+    return out
+
+
+def _check_same_settings(out: Path, cfg: Mapping[str, Any]) -> None:
+    """Refuse to continue a study in ``out`` made with other settings (its finished tasks would
+    be mixed with, or replaced by, tasks of these). More models, seeds or training BERs are
+    allowed: they add tasks.
+
+    Raises:
+        ResultsMismatch: naming each difference (``[train] epochs = 10, now 3``).
+    """
+    path = out / "study.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not an object")
+        before = _task_settings(old)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise ResultsMismatch(f"{path} is unreadable ({e}); it was left untouched: use another "
+                              "--out") from None
+    now = _task_settings(cfg)
+    diffs = [f"[{sec}] {k} = {json.dumps(before[sec].get(k))}, now {json.dumps(now[sec].get(k))}"
+             for sec in now for k in sorted(set(now[sec]) | set(before[sec]))
+             if before[sec].get(k) != now[sec].get(k)]
+    models_before = {m.get("label", m.get("name")): m for m in old.get("models", [])
+                     if isinstance(m, dict)}
+    for m in cfg["models"]:
+        label = m.get("label", m["name"])
+        o = models_before.get(label)
+        if o is not None and dict(o, label=label) != dict(m, label=label):
+            diffs.append(f"[[models]] {label!r} = {json.dumps(o)}, now {json.dumps(m)}")
+    if diffs:
+        raise ResultsMismatch(f"{out} holds a study made with other settings ({'; '.join(diffs)})"
+                              ": its finished tasks would be mixed with these; use another --out "
+                              "(or the settings it was made with)")
+
+
 def _run_dask(specs: Sequence[dict], out: Path, client: Any, report) -> None:
     from dask.distributed import as_completed
 
@@ -851,6 +972,8 @@ def _run_dask(specs: Sequence[dict], out: Path, client: Any, report) -> None:
     for fut in as_completed(futures):
         try:
             report(fut.result())
+        except OutputError:
+            raise
         except Exception as e:  # noqa: BLE001 -- e.g. a worker died
             report({"model_id": by_key[fut.key], "status": "failed", "seconds": math.nan,
                     **dict.fromkeys(_STAGES, math.nan), "error": f"{type(e).__name__}: {e}"})
