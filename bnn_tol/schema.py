@@ -22,6 +22,8 @@ Tables (:func:`describe` lists the columns of one with their meaning):
 ``profile``              one row per (model, voltage, placement): ``evaluate.profile_sweep``
 ``protection``           one row per (model, ranking, protected fraction, BER, map): protection
                          curves (:func:`bnn_tol.study.protection.protection`)
+``protection_auc``       one row per (model, unit, BER, ranking): area under the curve vs
+                         random (:func:`bnn_tol.study.protection.protection_auc`)
 ``margin``               per neuron: :func:`bnn_tol.metrics.margin`
 ``margin_summary``       per layer + network: :func:`bnn_tol.metrics.margin_summary`
 ``importance``           per (estimator, neuron): :func:`bnn_tol.metrics.importance`
@@ -35,6 +37,8 @@ Tables (:func:`describe` lists the columns of one with their meaning):
 ``study.margins``        ``margins.csv``: task columns + ``margin``
 ``study.importance``     ``importance.csv``: task columns + ``importance``
 ``study.predictions``    ``predictions.csv``: task columns + ``predictions``
+``study.protection``     ``protection.csv``: task columns + ``protection``
+``study.protection_auc`` ``protection_auc.csv``: task columns + ``protection_auc``
 =======================  ======================================================================
 
 Writers call :func:`validate` on what they write; readers call :func:`read_csv` (files) or
@@ -212,12 +216,24 @@ VOCABULARY: dict[str, ColumnSpec] = {
     "protected_fraction": ColumnSpec("float", "fraction of stored bits kept error-free (the "
                                      "longest prefix of the ranking within the asked fraction)",
                                      False, (_rate,)),
+    "auc": _f("mean accuracy over the protection curve (trapezoid area / span of fractions)",
+              _rate),
+    "gain": _f("auc of the ranking minus the mean auc of the random rankings (accuracy)"),
+    "gain_low": _f("lower end of the bootstrap interval of gain (maps and random seeds "
+                   "resampled)"),
+    "gain_high": _f("upper end of the bootstrap interval of gain"),
+    "better_than_baseline": ColumnSpec("bool", "gain_low > 0: the ranking beats random "
+                                       "protection"),
+    "n_maps": _i("fault maps per curve point", _ge(1)),
+    "n_baseline": _i("random rankings (seeds) in the baseline", _ge(1)),
     # study: models.csv
     "clean_acc": ColumnSpec("float", "clean accuracy of the network on the study's test set "
                             "(mean of its BER-0 sweep rows)", False, (_rate,)),
     "train_acc": _f("training accuracy of the last epoch", _rate),
     "epochs": _i("training epochs", _ge(1)),
     "checkpoint": _s("checkpoint directory, relative to the study directory"),
+    "recipe": _s("the bit flip training recipe: the layers that got flips while training "
+                 "(all, hidden, layers-<p1>-...)", nullable=True),
     "threads": _i("torch threads the task ran with (training results depend on it)", _ge(1)),
     # long-form metrics
     "layer": _s("qualified layer name, or 'network' for network-level aggregates"),
@@ -307,6 +323,11 @@ _IVAR = ("estimator", "layer", "layer_index", "n_neurons", "mean", "std", "varia
 _PRED = ("ber", "layer", "layer_index", "predicted_accuracy", "predicted_drop",
          "first_order_accuracy", "clean_accuracy", "n_samples")
 
+_PROTECTION = ("model", "ranking", "unit", "fraction", "protected_fraction", "ber", "p01", "p10",
+               "map", "map_seed", "accuracy", "rerr")
+_AUC = ("model", "unit", "ber", "ranking", "auc", "gain", "gain_low", "gain_high",
+        "better_than_baseline", "n_maps", "n_baseline")
+
 
 @dataclass(frozen=True)
 class _Decl:
@@ -329,12 +350,15 @@ _DECLS: dict[str, _Decl] = {
                      "one row per (model, voltage, placement) on a profiled chip",
                      "bnn-tol sweep <checkpoints> --profile <chip.npz> --out <file>",
                      key=("model", "voltage", "offset")),
-    "protection": _Decl(("model", "ranking", "unit", "fraction", "protected_fraction", "ber",
-                         "p01", "p10", "map", "map_seed", "accuracy", "rerr"),
+    "protection": _Decl(_PROTECTION,
                         "one row per (model, ranking, protected fraction, BER, fault map): "
                         "study.protection.protection",
                         "bnn-tol protect <checkpoint> --out <file>",
                         key=("model", "ranking", "unit", "fraction", "p01", "p10", "map")),
+    "protection_auc": _Decl(_AUC, "one row per (model, unit, BER, ranking): the area under the "
+                            "protection curve vs random, study.protection.protection_auc",
+                            "bnn-tol protect <checkpoint> --out <file>",
+                            key=("model", "unit", "ber", "ranking")),
     "margin": _Decl(_MARGIN, "one row per (layer, neuron): metrics.margin",
                     "bnn-tol metrics <checkpoints> --out <file>", key=("layer", "neuron"),
                     optional=("model",)),
@@ -359,9 +383,9 @@ _DECLS: dict[str, _Decl] = {
                            "score_margin_flips"), "one row per sample: metrics.score_margin",
                           "metrics.score_margin(model, data)", key=("sample",)),
     "study.models": _Decl(("model_id", "model", "arch", "train_ber", "train_seed", "clean_acc",
-                           "train_acc", "epochs", "checkpoint", "threads"),
+                           "train_acc", "epochs", "checkpoint", "threads", "recipe"),
                           "a study's models.csv: one row per trained network", _STUDY,
-                          key=("model_id",)),
+                          key=("model_id",), optional=("recipe",)),
     "study.sweeps": _Decl((*TASK_COLUMNS, *_SWEEP[1:]), "a study's sweeps.csv: one row per "
                           "(network, BER, fault map)", _STUDY, key=("model_id", "p01", "p10",
                                                                     "map"),
@@ -379,6 +403,13 @@ _DECLS: dict[str, _Decl] = {
     "study.predictions": _Decl((*TASK_COLUMNS, *_PRED), "a study's predictions.csv: per "
                                "(network, BER)", _STUDY, key=("model_id", "layer", "ber"),
                                optional=("arch",)),
+    "study.protection": _Decl((*TASK_COLUMNS, *_PROTECTION[1:]), "a study's protection.csv: "
+                              "per (network, ranking, fraction, BER, fault map)", _STUDY,
+                              key=("model_id", "ranking", "unit", "fraction", "p01", "p10",
+                                   "map")),
+    "study.protection_auc": _Decl((*TASK_COLUMNS, *_AUC[1:]), "a study's protection_auc.csv: "
+                                  "per (network, unit, BER, ranking)", _STUDY,
+                                  key=("model_id", "unit", "ber", "ranking")),
 }
 
 #: Column names of the previous release that this schema no longer uses anywhere.

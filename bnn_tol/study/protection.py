@@ -44,10 +44,28 @@ from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults import protect as shield
 from bnn_tol.faults.maps import rates
 
-__all__ = ["RANKINGS", "scores", "order", "protection", "protection_auc"]
+__all__ = ["RANKINGS", "UNITS", "check_ranking", "scores", "order", "protection",
+           "protection_auc"]
 
 #: The rankings (``random`` and ``importance`` take ``:<seed>`` / ``:<estimator>``).
 RANKINGS = ("importance", "margin", "flip_probability", "magnitude", "gradient", "random")
+
+
+#: Units of protection (:data:`bnn_tol.faults.protect.UNITS`).
+UNITS = shield.UNITS
+
+
+def check_ranking(rank: str) -> tuple[str, str | None]:
+    """``(kind, argument)`` of a ranking name (``"random:3"`` -> ``("random", "3")``).
+
+    Raises:
+        InvalidArgument: an unknown ranking, or a random seed that is not an integer >= 0.
+    """
+    kind, arg = _parse(rank)
+    if kind == "importance" and arg is not None and arg not in metrics.estimators.names():
+        raise InvalidArgument(f"unknown importance estimator in {rank!r}; choose from "
+                              f"{', '.join(metrics.estimators.names())}")
+    return kind, arg
 
 
 def _parse(rank: str) -> tuple[str, str | None]:
@@ -270,4 +288,4 @@ def protection_auc(curve: pd.DataFrame, *, baseline: str = "random", n_boot: int
                         "auc": auc(a, all_rows), "gain": gain, "gain_low": float(lo),
                         "gain_high": float(hi), "better_than_baseline": bool(lo > 0),
                         "n_maps": len(maps), "n_baseline": len(base)})
-    return pd.DataFrame(out)
+    return schema.validate(pd.DataFrame(out), "protection_auc", what="the protection AUC")

@@ -66,6 +66,18 @@ Study files are TOML (see ``bnn_tol/presets/*.toml``; every key has a default, s
     [run]     device, threads ("auto": cores // concurrent tasks, or an integer), workers
               (> 1: a local Dask cluster of that many single-thread worker processes)
     [[models]] label, name, and the model's keyword arguments (hidden = [256, 256], ...)
+    [protection] rankings (empty: off), fractions, bers, n_maps, unit, seeds, train_bers,
+              batch_size
+
+``[train] flip_layers`` may list several recipes (``["all", "hidden"]``): each is a group of
+networks of its own (:func:`recipes`). ``[protection]`` adds metric-guided protection curves
+(:func:`bnn_tol.study.protection.protection`) for the networks of the chosen training seeds
+and BERs (``"all"``): the units ranked on a random subset of the *training* set
+(``metric_subset`` images, so the ranking never sees the evaluated images), evaluated on the
+test subset with the fault maps of ``[eval] seed``; written as ``protection.csv`` and
+``protection_auc.csv`` (area under each curve relative to random, with its bootstrap
+interval). The rankings must include ``random:<seed>`` entries (the baseline). Protection
+curves may be added to a finished study: the stage is cached on its own settings.
 
 ``train_subset`` / ``test_subset`` / ``metric_subset`` are random subsets (seeded by
 ``subset_seed``) of the training set (training), the test set (sweeps, clean accuracy) and
@@ -102,6 +114,7 @@ from bnn_tol.files import atomic_write
 from bnn_tol.interop import checkpoint
 from bnn_tol.metrics import estimators
 from bnn_tol.provenance import available_cores
+from bnn_tol.study import protection as prot
 
 try:
     import tomllib
@@ -124,22 +137,32 @@ DEFAULTS: dict[str, Any] = {
     "metrics": {"importance": "accuracy", "batch_size": 1024},
     "run": {"device": "cpu", "threads": "auto", "workers": 1},
     "models": [{"label": "fc", "name": "fc"}],
+    "protection": {"rankings": [], "fractions": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+                   "bers": [0.05, 0.1, 0.2], "n_maps": 10, "unit": "neuron", "seeds": "all",
+                   "train_bers": "all", "batch_size": 1000},
 }
 
 #: Tidy tables concatenated by :func:`collect` (file stem in each task dir -> output file).
 TABLES = {"sweep": "sweeps.csv", "metrics": "metrics.csv", "margin": "margins.csv",
-          "importance": "importance.csv", "predictions": "predictions.csv"}
+          "importance": "importance.csv", "predictions": "predictions.csv",
+          "protection": "protection.csv", "protection_auc": "protection_auc.csv"}
 #: The :mod:`bnn_tol.schema` table of each file stem (per task and collected).
 SCHEMAS = {"model": "study.models", "sweep": "study.sweeps", "metrics": "study.metrics",
            "margin": "study.margins", "importance": "study.importance",
-           "predictions": "study.predictions"}
-#: Tables a finished task may lack (``metrics.predict_accuracy`` is optional).
-_OPTIONAL = {"predictions"}
+           "predictions": "study.predictions", "protection": "study.protection",
+           "protection_auc": "study.protection_auc"}
+#: Tables a finished task may lack (``metrics.predict_accuracy`` is optional; protection
+#: curves only where ``[protection]`` asks for them).
+_OPTIONAL = {"predictions", "protection", "protection_auc"}
+#: Tables of the protection stage (collected only from tasks whose stage finished).
+_PROTECTION_TABLES = ("protection", "protection_auc")
+#: The protection stage's marker: its settings hash and seconds (written last).
+_PROTECTED = "protection.json"
 _TASK_COLS = list(schema.TASK_COLUMNS)
 _DONE = "done"
 _TIMING = "timing.json"
 #: Per-stage wall-clock seconds a task records in ``timing.json`` (train includes saving).
-_STAGES = ("train_s", "sweep_s", "metrics_s")
+_STAGES = ("train_s", "sweep_s", "metrics_s", "protect_s")
 STATUS_COLUMNS = ["model_id", "status", "seconds", *_STAGES, "error"]
 
 
@@ -294,6 +317,36 @@ def _check_layers(where: str, val: Any) -> None:
         raise _bad(where, val, "'all', 'hidden' or a non-empty list of layer positions/names")
 
 
+#: Named bit flip training recipes (the layers that get flips while training).
+RECIPES = ("all", "hidden")
+
+
+def _recipe_name(layers: Any) -> str:
+    if layers is None:
+        return "all"
+    if isinstance(layers, str):
+        return layers
+    return "layers-" + "-".join(str(v) for v in layers)
+
+
+def recipes(flip_layers: Any) -> list[tuple[str, Any]]:
+    """The training recipes of ``[train] flip_layers``: ``[(name, layers)]``.
+
+    A recipe says which layers get bit flips while training: ``"all"``, ``"hidden"`` (all but
+    the first and the last) or a list of layer positions/names (named
+    ``layers-<p1>-<p2>...``). A list whose entries are recipes (``["all", "hidden"]``, or
+    lists of layers) is an axis of the study: every (model, recipe) pair is a group of its
+    own, labelled ``<label>-<recipe>``, crossed with the training BERs and seeds. A flat list
+    of positions/names is one recipe.
+    """
+    if (isinstance(flip_layers, list) and flip_layers
+            and any(isinstance(v, list) or v in RECIPES for v in flip_layers)):
+        items = list(flip_layers)
+    else:
+        items = [flip_layers]
+    return [(_recipe_name(v), v) for v in items]
+
+
 def _validate(cfg: dict) -> None:
     """Type- and range-check every key of a merged config; errors name the key and value."""
 
@@ -333,7 +386,11 @@ def _validate(cfg: dict) -> None:
         raise _bad("[train] lr_gamma", tr["lr_gamma"], "a positive number")
     if tr["loss"] not in _LOSSES:
         raise _bad("[train] loss", tr["loss"], f"one of {list(_LOSSES)}")
-    _check_layers("[train] flip_layers", tr["flip_layers"])
+    recs = recipes(tr["flip_layers"])
+    for _, layers in recs:
+        _check_layers("[train] flip_layers", layers)
+    if len({n for n, _ in recs}) != len(recs):
+        raise _bad("[train] flip_layers", tr["flip_layers"], "distinct recipes")
     _check_int("[train] flip_warmup", tr["flip_warmup"], 0)
 
     _check_int("[eval] n_maps", ev["n_maps"], 1, hi=engines.driver.MAX_MAPS)
@@ -366,6 +423,8 @@ def _validate(cfg: dict) -> None:
         _check_int("[run] threads", rn["threads"], 1, hi=train.MAX_THREADS)
     _check_int("[run] workers", rn["workers"], 1, hi=MAX_WORKERS)
 
+    _validate_protection(cfg["protection"], tr)
+
     if not cfg["models"]:
         raise _bad("[[models]]", cfg["models"], "a non-empty list of model tables")
     labels = []
@@ -377,13 +436,58 @@ def _validate(cfg: dict) -> None:
                                   f"{models.available()}")
         label = m.get("label", m["name"])
         _check_name("[[models]] label", label)
-        labels.append(label)
+        for rname, _ in recs if len(recs) > 1 else [("", None)]:
+            labels.append(f"{label}-{rname}" if rname else label)
+            _check_name("[[models]] label-recipe", labels[-1])
     if len(set(labels)) != len(labels):
-        raise _bad("[[models]] labels", labels, "unique")
+        raise _bad("[[models]] labels (with their recipes)", labels, "unique")
     n_tasks = len(labels) * len(tr["bers"]) * len(seeds)
     if n_tasks > MAX_TASKS:
-        raise InvalidArgument(f"{len(labels)} model(s) x {len(tr['bers'])} training BER(s) x "
-                              f"{len(seeds)} seed(s) = {n_tasks} tasks, more than {MAX_TASKS}")
+        raise InvalidArgument(f"{len(labels)} model(s) and recipe(s) x {len(tr['bers'])} "
+                              f"training BER(s) x {len(seeds)} seed(s) = {n_tasks} tasks, more "
+                              f"than {MAX_TASKS}")
+
+
+def _validate_protection(pr: dict, tr: dict) -> None:
+    """Check the ``[protection]`` section (``rankings = []``: no protection stage)."""
+    ranks = pr["rankings"]
+    if not isinstance(ranks, list) or not all(isinstance(r, str) for r in ranks):
+        raise _bad("[protection] rankings", ranks, "a list of ranking names")
+    if not ranks:
+        return
+    if len(set(ranks)) != len(ranks):
+        raise _bad("[protection] rankings", ranks, "distinct rankings")
+    try:
+        for r in ranks:
+            prot.check_ranking(r)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"[protection] rankings: {e}") from e
+    if not any(r.split(":")[0] == "random" for r in ranks):
+        raise _bad("[protection] rankings", ranks, "at least one random:<seed> ranking (the "
+                   "baseline every ranking is compared with)")
+    fr = pr["fractions"]
+    if (not isinstance(fr, list) or len(fr) < 2
+            or not all(_is_num(f) and 0 <= f <= 1 for f in fr)
+            or any(b <= a for a, b in zip(fr, fr[1:], strict=False))):
+        raise _bad("[protection] fractions", fr, "an increasing list of at least two fractions "
+                   "in [0, 1]")
+    if not isinstance(pr["bers"], list) or not pr["bers"]:
+        raise _bad("[protection] bers", pr["bers"], "a non-empty list of bit error rates")
+    for p in pr["bers"]:
+        _check_ber("[protection] bers", p, pairs=True)
+    _check_int("[protection] n_maps", pr["n_maps"], 1, hi=engines.driver.MAX_MAPS)
+    rows = len(ranks) * len(fr) * len(pr["bers"]) * pr["n_maps"]
+    if rows > engines.driver.MAX_ROWS:
+        raise InvalidArgument(f"[protection] rankings x fractions x bers x n_maps = {rows} rows "
+                              f"per network, more than {engines.driver.MAX_ROWS}")
+    if pr["unit"] not in prot.UNITS:
+        raise _bad("[protection] unit", pr["unit"], f"one of {list(prot.UNITS)}")
+    for key, grid in (("seeds", tr["seeds"]), ("train_bers", tr["bers"])):
+        v = pr[key]
+        if v != "all" and (not isinstance(v, list) or not v or any(x not in grid for x in v)):
+            raise _bad(f"[protection] {key}", v, f"\"all\" or a non-empty subset of [train] "
+                       f"{'seeds' if key == 'seeds' else 'bers'} {grid}")
+    _check_int("[protection] batch_size", pr["batch_size"], 1)
 
 
 def check(cfg: Mapping[str, Any]) -> None:
@@ -445,7 +549,11 @@ def task_id(label: str, train_ber: float, seed: int) -> str:
 
 
 def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The grid ``models x training BERs x seeds`` as self-contained task specs.
+    """The grid ``models x recipes x training BERs x seeds`` as self-contained task specs.
+
+    With one recipe (:func:`recipes`) a task is labelled by its model's label; with several,
+    by ``<label>-<recipe>`` (and its spec names the recipe), so every analysis grouped by
+    ``model`` is per recipe.
 
     Each spec holds everything the task needs (``data``, ``train``, ``eval``, ``metrics``,
     ``run`` sections, the model entry, ``train_ber``, ``seed``, ``model_id``), so that
@@ -455,13 +563,20 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     threads = cfg["run"]["threads"]
     threads = auto_threads(available_cores(), 1) if threads == "auto" else int(threads)
-    for m in cfg["models"]:
+    recs = recipes(cfg["train"]["flip_layers"])
+    grid = [(m, rname, layers) for m in cfg["models"] for rname, layers in recs]
+    for m, rname, layers in grid:
         label = m.get("label", m["name"])
+        if len(recs) > 1:
+            label = f"{label}-{rname}"
         for ber in cfg["train"]["bers"]:
             for seed in cfg["train"]["seeds"]:
                 spec = {sec: copy.deepcopy(dict(cfg[sec]))
                         for sec in ("data", "train", "eval", "metrics", "run")}
                 del spec["train"]["bers"], spec["train"]["seeds"]
+                spec["train"]["flip_layers"] = copy.deepcopy(layers)
+                if len(recs) > 1:  # a single recipe keeps the spec (and hash) it always had
+                    spec["recipe"] = rname
                 spec["run"]["threads"] = threads
                 del spec["run"]["workers"]  # how tasks are spread does not change them
                 if spec["eval"]["error"] == DEFAULTS["eval"]["error"]:
@@ -470,12 +585,20 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                     del spec["eval"]["error"]
                 spec.update(model=dict(m, label=label), train_ber=float(ber), seed=int(seed),
                             model_id=task_id(label, ber, seed))
+                pr = cfg["protection"]
+                if pr["rankings"] and all(pr[k] == "all" or v in pr[k] for k, v in
+                                          (("seeds", seed), ("train_bers", ber))):
+                    spec["protection"] = {k: copy.deepcopy(v) for k, v in pr.items()
+                                          if k not in ("seeds", "train_bers")}
                 out.append(spec)
     return out
 
 
 def _spec_hash(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    """The hash of what a task's training, sweep and metrics depend on (its protection
+    settings are hashed by their own stage, so adding them keeps the task cached)."""
+    base = {k: v for k, v in spec.items() if k != "protection"}
+    return hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- one task -----------------------------------------------------------------------------------
@@ -584,27 +707,35 @@ def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     Records its wall-clock time (``seconds``) and per-stage breakdown (``train_s``: build,
     train and save; ``sweep_s``; ``metrics_s``: margins, importance and the tables) in
     ``timing.json`` before the ``done`` marker, so a cached re-run reports the original
-    timings.
+    timings. With ``spec["protection"]`` the protection stage (:func:`_protect`) follows,
+    cached on its own settings (``protect_s``, also counted in ``seconds``).
 
     Returns:
         ``{"model_id", "status": "done"|"cached"|"failed", "seconds", "train_s", "sweep_s",
-        "metrics_s", "error"}``. Exceptions are caught and reported (with the traceback in
-        ``error.txt``), never raised.
+        "metrics_s", "protect_s", "error"}``. Exceptions are caught and reported (with the
+        traceback in ``error.txt``), never raised.
     """
     t0 = time.perf_counter()
     mid = spec["model_id"]
     tdir = files.ensure_dir(Path(out) / "models" / mid)
     h = _spec_hash(spec)
     done = tdir / _DONE
-    if done.is_file() and done.read_text().strip() == h:
-        return {"model_id": mid, "status": "cached", **_read_timing(tdir), "error": ""}
-    with files.writing(tdir):
-        done.unlink(missing_ok=True)
-        (tdir / "error.txt").unlink(missing_ok=True)
-        (tdir / _TIMING).unlink(missing_ok=True)
-    stages: dict[str, float] = {}
+    cached = done.is_file() and done.read_text().strip() == h
+    stages: dict[str, float] = _read_timing(tdir) if cached else {}
+    if not cached:
+        with files.writing(tdir):
+            for name in (_DONE, "error.txt", _TIMING, _PROTECTED):
+                (tdir / name).unlink(missing_ok=True)
+    ran = not cached
     try:
-        _compute(spec, tdir, stages)
+        if not cached:
+            _compute(spec, tdir, stages)
+            stages["seconds"] = time.perf_counter() - t0
+            _write_text(json.dumps({k: stages[k] for k in ("seconds", *_STAGES[:3])},
+                                   indent=1), tdir / _TIMING)
+            _write_text(h, done)
+        if "protection" in spec:
+            ran |= _protect(spec, tdir, h, stages)
     except OutputError:  # the disk, not the task: stop the study (one line)
         raise
     except Exception as e:  # noqa: BLE001 -- a failed task must not lose the others
@@ -612,19 +743,86 @@ def run_task(spec: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
         return {"model_id": mid, "status": "failed", "seconds": time.perf_counter() - t0,
                 **{k: stages.get(k, math.nan) for k in _STAGES},
                 "error": f"{type(e).__name__}: {e}"}
-    timing = {"seconds": time.perf_counter() - t0, **{k: stages[k] for k in _STAGES}}
-    _write_text(json.dumps(timing, indent=1), tdir / _TIMING)
-    _write_text(h, done)
-    return {"model_id": mid, "status": "done", **timing, "error": ""}
+    (tdir / "error.txt").unlink(missing_ok=True)
+    timing = {k: stages.get(k, math.nan) for k in ("seconds", *_STAGES)}
+    if "protection" in spec:  # seconds: training, sweep and metrics, plus protection
+        timing["seconds"] += timing["protect_s"]
+    return {"model_id": mid, "status": "done" if ran else "cached", **timing, "error": ""}
 
 
 def _read_timing(tdir: Path) -> dict[str, float]:
-    """The timings a finished task recorded (NaN for tasks finished by older versions)."""
+    """The timings a finished task recorded (NaN for tasks finished by older versions; the
+    protection stage's seconds are in its own marker)."""
     try:
         rec = json.loads((tdir / _TIMING).read_text())
-        return {k: float(rec[k]) for k in ("seconds", *_STAGES)}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {k: float(rec.get(k, math.nan)) for k in ("seconds", *_STAGES)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return dict.fromkeys(("seconds", *_STAGES), math.nan)
+
+
+def _protection_marker(tdir: Path) -> dict[str, Any]:
+    try:
+        rec = json.loads((tdir / _PROTECTED).read_text())
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _protect(spec: Mapping[str, Any], tdir: Path, base_hash: str,
+             stages: dict[str, float]) -> bool:
+    """The protection stage of a finished task (``spec["protection"]``): protection curves of
+    its saved network and their AUC vs random, cached on their own settings. Returns whether
+    it ran (False: cached)."""
+    import torch
+
+    pr = spec["protection"]
+    h = hashlib.sha256(json.dumps({"task": base_hash, "protection": pr}, sort_keys=True,
+                                  default=str).encode()).hexdigest()
+    rec = _protection_marker(tdir)
+    if rec.get("hash") == h:
+        stages["protect_s"] = float(rec.get("seconds", math.nan))
+        return False
+    with files.writing(tdir):
+        (tdir / _PROTECTED).unlink(missing_ok=True)
+    t = time.perf_counter()
+    torch.set_num_threads(int(spec["run"]["threads"]))
+    d, ev = spec["data"], spec["eval"]
+    model = checkpoint.load(tdir, device=spec["run"]["device"])
+    test_ds = _subset(_dataset(d["dataset"], "test", d["data_dir"]), d["test_subset"],
+                      d["subset_seed"])
+    rank_ds = _subset(_dataset(d["dataset"], "train", d["data_dir"]), d["metric_subset"],
+                      d["subset_seed"])
+    bers = [tuple(b) if isinstance(b, list) else b for b in pr["bers"]]
+    curve = prot.protection(model, test_ds, rank=pr["rankings"], fractions=pr["fractions"],
+                            bers=bers, n_maps=pr["n_maps"], seed=ev["seed"], unit=pr["unit"],
+                            rank_data=rank_ds, label=spec["model_id"], engine=ev["engine"],
+                            error=ev.get("error", DEFAULTS["eval"]["error"]),
+                            batch_size=pr["batch_size"], progress=False)
+    auc = prot.protection_auc(curve, seed=ev["seed"])
+    ids = _ids(spec)
+    _write_csv(_front(curve, ids), tdir / "protection.csv", SCHEMAS["protection"])
+    _write_csv(_front(auc, ids), tdir / "protection_auc.csv", SCHEMAS["protection_auc"])
+    stages["protect_s"] = time.perf_counter() - t
+    _write_text(json.dumps({"hash": h, "seconds": stages["protect_s"]}, indent=1),
+                tdir / _PROTECTED)
+    return True
+
+
+def _ids(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The task columns of a task's rows."""
+    return {"model_id": spec["model_id"], "model": spec["model"]["label"],
+            "arch": spec["model"]["name"], "train_ber": spec["train_ber"],
+            "train_seed": spec["seed"]}
+
+
+def _front(df: pd.DataFrame, ids: Mapping[str, Any]) -> pd.DataFrame:
+    """``df`` with the task columns (:data:`bnn_tol.schema.TASK_COLUMNS`) in front."""
+    df = df.copy()
+    for k in reversed(_TASK_COLS):
+        if k in df.columns:
+            df = df.drop(columns=k)
+        df.insert(0, k, ids[k])
+    return df
 
 
 def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> None:
@@ -640,7 +838,8 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     test_ds = _subset(test_full, d["test_subset"], d["subset_seed"])
     metric_ds = _subset(test_full, d["metric_subset"], d["subset_seed"])
     entry = dict(spec["model"])
-    label, name = entry.pop("label"), entry.pop("name")
+    entry.pop("label")
+    name = entry.pop("name")
     kwargs = {"in_shape": train_ds.shape, "n_classes": len(train_ds.classes), **entry}
     seed, ber = spec["seed"], spec["train_ber"]
     model = models.build(name, seed=seed, **kwargs)
@@ -652,17 +851,11 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
                      flip_warmup=tr["flip_warmup"], seed=seed, device=dev, progress=False)
     model.eval()
     checkpoint.save(model, tdir, study_task={k: spec[k] for k in ("model_id", "train_ber", "seed")})
-    ids = {"model_id": spec["model_id"], "model": label, "arch": name, "train_ber": ber,
-           "train_seed": seed}
+    ids = _ids(spec)
     stages["train_s"], t = time.perf_counter() - t, time.perf_counter()
 
     def front(df: pd.DataFrame) -> pd.DataFrame:
-        df = df.copy()
-        for k in reversed(_TASK_COLS):
-            if k in df.columns:
-                df = df.drop(columns=k)
-            df.insert(0, k, ids[k])
-        return df
+        return _front(df, ids)
 
     bers = [tuple(b) if isinstance(b, list) else b for b in ev["bers"]]
     eval_layers = None if ev["layers"] in (None, "all") else ev["layers"]
@@ -696,7 +889,8 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     row = {**ids, "clean_acc": clean_acc,
            "train_acc": float(final["train_acc"]) if final is not None else math.nan,
            "epochs": int(tr["epochs"]), "checkpoint": str(Path("models") / spec["model_id"]),
-           "threads": int(spec["run"]["threads"])}
+           "threads": int(spec["run"]["threads"]),
+           "recipe": spec.get("recipe", _recipe_name(tr["flip_layers"]))}
     _write_csv(pd.DataFrame([row]), tdir / "model.csv", SCHEMAS["model"])
     _write_csv(hist, tdir / "history.csv")
     stages["metrics_s"] = time.perf_counter() - t
@@ -862,7 +1056,9 @@ def _run_locked(cfg: dict[str, Any], study: Any, out: Path, *, scheduler: Any,
             msg = f"[study] {len(results)}/{len(specs)} {res['model_id']}: {res['status']}"
             if res["status"] != "failed" and not math.isnan(res["seconds"]):
                 msg += (f" ({res['seconds']:.1f} s: train {res['train_s']:.1f}, sweep "
-                        f"{res['sweep_s']:.1f}, metrics {res['metrics_s']:.1f})")
+                        f"{res['sweep_s']:.1f}, metrics {res['metrics_s']:.1f}"
+                        + ("" if math.isnan(res["protect_s"]) else
+                           f", protection {res['protect_s']:.1f}") + ")")
             if res["error"]:
                 msg += f" -- {res['error']}"
             say(msg)
@@ -957,6 +1153,11 @@ def _check_same_settings(out: Path, cfg: Mapping[str, Any]) -> None:
         o = models_before.get(label)
         if o is not None and dict(o, label=label) != dict(m, label=label):
             diffs.append(f"[[models]] {label!r} = {json.dumps(o)}, now {json.dumps(m)}")
+    pr_before = _merge(DEFAULTS, old)["protection"]
+    if pr_before["rankings"]:  # protection may be added to a study, not changed
+        diffs += [f"[protection] {k} = {json.dumps(pr_before.get(k))}, now "
+                  f"{json.dumps(cfg['protection'].get(k))}" for k in sorted(DEFAULTS["protection"])
+                  if pr_before.get(k) != cfg["protection"].get(k)]
     if diffs:
         raise ResultsMismatch(f"{out} holds a study made with other settings ({'; '.join(diffs)})"
                               ": its finished tasks would be mixed with these; use another --out "
@@ -1002,6 +1203,8 @@ def collect(out: str | os.PathLike, model_ids: Iterable[str] | None = None) -> d
             path = root / m / f"{stem}.csv"
             if stem in _OPTIONAL and not path.is_file():
                 continue
+            if stem in _PROTECTION_TABLES and not (root / m / _PROTECTED).is_file():
+                continue  # an unfinished protection stage
             df = schema.read_csv(path, table)
             if stem == "model":
                 arch[m] = str(df["arch"].iloc[0])
