@@ -7,10 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 OUT    ?= runs/demo
-# `make results`: the study behind the README's numbers, run from scratch (--fresh refuses a
-# non-empty RESULTS directory, so no task cached by older code is reused).
-STUDY   ?= studies/fmnist_fc35.toml
-RESULTS ?= docs/results/$(basename $(notdir $(STUDY)))
+# `make results`: the studies behind the README's numbers, each run from scratch into
+# docs/results/<study>/ (--fresh refuses a non-empty directory, so no task cached by older code
+# is reused), with its report; then the README's figures (docs/figures/, figures.json).
+# One study: make results STUDIES=studies/fmnist_fc35.toml
+STUDIES ?= studies/fmnist_decisive.toml studies/fmnist_vgg3.toml studies/fmnist_recipes.toml
+RESULT_DIRS = $(addprefix docs/results/,$(basename $(notdir $(STUDIES))))
 
 .PHONY: help setup data demo test test-slow lint bench clean results stutz
 
@@ -19,8 +21,8 @@ help:
 	@echo "make test       lint + default test suite (< 10 min on 2 cores)"
 	@echo "make test-slow  the slow tests too"
 	@echo "make bench      benchmarks -> benchmarks/RESULTS.md"
-	@echo "make results    every published number: STUDY (default studies/fmnist_fc35.toml)"
-	@echo "                run fresh into RESULTS (default docs/results/<study>/), report + environment.json"
+	@echo "make results    every published number: STUDIES (default decisive fc, vgg3, recipes)"
+	@echo "                each fresh into docs/results/<study>/ (report, environment.json), figures -> docs/figures/"
 	@echo "make stutz      m-bit networks vs BNNs (Stutz et al.) -> docs/results/stutz_fmnist/"
 
 $(STAMP): pyproject.toml
@@ -53,8 +55,11 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 results: setup
-	$(BIN)/bnn-tol study $(STUDY) --out $(RESULTS) --fresh
-	@echo "results in $(RESULTS): report.html, environment.json (versions, commit, CPU, threads)"
+	@for s in $(STUDIES); do \
+	  $(BIN)/bnn-tol study $$s --out docs/results/$$(basename $$s .toml) --fresh || exit 1; \
+	done
+	$(BIN)/python scripts/readme_figures.py --out docs/figures $(RESULT_DIRS)
+	@echo "results in $(RESULT_DIRS): report.html, summary.md, environment.json (versions, commit, CPU, threads); figures in docs/figures"
 
 stutz: setup
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_fmnist

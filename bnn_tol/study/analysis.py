@@ -34,6 +34,12 @@ older studies without ``value_se``/``split`` read as ``value_se = NaN``, ``split
 - :func:`prediction_fit` -- rho, R^2 and MAE of predicted vs measured accuracy.
 - :func:`reliability` -- split-half reliability (Spearman-Brown) and noise share, flagged.
 - :func:`claims` -- the paper's two claims answered per architecture by stated rules.
+
+Issue 21 (the causal test inside one network, and the recipe as an axis):
+
+- :func:`protection_summary` -- per ranking, the mean AUC gain over random across networks.
+- :func:`ranking_contrast` -- ranking ``a`` vs ``b`` (importance vs margin) per network.
+- :func:`recipe_front` -- clean accuracy vs accuracy under errors per recipe, Pareto front.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ __all__ = [
     "prediction_fit",
     "reliability",
     "claims",
+    "recipe_front",
+    "protection_summary",
+    "ranking_contrast",
 ]
 
 #: Correlation coefficients computed by :func:`correlate`.
@@ -938,3 +947,122 @@ def claims(
                      "ci_low": lo, "ci_high": hi, "verdict": verdict, "detail": detail})
     return pd.DataFrame(rows, columns=["model", "metric", "claim", "expected", "estimate",
                                        "ci_low", "ci_high", "verdict", "detail"])
+
+
+# -- issue 21: recipes and protection -----------------------------------------------------------
+
+def recipe_front(sweeps: pd.DataFrame, *, ber: float = 0.1, level: float = 0.95) -> pd.DataFrame:
+    """Clean accuracy vs accuracy at ``ber``: the price and the gain of each training recipe.
+
+    One row per (architecture, model group, training BER): the means over the group's networks
+    (seeds) of ``clean = acc_0`` and ``tolerant = acc_ber`` (each network: mean over maps),
+    their ``level`` t-intervals over networks (NaN with one network), and ``on_front``: no
+    other row of the same architecture has a mean at least as high on both axes and higher on
+    one (the Pareto front; rows of different architectures are never compared). With a recipe
+    axis (:func:`bnn_tol.study.runner.recipes`) the model groups are ``<label>-<recipe>``.
+
+    Returns:
+        ``arch, model, train_ber, n, clean, clean_low, clean_high, tolerant, tolerant_low,
+        tolerant_high, on_front`` (``ber`` and ``recipe`` columns are not needed: the group
+        label carries the recipe).
+
+    Raises:
+        InvalidArgument: the sweep lacks BER 0 or ``ber``, or study columns.
+    """
+    acc = accuracy_at_ber(sweeps)
+    _need(acc, ["model", "train_ber"], "sweeps")
+    if "arch" not in acc.columns:
+        acc = acc.assign(arch=acc["model"])
+    bers = acc["ber"].astype(float)
+    clean = acc[bers == 0.0].set_index(_ID)["accuracy"]
+    at = acc[np.isclose(bers, float(ber))].set_index(_ID)["accuracy"]
+    if clean.empty or at.empty:
+        raise InvalidArgument(f"recipe_front needs sweep rows at BER 0 and {ber:g}; the sweep "
+                              f"has {sorted(bers.unique())}")
+    nets = (acc.drop_duplicates(_ID).set_index(_ID)[["arch", "model", "train_ber"]]
+            .assign(clean=clean, tolerant=at).dropna(subset=["clean", "tolerant"]))
+    rows = []
+    for (arch, model, tb), g in nets.groupby(["arch", "model", "train_ber"], sort=True):
+        row = {"arch": arch, "model": model, "train_ber": float(tb), "n": len(g)}
+        for col in ("clean", "tolerant"):
+            v = g[col].to_numpy(float)
+            m = float(v.mean())
+            half = (float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1)
+                          / np.sqrt(len(v))) if len(v) > 1 else np.nan)
+            row.update({col: m, f"{col}_low": m - half, f"{col}_high": m + half})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    front = []
+    for _, r in out.iterrows():
+        same = out[out["arch"] == r["arch"]]
+        dominated = ((same["clean"] >= r["clean"]) & (same["tolerant"] >= r["tolerant"])
+                     & ((same["clean"] > r["clean"]) | (same["tolerant"] > r["tolerant"])))
+        front.append(not bool(dominated.any()))
+    return out.assign(on_front=front)
+
+
+def protection_summary(auc: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """The protection result of each ranking over a study's networks.
+
+    ``auc``: a study's ``protection_auc.csv`` (one row per network, unit, BER and ranking:
+    :func:`bnn_tol.study.protection.protection_auc`). Per (architecture, model group, unit,
+    BER, ranking): ``gain`` = the mean over networks of the ranking's AUC minus random's (a
+    mean accuracy gain over the protected fractions), its ``level`` t-interval over networks
+    (with one network: that network's bootstrap interval over maps and random seeds), and how
+    many networks' own intervals lie above 0 (``n_better``) and below 0 (``n_worse``).
+
+    Returns:
+        ``arch, model, unit, ber, ranking, n, gain, gain_low, gain_high, n_better, n_worse``.
+    """
+    auc = schema.conform(auc, "study.protection_auc", what="the protection AUC table")
+    if "arch" not in auc.columns:
+        auc = auc.assign(arch=auc["model"])
+    rows = []
+    keys = ["arch", "model", "unit", "ber", "ranking"]
+    for key, g in auc.groupby(keys, sort=True):
+        v = g["gain"].to_numpy(float)
+        m = float(v.mean())
+        if len(v) > 1:
+            half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1)
+                         / np.sqrt(len(v)))
+            lo, hi = m - half, m + half
+        else:
+            lo, hi = float(g["gain_low"].iloc[0]), float(g["gain_high"].iloc[0])
+        rows.append({**dict(zip(keys, key, strict=True)), "n": len(v), "gain": m,
+                     "gain_low": lo, "gain_high": hi,
+                     "n_better": int(g["better_than_baseline"].astype(bool).sum()),
+                     "n_worse": int((g["gain_high"] < 0).sum())})
+    return pd.DataFrame(rows, columns=[*keys, "n", "gain", "gain_low", "gain_high", "n_better",
+                                       "n_worse"])
+
+
+def ranking_contrast(curve: pd.DataFrame, *, a: str = "importance", b: str = "margin",
+                     n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Is ranking ``a`` a better guide than ranking ``b``, network by network?
+
+    ``curve``: a study's ``protection.csv``. For each network (``model_id``), unit and BER:
+    ``diff = auc(a) - auc(b)`` (:func:`~bnn_tol.study.protection.protection_auc` with ``b`` as
+    the baseline: the same chips for both, the interval resamples the fault maps). Rows of
+    networks whose curve lacks ``a`` or ``b`` are left out.
+
+    Returns:
+        ``model_id, model, unit, ber, a, b, diff, diff_low, diff_high, a_better`` (the interval
+        above 0), ``b_better`` (below 0).
+    """
+    curve = schema.conform(curve, "study.protection", what="the protection curve")
+    rows = []
+    for mid, g in curve.groupby(_ID, sort=True):
+        names = set(g["ranking"])
+        if a not in names or b not in names:
+            continue
+        two = g[g["ranking"].isin([a, b])].assign(model=str(mid))
+        res = protection_auc(two.drop(columns=[c for c in schema.TASK_COLUMNS
+                                               if c != "model" and c in two.columns]),
+                             baseline=b, n_boot=n_boot, level=level, seed=seed)
+        for r in res[res["ranking"] == a].itertuples():
+            rows.append({_ID: mid, "model": g["model"].iloc[0], "unit": r.unit, "ber": r.ber,
+                         "a": a, "b": b, "diff": r.gain, "diff_low": r.gain_low,
+                         "diff_high": r.gain_high, "a_better": bool(r.gain_low > 0),
+                         "b_better": bool(r.gain_high < 0)})
+    return pd.DataFrame(rows, columns=[_ID, "model", "unit", "ber", "a", "b", "diff",
+                                       "diff_low", "diff_high", "a_better", "b_better"])

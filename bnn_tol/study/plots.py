@@ -35,6 +35,8 @@ __all__ = [
     "metric_scatter_by_model",
     "energy",
     "protection",
+    "protection_gain",
+    "recipe_front",
     "FORMATS",
     "check_out",
     "save",
@@ -361,10 +363,13 @@ def metric_scatter_by_model(
     ber: float,
     layer: str = "network",
     hue: str = "train_ber",
+    level: float = 0.95,
 ) -> Figure:
     """Metric vs accuracy at one BER, one panel per architecture, colour = ``hue``.
 
-    One point per network (split ``"all"`` of the metrics; accuracy = mean over maps). No
+    One point per network (split ``"all"`` of the metrics; accuracy = mean over maps), with
+    ``level`` error bars on both axes: the metric's standard error (``value_se``) and the
+    accuracy's over fault maps (``std / sqrt(n_maps)``), normal quantile. No
     regression line: architectures differ in scale (fan-in enters the normalized margin),
     so a line pooled across them would be meaningless, and within one the curve of
     :func:`rho_vs_ber` is the summary.
@@ -381,14 +386,21 @@ def metric_scatter_by_model(
     if acc.empty:
         raise InvalidArgument(
             f"BER {ber} is not in the sweep; it has {sorted(sweeps['ber'].unique())}")
-    d = m[["model_id", "model", "train_ber", "value"]].merge(
-        acc[["model_id", "accuracy"]], on="model_id")
+    se = m["value_se"] if "value_se" in m.columns else pd.Series(np.nan, index=m.index)
+    d = m[["model_id", "model", "train_ber", "value"]].assign(value_se=se).merge(
+        acc[["model_id", "accuracy", "std", "n"]], on="model_id")
+    z = stats.norm.ppf(0.5 + level / 2)
+    d["xerr"] = (z * d["value_se"]).fillna(0.0)
+    d["yerr"] = (z * d["std"] / np.sqrt(d["n"])).fillna(0.0)
     archs = sorted(d["model"].astype(str).unique())
     fig, axes = _grid(len(archs), ncols=min(3, len(archs)), size=(4.6, 3.6))
     hd, order = _hue_str(d, hue)
     for ax, arch in zip(axes, archs, strict=True):
-        sns.scatterplot(hd[hd["model"].astype(str) == arch], x="value", y="accuracy",
-                        hue=hue if order else None, hue_order=order, ax=ax, s=40)
+        sub = hd[hd["model"].astype(str) == arch]
+        ax.errorbar(sub["value"], sub["accuracy"], xerr=sub["xerr"], yerr=sub["yerr"],
+                    fmt="none", ecolor="0.6", elinewidth=0.8, zorder=1)
+        sns.scatterplot(sub, x="value", y="accuracy",
+                        hue=hue if order else None, hue_order=order, ax=ax, s=40, zorder=2)
         ax.set(xlabel=analysis.feature_name(metric, layer), ylabel=f"accuracy at BER {ber:g}",
                title=arch)
         ax.grid(alpha=0.3)
@@ -467,6 +479,79 @@ def protection(curve: pd.DataFrame, *, level: float = 0.95) -> Figure:
     axes[0].legend(title="ranking", fontsize=8)
     fig.suptitle(f"{curve['model'].iloc[0]}: protection guided by each ranking, "
                  f"{level:.0%} band over maps")
+    return fig
+
+
+def recipe_front(front: pd.DataFrame, *, ber: float | None = None) -> Figure:
+    """Clean accuracy vs accuracy under errors, one panel per architecture, one line per model
+    group (recipe) through its training BERs (labelled), t-interval bars over seeds; hollow
+    markers are off the Pareto front.
+
+    Args:
+        front: :func:`bnn_tol.study.analysis.recipe_front`.
+        ber: the BER of ``tolerant`` (axis label only).
+    """
+    archs = sorted(front["arch"].astype(str).unique())
+    fig, axes = _grid(len(archs), ncols=min(3, len(archs)), size=(5.0, 3.9))
+    for ax, arch in zip(axes, archs, strict=True):
+        sub = front[front["arch"].astype(str) == arch]
+        for model, g in sub.groupby("model", sort=True):
+            g = g.sort_values("train_ber")
+            xerr = np.abs(np.vstack([g["clean"] - g["clean_low"], g["clean_high"] - g["clean"]]))
+            yerr = np.abs(np.vstack([g["tolerant"] - g["tolerant_low"],
+                                     g["tolerant_high"] - g["tolerant"]]))
+            line = ax.errorbar(g["clean"], g["tolerant"], xerr=np.nan_to_num(xerr),
+                               yerr=np.nan_to_num(yerr), marker="", lw=1.2, capsize=2,
+                               label=str(model))
+            color = line.lines[0].get_color()
+            on = g["on_front"].astype(bool)
+            ax.scatter(g.loc[on, "clean"], g.loc[on, "tolerant"], color=color, s=36, zorder=3)
+            ax.scatter(g.loc[~on, "clean"], g.loc[~on, "tolerant"], facecolor="white",
+                       edgecolor=color, s=36, zorder=3)
+            for r in g.itertuples():
+                ax.annotate(f"{r.train_ber:g}", (r.clean, r.tolerant), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="clean accuracy", title=arch,
+               ylabel="accuracy under errors" + (f" (BER {ber:g})" if ber is not None else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(title="model-recipe (labels: training BER)", fontsize=8, title_fontsize=8)
+    return fig
+
+
+def protection_gain(summary: pd.DataFrame, *, level: float = 0.95) -> Figure:
+    """AUC gain over random protection per ranking (bars: the summary's ``level`` interval),
+    one panel per (architecture, unit), x = BER; random orders are not drawn (they are the
+    baseline).
+
+    Args:
+        summary: :func:`bnn_tol.study.analysis.protection_summary`.
+    """
+    s = summary[~summary["ranking"].astype(str).str.startswith("random")]
+    panels = sorted({(str(a), str(u)) for a, u in zip(s["arch"], s["unit"], strict=True)})
+    fig, axes = _grid(len(panels), ncols=min(3, len(panels)), size=(5.0, 3.7))
+    for ax, (arch, unit) in zip(axes, panels, strict=True):
+        sub = s[(s["arch"].astype(str) == arch) & (s["unit"] == unit)]
+        ranks = sorted(sub["ranking"].unique())
+        models = sorted(sub["model"].unique())
+        bers = sorted(sub["ber"].unique())
+        width = 0.8 / max(1, len(ranks) * len(models))
+        k = 0
+        for model in models:
+            for r in ranks:
+                g = sub[(sub["model"] == model) & (sub["ranking"] == r)].set_index("ber")
+                g = g.reindex(bers)
+                x = np.arange(len(bers)) + (k - (len(ranks) * len(models) - 1) / 2) * width
+                err = np.abs(np.vstack([g["gain"] - g["gain_low"], g["gain_high"] - g["gain"]]))
+                ax.bar(x, g["gain"], width, yerr=np.nan_to_num(err), capsize=2,
+                       label=r if len(models) == 1 else f"{model}: {r}")
+                k += 1
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(np.arange(len(bers)), [f"{b:g}" for b in bers])
+        ax.set(xlabel="bit error rate", ylabel="AUC gain over random (accuracy)",
+               title=f"{arch}: protecting {unit}s")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Metric-guided protection vs random, {level:.0%} interval over networks")
     return fig
 
 

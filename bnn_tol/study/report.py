@@ -59,9 +59,16 @@ _TABLES = {"models": ("study.models", ("model_id", "model", "train_ber", "train_
                                          "value")),
            "margins": ("study.margins", ("model_id", "model", "train_ber", "layer")),
            "importance": ("study.importance", ("model_id", "model", "train_ber", "layer")),
-           "predictions": ("study.predictions", ("model_id", "ber", "predicted_accuracy"))}
+           "predictions": ("study.predictions", ("model_id", "ber", "predicted_accuracy")),
+           "protection": ("study.protection", ("model_id", "model", "ranking", "fraction",
+                                               "ber", "map", "accuracy")),
+           "protection_auc": ("study.protection_auc", ("model_id", "model", "ranking", "ber",
+                                                       "gain"))}
 #: The tables the report reads from a results directory (never written by it).
-_READS = ("models", "sweeps", "metrics", "margins", "importance", "status", "predictions")
+_READS = ("models", "sweeps", "metrics", "margins", "importance", "status", "predictions",
+          "protection", "protection_auc")
+#: The BER of the recipe front (accuracy under errors vs clean accuracy), if swept.
+FRONT_BER = 0.1
 #: The files the report writes beside its HTML page, each with how it is recognized as the
 #: report's (an existing one is replaced without ``overwrite`` only then).
 SIDE_FILES = {
@@ -69,6 +76,9 @@ SIDE_FILES = {
     "reliability.csv": starts_with("model,metric,layer,r_half", '""'),
     "claims.csv": starts_with("model,metric,claim", '""'),
     "prediction_fit.csv": starts_with("model,pearson", '""'),
+    "recipe_front.csv": starts_with("arch,model,train_ber,n,clean", '""'),
+    "protection_summary.csv": starts_with("arch,model,unit,ber,ranking", '""'),
+    "ranking_contrast.csv": starts_with("model_id,model,unit,ber,a,b,diff", '""'),
     "summary.md": starts_with("# Study "),
     "correlations.csv": starts_with("group,metric,layer", '""'),
     "regression.csv": starts_with("ber,features", '""'),
@@ -117,8 +127,7 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """
     d = Path(results_dir)
     out: dict[str, pd.DataFrame] = {}
-    for name in ("models", "sweeps", "metrics", "margins", "importance", "status",
-                 "predictions"):
+    for name in _READS:
         p = d / f"{name}.csv"
         if p.is_file() and p.stat().st_size > 0:
             out[name] = (schema.read_csv(p, *_TABLES[name]) if name in _TABLES
@@ -389,8 +398,51 @@ def _md(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return df.to_markdown(index=False, floatfmt=floatfmt) if len(df) else "(none)"
 
 
+def _protection_tables(res: dict[str, Any], sweeps: pd.DataFrame, *, n_boot: int, seed: int
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(recipe front, protection summary, importance-vs-margin contrast)``; empty frames
+    where the study has no BER :data:`FRONT_BER` or no protection curves."""
+    front = psum = contrast = pd.DataFrame()
+    bers = sweeps["ber"].astype(float)
+    if (bers == 0).any() and np.isclose(bers, FRONT_BER).any() and "train_ber" in sweeps:
+        front = analysis.recipe_front(sweeps, ber=FRONT_BER)
+    if not res["protection_auc"].empty:
+        psum = analysis.protection_summary(res["protection_auc"])
+    curve = res["protection"]
+    if not curve.empty:
+        names = sorted(set(curve["ranking"]))
+        imp = next((r for r in names if r.split(":")[0] == "importance"), None)
+        if imp is not None and "margin" in names:
+            contrast = analysis.ranking_contrast(curve, a=imp, b="margin",
+                                                 n_boot=n_boot, seed=seed)
+    return front, psum, contrast
+
+
+def _protection_examples(curve: pd.DataFrame) -> list[str]:
+    """The networks whose protection curves the report draws: per model group, the one of the
+    lowest and of the highest training BER (first seed)."""
+    if curve.empty:
+        return []
+    nets = curve.drop_duplicates("model_id").sort_values(["model", "train_ber", "train_seed"])
+    out: list[str] = []
+    for _, g in nets.groupby("model", sort=True):
+        for mid in (g["model_id"].iloc[0], g["model_id"].iloc[-1]):
+            if mid not in out:
+                out.append(str(mid))
+    return out
+
+
+def _one_network(curve: pd.DataFrame, mid: str) -> pd.DataFrame:
+    """The ``protection`` table of one network of a study (its ``model_id`` as the model)."""
+    one = curve[curve["model_id"] == mid]
+    cols = schema.columns("protection")
+    return one.assign(model=mid)[cols]
+
+
 def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd.DataFrame,
-                     cl: pd.DataFrame, pfit: pd.DataFrame) -> str:
+                     cl: pd.DataFrame, pfit: pd.DataFrame, front: pd.DataFrame | None = None,
+                     psum: pd.DataFrame | None = None,
+                     contrast: pd.DataFrame | None = None) -> str:
     """The study's headline tables as Markdown (written as ``summary.md`` by :func:`write`;
     the README's published numbers are copied from it).
 
@@ -398,7 +450,10 @@ def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd
     accuracy and accuracy under BER per training BER (mean +- standard deviation over seeds),
     Spearman rho with accuracy at 5 / 10 / 20 % BER with 95 % intervals (raw and partial given
     clean accuracy), split-half reliability and noise share of the network-level metrics, the
-    paper's claims, and the fit of the predicted-from-margins accuracy.
+    paper's claims, the fit of the predicted-from-margins accuracy and (issue 21) the recipe
+    front (:func:`bnn_tol.study.analysis.recipe_front`), the protection result per ranking
+    (:func:`~bnn_tol.study.analysis.protection_summary`) and importance vs margin as a guide
+    per network (:func:`~bnn_tol.study.analysis.ranking_contrast`).
     """
 
     cfg = res["config"] if isinstance(res["config"], dict) else {}
@@ -443,6 +498,33 @@ def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd
     if not pfit.empty:
         lines += ["## Accuracy predicted from the margins vs the measured sweep", "",
                   _md(pfit, ".3g"), ""]
+    if front is not None and not front.empty:
+        f = front.assign(**{c: [f"{m:.4f} [{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else
+                                f"{m:.4f}" for m, lo, hi in zip(front[c], front[f"{c}_low"],
+                                                                front[f"{c}_high"], strict=True)]
+                            for c in ("clean", "tolerant")})
+        lines += [f"## Recipes: clean accuracy vs accuracy at BER {FRONT_BER:g} (mean over "
+                  "seeds [95 % t-interval]; on_front: not dominated within the architecture)",
+                  "", _md(f[["arch", "model", "train_ber", "n", "clean", "tolerant",
+                             "on_front"]]), ""]
+    if psum is not None and not psum.empty:
+        p = psum.assign(gain=[f"{g:+.4f} [{lo:+.4f}, {hi:+.4f}]" for g, lo, hi in
+                              zip(psum["gain"], psum["gain_low"], psum["gain_high"],
+                                  strict=True)])
+        lines += ["## Protection guided by each ranking: AUC gain over random protection "
+                  "(accuracy, mean over the protected fractions; mean over networks [95 % "
+                  "interval]; n_better / n_worse: networks whose own bootstrap interval is "
+                  "above / below 0)", "",
+                  _md(p[["arch", "model", "unit", "ber", "ranking", "n", "gain", "n_better",
+                         "n_worse"]]), ""]
+    if contrast is not None and not contrast.empty:
+        c = contrast.assign(diff=[f"{g:+.4f} [{lo:+.4f}, {hi:+.4f}]" for g, lo, hi in
+                                  zip(contrast["diff"], contrast["diff_low"],
+                                      contrast["diff_high"], strict=True)])
+        a, b = contrast["a"].iloc[0], contrast["b"].iloc[0]
+        lines += [f"## {a} vs {b} as a guide, per network (AUC({a}) - AUC({b}) [95 % "
+                  "bootstrap interval over maps])", "",
+                  _md(c[["model_id", "unit", "ber", "diff", "a_better", "b_better"]]), ""]
     return "\n".join(lines)
 
 
@@ -533,12 +615,17 @@ def write(
     cl = analysis.claims(metrics, curve, rel=rel, n_boot=n_boot, seed=seed)
     pfit = (analysis.prediction_fit(res["predictions"], sweeps) if not res["predictions"].empty
             else pd.DataFrame())
+    front, psum, contrast = _protection_tables(res, sweeps, n_boot=n_boot, seed=seed)
     save_csv(curve, "correlation_curve.csv")
     save_csv(rel, "reliability.csv")
     save_csv(cl, "claims.csv")
     if not pfit.empty:
         save_csv(pfit, "prediction_fit.csv")
-    summary = markdown_summary(rd, res, curve, rel, cl, pfit)
+    for df, name in ((front, "recipe_front.csv"), (psum, "protection_summary.csv"),
+                     (contrast, "ranking_contrast.csv")):
+        if not df.empty:
+            save_csv(df, name)
+    summary = markdown_summary(rd, res, curve, rel, cl, pfit, front, psum, contrast)
     save(out.parent / "summary.md", lambda p: Path(p).write_text(summary, encoding="utf-8"))
     ext = _extremes(models)
     comp = pd.DataFrame(columns=["layer", "metric"])
@@ -597,6 +684,24 @@ def write(
                      "BER (no line pooled across architectures).",
                      lambda m=mname: plots.metric_scatter_by_model(metrics, sweeps, metric=m,
                                                                    ber=top)))
+    if not front.empty:
+        figs.append((f"Recipes: clean accuracy vs accuracy at BER {FRONT_BER:g}",
+                     "One line per model group (with a recipe axis: per recipe) through its "
+                     "training BERs; bars: 95 % t-interval over seeds; hollow: off the Pareto "
+                     "front of its architecture.",
+                     lambda: plots.recipe_front(front, ber=FRONT_BER)))
+    if not psum.empty:
+        figs.append(("Metric-guided protection: AUC gain over random",
+                     "Per ranking and BER: the mean over networks of the area under the "
+                     "protection curve minus random's; bars: 95 % interval over networks (one "
+                     "network: its bootstrap interval over maps and random seeds).",
+                     lambda: plots.protection_gain(psum)))
+    for mid in _protection_examples(res["protection"]):
+        figs.append((f"Protection curves of {mid}",
+                     "Accuracy vs the protected fraction of stored bits, one line per ranking "
+                     "(random: seeds pooled); band: 95 % over fault maps.",
+                     lambda mid=mid: plots.protection(
+                         _one_network(res["protection"], mid))))
     figs.append(("Correlation heatmap (network-level metrics)",
                  "Spearman correlation of each metric with accuracy at each evaluation BER.",
                  lambda: plots.correlation_heatmap(corr)))
