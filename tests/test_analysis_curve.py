@@ -191,6 +191,17 @@ def test_predicted_accuracy_is_one_more_metric_paired_per_ber_and_its_fit():
     assert fit.pearson == pytest.approx(1.0, abs=1e-12) and fit.n == 2 * n
     assert fit.r2 == pytest.approx(1 - 2 * n * 0.02 ** 2 / ((y - y.mean()) ** 2).sum(), rel=1e-9)
     assert fit.mae == pytest.approx(0.02, rel=1e-9)
+    # per BER: one row per (model, BER), pairs over the networks at that BER only
+    pred.loc[pred.ber == 0.1, "predicted_accuracy"] -= 0.05  # off by 0.07 at 0.1
+    per = analysis.prediction_fit(pred, sweeps, by=("model", "ber"))
+    assert list(per.columns) == ["model", "ber", "pearson", "spearman", "r2", "mae", "n"]
+    assert per.ber.tolist() == [0.05, 0.1] and (per.n == n).all()
+    assert per.mae.to_numpy() == pytest.approx([0.02, 0.07], rel=1e-9)
+    assert per.pearson.to_numpy() == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert analysis.prediction_fit(pred, sweeps, by="ber").mae.to_numpy() == pytest.approx(
+        [0.02, 0.07], rel=1e-9)
+    with pytest.raises(InvalidArgument, match="by must"):
+        analysis.prediction_fit(pred, sweeps, by="map")
 
 
 def _split_tables(a, b, full, model="fc", extra=None):

@@ -56,16 +56,14 @@ flip rates (2 % log grid), about 4x the time of ``"poisson"`` on fc 784-256-256-
 Measured on that network (2000 Fashion-MNIST test images, 6 BERs, loaded 2-core machine):
 ``"poisson"`` 8-23 s, ``"propagate"`` 35-77 s; the sweep with 10 maps per BER 75-190 s.
 
-Measured tracking (6 networks: fc 784-256-256-10, 2 epochs on 10k Fashion-MNIST images,
-training BER 0 / 0.05 / 0.1 x 2 seeds; sweep BER 0.01-0.2 x 10 maps on 2000 test images):
-
-- ``"poisson"``: tracks the sweep at low BER (MAE 0.004 at p = 0.01, 0.008 at 0.02, 0.026
-  at 0.05; R^2 0.97 / 0.88 at 0.01 / 0.02) and is far too optimistic above (MAE 0.10 / 0.25
-  / 0.38 at 0.1 / 0.15 / 0.2); over all 36 (network, BER) pairs rho 0.50, R^2 < 0.
-- ``"propagate"``: too pessimistic (about twice the drop; MAE 0.03-0.16), but it ranks the
-  pairs: over all 36 pairs rho 0.97, Pearson^2 0.93, R^2 (prediction = measurement) 0.50,
-  MAE 0.097; across the 6 networks at p = 0.15 / 0.2 rho 0.94 / 0.89, where clean accuracy
-  has rho -0.83 / -0.89. With 6 networks these per-BER correlations are coarse.
+Region of validity: see :func:`predict_accuracy` (measured error per BER against the exact
+sweep, ``scripts/predict_validity.py``). An earlier measurement (6 networks: fc
+784-256-256-10, 2 epochs on 10k Fashion-MNIST images, training BER 0 / 0.05 / 0.1 x 2 seeds;
+sweep BER 0.01-0.2 x 10 maps on 2000 test images) found the same picture for ``"poisson"``
+(MAE 0.004 / 0.008 / 0.026 / 0.10 / 0.38 at p = 0.01 / 0.02 / 0.05 / 0.1 / 0.2) and that
+``"propagate"``, though biased low, ranks the (network, BER) pairs: over all 36 pairs rho
+0.97, Pearson^2 0.93; across the 6 networks at p = 0.15 / 0.2 rho 0.94 / 0.89, where clean
+accuracy has rho -0.83 / -0.89. With 6 networks these per-BER correlations are coarse.
 """
 
 from __future__ import annotations
@@ -210,6 +208,51 @@ def predict_accuracy(
 
     See the module doc for the model, its assumptions and its exact ``p -> 0`` limit.
 
+    **Region of validity** (``method="poisson"``, errors in all layers; the error is
+    ``predicted_accuracy - acc_p``, ``acc_p`` the exact sweep's mean over fault maps on the same
+    images; MAE and bias per BER over the networks, :func:`bnn_tol.analysis.prediction_fit`
+    with ``by=("model", "ber")``):
+
+    - **Use it for p <= 0.02 on trained fc BNNs**: on 8 Fashion-MNIST networks (fc
+      784-256-256-10, 2 epochs on 60k images, clean accuracy 0.81-0.85, and fc 784-128-128-10,
+      2 epochs on 8k images, 0.66-0.76; each normal and bit-flip-trained at 0.1, 2 seeds) every
+      network is within 0.0084 of the sweep at p = 0.001, 0.002, 0.005, 0.01, 0.02 (MAE per BER
+      <= 0.0047; sweep standard errors <= 0.0031). Stated bound: ``|error| <= 0.01`` for
+      ``p <= 0.02``. The drop itself is small there (<= 0.03), so at ``p <= 0.005`` the error is
+      as large as the drop: the relative size of small drops is not resolved (the first
+      block's normal approximation, module doc item 1, is off when a neuron sees about one
+      weight flip).
+    - **It becomes optimistic above**: MAE 0.009 / 0.013 at p = 0.03 (256 / 128 networks; max
+      0.021), 0.020 / 0.038 at 0.05 (max 0.057), 0.094 / 0.14 at 0.1 (max 0.20, the normally
+      trained networks: +0.17 to +0.20), 0.40 / 0.36 at 0.2 and 0.59 / 0.38 at 0.3 (close to
+      the clean accuracy where the sweep is near chance). **Do not use it above p = 0.03.**
+      Why: each flip acts with its single-flip effect and the flips combine as independent
+      Poisson events, but flipped hidden bits are not rare even at p = 0.001 (a one-off count
+      on a normal fc 784-256-256-10, 2000 test images, 3 maps replayed with
+      :func:`bnn_tol.errors.inject`: about 5 and 16 per sample in its two hidden layers, 40
+      and 60 at p = 0.05); while their summed shift of the next layer's pre-activations is
+      small against its margins the effects add up, beyond about p = 0.03 the accumulated
+      shift flips neurons that no single flip does.
+    - **Not on poorly trained networks**: an underfit fc 64-64-64-10 on digits (clean 0.36)
+      is predicted 0.031 too high at p = 0.001 and 0.083 at 0.01, above its clean accuracy:
+      the repair term of its many misclassified samples (module doc item 4) dominates. A
+      prediction more than 0.01 above the clean accuracy is a sign of this (the flip-trained
+      networks above gain up to 0.009 at small p, in the sweep as well).
+    - ``method="propagate"`` is biased low at every BER measured (all 90 (network, BER) pairs
+      above, by 0.002-0.19), and by how much depends on the network (MAE 0.003 at p = 0.001
+      on the 256 networks, 0.021 on the 128 ones; 0.05 / 0.18 at 0.1): it is not an estimate
+      of the accuracy, only a pessimistic one that ranks networks (module doc).
+    - Refused (``InvalidArgument``, one line naming the reason): conv models (the flip law of
+      pooled conv outputs is not modelled: use :func:`bnn_tol.evaluate.sweep`), fixed-point
+      or ReLU models, asymmetric rates. Only persistent symmetric Bernoulli weight flips are
+      modelled, not the sweep's other error models or activation/threshold targets.
+
+    The tables: ``docs/results/predict_validity{,_fc128,_digits}/`` (``summary.md``,
+    ``rows.csv``, ``fit.csv``, ``environment.json``), regenerated by
+    ``python scripts/predict_validity.py --out docs/results/predict_validity`` (about 5 min on
+    2 cores) and the two commands in that script's doc; ``tests/test_predict_validity.py``
+    checks the stated bound on a network trained in the test.
+
     Args:
         model: a trained fully connected :class:`~bnn_tol.models.BNN` (e.g. ``fc``).
         data: samples to average over (the test set of the sweep to predict).
@@ -247,14 +290,14 @@ def predict_accuracy(
     if per_layer and method != "poisson":
         raise InvalidArgument("per_layer=True needs method='poisson' (the mean-field method "
                               "predicts the network as a whole)")
-    check_data(model, data)
     stages = compiled(model).stages
-    blocks = [s.block for s in stages]
-    for st in stages:
+    for st in stages:  # before the data check: a conv model is refused whatever the data
         if st.conv or st.pool:
             raise InvalidArgument(
                 f"{st.name} is a convolution: predict_accuracy supports fully connected "
                 "BNNs (the flip law of pooled conv outputs is not modelled); use evaluate.sweep")
+    check_data(model, data)
+    blocks = [s.block for s in stages]
     chosen = select_layers(model, layers)
     chosen_ids = {id(m) for m in chosen.values()}
     sel = [k for k, b in enumerate(blocks) if id(b.layer) in chosen_ids]

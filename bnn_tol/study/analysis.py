@@ -722,7 +722,8 @@ def correlate_curve(
     return pd.DataFrame(rows, columns=cols)
 
 
-def prediction_fit(predictions: pd.DataFrame, sweeps: pd.DataFrame) -> pd.DataFrame:
+def prediction_fit(predictions: pd.DataFrame, sweeps: pd.DataFrame, *,
+                   by: str | Sequence[str] = "model") -> pd.DataFrame:
     """How well accuracy predicted from margins tracks the measured sweep, per architecture.
 
     Pairs ``(predicted_accuracy, acc_p)`` over networks and BERs ``p`` (the mean over maps)
@@ -730,25 +731,34 @@ def prediction_fit(predictions: pd.DataFrame, sweeps: pd.DataFrame) -> pd.DataFr
     (the prediction taken as is, no fitted line: R^2 < 0 is worse than the mean),
     ``mae = mean |y - yhat|`` and ``n`` pairs. Returns one row per architecture: ``model,
     pearson, spearman, r2, mae, n``.
+
+    ``by=("model", "ber")`` scores each BER on its own (one row per architecture and BER,
+    pairs over the networks: ``model, ber, pearson, ...``): the error of the prediction
+    depends strongly on the BER (:func:`bnn_tol.metrics.predict_accuracy`, region of
+    validity), so a pooled MAE mixes its valid and invalid regions.
     """
+    keys = [by] if isinstance(by, str) else list(by)
+    if not keys or any(k not in ("model", "ber") for k in keys) or len(set(keys)) < len(keys):
+        raise InvalidArgument(f"by must name 'model' and/or 'ber', got {by!r}")
     p = predictions_long(predictions)
     acc = accuracy_at_ber(sweeps)[[_ID, "ber", "accuracy"]]
     p = p.assign(ber_key=p["ber"].round(12))
     acc = acc.assign(ber_key=acc["ber"].astype(float).round(12)).drop(columns="ber")
     d = p.merge(acc, on=[_ID, "ber_key"], how="inner")
     rows = []
-    for arch, g in d.groupby("model", sort=True):
+    for key, g in d.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
         y, yh = g["accuracy"].to_numpy(float), g["value"].to_numpy(float)
         ok = np.isfinite(y) & np.isfinite(yh)
         y, yh = y[ok], yh[ok]
         ss = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
         const = len(y) < 3 or np.ptp(y) == 0 or np.ptp(yh) == 0
-        rows.append({"model": arch,
+        rows.append({**dict(zip(keys, key, strict=True)),
                      "pearson": np.nan if const else float(stats.pearsonr(yh, y)[0]),
                      "spearman": np.nan if const else float(stats.spearmanr(yh, y)[0]),
                      "r2": 1 - float(((y - yh) ** 2).sum()) / ss if ss > 0 else np.nan,
                      "mae": float(np.abs(y - yh).mean()) if len(y) else np.nan, "n": len(y)})
-    return pd.DataFrame(rows, columns=["model", "pearson", "spearman", "r2", "mae", "n"])
+    return pd.DataFrame(rows, columns=[*keys, "pearson", "spearman", "r2", "mae", "n"])
 
 
 #: Plug-in statistics whose sampling-noise share is ``<prefix>noise_share``.
