@@ -175,3 +175,23 @@ def test_an_interrupted_stage_is_not_collected(protected, tmp_path):
 
 def test_units_are_the_faults_registry_units():
     assert prot.UNITS == shield.UNITS
+
+
+def test_a_conv_study_runs_protection_and_skips_predictions(tmp_path):
+    """vgg3 (a conv "neuron" is an output channel): every stage but predict_accuracy, which
+    refuses conv models (:func:`bnn_tol.metrics.predict.unsupported`)."""
+    from bnn_tol.metrics import predict
+
+    res = study.run("tiny", tmp_path, echo=None, overrides={
+        "train": {"seeds": [0], "bers": [0.2], "epochs": 1},
+        "eval": {"bers": [0.0, 0.2], "n_maps": 1}, "metrics": {"batch_size": 200},
+        "models": [{"label": "vgg3", "name": "vgg3"}],
+        "protection": {"rankings": ["margin", "random:0"], "fractions": [0.0, 1.0],
+                       "bers": [0.2], "n_maps": 1}})
+    assert res["failed"] == []
+    assert pd.read_csv(res["out"] + "/predictions.csv").empty
+    model = bnn_tol.load(tmp_path / "models" / "vgg3_ber0.2_s0")
+    assert "convolution" in predict.unsupported(model)
+    curve = pd.read_csv(tmp_path / "protection.csv")
+    clean = pd.read_csv(res["models"])["clean_acc"].iloc[0]
+    assert (curve.loc[curve.fraction == 1.0, "accuracy"] == clean).all()

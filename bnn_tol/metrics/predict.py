@@ -86,7 +86,7 @@ from bnn_tol.metrics._common import check_data, compiled, device_of, run_block
 from bnn_tol.metrics.flipprob import flip_given_preact, flip_tables
 from bnn_tol.metrics.importance import _argmax1, negation_logits
 
-__all__ = ["predict_accuracy"]
+__all__ = ["predict_accuracy", "unsupported"]
 
 #: Elements per chunk of the output-layer law (float64: ~32 MiB).
 _CHUNK = 2**22
@@ -194,6 +194,19 @@ def _bucketed(pi: np.ndarray, fn) -> np.ndarray:
     return out
 
 
+def unsupported(model: nn.Module) -> str | None:
+    """Why :func:`predict_accuracy` cannot predict ``model`` (one line), or ``None`` if it can.
+
+    Conv models are not supported: the flip law of pooled conv outputs is not modelled.
+    """
+    for st in compiled(model).stages:
+        if st.conv or st.pool:
+            return (f"{st.name} is a convolution: predict_accuracy supports fully connected "
+                    "BNNs (the flip law of pooled conv outputs is not modelled); use "
+                    "evaluate.sweep")
+    return None
+
+
 def predict_accuracy(
     model: nn.Module,
     data: BNNDataset,
@@ -290,12 +303,10 @@ def predict_accuracy(
     if per_layer and method != "poisson":
         raise InvalidArgument("per_layer=True needs method='poisson' (the mean-field method "
                               "predicts the network as a whole)")
+    why = unsupported(model)  # before the data check: refused whatever the data
+    if why is not None:
+        raise InvalidArgument(why)
     stages = compiled(model).stages
-    for st in stages:  # before the data check: a conv model is refused whatever the data
-        if st.conv or st.pool:
-            raise InvalidArgument(
-                f"{st.name} is a convolution: predict_accuracy supports fully connected "
-                "BNNs (the flip law of pooled conv outputs is not modelled); use evaluate.sweep")
     check_data(model, data)
     blocks = [s.block for s in stages]
     chosen = select_layers(model, layers)

@@ -42,7 +42,8 @@ columns ``model_id, model, arch, train_ber, train_seed`` (``model``: the ``[[mod
   :func:`bnn_tol.schema.metric_name`);
 - ``margins.csv`` / ``importance.csv``: per-neuron tables of ``metrics.margin`` /
   ``metrics.importance`` (whole metric subset) with the task columns in front;
-- ``predictions.csv`` (when ``metrics.predict_accuracy`` exists): accuracy predicted from
+- ``predictions.csv`` (fc models: :func:`bnn_tol.metrics.predict_accuracy` refuses conv ones;
+  :func:`bnn_tol.metrics.predict.unsupported`): accuracy predicted from
   the margins on the metric subset at each symmetric evaluation BER, task columns in front;
 - ``status.csv``: ``model_id, status (done|cached|failed), seconds, train_s, sweep_s,
   metrics_s, error`` (a cached task reports the timings it recorded when it ran);
@@ -112,7 +113,7 @@ from bnn_tol.exceptions import BnnTolError, InvalidArgument, OutputError, Result
 from bnn_tol.faults.registry import error_model
 from bnn_tol.files import atomic_write
 from bnn_tol.interop import checkpoint
-from bnn_tol.metrics import estimators
+from bnn_tol.metrics import estimators, predict
 from bnn_tol.provenance import available_cores
 from bnn_tol.study import protection as prot
 
@@ -876,7 +877,7 @@ def _compute(spec: Mapping[str, Any], tdir: Path, stages: dict[str, float]) -> N
     _write_csv(front(imp), tdir / "importance.csv", SCHEMAS["importance"])
     _write_csv(front(pd.concat(parts, ignore_index=True)), tdir / "metrics.csv",
                SCHEMAS["metrics"])
-    if hasattr(metrics, "predict_accuracy"):
+    if predict.unsupported(model) is None:  # conv models: no predictions.csv
         sym = [float(b) for b in bers if not isinstance(b, tuple)]
         if sym:
             pred = metrics.predict_accuracy(model, metric_ds, sym, batch_size=mt["batch_size"])
