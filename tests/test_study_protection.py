@@ -160,6 +160,13 @@ def test_protection_is_added_to_a_finished_study_without_retraining(tmp_path):
     with pytest.raises(ResultsMismatch, match=r"\[protection\] n_maps"):
         study.run("tiny", tmp_path, overrides=_cfg(protection={**PROTECT, "n_maps": 3}),
                   echo=None)
+    # which networks get curves is the grid: more of them may be added
+    res = study.run("tiny", tmp_path, echo=None,
+                    overrides=_cfg(protection={**PROTECT, "train_bers": [0.0, 0.2]}))
+    status = pd.read_csv(res["status"]).set_index("model_id")["status"]
+    assert status.to_dict() == {"fc_ber0_s0": "done", "fc_ber0.2_s0": "cached"}
+    assert set(pd.read_csv(res["protection_auc"])["model_id"]) == {"fc_ber0_s0",
+                                                                   "fc_ber0.2_s0"}
 
 
 def test_an_interrupted_stage_is_not_collected(protected, tmp_path):

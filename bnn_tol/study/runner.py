@@ -157,6 +157,8 @@ SCHEMAS = {"model": "study.models", "sweep": "study.sweeps", "metrics": "study.m
 _OPTIONAL = {"predictions", "protection", "protection_auc"}
 #: Tables of the protection stage (collected only from tasks whose stage finished).
 _PROTECTION_TABLES = ("protection", "protection_auc")
+#: Keys of ``[protection]`` that select networks (the grid), not how curves are computed.
+_PROTECTION_GRID = ("seeds", "train_bers")
 #: The protection stage's marker: its settings hash and seconds (written last).
 _PROTECTED = "protection.json"
 _TASK_COLS = list(schema.TASK_COLUMNS)
@@ -1155,10 +1157,11 @@ def _check_same_settings(out: Path, cfg: Mapping[str, Any]) -> None:
         if o is not None and dict(o, label=label) != dict(m, label=label):
             diffs.append(f"[[models]] {label!r} = {json.dumps(o)}, now {json.dumps(m)}")
     pr_before = _merge(DEFAULTS, old)["protection"]
-    if pr_before["rankings"]:  # protection may be added to a study, not changed
+    if pr_before["rankings"]:  # protection may be added to a study, not changed (which
+        # networks get it, seeds and train_bers, is the grid: it may change)
         diffs += [f"[protection] {k} = {json.dumps(pr_before.get(k))}, now "
                   f"{json.dumps(cfg['protection'].get(k))}" for k in sorted(DEFAULTS["protection"])
-                  if pr_before.get(k) != cfg["protection"].get(k)]
+                  if k not in _PROTECTION_GRID and pr_before.get(k) != cfg["protection"].get(k)]
     if diffs:
         raise ResultsMismatch(f"{out} holds a study made with other settings ({'; '.join(diffs)})"
                               ": its finished tasks would be mixed with these; use another --out "
