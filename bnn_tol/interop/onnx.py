@@ -26,6 +26,7 @@ onnxruntime when it is installed (see :func:`import_onnx`). It returns a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.interop.bundle import _score_table
 
 __all__ = ["export_onnx", "import_onnx", "OnnxError"]
+
+#: The metadata key under which :func:`export_onnx` records the model's block spec and
+#: BatchNorm state, so that :func:`import_onnx` gives back the same model (a score table and
+#: folded comparators do not determine the BatchNorm parameters).
+_META = "bnn_tol.model"
 
 
 class OnnxError(UnsupportedModel):
@@ -61,10 +67,54 @@ def _onnx():
 def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
     """Write ``model`` (a BNN) as an ONNX graph whose predictions equal ``model(x).argmax(1)``.
 
+    The file also records the model's block spec and BatchNorm state in its metadata
+    (``metadata_props["bnn_tol.model"]``), so that :func:`import_onnx` gives back the same
+    model: weights, BatchNorms, scores and sweeps bit for bit. The record is used only while the
+    graph is exactly what this function writes for it (the +-1 weights are read from the
+    graph); a graph edited otherwise is read like any other.
+
     Raises:
         UnsupportedModel: what :func:`bnn_tol.bundle.export` refuses (m-bit, biases, strides).
     """
+    onnx, _, _ = _onnx()
+    proto = _export_proto(model, opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _spec(model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``models.build("custom", blocks=...)`` spec of an exportable BNN and the state of its
+    BatchNorms (float32 values as exact Python floats), as recorded in an export's metadata."""
+    spec, bns = [], []
+    for st in check_bnn(model, what="ONNX export", need_integer=True).stages:
+        layer, bn = st.block.layer, st.block.bn
+        d: dict[str, Any] = {"type": "conv" if st.conv else "linear",
+                             "in": int(layer.weight.shape[1]), "out": int(layer.weight.shape[0]),
+                             "bias": False, "flatten": bool(st.flatten),
+                             "bn_eps": float(bn.eps), "bn_affine": bool(bn.affine)}
+        if st.conv:
+            pad = layer.padding
+            d.update(kernel=int(layer.weight.shape[-1]),
+                     padding=int(pad if isinstance(pad, int) else pad[0]))
+        if st.pool:
+            d["pool"] = int(st.pool)
+        if not st.hidden:
+            d["binary_output"] = False
+        spec.append(d)
+        state = {"running_mean": bn.running_mean, "running_var": bn.running_var}
+        if bn.affine:
+            state.update(weight=bn.weight, bias=bn.bias)
+        bns.append({k: [float(v) for v in t.detach().cpu().float().reshape(-1).tolist()]
+                    for k, t in state.items()})
+    return spec, bns
+
+
+def _export_proto(model, opset: int) -> Any:
+    """The ONNX ModelProto :func:`export_onnx` writes (see there)."""
     onnx, helper, numpy_helper = _onnx()
+    spec, bn_state = _spec(model)
     stages = check_bnn(model, what="ONNX export", need_integer=True).stages
     inits, nodes = [], []
 
@@ -127,11 +177,10 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
         inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="bnn_tol")
+    helper.set_model_props(proto, {_META: json.dumps(
+        {"format": 1, "in_shape": list(model.in_shape), "blocks": spec, "bn": bn_state})})
     onnx.checker.check_model(proto)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    return path
+    return proto
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -1002,9 +1051,52 @@ def _check_probes(rt: _Runtime, gr: _Graph, io: _Io, blocks: list[_Block], model
                         f"up to {diff:.3g} (allowed {tol:.3g}): not imported")
 
 
+def _own_export(gr: _Graph, io: _Io) -> BNN | None:
+    """The model recorded in the metadata of a graph written by :func:`export_onnx`, if the graph
+    is exactly what ``export_onnx`` writes for it (its +-1 weights taken from the graph): then
+    the import is the exported model, BatchNorm parameters included. ``None`` when the file has
+    no such record or its graph differs from the re-export (edited after export): it is then
+    read like any other graph."""
+    props = {p.key: p.value for p in gr.proto.metadata_props}
+    if gr.proto.producer_name != "bnn_tol" or _META not in props:
+        return None
+    try:
+        rec = json.loads(props[_META])
+        spec, state = rec["blocks"], rec["bn"]
+        weights = [gr.const[f"w{k}"] for k in range(len(spec))]
+        shapes = [(b["out"], b["in"], b["kernel"], b["kernel"]) if b["type"] == "conv"
+                  else (b["in"], b["out"]) for b in spec]
+        if len(state) != len(spec) or any(tuple(w.shape) != s for w, s in
+                                          zip(weights, shapes, strict=True)):
+            return None
+        model = build("custom", blocks=spec, in_shape=io.in_shape,
+                      n_classes=int(spec[-1]["out"]))
+        with torch.no_grad():
+            for block, w, bn in zip(model.blocks, weights, state, strict=True):
+                w = torch.from_numpy(np.array(w, dtype=np.float32))
+                block.layer.weight.copy_(w if block.layer.weight.dim() == 4 else w.T)
+                for name, values in bn.items():
+                    if name not in ("running_mean", "running_var", "weight", "bias"):
+                        return None
+                    getattr(block.bn, name).copy_(torch.tensor(values, dtype=torch.float32))
+        model.eval()
+        again = _export_proto(model, gr.opset)
+    except Exception:  # noqa: BLE001 -- a record that does not rebuild: read the graph itself
+        return None
+    if again.graph.SerializeToString() != gr.proto.graph.SerializeToString():
+        return None
+    return model
+
+
 def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor | None = None
                 ) -> BNN:
     """Read an ONNX BNN graph (see the module docstring) into a bnn_tol BNN, checked and verified.
+
+    A graph written by :func:`export_onnx` comes back as the exported model (BatchNorm
+    parameters from its metadata record, checked by re-exporting: the graph must be exactly the
+    export of the recorded model with the graph's weights) and, with onnxruntime, its scores on
+    the probe images equal onnxruntime's bit for bit (``model.meta["exported_by"]``). Any other
+    graph, or an export edited beyond its weights, is read as follows.
 
     What is checked, each refused in one line naming the node, attribute or tensor:
 
@@ -1064,6 +1156,9 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
             raise OnnxError(f"verify must be a float tensor (N, {', '.join(map(str, io.in_shape))}"
                             f"), got {getattr(verify, 'shape', type(verify).__name__)}")
         extra = verify.detach().cpu().float().reshape(-1, *io.in_shape)
+    model = _own_export(gr, io)
+    if model is not None:
+        return _verify_own(model, gr, io, extra, where)
     chain, _ = gr.chain()
     blocks = _blocks(gr, chain, io)
     model = _build_model(blocks, io.in_shape)
@@ -1082,4 +1177,32 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
         model.meta["verified_with"] = f"onnxruntime {ort.__version__}"
         if ties:
             model.meta["onnx_rounding_ties"] = ties
+    return model
+
+
+def _verify_own(model: BNN, gr: _Graph, io: _Io, extra: torch.Tensor | None, where: str) -> BNN:
+    """A graph :func:`export_onnx` wrote for ``model`` (see :func:`_own_export`): the export is
+    exact by construction; with onnxruntime installed, its scores on the probe images (and
+    ``extra``) are checked to equal the model's bit for bit."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is None and extra is not None:
+        raise OnnxError("verify= needs onnxruntime: pip install 'bnn_tol[onnx]'")
+    model.meta = {"imported_from": where, "exported_by": "bnn_tol"}
+    if ort is None:
+        return model
+    rt = _Runtime(ort, where)
+    x = INPUT.to_float(_probe_pixels(io.in_shape))
+    if extra is not None:
+        x = torch.cat([x, extra])
+    ref = rt.run(rt.session(gr.proto, "the graph"), io.name,
+                 x.numpy().reshape(len(x), *io.shape), io.batch, "the probe inputs")
+    with torch.no_grad():
+        got = torch.cat([model(x[i:i + 16]) for i in range(0, len(x), 16)]).numpy()
+    if not np.array_equal(ref, got):
+        raise OnnxError(f"{where}: onnxruntime's scores differ from the exported model's "
+                        "(not imported)")
+    model.meta["verified_with"] = f"onnxruntime {ort.__version__}"
     return model
