@@ -18,7 +18,12 @@ their inputs and outputs, not by their order in the file):
         [-> Softmax | LogSoftmax]                                                 (output block)
 
 where sign is ``Sign`` or ``Where(GreaterOrEqual(x, 0), 1, -1)`` (``Greater``: 0 -> -1), and
-Identity/Dropout may sit anywhere. Every attribute is honoured or refused naming the node and
+Identity/Dropout may sit anywhere. Before that, what torch's exporters compute besides the layers
+is evaluated: nodes on constants (weights binarized in the graph, ``Transpose``, ``Identity``
+aliases of deduplicated initializers) and on the data's shape (``Shape``, ``ConstantOfShape``,
+``Expand``, ``Gather``, ``Concat``: ``ones_like(x)``, ``x.view(x.size(0), -1)`` with a dynamic
+batch), see :func:`_fold`. A graph written by :func:`export_onnx` re-imports as the exported
+model (its metadata record, see there). Every attribute is honoured or refused naming the node and
 attribute, shapes are checked before anything is built, and the result is verified against
 onnxruntime when it is installed (see :func:`import_onnx`). It returns a
 :class:`~bnn_tol.models.BNN` or raises :class:`OnnxError` in one line.
@@ -321,6 +326,7 @@ class _Graph:
 
     def __init__(self, proto: Any, where: str) -> None:
         self.where = where
+        self.at: _Node | None = None  # the node being read (named by an unforeseen failure)
         self.proto = proto
         opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
         if not opsets or opsets[0] < _MIN_OPSET:
@@ -340,6 +346,7 @@ class _Graph:
                 self.const[n.outputs[0]] = _constant(n)
             else:
                 self.nodes.append(n)
+        _fold(self)
         self.consumers: dict[str, list[_Node]] = {}
         for n in self.nodes:
             for name in dict.fromkeys(i for i in n.inputs if i):
@@ -411,6 +418,153 @@ class _Graph:
             raise OnnxError(f"{off[0].label} is not on the path from the input "
                             f"{self.input.name!r} to the output {self.output.name!r}")
         return chain, cur
+
+
+#: Operators evaluated at import when all their inputs are constants, or shapes of the data:
+#: what torch's exporters write for a BNN besides its layers (weights binarized in the graph,
+#: ``Identity`` aliases of deduplicated initializers, ``ones_like``/``x.view(x.size(0), -1)``
+#: computed from ``Shape``). Other operators on constants are left to the chain (and refused
+#: there by name).
+_FOLD = frozenset({
+    "Identity", "Cast", "Transpose", "Neg", "Abs", "Sign", "Not", "Reshape", "Unsqueeze",
+    "Squeeze", "Concat", "Gather", "Slice", "Flatten", "GreaterOrEqual", "Greater", "Less",
+    "LessOrEqual", "Equal", "Where", "Mul", "Add", "Sub", "Div", "ConstantOfShape", "Expand",
+    "Shape", "Size"})
+#: The foldable operators whose output takes the broadcast shape of their inputs.
+_BROADCAST = frozenset({"Where", "Mul", "Add", "Sub", "Div", "GreaterOrEqual", "Greater", "Less",
+                        "LessOrEqual", "Equal"})
+
+
+def _shapes(gr: _Graph, batch: int) -> dict[str, list[int | None]]:
+    """The dims of every tensor when the graph input has batch size ``batch`` (onnx shape
+    inference with data propagation); ``{}`` if inference fails."""
+    from onnx import ModelProto, shape_inference
+
+    p = ModelProto.FromString(gr.proto.SerializeToString())
+    data = [i for i in p.graph.input if i.name not in gr.const]
+    if len(data) != 1 or not data[0].type.tensor_type.HasField("shape") or \
+            not data[0].type.tensor_type.shape.dim:
+        return {}
+    data[0].type.tensor_type.shape.dim[0].dim_value = batch
+    try:
+        p = shape_inference.infer_shapes(p, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 -- no shapes: a Shape of the data is refused by name
+        return {}
+    out = {}
+    for v in [*p.graph.input, *p.graph.value_info, *p.graph.output]:
+        t = v.type.tensor_type
+        if v.type.HasField("tensor_type") and t.HasField("shape"):
+            out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else None
+                           for d in t.shape.dim]
+    return out
+
+
+def _fold_once(gr: _Graph, batch: int) -> tuple[dict[str, np.ndarray], list[_Node]]:
+    """Evaluate the foldable nodes (:data:`_FOLD` on constants; ``Shape``/``Size`` of the data
+    with the batch size ``batch``): their outputs and the folded nodes."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = dict(gr.const)
+    folded: list[_Node] = []
+    shapes: dict[str, list[int | None]] | None = None
+    pending = [n for n in gr.nodes if n.op in _FOLD]
+    progress = True
+    while progress:
+        progress = False
+        for n in list(pending):
+            ins = [i for i in n.inputs if i]
+            if n.op in ("Shape", "Size") and ins and ins[0] not in values:
+                if shapes is None:
+                    shapes = _shapes(gr, batch)
+                dims = shapes.get(ins[0])
+                if dims is None or None in dims:
+                    raise OnnxError(f"{n.label}: the shape of {ins[0]!r} is not known (onnx "
+                                    "shape inference): cannot evaluate it")
+                arr = np.array(dims, dtype=np.int64)
+                if n.op == "Size":
+                    arr = np.array(math.prod(dims), dtype=np.int64)
+                else:
+                    arr = arr[n.attr("start", 0):n.attr("end", len(dims))]
+                values[n.outputs[0]] = arr
+            elif ins and all(i in values for i in ins):
+                values.update(_evaluate(n, [values[i] if i else None for i in n.inputs],
+                                        gr.opset, ReferenceEvaluator))
+            else:
+                continue
+            pending.remove(n)
+            folded.append(n)
+            progress = True
+    return values, folded
+
+
+def _evaluate(n: _Node, args: list, opset: int, evaluator: Any) -> dict[str, np.ndarray]:
+    """One node on constant inputs (onnx's reference implementation), sizes bounded first."""
+    arrays = [np.asarray(a) for a in args if a is not None]
+    try:
+        if n.op == "ConstantOfShape":
+            shape = tuple(int(v) for v in arrays[0].reshape(-1))
+        elif n.op == "Expand":
+            shape = np.broadcast_shapes(arrays[0].shape,
+                                        tuple(int(v) for v in arrays[1].reshape(-1)))
+        elif n.op in _BROADCAST:
+            shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        else:  # no larger than all its inputs together (reshapes, concat, gather, ...)
+            shape = (sum(a.size for a in arrays),)
+    except (ValueError, TypeError, IndexError) as e:
+        raise OnnxError(f"{n.label}: its constant inputs do not fit together "
+                        f"({_first_line(e)})") from None
+    if any(d < 0 for d in shape) or math.prod(shape) > _MAX_CONST:
+        raise OnnxError(f"{n.label}: its result would have dims {list(shape)} (negative or more "
+                        "than 2^28 values)")
+    feed = {f"i{k}": a for k, a in enumerate(args) if a is not None}
+    node = n.proto.__class__()
+    node.CopyFrom(n.proto)
+    del node.input[:], node.output[:]
+    node.input.extend(f"i{k}" if a is not None else "" for k, a in enumerate(args))
+    node.output.extend(f"o{k}" for k in range(len(n.outputs)))
+    node.domain = ""
+    try:
+        out = evaluator(node, opsets={"": opset}).run(None, feed)
+    except Exception as e:  # noqa: BLE001 -- the graph's constants are the file's fault
+        raise OnnxError(f"{n.label}: cannot be evaluated on its constant inputs "
+                        f"({_first_line(e)})") from None
+    return {name: np.asarray(v) for name, v in zip(n.outputs, out, strict=False) if name}
+
+
+def _fold(gr: _Graph) -> None:
+    """Replace the foldable nodes by constants: evaluated with batch sizes 1 and 2, a value that
+    does not depend on the batch becomes a constant; a shape ``[N, ...]`` feeding a Reshape
+    becomes ``[0, ...]`` (copy the batch dimension); a fill ``(N, ...)`` of equal rows (e.g.
+    ``ConstantOfShape(Shape(x))``, ``ones_like(x)``) becomes its first row, which broadcasts over
+    the batch. Any other value computed from the batch size is refused naming its consumer."""
+    if not any(n.op in _FOLD for n in gr.nodes):
+        return
+    one, folded = _fold_once(gr, 1)
+    if not folded:
+        return
+    gone = {id(n) for n in folded}
+    made = {o for n in folded for o in n.outputs if o}
+    two = _fold_once(gr, 2)[0] if any(n.op in ("Shape", "Size") for n in folded) else one
+    rest = [n for n in gr.nodes if id(n) not in gone]
+    used = {i for n in rest for i in n.inputs if i in made}
+    for name in sorted(used):
+        a, b = one[name], two[name]
+        if a.shape == b.shape and np.array_equal(a, b):
+            gr.const[name] = a
+            continue
+        users = [n for n in rest if name in n.inputs]
+        if a.ndim == 1 and a.shape == b.shape and a.dtype == np.int64 and a[0] == 1 and \
+                b[0] == 2 and np.array_equal(a[1:], b[1:]) and all(
+                    u.op == "Reshape" and u.inputs[1:2] == [name] for u in users):
+            gr.const[name] = np.concatenate([[0], a[1:]]).astype(np.int64)
+            continue
+        if a.ndim >= 1 and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2 and \
+                a.shape[1:] == b.shape[1:] and np.array_equal(b, np.concatenate([a, a])):
+            gr.const[name] = a
+            continue
+        raise OnnxError(f"{users[0].label}: its input {name!r} is computed from the batch "
+                        "size in a way that cannot be imported")
+    gr.nodes = rest
 
 
 def _io(gr: _Graph, in_shape) -> _Io:
@@ -657,6 +811,7 @@ def _blocks(gr: _Graph, chain: list[_Node], io: _Io) -> list[_Block]:
     may_pool = False
     ended: _Node | None = None
     for n in chain:
+        gr.at = n  # named if reading it fails unforeseen (import_onnx)
         extra = set(n.attrs) - _OPS.get(n.op, frozenset())
         if n.op not in _OPS:
             raise OnnxError(f"{n.label}: operator {n.op} is not supported in an imported BNN "
@@ -1160,7 +1315,12 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
     if model is not None:
         return _verify_own(model, gr, io, extra, where)
     chain, _ = gr.chain()
-    blocks = _blocks(gr, chain, io)
+    try:
+        blocks = _blocks(gr, chain, io)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        # a case the checks above do not foresee: still one line naming the node
+        raise OnnxError(f"{gr.at.label if gr.at is not None else where}: cannot be imported "
+                        f"({_first_line(e)})") from None
     model = _build_model(blocks, io.in_shape)
     _check_zero_signs(blocks, model)
     try:
