@@ -44,6 +44,7 @@ def _refused(path, match: str, **kw) -> OnnxError:
     with pytest.raises(OnnxError, match=match) as e:
         import_onnx(path, **kw)
     assert "\n" not in str(e.value)
+    assert "(OnnxError" not in str(e.value)  # said once, not wrapped by the safety net
     return e.value
 
 

@@ -86,12 +86,16 @@ def _trained_looking(net, seed=0, fresh_bn=()):
     return net.eval()
 
 
+OPT = False
+
+
 def _export(net, path, dynamo: bool):
     x = to_float(probe_images(n=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
+            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"], optimize=OPT,
+                              external_data=False,
                               dynamic_shapes={"x": {0: torch.export.Dim("N")}})
         else:
             torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
@@ -163,3 +167,20 @@ def test_an_unforeseen_failure_reading_a_node_is_one_line_naming_it(tmp_path, mo
     with pytest.raises(OnnxError, match="BatchNormalization node .*KeyError") as e:
         import_onnx(fc_graph().save(tmp_path / "f.onnx"))
     assert "\n" not in str(e.value)
+
+
+def test_a_conv_with_a_bias_input_imports(tmp_path):
+    # Conv's bias (C,) is per output channel, not numpy-broadcast onto (N, C, H, W)
+    from _onnx_graphs import ort_run, session
+
+    g = G()
+    g.node("Conv", g.const(g.pm(6, 1, 3, 3), "W"),
+           g.const(g.rng.normal(0, 0.5, 6).astype(np.float32), "B"), pads=[1, 1, 1, 1])
+    g.bn(6, 3.0).sign().maxpool().flatten().gemm(96, 10)
+    path = g.save(tmp_path / "c.onnx")
+    model = import_onnx(path)
+    assert model.blocks[0].layer.bias is not None
+    x = to_float(probe_images(n=300))
+    with torch.no_grad():
+        np.testing.assert_array_equal(ort_run(session(path), x.numpy()).argmax(1),
+                                      model(x).argmax(1).numpy())

@@ -327,6 +327,7 @@ class _Graph:
     def __init__(self, proto: Any, where: str) -> None:
         self.where = where
         self.at: _Node | None = None  # the node being read (named by an unforeseen failure)
+        self.batch_first: set[str] = set()  # Reshape shapes [N, ...] computed from the data
         self.proto = proto
         opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
         if not opsets or opsets[0] < _MIN_OPSET:
@@ -429,71 +430,91 @@ _FOLD = frozenset({
     "Identity", "Cast", "Transpose", "Neg", "Abs", "Sign", "Not", "Reshape", "Unsqueeze",
     "Squeeze", "Concat", "Gather", "Slice", "Flatten", "GreaterOrEqual", "Greater", "Less",
     "LessOrEqual", "Equal", "Where", "Mul", "Add", "Sub", "Div", "ConstantOfShape", "Expand",
-    "Shape", "Size"})
+    "Shape", "Size", "CastLike"})
 #: The foldable operators whose output takes the broadcast shape of their inputs.
 _BROADCAST = frozenset({"Where", "Mul", "Add", "Sub", "Div", "GreaterOrEqual", "Greater", "Less",
                         "LessOrEqual", "Equal"})
 
 
-def _shapes(gr: _Graph, batch: int) -> dict[str, list[int | None]]:
-    """The dims of every tensor when the graph input has batch size ``batch`` (onnx shape
-    inference with data propagation); ``{}`` if inference fails."""
-    from onnx import ModelProto, shape_inference
+def _dims(t: Any) -> list[int] | None:
+    """The dims of a tensor TypeProto, ``None`` unless all are known."""
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims = t.tensor_type.shape.dim
+    return [int(d.dim_value) for d in dims] if all(d.HasField("dim_value") for d in dims) \
+        else None
 
-    p = ModelProto.FromString(gr.proto.SerializeToString())
-    data = [i for i in p.graph.input if i.name not in gr.const]
-    if len(data) != 1 or not data[0].type.tensor_type.HasField("shape") or \
-            not data[0].type.tensor_type.shape.dim:
-        return {}
-    data[0].type.tensor_type.shape.dim[0].dim_value = batch
+
+def _infer(gr: _Graph, n: _Node, types: dict[str, Any], values: dict[str, np.ndarray]
+           ) -> dict[str, Any]:
+    """The output types of a node on the data (onnx's shape inference for this one node, the
+    constants it reads given by value); ``{}`` where they cannot be inferred."""
+    from onnx import defs, helper, numpy_helper, shape_inference
+
     try:
-        p = shape_inference.infer_shapes(p, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 -- no shapes: a Shape of the data is refused by name
+        schema = defs.get_schema(n.op, gr.opset, "")
+        ins, data = {}, {}
+        for i in n.inputs:
+            if not i:
+                continue
+            if i in values:
+                arr = values[i]
+                ins[i] = helper.make_tensor_type_proto(
+                    helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+                if arr.size <= 64:  # shapes, axes, thresholds: the inference may read them
+                    data[i] = numpy_helper.from_array(arr, i)
+            elif i in types:
+                ins[i] = types[i]
+            else:
+                return {}
+        return shape_inference.infer_node_outputs(
+            schema, n.proto, ins, data, opset_imports=list(gr.proto.opset_import))
+    except Exception:  # noqa: BLE001 -- unknown: a Shape of it is refused by name
         return {}
-    out = {}
-    for v in [*p.graph.input, *p.graph.value_info, *p.graph.output]:
-        t = v.type.tensor_type
-        if v.type.HasField("tensor_type") and t.HasField("shape"):
-            out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else None
-                           for d in t.shape.dim]
-    return out
 
 
 def _fold_once(gr: _Graph, batch: int) -> tuple[dict[str, np.ndarray], list[_Node]]:
-    """Evaluate the foldable nodes (:data:`_FOLD` on constants; ``Shape``/``Size`` of the data
-    with the batch size ``batch``): their outputs and the folded nodes."""
+    """Evaluate the foldable nodes (:data:`_FOLD` on constants; ``Shape``/``Size`` of the data,
+    ``CastLike`` to the data's type) in file order (topological: ``onnx.checker``), inferring
+    the data's types node by node with the graph input's batch size set to ``batch``: their
+    outputs and the folded nodes."""
+    from onnx import TypeProto, helper
     from onnx.reference import ReferenceEvaluator
 
     values = dict(gr.const)
     folded: list[_Node] = []
-    shapes: dict[str, list[int | None]] | None = None
-    pending = [n for n in gr.nodes if n.op in _FOLD]
-    progress = True
-    while progress:
-        progress = False
-        for n in list(pending):
-            ins = [i for i in n.inputs if i]
-            if n.op in ("Shape", "Size") and ins and ins[0] not in values:
-                if shapes is None:
-                    shapes = _shapes(gr, batch)
-                dims = shapes.get(ins[0])
-                if dims is None or None in dims:
+    types: dict[str, Any] = {}
+    for v in gr.proto.graph.input:
+        if v.name not in values and v.type.tensor_type.shape.dim:
+            t = TypeProto()
+            t.CopyFrom(v.type)
+            t.tensor_type.shape.dim[0].dim_value = batch
+            types[v.name] = t
+    for n in gr.nodes:
+        ins = [i for i in n.inputs if i]
+        if n.op in _FOLD and ins:
+            if n.op in ("Shape", "Size") and ins[0] not in values:
+                dims = _dims(types.get(ins[0]))
+                if dims is None:
                     raise OnnxError(f"{n.label}: the shape of {ins[0]!r} is not known (onnx "
                                     "shape inference): cannot evaluate it")
                 arr = np.array(dims, dtype=np.int64)
-                if n.op == "Size":
-                    arr = np.array(math.prod(dims), dtype=np.int64)
-                else:
-                    arr = arr[n.attr("start", 0):n.attr("end", len(dims))]
-                values[n.outputs[0]] = arr
-            elif ins and all(i in values for i in ins):
+                values[n.outputs[0]] = np.array(math.prod(dims), dtype=np.int64) \
+                    if n.op == "Size" else arr[n.attr("start", 0):n.attr("end", len(dims))]
+                folded.append(n)
+                continue
+            like = types.get(ins[1]) if n.op == "CastLike" and len(ins) == 2 else None
+            if like is not None and ins[0] in values and ins[1] not in values:
+                dtype = helper.tensor_dtype_to_np_dtype(like.tensor_type.elem_type)
+                values[n.outputs[0]] = values[ins[0]].astype(dtype)
+                folded.append(n)
+                continue
+            if all(i in values for i in ins):
                 values.update(_evaluate(n, [values[i] if i else None for i in n.inputs],
                                         gr.opset, ReferenceEvaluator))
-            else:
+                folded.append(n)
                 continue
-            pending.remove(n)
-            folded.append(n)
-            progress = True
+        types.update(_infer(gr, n, types, values))
     return values, folded
 
 
@@ -557,6 +578,7 @@ def _fold(gr: _Graph) -> None:
                 b[0] == 2 and np.array_equal(a[1:], b[1:]) and all(
                     u.op == "Reshape" and u.inputs[1:2] == [name] for u in users):
             gr.const[name] = np.concatenate([[0], a[1:]]).astype(np.int64)
+            gr.batch_first.add(name)  # its 0 is the batch, whatever allowzero says
             continue
         if a.ndim >= 1 and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2 and \
                 a.shape[1:] == b.shape[1:] and np.array_equal(b, np.concatenate([a, a])):
@@ -730,7 +752,8 @@ def _layer(gr: _Graph, n: _Node, shape: tuple[int, ...], first: bool) -> _Block:
         if n.op == "Conv" and gr.const[bias_name].shape != (out,):
             raise OnnxError(f"{n.label}: its bias has shape {gr.const[bias_name].shape}, not "
                             f"({out},)")
-        bias = _per_channel(gr, n, bias_name, preact, "bias")
+        bias = gr.f32(n, bias_name, "bias") if n.op == "Conv" else \
+            _per_channel(gr, n, bias_name, preact, "bias")
     return _Block(layer=n, conv=n.op == "Conv", w=np.ascontiguousarray(w), preact=preact,
                   padding=padding, bias=bias)
 
@@ -938,7 +961,7 @@ def _flatten(gr: _Graph, n: _Node, shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(n.inputs) != 2 or gr.const[gr.input_name(n, 1, "shape")].dtype != np.int64:
         raise OnnxError(f"{n.label}: its shape must be an int64 constant")
     s = [int(v) for v in gr.const[n.inputs[1]].reshape(-1)]
-    zero_ok = not n.attr("allowzero", 0)
+    zero_ok = not n.attr("allowzero", 0) or n.inputs[1] in gr.batch_first
     ok = len(s) == 2 and ((s[0] == 0 and zero_ok and s[1] in (-1, total)) or
                           (s[0] == -1 and s[1] == total))
     if not ok:
@@ -1317,6 +1340,8 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
     chain, _ = gr.chain()
     try:
         blocks = _blocks(gr, chain, io)
+    except OnnxError:
+        raise
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
         # a case the checks above do not foresee: still one line naming the node
         raise OnnxError(f"{gr.at.label if gr.at is not None else where}: cannot be imported "
