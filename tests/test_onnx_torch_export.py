@@ -86,16 +86,13 @@ def _trained_looking(net, seed=0, fresh_bn=()):
     return net.eval()
 
 
-OPT = False
-
-
-def _export(net, path, dynamo: bool):
+def _export(net, path, dynamo: bool, optimize: bool = True):
     x = to_float(probe_images(n=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"], optimize=OPT,
-                              external_data=False,
+            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
+                              optimize=optimize, external_data=False,
                               dynamic_shapes={"x": {0: torch.export.Dim("N")}})
         else:
             torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
@@ -109,13 +106,17 @@ def _ops(path) -> set[str]:
 
 
 @pytest.mark.parametrize("make", [Mlp, Cnn])
-@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("dynamo", [False, "unoptimized", True])
 def test_torch_exported_bnn_imports_with_the_models_own_scores(tmp_path, make, dynamo):
     if dynamo:
         pytest.importorskip("onnxscript")  # the dynamo exporter needs it
     torch.manual_seed(0)
-    net = _trained_looking(make(), fresh_bn=("scale", "bn2"))
-    path = _export(net, tmp_path / "t.onnx", dynamo)
+    # a BatchNorm left at its initial parameters: deduplicated into Identity aliases
+    # (TorchScript exporter); the dynamo exporter's optimizer folds BatchNorms into the layers'
+    # weights (+-s per output channel), where a threshold exactly on a reachable
+    # pre-activation would round either way: hidden BatchNorms random there
+    net = _trained_looking(make(), fresh_bn=("scale",) if dynamo else ("scale", "bn2"))
+    path = _export(net, tmp_path / "t.onnx", bool(dynamo), optimize=dynamo is True)
     if not dynamo:  # what this test is about
         assert {"Shape", "ConstantOfShape", "Where", "Identity"} <= _ops(path)
     model = import_onnx(path)
@@ -184,3 +185,56 @@ def test_a_conv_with_a_bias_input_imports(tmp_path):
     with torch.no_grad():
         np.testing.assert_array_equal(ort_run(session(path), x.numpy()).argmax(1),
                                       model(x).argmax(1).numpy())
+
+
+def _fused(net: Mlp) -> G:
+    """``net`` as torch's dynamo exporter writes it after its optimizer: each BatchNorm folded
+    into the layer before it (weights +-s per output channel, a bias), the sign a Where."""
+    g = G().flatten()
+    for k, (fc, bn) in enumerate(((net.fc1, net.bn1), (net.fc2, net.bn2))):
+        with torch.no_grad():
+            s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).float()
+            c = (bn.bias - bn.running_mean * s).float()
+            w = torch.where(fc.weight >= 0, 1.0, -1.0) * s[:, None]
+        g.node("Gemm", g.const(w.numpy(), "W"), g.const(c.numpy(), "C"), transB=1)
+        if k == 0:
+            g.where_sign()
+    return g
+
+
+def test_batchnorms_folded_into_the_weights_import_as_the_original_bnn(tmp_path):
+    torch.manual_seed(1)
+    net = _trained_looking(Mlp(), seed=1)
+    model = import_onnx(_fused(net).save(tmp_path / "f.onnx"))
+    assert all(set(b.layer.weight.unique().tolist()) == {-1.0, 1.0} for b in model.blocks)
+    x = to_float(probe_images(n=300))
+    with torch.no_grad():
+        ref, got = net(x), model(x)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_per_channel_weight_scale_before_a_batchnorm_is_folded_into_it(tmp_path):
+    # XNOR-Net style: weights alpha_o sign(W_o), then a BatchNorm
+    g = G().flatten()
+    alpha = g.rng.uniform(0.05, 0.5, 24).astype(np.float32)
+    g.node("Gemm", g.const(g.pm(24, 64) * alpha[:, None], "W"), transB=1)
+    g.bn(24, 4.0 * float(alpha.mean())).sign().gemm(24, 10)
+    path = g.save(tmp_path / "x.onnx")
+    model = import_onnx(path)
+    from _onnx_graphs import ort_run, session
+
+    x = to_float(probe_images(n=300))
+    with torch.no_grad():
+        np.testing.assert_array_equal(ort_run(session(path), x.numpy()).argmax(1),
+                                      model(x).argmax(1).numpy())
+
+
+def test_weights_with_more_than_one_magnitude_per_channel_are_refused(tmp_path):
+    g = G().flatten()
+    w = g.pm(24, 64)
+    w[3, 5] *= 2.0
+    g.node("Gemm", g.const(w, "W"), transB=1).bn(24, 4.0).sign().gemm(24, 10)
+    with pytest.raises(OnnxError, match="Gemm node .*weights are not \\+-1 \\(nor \\+-s") as e:
+        import_onnx(g.save(tmp_path / "w.onnx"))
+    assert "\n" not in str(e.value)
