@@ -25,7 +25,9 @@ aliases of deduplicated initializers) and on the data's shape (``Shape``, ``Cons
 batch), see :func:`_fold`. Layer weights may be +-1 or +-s with one scale ``s > 0`` per output
 channel (a BatchNorm folded into the layer by torch's dynamo exporter, XNOR-Net's
 ``alpha_o``): the scale is folded into the block's BatchNorm (:func:`_absorb_scale`; exact in
-real arithmetic, the scores verified to a stated float32 tolerance). A graph written by
+real arithmetic, the scores verified to a stated float32 tolerance). QONNX's 1-bit
+``BipolarQuant`` (Brevitas' QONNX export) is read on weights and, with scale 1, as the sign
+activation (:func:`_qonnx`). A graph written by
 :func:`export_onnx` re-imports as the exported model (its metadata record, see there). Every
 attribute is honoured or refused naming the node and attribute, shapes are checked before
 anything is built, and the result is verified against onnxruntime when it is installed (see
@@ -593,6 +595,86 @@ def _fold(gr: _Graph) -> None:
         raise OnnxError(f"{users[0].label}: its input {name!r} is computed from the batch "
                         "size in a way that cannot be imported")
     gr.nodes = rest
+
+
+#: The domains of QONNX's operators (and of FINN's, where they were defined first).
+_QONNX = ("qonnx.custom_op.general", "finn.custom_op.general")
+
+
+def _qonnx(proto: Any, where: str) -> Any:
+    """QONNX's ``BipolarQuant(X, scale) = scale * (X >= 0 ? 1 : -1)`` (the 1-bit quantizer of
+    Brevitas' QONNX export) as standard operators, ``Where(GreaterOrEqual(X, 0), 1, -1)`` and,
+    for a scale other than 1, ``Mul(., scale)``, so that the rest of the import (and
+    onnxruntime) reads it: on weights it is evaluated (``scale`` folded as a weight scale), on
+    activations it is the sign (+1 at 0, as bnn_tol's). Refused naming the node: another QONNX
+    operator, a scale that is not a positive finite float32 constant, an activation scale
+    other than 1 (its +-s outputs would scale the next layer), an opset below 11."""
+    from onnx import ModelProto, helper, numpy_helper
+
+    if not any(n.domain in _QONNX for n in proto.graph.node):
+        return proto
+    out = ModelProto.FromString(proto.SerializeToString())
+    g = out.graph
+    consts: dict[str, Any] = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
+                and n.attribute[0].name == "value" and n.output:
+            consts[n.output[0]] = n.attribute[0].t
+    taken = {*consts, *(o for n in g.node for o in n.output), *(i.name for i in g.input)}
+
+    def fresh(base: str) -> str:
+        k = 0
+        while f"{base}__{k}" in taken:
+            k += 1
+        taken.add(f"{base}__{k}")
+        return f"{base}__{k}"
+
+    nodes = []
+    for i, n in enumerate(g.node):
+        if n.domain not in _QONNX:
+            nodes.append(n)
+            continue
+        label = f"{n.op_type} node {n.name!r}" if n.name else f"{n.op_type} node #{i}"
+        if n.op_type != "BipolarQuant":
+            raise OnnxError(f"{label}: QONNX operator {n.op_type} is not supported (only the "
+                            "1-bit BipolarQuant)")
+        if len(n.input) != 2 or len(n.output) != 1 or n.attribute or not n.input[0]:
+            raise OnnxError(f"{label}: BipolarQuant takes the inputs X, scale, one output and no "
+                            "attributes")
+        if n.input[1] not in consts:
+            raise OnnxError(f"{label}: its scale {n.input[1]!r} is not a constant")
+        scale = _array(consts[n.input[1]], f"{label} scale")
+        if scale.dtype != np.float32 or scale.size > MAX_VALUES or not (
+                np.isfinite(scale).all() and (scale > 0).all()):
+            raise OnnxError(f"{label}: its scale must be positive finite float32 values")
+        unit = bool((scale == 1).all())
+        if not unit and n.input[0] not in consts:
+            raise OnnxError(f"{label}: an activation quantizer with a scale other than 1 "
+                            f"({float(scale.reshape(-1)[0]):g}) is not supported: its +-s "
+                            "outputs scale the next layer")
+        names = [fresh(f"{n.name or 'bipolarquant'}_{k}") for k in
+                 ("zero", "one", "minus", "ge", "sign")]
+        for name, v in zip(names[:3], (0.0, 1.0, -1.0), strict=True):
+            g.initializer.append(numpy_helper.from_array(np.float32(v), name))
+        sign = n.output[0] if unit else names[4]
+        nodes += [helper.make_node("GreaterOrEqual", [n.input[0], names[0]], [names[3]],
+                                   name=names[3]),
+                  helper.make_node("Where", [names[3], names[1], names[2]], [sign],
+                                   name=n.name or sign)]
+        if not unit:
+            nodes.append(helper.make_node("Mul", [sign, n.input[1]], [n.output[0]],
+                                          name=fresh(f"{n.name or 'bipolarquant'}_mul")))
+    del g.node[:]
+    g.node.extend(nodes)
+    std = [o for o in out.opset_import if o.domain in ("", "ai.onnx")]
+    if not std or std[0].version < 11:
+        raise OnnxError(f"{where}: QONNX BipolarQuant is read with ONNX opset 11 or later, the "
+                        f"graph has {std[0].version if std else 'none'}")
+    std[0].version = max(std[0].version, 12)  # GreaterOrEqual (opset 12 changes nothing else read)
+    keep = [o for o in out.opset_import if o.domain not in _QONNX]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
 
 
 def _io(gr: _Graph, in_shape) -> _Io:
@@ -1325,7 +1407,8 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
 
     What is checked, each refused in one line naming the node, attribute or tensor:
 
-    * the file is valid ONNX (``onnx.checker``), opset >= 7, standard operators, initializers
+    * the file is valid ONNX (``onnx.checker``), opset >= 7, standard operators (and QONNX's
+      ``BipolarQuant``), initializers
       and ``Constant`` values whose data fills their dims (checked before reading), no external
       data;
     * the data flow: the nodes form one chain from the single data input to the single output
@@ -1372,6 +1455,7 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
         onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001 -- the checker's verdict, in one line
         raise OnnxError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    proto = _qonnx(proto, where)
     gr = _Graph(proto, where)
     io = _io(gr, in_shape)
     extra = None
