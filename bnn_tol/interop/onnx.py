@@ -82,7 +82,8 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
     (``metadata_props["bnn_tol.model"]``), so that :func:`import_onnx` gives back the same
     model: weights, BatchNorms, scores and sweeps bit for bit. The record is used only while the
     graph is exactly what this function writes for it (the +-1 weights are read from the
-    graph); a graph edited otherwise is read like any other.
+    graph); a file edited otherwise (or written before the record existed) is refused by
+    :func:`import_onnx` in one line.
 
     Raises:
         UnsupportedModel: what :func:`bnn_tol.bundle.export` refuses (m-bit, biases, strides).
@@ -577,11 +578,13 @@ def _fold(gr: _Graph) -> None:
     rest = [n for n in gr.nodes if id(n) not in gone]
     used = {i for n in rest for i in n.inputs if i in made}
     for name in sorted(used):
-        a, b = one[name], two[name]
+        users = [n for n in rest if name in n.inputs]
+        a, b = one[name], two.get(name)
+        if b is None:  # not evaluated with the other batch size: it depends on it
+            b = np.empty((0,) * (a.ndim + 1))
         if a.shape == b.shape and np.array_equal(a, b):
             gr.const[name] = a
             continue
-        users = [n for n in rest if name in n.inputs]
         if a.ndim == 1 and a.shape == b.shape and a.dtype == np.int64 and a[0] == 1 and \
                 b[0] == 2 and np.array_equal(a[1:], b[1:]) and all(
                     u.op == "Reshape" and u.inputs[1:2] == [name] for u in users):
@@ -1362,8 +1365,7 @@ def _own_export(gr: _Graph, io: _Io) -> BNN | None:
     """The model recorded in the metadata of a graph written by :func:`export_onnx`, if the graph
     is exactly what ``export_onnx`` writes for it (its +-1 weights taken from the graph): then
     the import is the exported model, BatchNorm parameters included. ``None`` when the file has
-    no such record or its graph differs from the re-export (edited after export): it is then
-    read like any other graph."""
+    no such record or its graph differs from the re-export (edited after export)."""
     props = {p.key: p.value for p in gr.proto.metadata_props}
     if gr.proto.producer_name != "bnn_tol" or _META not in props:
         return None
@@ -1402,8 +1404,9 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
     A graph written by :func:`export_onnx` comes back as the exported model (BatchNorm
     parameters from its metadata record, checked by re-exporting: the graph must be exactly the
     export of the recorded model with the graph's weights) and, with onnxruntime, its scores on
-    the probe images equal onnxruntime's bit for bit (``model.meta["exported_by"]``). Any other
-    graph, or an export edited beyond its weights, is read as follows.
+    the probe images equal onnxruntime's bit for bit (``model.meta["exported_by"]``); one
+    without such a record (older, or edited beyond its weights) is refused. Any other graph is
+    read as follows.
 
     What is checked, each refused in one line naming the node, attribute or tensor:
 
@@ -1468,6 +1471,11 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
     model = _own_export(gr, io)
     if model is not None:
         return _verify_own(model, gr, io, extra, where)
+    if proto.producer_name == "bnn_tol":
+        raise OnnxError(f"{where}: written by bnn_tol's export_onnx but without a model record "
+                        "that matches its graph (exported by a version before the record, or "
+                        "edited beyond its weights): its folded thresholds and score table do "
+                        "not determine the BatchNorms; export the model again")
     chain, _ = gr.chain()
     try:
         blocks = _blocks(gr, chain, io)
