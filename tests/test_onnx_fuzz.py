@@ -5,7 +5,7 @@ difference.
 The graphs: BNNs written with ``onnx.helper`` as other tools write them (fc with Gemm/MatMul,
 Sign and Where-signs, Clip, a bias Add, a conv net with max-pooling, a flat graph input) and
 graphs exported by the library (``export_onnx``: re-imported from their metadata record while the
-graph is exactly the export, else read as a graph). The mutations:
+graph is exactly the export, else refused). The mutations:
 attribute values (changed, added, removed), initializer contents and dims, node order, extra
 nodes (dangling or spliced into the chain), rewired inputs, ops swapped for similar ones,
 initializers turned into ``Constant`` nodes, other graph input dims and ``in_shape``.
