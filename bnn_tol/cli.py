@@ -579,7 +579,9 @@ def plot_sweep(csv, out, metric, level, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
 def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
     """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
-    [onnx] extra) and save it as a bnn_tol checkpoint.
+    [onnx] extra) and save it as a bnn_tol checkpoint. Reads bnn_tol's own --onnx exports (as
+    the exported model), torch.onnx.export graphs of a plain BNN (both exporters) and QONNX
+    BipolarQuant graphs.
 
     The graph is checked (data flow, every attribute, shapes) and, with onnxruntime installed,
     verified against it before anything is written; a graph that cannot be imported exactly

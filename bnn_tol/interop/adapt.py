@@ -57,7 +57,14 @@ class AdaptError(UnsupportedModel):
     """The user's module cannot be mapped onto BNN blocks (names the operation and why)."""
 
 
-_PROBE = torch.tensor([-3.0, -1.5, -1.0, -0.5, -1e-3, 1e-3, 0.5, 1.0, 1.5, 3.0])
+#: The values an activation is probed with (a tuple: no tensor is shared between calls, so a
+#: user's in-place activation can only change the copy :func:`_probe` makes for it).
+_PROBE_VALUES = (-3.0, -1.5, -1.0, -0.5, -1e-3, 1e-3, 0.5, 1.0, 1.5, 3.0)
+
+
+def _probe(dtype: torch.dtype = torch.float32) -> Tensor:
+    """A fresh tensor of :data:`_PROBE_VALUES` (``adapt`` never mutates shared state)."""
+    return torch.tensor(_PROBE_VALUES, dtype=dtype)
 
 
 def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, Any]]:
@@ -172,20 +179,22 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
         if y.dim() == 2 and y.shape[0] == x.shape[0]:
             return "flatten"
         raise AdaptError(f"{desc}: a reshape that is not a flatten to (N, -1)")
-    probe = _PROBE.reshape(1, -1) if x.dim() == 2 else _PROBE.reshape(1, -1, 1, 1)
+    ref = _probe()
+    probe = _probe(x.dtype)  # the operation may work in place: its own copy
+    probe = probe.reshape(1, -1) if x.dim() == 2 else probe.reshape(1, -1, 1, 1)
     try:
         with torch.no_grad():
-            y = op(probe.to(x.dtype).clone())
+            y = op(probe)
     except Exception as e:  # noqa: BLE001
         raise AdaptError(f"{_name(desc, op)}: cannot probe this operation "
                          f"({_first_line(e)})") from None
     y = y.reshape(-1)
-    if torch.equal(y, torch.where(_PROBE > 0, 1.0, -1.0)):
+    if torch.equal(y, torch.where(ref > 0, 1.0, -1.0)):
         return "sign"
-    if y.shape == _PROBE.shape and torch.equal(torch.sign(y), torch.sign(_PROBE)) and bool(
+    if y.shape == ref.shape and torch.equal(torch.sign(y), torch.sign(ref)) and bool(
             (torch.diff(y) >= 0).all()):
         # keeps every sign: hardtanh / clamp (piecewise identity) or a squashing function
-        return "clip" if torch.equal(y, _PROBE.clamp(float(y.min()), float(y.max()))) \
+        return "clip" if torch.equal(y, ref.clamp(float(y.min()), float(y.max()))) \
             else "squash"
     raise AdaptError(f"{_name(desc, op)}: not a recognized BNN operation (layer, "
                      "BatchNorm, sign-like activation, hardtanh, max-pool, flatten)")
@@ -262,7 +271,9 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
 
     Args:
         module: the user's model, a ``torch.nn.Module`` (eval mode is used; its state is not
-            modified).
+            modified). Its operations run on adapt's own copies of the example and of the probe
+            values, so in-place activations (``Hardtanh(inplace=True)``, ``x.sign_()``) change
+            neither ``example`` nor what a later adaptation probes with.
         example: a float32 batch of inputs on the library's grid (:data:`bnn_tol.data.INPUT`),
             ``(N, C, H, W)`` (or ``(N, features)`` with ``in_shape``).
         in_shape: ``(C, H, W)`` when ``example`` is flat (three positive integers holding its

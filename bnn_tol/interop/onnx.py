@@ -18,14 +18,26 @@ their inputs and outputs, not by their order in the file):
         [-> Softmax | LogSoftmax]                                                 (output block)
 
 where sign is ``Sign`` or ``Where(GreaterOrEqual(x, 0), 1, -1)`` (``Greater``: 0 -> -1), and
-Identity/Dropout may sit anywhere. Every attribute is honoured or refused naming the node and
-attribute, shapes are checked before anything is built, and the result is verified against
-onnxruntime when it is installed (see :func:`import_onnx`). It returns a
+Identity/Dropout may sit anywhere. Before that, what torch's exporters compute besides the layers
+is evaluated: nodes on constants (weights binarized in the graph, ``Transpose``, ``Identity``
+aliases of deduplicated initializers) and on the data's shape (``Shape``, ``ConstantOfShape``,
+``Expand``, ``Gather``, ``Concat``: ``ones_like(x)``, ``x.view(x.size(0), -1)`` with a dynamic
+batch), see :func:`_fold`. Layer weights may be +-1 or +-s with one scale ``s > 0`` per output
+channel (a BatchNorm folded into the layer by torch's dynamo exporter, XNOR-Net's
+``alpha_o``): the scale is folded into the block's BatchNorm (:func:`_absorb_scale`; exact in
+real arithmetic, the scores verified to a stated float32 tolerance). QONNX's 1-bit
+``BipolarQuant`` (Brevitas' QONNX export) is read on weights and, with scale 1, as the sign
+activation (:func:`_qonnx`). A graph written by
+:func:`export_onnx` re-imports as the exported model (its metadata record, see there). Every
+attribute is honoured or refused naming the node and attribute, shapes are checked before
+anything is built, and the result is verified against onnxruntime when it is installed (see
+:func:`import_onnx`). It returns a
 :class:`~bnn_tol.models.BNN` or raises :class:`OnnxError` in one line.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,6 +54,11 @@ from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.interop.bundle import _score_table
 
 __all__ = ["export_onnx", "import_onnx", "OnnxError"]
+
+#: The metadata key under which :func:`export_onnx` records the model's block spec and
+#: BatchNorm state, so that :func:`import_onnx` gives back the same model (a score table and
+#: folded comparators do not determine the BatchNorm parameters).
+_META = "bnn_tol.model"
 
 
 class OnnxError(UnsupportedModel):
@@ -61,10 +78,55 @@ def _onnx():
 def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
     """Write ``model`` (a BNN) as an ONNX graph whose predictions equal ``model(x).argmax(1)``.
 
+    The file also records the model's block spec and BatchNorm state in its metadata
+    (``metadata_props["bnn_tol.model"]``), so that :func:`import_onnx` gives back the same
+    model: weights, BatchNorms, scores and sweeps bit for bit. The record is used only while the
+    graph is exactly what this function writes for it (the +-1 weights are read from the
+    graph); a file edited otherwise (or written before the record existed) is refused by
+    :func:`import_onnx` in one line.
+
     Raises:
         UnsupportedModel: what :func:`bnn_tol.bundle.export` refuses (m-bit, biases, strides).
     """
+    onnx, _, _ = _onnx()
+    proto = _export_proto(model, opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _spec(model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``models.build("custom", blocks=...)`` spec of an exportable BNN and the state of its
+    BatchNorms (float32 values as exact Python floats), as recorded in an export's metadata."""
+    spec, bns = [], []
+    for st in check_bnn(model, what="ONNX export", need_integer=True).stages:
+        layer, bn = st.block.layer, st.block.bn
+        d: dict[str, Any] = {"type": "conv" if st.conv else "linear",
+                             "in": int(layer.weight.shape[1]), "out": int(layer.weight.shape[0]),
+                             "bias": False, "flatten": bool(st.flatten),
+                             "bn_eps": float(bn.eps), "bn_affine": bool(bn.affine)}
+        if st.conv:
+            pad = layer.padding
+            d.update(kernel=int(layer.weight.shape[-1]),
+                     padding=int(pad if isinstance(pad, int) else pad[0]))
+        if st.pool:
+            d["pool"] = int(st.pool)
+        if not st.hidden:
+            d["binary_output"] = False
+        spec.append(d)
+        state = {"running_mean": bn.running_mean, "running_var": bn.running_var}
+        if bn.affine:
+            state.update(weight=bn.weight, bias=bn.bias)
+        bns.append({k: [float(v) for v in t.detach().cpu().float().reshape(-1).tolist()]
+                    for k, t in state.items()})
+    return spec, bns
+
+
+def _export_proto(model, opset: int) -> Any:
+    """The ONNX ModelProto :func:`export_onnx` writes (see there)."""
     onnx, helper, numpy_helper = _onnx()
+    spec, bn_state = _spec(model)
     stages = check_bnn(model, what="ONNX export", need_integer=True).stages
     inits, nodes = [], []
 
@@ -127,11 +189,10 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> Path:
         inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="bnn_tol")
+    helper.set_model_props(proto, {_META: json.dumps(
+        {"format": 1, "in_shape": list(model.in_shape), "blocks": spec, "bn": bn_state})})
     onnx.checker.check_model(proto)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    return path
+    return proto
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -248,6 +309,8 @@ class _Block:
     sign_node: _Node | None = None
     post: list[_Node] = field(default_factory=list)  # the nodes from the layer output to the sign
     pool: int | None = None
+    layer_bias: np.ndarray | None = None  # the layer's own bias input (Gemm C, Conv B)
+    wscale: np.ndarray | None = None  # weights +-s per output channel: s (> 0)
 
     @property
     def pre(self) -> str:
@@ -272,6 +335,8 @@ class _Graph:
 
     def __init__(self, proto: Any, where: str) -> None:
         self.where = where
+        self.at: _Node | None = None  # the node being read (named by an unforeseen failure)
+        self.batch_first: set[str] = set()  # Reshape shapes [N, ...] computed from the data
         self.proto = proto
         opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
         if not opsets or opsets[0] < _MIN_OPSET:
@@ -291,6 +356,7 @@ class _Graph:
                 self.const[n.outputs[0]] = _constant(n)
             else:
                 self.nodes.append(n)
+        _fold(self)
         self.consumers: dict[str, list[_Node]] = {}
         for n in self.nodes:
             for name in dict.fromkeys(i for i in n.inputs if i):
@@ -362,6 +428,256 @@ class _Graph:
             raise OnnxError(f"{off[0].label} is not on the path from the input "
                             f"{self.input.name!r} to the output {self.output.name!r}")
         return chain, cur
+
+
+#: Operators evaluated at import when all their inputs are constants, or shapes of the data:
+#: what torch's exporters write for a BNN besides its layers (weights binarized in the graph,
+#: ``Identity`` aliases of deduplicated initializers, ``ones_like``/``x.view(x.size(0), -1)``
+#: computed from ``Shape``). Other operators on constants are left to the chain (and refused
+#: there by name).
+_FOLD = frozenset({
+    "Identity", "Cast", "Transpose", "Neg", "Abs", "Sign", "Not", "Reshape", "Unsqueeze",
+    "Squeeze", "Concat", "Gather", "Slice", "Flatten", "GreaterOrEqual", "Greater", "Less",
+    "LessOrEqual", "Equal", "Where", "Mul", "Add", "Sub", "Div", "ConstantOfShape", "Expand",
+    "Shape", "Size", "CastLike"})
+#: The foldable operators whose output takes the broadcast shape of their inputs.
+_BROADCAST = frozenset({"Where", "Mul", "Add", "Sub", "Div", "GreaterOrEqual", "Greater", "Less",
+                        "LessOrEqual", "Equal"})
+
+
+def _dims(t: Any) -> list[int] | None:
+    """The dims of a tensor TypeProto, ``None`` unless all are known."""
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims = t.tensor_type.shape.dim
+    return [int(d.dim_value) for d in dims] if all(d.HasField("dim_value") for d in dims) \
+        else None
+
+
+def _infer(gr: _Graph, n: _Node, types: dict[str, Any], values: dict[str, np.ndarray]
+           ) -> dict[str, Any]:
+    """The output types of a node on the data (onnx's shape inference for this one node, the
+    constants it reads given by value); ``{}`` where they cannot be inferred."""
+    from onnx import defs, helper, numpy_helper, shape_inference
+
+    try:
+        schema = defs.get_schema(n.op, gr.opset, "")
+        ins, data = {}, {}
+        for i in n.inputs:
+            if not i:
+                continue
+            if i in values:
+                arr = values[i]
+                ins[i] = helper.make_tensor_type_proto(
+                    helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+                if arr.size <= 64:  # shapes, axes, thresholds: the inference may read them
+                    data[i] = numpy_helper.from_array(arr, i)
+            elif i in types:
+                ins[i] = types[i]
+            else:
+                return {}
+        return shape_inference.infer_node_outputs(
+            schema, n.proto, ins, data, opset_imports=list(gr.proto.opset_import))
+    except Exception:  # noqa: BLE001 -- unknown: a Shape of it is refused by name
+        return {}
+
+
+def _fold_once(gr: _Graph, batch: int) -> tuple[dict[str, np.ndarray], list[_Node]]:
+    """Evaluate the foldable nodes (:data:`_FOLD` on constants; ``Shape``/``Size`` of the data,
+    ``CastLike`` to the data's type) in file order (topological: ``onnx.checker``), inferring
+    the data's types node by node with the graph input's batch size set to ``batch``: their
+    outputs and the folded nodes."""
+    from onnx import TypeProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    values = dict(gr.const)
+    folded: list[_Node] = []
+    types: dict[str, Any] = {}
+    for v in gr.proto.graph.input:
+        if v.name not in values and v.type.tensor_type.shape.dim:
+            t = TypeProto()
+            t.CopyFrom(v.type)
+            t.tensor_type.shape.dim[0].dim_value = batch
+            types[v.name] = t
+    for n in gr.nodes:
+        ins = [i for i in n.inputs if i]
+        if n.op in _FOLD and ins:
+            if n.op in ("Shape", "Size") and ins[0] not in values:
+                dims = _dims(types.get(ins[0]))
+                if dims is None:
+                    raise OnnxError(f"{n.label}: the shape of {ins[0]!r} is not known (onnx "
+                                    "shape inference): cannot evaluate it")
+                arr = np.array(dims, dtype=np.int64)
+                values[n.outputs[0]] = np.array(math.prod(dims), dtype=np.int64) \
+                    if n.op == "Size" else arr[n.attr("start", 0):n.attr("end", len(dims))]
+                folded.append(n)
+                continue
+            like = types.get(ins[1]) if n.op == "CastLike" and len(ins) == 2 else None
+            if like is not None and ins[0] in values and ins[1] not in values:
+                dtype = helper.tensor_dtype_to_np_dtype(like.tensor_type.elem_type)
+                values[n.outputs[0]] = values[ins[0]].astype(dtype)
+                folded.append(n)
+                continue
+            if all(i in values for i in ins):
+                values.update(_evaluate(n, [values[i] if i else None for i in n.inputs],
+                                        gr.opset, ReferenceEvaluator))
+                folded.append(n)
+                continue
+        types.update(_infer(gr, n, types, values))
+    return values, folded
+
+
+def _evaluate(n: _Node, args: list, opset: int, evaluator: Any) -> dict[str, np.ndarray]:
+    """One node on constant inputs (onnx's reference implementation), sizes bounded first."""
+    arrays = [np.asarray(a) for a in args if a is not None]
+    try:
+        if n.op == "ConstantOfShape":
+            shape = tuple(int(v) for v in arrays[0].reshape(-1))
+        elif n.op == "Expand":
+            shape = np.broadcast_shapes(arrays[0].shape,
+                                        tuple(int(v) for v in arrays[1].reshape(-1)))
+        elif n.op in _BROADCAST:
+            shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        else:  # no larger than all its inputs together (reshapes, concat, gather, ...)
+            shape = (sum(a.size for a in arrays),)
+    except (ValueError, TypeError, IndexError) as e:
+        raise OnnxError(f"{n.label}: its constant inputs do not fit together "
+                        f"({_first_line(e)})") from None
+    if any(d < 0 for d in shape) or math.prod(shape) > _MAX_CONST:
+        raise OnnxError(f"{n.label}: its result would have dims {list(shape)} (negative or more "
+                        "than 2^28 values)")
+    feed = {f"i{k}": a for k, a in enumerate(args) if a is not None}
+    node = n.proto.__class__()
+    node.CopyFrom(n.proto)
+    del node.input[:], node.output[:]
+    node.input.extend(f"i{k}" if a is not None else "" for k, a in enumerate(args))
+    node.output.extend(f"o{k}" for k in range(len(n.outputs)))
+    node.domain = ""
+    try:
+        out = evaluator(node, opsets={"": opset}).run(None, feed)
+    except Exception as e:  # noqa: BLE001 -- the graph's constants are the file's fault
+        raise OnnxError(f"{n.label}: cannot be evaluated on its constant inputs "
+                        f"({_first_line(e)})") from None
+    return {name: np.asarray(v) for name, v in zip(n.outputs, out, strict=False) if name}
+
+
+def _fold(gr: _Graph) -> None:
+    """Replace the foldable nodes by constants: evaluated with batch sizes 1 and 2, a value that
+    does not depend on the batch becomes a constant; a shape ``[N, ...]`` feeding a Reshape
+    becomes ``[0, ...]`` (copy the batch dimension); a fill ``(N, ...)`` of equal rows (e.g.
+    ``ConstantOfShape(Shape(x))``, ``ones_like(x)``) becomes its first row, which broadcasts over
+    the batch. Any other value computed from the batch size is refused naming its consumer."""
+    if not any(n.op in _FOLD for n in gr.nodes):
+        return
+    one, folded = _fold_once(gr, 1)
+    if not folded:
+        return
+    gone = {id(n) for n in folded}
+    made = {o for n in folded for o in n.outputs if o}
+    two = _fold_once(gr, 2)[0] if any(n.op in ("Shape", "Size") for n in folded) else one
+    rest = [n for n in gr.nodes if id(n) not in gone]
+    used = {i for n in rest for i in n.inputs if i in made}
+    for name in sorted(used):
+        users = [n for n in rest if name in n.inputs]
+        a, b = one[name], two.get(name)
+        if b is None:  # not evaluated with the other batch size: it depends on it
+            b = np.empty((0,) * (a.ndim + 1))
+        if a.shape == b.shape and np.array_equal(a, b):
+            gr.const[name] = a
+            continue
+        if a.ndim == 1 and a.shape == b.shape and a.dtype == np.int64 and a[0] == 1 and \
+                b[0] == 2 and np.array_equal(a[1:], b[1:]) and all(
+                    u.op == "Reshape" and u.inputs[1:2] == [name] for u in users):
+            gr.const[name] = np.concatenate([[0], a[1:]]).astype(np.int64)
+            gr.batch_first.add(name)  # its 0 is the batch, whatever allowzero says
+            continue
+        if a.ndim >= 1 and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2 and \
+                a.shape[1:] == b.shape[1:] and np.array_equal(b, np.concatenate([a, a])):
+            gr.const[name] = a
+            continue
+        raise OnnxError(f"{users[0].label}: its input {name!r} is computed from the batch "
+                        "size in a way that cannot be imported")
+    gr.nodes = rest
+
+
+#: The domains of QONNX's operators (and of FINN's, where they were defined first).
+_QONNX = ("qonnx.custom_op.general", "finn.custom_op.general")
+
+
+def _qonnx(proto: Any, where: str) -> Any:
+    """QONNX's ``BipolarQuant(X, scale) = scale * (X >= 0 ? 1 : -1)`` (the 1-bit quantizer of
+    Brevitas' QONNX export) as standard operators, ``Where(GreaterOrEqual(X, 0), 1, -1)`` and,
+    for a scale other than 1, ``Mul(., scale)``, so that the rest of the import (and
+    onnxruntime) reads it: on weights it is evaluated (``scale`` folded as a weight scale), on
+    activations it is the sign (+1 at 0, as bnn_tol's). Refused naming the node: another QONNX
+    operator, a scale that is not a positive finite float32 constant, an activation scale
+    other than 1 (its +-s outputs would scale the next layer), an opset below 11."""
+    from onnx import ModelProto, helper, numpy_helper
+
+    if not any(n.domain in _QONNX for n in proto.graph.node):
+        return proto
+    out = ModelProto.FromString(proto.SerializeToString())
+    g = out.graph
+    consts: dict[str, Any] = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
+                and n.attribute[0].name == "value" and n.output:
+            consts[n.output[0]] = n.attribute[0].t
+    taken = {*consts, *(o for n in g.node for o in n.output), *(i.name for i in g.input)}
+
+    def fresh(base: str) -> str:
+        k = 0
+        while f"{base}__{k}" in taken:
+            k += 1
+        taken.add(f"{base}__{k}")
+        return f"{base}__{k}"
+
+    nodes = []
+    for i, n in enumerate(g.node):
+        if n.domain not in _QONNX:
+            nodes.append(n)
+            continue
+        label = f"{n.op_type} node {n.name!r}" if n.name else f"{n.op_type} node #{i}"
+        if n.op_type != "BipolarQuant":
+            raise OnnxError(f"{label}: QONNX operator {n.op_type} is not supported (only the "
+                            "1-bit BipolarQuant)")
+        if len(n.input) != 2 or len(n.output) != 1 or n.attribute or not n.input[0]:
+            raise OnnxError(f"{label}: BipolarQuant takes the inputs X, scale, one output and no "
+                            "attributes")
+        if n.input[1] not in consts:
+            raise OnnxError(f"{label}: its scale {n.input[1]!r} is not a constant")
+        scale = _array(consts[n.input[1]], f"{label} scale")
+        if scale.dtype != np.float32 or scale.size > MAX_VALUES or not (
+                np.isfinite(scale).all() and (scale > 0).all()):
+            raise OnnxError(f"{label}: its scale must be positive finite float32 values")
+        unit = bool((scale == 1).all())
+        if not unit and n.input[0] not in consts:
+            raise OnnxError(f"{label}: an activation quantizer with a scale other than 1 "
+                            f"({float(scale.reshape(-1)[0]):g}) is not supported: its +-s "
+                            "outputs scale the next layer")
+        names = [fresh(f"{n.name or 'bipolarquant'}_{k}") for k in
+                 ("zero", "one", "minus", "ge", "sign")]
+        for name, v in zip(names[:3], (0.0, 1.0, -1.0), strict=True):
+            g.initializer.append(numpy_helper.from_array(np.float32(v), name))
+        sign = n.output[0] if unit else names[4]
+        nodes += [helper.make_node("GreaterOrEqual", [n.input[0], names[0]], [names[3]],
+                                   name=names[3]),
+                  helper.make_node("Where", [names[3], names[1], names[2]], [sign],
+                                   name=n.name or sign)]
+        if not unit:
+            nodes.append(helper.make_node("Mul", [sign, n.input[1]], [n.output[0]],
+                                          name=fresh(f"{n.name or 'bipolarquant'}_mul")))
+    del g.node[:]
+    g.node.extend(nodes)
+    std = [o for o in out.opset_import if o.domain in ("", "ai.onnx")]
+    if not std or std[0].version < 11:
+        raise OnnxError(f"{where}: QONNX BipolarQuant is read with ONNX opset 11 or later, the "
+                        f"graph has {std[0].version if std else 'none'}")
+    std[0].version = max(std[0].version, 12)  # GreaterOrEqual (opset 12 changes nothing else read)
+    keep = [o for o in out.opset_import if o.domain not in _QONNX]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
 
 
 def _io(gr: _Graph, in_shape) -> _Io:
@@ -494,8 +810,16 @@ def _layer(gr: _Graph, n: _Node, shape: tuple[int, ...], first: bool) -> _Block:
             padding = 0 if auto == "VALID" else (kh - 1) // 2
         else:
             raise OnnxError(f"{n.label}: auto_pad={auto!r} is not an ONNX padding mode")
+    wscale = None
     if not np.isin(w, (-1.0, 1.0)).all():
-        raise OnnxError(f"{n.label}: weights are not +-1 (not a binarized layer)")
+        # +-s_o per output channel: a scale folded into the weights (torch's exporter folds
+        # the BatchNorm into the layer; XNOR-Net's alpha_o = mean |W_o|)
+        mag = np.abs(w).reshape(w.shape[0], -1)
+        if not ((mag == mag[:, :1]).all() and (mag[:, 0] > 0).all()):
+            raise OnnxError(f"{n.label}: weights are not +-1 (nor +-s with one scale s > 0 per "
+                            "output channel): not a binarized layer")
+        wscale = np.ascontiguousarray(mag[:, 0])
+        w = np.where(w > 0, 1.0, -1.0).astype(np.float32)
     out, fan_in = int(w.shape[0]), int(math.prod(w.shape[1:]))
     if n.op == "Conv":
         if len(shape) != 3:
@@ -527,9 +851,10 @@ def _layer(gr: _Graph, n: _Node, shape: tuple[int, ...], first: bool) -> _Block:
         if n.op == "Conv" and gr.const[bias_name].shape != (out,):
             raise OnnxError(f"{n.label}: its bias has shape {gr.const[bias_name].shape}, not "
                             f"({out},)")
-        bias = _per_channel(gr, n, bias_name, preact, "bias")
+        bias = gr.f32(n, bias_name, "bias") if n.op == "Conv" else \
+            _per_channel(gr, n, bias_name, preact, "bias")
     return _Block(layer=n, conv=n.op == "Conv", w=np.ascontiguousarray(w), preact=preact,
-                  padding=padding, bias=bias)
+                  padding=padding, bias=bias, layer_bias=bias, wscale=wscale)
 
 
 def _batchnorm(gr: _Graph, n: _Node, b: _Block) -> None:
@@ -608,6 +933,7 @@ def _blocks(gr: _Graph, chain: list[_Node], io: _Io) -> list[_Block]:
     may_pool = False
     ended: _Node | None = None
     for n in chain:
+        gr.at = n  # named if reading it fails unforeseen (import_onnx)
         extra = set(n.attrs) - _OPS.get(n.op, frozenset())
         if n.op not in _OPS:
             raise OnnxError(f"{n.label}: operator {n.op} is not supported in an imported BNN "
@@ -691,6 +1017,7 @@ def _blocks(gr: _Graph, chain: list[_Node], io: _Io) -> list[_Block]:
                 cur.sign = "Sign"
             cur.post.append(n)
             cur.sign_node = n
+            _absorb_scale(cur)
             _check_tau(cur, INPUT.scale if not blocks else 1)
             blocks.append(cur)
             cur = None
@@ -713,6 +1040,7 @@ def _blocks(gr: _Graph, chain: list[_Node], io: _Io) -> list[_Block]:
                         "from a Gemm/MatMul")
     if cur.clipped:
         raise OnnxError(f"{cur.layer.label}: a Clip after the last layer changes the class scores")
+    _absorb_scale(cur)
     blocks.append(cur)
     t = gr.output.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] \
@@ -721,6 +1049,28 @@ def _blocks(gr: _Graph, chain: list[_Node], io: _Io) -> list[_Block]:
         raise OnnxError(f"{gr.where}: the graph output declares dims {dims}, the last layer "
                         f"gives (N, {cur.preact[0]})")
     return blocks
+
+
+def _absorb_scale(b: _Block) -> None:
+    """Weights ``s B`` (``B`` +-1, ``s > 0`` per output channel) with bias ``c`` and an optional
+    BatchNorm: the library's block computes ``B x`` and one BatchNorm equal to the graph in real
+    arithmetic -- ``BN(s a + c)`` with mean ``(mean - c) / s``, variance ``(var + eps) / s^2``
+    and eps 0; without a BatchNorm, ``s a + c`` as a BatchNorm with gamma ``s``, beta ``c``,
+    mean 0, variance 1 and eps 0. Float32 rounding may differ: see :func:`_check_probes`."""
+    if b.wscale is None:
+        return
+    s = b.wscale.astype(np.float64)
+    c = b.bias.astype(np.float64) if b.bias is not None else np.zeros_like(s)
+    if b.bn is not None:
+        gamma, beta, mean, var = (v.astype(np.float64) for v in b.bn)
+        params = (gamma, beta, (mean - c) / s, (var + b.eps) / (s * s))
+    else:
+        params = (s, c, np.zeros_like(s), np.ones_like(s))
+    if not all(np.isfinite(v).all() for v in params) or not (params[3] > 0).all():
+        raise OnnxError(f"{b.layer.label}: its weight scale cannot be folded into the "
+                        "BatchNorm (the folded parameters overflow float32)")
+    b.bn = tuple(v.astype(np.float32) for v in params)  # type: ignore[assignment]
+    b.eps, b.bias = 0.0, None
 
 
 def _flatten(gr: _Graph, n: _Node, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -734,7 +1084,7 @@ def _flatten(gr: _Graph, n: _Node, shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(n.inputs) != 2 or gr.const[gr.input_name(n, 1, "shape")].dtype != np.int64:
         raise OnnxError(f"{n.label}: its shape must be an int64 constant")
     s = [int(v) for v in gr.const[n.inputs[1]].reshape(-1)]
-    zero_ok = not n.attr("allowzero", 0)
+    zero_ok = not n.attr("allowzero", 0) or n.inputs[1] in gr.batch_first
     ok = len(s) == 2 and ((s[0] == 0 and zero_ok and s[1] in (-1, total)) or
                           (s[0] == -1 and s[1] == total))
     if not ok:
@@ -937,6 +1287,8 @@ def _check_thresholds(rt: _Runtime, gr: _Graph, blocks: list[_Block], model: BNN
         k = _grid(b, i, st.fan_in, t, st.scale)
         lib = np.where(d > 0, k >= t, np.where(d < 0, k <= t, const > 0)).astype(np.float32) * 2 - 1
         a = (k / st.scale).astype(np.float32)
+        if b.wscale is not None:  # the graph's layer output: s a (+ its own bias)
+            a = a * b.wscale + (b.layer_bias if b.layer_bias is not None else np.float32(0))
         if b.conv:
             h, w = min(b.preact[1], 16), min(b.preact[2], 16)
             x = np.ascontiguousarray(np.broadcast_to(a[:, :, None, None], (*a.shape, h, w)))
@@ -989,26 +1341,77 @@ def _check_probes(rt: _Runtime, gr: _Graph, io: _Io, blocks: list[_Block], model
     if ref.shape != got.shape or not np.isfinite(ref).all():
         raise OnnxError(f"{gr.where}: onnxruntime's scores have shape {ref.shape} (or are not "
                         f"finite), the imported model's {got.shape}")
-    differ = ref.argmax(1) != got.argmax(1)
+    exact = out.bn is None and all(b.bias is None for b in blocks)
+    # a weight scale folded out of the output layer: the graph rounds each of its fan-in
+    # products s x and their sums, the imported model one product s a; its predictions may
+    # then differ where two classes' scores tie within that rounding
+    ulps = 8 + (out.w[0].size if out.wscale is not None else 0)
+    tol = 0.0 if exact else ulps * float(np.finfo(np.float32).eps) * float(np.abs(ref).max())
+    pred = got.argmax(1)
+    differ = ref.argmax(1) != pred
+    if out.wscale is not None:
+        differ &= ref[np.arange(len(ref)), pred] < ref.max(1) - tol
     diff = float(np.abs(ref - got).max())
     if differ.any():
         raise OnnxError(f"{gr.where}: the imported model's predictions differ from "
                         f"onnxruntime's on {int(differ.sum())} of {len(x)} probe inputs "
                         f"(max |score diff| {diff:.3g}): not imported")
-    exact = out.bn is None and all(b.bias is None for b in blocks)
-    tol = 0.0 if exact else 8 * float(np.finfo(np.float32).eps) * float(np.abs(ref).max())
     if diff > tol:
         raise OnnxError(f"{gr.where}: the imported model's scores differ from onnxruntime's by "
                         f"up to {diff:.3g} (allowed {tol:.3g}): not imported")
+
+
+def _own_export(gr: _Graph, io: _Io) -> BNN | None:
+    """The model recorded in the metadata of a graph written by :func:`export_onnx`, if the graph
+    is exactly what ``export_onnx`` writes for it (its +-1 weights taken from the graph): then
+    the import is the exported model, BatchNorm parameters included. ``None`` when the file has
+    no such record or its graph differs from the re-export (edited after export)."""
+    props = {p.key: p.value for p in gr.proto.metadata_props}
+    if gr.proto.producer_name != "bnn_tol" or _META not in props:
+        return None
+    try:
+        rec = json.loads(props[_META])
+        spec, state = rec["blocks"], rec["bn"]
+        weights = [gr.const[f"w{k}"] for k in range(len(spec))]
+        shapes = [(b["out"], b["in"], b["kernel"], b["kernel"]) if b["type"] == "conv"
+                  else (b["in"], b["out"]) for b in spec]
+        if len(state) != len(spec) or any(tuple(w.shape) != s for w, s in
+                                          zip(weights, shapes, strict=True)):
+            return None
+        model = build("custom", blocks=spec, in_shape=io.in_shape,
+                      n_classes=int(spec[-1]["out"]))
+        with torch.no_grad():
+            for block, w, bn in zip(model.blocks, weights, state, strict=True):
+                w = torch.from_numpy(np.array(w, dtype=np.float32))
+                block.layer.weight.copy_(w if block.layer.weight.dim() == 4 else w.T)
+                for name, values in bn.items():
+                    if name not in ("running_mean", "running_var", "weight", "bias"):
+                        return None
+                    getattr(block.bn, name).copy_(torch.tensor(values, dtype=torch.float32))
+        model.eval()
+        again = _export_proto(model, gr.opset)
+    except Exception:  # noqa: BLE001 -- a record that does not rebuild: read the graph itself
+        return None
+    if again.graph.SerializeToString() != gr.proto.graph.SerializeToString():
+        return None
+    return model
 
 
 def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor | None = None
                 ) -> BNN:
     """Read an ONNX BNN graph (see the module docstring) into a bnn_tol BNN, checked and verified.
 
+    A graph written by :func:`export_onnx` comes back as the exported model (BatchNorm
+    parameters from its metadata record, checked by re-exporting: the graph must be exactly the
+    export of the recorded model with the graph's weights) and, with onnxruntime, its scores on
+    the probe images equal onnxruntime's bit for bit (``model.meta["exported_by"]``); one
+    without such a record (older, or edited beyond its weights) is refused. Any other graph is
+    read as follows.
+
     What is checked, each refused in one line naming the node, attribute or tensor:
 
-    * the file is valid ONNX (``onnx.checker``), opset >= 7, standard operators, initializers
+    * the file is valid ONNX (``onnx.checker``), opset >= 7, standard operators (and QONNX's
+      ``BipolarQuant``), initializers
       and ``Constant`` values whose data fills their dims (checked before reading), no external
       data;
     * the data flow: the nodes form one chain from the single data input to the single output
@@ -1055,6 +1458,7 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
         onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001 -- the checker's verdict, in one line
         raise OnnxError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    proto = _qonnx(proto, where)
     gr = _Graph(proto, where)
     io = _io(gr, in_shape)
     extra = None
@@ -1064,8 +1468,23 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
             raise OnnxError(f"verify must be a float tensor (N, {', '.join(map(str, io.in_shape))}"
                             f"), got {getattr(verify, 'shape', type(verify).__name__)}")
         extra = verify.detach().cpu().float().reshape(-1, *io.in_shape)
+    model = _own_export(gr, io)
+    if model is not None:
+        return _verify_own(model, gr, io, extra, where)
+    if proto.producer_name == "bnn_tol":
+        raise OnnxError(f"{where}: written by bnn_tol's export_onnx but without a model record "
+                        "that matches its graph (exported by a version before the record, or "
+                        "edited beyond its weights): its folded thresholds and score table do "
+                        "not determine the BatchNorms; export the model again")
     chain, _ = gr.chain()
-    blocks = _blocks(gr, chain, io)
+    try:
+        blocks = _blocks(gr, chain, io)
+    except OnnxError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        # a case the checks above do not foresee: still one line naming the node
+        raise OnnxError(f"{gr.at.label if gr.at is not None else where}: cannot be imported "
+                        f"({_first_line(e)})") from None
     model = _build_model(blocks, io.in_shape)
     _check_zero_signs(blocks, model)
     try:
@@ -1082,4 +1501,32 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
         model.meta["verified_with"] = f"onnxruntime {ort.__version__}"
         if ties:
             model.meta["onnx_rounding_ties"] = ties
+    return model
+
+
+def _verify_own(model: BNN, gr: _Graph, io: _Io, extra: torch.Tensor | None, where: str) -> BNN:
+    """A graph :func:`export_onnx` wrote for ``model`` (see :func:`_own_export`): the export is
+    exact by construction; with onnxruntime installed, its scores on the probe images (and
+    ``extra``) are checked to equal the model's bit for bit."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is None and extra is not None:
+        raise OnnxError("verify= needs onnxruntime: pip install 'bnn_tol[onnx]'")
+    model.meta = {"imported_from": where, "exported_by": "bnn_tol"}
+    if ort is None:
+        return model
+    rt = _Runtime(ort, where)
+    x = INPUT.to_float(_probe_pixels(io.in_shape))
+    if extra is not None:
+        x = torch.cat([x, extra])
+    ref = rt.run(rt.session(gr.proto, "the graph"), io.name,
+                 x.numpy().reshape(len(x), *io.shape), io.batch, "the probe inputs")
+    with torch.no_grad():
+        got = torch.cat([model(x[i:i + 16]) for i in range(0, len(x), 16)]).numpy()
+    if not np.array_equal(ref, got):
+        raise OnnxError(f"{where}: onnxruntime's scores differ from the exported model's "
+                        "(not imported)")
+    model.meta["verified_with"] = f"onnxruntime {ort.__version__}"
     return model
