@@ -12,7 +12,7 @@ OUT    ?= runs/demo
 STUDY   ?= studies/fmnist_fc35.toml
 RESULTS ?= docs/results/$(basename $(notdir $(STUDY)))
 
-.PHONY: help setup data demo test test-slow lint bench clean results stutz
+.PHONY: help setup data demo test test-slow lint bench clean results stutz notebooks
 
 help:
 	@echo "make demo       train normal + bit-flip-trained BNNs, sweep, metrics (Fashion-MNIST)"
@@ -22,6 +22,7 @@ help:
 	@echo "make results    every published number: STUDY (default studies/fmnist_fc35.toml)"
 	@echo "                run fresh into RESULTS (default docs/results/<study>/), report + environment.json"
 	@echo "make stutz      m-bit networks vs BNNs (Stutz et al.) -> docs/results/stutz_fmnist/"
+	@echo "make notebooks  run notebooks/*.ipynb in place and store them with their outputs"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +63,11 @@ stutz: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# The notebooks are committed with their outputs (figures on the repository page); the tests
+# run a copy on small settings and fail for a notebook committed without outputs.
+notebooks: setup
+	$(BIN)/python scripts/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,7 +14,8 @@ import pytest
 
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
 
 
 def _execute(name: str, tmp_path: Path, monkeypatch) -> nbformat.NotebookNode:
@@ -71,3 +72,26 @@ def test_04_bring_your_own_bnn(tmp_path, monkeypatch):
     nb = _execute("04_bring_your_own_bnn", tmp_path, monkeypatch)
     assert (tmp_path / "out" / "deploy" / "manifest.json").is_file()
     assert "numpy == torch" in _text(nb)
+
+
+def test_run_notebooks_normalize_drops_timing_and_widgets():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks",
+                                                  ROOT / "scripts" / "run_notebooks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    nb = nbformat.v4.new_notebook(metadata={"widgets": {"state": {}}})
+    bar = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "x", "version_major": 2}})
+    both = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "y", "version_major": 2},
+        "text/plain": "50%"})
+    text = nbformat.v4.new_output("stream", name="stdout", text="ok\n")
+    cell = nbformat.v4.new_code_cell("1", execution_count=1, outputs=[bar, both, text],
+                                     metadata={"execution": {"iopub.status.busy": "2026"}})
+    nb.cells.append(cell)
+    script.normalize(nb)
+    assert "widgets" not in nb.metadata and cell.metadata == {}
+    assert [o.get("data", {}) for o in cell.outputs] == [{"text/plain": "50%"}, {}]
+    nbformat.validate(nb)
