@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the notebooks write their files (default runs/notebooks)")
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads of the kernel (fixed for reproducible numbers)")
-    parser.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds per cell (default 3600: a loaded machine is slow)")
     args = parser.parse_args(argv)
     paths = [p.resolve() for p in args.notebooks] or sorted(NOTEBOOKS.glob("*.ipynb"))
     failed = []
