@@ -14,7 +14,7 @@ OUT    ?= runs/demo
 STUDIES ?= studies/fmnist_decisive.toml studies/fmnist_vgg3.toml studies/fmnist_recipes.toml
 RESULT_DIRS = $(addprefix docs/results/,$(basename $(notdir $(STUDIES))))
 
-.PHONY: help setup data demo test test-slow lint bench clean results stutz
+.PHONY: help setup data demo test test-slow lint bench clean results stutz notebooks
 
 help:
 	@echo "make demo       train normal + bit-flip-trained BNNs, sweep, metrics (Fashion-MNIST)"
@@ -24,6 +24,7 @@ help:
 	@echo "make results    every published number: STUDIES (default decisive fc, vgg3, recipes)"
 	@echo "                each fresh into docs/results/<study>/ (report, environment.json), figures -> docs/figures/"
 	@echo "make stutz      m-bit networks vs BNNs (Stutz et al.) -> docs/results/stutz_fmnist/"
+	@echo "make notebooks  run notebooks/*.ipynb in place and store them with their outputs"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +68,11 @@ stutz: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# The notebooks are committed with their outputs (figures on the repository page); the tests
+# run a copy on small settings and fail for a notebook committed without outputs.
+notebooks: setup
+	$(BIN)/python scripts/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
