@@ -551,7 +551,8 @@ def protection_gain(summary: pd.DataFrame, *, level: float = 0.95) -> Figure:
                title=f"{arch}: protecting {unit}s")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Metric-guided protection vs random, {level:.0%} interval over networks")
+    fig.suptitle(f"Gain over random protection ({level:.0%} interval over networks)",
+                 fontsize=10)
     return fig
 
 
