@@ -316,7 +316,13 @@ def test_figures_have_one_panel_per_architecture_and_no_pooled_line():
     assert [ax.get_title() for ax in axes] == ["fc", "vgg3"]
     # points only: no line through data (seaborn's legend handles are empty lines)
     assert all(len(ln.get_xdata()) == 0 for ax in axes for ln in ax.lines)
-    assert sum(len(ax.collections[0].get_offsets()) for ax in axes) == 16
+    from matplotlib.collections import LineCollection, PathCollection
+
+    assert sum(len(c.get_offsets()) for ax in axes for c in ax.collections
+               if isinstance(c, PathCollection)) == 16
+    # error bars on both axes: one x and one y segment per point
+    assert sum(len(c.get_segments()) for ax in axes for c in ax.collections
+               if isinstance(c, LineCollection)) == 2 * 16
     with pytest.raises(InvalidArgument, match="kind"):
         plots.rho_vs_ber(cur, kind="nope")
 

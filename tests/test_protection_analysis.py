@@ -116,7 +116,7 @@ def test_ranking_contrast_is_auc_with_the_other_ranking_as_baseline(tmp_path):
     area = {r: np.trapezoid(m[r].reindex(f).to_numpy(), f) for r in ("importance", "margin")}
     assert c["diff"].iloc[0] == pytest.approx(area["importance"] - area["margin"], abs=1e-12)
     # and the README figures of that study: every figure written, provenance recorded
-    figs = tmp_path / "figs"
+    figs = tmp_path.parent / f"{tmp_path.name}_figs"  # not inside the study it reads
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_figures.py"), "--out",
                           str(figs), str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
