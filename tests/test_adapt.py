@@ -194,3 +194,30 @@ def test_brevitas_binary_network_adapts_with_its_weight_scale_folded():
     assert torch.equal(model(x).argmax(1), ref.argmax(1))
     assert torch.allclose(model(x), ref, rtol=0, atol=1e-5)
     assert abs(model.blocks[0].bn.eps - net[2].eps / 0.01) < 1e-9
+
+
+class ScaledBinLin(nn.Linear):
+    """XNOR-Net / Brevitas style: alpha sign(W), one positive scale per tensor."""
+
+    def forward(self, x):
+        return F.linear(x, 0.25 * SignFn.apply(self.weight), self.bias)
+
+
+@pytest.mark.parametrize("layer", [BinLin, ScaledBinLin])
+def test_an_exact_zero_before_a_sign_is_refused_also_with_a_folded_weight_scale(layer):
+    """sign(0) conventions differ: an example whose hidden BatchNorm output is exactly 0 is
+    refused (sign_zero=None), also where a weight scale was folded into a copy of the BN."""
+    torch.manual_seed(0)
+    net = _randomize(nn.Sequential(nn.Flatten(), layer(64, 16, bias=False), nn.BatchNorm1d(16),
+                                   Sign(), BinLin(16, 10, bias=False), nn.BatchNorm1d(10)))
+    img = _example()
+    img[0] = 128  # a gray image is 0 on the input grid: every pre-activation is exactly 0
+    x = to_float(img)
+    with torch.no_grad():
+        net[2].running_mean[3] = 0.0  # BN(0) = 0 * gamma / sqrt(var + eps) + 0 for unit 3
+        net[2].bias[3] = 0.0
+        assert net[2](net[1](net[0](x)))[0, 3] == 0
+    with pytest.raises(AdaptError, match="exactly 0"):
+        bnn_tol.adapt(net, x)
+    model = bnn_tol.adapt(net, x, sign_zero=1)  # the library's convention, said explicitly
+    assert torch.equal(model(x).argmax(1), net(x).argmax(1))

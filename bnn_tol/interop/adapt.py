@@ -405,6 +405,7 @@ def _map_ops(module, example, ops, traced, sign_zero):
     x = example.clone()
     spec: list[dict] = []
     layers, bns, scales = [], [], []
+    user_bns: dict[int, nn.Module] = {}  # block -> the module's own BatchNorm
     assumed: list[str] = []
     kept: list[str] = []  # clip / squash operations after the current block's BatchNorm
     cur: dict | None = None
@@ -473,6 +474,7 @@ def _map_ops(module, example, ops, traced, sign_zero):
                                  "(track_running_stats=False) normalizes with each batch's own "
                                  "statistics; its threshold is undefined")
             bns[-1] = _fold_scale(op, scales[-1])
+            user_bns[len(bns) - 1] = op  # the module's own BN (bns[-1] may be a copy)
             cur.update(bn_eps=float(bns[-1].eps), bn_affine=bool(op.affine))
             if pool_before_bn is not None:
                 gamma = op.weight if op.affine else torch.ones(op.num_features)
@@ -513,8 +515,9 @@ def _map_ops(module, example, ops, traced, sign_zero):
                          "class scores (only softmax / log_softmax may follow it)")
     cur["binary_output"] = False
     spec.append(cur)
-    if sign_zero is None:
-        _check_no_zero(module, example, [b for b in bns[:-1] if b is not None])
+    if sign_zero is None:  # hook the module's own BNs: a folded scale makes bns[k] a copy
+        _check_no_zero(module, example, [user_bns[k] for k, b in enumerate(bns[:-1])
+                                         if b is not None])
     return spec, layers, bns, scales, assumed
 
 
