@@ -221,3 +221,34 @@ def test_an_exact_zero_before_a_sign_is_refused_also_with_a_folded_weight_scale(
         bnn_tol.adapt(net, x)
     model = bnn_tol.adapt(net, x, sign_zero=1)  # the library's convention, said explicitly
     assert torch.equal(model(x).argmax(1), net(x).argmax(1))
+
+
+class IdiomNet(nn.Module):
+    """Common forward idioms of public BNN code (issue 22, item 1): functional max-pooling with
+    a constant kernel and ``x.view(x.shape[0], -1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = BinConv(1, 6, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(6)
+        self.c2 = BinConv(6, 8, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.l1 = BinLin(8 * 2 * 2, 10, bias=False)
+        self.b3 = nn.BatchNorm1d(10)
+        self.sign = Sign()
+
+    def forward(self, x):
+        x = F.max_pool2d(self.sign(self.b1(self.c1(x))), 2)
+        x = self.sign(self.b2(F.max_pool2d(self.c2(x), kernel_size=2, stride=2)))
+        x = x.view(x.shape[0], -1)
+        return self.b3(self.l1(x))
+
+
+def test_functional_pooling_and_shape_idioms_adapt_exactly():
+    net = _randomize(IdiomNet())
+    x = to_float(_example())
+    model = bnn_tol.adapt(net, x)
+    assert [b.pool for b in model.blocks][:2] == [2, 2]
+    with torch.no_grad():
+        assert torch.equal(model(x).argmax(1), net(x).argmax(1))
+        assert torch.allclose(model(x), net(x), rtol=0, atol=1e-5)

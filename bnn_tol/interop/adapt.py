@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 from typing import Any
 
 import torch
@@ -105,8 +106,14 @@ def _ops(module: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
         if node.op == "placeholder":
             prev = node
             continue
-        if node.op == "call_method" and node.target in ("size", "dim"):
-            sizes.add(node)
+        if (node.op == "call_method" and node.target in ("size", "dim")) or (
+                node.op == "call_function" and node.target is getattr
+                and node.args[1:] in (("shape",),)):
+            sizes.add(node)  # x.size(), x.dim(), x.shape
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and \
+                node.args[0] in sizes:
+            sizes.add(node)  # x.shape[0], x.size()[0]
             continue
         if node.op == "output":
             if node.args[0] is not prev:
@@ -123,6 +130,8 @@ def _ops(module: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
         elif node.op == "call_method" and node.target in ("view", "reshape") and any(
                 a in sizes for a in node.args):
             ops.append((".flatten", lambda x: x.flatten(1)))  # x.view(x.size(0), -1)
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
+            ops.append((node.name, _pool_module(node.name, others, kwargs)))
         elif node.op == "call_function":
             fn = node.target
             ops.append((getattr(fn, "__name__", str(fn)),
@@ -135,6 +144,22 @@ def _ops(module: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
             raise AdaptError(f"{node.name}: unsupported operation {node.op}")
         prev = node
     return ops, True
+
+
+#: Functional max-pooling calls traced with constant arguments (``F.max_pool2d(x, 2)``).
+_FUNCTIONAL_POOLS = (F.max_pool2d, torch.max_pool2d)
+
+
+def _pool_module(desc: str, args: list, kwargs: dict) -> nn.MaxPool2d:
+    """The ``nn.MaxPool2d`` of a traced ``F.max_pool2d(x, *args, **kwargs)`` call (constant
+    arguments: its kernel is known); one-line refusal otherwise."""
+    if any(isinstance(a, torch.fx.Node) for a in [*args, *kwargs.values()]):
+        raise AdaptError(f"{desc}: max-pooling with a computed kernel or stride")
+    kwargs = {k: v for k, v in kwargs.items() if k != "return_indices" or v}
+    try:
+        return nn.MaxPool2d(*args, **kwargs)
+    except TypeError as e:
+        raise AdaptError(f"{desc}: max-pooling arguments {args} {kwargs}: {e}") from None
 
 
 def _first_line(e: BaseException) -> str:
