@@ -252,3 +252,30 @@ def test_functional_pooling_and_shape_idioms_adapt_exactly():
     with torch.no_grad():
         assert torch.equal(model(x).argmax(1), net(x).argmax(1))
         assert torch.allclose(model(x), net(x), rtol=0, atol=1e-5)
+
+
+class ConstantFromInputNet(nn.Module):
+    """A constant built from the input's device (``torch.tensor(..., device=x.device)``): the
+    fx graph is not a chain, the module walk maps it (issue 22, item 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = BinLin(64, 16, bias=False)
+        self.b1 = nn.BatchNorm1d(16)
+        self.sign = Sign()
+        self.l2 = BinLin(16, 10, bias=False)
+        self.b2 = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        one = torch.tensor([1.0], device=x.device)
+        x = torch.flatten(x, 1) * one
+        return self.b2(self.l2(self.sign(self.b1(self.l1(x)))))
+
+
+def test_a_trace_that_is_not_a_chain_falls_back_to_the_module_walk():
+    net = _randomize(ConstantFromInputNet())
+    x = to_float(_example())
+    model = bnn_tol.adapt(net, x)
+    with torch.no_grad():
+        assert torch.equal(model(x).argmax(1), net(x).argmax(1))
+        assert torch.allclose(model(x), net(x), rtol=0, atol=1e-5)

@@ -381,12 +381,20 @@ def _in_shape(example: Tensor, in_shape) -> tuple[int, int, int]:
 
 
 def _adapt(module, example, shape, sign_zero):
-    """Map the traced operations, build and verify; if the mapping fails, the leaf-module walk
-    (inferring functional signs and flattens). The traced mapping's error is reported when the
-    walk fails too; a traced model that maps but does not verify is refused as it is."""
+    """Map the traced operations, build and verify; if the trace is not a chain or its mapping
+    fails, the leaf-module walk (inferring functional signs and flattens), verified on the probe
+    batches like any other. The traced error is reported when the walk fails too; a traced
+    model that maps but does not verify is refused as it is."""
     if not any(isinstance(m, nn.Linear | nn.Conv2d) for m in module.modules()):
         raise AdaptError(f"no Linear/Conv2d layer found in the module ({type(module).__name__})")
-    ops, traced = _ops(module)
+    try:
+        ops, traced = _ops(module)
+    except AdaptError as first:  # traced, but not a chain (a constant built from x, ...):
+        try:  # the module walk may still map it; verified like any other
+            walked = _map_ops(module, example, _leaves(module), False, sign_zero)
+            return _build_verified(module, example, shape, walked, "")
+        except AdaptError:
+            raise first from None
     if not traced:
         why = " (torch.fx could not trace forward)"
         try:
@@ -604,7 +612,10 @@ def _reference(module, x: Tensor, what: str) -> Tensor:
     if captured:
         y = captured[-1]
     else:
-        ops, traced = _ops(module)
+        try:
+            ops, traced = _ops(module)
+        except AdaptError:  # not a chain: adapted by the module walk, no trailing softmax
+            ops, traced = [], False
         if traced and ops and ops[-1][0] in ("softmax", "log_softmax", ".softmax",
                                               ".log_softmax"):
             y = x.clone()
