@@ -33,7 +33,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from bnn_tol import analysis, plots, provenance, report, schema  # noqa: E402
+from bnn_tol import analysis, plots, provenance, report  # noqa: E402
 from bnn_tol.exceptions import BnnTolError  # noqa: E402
 from bnn_tol.files import write_text  # noqa: E402
 
@@ -70,8 +70,7 @@ def figures(study_dir: Path) -> dict[str, object]:
             analysis.protection_summary(res["protection_auc"]))
         curve = res["protection"]
         top = curve.sort_values(["train_ber", "train_seed"])["model_id"].iloc[-1]
-        one = curve[curve["model_id"] == top].assign(model=top)[schema.columns("protection")]
-        out[f"{name}_protection_curves"] = plots.protection(one)
+        out[f"{name}_protection_curves"] = plots.protection(analysis.network_curve(curve, top))
     return out
 
 

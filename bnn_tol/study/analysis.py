@@ -76,6 +76,7 @@ __all__ = [
     "recipe_front",
     "protection_summary",
     "ranking_contrast",
+    "network_curve",
 ]
 
 #: Correlation coefficients computed by :func:`correlate`.
@@ -961,6 +962,21 @@ def claims(
 
 # -- issue 21: recipes and protection -----------------------------------------------------------
 
+def _t_half(v: np.ndarray, level: float) -> float:
+    """Half width of the ``level`` t-interval of the mean of ``v`` (NaN for fewer than 2)."""
+    if len(v) < 2:
+        return np.nan
+    return float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def network_curve(curve: pd.DataFrame, model_id: str) -> pd.DataFrame:
+    """The ``protection`` table of one network of a study's ``protection.csv``, its
+    ``model_id`` as the model (for :func:`~bnn_tol.study.protection.protection_auc` and
+    :func:`bnn_tol.plots.protection`, which take one network's curve)."""
+    one = curve[curve[_ID] == model_id]
+    return one.assign(model=str(model_id))[schema.columns("protection")]
+
+
 def recipe_front(sweeps: pd.DataFrame, *, ber: float = 0.1, level: float = 0.95) -> pd.DataFrame:
     """Clean accuracy vs accuracy at ``ber``: the price and the gain of each training recipe.
 
@@ -996,9 +1012,7 @@ def recipe_front(sweeps: pd.DataFrame, *, ber: float = 0.1, level: float = 0.95)
         row = {"arch": arch, "model": model, "train_ber": float(tb), "n": len(g)}
         for col in ("clean", "tolerant"):
             v = g[col].to_numpy(float)
-            m = float(v.mean())
-            half = (float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1)
-                          / np.sqrt(len(v))) if len(v) > 1 else np.nan)
+            m, half = float(v.mean()), _t_half(v, level)
             row.update({col: m, f"{col}_low": m - half, f"{col}_high": m + half})
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -1033,8 +1047,7 @@ def protection_summary(auc: pd.DataFrame, *, level: float = 0.95) -> pd.DataFram
         v = g["gain"].to_numpy(float)
         m = float(v.mean())
         if len(v) > 1:
-            half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1)
-                         / np.sqrt(len(v)))
+            half = _t_half(v, level)
             lo, hi = m - half, m + half
         else:
             lo, hi = float(g["gain_low"].iloc[0]), float(g["gain_high"].iloc[0])
@@ -1065,10 +1078,8 @@ def ranking_contrast(curve: pd.DataFrame, *, a: str = "importance", b: str = "ma
         names = set(g["ranking"])
         if a not in names or b not in names:
             continue
-        two = g[g["ranking"].isin([a, b])].assign(model=str(mid))
-        res = protection_auc(two.drop(columns=[c for c in schema.TASK_COLUMNS
-                                               if c != "model" and c in two.columns]),
-                             baseline=b, n_boot=n_boot, level=level, seed=seed)
+        two = network_curve(g[g["ranking"].isin([a, b])], mid)
+        res = protection_auc(two, baseline=b, n_boot=n_boot, level=level, seed=seed)
         for r in res[res["ranking"] == a].itertuples():
             rows.append({_ID: mid, "model": g["model"].iloc[0], "unit": r.unit, "ber": r.ber,
                          "a": a, "b": b, "diff": r.gain, "diff_low": r.gain_low,

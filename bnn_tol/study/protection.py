@@ -59,22 +59,18 @@ def check_ranking(rank: str) -> tuple[str, str | None]:
     """``(kind, argument)`` of a ranking name (``"random:3"`` -> ``("random", "3")``).
 
     Raises:
-        InvalidArgument: an unknown ranking, or a random seed that is not an integer >= 0.
+        InvalidArgument: an unknown ranking or importance estimator, or a random seed that is
+            not an integer >= 0.
     """
-    kind, arg = _parse(rank)
-    if kind == "importance" and arg is not None and arg not in metrics.estimators.names():
-        raise InvalidArgument(f"unknown importance estimator in {rank!r}; choose from "
-                              f"{', '.join(metrics.estimators.names())}")
-    return kind, arg
-
-
-def _parse(rank: str) -> tuple[str, str | None]:
     kind, _, arg = str(rank).partition(":")
     if kind not in RANKINGS:
         raise InvalidArgument(f"unknown ranking {rank!r}; choose from {', '.join(RANKINGS)} "
                               "(random:<seed>, importance:<estimator>)")
     if kind == "random":
         require_int(int(arg) if arg.isdigit() else arg or 0, "random:<seed>", minimum=0)
+    if kind == "importance" and arg and arg not in metrics.estimators.names():
+        raise InvalidArgument(f"unknown importance estimator in {rank!r}; choose from "
+                              f"{', '.join(metrics.estimators.names())}")
     return kind, arg or None
 
 
@@ -124,7 +120,7 @@ def scores(model: nn.Module, data: BNNDataset, rank: str, *, unit: str = "neuron
     Raises:
         InvalidArgument: an unknown ranking or unit.
     """
-    kind, arg = _parse(rank)
+    kind, arg = check_ranking(rank)
     layers = stored_layers(model)
     per_weight: dict | None = None
     if kind == "importance":
@@ -205,7 +201,7 @@ def protection(
     if not ranks:
         raise InvalidArgument("no ranking given")
     for r in ranks:
-        _parse(r)
+        check_ranking(r)
     fracs = [float(f) for f in fractions]
     if not fracs or any(not 0.0 <= f <= 1.0 for f in fracs):
         raise InvalidArgument(f"fractions must be in [0, 1], got {list(fractions)}")

@@ -432,13 +432,6 @@ def _protection_examples(curve: pd.DataFrame) -> list[str]:
     return out
 
 
-def _one_network(curve: pd.DataFrame, mid: str) -> pd.DataFrame:
-    """The ``protection`` table of one network of a study (its ``model_id`` as the model)."""
-    one = curve[curve["model_id"] == mid]
-    cols = schema.columns("protection")
-    return one.assign(model=mid)[cols]
-
-
 def markdown_summary(rd: Path, res: dict[str, Any], curve: pd.DataFrame, rel: pd.DataFrame,
                      cl: pd.DataFrame, pfit: pd.DataFrame, front: pd.DataFrame | None = None,
                      psum: pd.DataFrame | None = None,
@@ -701,7 +694,7 @@ def write(
                      "Accuracy vs the protected fraction of stored bits, one line per ranking "
                      "(random: seeds pooled); band: 95 % over fault maps.",
                      lambda mid=mid: plots.protection(
-                         _one_network(res["protection"], mid))))
+                         analysis.network_curve(res["protection"], mid))))
     figs.append(("Correlation heatmap (network-level metrics)",
                  "Spearman correlation of each metric with accuracy at each evaluation BER.",
                  lambda: plots.correlation_heatmap(corr)))

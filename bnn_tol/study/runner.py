@@ -350,6 +350,12 @@ def recipes(flip_layers: Any) -> list[tuple[str, Any]]:
     return [(_recipe_name(v), v) for v in items]
 
 
+def _group_label(label: str, recipe: str, recs: list) -> str:
+    """The model group of a task: the ``[[models]]`` label, ``<label>-<recipe>`` when the
+    study has a recipe axis (:func:`recipes`)."""
+    return f"{label}-{recipe}" if len(recs) > 1 else label
+
+
 def _validate(cfg: dict) -> None:
     """Type- and range-check every key of a merged config; errors name the key and value."""
 
@@ -439,8 +445,8 @@ def _validate(cfg: dict) -> None:
                                   f"{models.available()}")
         label = m.get("label", m["name"])
         _check_name("[[models]] label", label)
-        for rname, _ in recs if len(recs) > 1 else [("", None)]:
-            labels.append(f"{label}-{rname}" if rname else label)
+        for rname, _ in recs:
+            labels.append(_group_label(label, rname, recs))
             _check_name("[[models]] label-recipe", labels[-1])
     if len(set(labels)) != len(labels):
         raise _bad("[[models]] labels (with their recipes)", labels, "unique")
@@ -569,9 +575,7 @@ def tasks(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     recs = recipes(cfg["train"]["flip_layers"])
     grid = [(m, rname, layers) for m in cfg["models"] for rname, layers in recs]
     for m, rname, layers in grid:
-        label = m.get("label", m["name"])
-        if len(recs) > 1:
-            label = f"{label}-{rname}"
+        label = _group_label(m.get("label", m["name"]), rname, recs)
         for ber in cfg["train"]["bers"]:
             for seed in cfg["train"]["seeds"]:
                 spec = {sec: copy.deepcopy(dict(cfg[sec]))
