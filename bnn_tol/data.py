@@ -34,6 +34,8 @@ __all__ = [
     "BNNDataset",
     "InputGrid",
     "INPUT",
+    "Normalize",
+    "grid_of",
     "DatasetNotFound",
     "CorruptDataset",
     "load",
@@ -67,47 +69,151 @@ class CorruptDataset(BnnTolError, ValueError):
 
 @dataclass(frozen=True)
 class InputGrid:
-    """How ``uint8`` pixels ``p`` enter a model: ``x = (p - offset) / scale``.
+    """How ``uint8`` pixels ``p`` enter a model: ``x = q / scale`` with the integer
+    ``q = p - offset`` (affine), or ``q = levels[p]`` (an input quantizer, e.g. Brevitas'
+    8-bit ``QuantIdentity`` after ``2x - 1``: ``levels[p] = round((2p - 255) 127 / 255)``).
 
-    ``q = p - offset`` is the integer input of the integer engines and of the deploy bundle;
-    a first layer of +-1 weights then has pre-activations on the grid ``a = k / scale`` with
-    the integer ``k = sum_i w_i q_i`` (its folded threshold lives on that grid, see
+    ``q`` is the integer input of the integer engines and of the deploy bundle; a first layer
+    of +-1 weights then has pre-activations on the grid ``a = k / scale`` with the integer
+    ``k = sum_i w_i q_i`` (its folded threshold lives on that grid, see
     :attr:`bnn_tol.core.compiled.Stage.scale`).
 
     Attributes:
-        offset: subtracted from the pixel (``q = p - offset``).
+        offset: subtracted from the pixel (``q = p - offset``; ignored with ``levels``).
         scale: a power of two, so ``x`` is exact in float32 and sums of ``+-x`` are exact.
+        levels: ``None`` (affine) or the 256 integers ``q`` of the pixel values ``0..255``.
     """
 
     offset: int
     scale: int
+    levels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        scale = require_int(self.scale, "input grid scale", minimum=1, strict=True)
+        if scale & (scale - 1):
+            raise InvalidArgument(f"input grid scale must be a power of two, got {scale}")
+        require_int(self.offset, "input grid offset", strict=True)
+        if self.levels is not None:
+            if len(self.levels) != 256 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**15
+                    for v in self.levels):
+                raise InvalidArgument("input grid levels must be 256 integers |q| < 2^15 (one "
+                                      "per pixel value 0..255)")
+
+    @classmethod
+    def from_levels(cls, levels, scale: int) -> InputGrid:
+        """The grid of ``q = levels[p]``: affine (``offset``) when ``levels[p] = p - offset``."""
+        levels = tuple(int(v) for v in levels)
+        if len(levels) == 256 and len({p - q for p, q in enumerate(levels)}) == 1:
+            return cls(offset=-levels[0], scale=scale)
+        return cls(offset=0, scale=scale, levels=levels)
+
+    @property
+    def q_range(self) -> tuple[int, int]:
+        """``(min q, max q)`` over the pixel values ``0..255``."""
+        if self.levels is None:
+            return -self.offset, 255 - self.offset
+        return min(self.levels), max(self.levels)
 
     @property
     def q_max(self) -> int:
         """The largest ``|q|`` of a pixel in ``0..255``: bounds ``|k| <= q_max fan_in``."""
-        return max(self.offset, 255 - self.offset)
+        lo, hi = self.q_range
+        return max(-lo, hi)
+
+    def _table(self, dtype: torch.dtype, device) -> Tensor:
+        return torch.tensor(self.levels, dtype=dtype, device=device)
 
     def to_float(self, images: Tensor) -> Tensor:
-        """``uint8`` pixels, any shape -> float32 ``(p - offset) / scale``."""
+        """``uint8`` pixels, any shape -> float32 ``q / scale``."""
+        if self.levels is not None:
+            return self._table(torch.float32, images.device)[images.long()] / float(self.scale)
         return (images.to(torch.float32) - float(self.offset)) / float(self.scale)
 
     def to_int(self, images: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
-        """``uint8`` pixels, any shape -> the integers ``q = p - offset`` (``dtype``)."""
+        """``uint8`` pixels, any shape -> the integers ``q`` (``dtype``)."""
+        if self.levels is not None:
+            return self._table(dtype, images.device)[images.long()]
         return images.to(dtype) - self.offset
 
     def describe(self) -> str:
         """The transform in words (written into export manifests)."""
+        if self.levels is not None:
+            lo, hi = self.q_range
+            return (f"q = levels[p] (int, an input quantizer with levels {lo}..{hi}); the "
+                    f"float model sees q / {self.scale}")
         return (f"q = p - {self.offset} (int); the float model sees "
                 f"(p - {self.offset}) / {self.scale}")
+
+    def config(self) -> dict:
+        """JSON form (``offset``, ``scale``, and ``levels`` for a quantizer)."""
+        out: dict = {"offset": int(self.offset), "scale": int(self.scale)}
+        if self.levels is not None:
+            out["levels"] = list(self.levels)
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> InputGrid:
+        """Inverse of :meth:`config` (validated)."""
+        if not isinstance(cfg, dict) or not {"offset", "scale"} <= set(cfg) <= {
+                "offset", "scale", "levels"}:
+            raise InvalidArgument(f"an input grid is {{offset, scale[, levels]}}, got {cfg!r}")
+        levels = cfg.get("levels")
+        if levels is not None and not isinstance(levels, list | tuple):
+            raise InvalidArgument("input grid levels must be a list of 256 integers")
+        return cls(offset=cfg["offset"], scale=cfg["scale"],
+                   levels=None if levels is None else tuple(levels))
 
 
 #: The library's input grid: ``x = (p - 128) / 128`` in ``[-1, 0.9921875]``, step 1/128.
 INPUT = InputGrid(offset=128, scale=128)
 
 
+def grid_of(model: object) -> InputGrid:
+    """The input grid a model declares (``model.input_grid``), else :data:`INPUT`."""
+    return getattr(model, "input_grid", None) or INPUT
+
+
 def to_float(images: Tensor) -> Tensor:
     """``uint8`` pixels ``(N, C, H, W)`` -> float32 on the input grid :data:`INPUT`."""
     return INPUT.to_float(images)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """The input convention of public BNN code: ``ToTensor()`` then ``Normalize(mean, std)``,
+
+        x = (p / 255 - mean) / std          (float32, in that order, as torchvision),
+
+    so ``Normalize()`` is ``[0, 1]`` inputs and ``Normalize(0.5, 0.5)`` is ``2x - 1``. One
+    mean and std for every channel (the first layer's integer grid is per tensor)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
+                raise InvalidArgument(f"Normalize {name} must be one finite number (the same "
+                                      f"for every channel), got {v!r}")
+        if not self.std > 0:
+            raise InvalidArgument(f"Normalize std must be > 0, got {self.std!r}")
+
+    def to_float(self, images: Tensor) -> Tensor:
+        """``uint8`` pixels, any shape -> the float32 inputs the user's model was trained on."""
+        x = images.to(torch.float32).div(255)
+        return x.sub(torch.tensor(self.mean, dtype=torch.float32)).div(
+            torch.tensor(self.std, dtype=torch.float32))
+
+    def pixels(self, x: Tensor) -> Tensor | None:
+        """The ``uint8`` pixels ``p`` with ``to_float(p) == x`` bit for bit, or ``None``."""
+        p = torch.round((x.double() * float(np.float32(self.std)) + float(np.float32(
+            self.mean))) * 255)
+        if not bool(((p >= 0) & (p <= 255)).all()):
+            return None
+        p = p.to(torch.uint8)
+        return p if torch.equal(self.to_float(p), x) else None
 
 
 class BNNDataset(Dataset):
@@ -185,8 +291,10 @@ class BNNDataset(Dataset):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
+        grid: InputGrid = INPUT,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)``: float32 ``(B, C, H, W)`` and int64 ``(B,)`` on ``device``.
+        """Yield ``(x, y)``: float32 ``(B, C, H, W)`` on the input ``grid`` (the model's,
+        :func:`grid_of`) and int64 ``(B,)`` on ``device``.
 
         Shuffling draws from ``generator`` (or a fresh one seeded with ``seed``).
         """
@@ -204,7 +312,7 @@ class BNNDataset(Dataset):
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size] if order is not None else slice(
                 start, start + batch_size)
-            x = to_float(self.images[idx].to(device, non_blocking=True))
+            x = grid.to_float(self.images[idx].to(device, non_blocking=True))
             yield x, self.labels[idx].to(device, non_blocking=True)
 
 

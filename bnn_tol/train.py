@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from bnn_tol import faults
 from bnn_tol.core import models
 from bnn_tol.core.inference import accuracy, resolve_device
-from bnn_tol.data import BNNDataset
+from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.apply import attach
 from bnn_tol.faults.seeds import spawn
@@ -313,7 +313,8 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
             t0 = time.perf_counter()
             tot_loss = torch.zeros((), dtype=torch.float64, device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
-            inner = tqdm(train.batches(batch_size, shuffle=True, generator=shuffle_gen, device=dev),
+            inner = tqdm(train.batches(batch_size, shuffle=True, generator=shuffle_gen, device=dev,
+                                       grid=grid_of(model)),
                          total=n_batches, desc=f"epoch {epoch + 1}", leave=False,
                          disable=not progress, unit="batch")
             for x, y in inner:

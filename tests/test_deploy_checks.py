@@ -517,3 +517,35 @@ def test_a_loaded_bundle_dict_is_checked_too(fc, ref):
 def test_deploy_error_is_always_one_line():
     e = deploy.DeployError("a\nb   c\t d")
     assert str(e) == "a b c d"
+
+
+@pytest.mark.parametrize("levels, transform, needle", [
+    ([0] * 255, None, "input.levels must list 256 integers"),
+    ([0.5] * 256, None, "input.levels must list 256 integers"),
+    ([2**15] * 256, None, "input.levels must list 256 integers"),
+    ("0" * 256, None, "input.levels must list 256 integers"),
+    ([0] * 256, "q = p - 128 (int); the float model sees (p - 128) / 128",
+     "does not say q = levels"),
+])
+def test_hostile_input_levels_are_refused_in_one_line(fc, levels, transform, needle):
+    man = manifest(fc)
+    man["input"]["levels"] = levels
+    man["input"]["transform"] = transform or "q = levels[p] (int, an input quantizer)"
+    write_manifest(fc, man)
+    refused(fc, needle)
+
+
+def test_input_levels_in_a_bundle_are_what_deploy_computes_with(tmp_path):
+    """A model on a quantizer grid (``q = levels[p]``) deploys with the same predictions."""
+    import torch
+
+    from bnn_tol.data import InputGrid
+
+    model = small_bnn(*FC)
+    model.input_grid = InputGrid.from_levels([(p * 3) // 4 - 96 for p in range(256)], 128)
+    b = bnn_tol.export(model, tmp_path / "q")
+    assert manifest(b)["input"]["levels"] == list(model.input_grid.levels)
+    x = torch.from_numpy(IMAGES)
+    with torch.no_grad():
+        want = model(model.input_grid.to_float(x)).argmax(1).numpy()
+    assert np.array_equal(deploy.predict(b, IMAGES), want)

@@ -40,7 +40,7 @@ from bnn_tol.core.layers import (
     bn_threshold,
     fold_threshold,
 )
-from bnn_tol.data import INPUT, InputGrid
+from bnn_tol.data import INPUT, InputGrid, grid_of
 from bnn_tol.exceptions import InvalidArgument
 
 __all__ = ["UnsupportedModel", "Stage", "CompiledModel", "compile_model", "check_bnn",
@@ -262,7 +262,7 @@ def compile_model(model: nn.Module) -> CompiledModel:
     if blocks is None or len(blocks) == 0:
         raise UnsupportedModel(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build "
                                "it with bnn_tol.models.build or BNN([BinaryBlock(...), ...])")
-    grid = getattr(model, "input_grid", None) or INPUT
+    grid = grid_of(model)
     if not isinstance(grid, InputGrid):
         raise UnsupportedModel(f"model.input_grid must be a bnn_tol.data.InputGrid, got "
                                f"{type(grid).__name__}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.data import BNNDataset
+from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
 
 __all__ = ["resolve_device", "check_batch_size", "predict", "accuracy"]
@@ -49,7 +49,8 @@ def predict(model: nn.Module, data: BNNDataset, *, batch_size: int = 2048) -> Te
     was_training = model.training
     model.eval()
     try:
-        out = [model(x).argmax(1).cpu() for x, _ in data.batches(batch_size, device=device)]
+        out = [model(x).argmax(1).cpu() for x, _ in data.batches(batch_size, device=device,
+                                                                 grid=grid_of(model))]
     finally:
         model.train(was_training)
     return torch.cat(out)

@@ -32,6 +32,7 @@ from bnn_tol.core.layers import (
     sign,
     sign_pool,
 )
+from bnn_tol.data import InputGrid
 from bnn_tol.exceptions import InvalidArgument, require_int
 
 __all__ = ["BinaryBlock", "BNN", "build", "register", "available", "summary", "memory_bits",
@@ -362,14 +363,18 @@ def custom(
     *,
     in_shape: Sequence[int] = (1, 28, 28),
     n_classes: int = 10,
+    input_grid: dict | None = None,
 ) -> BNN:
     """A BNN from explicit block specs (what :func:`bnn_tol.adapt.adapt` produces).
 
     Each spec: ``type`` (``"linear"``/``"conv"``), ``in``, ``out``, ``bias`` (bool), ``flatten``
     (bool), optional ``kernel``/``padding`` (conv), ``pool`` (int), ``bn_eps`` (a BatchNorm
     after the layer; absent: an identity BatchNorm with ``eps = 0``), ``bn_affine``,
-    ``binary_output`` (``False`` for the last block only).
+    ``binary_output`` (``False`` for the last block only). ``input_grid``: how pixels enter
+    the model (:meth:`bnn_tol.data.InputGrid.config`; ``None``: the library's
+    :data:`~bnn_tol.data.INPUT`), kept as ``model.input_grid``.
     """
+    grid = None if input_grid is None else InputGrid.from_config(input_grid)
     shape = _check_shape(in_shape)
     if isinstance(blocks, str) or not isinstance(blocks, Sequence) or not blocks:
         raise InvalidArgument("custom: blocks must be a non-empty list of block specs")
@@ -398,7 +403,12 @@ def custom(
                               f"outputs but n_classes={n_classes}")
     cfg = {"name": "custom", "kwargs": {"blocks": [dict(b) for b in blocks],
                                         "in_shape": list(shape), "n_classes": int(n_classes)}}
-    return BNN(out, cfg)
+    if grid is not None:
+        cfg["kwargs"]["input_grid"] = grid.config()
+    model = BNN(out, cfg)
+    if grid is not None:
+        model.input_grid = grid
+    return model
 
 
 def memory_bits(model: nn.Module) -> int:

@@ -72,7 +72,8 @@ class FixedPointEngine(Engine):
         if self._prefix is None:
             self._prefix = []
             with torch.no_grad(), eval_mode(self.model):
-                for x, y in self.data.batches(self.batch_size, device=self.device):
+                for x, y in self.data.batches(self.batch_size, device=self.device,
+                                                 grid=self.cm.input):
                     if x.dim() == 2 and len(self.model.in_shape) == 3:
                         x = x.view(-1, *self.model.in_shape)
                     for k in range(self.start):

@@ -150,8 +150,9 @@ class Int8Engine(SignEngine):
         if not (cm.all_linear and int8_available(device)):
             return "it needs an all-linear model (fc) on CPU; use 'fp32'"
         lim = torch.iinfo(torch.int8)
-        if not lim.min <= -cm.input.offset <= 255 - cm.input.offset <= lim.max:
-            return f"its input integers q = p - {cm.input.offset} do not fit int8"
+        lo, hi = cm.input.q_range
+        if not lim.min <= lo <= hi <= lim.max:
+            return f"its input integers q in {lo}..{hi} ({cm.input.describe()}) do not fit int8"
         return None
 
     @classmethod

@@ -100,7 +100,7 @@ _MAX_LAYERS = 4096
 _HEX = re.compile(r"[0-9a-f]{64}")
 _TOP = {"format", "version", "bnn_tol", "model", "input", "bit_order", "classes", "layers",
         "sha256", "memory_bits", "manifest_sha256"}
-_INPUT = {"shape", "dtype", "offset", "scale", "transform"}
+_INPUT = {"shape", "dtype", "offset", "scale", "transform", "levels"}
 _LAYER = {"index", "name", "kind", "rows", "fan_in", "flatten", "pool", "input_scale", "role",
           "weights"}
 _CONV = {"kernel", "padding", "in_channels"}
@@ -297,6 +297,23 @@ def _input_offset(man: dict) -> int:
     return offset
 
 
+def _input_table(man: dict) -> np.ndarray:
+    """``(256,)`` int64: the first block's integer input ``q`` of each pixel value -- ``p -
+    offset``, or ``input.levels`` (an input quantizer: 256 integers ``|q| < 2^15``, with the
+    transform text ``q = levels[p] ...``)."""
+    inp = man["input"]
+    levels = inp.get("levels")
+    if levels is None:
+        return np.arange(256, dtype=np.int64) - _input_offset(man)
+    if not isinstance(levels, list) or len(levels) != 256 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**15 for v in levels):
+        raise DeployError("input.levels must list 256 integers |q| < 2^15 (one per pixel value)")
+    if not inp["transform"].startswith("q = levels[p]"):
+        raise DeployError("input.levels is given but input.transform does not say q = levels[p]: "
+                          "an inconsistent manifest")
+    return np.asarray(levels, dtype=np.int64)
+
+
 def _check_manifest(man: object, where: str) -> list[dict]:
     """Check every field of a manifest (see the module docstring); return per layer the
     arrays it needs: ``[{field: (file name, dtype, shape)}]``."""
@@ -334,7 +351,7 @@ def _check_manifest(man: object, where: str) -> list[dict]:
     shape = [_int(s, f"{where}: input.shape", 1) for s in shape]
     if int(np.prod(shape, dtype=object)) > _MAX_INT:
         raise DeployError(f"{where}: input.shape {shape} is larger than 2^31 pixels")
-    _input_offset(man)
+    _input_table(man)
     scale = _int(inp["scale"], f"{where}: input.scale", 1) if "scale" in inp else None
 
     layers = man["layers"]
@@ -604,7 +621,7 @@ def _compare(a: np.ndarray, t, d, const) -> np.ndarray:
 def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     arr = man["arrays"]
     n = images.shape[0]
-    x: np.ndarray = images.astype(np.int64) - _input_offset(man)  # first block: integers q
+    x: np.ndarray = _input_table(man)[images]  # first block: integers q
     first = True
     layers = man["layers"]
     for e in layers:

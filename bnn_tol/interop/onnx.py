@@ -49,7 +49,7 @@ import torch
 
 from bnn_tol.core.compiled import UnsupportedModel, check_bnn, compile_model
 from bnn_tol.core.models import BNN, build
-from bnn_tol.data import INPUT
+from bnn_tol.data import INPUT, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.interop.bundle import _score_table
 
@@ -189,8 +189,10 @@ def _export_proto(model, opset: int) -> Any:
         inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="bnn_tol")
-    helper.set_model_props(proto, {_META: json.dumps(
-        {"format": 1, "in_shape": list(model.in_shape), "blocks": spec, "bn": bn_state})})
+    record = {"format": 1, "in_shape": list(model.in_shape), "blocks": spec, "bn": bn_state}
+    if grid_of(model) != INPUT:  # the graph's input x = q / scale on the model's own grid
+        record["input_grid"] = grid_of(model).config()
+    helper.set_model_props(proto, {_META: json.dumps(record)})
     onnx.checker.check_model(proto)
     return proto
 
@@ -1379,7 +1381,7 @@ def _own_export(gr: _Graph, io: _Io) -> BNN | None:
                                           zip(weights, shapes, strict=True)):
             return None
         model = build("custom", blocks=spec, in_shape=io.in_shape,
-                      n_classes=int(spec[-1]["out"]))
+                      n_classes=int(spec[-1]["out"]), input_grid=rec.get("input_grid"))
         with torch.no_grad():
             for block, w, bn in zip(model.blocks, weights, state, strict=True):
                 w = torch.from_numpy(np.array(w, dtype=np.float32))
@@ -1518,7 +1520,7 @@ def _verify_own(model: BNN, gr: _Graph, io: _Io, extra: torch.Tensor | None, whe
     if ort is None:
         return model
     rt = _Runtime(ort, where)
-    x = INPUT.to_float(_probe_pixels(io.in_shape))
+    x = grid_of(model).to_float(_probe_pixels(io.in_shape))
     if extra is not None:
         x = torch.cat([x, extra])
     ref = rt.run(rt.session(gr.proto, "the graph"), io.name,

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from bnn_tol import schema
 from bnn_tol.core.compiled import Stage, eval_mode
 from bnn_tol.core.layers import BinaryConv2d, apply_folded
-from bnn_tol.data import BNNDataset
+from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.engines import int8
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.apply import negate
@@ -495,7 +495,7 @@ def importance(
         store[key] = val if store[key] is None else store[key] + val
 
     with eval_mode(model), torch.no_grad():
-        for x, y in data.batches(batch_size, device=dev):
+        for x, y in data.batches(batch_size, device=dev, grid=grid_of(model)):
             cache = _forward_cache(blocks, x, names)
             z = cache[2][-1]
             clean = estimators.Clean(z, y, scale)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from bnn_tol import schema
 from bnn_tol.core import kernels
 from bnn_tol.core.compiled import Stage, eval_mode
-from bnn_tol.data import BNNDataset
+from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.metrics._common import (
     MAX_HIST,
@@ -591,7 +591,7 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
     stats: dict[int, LayerStats] = {}
     dev = device_of(model)
     with eval_mode(model):
-        for x, _ in data.batches(batch_size, device=dev):
+        for x, _ in data.batches(batch_size, device=dev, grid=grid_of(model)):
             values = {}
             for k, block in enumerate(blocks[: last + 1]):
                 a = run_block(block.preact, x, stages[k].name)
@@ -918,7 +918,7 @@ def score_margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000) 
     dev = device_of(model)
     parts = []
     with eval_mode(model):
-        for x, y in data.batches(batch_size, device=dev):
+        for x, y in data.batches(batch_size, device=dev, grid=grid_of(model)):
             for st in stages:
                 x = run_block(st.block, x, st.name)
             z = x.float()

@@ -79,7 +79,7 @@ from torch import nn
 
 from bnn_tol import schema
 from bnn_tol.core.compiled import eval_mode
-from bnn_tol.data import BNNDataset
+from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.maps import rates, select_layers
 from bnn_tol.metrics._common import check_data, compiled, device_of, run_block
@@ -325,7 +325,7 @@ def predict_accuracy(
     s2s, a_outs, ys, oks = [], [], [], []
     dev = device_of(model)
     with eval_mode(model), torch.no_grad():
-        for x, y in data.batches(batch_size, device=dev):
+        for x, y in data.batches(batch_size, device=dev, grid=grid_of(model)):
             xs, as_, hs = [], [], []
             h = x
             for st, b in zip(stages, blocks, strict=True):

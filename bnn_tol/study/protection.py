@@ -100,7 +100,7 @@ def _gradient(model: nn.Module, data: BNNDataset, batch_size: int) -> dict:
             s.layer.fault = (lambda w, leaf=leaves[s.name]: leaf)  # compute with the leaf
         with eval_mode(model), torch.enable_grad():
             dev = next(model.parameters()).device
-            for x, y in data.batches(batch_size, device=dev):
+            for x, y in data.batches(batch_size, device=dev, grid=cm.input):
                 loss = F.cross_entropy(model(x), y, reduction="sum") / len(data)
                 for n, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values())),
                                 strict=True):
