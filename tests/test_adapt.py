@@ -150,7 +150,7 @@ def test_independent_bnn_styles_adapt_exactly_and_work_everywhere(make, tmp_path
 def test_adapt_refuses_what_it_cannot_map_naming_it():
     user = _randomize(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.BatchNorm1d(10)))
     x = to_float(_example())
-    with pytest.raises(AdaptError, match="not a binarized layer"):
+    with pytest.raises(AdaptError, match="is a full-precision layer"):
         bnn_tol.adapt(user, x)
     user = _randomize(nn.Sequential(nn.Flatten(), BinLin(64, 16, bias=False), nn.BatchNorm1d(16),
                                     nn.Sigmoid(), BinLin(16, 10, bias=False)))
@@ -203,13 +203,15 @@ class ScaledBinLin(nn.Linear):
         return F.linear(x, 0.25 * SignFn.apply(self.weight), self.bias)
 
 
-@pytest.mark.parametrize("layer", [BinLin, ScaledBinLin])
-def test_an_exact_zero_before_a_sign_is_refused_also_with_a_folded_weight_scale(layer):
-    """sign(0) conventions differ: an example whose hidden BatchNorm output is exactly 0 is
-    refused (sign_zero=None), also where a weight scale was folded into a copy of the BN."""
+class TorchSign(nn.Module):
+    def forward(self, x):
+        return torch.sign(x)
+
+
+def _zero_net(layer, sign):
     torch.manual_seed(0)
     net = _randomize(nn.Sequential(nn.Flatten(), layer(64, 16, bias=False), nn.BatchNorm1d(16),
-                                   Sign(), BinLin(16, 10, bias=False), nn.BatchNorm1d(10)))
+                                   sign(), BinLin(16, 10, bias=False), nn.BatchNorm1d(10)))
     img = _example()
     img[0] = 128  # a gray image is 0 on the input grid: every pre-activation is exactly 0
     x = to_float(img)
@@ -217,9 +219,28 @@ def test_an_exact_zero_before_a_sign_is_refused_also_with_a_folded_weight_scale(
         net[2].running_mean[3] = 0.0  # BN(0) = 0 * gamma / sqrt(var + eps) + 0 for unit 3
         net[2].bias[3] = 0.0
         assert net[2](net[1](net[0](x)))[0, 3] == 0
+    return net, x
+
+
+@pytest.mark.parametrize("layer", [BinLin, ScaledBinLin])
+def test_an_exact_zero_before_torch_sign_is_refused_also_with_a_folded_weight_scale(layer):
+    """sign(0) conventions differ: an example whose hidden BatchNorm output is exactly 0 is
+    refused (sign_zero=None) when the model's sign maps 0 to 0, also where a weight scale was
+    folded into a copy of the BN."""
+    net, x = _zero_net(layer, TorchSign)
     with pytest.raises(AdaptError, match="exactly 0"):
         bnn_tol.adapt(net, x)
-    model = bnn_tol.adapt(net, x, sign_zero=1)  # the library's convention, said explicitly
+    # said: the model maps 0 to 0, which one sign bit cannot hold; the verification shows it
+    with pytest.raises(AdaptError, match="differs from the original on the example"):
+        bnn_tol.adapt(net, x, sign_zero=0)
+
+
+@pytest.mark.parametrize("layer", [BinLin, ScaledBinLin])
+def test_a_sign_that_maps_zero_to_plus_one_needs_no_sign_zero(layer):
+    """A sign activation probed at 0 that returns +1 is the library's convention: exact zeros
+    before it are harmless and adapt without ``sign_zero``."""
+    net, x = _zero_net(layer, Sign)
+    model = bnn_tol.adapt(net, x)
     assert torch.equal(model(x).argmax(1), net(x).argmax(1))
 
 

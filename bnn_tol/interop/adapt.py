@@ -17,18 +17,26 @@ not trace), reads the chain of operations, and maps it onto the library's blocks
 * **Max-pooling before BatchNorm** (conv -> pool -> BN -> sign, BinaryNet's VGG order) equals
   the library's BN -> sign -> pool when every BN scale ``gamma`` is > 0 (a monotone BN commutes
   with max); with a ``gamma < 0`` channel it is refused.
-* **Inputs**: the adapted model takes the library's inputs ``x = (p - offset) / scale``
-  (:data:`bnn_tol.data.INPUT`, :func:`bnn_tol.data.to_float`); the user's model must have
-  been trained on that scaling (the example must lie on that grid). Other input conventions
-  are refused with the reason.
+* **Inputs**: what the user's model saw (``transform``: the library's ``(p - 128) / 128`` or
+  ``ToTensor``/``Normalize(mean, std)``), composed with the operations ``forward`` runs before
+  the first layer (``2x - 1``, an input quantizer), is recorded as the adapted model's
+  :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` with integer ``q_p``; a transform off every
+  integer grid (a zero point that is not a whole or half pixel value) is refused with the reason.
+* **Biases, scales, output normalization**: layer biases (also ``+ b`` after the product and
+  binarized ``sign(b)``), per-tensor and per-channel weight scales, and positive scales/shifts
+  after a block (``Scale``, ``TensorNorm``) are folded into the block's BatchNorm (a block
+  without one gets one: its bias becomes the threshold).
+* **Residual blocks** (a sum of two branches around a layer) are refused naming the skip
+  connection, also where ``torch.fx`` cannot trace ``forward`` (found by comparing what each
+  registered module receives with what the chain of modules would give it).
 * **Brevitas**: ``QuantLinear``/``QuantConv2d``/``QuantIdentity`` are leaves; binary weights
   with a per-tensor scale (``alpha sign(W)``, Brevitas' default ``alpha = 0.1``) are recognized
-  and ``alpha`` is folded into the following BatchNorm (``BN(alpha a) = BN'(a)`` with mean /
-  alpha, variance and eps / alpha^2).
-* **Verification**: on ``example`` the adapted model's class scores must equal the original's
-  bit for bit (before a trailing softmax/log_softmax, which is dropped: the predictions are
-  the same) -- with a folded ``alpha``, the predictions exactly and the scores to float32
-  rounding; otherwise :class:`AdaptError` names the first block that differs.
+  and ``alpha`` is folded into the following BatchNorm.
+* **Verification**: on ``example`` and probe batches the adapted model's class scores must equal
+  the original's bit for bit (before a trailing softmax/log_softmax, which is dropped: the
+  predictions are the same) -- where something was folded, the predictions exactly and the
+  scores within ``1e-4 max |score|``; otherwise :class:`AdaptError` names the batch that
+  differs.
 
 The result is an ordinary BNN (``models.build("custom", blocks=[...])``), so sweeps, metrics,
 studies, ``io.save``/``load`` and :func:`bnn_tol.export` work on it.
@@ -36,10 +44,10 @@ studies, ``io.save``/``load`` and :func:`bnn_tol.export` work on it.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +56,7 @@ from torch import Tensor, nn
 
 from bnn_tol.core.compiled import UnsupportedModel
 from bnn_tol.core.models import build
-from bnn_tol.data import INPUT
+from bnn_tol.data import INPUT, InputGrid, Normalize, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
 
 __all__ = ["adapt", "AdaptError"]
@@ -89,61 +97,211 @@ class _Tracer(torch.fx.Tracer):
             or type(m).__module__.startswith("brevitas.") or super().is_leaf_module(m, qualname)
 
 
-def _ops(module: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
-    """The module's operations in order ``[(description, callable(x) -> y)]`` and whether they
+#: Tensor attributes a traced forward may read without making the graph branch
+#: (``x.shape[0]``, ``x.device``): their nodes are resolved, not mapped as operations.
+_ATTRS = ("shape", "device", "dtype")
+
+#: Binary operators whose two tensor operands mark a skip connection (residual BNNs).
+_JOINS = (operator.add, operator.iadd, torch.add, operator.mul, torch.cat, torch.stack)
+
+
+def _is_join(node) -> bool:
+    return (node.op == "call_function" and node.target in _JOINS) or (
+        node.op == "call_method" and node.target in ("add", "add_", "__add__", "__iadd__"))
+
+
+def _ops(module: nn.Module) -> tuple[list[tuple[str, Any]], bool, str | None]:
+    """The module's operations in order ``[(description, callable(x) -> y)]``, whether they
     come from a torch.fx trace (``False``: a walk of the leaf modules, where functional sign and
-    flatten calls in ``forward`` are invisible and are inferred between blocks)."""
+    flatten calls in ``forward`` are invisible and are inferred between blocks), and why fx
+    could not trace (``None`` when it could).
+
+    Resolved rather than mapped: shape/size/device reads of the input, parameters read in
+    ``forward``, and constants built from them (``torch.tensor([1.0], device=x.device)``),
+    which become arguments of the operation that uses them (``2.0 * x - one``: a scale and a
+    shift). The traced graph is cut at the nodes every path from input to output passes
+    through; a stretch between two cuts with several nodes but no layer or BatchNorm (a sign
+    written as ``torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))``) is one
+    operation; one with a layer is a skip connection (residual blocks), refused."""
     try:
         graph = _Tracer().trace(module)
         gm = torch.fx.GraphModule(module, graph)
-    except Exception:  # noqa: BLE001 -- data-dependent forward: walk the modules
-        return _leaves(module), False
+    except Exception as e:  # noqa: BLE001 -- data-dependent forward: walk the modules
+        return _leaves(module), False, _first_line(e)
     mods = dict(gm.named_modules())
-    ops: list[tuple[str, Any]] = []
-    prev = None
-    sizes = set()
+    side: dict = {}  # node -> resolved value (a size, a device, a constant tensor)
+    nodes, source, sink = [], None, None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            prev = node
-            continue
-        if (node.op == "call_method" and node.target in ("size", "dim")) or (
-                node.op == "call_function" and node.target is getattr
-                and node.args[1:] in (("shape",),)):
-            sizes.add(node)  # x.size(), x.dim(), x.shape
-            continue
-        if node.op == "call_function" and node.target is operator.getitem and \
-                node.args[0] in sizes:
-            sizes.add(node)  # x.shape[0], x.size()[0]
-            continue
-        if node.op == "output":
-            if node.args[0] is not prev:
-                raise AdaptError("the module's output is not the last operation of a chain")
-            break
-        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a not in sizes]
-        if len(tensor_args) != 1 or tensor_args[0] is not prev:
-            raise AdaptError(f"{node.name}: only a chain of one-input operations can be adapted "
-                             "(no skip connections or multi-input ops)")
-        others = [a for a in node.args if not isinstance(a, torch.fx.Node)]
-        kwargs = dict(node.kwargs)
-        if node.op == "call_module":
-            ops.append((node.target, mods[node.target]))
-        elif node.op == "call_method" and node.target in ("view", "reshape") and any(
-                a in sizes for a in node.args):
-            ops.append((".flatten", lambda x: x.flatten(1)))  # x.view(x.size(0), -1)
-        elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
-            ops.append((node.name, _pool_module(node.name, others, kwargs)))
-        elif node.op == "call_function":
-            fn = node.target
-            ops.append((getattr(fn, "__name__", str(fn)),
-                        (lambda x, fn=fn, o=others, k=kwargs: fn(x, *o, **k))))
-        elif node.op == "call_method":
-            meth = node.target
-            ops.append((f".{meth}", (lambda x, m=meth, o=others, k=kwargs:
-                                     getattr(x, m)(*o, **k))))
+            if source is not None:
+                raise AdaptError(f"{node.name}: forward takes more than one input")
+            source = node
+        elif node.op == "output":
+            sink = node
         else:
-            raise AdaptError(f"{node.name}: unsupported operation {node.op}")
-        prev = node
-    return ops, True
+            resolved = _resolve(node, side, gm)
+            if resolved is _UNRESOLVED:
+                nodes.append(node)
+            else:
+                side[node] = resolved
+    ops: list[tuple[str, Any]] = []
+    start = source
+    for seg in _segments(source, nodes, sink, side):
+        ops.append(_segment_op(seg, start, side, mods))
+        start = seg[-1]
+    return ops, True, None
+
+
+def _tensor_args(node, side: dict) -> list:
+    return [a for a in _flat_args(node) if isinstance(a, torch.fx.Node) and a not in side]
+
+
+def _segments(source, nodes: list, sink, side: dict) -> list[list]:
+    """``nodes`` (topological order) split after every cut node: a node ``n`` such that no
+    edge of the data flow jumps over it (every path from the input to the output passes
+    through it)."""
+    order = [source, *nodes, sink]
+    pos = {n: i for i, n in enumerate(order)}
+    last_use = dict.fromkeys(order, 0)
+    for v in order[1:]:
+        for u in _tensor_args(v, side):
+            last_use[u] = max(last_use[u], pos[v])
+    segments, cur, far = [], [], last_use[source]
+    for n in nodes:
+        cur.append(n)
+        if far <= pos[n]:  # nothing before n is used after it: a cut
+            segments.append(cur)
+            cur = []
+        far = max(far, last_use[n])
+    if cur or (nodes and _tensor_args(sink, side) != [nodes[-1]]):
+        raise AdaptError("the module's output is not the last operation of a chain")
+    return segments
+
+
+def _segment_op(seg: list, start, side: dict, mods: dict) -> tuple[str, Any]:
+    """One operation from a stretch of the graph between two cut nodes (see :func:`_ops`)."""
+    node = seg[-1]
+    if len(seg) == 1 and _tensor_args(node, side) == [start]:
+        args, kwargs = _bind(node.args, side, start), _bind(node.kwargs, side, start)
+        if node.op == "call_module":
+            return node.target, mods[node.target]
+        if node.op == "call_method" and node.target in ("view", "reshape") and any(
+                isinstance(a, torch.fx.Node) and a in side for a in node.args):
+            return ".flatten", lambda x: x.flatten(1)  # x.view(x.size(0), -1)
+        if node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
+            return node.name, _pool_module(node.name, list(args[1:]), kwargs)
+        if node.op == "call_function":
+            fn = node.target
+            return (getattr(fn, "__name__", str(fn)),
+                    lambda x, fn=fn, a=args, k=kwargs: fn(*_put(a, x), **_put(k, x)))
+        if node.op == "call_method":
+            meth = node.target
+            return (f".{meth}", lambda x, m=meth, a=args, k=kwargs:
+                    getattr(x, m)(*_put(a[1:], x), **_put(k, x)))
+        raise AdaptError(f"{node.name}: unsupported operation {node.op}")
+    inner = [n for n in seg if n.op == "call_module" and isinstance(
+        mods[n.target], nn.Linear | nn.Conv2d | nn.modules.batchnorm._BatchNorm)]
+    if inner:
+        joins = [n for n in seg if _is_join(n) and len(_tensor_args(n, side)) == 2]
+        if joins:
+            raise AdaptError(f"{joins[0].name}: a skip connection (the sum of two branches, "
+                             "as in residual BNNs: binary ResNets, Bi-Real-Net) around "
+                             f"{inner[0].target}; bnn_tol adapts chains of blocks only")
+        raise AdaptError(f"{node.name}: only a chain of one-input operations can be adapted "
+                         f"(branches around {inner[0].target})")
+    return "(" + " -> ".join(n.name for n in seg) + ")", _Subgraph(seg, start, side, mods)
+
+
+class _Subgraph:
+    """A stretch of the traced graph with one input and one output, run node by node."""
+
+    def __init__(self, seg: list, start, side: dict, mods: dict) -> None:
+        self.seg, self.start, self.side, self.mods = seg, start, side, mods
+
+    def __call__(self, x: Tensor) -> Tensor:
+        env = {self.start: x}
+
+        def val(a):
+            if isinstance(a, torch.fx.Node):
+                return env[a] if a in env else self.side[a]
+            return a
+
+        for n in self.seg:
+            args = torch.fx.node.map_aggregate(n.args, val)
+            kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
+            if n.op == "call_module":
+                env[n] = self.mods[n.target](*args, **kwargs)
+            elif n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:
+                raise AdaptError(f"{n.name}: unsupported operation {n.op}")
+        return env[self.seg[-1]]
+
+
+_UNRESOLVED = object()
+
+
+class _Chain:
+    """Where the chain's tensor goes in a bound argument list."""
+
+
+_CHAIN = _Chain()
+
+
+def _flat_args(node) -> list:
+    out: list = []
+    torch.fx.node.map_aggregate((node.args, node.kwargs), out.append)
+    return out
+
+
+def _resolve(node, side: dict, gm):
+    """The value of a node computed from shapes/devices/constants only (``_UNRESOLVED``
+    otherwise): ``x.shape``, ``x.size()``, ``x.device``, ``x.shape[0]``, and constants built
+    from them -- with a symbolic batch size, a ``size`` is kept as a marker, not a number."""
+    if node.op == "get_attr":  # a parameter or buffer used in forward: a constant
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj.detach() if isinstance(obj, Tensor) else obj
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _ATTRS:
+        return {"shape": "size", "device": torch.device("cpu"),
+                "dtype": torch.float32}[node.args[1]]
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return "size"
+    if node.op == "call_function" and node.target is operator.getitem and \
+            node.args[0] in side and side[node.args[0]] == "size":
+        return "size"
+    nodes = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node)]
+    if node.op == "call_function" and all(a in side for a in nodes) and not any(
+            isinstance(side[a], str) for a in nodes):  # a constant built from x.device
+        try:
+            return node.target(*_bind(node.args, side, None), **_bind(node.kwargs, side, None))
+        except Exception:  # noqa: BLE001 -- not a constant after all
+            return _UNRESOLVED
+    return _UNRESOLVED
+
+
+def _bind(args, side: dict, prev):
+    """``args`` with resolved nodes replaced by their values and the chain node by
+    :data:`_CHAIN` (positions kept: ``1.0 - x`` stays ``1.0 - x``)."""
+    def one(a):
+        if isinstance(a, torch.fx.Node):
+            if a is prev:
+                return _CHAIN
+            return side[a]
+        return a
+    return torch.fx.node.map_aggregate(args, one)
+
+
+def _put(args, x):
+    """``args`` with :data:`_CHAIN` replaced by the tensor ``x``."""
+    if isinstance(args, dict):
+        return {k: _put(v, x) for k, v in args.items()}
+    if isinstance(args, list | tuple):
+        return type(args)(_put(a, x) for a in args) if not isinstance(args, torch.Size) else args
+    return x if args is _CHAIN else args
 
 
 #: Functional max-pooling calls traced with constant arguments (``F.max_pool2d(x, 2)``).
@@ -196,8 +354,7 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
         return "pool"
     if isinstance(op, nn.Dropout | nn.Identity):
         return "drop"
-    if isinstance(op, nn.Softmax | nn.LogSoftmax) or desc in ("softmax", "log_softmax",
-                                                                ".softmax", ".log_softmax"):
+    if _is_softmax(desc, op):
         return "softmax"
     if isinstance(op, nn.Flatten) or desc in ("flatten", ".flatten", ".view", ".reshape"):
         y = _call(desc, "the example", op, x.clone())
@@ -216,6 +373,9 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
     y = y.reshape(-1)
     if torch.equal(y, torch.where(ref > 0, 1.0, -1.0)):
         return "sign"
+    line = _line(ref, y)
+    if line is not None and line != (1.0, 0.0):
+        return "affine"  # a positive scale / shift: Scale, TensorNorm, x * s + t
     if y.shape == ref.shape and torch.equal(torch.sign(y), torch.sign(ref)) and bool(
             (torch.diff(y) >= 0).all()):
         # keeps every sign: hardtanh / clamp (piecewise identity) or a squashing function
@@ -225,22 +385,156 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
                      "BatchNorm, sign-like activation, hardtanh, max-pool, flatten)")
 
 
+def _line(ref: Tensor, y: Tensor) -> tuple[float, float] | None:
+    """``(c1, c0)`` with ``c1 > 0`` if ``y = c1 ref + c0`` on the probe values to float32
+    rounding (``4e-6 max |y|``), else ``None``."""
+    if y.shape != ref.shape or not bool(torch.isfinite(y).all()):
+        return None
+    r, v = ref.double(), y.double()
+    c1 = float((v[-1] - v[0]) / (r[-1] - r[0]))
+    c0 = float(v[0] - c1 * r[0])
+    if not c1 > 0 or not bool(((v - (c1 * r + c0)).abs() <= 4e-6 * float(v.abs().max())
+                               + 1e-12).all()):
+        return None
+    return (1.0, 0.0) if torch.equal(y, ref.to(y.dtype)) else (c1, c0)
+
+
+def _affine(desc: str, op: Any, x: Tensor) -> tuple[float, float]:
+    """The ``(c1, c0)`` of an operation :func:`_kind` found affine (probed again)."""
+    probe = _probe(x.dtype).reshape(1, -1) if x.dim() == 2 else \
+        _probe(x.dtype).reshape(1, -1, 1, 1)
+    y = _call(_name(desc, op), "the probe values", op, probe)
+    line = _line(_probe(), (y.value if hasattr(y, "value") else y).reshape(-1))
+    assert line is not None  # noqa: S101 -- _kind found it affine on the same probe
+    return line
+
+
+def _sign_at_zero(desc: str, op: Any, dim: int) -> float:
+    """What a sign activation returns at exactly 0 (+1: the library's convention)."""
+    z = torch.zeros((1, 1) if dim == 2 else (1, 1, 1, 1))
+    y = _call(_name(desc, op), "an input of 0", op, z)
+    return float((y.value if hasattr(y, "value") else y).reshape(-1)[0])
+
+
+def _is_softmax(desc: str, op: Any) -> bool:
+    """A softmax / log_softmax (module, function or method): dropped after the last layer."""
+    return isinstance(op, nn.Softmax | nn.LogSoftmax) or desc in (
+        "softmax", "log_softmax", ".softmax", ".log_softmax")
+
+
 def _lib_sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def _binarizes_input(layer: nn.Module, x: Tensor) -> bool:
-    """The layer computes ``linear/conv(sign(x), sign(W))`` from real inputs ``x``."""
-    with torch.no_grad():
-        return torch.equal(layer(x), _ref(layer, _lib_sign(x)))
+def _binary(layer: nn.Module, x: Tensor, wb: Tensor | None = None) -> Tensor:
+    """``r = linear/conv(x, sign(W))`` without the bias (``wb``: other binary weights)."""
+    if wb is None:
+        wb = torch.where(layer.weight >= 0, 1.0, -1.0).to(layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, wb)
+    return F.conv2d(x, wb, None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def _ref(layer: nn.Module, x: Tensor) -> Tensor:
+def _channels(t: Tensor, c: int) -> Tensor:
+    """``(N, C[, H, W])`` -> ``(C, -1)``: one row per output channel."""
+    return t.transpose(0, 1).reshape(c, -1)
+
+
+class _Form:
+    """How a user's layer computes from the library's ``r = linear/conv(x, sign(W))``::
+
+        out = alpha_c r + b_c
+
+    ``alpha``: ``(C,)`` float64 positive per-channel weight scales (``None``: 1; XNOR-Net's
+    ``mean |W_o|``, Brevitas' per-tensor scale); ``bias``: ``(C,)`` float64 (``None``: no
+    bias; a real bias or a binarized one, ``sign(b)``). ``exact``: ``out`` equals the library's
+    bias-free layer bit for bit (no scale, no bias)."""
+
+    def __init__(self, alpha: Tensor | None, bias: Tensor | None) -> None:
+        self.alpha, self.bias = alpha, bias
+
+    @property
+    def exact(self) -> bool:
+        return self.alpha is None and self.bias is None
+
+    def describe(self) -> str:
+        parts = [] if self.alpha is None else ["a weight scale"]
+        return " and ".join(parts + ([] if self.bias is None else ["a bias"]))
+
+
+def _bias_candidates(layer: nn.Module) -> list[Tensor | None]:
+    """No bias, the layer's bias, and its sign (codes that binarize the bias too)."""
+    b = getattr(layer, "bias", None)
+    if b is None:
+        return [None]
+    b = b.detach()
+    return [b, torch.where(b >= 0, 1.0, -1.0).to(b.dtype), torch.sign(b), None]
+
+
+def _fit_form(layer: nn.Module, x: Tensor, out: Tensor) -> _Form | None:
+    """The :class:`_Form` of ``out = layer(x)``, or ``None`` (not a binarized layer).
+
+    Bit-equal forms first (no scale: ``linear(x, sign W, b)`` or ``linear(x, sign W) + b``),
+    then per-channel scales fitted as the median of ``(out - b) / r`` over the nonzero ``r``
+    and accepted if every output is within float32 rounding (``1e-5 max |out|``)."""
+    r = _binary(layer, x)
+    if out.shape != r.shape:
+        return None
+    c = r.shape[1]
+    shape = (1, c) + (1,) * (r.dim() - 2)
+    for b in _bias_candidates(layer):
+        if b is None and torch.equal(out, r):
+            return _Form(None, None)
+        if b is not None and (torch.equal(out, r + b.view(shape)) or torch.equal(
+                out, _binary_with_bias(layer, x, b))):
+            return _Form(None, b.double())
+    rc, tol = _channels(r.double(), c), 1e-5 * float(out.abs().max()) + 1e-12
+    for b in _bias_candidates(layer):
+        oc = _channels(out.double() - (0.0 if b is None else b.double().view(shape)), c)
+        ratio = torch.where(rc != 0, oc / torch.where(rc != 0, rc, 1.0), math.nan)
+        alpha = torch.nanmedian(ratio, dim=1).values
+        alpha = torch.where(torch.isnan(alpha), 1.0, alpha)  # a channel never reached
+        if bool((alpha <= 0).any()):
+            continue
+        if bool(((oc - alpha[:, None] * rc).abs() <= tol).all()):
+            return _Form(alpha, None if b is None else b.double())
+    return None
+
+
+def _binary_with_bias(layer: nn.Module, x: Tensor, b: Tensor) -> Tensor:
+    """``linear/conv(x, sign(W), b)``: the bias inside the product (rounds differently)."""
     wb = torch.where(layer.weight >= 0, 1.0, -1.0).to(layer.weight.dtype)
     if isinstance(layer, nn.Linear):
-        return F.linear(x, wb, layer.bias)
-    return F.conv2d(x, wb, layer.bias, layer.stride, layer.padding, layer.dilation,
-                    layer.groups)
+        return F.linear(x, wb, b)
+    return F.conv2d(x, wb, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _why_not_binary(desc: str, layer: nn.Module, x: Tensor, out: Tensor) -> str:
+    """The one-line refusal of a layer that no :class:`_Form` explains: latent weights exactly
+    0 that the user's binarization maps to 0 (``torch.sign``), or not binarized at all."""
+    zeros = int((layer.weight == 0).sum())
+    if zeros and _fit_form_with(layer, x, out, torch.sign(layer.weight.detach())):
+        return (f"{desc} ({type(layer).__name__}): {zeros} latent weight(s) are exactly 0 and "
+                "your binarization maps them to 0 (torch.sign); bnn_tol stores one sign bit "
+                "per weight (sign(0) = +1): set them to a tiny nonzero value (e.g. "
+                "w[w == 0] = 1e-8) or binarize with torch.where(w >= 0, 1, -1)")
+    if _fit_form_with(layer, x, out, layer.weight.detach()):
+        return (f"{desc} ({type(layer).__name__}) is a full-precision layer (its real weights "
+                "are used as they are): every stored layer of a bnn_tol BNN is binary; "
+                "binarize it (e.g. BinaryNet's BinarizeLinear) and retrain")
+    return (f"{desc} ({type(layer).__name__}): its output is not linear/conv(x, alpha "
+            "sign(weight)) + bias: not a binarized layer")
+
+
+def _fit_form_with(layer: nn.Module, x: Tensor, out: Tensor, wb: Tensor) -> bool:
+    """``out`` is ``linear/conv(x, wb)`` plus a candidate bias, to float32 rounding."""
+    r = _binary(layer, x, wb.to(layer.weight.dtype))
+    if r.shape != out.shape:
+        return False
+    tol = 1e-5 * float(out.abs().max()) + 1e-12
+    shape = (1, r.shape[1]) + (1,) * (r.dim() - 2)
+    return any(bool(((out - r - (0 if b is None else b.view(shape))).abs() <= tol).all())
+               for b in _bias_candidates(layer))
 
 
 def _pool_k(op) -> int:
@@ -254,43 +548,41 @@ def _pool_k(op) -> int:
     return int(k)
 
 
-def _is_binarized(layer: nn.Module, x: Tensor) -> bool:
-    with torch.no_grad():
-        return torch.equal(layer(x), _ref(layer, x))
+def _fold(bn: nn.Module | None, c: int, form: _Form, post: tuple[float, float] | None = None,
+          conv: bool = False) -> nn.Module:
+    """The library's BatchNorm for a block whose user code computes
+    ``c1 BN(alpha a + b) + c0`` from the library's pre-activation ``a`` (``post = (c1, c0)``:
+    an output ``Scale``/``TensorNorm``; ``bn`` ``None``: no BatchNorm, i.e. mean 0, variance 1,
+    eps 0, gamma 1, beta 0)::
 
+        c1 BN(alpha a + b) + c0 = BN'(a):  gamma' = c1 gamma alpha,  mu' = (mu - b) / alpha,
+                                           beta' = c1 beta + c0,      var and eps unchanged
 
-def _weight_scale(layer: nn.Module, x: Tensor) -> float | None:
-    """``1.0`` if the layer computes ``linear/conv(x, sign(W))`` bit for bit; ``alpha > 0`` if
-    it computes ``alpha sign(W)`` (Brevitas' binary weights with a per-tensor scale), up to
-    float32 rounding; ``None`` otherwise."""
-    with torch.no_grad():
-        out, ref = layer(x), _ref(layer, x)
-        out = out.value if hasattr(out, "value") else out  # a Brevitas QuantTensor
-        if torch.equal(out, ref):
-            return 1.0
-        nz = ref != 0
-        if not bool(nz.any()):
-            return None
-        alpha = float((out[nz] / ref[nz]).median())
-        tol = 1e-5 * float(out.abs().max()) + 1e-12
-        if alpha > 0 and bool(((out - alpha * ref).abs() <= tol).all()):
-            return alpha
-        return None
-
-
-def _fold_scale(bn: nn.Module, alpha: float) -> nn.Module:
-    """``BN(alpha a) = BN'(a)``: running mean / alpha, variance and eps / alpha^2 (alpha > 0)."""
-    if alpha == 1.0:
+    (exact in real arithmetic; ``alpha > 0``, ``c1 > 0``). With nothing to fold, ``bn`` itself."""
+    if form.exact and post is None and bn is not None:
         return bn
-
-    out = copy.deepcopy(bn)
-    out.running_mean.div_(alpha)
-    out.running_var.div_(alpha * alpha)
-    out.eps = bn.eps / (alpha * alpha)
+    kind = nn.BatchNorm2d if conv else nn.BatchNorm1d
+    out = kind(c, eps=float(bn.eps) if bn is not None else 0.0)
+    out.eval()
+    with torch.no_grad():
+        if bn is not None:
+            out.running_mean.copy_(bn.running_mean)
+            out.running_var.copy_(bn.running_var)
+            if bn.affine:
+                out.weight.copy_(bn.weight)
+                out.bias.copy_(bn.bias)
+        mu, gamma, beta = (t.double() for t in (out.running_mean, out.weight, out.bias))
+        alpha = form.alpha if form.alpha is not None else torch.ones(c, dtype=torch.float64)
+        b = form.bias if form.bias is not None else torch.zeros(c, dtype=torch.float64)
+        c1, c0 = post if post is not None else (1.0, 0.0)
+        out.running_mean.copy_((mu - b) / alpha)
+        out.weight.copy_(c1 * gamma * alpha)
+        out.bias.copy_(c1 * beta + c0)
     return out
 
 
-def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int | None = None):
+def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int | None = None,
+          transform: Normalize | None = None):
     """Convert ``module`` (a user's BNN) into a bnn_tol BNN, verified on ``example`` and on
     probe batches spanning the input range.
 
@@ -299,29 +591,53 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
             modified). Its operations run on adapt's own copies of the example and of the probe
             values, so in-place activations (``Hardtanh(inplace=True)``, ``x.sign_()``) change
             neither ``example`` nor what a later adaptation probes with.
-        example: a float32 batch of inputs on the library's grid (:data:`bnn_tol.data.INPUT`),
-            ``(N, C, H, W)`` (or ``(N, features)`` with ``in_shape``).
+        example: a float32 batch of the model's inputs made from 8-bit pixels by ``transform``
+            (``(N, C, H, W)``, or ``(N, features)`` with ``in_shape``).
         in_shape: ``(C, H, W)`` when ``example`` is flat (three positive integers holding its
             features); with a 4-D example it may be given and must equal its shape.
-        sign_zero: what the user's sign does at exactly 0: ``None`` (refuse if a BN output of
-            the example is exactly 0), ``+1``, ``-1`` or ``0`` (as ``torch.sign``).
+        sign_zero: what the user's sign does at exactly 0: ``None`` (refuse if the input of a
+            sign that does not map 0 to +1 is exactly 0 on the example), ``+1``, ``-1`` or
+            ``0`` (as ``torch.sign``).
+        transform: how the user's model got its inputs from pixels ``p``:
+            :class:`bnn_tol.data.Normalize` (``ToTensor`` then ``Normalize(mean, std)``;
+            ``Normalize()`` is ``[0, 1]``, ``Normalize(0.5, 0.5)`` is ``2x - 1``), or ``None``
+            for the library's ``(p - 128) / 128``.
+
+    **Input transform.** What ``forward`` does before the first layer (``2.0 * x - 1``, an
+    input quantizer such as Brevitas' 8-bit ``QuantIdentity``, a flatten) is composed with
+    ``transform`` into the pixel -> first-layer-input map ``T(p)``, which must be one integer
+    grid ``T(p) = u q_p`` (``u > 0``; affine transforms whose zero point ``255 mean`` is a
+    whole or half pixel value, and input quantizers). The adapted model records it as its
+    :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` (``S`` the power of two nearest to
+    ``1 / u``), so its first layer is exact integer arithmetic on ``q``; the factor ``u S``
+    is folded into the first BatchNorm.
+
+    **Folded into the BatchNorms** (exact in real arithmetic): layer biases (``linear(x, W,
+    b)``, ``linear(x, W) + b``, binarized ``sign(b)``; before a BN they shift its mean, without
+    one they become the threshold), weight scales ``alpha sign(W)`` per tensor or per output
+    channel (XNOR-Net's ``mean |W_o|``, Brevitas' scale), and positive scales / shifts after
+    a block (an output ``Scale`` or Brevitas' ``TensorNorm``):
+    ``c1 BN(alpha a + b) + c0 = BN'(a)``.
 
     What is verified: the adapted model's class scores equal the module's (before a trailing
-    softmax; to float32 rounding where a weight scale was folded) on ``example`` and on probe
-    batches of pixels through the input grid -- dark, bright, uniform random, and constant
-    images (black, white, mid-gray). A module walk (``torch.fx`` cannot trace ``forward``, e.g.
+    softmax) on ``example`` and on probe batches of pixels -- dark, bright, uniform random,
+    and constant images (black, white, mid-gray) -- bit for bit, or, where something was
+    folded (a scale, bias, input factor), with equal predictions and scores within
+    ``1e-4 max |score|``. A module walk (``torch.fx`` cannot trace ``forward``, e.g.
     data-dependent control flow such as ``if x.mean() > 0: h = -h``) sees only the registered
     modules, and the probes are what shows whether ``forward`` does more with them.
 
     Returns:
-        A :class:`~bnn_tol.models.BNN` (``config["name"] == "custom"``) in eval mode.
+        A :class:`~bnn_tol.models.BNN` (``config["name"] == "custom"``) in eval mode, taking
+        inputs on its ``input_grid`` (:func:`bnn_tol.data.grid_of`).
 
     Raises:
         AdaptError: one line naming the first operation or block that cannot be mapped and why
-            (an unsupported activation by name: ReLU, Tanh, Softsign, GELU, ...), the probe
-            batch on which the adapted model differs, a ``module`` that is not an
-            ``nn.Module``, a bad ``example``, ``in_shape`` or ``sign_zero``, or the user's
-            ``forward`` failing on the example or a probe.
+            (an unsupported activation by name: ReLU, Tanh, Softsign, GELU, ...; a skip
+            connection; latent weights exactly 0 binarized to 0; an input transform off any
+            integer grid), the probe batch on which the adapted model differs, a ``module``
+            that is not an ``nn.Module``, a bad ``example``, ``in_shape``, ``sign_zero`` or
+            ``transform``, or the user's ``forward`` failing on the example or a probe.
     """
 
     if not isinstance(module, nn.Module):
@@ -331,29 +647,69 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
             sign_zero, numbers.Integral) or sign_zero not in (-1, 0, 1)):
         raise AdaptError(f"sign_zero must be None, -1, 0 or +1 (what your sign does at 0), got "
                          f"{sign_zero!r}")
+    if transform is not None and not isinstance(transform, Normalize):
+        raise AdaptError(f"transform must be None (the library's (p - 128) / 128) or "
+                         f"bnn_tol.data.Normalize(mean, std), got {type(transform).__name__}")
     if not isinstance(example, Tensor) or example.dim() not in (2, 4) or len(example) == 0:
         raise AdaptError("example must be a non-empty batch (N, C, H, W) or (N, features)")
     example = example.detach()
     if example.dtype != torch.float32:
-        raise AdaptError(f"example must be float32 on the library's input grid "
-                         f"(bnn_tol.data.to_float), got {example.dtype}")
-    grid = example.double() * INPUT.scale
-    lo, hi = -INPUT.offset, 255 - INPUT.offset
-    if not torch.equal(grid, torch.round(grid)) or float(grid.min()) < lo or float(grid.max()) > hi:
-        raise AdaptError(f"example is not on the library's input grid {INPUT.describe()}: adapt "
-                         "supports models trained on bnn_tol's input scaling "
-                         "(bnn_tol.data.to_float); retrain or rescale the first layer")
+        raise AdaptError(f"example must be float32 inputs made from 8-bit pixels "
+                         f"(bnn_tol.data.to_float or transform.to_float), got {example.dtype}")
+    user = transform if transform is not None else _LIBRARY
+    pixels = user.pixels(example)
+    if pixels is None:
+        raise AdaptError(
+            f"example is not {user!r} of 8-bit pixels: pass the transform the model was trained "
+            "with (transform=bnn_tol.data.Normalize(mean, std) for ToTensor/Normalize inputs, "
+            "None for bnn_tol's (p - 128) / 128)")
     shape = _in_shape(example, in_shape)
+    ctx = _Ctx(module, example, pixels, shape, sign_zero, user)
     was = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad():
-            model = _adapt(module, example, shape, sign_zero)
+            model = _adapt(ctx)
     finally:
         for m, flag in was:
             m.training = flag
     model.meta = {"adapted_from": type(module).__name__}
+    if transform is not None:
+        model.meta["transform"] = {"mean": float(transform.mean), "std": float(transform.std)}
     return model
+
+
+class _LibraryInput:
+    """The library's input convention ``(p - 128) / 128`` as a user transform."""
+
+    def to_float(self, images: Tensor) -> Tensor:
+        return INPUT.to_float(images)
+
+    def pixels(self, x: Tensor) -> Tensor | None:
+        q = x.double() * INPUT.scale
+        lo, hi = INPUT.q_range
+        if not torch.equal(q, torch.round(q)) or float(q.min()) < lo or float(q.max()) > hi:
+            return None
+        return (q + INPUT.offset).to(torch.uint8)
+
+    def __repr__(self) -> str:
+        return "on bnn_tol's input grid (p - 128) / 128"
+
+
+_LIBRARY = _LibraryInput()
+
+
+@dataclass
+class _Ctx:
+    """What one adaptation works on: the module, the example (the user's inputs) and its
+    pixels, the per-sample shape, ``sign_zero``, the user's input convention."""
+
+    module: nn.Module
+    example: Tensor
+    pixels: Tensor
+    shape: tuple[int, int, int]
+    sign_zero: int | None
+    user: Any
 
 
 def _in_shape(example: Tensor, in_shape) -> tuple[int, int, int]:
@@ -380,82 +736,207 @@ def _in_shape(example: Tensor, in_shape) -> tuple[int, int, int]:
     return given  # type: ignore[return-value]
 
 
-def _adapt(module, example, shape, sign_zero):
+def _adapt(ctx: _Ctx):
     """Map the traced operations, build and verify; if the trace is not a chain or its mapping
     fails, the leaf-module walk (inferring functional signs and flattens), verified on the probe
     batches like any other. The traced error is reported when the walk fails too; a traced
     model that maps but does not verify is refused as it is."""
+    module = ctx.module
     if not any(isinstance(m, nn.Linear | nn.Conv2d) for m in module.modules()):
         raise AdaptError(f"no Linear/Conv2d layer found in the module ({type(module).__name__})")
     try:
-        ops, traced = _ops(module)
+        ops, traced, untraceable = _ops(module)
     except AdaptError as first:  # traced, but not a chain (a constant built from x, ...):
         try:  # the module walk may still map it; verified like any other
-            walked = _map_ops(module, example, _leaves(module), False, sign_zero)
-            return _build_verified(module, example, shape, walked, "")
+            return _build_verified(ctx, _map_ops(ctx, _leaves(module), False), "")
         except AdaptError:
             raise first from None
     if not traced:
-        why = " (torch.fx could not trace forward)"
+        why = f" (torch.fx could not trace forward: {untraceable})"
         try:
-            mapped = _map_ops(module, example, ops, False, sign_zero)
+            mapped = _map_ops(ctx, ops, False)
+            return _build_verified(ctx, mapped, why)
         except AdaptError as e:
+            skip = _walk_divergence(ctx, ops)
+            if skip:
+                raise AdaptError(f"{skip}{why}") from None
+            if why in str(e):
+                raise
             raise AdaptError(f"{e} -- the module walk{why} takes the registered modules in "
                              "order: is every registered layer used, in that order?") from None
-        return _build_verified(module, example, shape, mapped, why)
     try:
-        mapped = _map_ops(module, example, ops, True, sign_zero)
+        mapped = _map_ops(ctx, ops, True)
     except AdaptError as first:
         try:
-            walked = _map_ops(module, example, _leaves(module), False, sign_zero)
-            return _build_verified(module, example, shape, walked, "")
+            return _build_verified(ctx, _map_ops(ctx, _leaves(module), False), "")
         except AdaptError:
             raise first from None
-    return _build_verified(module, example, shape, mapped, None)
+    return _build_verified(ctx, mapped, None)
 
 
-def _build_verified(module, example, shape, mapped, walk_why: str | None):
+def _walk_divergence(ctx: _Ctx, leaves: list[tuple[str, Any]]) -> str | None:
+    """Where ``forward`` feeds a registered module something other than what the walk's
+    chain gives it (the previous module's output, flattened or binarized): a skip connection
+    (residual blocks) or an operation the walk cannot see; ``None`` when none is found."""
+    seen: dict[str, Tensor] = {}
+
+    def capture(name: str, args: tuple) -> None:  # returns None: the input is not replaced
+        if name not in seen and args and isinstance(args[0], Tensor):
+            seen[name] = args[0].detach().clone()
+
+    handles = [mod.register_forward_pre_hook(lambda _m, args, name=name: capture(name, args))
+               for name, mod in leaves if isinstance(mod, nn.Module)]
+    try:
+        _call(f"the module ({type(ctx.module).__name__})", "the example", ctx.module,
+              ctx.example.clone())
+    except AdaptError:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    x, prev = ctx.example.clone(), "the input"
+    for name, mod in leaves:
+        got = seen.get(name)
+        if got is None:
+            return None
+        fits = [x, x.flatten(1), _lib_sign(x), torch.sign(x)]
+        if not any(c.shape == got.shape and torch.equal(c, got) for c in fits):
+            return (f"forward feeds {name} ({type(mod).__name__}) something other than the "
+                    f"output of {prev}: a skip connection (residual block) or an operation "
+                    "the module walk cannot see; bnn_tol adapts chains of blocks only")
+        x = _call(name, "the example", mod, got.clone())
+        x = x.value if hasattr(x, "value") else x
+        prev = name
+    return None
+
+
+class _Block:
+    """One block being mapped: the user's layer, its :class:`_Form`, its BatchNorm (or
+    ``None``), an affine ``(c1, c0)`` after it (output ``Scale``/``TensorNorm``), the spec."""
+
+    def __init__(self, layer: nn.Module, form: _Form, spec: dict) -> None:
+        self.layer, self.form, self.spec = layer, form, spec
+        self.bn: nn.Module | None = None
+        self.post: tuple[float, float] | None = None
+        self.kept: list[str] = []  # clip / squash operations before the sign
+        self.pool_before_bn = False
+        self.feeds_sign: nn.Module | None = None  # the user module whose output the sign reads
+
+    @property
+    def exact(self) -> bool:
+        return self.form.exact and self.post is None
+
+    def folded_bn(self) -> nn.Module:
+        c = int(self.spec["out"])
+        return _fold(self.bn, c, self.form, self.post, conv=self.spec["type"] == "conv")
+
+
+def _build_verified(ctx: _Ctx, mapped, walk_why: str | None):
     """Build the BNN from the mapped blocks and verify it (``walk_why``: a module walk)."""
-    spec, layers, bns, scales, assumed = mapped
-    model = build("custom", blocks=spec, in_shape=shape, n_classes=int(spec[-1]["out"]))
-    for block, layer, bn in zip(model.blocks, layers, bns, strict=True):
-        block.layer.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            block.layer.bias.copy_(layer.bias)
-        if bn is not None:
-            block.bn.load_state_dict(bn.state_dict())
-    if bns[-1] is None and scales[-1] != 1.0:  # a scaled output layer without BN
-        model.blocks[-1].bn.weight.fill_(scales[-1])
+    blocks, assumed, grid = mapped
+    spec = []
+    bns = []
+    for b in blocks:
+        bn = b.folded_bn()
+        bns.append(bn)
+        spec.append({**b.spec, "bias": False, "bn_eps": float(bn.eps),
+                     "bn_affine": bool(bn.affine)})
+    model = build("custom", blocks=spec, in_shape=ctx.shape, n_classes=int(spec[-1]["out"]),
+                  input_grid=None if grid == INPUT else grid.config())
+    for block, b, bn in zip(model.blocks, blocks, bns, strict=True):
+        block.layer.weight.copy_(b.layer.weight)
+        block.bn.load_state_dict(bn.state_dict())
     model.eval()
-    _verify(module, model, example, shape, exact=all(a == 1.0 for a in scales),
-            walk_why=walk_why, assumed=assumed)
+    _verify(ctx, model, exact=all(b.exact for b in blocks), walk_why=walk_why, assumed=assumed)
     return model
 
 
-def _map_ops(module, example, ops, traced, sign_zero):
-    """Walk the operations on ``example``; return the block specs, layers, BNs, weight scales
-    and what a module walk assumed (the functional signs it cannot see)."""
-    x = example.clone()
-    spec: list[dict] = []
-    layers, bns, scales = [], [], []
-    user_bns: dict[int, nn.Module] = {}  # block -> the module's own BatchNorm
+def _layer_spec(desc: str, op: nn.Module, flatten: bool) -> dict:
+    conv = isinstance(op, nn.Conv2d)
+    if conv and (op.stride != (1, 1) or op.groups != 1 or op.dilation != (1, 1)
+                 or op.kernel_size[0] != op.kernel_size[1] or op.padding[0] != op.padding[1]):
+        raise AdaptError(f"{desc}: only square, stride-1, ungrouped convolutions")
+    spec = {"type": "conv" if conv else "linear",
+            "in": int(op.in_channels if conv else op.in_features),
+            "out": int(op.out_channels if conv else op.out_features), "flatten": flatten}
+    if conv:
+        spec.update(kernel=int(op.kernel_size[0]), padding=int(op.padding[0]))
+    return spec
+
+
+def _own_sign(op: nn.Module, x: Tensor, out: Tensor) -> tuple[_Form, Any] | None:
+    """A layer that binarizes its own input (BinaryNet: ``sign(x)`` inside the layer): its
+    form and the sign it uses (the library's, or ``torch.sign`` where ``x`` has exact zeros),
+    or ``None``."""
+    form = _fit_form(op, _lib_sign(x), out)
+    if form is not None:
+        return form, _lib_sign
+    if bool((x == 0).any()):
+        form = _fit_form(op, torch.sign(x), out)
+        if form is not None:
+            return form, torch.sign
+    return None
+
+
+def _input_binarized(name: str, op: nn.Module, x: Tensor, out: Tensor,
+                     sign_zero: int | None) -> _Form | None:
+    """The form of a hidden layer that binarizes its own input (:func:`_own_sign`), or
+    ``None``. An input exactly 0 that the layer maps to 0 (``torch.sign``) is refused unless
+    ``sign_zero`` says the model does so."""
+    found = _own_sign(op, x, out)
+    if found is None:
+        return None
+    form, sign = found
+    if sign is torch.sign and sign_zero is None:
+        raise AdaptError(f"{name}: it binarizes its input with torch.sign, and an input of "
+                         "the example is exactly 0 (torch.sign(0) = 0, the library's "
+                         "sign(0) = +1): pass sign_zero=0 to say what the model does")
+    return form
+
+
+def _map_ops(ctx: _Ctx, ops, traced: bool):
+    """Walk the operations on the example; return the :class:`_Block` s, what a module walk
+    assumed (the functional signs it cannot see), and the input grid (:func:`_input_grid`)."""
+    module, sign_zero = ctx.module, ctx.sign_zero
+    x = ctx.example.clone()
+    blocks: list[_Block] = []
     assumed: list[str] = []
-    kept: list[str] = []  # clip / squash operations after the current block's BatchNorm
-    cur: dict | None = None
+    cur: _Block | None = None
     pending_flatten = False
-    pool_before_bn = None
+    pre: list[tuple[str, Any]] = []  # operations before the first layer: the input transform
+    grid = None
+
+    def close(how: str | None = None) -> None:
+        nonlocal cur
+        if how is not None:
+            assumed.append(how)
+        blocks.append(cur)
+        cur = None
+
     for i, (desc, op) in enumerate(ops):
-        kind = _kind(desc, op, x)
         name = _name(desc, op)
-        if not traced and kind in ("layer", "pool") and cur is not None and bns[-1] is not None:
+        if grid is None and not isinstance(op, nn.Linear | nn.Conv2d):
+            # before the first layer: the input transform (checked by _input_grid)
+            if isinstance(op, nn.MaxPool2d) or desc in ("max_pool2d", "_max_pool2d"):
+                raise AdaptError(f"{name}: max-pooling before the first layer")
+            y = _call(name, "the example", op, x.clone())
+            y = y.value if hasattr(y, "value") else y
+            if y.shape != x.shape:
+                if not (y.dim() == 2 and y.shape[0] == x.shape[0]
+                        and y.shape[1] == x[0].numel()):
+                    raise AdaptError(f"{name}: changes the input's shape {tuple(x.shape)} -> "
+                                     f"{tuple(y.shape)} before the first layer")
+                pending_flatten = True
+            pre.append((desc, op))
+            x = y
+            continue
+        kind = _kind(desc, op, x)
+        if not traced and kind in ("layer", "pool") and cur is not None and cur.bn is not None:
             # module walk: a functional sign between BN and the next layer/pool is invisible
-            assumed.append(f"a sign after {kept[-1] if kept else 'block ' + str(len(spec))}")
-            spec.append(cur)
-            cur = None
-            kept = []
+            close(f"a sign after {cur.kept[-1] if cur.kept else 'block ' + str(len(blocks))}")
             x = _lib_sign(x)
             if kind == "pool":
-                spec[-1]["pool"] = _pool_k(op)
+                blocks[-1].spec["pool"] = _pool_k(op)
                 x = _call(name, "the example", op, x)
                 continue
         if not traced and kind == "layer" and isinstance(op, nn.Linear) and x.dim() > 2:
@@ -464,78 +945,87 @@ def _map_ops(module, example, ops, traced, sign_zero):
         if kind == "flatten":
             pending_flatten = True
         elif kind == "layer":
-            if cur is not None and bns[-1] is not None and _call(
-                    name, "the example", _binarizes_input, op, x):
-                spec.append(cur)  # BinaryNet style: the layer binarizes its own input
-                cur = None
-                x = _lib_sign(x)
-            if cur is not None:
-                why = f" ({', '.join(kept)} {'is' if len(kept) == 1 else 'are'} not a sign " \
-                    "activation)" if kept else ""
-                raise AdaptError(f"{desc}: a layer follows block {len(spec)} without a "
-                                 f"sign activation in between{why}")
-            kept = []
-            scale = _call(name, "the example", _weight_scale, op, x)
-            if scale is None:
-                raise AdaptError(f"{desc} ({type(op).__name__}): its output is not "
-                                 "linear/conv(x, alpha sign(weight)): not a binarized layer")
-            scales.append(scale)
+            out = _call(name, "the example", op, x)
+            out = out.value if hasattr(out, "value") else out  # a Brevitas QuantTensor
+            if cur is not None:  # BinaryNet style: the layer binarizes its own input
+                form = _call(name, "the example", _input_binarized, name, op, x, out, sign_zero)
+                if form is None and _fit_form(op, x, out) is None:
+                    raise AdaptError(_why_not_binary(desc, op, x, out))
+                if form is None:
+                    why = f" ({', '.join(cur.kept)} {'is' if len(cur.kept) == 1 else 'are'} " \
+                        "not a sign activation)" if cur.kept else ""
+                    raise AdaptError(f"{desc}: a layer follows block {len(blocks)} without a "
+                                     f"sign activation in between{why}")
+                close()
+            else:
+                form = _call(name, "the example", _fit_form, op, x, out)
+                if form is None and grid is None:  # a first layer that binarizes the image
+                    found = _call(name, "the example", _own_sign, op, x, out)
+                    if found is not None:
+                        form = found[0]
+                        pre.append(("the layer's own input sign", found[1]))
+                if form is None:
+                    raise AdaptError(_why_not_binary(desc, op, x, out))
+            if grid is None:  # the first layer: its input grid and the factor to fold
+                grid, factor = _input_grid(ctx, pre)
+                if factor != 1.0:
+                    c = out.shape[1]
+                    form.alpha = (form.alpha if form.alpha is not None else torch.ones(
+                        c, dtype=torch.float64)) * factor
             if bool((op.weight == 0).any()) and sign_zero not in (1, None):
                 raise AdaptError(f"{desc}: latent weights exactly 0 binarize to {sign_zero}, "
                                  "the library binarizes them to +1")
-            conv = isinstance(op, nn.Conv2d)
-            if conv and (op.stride != (1, 1) or op.groups != 1 or op.dilation != (1, 1)
-                         or op.kernel_size[0] != op.kernel_size[1]
-                         or op.padding[0] != op.padding[1]):
-                raise AdaptError(f"{desc}: only square, stride-1, ungrouped convolutions")
-            cur = {"type": "conv" if conv else "linear",
-                   "in": int(op.in_channels if conv else op.in_features),
-                   "out": int(op.out_channels if conv else op.out_features),
-                   "bias": op.bias is not None, "flatten": pending_flatten or
-                   (not conv and not spec)}  # the library's first block sees (N, C, H, W)
-            if conv:
-                cur.update(kernel=int(op.kernel_size[0]), padding=int(op.padding[0]))
+            cur = _Block(op, form, _layer_spec(desc, op, pending_flatten or (
+                not isinstance(op, nn.Conv2d) and not blocks)))  # the first block sees 4-D
+            cur.feeds_sign = op
             pending_flatten = False
-            layers.append(op)
-            bns.append(None)
-            pool_before_bn = None
+            x = out
+            continue
         elif kind == "bn":
-            if cur is None or bns[-1] is not None:
+            if cur is None or cur.bn is not None or cur.post is not None or cur.kept:
                 raise AdaptError(f"{desc}: BatchNorm without a preceding binarized layer")
             if op.running_mean is None or op.running_var is None:
                 raise AdaptError(f"{name}: a BatchNorm without running statistics "
                                  "(track_running_stats=False) normalizes with each batch's own "
                                  "statistics; its threshold is undefined")
-            bns[-1] = _fold_scale(op, scales[-1])
-            user_bns[len(bns) - 1] = op  # the module's own BN (bns[-1] may be a copy)
-            cur.update(bn_eps=float(bns[-1].eps), bn_affine=bool(op.affine))
-            if pool_before_bn is not None:
+            cur.bn = op
+            cur.feeds_sign = op
+            if cur.pool_before_bn:
                 gamma = op.weight if op.affine else torch.ones(op.num_features)
                 if bool((gamma <= 0).any()):
                     raise AdaptError(f"{desc}: max-pool before a BatchNorm with gamma <= 0 "
                                      "does not commute with it; cannot map the block")
+        elif kind == "affine":
+            if cur is None or cur.kept:
+                raise AdaptError(f"{name}: a scale/shift outside layer -> [BatchNorm] -> sign")
+            c1, c0 = _affine(desc, op, x)
+            p1, p0 = cur.post if cur.post is not None else (1.0, 0.0)
+            cur.post = (c1 * p1, c1 * p0 + c0)
+            cur.feeds_sign = op if isinstance(op, nn.Module) else None
         elif kind == "pool":
             k = _pool_k(op)
             if cur is not None:  # pool before BN/sign: moved after the sign (checked above)
-                cur["pool"] = k
-                pool_before_bn = True if bns[-1] is None else None
-                if bns[-1] is not None:
+                if cur.bn is not None or cur.post is not None or cur.kept:
                     raise AdaptError(f"{desc}: max-pool between BatchNorm and sign")
-            elif spec and spec[-1].get("binary_output", True) and "pool" not in spec[-1]:
-                spec[-1]["pool"] = k
+                cur.spec["pool"] = k
+                cur.pool_before_bn = True
+            elif blocks and blocks[-1].spec.get("binary_output", True) and \
+                    "pool" not in blocks[-1].spec:
+                blocks[-1].spec["pool"] = k
             else:
                 raise AdaptError(f"{desc}: max-pool without a preceding block")
         elif kind in ("clip", "squash"):
-            if cur is None or bns[-1] is None:
+            if cur is None:
                 raise AdaptError(f"{name}: an activation outside layer -> BatchNorm -> sign "
                                  "(not a sign activation)")
-            kept.append(name)
+            cur.kept.append(name)
         elif kind == "sign":
-            if cur is None or bns[-1] is None:
-                raise AdaptError(f"{desc}: a sign activation without layer -> BatchNorm before it")
-            spec.append(cur)
-            cur = None
-            kept = []
+            if cur is None:
+                raise AdaptError(f"{desc}: a sign activation without a binarized layer before "
+                                 "it")
+            if _sign_at_zero(desc, op, x.dim()) == 1.0:
+                cur.feeds_sign = None  # sign(0) = +1 as in the library: zeros are harmless
+            close()
         elif kind == "softmax":
             if i != len(ops) - 1:
                 raise AdaptError(f"{desc}: softmax is only allowed as the last operation")
@@ -543,15 +1033,60 @@ def _map_ops(module, example, ops, traced, sign_zero):
     if cur is None:
         raise AdaptError("the module ends with a sign activation: the last block must output "
                          "class scores (Linear -> [BatchNorm])")
-    if kept:
-        raise AdaptError(f"{', '.join(kept)}: an activation after the last layer changes the "
-                         "class scores (only softmax / log_softmax may follow it)")
-    cur["binary_output"] = False
-    spec.append(cur)
-    if sign_zero is None:  # hook the module's own BNs: a folded scale makes bns[k] a copy
-        _check_no_zero(module, example, [user_bns[k] for k, b in enumerate(bns[:-1])
-                                         if b is not None])
-    return spec, layers, bns, scales, assumed
+    if cur.kept:
+        raise AdaptError(f"{', '.join(cur.kept)}: an activation after the last layer changes "
+                         "the class scores (only softmax / log_softmax may follow it)")
+    cur.spec["binary_output"] = False
+    blocks.append(cur)
+    if sign_zero is None:  # the user's own modules that feed a sign
+        _check_no_zero(module, ctx.example, [b.feeds_sign for b in blocks[:-1]
+                                             if b.feeds_sign is not None])
+    return blocks, assumed, grid
+
+
+def _input_grid(ctx: _Ctx, pre: list[tuple[str, Any]]) -> tuple[InputGrid, float]:
+    """The pixel -> first-layer-input map ``T(p)`` (the user's transform, then the operations
+    ``pre`` before the first layer, on 256 constant images) as an integer grid: ``T(p) = u
+    q_p`` with integers ``q_p`` (``u``: the smallest gap between values, or half of it, refined
+    by least squares). Returns the :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` (``S`` the
+    power of two nearest to ``1 / u``) and the factor ``u S`` (1 for the library's grid)."""
+    p = torch.arange(256, dtype=torch.uint8).reshape(256, 1, 1, 1).expand(
+        256, *ctx.shape).contiguous()
+    x = ctx.user.to_float(p)
+    x = x.reshape(256, -1) if ctx.example.dim() == 2 else x
+    names = ", ".join(_name(d, op) for d, op in pre) or "none"
+    for desc, op in pre:
+        x = _call(_name(desc, op), "constant images (one per pixel value)", op, x)
+        x = x.value if hasattr(x, "value") else x
+    rows = x.reshape(256, -1).double()
+    if not bool((rows == rows[:, :1]).all()):
+        raise AdaptError(f"the operations before the first layer ({names}) do not treat every "
+                         "pixel alike: not an input transform bnn_tol can record")
+    t = rows[:, 0]
+    values = torch.unique(t)
+    if len(values) < 2:
+        raise AdaptError(f"the input transform (operations before the first layer: {names}) "
+                         f"maps every pixel to {float(values[0]):.6g}")
+    gap = float(torch.diff(values).min())
+    for parts in (1, 2):
+        u = gap / parts
+        for _ in range(3):  # refine u by least squares on the rounded levels (float noise)
+            q = (t / u).round()
+            u = float((t * q).sum() / (q * q).sum())
+        if float((t / u - q).abs().max()) <= 1e-3:
+            break
+    else:
+        zero = float(-t[0] / (t[1] - t[0])) if float(t[1] - t[0]) != 0 else math.nan
+        raise AdaptError(
+            f"the input transform ({ctx.user!r}, then {names}) is not an integer grid: pixel 0 "
+            f"-> {float(t[0]):.6g}, step {gap:.6g}, zero point at pixel {zero:.4g}, not a whole "
+            "or half pixel value; bnn_tol's first layer is integer arithmetic on q = p - "
+            "offset: train with a mean of k / 510 (e.g. Normalize(0.5, 0.5) or Normalize(0, 1))")
+    if float(q.abs().max()) >= 2**15:
+        raise AdaptError(f"the input transform needs {int(q.abs().max())} levels per side (more "
+                         "than 2^15)")
+    scale = 2 ** max(0, round(math.log2(1 / u)))
+    return InputGrid.from_levels(q.long().tolist(), scale), u * scale
 
 
 def _check_no_zero(module, example, hidden_bns) -> None:
@@ -573,10 +1108,11 @@ def _check_no_zero(module, example, hidden_bns) -> None:
                          "pass sign_zero=+1/-1/0 to say what the model does")
 
 
-def _probe_batches(example: Tensor, shape: tuple[int, ...]) -> list[tuple[str, Tensor]]:
-    """The example and probe batches of pixels through the input grid, in the example's
-    layout: dark (0..31), bright (224..255), uniform random, and constant images (black,
-    white, around the input offset)."""
+def _probe_batches(ctx: _Ctx) -> list[tuple[str, Tensor]]:
+    """The example's pixels and probe batches of pixels (``uint8`` ``(N, C, H, W)``): dark
+    (0..31), bright (224..255), uniform random, and constant images (black, white, around the
+    library's input offset)."""
+    shape = ctx.shape
     g = torch.Generator().manual_seed(0)
     n = max(1, min(16, 2**20 // math.prod(shape)))
 
@@ -585,14 +1121,11 @@ def _probe_batches(example: Tensor, shape: tuple[int, ...]) -> list[tuple[str, T
 
     levels = torch.tensor([0, 255, INPUT.offset, INPUT.offset - 1, 1, 254], dtype=torch.uint8)
     flat = levels.reshape(-1, 1, 1, 1).expand(-1, *shape).contiguous()
-    out = [("the example", example)]
-    for name, imgs in (("the dark probe batch", pixels(0, 32)),
-                       ("the bright probe batch", pixels(224, 256)),
-                       ("the random probe batch", pixels(0, 256)),
-                       ("the black/white/gray probe batch", flat)):
-        x = INPUT.to_float(imgs)
-        out.append((name, x.reshape(len(x), -1) if example.dim() == 2 else x))
-    return out
+    return [("the example", ctx.pixels.reshape(-1, *shape)),
+            ("the dark probe batch", pixels(0, 32)),
+            ("the bright probe batch", pixels(224, 256)),
+            ("the random probe batch", pixels(0, 256)),
+            ("the black/white/gray probe batch", flat)]
 
 
 def _reference(module, x: Tensor, what: str) -> Tensor:
@@ -613,27 +1146,30 @@ def _reference(module, x: Tensor, what: str) -> Tensor:
         y = captured[-1]
     else:
         try:
-            ops, traced = _ops(module)
+            ops, traced, _ = _ops(module)
         except AdaptError:  # not a chain: adapted by the module walk, no trailing softmax
             ops, traced = [], False
-        if traced and ops and ops[-1][0] in ("softmax", "log_softmax", ".softmax",
-                                              ".log_softmax"):
+        if traced and ops and _is_softmax(*ops[-1]):
             y = x.clone()
             for desc, op in ops[:-1]:
                 y = _call(desc, what, op, y)
     return y.value if hasattr(y, "value") else y
 
 
-def _verify(module, model, example, shape, exact: bool = True, walk_why: str | None = None,
+def _verify(ctx: _Ctx, model, exact: bool = True, walk_why: str | None = None,
             assumed: list[str] | None = None) -> None:
     """On the example and each probe batch (:func:`_probe_batches`), the scores of ``model``
-    equal ``module``'s (:func:`_reference`) bit for bit; with a folded weight scale
-    (``exact=False``) the predictions must be equal and the scores within float32 rounding
-    (1e-4 relative). ``walk_why``: the operations came from a module walk (named in the
-    refusal with what it ``assumed``)."""
-    for name, x in _probe_batches(example, shape):
-        ref = _reference(module, x, name)
-        got = model(x.reshape(-1, *shape) if x.dim() == 2 else x)
+    (on its input grid) equal ``module``'s (on the user's inputs, :func:`_reference`) bit for
+    bit; where something was folded (``exact=False``: a weight scale, a bias, an input
+    factor) the predictions must be equal and the scores within ``1e-4 max |score|``.
+    ``walk_why``: the operations came from a module walk (named in the refusal with what it
+    ``assumed``)."""
+    grid = grid_of(model)
+    for name, p in _probe_batches(ctx):
+        x = ctx.example if name == "the example" else ctx.user.to_float(p)
+        x = x.reshape(len(p), -1) if ctx.example.dim() == 2 else x
+        ref = _reference(ctx.module, x, name)
+        got = model(grid.to_float(p))
         if not exact and ref.shape == got.shape and torch.equal(ref.argmax(1), got.argmax(1)) \
                 and torch.allclose(ref, got, rtol=1e-4, atol=1e-4 * float(ref.abs().max())):
             continue

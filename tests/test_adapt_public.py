@@ -1,0 +1,151 @@
+"""Public-style BNNs adapt unchanged (issue 22): BinaryNet.pytorch, Brevitas bnn_pynq 1W1A and
+XNOR-Net model files written after the public designs (``tests/_public_bnns.py``), trained or
+calibrated on real Fashion-MNIST images with their own input convention, adapt without edits;
+the adapted model predicts what the original predicts on the test images, and sweeps, margins,
+importance, export, numpy deploy and ONNX all run on it with equal predictions. What cannot be
+adapted (residual blocks, a full-precision layer, an input zero point off the pixel grid) is
+refused in one line naming the cause."""
+
+from __future__ import annotations
+
+import _public_bnns as P
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnn_tol
+from bnn_tol import data, errors, evaluate, metrics
+from bnn_tol.data import Normalize, grid_of
+from bnn_tol.interop import deploy
+from bnn_tol.interop.adapt import AdaptError
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    try:
+        train = data.load("fashion-mnist", "train").subset(2048, seed=0)
+        test = data.load("fashion-mnist", "test").subset(1000)
+    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    return train, test
+
+
+def _fit(user, x, y, steps: int = 60, seed: int = 0):
+    """A few Adam steps on the user's own model and inputs (straight-through estimators),
+    latent weights clipped to [-1, 1] as BinaryNet and Brevitas do."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(user.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    user.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(user(x[idx].clone()), y[idx]).backward()
+        opt.step()
+        with torch.no_grad():
+            for name, p in user.named_parameters():
+                if name.endswith("weight") and p.dim() > 1:
+                    p.clamp_(-1, 1)
+    return user.eval()
+
+
+#: name -> (model factory, the user's input convention, train it (fc) or only calibrate BN)
+FAMILIES = {
+    "BinaryNet main_mnist Net, binary head": (
+        lambda: P.BinaryNetMnist(binary_head=True), Normalize(0.5, 0.5), True),
+    "BinaryNet vgg_cifar10_binary": (P.BinaryNetVGG, Normalize(0.5, 0.5), False),
+    "Brevitas FC (TFC 1W1A)": (P.BrevitasFC, Normalize(), True),
+    "Brevitas CNV (1W1A, 8-bit input)": (P.BrevitasCNV, Normalize(), False),
+    "XNOR-Net (per-channel scales, Scale)": (P.XnorNet, None, False),
+}
+
+
+def _user(name, train):
+    make, tf, fit = FAMILIES[name]
+    conv = tf.to_float if tf is not None else data.to_float
+    user = P.calibrate(make(), conv(train.images[:1024]))
+    if fit:
+        user = _fit(user, conv(train.images), train.labels)
+    return user, tf, conv
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_public_style_bnns_adapt_unchanged_and_work_everywhere(name, fmnist, tmp_path):
+    train, test = fmnist
+    user, tf, conv = _user(name, train)
+    model = bnn_tol.adapt(user, conv(test.images[:256]), transform=tf)
+    grid = grid_of(model)
+    with torch.no_grad():
+        ref = user(conv(test.images)).argmax(1)
+        got = model(grid.to_float(test.images)).argmax(1)
+    assert torch.equal(got, ref)  # the original's predictions on 1000 real test images
+    if FAMILIES[name][2]:
+        assert float((ref == test.labels).float().mean()) > 0.5  # trained: it learned something
+
+    small = test.subset(300)
+    df = evaluate.sweep(model, small, bers=[0, 0.02], n_maps=2, seed=0, progress=False)
+    with torch.no_grad():
+        acc0 = int((user(conv(small.images)).argmax(1) == small.labels).sum()) / len(small)
+    assert df.query("ber == 0")["accuracy"].eq(acc0).all()
+    with errors.inject(model, 0.02, seed=int(df.map_seed.iloc[-1])):
+        assert evaluate.accuracy(model, small) == df.accuracy.iloc[-1]  # a faulted row replays
+    for engine in ("reference", "fp32"):
+        again = evaluate.sweep(model, small, bers=[0.02], n_maps=2, seed=0, progress=False,
+                               engine=engine)
+        assert again.accuracy.tolist() == df.query("ber == 0.02").accuracy.tolist()
+
+    margin = metrics.margin(model, small)
+    assert len(margin) > 0 and np.isfinite(margin["mean_margin"]).all()
+    imp = metrics.importance(model, small.subset(100), layers=[0])
+    assert len(imp) > 0 and np.isfinite(imp["importance"]).all()
+
+    bundle = bnn_tol.export(model, tmp_path / "bundle")
+    pred = deploy.predict(bundle, test.images.numpy())
+    assert np.array_equal(pred, ref.numpy())
+    back = bnn_tol.load(bnn_tol.save(model, tmp_path / "ckpt"))
+    assert grid_of(back) == grid
+    with torch.no_grad():
+        assert torch.equal(back(grid.to_float(test.images[:64])), model(grid.to_float(
+            test.images[:64])))
+
+
+def test_an_adapted_model_with_an_input_quantizer_round_trips_through_onnx(fmnist, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from bnn_tol.interop.onnx import export_onnx, import_onnx
+
+    train, test = fmnist
+    user, tf, conv = _user("Brevitas CNV (1W1A, 8-bit input)", train)
+    model = bnn_tol.adapt(user, conv(test.images[:128]), transform=tf)
+    back = import_onnx(export_onnx(model, tmp_path / "cnv.onnx"))
+    assert grid_of(back) == grid_of(model)
+    x = grid_of(model).to_float(test.images[:200])
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("make, needle", [
+    (P.BinaryResNet, "forward feeds layer1.bn2 (BatchNorm2d) something other than the output "
+                     "of layer1.conv2: a skip connection"),
+    (P.BiRealNet, "a skip connection (the sum of two branches, as in residual BNNs"),
+    (P.BinaryNetMnist, "fc4 (Linear) is a full-precision layer"),
+])
+def test_what_cannot_be_adapted_is_refused_naming_the_cause(make, needle, fmnist):
+    _, test = fmnist
+    tf = Normalize(0.5, 0.5)
+    user = P.calibrate(make(), tf.to_float(test.images[:256]))
+    with pytest.raises(AdaptError) as e:
+        bnn_tol.adapt(user, tf.to_float(test.images[:64]), transform=tf)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_an_input_zero_point_off_the_pixel_grid_is_refused_naming_it(fmnist):
+    """main_mnist.py's Normalize((0.1307,), (0.3081,)) puts x = 0 at pixel 33.33: the first
+    layer's pre-activations then carry 33.33 sum(w), not an integer grid."""
+    _, test = fmnist
+    tf = Normalize(0.1307, 0.3081)
+    user = P.calibrate(P.BinaryNetMnist(binary_head=True), tf.to_float(test.images[:256]))
+    with pytest.raises(AdaptError, match="zero point at pixel 33.33, not a whole or half pixel"):
+        bnn_tol.adapt(user, tf.to_float(test.images[:64]), transform=tf)
