@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -33,7 +34,8 @@ from bnn_tol.faults.apply import attach
 from bnn_tol.faults.seeds import spawn
 from bnn_tol.interop.checkpoint import check_out, save
 
-__all__ = ["fit", "build", "check_fits", "check_memory", "training_bytes", "modified_hinge_loss",
+__all__ = ["fit", "RANDBET_PAPER", "OPTIMIZERS", "build", "check_fits", "check_memory",
+           "training_bytes", "modified_hinge_loss",
            "LOSSES", "MAX_EPOCHS", "MAX_THREADS", "MAX_SEED"]
 
 #: Most epochs and torch threads :func:`fit` takes (beyond them a count is a typo, not a recipe).
@@ -129,6 +131,34 @@ def _perturbed_loss(model: nn.Module, rb_layers: dict, rb_faults: dict, loss_fn,
         return loss_fn(model(x), y)
 
 
+def _randbet_step(model: nn.Module, params: list, rb_layers: dict, rb_faults: dict, loss_fn,
+                  x: Tensor, y: Tensor, clean: Tensor, o: _Options) -> Tensor:
+    """Gradients of one RandBET step into ``p.grad``; returns ``(L_clean + L_err) / 2``.
+
+    Unclipped: the gradient of ``(L_clean + L_err) / 2`` (one backward pass). With
+    ``o.randbet_grad_clip = c``: ``g = (g_clean + clip(g_err, -c, c)) / 2`` (two passes). The
+    perturbed forward leaves the BatchNorm statistics alone with ``o.randbet_bn == "clean"``."""
+    c = o.randbet_grad_clip
+    if c is None:
+        with _bn_frozen(model, o.randbet_bn == "clean"):  # restored after the backward pass,
+            err = _perturbed_loss(model, rb_layers, rb_faults, loss_fn, x, y)  # which saved
+            total = 0.5 * (clean + err)  # the running statistics it was given
+            total.backward()
+        return total
+    clean.backward()
+    g_clean = [None if p.grad is None else p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    with _bn_frozen(model, o.randbet_bn == "clean"):
+        err = _perturbed_loss(model, rb_layers, rb_faults, loss_fn, x, y)
+        err.backward()
+    with torch.no_grad():
+        for p, gc in zip(params, g_clean, strict=True):
+            ge = torch.zeros_like(p) if p.grad is None else p.grad.clamp(-c, c)
+            p.grad = 0.5 * ((torch.zeros_like(p) if gc is None else gc) + ge)
+    return 0.5 * (clean.detach() + err.detach())
+
+
 def _ber_at(epoch: int, target: tuple[float, float], warmup: int) -> tuple[float, float]:
     """Linear BER warm-up: ``p(epoch) = p * min(1, (epoch + 1) / (warmup + 1))``."""
     f = 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / (warmup + 1))
@@ -151,8 +181,15 @@ def fit(
     flip_layers: Sequence[str | int] | str | None = None,
     flip_warmup: int = 0,
     clip: float | None = None,
+    clip_params: str = "weights",
     randbet_ber: faults.BER | None = None,
     randbet_layers: Sequence[str | int] | str | None = None,
+    randbet_start_loss: float | None = None,
+    randbet_grad_clip: float | None = None,
+    randbet_bn: str = "both",
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
     seed: int = 0,
     device: str | torch.device = "auto",
     out: str | Path | None = None,
@@ -183,6 +220,20 @@ def fit(
             stored bit (``numel * m``; a :class:`~bnn_tol.errors.TransientFlip`), gradients
             passing straight through the flips. ``None``/0 = off.
         randbet_layers: layers with RandBET errors (default all).
+        clip_params: ``"weights"`` (the binary/quantized layers' latent weights) or ``"all"``
+            (every parameter, BatchNorm scales and shifts included, as Stutz et al. clip);
+            ``"all"`` needs ``clip``.
+        randbet_start_loss: RandBET starts once a batch's clean loss is below this (the
+            paper: 1.75); ``None`` from the first step. The step it started at is recorded
+            as ``model.meta["training"]["randbet_started"]`` (``[epoch, batch]``).
+        randbet_grad_clip: clip the perturbed pass's gradient elementwise to ``[-c, c]``
+            before averaging, ``g = (g_clean + clip(g_err, c)) / 2`` (the paper: 0.05);
+            ``None``: the gradient of ``(L(z_clean) + L(z_err)) / 2`` unclipped.
+        randbet_bn: ``"both"`` (the perturbed forward pass updates the BatchNorm running
+            statistics too) or ``"clean"`` (they come from the clean pass only: the paper).
+            :data:`RANDBET_PAPER` holds the paper's three settings.
+        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``; the paper: lr 0.05, momentum
+            0.9, ``weight_decay`` 5e-4). ``weight_decay``: L2 penalty of either optimizer.
         seed: seeds shuffling and flips (init is seeded by :func:`bnn_tol.models.build`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         out: checkpoint directory, written after every epoch (nothing lost on interruption).
@@ -231,6 +282,10 @@ def fit(
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
                              or not math.isfinite(clip) or clip <= 0):
         raise InvalidArgument(f"clip must be a finite number > 0 (w_max), got {clip!r}")
+    _check_recipe_options(clip=clip, clip_params=clip_params, randbet_bn=randbet_bn,
+                          optimizer=optimizer, randbet_start_loss=randbet_start_loss,
+                          randbet_grad_clip=randbet_grad_clip, momentum=momentum,
+                          weight_decay=weight_decay)
     _loss_fn(loss, mhl_margin)
     if len(train) == 0:
         raise InvalidArgument("the training set is empty")
@@ -244,9 +299,81 @@ def fit(
                     lr_step=lr_step, lr_gamma=lr_gamma, loss=loss, mhl_margin=mhl_margin,
                     flip_ber=flip_ber, flip_layers=flip_layers, flip_warmup=flip_warmup,
                     clip=clip, randbet_ber=randbet_ber, randbet_layers=randbet_layers,
-                    seed=seed, device=device, out=out, progress=progress)
+                    seed=seed, device=device, out=out, progress=progress,
+                    options=_Options(clip_params, randbet_start_loss, randbet_grad_clip,
+                                     randbet_bn, optimizer, momentum, weight_decay))
     finally:
         torch.set_num_threads(old_threads)
+
+
+#: RandBET as Stutz et al. (MLSys 2021) specify it: start once the clean loss is below 1.75,
+#: clip the perturbed gradient at +-0.05 and average it with the clean one, BatchNorm statistics
+#: from the clean pass only. Their recipe also trains with SGD (``optimizer="sgd"``, lr 0.05,
+#: momentum 0.9, weight decay 5e-4) and clips every parameter (``clip_params="all"``).
+RANDBET_PAPER = {"randbet_start_loss": 1.75, "randbet_grad_clip": 0.05, "randbet_bn": "clean"}
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class _Options(NamedTuple):
+    """The recipe options beyond the original ones (defaults: the original behaviour)."""
+
+    clip_params: str = "weights"
+    randbet_start_loss: float | None = None
+    randbet_grad_clip: float | None = None
+    randbet_bn: str = "both"
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from the defaults (recorded in the recipe)."""
+        return {k: v for k, v in self._asdict().items() if v != _Options._field_defaults[k]}
+
+
+def _check_recipe_options(*, clip, clip_params, randbet_bn, optimizer, randbet_start_loss,
+                          randbet_grad_clip, momentum, weight_decay) -> None:
+    for name, value, allowed in (("clip_params", clip_params, ("weights", "all")),
+                                 ("randbet_bn", randbet_bn, ("both", "clean")),
+                                 ("optimizer", optimizer, OPTIMIZERS)):
+        if value not in allowed:
+            raise InvalidArgument(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if clip_params == "all" and clip is None:
+        raise InvalidArgument("clip_params='all' needs clip (w_max)")
+    for name, v, lo in (("randbet_start_loss", randbet_start_loss, 0.0),
+                        ("randbet_grad_clip", randbet_grad_clip, 0.0),
+                        ("momentum", momentum, 0.0), ("weight_decay", weight_decay, 0.0)):
+        if v is None and name.startswith("randbet"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                or v < lo or (name.startswith("randbet") and v <= 0):
+            raise InvalidArgument(f"{name} must be a finite number "
+                                  f"{'> 0' if name.startswith('randbet') else '>= 0'}, got {v!r}")
+
+
+@contextmanager
+def _bn_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """With ``frozen``, the BatchNorm running statistics are restored after the block (a
+    forward pass in train mode still normalizes with the batch's statistics)."""
+    if not frozen:
+        yield
+        return
+    saved = [(m, {k: t.clone() for k, t in m.named_buffers(recurse=False)})
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in saved:
+                for k, t in bufs.items():
+                    getattr(m, k).copy_(t)
+
+
+def _make_optimizer(model: nn.Module, lr: float, o: _Options) -> torch.optim.Optimizer:
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=o.weight_decay)
 
 
 def _clamp_bounds(layers: dict, clip: float | None) -> list[tuple[nn.Module, float]]:
@@ -262,8 +389,9 @@ def _clamp_bounds(layers: dict, clip: float | None) -> list[tuple[nn.Module, flo
 
 def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss, mhl_margin,
          flip_ber, flip_layers, flip_warmup, clip, randbet_ber, randbet_layers, seed, device, out,
-         progress) -> pd.DataFrame:
+         progress, options: _Options | None = None) -> pd.DataFrame:
     """The training loop of :func:`fit`, on validated arguments."""
+    options = options if options is not None else _Options()
     dev = resolve_device(device)
     model.to(dev)
     loss_fn = _loss_fn(loss, mhl_margin)
@@ -280,7 +408,10 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     rb_gen = torch.Generator(device=dev).manual_seed(spawn(seed, 3)[2]) \
         if rb_layers else None
     rb_faults = {n: faults.TransientFlip(rb, rb_gen) for n in rb_layers}
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = _make_optimizer(model, lr, options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    every = [p for p in params] if options.clip_params == "all" else []
+    rb_open = options.randbet_start_loss is None
     step = lr_step if lr_step is not None else max(1, epochs // 4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=lr_gamma)
     recipe: dict[str, Any] = {
@@ -296,6 +427,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
         # recorded only where used, so a BNN's recipe reads as before codecs existed
         recipe.update({"clip": clip, "randbet_ber": list(rb) if rb_layers else None,
                        "randbet_layers": list(rb_layers), "codecs": codecs})
+    recipe.update(options.changed())  # only what differs from the original recipe
     meta = getattr(model, "meta", None)
     if meta is None:
         meta = {}
@@ -317,18 +449,25 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
                                        grid=grid_of(model)),
                          total=n_batches, desc=f"epoch {epoch + 1}", leave=False,
                          disable=not progress, unit="batch")
-            for x, y in inner:
+            for k_batch, (x, y) in enumerate(inner):
                 z = model(x)
                 batch_loss = loss_fn(z, y)
-                if rb_layers:
-                    batch_loss = 0.5 * (batch_loss + _perturbed_loss(model, rb_layers, rb_faults,
-                                                                     loss_fn, x, y))
                 opt.zero_grad(set_to_none=True)
-                batch_loss.backward()
+                if rb_layers and rb_open:
+                    batch_loss = _randbet_step(model, params, rb_layers, rb_faults, loss_fn, x,
+                                               y, batch_loss, options)
+                else:
+                    batch_loss.backward()
                 opt.step()
+                if rb_layers and not rb_open and float(batch_loss.detach()) < \
+                        options.randbet_start_loss:
+                    rb_open = True  # from the next step on
+                    recipe["randbet_started"] = [epoch + 1, k_batch + 1]
                 with torch.no_grad():
                     for layer, bound in bounds:
                         layer.weight.clamp_(-bound, bound)
+                    for p in every:
+                        p.clamp_(-clip, clip)
                     tot_loss += batch_loss.detach().double() * len(y)
                     correct += (z.argmax(1) == y).sum()
             lr_now = opt.param_groups[0]["lr"]
