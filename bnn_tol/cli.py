@@ -189,10 +189,14 @@ _MAX_MAPS = 100_000
               help="Epochs of linear BER warm-up.")
 @click.option("--weight-bits", type=click.IntRange(min=1, max=8), default=1, show_default=True,
               help="Stored bits per weight: 1 = BNN (sign), 2..8 = fixed point.")
-@click.option("--quant", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric",
-              show_default=True, help="Fixed-point scheme (two's complement / unsigned + offset).")
-@click.option("--granularity", type=click.Choice(["layer", "channel"]), default="layer",
-              show_default=True, help="One quantization range per layer or per output channel.")
+@click.option("--quant", type=click.Choice(["symmetric", "asymmetric", "asymmetric-signed"]),
+              default="symmetric",
+              show_default=True, help="Fixed-point scheme (two's complement / unsigned + offset "
+              "/ asymmetric range in two's complement).")
+@click.option("--granularity", type=click.Choice(["layer", "channel", "network"]),
+              default="layer",
+              show_default=True, help="One quantization range per layer, per output channel, "
+              "or for the whole network.")
 @click.option("--rounding", type=click.Choice(["nearest", "truncate"]), default="nearest",
               show_default=True, help="Quantization rounding.")
 @click.option("--activation", type=click.Choice(["sign", "relu"]), default=None,

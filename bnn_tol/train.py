@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from bnn_tol import faults
 from bnn_tol.core import models
+from bnn_tol.core.codec import share_ranges
 from bnn_tol.core.inference import accuracy, resolve_device
 from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
@@ -470,6 +471,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
                         p.clamp_(-clip, clip)
                     tot_loss += batch_loss.detach().double() * len(y)
                     correct += (z.argmax(1) == y).sum()
+                share_ranges(model)  # global quantization follows the weights
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             for layer in layers.values():

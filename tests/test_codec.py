@@ -243,3 +243,66 @@ def test_make_refuses_specs_that_are_not_codec_configs():
         with pytest.raises(InvalidArgument, match=match):
             codec.make(spec)
     assert codec.make({"kind": "fixed", "bits": 4}).config() == codec.FixedPointCodec(4).config()
+
+
+# -- the paper's quantization ladder (issue 23): hand-computed words ------------------------
+
+#: 4-bit weights on dyadic steps (Delta = 1/8), so every product below is exact in float32:
+#: x = w / Delta (symmetric) or (w - lo) / Delta (- 7 for asymmetric-signed).
+_W_SYM = [-0.875, -0.3125, 0.0, 0.4375, 0.6, 0.875]    # r = 7/8: Delta = r / 7 = 1/8
+_W_ASYM = [-0.875, -0.3125, 0.0, 0.4375, 0.6, 1.0]     # hi - lo = 15/8: Delta = 1/8
+
+
+@pytest.mark.parametrize("scheme, w, rounding, codes", [
+    # x = [-7, -2.5, 0, 3.5, 4.8, 7]: half away from zero vs toward zero; q mod 16
+    ("symmetric", _W_SYM, "nearest", [9, 13, 0, 4, 5, 7]),
+    ("symmetric", _W_SYM, "truncate", [9, 14, 0, 3, 4, 7]),
+    # x = [0, 4.5, 7, 10.5, 11.8, 15]: unsigned, the code is the level
+    ("asymmetric", _W_ASYM, "nearest", [0, 5, 7, 11, 12, 15]),
+    ("asymmetric", _W_ASYM, "truncate", [0, 4, 7, 10, 11, 15]),
+    # hi - lo = 14/8: Delta = 1/8, x = (w + 7/8) 8 - 7 = [-7, -2.5, 0, 3.5, 4.8, 7]
+    ("asymmetric-signed", _W_SYM, "nearest", [9, 13, 0, 4, 5, 7]),
+    ("asymmetric-signed", _W_SYM, "truncate", [9, 14, 0, 3, 4, 7]),
+])
+def test_codes_of_the_ladder_schemes_equal_hand_computed_words(scheme, w, rounding, codes):
+    c = codec.FixedPointCodec(4, scheme, rounding=rounding)
+    got = c.encode(torch.tensor([w]))
+    assert got.tolist() == [codes]
+    assert float(c.step()) == 0.125
+    q = torch.tensor(codes)
+    q = q if scheme == "asymmetric" else torch.where(q >= 8, q - 16, q)
+    lo = 0.0 if scheme == "symmetric" else w[0]
+    want = q * 0.125 + (lo + (7 * 0.125 if scheme == "asymmetric-signed" else 0.0))
+    assert c.decode(got).tolist() == [want.tolist()]
+
+
+def test_network_granularity_shares_one_range_over_the_model_and_follows_training():
+    from bnn_tol import train
+    from bnn_tol.core.codec import share_ranges
+
+    model = models.build("fc", hidden=(16, 8), in_shape=(1, 8, 8), weight_bits=4,
+                         quant="symmetric", granularity="network", rounding="truncate", seed=3)
+    layers = list(model.binary_layers().values())
+    r = max(float(layer.weight.detach().abs().max()) for layer in layers)
+    for layer in layers:  # the paper's Normal quantization: one global range
+        assert layer.codec.frozen
+        assert (float(layer.codec.lo), float(layer.codec.hi)) == (-r, r)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(2.0)
+    assert share_ranges(model) == len(layers)
+    r2 = max(float(layer.weight.detach().abs().max()) for layer in layers)
+    assert r2 > r and all(float(layer.codec.hi) == r2 for layer in layers)
+    train.fit(model, _quadrants(), epochs=1, batch_size=64, seed=0, progress=False)
+    r3 = max(float(layer.weight.detach().abs().max()) for layer in layers)
+    assert all(float(layer.codec.hi) == r3 for layer in layers)
+    assert model.binary_layers()["blocks.0.layer"].codec.config()["granularity"] == "network"
+
+
+def _quadrants():
+    from bnn_tol.data import BNNDataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (128,), generator=g)
+    img = torch.randint(0, 256, (128, 1, 8, 8), generator=g, dtype=torch.uint8)
+    return BNNDataset(img, y)

@@ -18,10 +18,20 @@ Two codecs:
   - ``"asymmetric"`` (unsigned with offset): ``Delta = (max w - min w) / (2^m - 1)``,
     ``code = round((w - min w) / Delta)`` in ``[0, 2^m - 1]``, ``decode = min w + code Delta``.
     Flipping bit ``b`` changes the weight by ``+-2^b Delta`` (the paper's robust quantization).
+  - ``"asymmetric-signed"`` (the paper's "+asymmetric" step: an asymmetric range, still two's
+    complement): ``Delta = (max w - min w) / (2^m - 2)``, ``q = round((w - min w) / Delta) -
+    (2^(m-1) - 1)`` in ``[-(2^(m-1) - 1), 2^(m-1) - 1]``, ``code = q mod 2^m``, ``decode =
+    min w + (q + 2^(m-1) - 1) Delta``; the MSB is a sign bit as in ``"symmetric"``.
 
   ``granularity="layer"`` uses one range per layer, ``"channel"`` one per output channel
-  (row of the weight). ``rounding="nearest"`` rounds to nearest (half away from zero), the
-  paper's choice; ``"truncate"`` rounds toward zero (to show why not).
+  (row of the weight), ``"network"`` one range for every such layer of the model (the paper's
+  global quantization, set by :func:`share_ranges`). ``rounding="nearest"`` rounds to nearest
+  (half away from zero), the paper's choice; ``"truncate"`` rounds toward zero (the float ->
+  int conversion of the paper's "Normal" baseline).
+
+  The paper's ladder (Stutz et al., MLSys 2021, 4.1): Normal = ``symmetric`` + ``network`` +
+  ``truncate``; +asymmetric = ``asymmetric-signed``; +unsigned = ``asymmetric``; +rounding =
+  ``nearest`` (RQuant, with per-layer ranges).
 
 The range (``lo``, ``hi``) is a buffer of the codec, saved with the layer's state dict: it is
 set by :meth:`FixedPointCodec.encode` from the weights (the range is stored in reliable memory,
@@ -46,11 +56,11 @@ from torch import Tensor, nn
 
 from bnn_tol.exceptions import InvalidArgument, require_int
 
-__all__ = ["Codec", "SignCodec", "FixedPointCodec", "make", "flip_bits", "SCHEMES",
-           "GRANULARITIES", "ROUNDINGS"]
+__all__ = ["Codec", "SignCodec", "FixedPointCodec", "make", "flip_bits", "share_ranges",
+           "SCHEMES", "GRANULARITIES", "ROUNDINGS"]
 
-SCHEMES = ("symmetric", "asymmetric")
-GRANULARITIES = ("layer", "channel")
+SCHEMES = ("symmetric", "asymmetric", "asymmetric-signed")
+GRANULARITIES = ("layer", "channel", "network")
 ROUNDINGS = ("nearest", "truncate")
 
 
@@ -178,7 +188,9 @@ class FixedPointCodec(Codec):
 
     See the module docstring for the formulas. The range buffers ``lo``, ``hi`` (``(1,)`` per
     layer or ``(C_out,)`` per channel, float32) are updated by :meth:`encode` unless
-    ``frozen`` is set (then the stored range is used and weights outside it saturate).
+    ``frozen`` is set (then the stored range is used and weights outside it saturate); a
+    ``"network"`` codec is always frozen: its range is the model's, set by
+    :func:`share_ranges`.
 
     Args:
         bits: ``m`` in ``2..8``.
@@ -210,24 +222,37 @@ class FixedPointCodec(Codec):
         n = channels if granularity == "channel" else 1
         self.register_buffer("lo", torch.full((n,), -1.0))
         self.register_buffer("hi", torch.full((n,), 1.0))
-        self.frozen = False
+        self._frozen = False
+
+    @property
+    def frozen(self) -> bool:
+        """Encode with the stored range (always for ``granularity="network"``)."""
+        return self._frozen or self.granularity == "network"
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._frozen = bool(value)
 
     # -- range ----------------------------------------------------------------------------
 
     def _view(self, t: Tensor, w: Tensor) -> Tensor:
         """Range tensor ``(n,)`` broadcast against ``w`` ``(C_out, ...)``."""
-        if self.granularity == "layer":
+        if self.granularity != "channel":
             return t.reshape([1] * w.dim())
         return t.reshape([-1] + [1] * (w.dim() - 1))
 
-    def _observe(self, w: Tensor) -> None:
+    def range_of(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(lo, hi)`` of ``w`` for this scheme, per row (``channel``) or of all of it:
+        ``(-max|w|, max|w|)`` symmetric, ``(min w, max w)`` asymmetric."""
         flat = w.detach().reshape(w.shape[0], -1) if self.granularity == "channel" \
             else w.detach().reshape(1, -1)
         if self.scheme == "symmetric":
             r = flat.abs().amax(1).float()
-            lo, hi = -r, r
-        else:
-            lo, hi = flat.amin(1).float(), flat.amax(1).float()
+            return -r, r
+        return flat.amin(1).float(), flat.amax(1).float()
+
+    def _observe(self, w: Tensor) -> None:
+        lo, hi = self.range_of(w)
         if lo.numel() != self.lo.numel():
             raise InvalidArgument(f"per-channel codec for {self.lo.numel()} channels got a "
                                   f"weight with {lo.numel()} rows")
@@ -237,19 +262,20 @@ class FixedPointCodec(Codec):
     def _levels(self) -> tuple[int, int]:
         """Integer levels ``(q_min, q_max)``."""
         m = self.bits_per_weight
-        if self.scheme == "symmetric":
-            return -(2 ** (m - 1) - 1), 2 ** (m - 1) - 1
-        return 0, 2**m - 1
+        if self.scheme == "asymmetric":
+            return 0, 2**m - 1
+        return -(2 ** (m - 1) - 1), 2 ** (m - 1) - 1
 
     def step(self) -> Tensor:
-        """``Delta = r / (2^(m-1) - 1)`` (symmetric) or ``(hi - lo) / (2^m - 1)``; a zero range
-        gets ``Delta = 1`` (all codes decode to the single value)."""
+        """``Delta = r / (2^(m-1) - 1)`` (symmetric), ``(hi - lo) / (2^m - 1)`` (asymmetric)
+        or ``(hi - lo) / (2^m - 2)`` (asymmetric-signed); a zero range gets ``Delta = 1``
+        (all codes decode to the single value)."""
         qmin, qmax = self._levels()
         width = self.hi if self.scheme == "symmetric" else self.hi - self.lo
         denom = qmax if self.scheme == "symmetric" else qmax - qmin
         d = width / denom
         d = torch.where(d > 0, d, torch.ones_like(d))
-        return d[0] if self.granularity == "layer" else d
+        return d if self.granularity == "channel" else d[0]
 
     # -- codes ----------------------------------------------------------------------------
 
@@ -277,25 +303,31 @@ class FixedPointCodec(Codec):
         w = w.detach().float()
         d = self._view(self.step().reshape(-1), w)
         qmin, qmax = self._levels()
-        x = w / d if self.scheme == "symmetric" else (w - self._view(self.lo, w)) / d
+        if self.scheme == "symmetric":
+            x = w / d
+        else:
+            x = (w - self._view(self.lo, w)) / d
+            x = x + qmin if self.scheme == "asymmetric-signed" else x
         q = torch.trunc(x) if self.rounding == "truncate" else torch.sign(x) * torch.floor(
             x.abs() + 0.5)
         q = q.clamp(qmin, qmax).to(torch.int64)
-        return q % (2**self.bits_per_weight) if self.scheme == "symmetric" else q
+        return q if self.scheme == "asymmetric" else q % (2**self.bits_per_weight)
 
     def decode(self, codes: Tensor) -> Tensor:  # noqa: D102
         m = self.bits_per_weight
         c = codes.to(torch.int64)
         d = self._view(self.step().reshape(-1), c)
+        if self.scheme == "asymmetric":
+            return self._view(self.lo, c) + c.to(torch.float32) * d
+        q = torch.where(c >= 2 ** (m - 1), c - 2**m, c)
         if self.scheme == "symmetric":
-            q = torch.where(c >= 2 ** (m - 1), c - 2**m, c)
             return q.to(torch.float32) * d
-        return self._view(self.lo, c) + c.to(torch.float32) * d
+        return self._view(self.lo, c) + (q - self._levels()[0]).to(torch.float32) * d
 
     def place_values(self) -> Tensor:  # noqa: D102
         m = self.bits_per_weight
         v = 2.0 ** torch.arange(m, dtype=torch.float64)
-        if self.scheme == "symmetric":
+        if self.scheme != "asymmetric":  # two's complement: the MSB is the sign
             v[-1] = -v[-1]
         return v
 
@@ -307,6 +339,34 @@ class FixedPointCodec(Codec):
     def extra_repr(self) -> str:  # noqa: D102
         return (f"bits={self.bits_per_weight}, scheme={self.scheme}, "
                 f"granularity={self.granularity}, rounding={self.rounding}")
+
+
+def share_ranges(model: nn.Module) -> int:
+    """Global quantization: one range for every layer of ``model`` whose codec has
+    ``granularity="network"`` -- per scheme, ``(-r, r)`` with ``r = max |w|`` over all those
+    layers (symmetric) or ``(min w, max w)`` over all of them (asymmetric schemes). Called by
+    :func:`bnn_tol.models.build` and after every training step; call it after changing weights
+    by hand (a network codec encodes with its stored range, saturating outside it).
+
+    Returns:
+        The number of layers whose range was set.
+    """
+    layers = [m for m in model.modules() if isinstance(getattr(m, "codec", None),
+                                                      FixedPointCodec)
+              and m.codec.granularity == "network" and isinstance(getattr(m, "weight", None),
+                                                                   Tensor)]
+    by_scheme: dict[str, list] = {}
+    for layer in layers:
+        by_scheme.setdefault(layer.codec.scheme, []).append(layer)
+    with torch.no_grad():
+        for group in by_scheme.values():
+            ranges = [layer.codec.range_of(layer.weight) for layer in group]
+            lo = torch.stack([r[0].reshape(()) for r in ranges]).min()
+            hi = torch.stack([r[1].reshape(()) for r in ranges]).max()
+            for layer in group:
+                layer.codec.lo.fill_(float(lo))
+                layer.codec.hi.fill_(float(hi))
+    return len(layers)
 
 
 def make(spec: Mapping[str, Any] | None = None) -> Codec:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.core.codec import GRANULARITIES, ROUNDINGS, SCHEMES
+from bnn_tol.core.codec import GRANULARITIES, ROUNDINGS, SCHEMES, share_ranges
 from bnn_tol.core.layers import (
     BinaryConv2d,
     BinaryLayer,
@@ -191,7 +191,9 @@ def build(name: str, *, seed: int = 0, **kwargs: Any) -> BNN:
         raise InvalidArgument(f"{key} takes no option {', '.join(map(repr, unknown))}; its "
                               f"options are {', '.join(takes)}")
     model = factory(**kwargs)
-    return _init(model, torch.Generator().manual_seed(int(seed)))
+    model = _init(model, torch.Generator().manual_seed(int(seed)))
+    share_ranges(model)  # global quantization ranges, if any layer asks for them
+    return model
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
