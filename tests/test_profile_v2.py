@@ -12,8 +12,10 @@ import _profile_archives as pa
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from bnn_tol import evaluate, models
+from bnn_tol.cli import main
 from bnn_tol.exceptions import BnnTolError, InvalidArgument
 from bnn_tol.faults import chip
 
@@ -307,3 +309,25 @@ def test_energy_is_v_over_v_min_squared_in_the_profiles_unit(digits):
     df = evaluate.profile_sweep(model, digits, p, voltages=[1.0, 0.9, 0.8], progress=False)
     assert df.energy.tolist() == [1.0, 0.9 ** 2, 0.8 ** 2]
     assert df.energy_saving.tolist() == [1 - 1.0, 1 - 0.9 ** 2, 1 - 0.8 ** 2]
+
+
+def test_cli_synth_writes_the_calibrated_chip_by_default(tmp_path):
+    run = CliRunner()
+    out = tmp_path / "c.npz"
+    r = run.invoke(main, ["profile", "synth", "--out", str(out), "--rows", "64", "--cols",
+                          "16", "--arrays", "4", "--seed", "2"])
+    assert r.exit_code == 0, r.output
+    _same(chip.load_profile(out), chip.calibrated_profile(rows=64, cols=16, n_arrays=4,
+                                                           seed=2))
+    r = run.invoke(main, ["profile", "synth", "--out", str(tmp_path / "l.npz"), "--rows", "8",
+                          "--cols", "8", "--arrays", "1", "--generator", "legacy",
+                          "--to-one", "0.4"])
+    assert r.exit_code == 0, r.output
+    _same(chip.load_profile(tmp_path / "l.npz"),
+          chip.synthetic_profile(rows=8, cols=8, n_arrays=1, to_one=0.4))
+    for args, match in ((["--v-mean", "0.8"], "--v-mean only with --generator legacy"),
+                        (["--generator", "legacy", "--flaky", "0.2"],
+                         "--flaky only with --generator calibrated")):
+        r = run.invoke(main, ["profile", "synth", "--out", str(tmp_path / "x.npz"), *args])
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and match in lines[0], r.output

@@ -953,18 +953,21 @@ def profile_flips(model: nn.Module, profile: Profile, voltage: float, *,
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: The key of a chip seed's read stream: three elements, which no site's stream key
+#: (``(position,)`` or ``(position, stream)``, :func:`~bnn_tol.faults.maps.layer_seed`) has.
+_READ_KEY = (0, 0, 23)
 
 
 def read_uniforms(seed: int, cells: np.ndarray, direction: int) -> np.ndarray:
     """float64 uniforms in ``[0, 1)``, one per cell of ``cells``: the read of chip seed
     ``seed`` for ``direction`` (0: a stored 0 flipping to 1, 1: a stored 1 flipping to 0).
 
-    ``r = splitmix64(derive(seed, 2) + (2 c + direction) * 0x9E3779B97F4A7C15) / 2^64`` (53
-    bits), so a cell's uniform depends only on the seed, the cell and the direction: the same
+    ``r = splitmix64(derive(seed, 0, 0, 23) + (2 c + direction) * 0x9E3779B97F4A7C15) / 2^64``
+    (53 bits), so a cell's uniform depends only on the seed, the cell and the direction: the same
     for every site, placement and voltage of that seed (flips nested across voltages), and
     for two bits sharing a cell. A failed cell flips a stored 0 iff ``r_0 < p01_c``.
     """
-    key = np.uint64(derive(require_int(seed, "seed", minimum=0), 2))
+    key = np.uint64(derive(require_int(seed, "seed", minimum=0), *_READ_KEY))
     with np.errstate(over="ignore"):
         x = key + (np.asarray(cells, np.uint64) * np.uint64(2) + np.uint64(direction)) * _GOLDEN
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
