@@ -91,15 +91,21 @@ def test_probabilistic_cells_flip_by_direction_as_the_naive_per_bit_rule():
             if prev is not None:
                 assert prev <= flat  # nested across voltages for one read
             prev = flat
-    # every cell failed: a stored 0 flips with probability 0.6, a stored 1 with 0.15
+    # every cell failed: a stored 0 flips with probability 0.6, a stored 1 with 0.15 (a chip
+    # larger than the network: one cell per bit)
+    n = 512 * 64 * 4
+    p = chip.Profile(np.array([1.0, 0.5]), 512, 64, 4, np.full(n, 0.9, np.float32), None,
+                     p01=np.full(n, 0.6, np.float32), p10=np.full(n, 0.15, np.float32))
+    model = _model(hidden=(1024,))
+    bits = torch.cat([lay.stored_bits().reshape(-1) for lay in model.binary_layers().values()])
     fl = chip.profile_flips(model, p, 0.7, offset=11)
     mask = torch.zeros(bits.numel(), dtype=torch.bool)
     start = 0
     for n, lay in model.binary_layers().items():
         mask[start + fl[n]] = True
         start += lay.stored_bits().numel()
-    assert abs(mask[bits == 0].double().mean().item() - 0.6) < 0.02
-    assert abs(mask[bits == 1].double().mean().item() - 0.15) < 0.02
+    assert abs(mask[bits == 0].double().mean().item() - 0.6) < 0.01
+    assert abs(mask[bits == 1].double().mean().item() - 0.15) < 0.01
 
 
 def test_cells_that_flip_both_ways_flip_every_bit_stored_in_them():
