@@ -391,7 +391,9 @@ def _parse_bers(text: str) -> list:
               help="Errors of a profiled chip (.npz, see bnn_tol.profile) per supply voltage "
                    "instead of random BERs; writes accuracy vs voltage and energy to --out.")
 @click.option("--voltages", default=None,
-              help="With --profile: comma-separated voltages (default: all of the profile).")
+              help="With --profile: comma-separated voltages, or 'grid': steps of at most "
+                   "0.1 % bit error rate over the profile's range (profile.voltage_grid) "
+                   "(default: all of the profile).")
 @click.option("--offsets", default="0", show_default=True,
               help="With --profile: placements of the model in the chip (bit offsets).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -474,7 +476,8 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
                                "resumed)")
     files.check_output(out, inputs=[*runs, profile_file])
     chip = prof.load_profile(profile_file)
-    volts = _parse_list(voltages, "--voltages", float)
+    volts = tuple(prof.voltage_grid(chip)) if voltages == "grid" \
+        else _parse_list(voltages, "--voltages", float)
     offs = _parse_ints(offsets, "--offsets") or (0,)
     models = {Path(r).name: checkpoint.load(r) for r in runs}
     first = next(iter(models.values()))
@@ -502,7 +505,7 @@ def profile_group() -> None:
 @click.option("--generator", type=click.Choice(["calibrated", "legacy"]), default="calibrated",
               show_default=True,
               help="calibrated: Figure 1 of Stutz et al. in units of V/V_min, errors along "
-                   "columns, 0->1 bias, 0.1 %% BER voltage grid (profile.calibrated_profile); "
+                   "columns, 0->1 bias, 0.1 % BER voltage grid (profile.calibrated_profile); "
                    "legacy: the generator of issue 11 (profile.synthetic_profile).")
 @click.option("--rows", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--cols", type=click.IntRange(min=1), default=64, show_default=True)
@@ -529,7 +532,7 @@ def profile_group() -> None:
               help="Fraction of failing cells that read 1 (p01 vs p10 asymmetry)  "
                    "[default: calibrated 0.8, legacy 0.3]")
 @click.option("--voltages", default=None,
-              help="Comma-separated, decreasing (default: calibrated 1.0..0.75 in 0.1 %% BER "
+              help="Comma-separated, decreasing (default: calibrated 1.0..0.75 in 0.1 % BER "
                    "steps, legacy 1.0..0.8 by 0.02).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def profile_synth(out, generator, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, col_share,

@@ -10,10 +10,12 @@ import zipfile
 
 import _profile_archives as pa
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
 
+import bnn_tol
 from bnn_tol import evaluate, models
 from bnn_tol.cli import main
 from bnn_tol.exceptions import BnnTolError, InvalidArgument
@@ -337,3 +339,17 @@ def test_cli_synth_writes_the_calibrated_chip_by_default(tmp_path):
         r = run.invoke(main, ["profile", "synth", "--out", str(tmp_path / "x.npz"), *args])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and match in lines[0], r.output
+
+
+def test_cli_sweep_profile_voltages_grid_is_the_voltage_grid(tmp_path):
+    model = _model(hidden=(16,))
+    bnn_tol.save(model, tmp_path / "m")
+    p = chip.synthetic_profile(rows=16, cols=16, n_arrays=2, v_mean=0.8, seed=1)
+    chip.save_profile(p, tmp_path / "c.npz")
+    r = CliRunner().invoke(main, ["sweep", str(tmp_path / "m"), "--dataset", "digits",
+                                  "--subset", "50", "--profile", str(tmp_path / "c.npz"),
+                                  "--voltages", "grid", "--out", str(tmp_path / "s.csv"),
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(tmp_path / "s.csv")
+    assert np.array_equal(df.voltage.to_numpy(), chip.voltage_grid(p))
