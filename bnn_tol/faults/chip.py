@@ -721,7 +721,11 @@ def synthetic_profile(
     to_one: float = 0.3,
     seed: int = 0,
 ) -> Profile:
-    """A realistic synthetic chip (documented parameters; same seed, same chip).
+    """The synthetic chip of issue 11 (format version 1: stuck cells; same seed, same chip),
+    kept unchanged: the published chip sweep and the golden files use it. The default chip is
+    :func:`calibrated_profile` (Figure 1 of Stutz et al., 0 -> 1 biased, errors along columns);
+    this one is biased 1 -> 0 (``to_one = 0.3``) and, in units of ``V / V_min``, fails less
+    than Figure 1 (0.41 ... 0.09 of its rate from 0.75 to 0.92).
 
     Each cell's failure voltage is ``v_fail = v_mean + v_sd z_cell + row_sd z_row +
     col_sd z_col`` with independent standard normals per cell, per (array, row) and per
