@@ -119,6 +119,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -822,8 +823,6 @@ def calibrated_profile(
         InvalidArgument: a parameter out of range, or more than :data:`MAX_CELLS` cells
             (refused before anything is allocated, naming the size).
     """
-    from scipy.stats import norm
-
     seed = require_int(seed, "seed", minimum=0)
     for name, val in (("col_share", col_share), ("row_share", row_share), ("to_one", to_one),
                       ("flaky", flaky), ("two_way", two_way)):
@@ -841,7 +840,7 @@ def calibrated_profile(
     z += math.sqrt(row_share) * rng.standard_normal((n_arrays, rows, 1))
     mean_flip = (1.0 - flaky / 2) * (1.0 + two_way) / 2
     knots_v = np.array(sorted(FIGURE1))
-    knots_z = norm.isf(np.array([FIGURE1[v] for v in knots_v]) / mean_flip)
+    knots_z = np.array([-NormalDist().inv_cdf(FIGURE1[v] / mean_flip) for v in knots_v])
     v = np.interp(z.reshape(-1), knots_z, knots_v)
     lo = (knots_v[1] - knots_v[0]) / (knots_z[1] - knots_z[0])
     hi = (knots_v[-1] - knots_v[-2]) / (knots_z[-1] - knots_z[-2])
