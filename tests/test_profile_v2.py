@@ -231,6 +231,21 @@ def test_version_1_files_refuse_version_2_members(tmp_path, legacy):
         _refused(path, f"version 1 profile has no member {extra}")
 
 
+def test_a_damaged_directory_record_cannot_hide_an_optional_member(tmp_path, legacy):
+    """A central record whose comment length swallows the next record would drop the last
+    member (energy, v_min: optional) silently; the end record's entry count refuses it."""
+    with_energy = chip.Profile(legacy.voltages, legacy.rows, legacy.cols, legacy.n_arrays,
+                               legacy.v_fail, legacy.flip_to, legacy.voltages ** 2)
+    for p in (with_energy, _as_probabilities(legacy, v_min=1.0)):
+        data = bytearray(pa.archive(pa.members(p), compression=zipfile.ZIP_STORED))
+        rec = pa.central_entries(bytes(data))[-2]
+        data[rec + 32:rec + 34] = (65535).to_bytes(2, "little")
+        path = tmp_path / "d.npz"
+        path.write_bytes(bytes(data))
+        n = len(pa.members(p))
+        _refused(path, f"end record declares {n} entries, its central directory holds {n - 1}")
+
+
 def test_lossless_version_2_encodings_load_the_same_profile(tmp_path, legacy):
     ref = chip.load_profile(chip.save_profile(_as_probabilities(legacy, v_min=1.0),
                                               tmp_path / "r.npz"))

@@ -41,16 +41,17 @@ stored or deflated (``savez`` / ``savez_compressed``), not encrypted; a header o
 for ``flip_to``, ``p01``, ``p10``, a string for ``format``; never complex, object, structured
 or wider than 8 bytes); the field's number of dimensions; at most :data:`MAX_VOLTAGES` voltages
 and :data:`MAX_CELLS` cells; and that the zip's declared size of the member is exactly its
-header plus its data. The scalars are read next, and the version's members are checked (those
-of the other version refused), and ``n_arrays * rows * cols`` is compared with the declared
-lengths of ``v_fail`` and ``flip_to`` (``p01``, ``p10``) before those are read. Every member's
-CRC is verified. Values are checked before they are cast to the field's dtype, and a cast must
-change no value: an integer field holds an integer (``64.0`` is ``64``; ``64.7`` and ``True``
-are refused), ``flip_to`` 0 or 1 (``-256`` and ``1.4`` are refused), ``p01`` and ``p10`` in
-``[0, 1]``, ``v_min`` finite and > 0, a real field values its dtype holds exactly (a float64
-``v_fail`` is read if every value is a float32; NaN never). Every failure is one
-:class:`InvalidArgument` line naming the file and the member. Memory is bounded by the limits,
-never by what a file declares.
+header plus its data, and that the directory holds as many entries as the end record declares
+(a damaged record can hide a member). The scalars are read next, and the version's members are
+checked (those of the other version refused), and ``n_arrays * rows * cols`` is compared with
+the declared lengths of ``v_fail`` and ``flip_to`` (``p01``, ``p10``) before those are read.
+Every member's CRC is verified. Values are checked before they are cast to the field's dtype,
+and a cast must change no value: an integer field holds an integer (``64.0`` is ``64``;
+``64.7`` and ``True`` are refused), ``flip_to`` 0 or 1 (``-256`` and ``1.4`` are refused),
+``p01`` and ``p10`` in ``[0, 1]``, ``v_min`` finite and > 0, a real field values its dtype
+holds exactly (a float64 ``v_fail`` is read if every value is a float32; NaN never). Every
+failure is one :class:`InvalidArgument` line naming the file and the member. Memory is bounded
+by the limits, never by what a file declares.
 
 A bit stored in a failed cell flips iff it differs from ``flip_to`` (version 1); with
 probabilities (version 2), a stored 0 in failed cell ``c`` flips iff ``r0_c < p01_c`` and a
@@ -539,7 +540,11 @@ def _read_profile(fh: BinaryIO) -> Profile:
                               f"{MAX_DIRECTORY_BYTES})")
     fh.seek(0)
     with zipfile.ZipFile(fh) as zf:
-        infos = _members(zf.infolist())
+        listed = zf.infolist()
+        if len(listed) != entries:  # a damaged record swallowed (or invented) entries
+            raise InvalidArgument(f"damaged profile archive: its end record declares {entries} "
+                                  f"entries, its central directory holds {len(listed)}")
+        infos = _members(listed)
         headers = {f: _member_header(zf, info, f) for f, info in infos.items()}
         values = {f: _member_data(zf, infos[f], headers[f], f)
                   for f in infos if _FIELDS[f].ndim == 0}
