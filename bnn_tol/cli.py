@@ -395,7 +395,9 @@ def _parse_bers(text: str) -> list:
               help="Errors of a profiled chip (.npz, see bnn_tol.profile) per supply voltage "
                    "instead of random BERs; writes accuracy vs voltage and energy to --out.")
 @click.option("--voltages", default=None,
-              help="With --profile: comma-separated voltages (default: all of the profile).")
+              help="With --profile: comma-separated voltages, or 'grid': steps of at most "
+                   "0.1 % bit error rate over the profile's range (profile.voltage_grid) "
+                   "(default: all of the profile).")
 @click.option("--offsets", default="0", show_default=True,
               help="With --profile: placements of the model in the chip (bit offsets).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -478,7 +480,8 @@ def _profile_sweep(runs, profile_file, voltages, offsets, dataset, data_dir, sub
                                "resumed)")
     files.check_output(out, inputs=[*runs, profile_file])
     chip = prof.load_profile(profile_file)
-    volts = _parse_list(voltages, "--voltages", float)
+    volts = tuple(prof.voltage_grid(chip)) if voltages == "grid" \
+        else _parse_list(voltages, "--voltages", float)
     offs = _parse_ints(offsets, "--offsets") or (0,)
     models = {Path(r).name: checkpoint.load(r) for r in runs}
     first = next(iter(models.values()))
@@ -503,21 +506,43 @@ def profile_group() -> None:
 @profile_group.command("synth")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Profile file to write (.npz); refused if it exists.")
+@click.option("--generator", type=click.Choice(["calibrated", "legacy"]), default="calibrated",
+              show_default=True,
+              help="calibrated: Figure 1 of Stutz et al. in units of V/V_min, errors along "
+                   "columns, 0->1 bias, 0.1 % BER voltage grid (profile.calibrated_profile); "
+                   "legacy: the generator of issue 11 (profile.synthetic_profile).")
 @click.option("--rows", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--cols", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--arrays", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--v-mean", type=float, default=0.70, show_default=True,
-              help="Mean cell failure voltage (units of V_min).")
-@click.option("--v-sd", type=click.FloatRange(min=0), default=0.05, show_default=True)
-@click.option("--row-sd", type=click.FloatRange(min=0), default=0.01, show_default=True)
-@click.option("--col-sd", type=click.FloatRange(min=0), default=0.01, show_default=True)
-@click.option("--to-one", type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help="Fraction of failing cells that read 1 (p01 vs p10 asymmetry).")
-@click.option("--voltages", default=None, help="Comma-separated, decreasing (default 1.0..0.8).")
+@click.option("--v-mean", type=float, default=None,
+              help="legacy: mean cell failure voltage (units of V_min)  [default: 0.70]")
+@click.option("--v-sd", type=click.FloatRange(min=0), default=None,
+              help="legacy  [default: 0.05]")
+@click.option("--row-sd", type=click.FloatRange(min=0), default=None,
+              help="legacy  [default: 0.01]")
+@click.option("--col-sd", type=click.FloatRange(min=0), default=None,
+              help="legacy  [default: 0.01]")
+@click.option("--col-share", type=click.FloatRange(0, 1), default=None,
+              help="calibrated: share of the failure-voltage variance along columns  "
+                   "[default: 0.3]")
+@click.option("--row-share", type=click.FloatRange(0, 1), default=None,
+              help="calibrated: the same along rows  [default: 0.05]")
+@click.option("--flaky", type=click.FloatRange(0, 1), default=None,
+              help="calibrated: share of cells that flip with a probability U(0, 1) per read "
+                   "[default: 0.1]")
+@click.option("--two-way", type=click.FloatRange(0, 1), default=None,
+              help="calibrated: share of cells that flip both ways  [default: 0.02]")
+@click.option("--to-one", type=click.FloatRange(0, 1), default=None,
+              help="Fraction of failing cells that read 1 (p01 vs p10 asymmetry)  "
+                   "[default: calibrated 0.8, legacy 0.3]")
+@click.option("--voltages", default=None,
+              help="Comma-separated, decreasing (default: calibrated 1.0..0.75 in 0.1 % BER "
+                   "steps, legacy 1.0..0.8 by 0.02).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-def profile_synth(out, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, to_one, voltages,
-                  seed) -> None:
-    """Write a synthetic chip profile (see bnn_tol.profile.synthetic_profile)."""
+def profile_synth(out, generator, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, col_share,
+                  row_share, flaky, two_way, to_one, voltages, seed) -> None:
+    """Write a synthetic chip profile (see bnn_tol.profile.calibrated_profile and
+    synthetic_profile)."""
     from bnn_tol.faults import chip as prof
 
     if Path(out).exists():
@@ -525,9 +550,21 @@ def profile_synth(out, rows, cols, arrays, v_mean, v_sd, row_sd, col_sd, to_one,
     if not Path(out).parent.is_dir():
         raise click.UsageError(f"cannot write {out}: the directory {Path(out).parent} does not "
                                "exist")
-    chip = prof.synthetic_profile(rows=rows, cols=cols, n_arrays=arrays, v_mean=v_mean,
-                                  v_sd=v_sd, row_sd=row_sd, col_sd=col_sd, to_one=to_one,
-                                  voltages=_parse_list(voltages, "--voltages", float), seed=seed)
+    legacy = {"v_mean": v_mean, "v_sd": v_sd, "row_sd": row_sd, "col_sd": col_sd}
+    calibrated = {"col_share": col_share, "row_share": row_share, "flaky": flaky,
+                  "two_way": two_way}
+    other = legacy if generator == "calibrated" else calibrated
+    given = [f"--{k.replace('_', '-')}" for k, v in other.items() if v is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only with --generator "
+                               f"{'legacy' if generator == 'calibrated' else 'calibrated'}")
+    own = {k: v for k, v in (calibrated if generator == "calibrated" else legacy).items()
+           if v is not None}
+    if to_one is not None:
+        own["to_one"] = to_one
+    make = prof.calibrated_profile if generator == "calibrated" else prof.synthetic_profile
+    chip = make(rows=rows, cols=cols, n_arrays=arrays, seed=seed,
+                voltages=_parse_list(voltages, "--voltages", float), **own)
     prof.save_profile(chip, out)
     rate = chip.cell_error_rate()
     click.echo(rate.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

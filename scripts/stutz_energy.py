@@ -4,11 +4,16 @@ Runs after ``scripts/stutz_fmnist.py`` (``make stutz`` runs both) on its checkpo
 
     python scripts/stutz_energy.py --out docs/results/stutz_fmnist
 
-No real SRAM profile ships with bnn_tol, so the chip is synthetic
-(:func:`bnn_tol.profile.synthetic_profile`, seed 0: 32 arrays of 512 x 64 cells, failure
-voltages ~ N(0.70, 0.05) + row and column offsets (sd 0.01), 30 % of failing cells read 1,
-voltages 1.00 .. 0.80 in units of V_min). Each network is placed at ``--offsets`` (bit
-addresses) in the same chip; energy per access ~ V^2 relative to the lowest error-free voltage.
+No real SRAM profile ships with bnn_tol, so the chip is synthetic. ``--chip legacy`` (the
+default, what ``docs/results/stutz_fmnist`` holds): :func:`bnn_tol.profile.synthetic_profile`,
+seed 0: 32 arrays of 512 x 64 cells, failure voltages ~ N(0.70, 0.05) + row and column offsets
+(sd 0.01), 30 % of failing cells read 1, voltages 1.00 .. 0.80 in units of V_min, energy per
+access ~ V^2 relative to the lowest error-free voltage of that grid (0.96). ``--chip
+calibrated``: :func:`bnn_tol.profile.calibrated_profile`, seed 0: Figure 1 of Stutz et al.
+(bit error rate 20.6 % at V / V_min = 0.75 ... 0.0069 % at 0.92), errors along columns, 0 -> 1
+flips about 4 times as likely as 1 -> 0, voltages 1.0 .. 0.75 in steps of at most 0.1 % bit
+error rate, energy (V / V_min)^2. Each network is placed at ``--offsets`` (bit addresses) in
+the same chip.
 Outputs in ``--out``: ``chip.npz``, ``chip_sweep.csv`` (one row per network, voltage, offset),
 ``energy_summary.csv`` (the lowest-energy voltage whose accuracy, mean over placements, stays
 within 1 point of clean, and its energy saving) and ``energy.png``.
@@ -33,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/results/stutz_fmnist")
     ap.add_argument("--offsets", default="0,1000003,2000006")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chip", choices=["legacy", "calibrated"], default="legacy",
+                    help="synthetic chip generator (module docstring)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    chip = profile.synthetic_profile(seed=args.seed)
+    make = profile.synthetic_profile if args.chip == "legacy" else profile.calibrated_profile
+    chip = make(seed=args.seed)
     profile.save_profile(chip, out / "chip.npz")
     te = data.load("fashion-mnist", "test")
     nets = {}
@@ -50,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     df.to_csv(out / "chip_sweep.csv", index=False, float_format="%.17g")
     summ = evaluate.summary_energy(df, tolerance=0.01)
     summ.to_csv(out / "energy_summary.csv", index=False, float_format="%.6g")
-    plots.energy(df, title="synthetic chip (seed 0), fc on Fashion-MNIST").savefig(
-        out / "energy.png", dpi=120)
+    kind = "" if args.chip == "legacy" else "calibrated "
+    plots.energy(df, title=f"synthetic {kind}chip (seed {args.seed}), fc on "
+                 "Fashion-MNIST").savefig(out / "energy.png", dpi=120)
     rates = chip.cell_error_rate()
     rates.to_csv(out / "chip_rates.csv", index=False, float_format="%.6g")
     env = provenance.environment(command="python scripts/stutz_energy.py " +

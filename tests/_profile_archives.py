@@ -17,21 +17,29 @@ import numpy as np
 
 from bnn_tol.faults import chip
 
-#: The members of a profile, in the order save_profile writes them.
+#: The members of a profile (version 1, then the members version 2 adds), in the order
+#: save_profile writes them.
 FIELDS = ("format", "version", "voltages", "rows", "cols", "n_arrays", "v_fail", "flip_to",
-          "energy")
+          "energy", "p01", "p10", "v_min")
 
 
 def members(profile: chip.Profile) -> dict[str, np.ndarray]:
-    """The arrays :func:`bnn_tol.faults.chip.save_profile` writes for ``profile``."""
-    out = {"format": np.array(chip.FORMAT), "version": np.array(1),
+    """The arrays :func:`bnn_tol.faults.chip.save_profile` writes for ``profile``: version 1
+    for stuck cells without ``v_min``, else version 2."""
+    out = {"format": np.array(chip.FORMAT), "version": np.array(profile.version),
            "voltages": np.asarray(profile.voltages, np.float64),
            "rows": np.array(profile.rows), "cols": np.array(profile.cols),
            "n_arrays": np.array(profile.n_arrays),
-           "v_fail": np.asarray(profile.v_fail, np.float32),
-           "flip_to": np.asarray(profile.flip_to, np.uint8)}
+           "v_fail": np.asarray(profile.v_fail, np.float32)}
+    if profile.version == 1:
+        out["flip_to"] = np.asarray(profile.flip_to, np.uint8)
     if profile.energy is not None:
         out["energy"] = np.asarray(profile.energy, np.float64)
+    if profile.version == 2:
+        p01, p10 = profile.flip_probabilities()
+        out["p01"], out["p10"] = p01.astype(np.float32), p10.astype(np.float32)
+        if profile.v_min is not None:
+            out["v_min"] = np.array(float(profile.v_min))
     return out
 
 

@@ -137,7 +137,8 @@ def test_cli_profile_synth_sweep_and_plot(tmp_path):
     model = models.build("fc", hidden=(16,), in_shape=(1, 8, 8), n_classes=10)
     bnn_tol.save(model, tmp_path / "m")
     r = run.invoke(main, ["profile", "synth", "--out", str(tmp_path / "chip.npz"), "--rows",
-                          "16", "--cols", "16", "--arrays", "2", "--v-mean", "0.85"])
+                          "16", "--cols", "16", "--arrays", "2", "--v-mean", "0.85",
+                          "--generator", "legacy"])
     assert r.exit_code == 0, r.output
     r = run.invoke(main, ["sweep", str(tmp_path / "m"), "--dataset", "digits", "--profile",
                           str(tmp_path / "chip.npz"), "--offsets", "0,100", "--out",

@@ -41,7 +41,15 @@ _BASES = (chip.synthetic_profile(rows=2, cols=4, n_arrays=2, v_mean=0.9, seed=0,
                                  voltages=(1.0, 0.95, 0.9, 0.85)),
           chip.Profile(np.array([1.2, 1.0, 0.8]), 3, 2, 1,
                        np.array([0.9, -np.inf, 1.1, 0.7, 0.95, -np.inf], np.float32),
-                       np.array([0, 1, 1, 0, 1, 0], np.uint8), np.array([1.5, 1.0, 0.7])))
+                       np.array([0, 1, 1, 0, 1, 0], np.uint8), np.array([1.5, 1.0, 0.7])),
+          # version 2: flip probabilities by direction, with and without v_min
+          chip.calibrated_profile(rows=2, cols=4, n_arrays=2, voltages=(1.0, 0.9, 0.8), seed=1,
+                                  flaky=0.5, two_way=0.5),
+          chip.Profile(np.array([1.2, 1.0, 0.8]), 3, 2, 1,
+                       np.array([0.9, -np.inf, 1.1, 0.7, 0.95, -np.inf], np.float32), None,
+                       np.array([1.5, 1.0, 0.7]),
+                       p01=np.array([0.5, 1, 0, 0.25, 1, 0], np.float32),
+                       p10=np.array([0, 0.125, 1, 1, 0.75, 0], np.float32)))
 
 #: Encodings of each field that hold the same values (a loader must accept them).
 _LOSSLESS = {
@@ -49,6 +57,7 @@ _LOSSLESS = {
     "cols": ["<i2", "<u8", "<f8"], "n_arrays": ["<i4", "<u1"],
     "voltages": [">f8"], "energy": [">f8"], "v_fail": ["<f8", ">f4", ">f8"],
     "flip_to": ["|b1", "<i8", ">u2", "<f4", "<f2"], "format": [">U15", "<U40"],
+    "p01": ["<f8", ">f4"], "p10": ["<f8", ">f4"], "v_min": ["<f4", "<i8", ">f8"],
 }
 _DTYPES = ["|b1", "|i1", "|u1", "<i2", ">u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", ">f4",
            "<f8", "<c8", "<c16", "<f16", "<U8", "|S8", "<M8[s]", "<m8[s]", "|V4", "|O"]
@@ -58,7 +67,7 @@ _DESCRS = ["<f4", ">f4", "<f8", "<i8", "|u1", "|b1", "<c8", "|O", "<U15", "<U0",
            [("a", "<f4")], ("<f4", (2,)), "<f16", "x", 42, "<M8[s]", "<U100000"]
 _FIELD_KINDS = {"format": "U", "version": "iuf", "voltages": "iuf", "rows": "iuf",
                 "cols": "iuf", "n_arrays": "iuf", "v_fail": "iuf", "flip_to": "biuf",
-                "energy": "iuf"}
+                "energy": "iuf", "p01": "biuf", "p10": "biuf", "v_min": "iuf"}
 
 
 @dataclass
@@ -104,7 +113,7 @@ def cases(draw) -> Case:
         for f in fields:
             if draw(st.booleans()):
                 members[f] = pa.npy(arrays[f].astype(draw(st.sampled_from(_LOSSLESS[f]))))
-        if draw(st.booleans()):
+        if draw(st.booleans()) and base.version == 1:  # absent: version 1
             del members["version"]
         order = draw(st.permutations(list(members)))
         data = pa.npz([(f"{k}.npy", members[k]) for k in order], compression=compression)
@@ -162,7 +171,7 @@ def cases(draw) -> Case:
             entries = [e for e in entries if e[0] != f"{f}.npy"]
             written = {k: v for k, v in members.items() if k != f}
             return Case(pa.npz(entries, compression=compression), base, written,
-                        must_fail=f not in ("version", "energy"), what=f"drop {f}")
+                        must_fail=f not in ("version", "energy", "v_min"), what=f"drop {f}")
         if op == "extra":
             name = draw(st.sampled_from(["calibration.npy", "v_fail", "x/", "V_FAIL.npy",
                                          "../v_fail.npy", "v_fail.npy/"]))
@@ -259,15 +268,19 @@ def _is_what_was_written(p: chip.Profile, case: Case) -> None:
         if f == "format":
             assert ref.shape == () and str(ref[()]) == chip.FORMAT
         elif f == "version":
-            assert ref.shape == () and ref[()] == 1
-        elif f in ("rows", "cols", "n_arrays"):
+            assert ref.shape == () and ref[()] == p.version
+        elif f in ("rows", "cols", "n_arrays", "v_min"):
             assert ref.shape == () and ref[()] == getattr(p, f), f
         else:
             got = getattr(p, f)
             assert got.shape == ref.shape and np.array_equal(got, ref), f
     assert (p.energy is None) == ("energy" not in written)
-    assert (p.voltages.dtype, p.v_fail.dtype, p.flip_to.dtype) == (
-        np.float64, np.float32, np.uint8)
+    assert (p.v_min is None) == ("v_min" not in written)
+    assert (p.voltages.dtype, p.v_fail.dtype) == (np.float64, np.float32)
+    if p.version == 1:
+        assert p.flip_to.dtype == np.uint8 and p.p01 is None and p.v_min is None
+    else:
+        assert p.flip_to is None and p.p01.dtype == p.p10.dtype == np.float32
 
 
 def _check(case: Case, tmp_path) -> None:

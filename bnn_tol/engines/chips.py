@@ -24,6 +24,7 @@ from bnn_tol.faults.chip import (
     _stored_layers,
     _voltage,
     energy,
+    energy_reference,
     profile_flips,
 )
 
@@ -47,11 +48,11 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
 
     Returns:
         Tidy frame, one row per (model, voltage, offset), the ``profile`` table of
-        :mod:`bnn_tol.schema`: ``model, voltage, offset,
-        ber_realized`` (flipped / stored bits), ``p01_realized``, ``p10_realized`` (flips
-        among stored 0s / 1s), ``energy`` (relative to the lowest error-free voltage of the
-        profile), ``energy_saving = 1 - energy``, ``accuracy``, ``rerr``, ``clean_accuracy``,
-        ``bits_per_weight``, ``memory_bits``.
+        :mod:`bnn_tol.schema`: ``model, voltage, offset, ber_realized`` (flipped / stored
+        bits), ``p01_realized``, ``p10_realized`` (flips among stored 0s / 1s), ``energy``
+        (relative to :func:`~bnn_tol.faults.chip.energy_reference`: the profile's ``v_min``,
+        else its lowest error-free voltage), ``energy_saving = 1 - energy``, ``accuracy``,
+        ``rerr``, ``clean_accuracy``, ``bits_per_weight``, ``memory_bits``.
     """
     if isinstance(models, nn.Module):
         models = {str(getattr(models, "config", {}).get("name", "model")): models}
@@ -62,10 +63,7 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
     if not 1 <= len(volts) <= MAX_VOLTAGES:
         raise InvalidArgument(f"give 1 to {MAX_VOLTAGES} voltages, got {len(volts)}")
     offsets = [_offset(o) for o in offsets]
-    free = [float(v) for v in profile.voltages if not profile.failing(float(v)).any()]
-    if not free:
-        raise InvalidArgument("the profile has no error-free voltage to normalize energy to")
-    ref = min(free)
+    ref = energy_reference(profile)
     e_all = energy(profile.voltages, reference=ref, table=profile.energy)
     e_of = {float(v): float(e) for v, e in zip(profile.voltages, e_all, strict=True)}
     for v in volts:

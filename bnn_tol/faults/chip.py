@@ -3,49 +3,76 @@
 **Profile file** (``.npz``: a zip of ``<field>.npy`` members, as ``numpy.savez`` writes)::
 
     format     ()        str      "bnn_tol.profile"
-    version    ()        int      1 (optional)
+    version    ()        int      1 (optional: 1 if absent) or 2
     voltages   (V,)      float64  supply voltages > 0, strictly decreasing (any unit; the
                                   synthetic profiles use V / V_min, V_min = 1)
     rows, cols ()        int      geometry of one SRAM array (e.g. 512 x 64 cells)
     n_arrays   ()        int      number of arrays; n_cells = n_arrays * rows * cols
     v_fail     (n_cells,) float32 the cell fails at every voltage V < v_fail
                                   (-inf: never fails)
-    flip_to    (n_cells,) uint8   the value a failed cell reads: 0 corrupts a stored 1
-                                  (a 1 -> 0 flip, p10), 1 corrupts a stored 0 (p01)
+    flip_to    (n_cells,) uint8   version 1: the value a failed cell reads: 0 corrupts a
+                                  stored 1 (a 1 -> 0 flip, p10), 1 corrupts a stored 0 (p01)
     energy     (V,)      float64  optional: energy per access at each voltage
                                   (default E ~ V^2, see :func:`energy`)
+
+Version 2 describes a failed cell by its flip probabilities per direction instead of
+``flip_to`` (a stuck cell is ``p01, p10 = 1, 0`` or ``0, 1``; a cell that flips both ways has
+both > 0), and may declare the voltage unit::
+
+    p01        (n_cells,) float32 probability in [0, 1] that a failed cell flips a stored 0
+    p10        (n_cells,) float32 the same for a stored 1
+    v_min      ()        float64  optional: V_min, the lowest error-free voltage in the unit
+                                  of ``voltages`` (1.0 for V / V_min); energy is (V / v_min)^2
+
+A version 1 file has ``flip_to`` and none of these; a version 2 file ``p01`` and ``p10`` and
+no ``flip_to``. :func:`save_profile` writes version 1 for a profile version 1 can hold
+(stuck cells, no ``v_min``: byte for byte the members it always wrote), else version 2.
 
 At most :data:`MAX_CELLS` cells and :data:`MAX_VOLTAGES` voltages (the :class:`Profile`
 constructor, :func:`synthetic_profile` and :func:`load_profile` all refuse more).
 
-**Reading a file** (:func:`load_profile`) trusts nothing in it and never runs code: members
-are parsed here, not by ``numpy.load``; object arrays are refused, nothing is unpickled.
-Before any member's data is decompressed it checks, from the zip's records and each
-member's ``.npy`` header: a regular file; a zip whose central directory has at most
-:data:`MAX_MEMBERS` entries in at most :data:`MAX_DIRECTORY_BYTES`; the members named above,
-each once, nothing else; stored or deflated (``savez`` / ``savez_compressed``), not
-encrypted; a header of at most :data:`MAX_HEADER_BYTES`; a dtype of the field's kind (integer
-or float numbers, booleans too for ``flip_to``, a string for ``format``; never complex, object,
-structured or wider than 8 bytes); the field's number of dimensions; at most
-:data:`MAX_VOLTAGES` voltages and :data:`MAX_CELLS` cells; and that the zip's declared size of
-the member is exactly its header plus its data. The scalars are read next, and
-``n_arrays * rows * cols`` is compared with the declared lengths of ``v_fail`` and
-``flip_to`` before those are read. Every member's CRC is verified. Values are checked before
-they are cast to the field's dtype, and a cast must change no value: an integer field holds
-an integer (``64.0`` is ``64``; ``64.7`` and ``True`` are refused), ``flip_to`` 0 or 1 (``-256``
-and ``1.4`` are refused), a real field values its dtype holds exactly (a float64 ``v_fail`` is
-read if every value is a float32; NaN never). Every failure is one :class:`InvalidArgument`
-line naming the file and the member. Memory is bounded by the limits, never by what a file
-declares.
+**Reading a file** (:func:`load_profile`) trusts nothing in it and never runs code: members are
+parsed here, not by ``numpy.load``; object arrays are refused, nothing is unpickled. Before any
+member's data is decompressed it checks, from the zip's records and each member's ``.npy``
+header: a regular file; a zip whose central directory has at most :data:`MAX_MEMBERS` entries
+in at most :data:`MAX_DIRECTORY_BYTES`; the members named above, each once, nothing else;
+stored or deflated (``savez`` / ``savez_compressed``), not encrypted; a header of at most
+:data:`MAX_HEADER_BYTES`; a dtype of the field's kind (integer or float numbers, booleans too
+for ``flip_to``, ``p01``, ``p10``, a string for ``format``; never complex, object, structured
+or wider than 8 bytes); the field's number of dimensions; at most :data:`MAX_VOLTAGES` voltages
+and :data:`MAX_CELLS` cells; and that the zip's declared size of the member is exactly its
+header plus its data, and that the directory holds as many entries as the end record declares
+(a damaged record can hide a member). The scalars are read next, and the version's members are
+checked (those of the other version refused), and ``n_arrays * rows * cols`` is compared with
+the declared lengths of ``v_fail`` and ``flip_to`` (``p01``, ``p10``) before those are read.
+Every member's CRC is verified. Values are checked before they are cast to the field's dtype,
+and a cast must change no value: an integer field holds an integer (``64.0`` is ``64``;
+``64.7`` and ``True`` are refused), ``flip_to`` 0 or 1 (``-256`` and ``1.4`` are refused),
+``p01`` and ``p10`` in ``[0, 1]``, ``v_min`` finite and > 0, a real field values its dtype
+holds exactly (a float64 ``v_fail`` is read if every value is a float32; NaN never). Every
+failure is one :class:`InvalidArgument` line naming the file and the member. Memory is bounded
+by the limits, never by what a file declares.
 
-A bit stored in a failed cell flips iff it differs from ``flip_to``. Failures are nested
+A bit stored in a failed cell flips iff it differs from ``flip_to`` (version 1); with
+probabilities (version 2), a stored 0 in failed cell ``c`` flips iff ``r0_c < p01_c`` and a
+stored 1 iff ``r1_c < p10_c``, with the read's uniforms ``r_c`` of :func:`read_uniforms` (one
+per chip seed, cell and direction: the same at every voltage of that seed). Failures are nested
 across voltages by construction (a cell that fails at V fails below V), so the flips at a lower
-voltage include those at a higher one for the same stored bits.
+voltage include those at a higher one for the same stored bits and seed.
+
+**Synthetic chips.** :func:`calibrated_profile` is the default (version 2): Figure 1 of Stutz
+et al. in units of V / V_min, errors along columns, 0 -> 1 flips about 4 times as likely as
+1 -> 0 (their chips 2 and 3), a voltage grid in steps of 0.1 % bit error rate
+(:func:`voltage_grid`), ``v_min = 1``. :func:`synthetic_profile` is the generator of issue 11
+(version 1, 1 -> 0 biased, 0.02 V grid), unchanged: the published chip sweep and the golden
+files use it. Energy is normalized to :func:`energy_reference`: ``v_min`` where the profile
+declares it, else (version 1) the lowest error-free voltage of its grid, as before.
 
 **Error model** ``chip:<profile.npz>`` (:class:`ChipErrors`, in the registry of
 :mod:`bnn_tol.faults.registry`). A chip is a stuck-at memory whose stuck cells and values are
 measured instead of drawn (:class:`~bnn_tol.faults.stuck_at.StuckMap`): cell ``c`` reads
-``flip_to_c`` once it fails. The axes of a sweep (``evaluate.sweep(..., error="chip:x.npz")``,
+``flip_to_c`` once it fails (version 2: one entry per direction the cell flips in at that
+read). The axes of a sweep (``evaluate.sweep(..., error="chip:x.npz")``,
 ``bnn-tol sweep --error chip:x.npz``) map onto the chip as follows:
 
 * **rate = fraction of failing cells.** Each cell gets its failure rank
@@ -78,6 +105,7 @@ place the model at different addresses of the same chip.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -92,6 +120,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -102,11 +131,13 @@ from torch import Tensor, nn
 from bnn_tol.exceptions import BnnTolError, InvalidArgument, require_int
 from bnn_tol.faults.maps import select_layers
 from bnn_tol.faults.registry import ErrorModel, Site, draw_sites, model_sites, register_error
+from bnn_tol.faults.seeds import derive
 from bnn_tol.faults.stuck_at import StuckMap
 from bnn_tol.files import atomic_write
 
-__all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "cells",
-           "profile_flips", "energy", "FORMAT", "ChipErrors", "failure_rank", "voltage_rate",
+__all__ = ["Profile", "load_profile", "save_profile", "synthetic_profile", "calibrated_profile",
+           "voltage_grid", "cells", "profile_flips", "energy", "energy_reference", "FORMAT",
+           "ChipErrors", "failure_rank", "voltage_rate", "read_uniforms", "FIGURE1",
            "MAX_CELLS", "MAX_VOLTAGES", "MAX_OFFSET", "MAX_HEADER_BYTES", "MAX_MEMBERS",
            "MAX_DIRECTORY_BYTES"]
 
@@ -114,8 +145,9 @@ FORMAT = "bnn_tol.profile"
 
 #: Most cells a profile may describe (``n_arrays * rows * cols``): 2^26, 64 times the 2^20
 #: cells Stutz et al. profiled (32 arrays of 512 x 64). Such a profile takes 320 MiB
-#: (float32 ``v_fail`` + ``flip_to``) and about 1.5 GiB more while its failure ranks are
-#: computed; a larger one is refused before anything is allocated.
+#: (float32 ``v_fail`` + ``flip_to``; 768 MiB with float32 ``p01``, ``p10``) and about
+#: 1.5 GiB more while its failure ranks are computed; a larger one is refused before
+#: anything is allocated.
 MAX_CELLS = 2**26
 #: Most voltages of a profile (and of one profile sweep): measured grids have tens of points,
 #: and each voltage is a row per model and placement of the sweep's table.
@@ -126,10 +158,10 @@ MAX_OFFSET = 2**63 - 1
 #: Largest ``.npy`` header of a member: numpy's own default ``max_header_size``; a profile's
 #: headers take 128 bytes.
 MAX_HEADER_BYTES = 10_000
-#: Most entries in a profile file's zip directory: a profile has at most 9 members; zipfile
+#: Most entries in a profile file's zip directory: a profile has at most 10 members; zipfile
 #: parses the whole directory when it opens a file, so it is checked from the end record first.
 MAX_MEMBERS = 16
-#: Largest zip central directory of a profile file, in bytes: 9 entries take about 1 KB.
+#: Largest zip central directory of a profile file, in bytes: 10 entries take about 1 KB.
 MAX_DIRECTORY_BYTES = 64 * 1024
 
 
@@ -152,9 +184,18 @@ _FIELDS = {
     "cols": _Field("iuf", 0),
     "n_arrays": _Field("iuf", 0),
     "v_fail": _Field("iuf", 1, MAX_CELLS),
-    "flip_to": _Field("biuf", 1, MAX_CELLS),
+    "flip_to": _Field("biuf", 1, MAX_CELLS, required=False),
     "energy": _Field("iuf", 1, MAX_VOLTAGES, required=False),
+    "p01": _Field("biuf", 1, MAX_CELLS, required=False),
+    "p10": _Field("biuf", 1, MAX_CELLS, required=False),
+    "v_min": _Field("iuf", 0, required=False),
 }
+#: The members of each format version besides the common ones: version 1 describes stuck
+#: cells (``flip_to``), version 2 per-cell flip probabilities by direction and ``V_min``.
+_VERSION_FIELDS = {1: ("flip_to",), 2: ("p01", "p10", "v_min")}
+#: The per-cell members (length ``n_cells``).
+_CELL_FIELDS = ("v_fail", "flip_to", "p01", "p10")
+_V2 = _VERSION_FIELDS[2]
 #: Widest element of a numeric member (float64 / int64; longdouble and complex are refused).
 _MAX_ITEMSIZE = 8
 #: Longest ``format`` string (in characters; "bnn_tol.profile" has 15).
@@ -172,11 +213,17 @@ _DAMAGED = (zipfile.BadZipFile, zlib.error, struct.error, EOFError, OSError, Val
 class Profile:
     """A profiled (or synthetic) chip; see the module docstring for the fields.
 
+    A cell is described either as stuck (``flip_to``, format version 1) or by its flip
+    probabilities per direction once it fails (``p01`` and ``p10``, version 2; then
+    ``flip_to`` is ``None``). ``v_min`` (version 2, optional) is the voltage the energy is
+    normalized to (``V_min``: 1.0 for profiles in units of ``V / V_min``).
+
     The arrays are taken as given (lists become arrays, no dtype is cast). Validated on
-    construction: real arrays (no complex, object or string values; ``flip_to`` may be
-    boolean), voltages finite, > 0 and strictly decreasing (at most :data:`MAX_VOLTAGES`),
-    integer ``rows``, ``cols``, ``n_arrays`` >= 1 with at most :data:`MAX_CELLS` cells,
-    ``v_fail`` finite or ``-inf``, ``flip_to`` 0 or 1, ``energy`` positive, one per voltage.
+    construction: real arrays (no complex, object or string values; ``flip_to``, ``p01`` and
+    ``p10`` may be boolean), voltages finite, > 0 and strictly decreasing (at most
+    :data:`MAX_VOLTAGES`), integer ``rows``, ``cols``, ``n_arrays`` >= 1 with at most
+    :data:`MAX_CELLS` cells, ``v_fail`` finite or ``-inf``, ``flip_to`` 0 or 1 -- or ``p01``
+    and ``p10`` in ``[0, 1]`` --, ``energy`` positive, one per voltage, ``v_min`` finite > 0.
     """
 
     voltages: np.ndarray
@@ -184,13 +231,31 @@ class Profile:
     cols: int
     n_arrays: int
     v_fail: np.ndarray
-    flip_to: np.ndarray
+    flip_to: np.ndarray | None
     energy: np.ndarray | None = None
+    p01: np.ndarray | None = None
+    p10: np.ndarray | None = None
+    v_min: float | None = None
 
     @property
     def n_cells(self) -> int:
         """``n_arrays * rows * cols``."""
         return self.n_arrays * self.rows * self.cols
+
+    @property
+    def version(self) -> int:
+        """The file format version that holds this profile: 1 (stuck cells, no ``v_min``) or
+        2 (flip probabilities by direction, or a declared ``v_min``)."""
+        return 1 if self.p01 is None and self.v_min is None else 2
+
+    def flip_probabilities(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 ``(p01, p10)``, each ``(n_cells,)``: the probability that a failed cell
+        flips a stored 0 (reads 1) and a stored 1 (reads 0); ``(flip_to, 1 - flip_to)`` for
+        stuck cells."""
+        if self.p01 is not None:
+            return np.asarray(self.p01, np.float64), np.asarray(self.p10, np.float64)
+        one = np.asarray(self.flip_to, np.float64)
+        return one, 1.0 - one
 
     def failing(self, voltage: float) -> np.ndarray:
         """Boolean ``(n_cells,)``: the cells that fail at ``voltage`` (``voltage < v_fail``).
@@ -202,21 +267,34 @@ class Profile:
         return _voltage(voltage, finite=False) < self.v_fail
 
     def cell_error_rate(self) -> pd.DataFrame:
-        """Per voltage the fraction of failing cells and of cells failing to 0 / to 1."""
+        """Per voltage the fraction of failing cells and of cells failing to 0 / to 1 (for
+        flip probabilities: the expected fraction of cells that flip a stored 1 / a stored 0;
+        ``ber``: the expected flipped share of a memory holding as many 0s as 1s)."""
         rows = []
+        if self.p01 is not None:
+            p01, p10 = self.flip_probabilities()
         for v in self.voltages:
             f = self.failing(float(v))
-            rows.append({"voltage": float(v), "failing": float(f.mean()),
-                         "to_0": float((f & (self.flip_to == 0)).mean()),
-                         "to_1": float((f & (self.flip_to == 1)).mean())})
+            if self.p01 is None:
+                to_0 = float((f & (self.flip_to == 0)).mean())
+                to_1 = float((f & (self.flip_to == 1)).mean())
+                rows.append({"voltage": float(v), "failing": float(f.mean()),
+                             "to_0": to_0, "to_1": to_1})
+            else:
+                to_0 = float(np.where(f, p10, 0.0).mean())
+                to_1 = float(np.where(f, p01, 0.0).mean())
+                rows.append({"voltage": float(v), "failing": float(f.mean()),
+                             "to_0": to_0, "to_1": to_1, "ber": (to_0 + to_1) / 2})
         return pd.DataFrame(rows)
 
     def __post_init__(self) -> None:
-        for name in ("voltages", "v_fail", "flip_to", "energy"):
+        for name in ("voltages", "v_fail", "flip_to", "energy", "p01", "p10"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, np.ndarray):
                 object.__setattr__(self, name, np.asarray(value))
         _validate(self)
+        if self.v_min is not None:
+            object.__setattr__(self, "v_min", float(self.v_min))
 
 
 def _voltage(value: object, name: str = "voltage", *, finite: bool = True) -> float:
@@ -279,14 +357,28 @@ def _validate(p: Profile) -> None:
     for name in ("rows", "cols", "n_arrays"):
         require_int(getattr(p, name), f"profile {name}", minimum=1)
     n = _n_cells(int(p.n_arrays), int(p.rows), int(p.cols))
+    if (p.flip_to is None) == (p.p01 is None) or (p.p01 is None) != (p.p10 is None):
+        raise InvalidArgument("a profile describes its cells by flip_to (stuck cells) or by "
+                              "p01 and p10 (flip probabilities by direction), not both or "
+                              "neither")
     _kind(p.v_fail, "profile v_fail", "iuf")
-    _kind(p.flip_to, "profile flip_to", "biuf")
-    if p.v_fail.shape != (n,) or p.flip_to.shape != (n,):
-        raise InvalidArgument(f"profile v_fail and flip_to must have n_arrays * rows * cols = {n} "
-                              f"entries, got {p.v_fail.shape} and {p.flip_to.shape}")
+    cell = ("flip_to",) if p.flip_to is not None else ("p01", "p10")
+    for name in cell:
+        _kind(getattr(p, name), f"profile {name}", "biuf")
+    shapes = [getattr(p, f).shape for f in ("v_fail", *cell)]
+    if any(s != (n,) for s in shapes):
+        raise InvalidArgument(f"profile v_fail and {' and '.join(cell)} must have n_arrays * "
+                              f"rows * cols = {n} entries, got "
+                              f"{' and '.join(str(s) for s in shapes)}")
     if np.isnan(p.v_fail).any() or np.isposinf(p.v_fail).any():
         raise InvalidArgument("profile v_fail must be finite or -inf (never fails)")
-    _zero_or_one(p.flip_to, "profile flip_to")
+    if p.flip_to is not None:
+        _zero_or_one(p.flip_to, "profile flip_to")
+    else:
+        for name in cell:
+            _probability(getattr(p, name), f"profile {name}")
+    if p.v_min is not None:
+        _voltage(p.v_min, "profile v_min")
     if p.energy is not None:
         e = p.energy
         _kind(e, "profile energy", "iuf")
@@ -319,6 +411,15 @@ def _zero_or_one(a: np.ndarray, name: str) -> None:
     bad = (b != 0) & (b != 1)
     if bad.any():
         raise InvalidArgument(f"{name} must hold 0 or 1 per cell, got {b[bad][0].item()!r}")
+
+
+def _probability(a: np.ndarray, name: str) -> None:
+    """Refuse values of ``a`` outside ``[0, 1]`` (NaN included; booleans are 0 and 1)."""
+    b = a.view(np.uint8) if a.dtype.kind == "b" else a
+    bad = ~((b >= 0) & (b <= 1))
+    if bad.any():
+        raise InvalidArgument(f"{name} must hold a probability in [0, 1] per cell, got "
+                              f"{b[bad][0].item()!r}")
 
 
 def _exact(a: np.ndarray, dtype: type[np.generic], name: str) -> np.ndarray:
@@ -357,14 +458,23 @@ def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
         ResultsMismatch: ``path`` exists and is not a profile archive (left untouched).
     """
     path = Path(path)
-    arrays = {"format": np.array(FORMAT), "version": np.array(1),
+    version = profile.version
+    arrays = {"format": np.array(FORMAT), "version": np.array(version),
               "voltages": _exact(profile.voltages, np.float64, "profile voltages"),
               "rows": np.array(int(profile.rows)), "cols": np.array(int(profile.cols)),
               "n_arrays": np.array(int(profile.n_arrays)),
-              "v_fail": _exact(profile.v_fail, np.float32, "profile v_fail"),
-              "flip_to": np.asarray(profile.flip_to).astype(np.uint8)}
+              "v_fail": _exact(profile.v_fail, np.float32, "profile v_fail")}
+    if version == 1:
+        arrays["flip_to"] = np.asarray(profile.flip_to).astype(np.uint8)
     if profile.energy is not None:
         arrays["energy"] = _exact(profile.energy, np.float64, "profile energy")
+    if version == 2:  # stuck cells with a declared v_min: probabilities 0 and 1, exactly
+        p01, p10 = (profile.p01, profile.p10) if profile.p01 is not None \
+            else profile.flip_probabilities()
+        arrays["p01"] = _exact(np.asarray(p01), np.float32, "profile p01")
+        arrays["p10"] = _exact(np.asarray(p10), np.float32, "profile p10")
+        if profile.v_min is not None:
+            arrays["v_min"] = np.array(float(profile.v_min))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
@@ -430,7 +540,11 @@ def _read_profile(fh: BinaryIO) -> Profile:
                               f"{MAX_DIRECTORY_BYTES})")
     fh.seek(0)
     with zipfile.ZipFile(fh) as zf:
-        infos = _members(zf.infolist())
+        listed = zf.infolist()
+        if len(listed) != entries:  # a damaged record swallowed (or invented) entries
+            raise InvalidArgument(f"damaged profile archive: its end record declares {entries} "
+                                  f"entries, its central directory holds {len(listed)}")
+        infos = _members(listed)
         headers = {f: _member_header(zf, info, f) for f, info in infos.items()}
         values = {f: _member_data(zf, infos[f], headers[f], f)
                   for f in infos if _FIELDS[f].ndim == 0}
@@ -439,27 +553,62 @@ def _read_profile(fh: BinaryIO) -> Profile:
                                   f", expected {FORMAT!r})")
         version = require_int(values["version"][()].item(), "profile version") \
             if "version" in values else 1
-        if version != 1:
-            raise InvalidArgument(f"unknown profile version {version}")
+        if version not in _VERSION_FIELDS:
+            raise InvalidArgument(f"unknown profile version {version} (this bnn_tol reads "
+                                  f"versions {', '.join(map(str, _VERSION_FIELDS))})")
+        _version_members(version, infos)
         rows, cols, n_arrays = (require_int(values[f][()].item(), f"profile {f}", minimum=1)
                                 for f in ("rows", "cols", "n_arrays"))
         n = _n_cells(n_arrays, rows, cols)
-        for f in ("v_fail", "flip_to"):
-            if headers[f][0] != (n,):
+        for f in _CELL_FIELDS:
+            if f in headers and headers[f][0] != (n,):
                 raise InvalidArgument(f"member {f} declares shape {headers[f][0]}; "
                                       f"n_arrays * rows * cols = {n} cells")
+        v_min = _real_member(values["v_min"], "profile v_min") if "v_min" in values else None
         for f in infos:
             if _FIELDS[f].ndim == 1:
                 values[f] = _member_data(zf, infos[f], headers[f], f)
-    flip_to = values["flip_to"]  # kinds were checked from the headers; values before a cast
-    if flip_to.dtype != np.uint8:  # (uint8 is the format's: the constructor checks it)
-        _zero_or_one(flip_to, "profile flip_to")
+    if version == 1:
+        flip_to = values["flip_to"]  # kinds were checked from the headers; values before a
+        if flip_to.dtype != np.uint8:  # cast (uint8 is the format's: the constructor checks it)
+            _zero_or_one(flip_to, "profile flip_to")
+        flip_to = (flip_to.view(np.uint8) if flip_to.dtype.kind == "b" else flip_to
+                   ).astype(np.uint8)
+        p01 = p10 = None
+    else:
+        flip_to = None
+        p01, p10 = (_probabilities(values[f], f"profile {f}") for f in ("p01", "p10"))
     return Profile(_exact(values["voltages"], np.float64, "profile voltages"), rows, cols,
-                   n_arrays, _exact(values["v_fail"], np.float32, "profile v_fail"),
-                   (flip_to.view(np.uint8) if flip_to.dtype.kind == "b" else flip_to
-                    ).astype(np.uint8),
+                   n_arrays, _exact(values["v_fail"], np.float32, "profile v_fail"), flip_to,
                    _exact(values["energy"], np.float64, "profile energy")
-                   if "energy" in values else None)
+                   if "energy" in values else None, p01, p10, v_min)
+
+
+def _version_members(version: int, infos: dict[str, zipfile.ZipInfo]) -> None:
+    """Refuse the members of another format version, and a missing cell description."""
+    other = [f for v, fields in _VERSION_FIELDS.items() if v != version for f in fields
+             if f in infos and f not in _VERSION_FIELDS[version]]
+    if other:
+        raise InvalidArgument(f"a version {version} profile has no member "
+                              f"{', '.join(other)} (version 1: flip_to; version 2: p01, p10 "
+                              "and optionally v_min)")
+    need = ("flip_to",) if version == 1 else ("p01", "p10")
+    missing = [f for f in need if f not in infos]
+    if missing:
+        raise InvalidArgument(f"not a bnn_tol profile: no member {', '.join(missing)} (a "
+                              f"version {version} profile has {', '.join(need)})")
+
+
+def _real_member(a: np.ndarray, name: str) -> float:
+    """A scalar member as a finite voltage > 0, exactly as a float64."""
+    value = _exact(a, np.float64, name)[()].item()
+    return _voltage(value, name)
+
+
+def _probabilities(a: np.ndarray, name: str) -> np.ndarray:
+    """A probability member as float32, its values in ``[0, 1]`` checked before the cast."""
+    _probability(a, name)
+    return _exact(a.view(np.uint8) if a.dtype.kind == "b" else a, np.float32, name)
 
 
 def _members(infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
@@ -468,7 +617,8 @@ def _members(infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
     missing = [f for f, spec in _FIELDS.items() if spec.required and f"{f}.npy" not in names]
     if missing:
         raise InvalidArgument(f"not a bnn_tol profile: no member {', '.join(missing)} (a "
-                              f"profile has {', '.join(_FIELDS)})")
+                              f"profile has {', '.join(f for f in _FIELDS if f not in _V2)}; "
+                              "version 2: p01, p10 instead of flip_to, and v_min)")
     out: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
         field = info.filename[:-4] if info.filename.endswith(".npy") else None
@@ -577,7 +727,11 @@ def synthetic_profile(
     to_one: float = 0.3,
     seed: int = 0,
 ) -> Profile:
-    """A realistic synthetic chip (documented parameters; same seed, same chip).
+    """The synthetic chip of issue 11 (format version 1: stuck cells; same seed, same chip),
+    kept unchanged: the published chip sweep and the golden files use it. The default chip is
+    :func:`calibrated_profile` (Figure 1 of Stutz et al., 0 -> 1 biased, errors along columns);
+    this one is biased 1 -> 0 (``to_one = 0.3``) and, in units of ``V / V_min``, fails less
+    than Figure 1 (0.41 ... 0.09 of its rate from 0.75 to 0.92).
 
     Each cell's failure voltage is ``v_fail = v_mean + v_sd z_cell + row_sd z_row +
     col_sd z_col`` with independent standard normals per cell, per (array, row) and per
@@ -622,6 +776,155 @@ def synthetic_profile(
     return Profile(volts, rows, cols, n_arrays, v_fail, flip_to)
 
 
+#: Stutz et al. (MLSys 2021), Figure 1 (32 arrays of 512 x 64 cells, 14 nm SRAM), read from
+#: the published figure: ``{V / V_min: bit error rate}``.
+FIGURE1 = {0.75: 0.206, 0.79: 0.056, 0.83: 0.011, 0.875: 0.0013, 0.92: 0.000069,
+           0.96: 0.000002}
+
+
+def calibrated_profile(
+    *,
+    rows: int = 512,
+    cols: int = 64,
+    n_arrays: int = 32,
+    voltages: Sequence[float] | None = None,
+    col_share: float = 0.3,
+    row_share: float = 0.05,
+    to_one: float = 0.8,
+    flaky: float = 0.1,
+    two_way: float = 0.02,
+    seed: int = 0,
+) -> Profile:
+    """The default synthetic chip (format version 2): calibrated to Figure 1 of Stutz et al.
+    in units of ``V / V_min`` (``v_min = 1.0``: no cell fails there, energy ``V^2``), with
+    errors along columns and the 0 -> 1 bias of their chips 2 and 3 (same seed, same chip).
+
+    Failure voltages: a standard normal per cell,
+    ``z_c = sqrt(1 - col_share - row_share) z_cell + sqrt(col_share) z_(array, column) +
+    sqrt(row_share) z_(array, row)``, through the increasing map ``v_fail = g(z)`` for which
+    the failing fraction ``F(V) = P(v_fail > V)`` times the mean flip probability ``m`` of a
+    failed cell is :data:`FIGURE1`'s rate at its six voltages: ``g`` is piecewise linear
+    between ``(Phi^-1(1 - rate_k / m), V_k)`` (extended by the end slopes) and capped just
+    below 1.0. So ``col_share`` of each cell's weakness is its column's (cells of a weak
+    column fail together) while the rate at each voltage is Figure 1's, for a memory holding
+    as many 0s as 1s (an 8-bit network: tested within a factor 1.5 from 0.75 to 0.92).
+
+    Directions: a cell's preferred flip is 0 -> 1 with probability ``to_one`` (else 1 -> 0);
+    it flips that way with probability 1, or, for a share ``flaky`` of the cells, with a
+    probability ``q_c ~ U(0, 1)`` per read (:func:`read_uniforms`); a share ``two_way`` also
+    flips the other way with the same probability. Flipped stored 0s : flipped stored 1s are
+    ``to_one + (1 - to_one) two_way : 1 - to_one + to_one two_way`` (3.7 : 1 by default;
+    chips 2 and 3: 0.82 / 0.19 % and 1.81 / 0.48 %).
+
+    Args:
+        rows, cols, n_arrays: geometry (the paper profiled 32 arrays of 512 x 64).
+        voltages: decreasing grid; default :func:`voltage_grid` of the chip from 1.0 to 0.75
+            (steps of at most 0.1 % in bit error rate, 0.01 in voltage).
+        col_share, row_share: shares of the failure-voltage variance along columns and rows.
+        to_one, flaky, two_way: direction bias and per-cell flip probabilities (above).
+        seed: ``numpy.random.default_rng(seed)``.
+
+    Raises:
+        InvalidArgument: a parameter out of range, or more than :data:`MAX_CELLS` cells
+            (refused before anything is allocated, naming the size).
+    """
+    seed = require_int(seed, "seed", minimum=0)
+    for name, val in (("col_share", col_share), ("row_share", row_share), ("to_one", to_one),
+                      ("flaky", flaky), ("two_way", two_way)):
+        if not 0.0 <= _real(val, name) <= 1.0:
+            raise InvalidArgument(f"{name} must be in [0, 1], got {val!r}")
+    if col_share + row_share > 1.0:
+        raise InvalidArgument(f"col_share + row_share must be <= 1, got {col_share + row_share}")
+    rows = require_int(rows, "rows", minimum=1)
+    cols = require_int(cols, "cols", minimum=1)
+    n_arrays = require_int(n_arrays, "n_arrays", minimum=1)
+    _n_cells(n_arrays, rows, cols)  # before allocating
+    rng = np.random.default_rng(seed)
+    z = math.sqrt(1.0 - col_share - row_share) * rng.standard_normal((n_arrays, rows, cols))
+    z += math.sqrt(col_share) * rng.standard_normal((n_arrays, 1, cols))
+    z += math.sqrt(row_share) * rng.standard_normal((n_arrays, rows, 1))
+    mean_flip = (1.0 - flaky / 2) * (1.0 + two_way) / 2
+    knots_v = np.array(sorted(FIGURE1))
+    knots_z = np.array([-NormalDist().inv_cdf(FIGURE1[v] / mean_flip) for v in knots_v])
+    v = np.interp(z.reshape(-1), knots_z, knots_v)
+    lo = (knots_v[1] - knots_v[0]) / (knots_z[1] - knots_z[0])
+    hi = (knots_v[-1] - knots_v[-2]) / (knots_z[-1] - knots_z[-2])
+    v = np.where(z.reshape(-1) < knots_z[0], knots_v[0] + lo * (z.reshape(-1) - knots_z[0]), v)
+    v = np.where(z.reshape(-1) > knots_z[-1], knots_v[-1] + hi * (z.reshape(-1) - knots_z[-1]),
+                 v)
+    v_fail = np.minimum(v, 1.0).astype(np.float32)
+    v_fail[v_fail >= 1.0] = np.nextafter(np.float32(1.0), np.float32(0.0))
+    n = v_fail.size
+    pref_one = rng.random(n) < to_one
+    q = np.where(rng.random(n) < flaky, rng.random(n), 1.0).astype(np.float32)
+    other = np.where(rng.random(n) < two_way, q, np.float32(0.0)).astype(np.float32)
+    p01 = np.where(pref_one, q, other).astype(np.float32)
+    p10 = np.where(pref_one, other, q).astype(np.float32)
+    chip = Profile(np.array([1.0, 0.75]), rows, cols, n_arrays, v_fail, None, p01=p01,
+                   p10=p10, v_min=1.0)
+    volts = voltage_grid(chip) if voltages is None else _real_array(voltages, "voltages")
+    return dataclasses.replace(chip, voltages=volts)
+
+
+def voltage_grid(profile: Profile, *, step: float = 0.001, max_gap: float = 0.01,
+                 high: float | None = None, low: float | None = None) -> np.ndarray:
+    """float64 voltages from ``high`` down to ``low`` (default: the profile's first and last)
+    at which the chip's bit error rate rises by at most ``step`` from one to the next.
+
+    The rate at ``V`` is the expected flipped share of a memory holding as many 0s as 1s,
+    ``r(V) = sum over cells failing at V of (p01_c + p10_c) / 2 / n_cells`` (half the failing
+    fraction for stuck cells). Each next voltage is the lowest failure voltage of a cell at
+    which ``r`` stays within ``step`` of the previous point (the profile's own ``v_fail``
+    values), so consecutive rates differ by at most ``step`` -- except where more than
+    ``step`` of the rate fails at one voltage (tied ``v_fail``), which no grid resolves.
+    Gaps wider than ``max_gap`` volts are filled evenly.
+
+    Raises:
+        InvalidArgument: ``step`` or ``max_gap`` not > 0, ``low >= high``, or more than
+            :data:`MAX_VOLTAGES` voltages (a coarser ``step`` then).
+    """
+    for name, val in (("step", step), ("max_gap", max_gap)):
+        if not _real(val, name) > 0:
+            raise InvalidArgument(f"{name} must be a number > 0, got {val!r}")
+    high = float(profile.voltages[0]) if high is None else _voltage(high, "high")
+    low = float(profile.voltages[-1]) if low is None else _voltage(low, "low")
+    if not low < high:
+        raise InvalidArgument(f"low must be below high, got low={low}, high={high}")
+    p01, p10 = profile.flip_probabilities()
+    v = np.asarray(profile.v_fail, np.float64)
+    order = np.argsort(-v, kind="stable")
+    s = v[order]
+    cum = np.concatenate([[0.0], np.cumsum((p01 + p10)[order] / 2)]) / v.size
+    neg = -s
+
+    def rate(volt: float) -> float:
+        return float(cum[np.searchsorted(neg, -volt, side="left")])
+
+    points = [high]
+    while points[-1] > low:
+        k = int(np.searchsorted(cum, rate(points[-1]) + step, side="right")) - 1
+        nxt = float(s[k]) if k < s.size else low
+        if nxt >= points[-1]:  # a tie at or above the last point: fail the tied cells
+            below = s[s < points[-1]]
+            nxt = float(below[0]) if below.size else low
+        points.append(max(nxt, low))
+        if len(points) > MAX_VOLTAGES:
+            raise InvalidArgument(f"a grid of steps {step} has more than MAX_VOLTAGES = "
+                                  f"{MAX_VOLTAGES} voltages; choose a larger step")
+    out = [points[0]]
+    for v_next in points[1:]:
+        gap = out[-1] - v_next
+        if gap > max_gap:
+            k = math.ceil(gap / max_gap)
+            out.extend(out[-1] - gap * np.arange(1, k) / k)
+        out.append(v_next)
+    grid = np.array(out, np.float64)
+    if grid.size > MAX_VOLTAGES:
+        raise InvalidArgument(f"the grid has {grid.size} voltages, more than MAX_VOLTAGES = "
+                              f"{MAX_VOLTAGES}; choose a larger step or max_gap")
+    return grid
+
+
 def cells(n_bits: int, profile: Profile, offset: int = 0) -> np.ndarray:
     """Cell index ``(n_bits,)`` int64 of each bit of a memory image (see the module docstring).
 
@@ -655,6 +958,30 @@ def profile_flips(model: nn.Module, profile: Profile, voltage: float, *,
     p = voltage_rate(profile, voltage)
     maps = draw_sites(model_sites(model), offset, p, error=ChipErrors(profile))
     return {n: maps[n].flips(lay.stored_bits(), p, p) for n, lay in _stored_layers(model).items()}
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: The key of a chip seed's read stream: three elements, which no site's stream key
+#: (``(position,)`` or ``(position, stream)``, :func:`~bnn_tol.faults.maps.layer_seed`) has.
+_READ_KEY = (0, 0, 23)
+
+
+def read_uniforms(seed: int, cells: np.ndarray, direction: int) -> np.ndarray:
+    """float64 uniforms in ``[0, 1)``, one per cell of ``cells``: the read of chip seed
+    ``seed`` for ``direction`` (0: a stored 0 flipping to 1, 1: a stored 1 flipping to 0).
+
+    ``r = splitmix64(derive(seed, 0, 0, 23) + (2 c + direction) * 0x9E3779B97F4A7C15) / 2^64``
+    (53 bits), so a cell's uniform depends only on the seed, the cell and the direction: the same
+    for every site, placement and voltage of that seed (flips nested across voltages), and
+    for two bits sharing a cell. A failed cell flips a stored 0 iff ``r_0 < p01_c``.
+    """
+    key = np.uint64(derive(require_int(seed, "seed", minimum=0), *_READ_KEY))
+    with np.errstate(over="ignore"):
+        x = key + (np.asarray(cells, np.uint64) * np.uint64(2) + np.uint64(direction)) * _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def failure_rank(profile: Profile) -> np.ndarray:
@@ -691,6 +1018,22 @@ def energy(voltages: Sequence[float], *, reference: float, table: Sequence[float
     return t / t[idx[0]]
 
 
+def energy_reference(profile: Profile) -> float:
+    """The voltage energy is normalized to: the profile's ``v_min`` (version 2: its unit,
+    1.0 for ``V / V_min``), else (version 1 files, unchanged) the lowest voltage of its grid
+    at which no cell fails.
+
+    Raises:
+        InvalidArgument: no ``v_min`` and no error-free voltage in the grid.
+    """
+    if profile.v_min is not None:
+        return float(profile.v_min)
+    free = [float(v) for v in profile.voltages if not profile.failing(float(v)).any()]
+    if not free:
+        raise InvalidArgument("the profile has no error-free voltage to normalize energy to")
+    return min(free)
+
+
 @register_error
 class ChipErrors(ErrorModel):
     """``chip:<profile.npz>``: the failures of a profiled (or synthetic) chip (module
@@ -725,9 +1068,20 @@ class ChipErrors(ErrorModel):
         where = cells(site.n_bits, self.profile, offset)
         u = self.rank[where]
         idx = np.flatnonzero(u < cap)
+        if self.profile.p01 is None:
+            value = self.profile.flip_to[where][idx].astype(bool)
+        else:  # one entry per direction a failed cell flips in at this read (seed)
+            c = where[idx]
+            r01, r10 = (read_uniforms(seed, c, d) for d in (0, 1))
+            to_one = idx[r01 < self.profile.p01[c]]
+            to_zero = idx[r10 < self.profile.p10[c]]
+            both = np.concatenate([to_one, to_zero])
+            order = np.argsort(both, kind="stable")
+            idx = both[order]
+            value = np.concatenate([np.ones(to_one.size, bool),
+                                    np.zeros(to_zero.size, bool)])[order]
         return StuckMap(site.n_bits, torch.from_numpy(idx.astype(np.int64)),
-                        torch.from_numpy(u[idx]),
-                        torch.from_numpy(self.profile.flip_to[where][idx].astype(bool)), cap)
+                        torch.from_numpy(u[idx]), torch.from_numpy(value), cap)
 
     def spec(self) -> str:  # noqa: D102
         return f"chip:{self.path}" if self.path else "chip:<Profile>"
@@ -736,6 +1090,8 @@ class ChipErrors(ErrorModel):
         """The name and a sha256 of the profile's contents (not its path)."""
         h = hashlib.sha256()
         p = self.profile
-        for a in (p.voltages, np.array([p.rows, p.cols, p.n_arrays]), p.v_fail, p.flip_to):
+        cell = (p.flip_to,) if p.version == 1 else (
+            *p.flip_probabilities(), np.array([p.v_min if p.v_min is not None else np.nan]))
+        for a in (p.voltages, np.array([p.rows, p.cols, p.n_arrays]), p.v_fail, *cell):
             h.update(np.ascontiguousarray(a).tobytes())
         return {"name": "chip", "profile_sha256": h.hexdigest()}
