@@ -125,10 +125,40 @@ def test_an_adapted_model_with_an_input_quantizer_round_trips_through_onnx(fmnis
         assert torch.equal(back(x), model(x))
 
 
+@pytest.mark.parametrize("make", [P.BiRealNet, lambda: P.BinaryResNet(check_range=False)])
+def test_residual_bnns_adapt_as_graphs_that_sweep_replay_and_reload(make, fmnist, tmp_path):
+    """Real-valued shortcuts around binary convolutions (Bi-Real-Net, binary ResNet blocks):
+    a :class:`~bnn_tol.core.graph.GraphBNN`, predicting what the original predicts, swept
+    exactly by the reference engine; block-based consumers refuse it by name."""
+    from bnn_tol.core.graph import GraphBNN
+
+    train, test = fmnist
+    tf = Normalize(0.5, 0.5)
+    user = P.calibrate(make(), tf.to_float(train.images[:1024]))
+    model = bnn_tol.adapt(user, tf.to_float(test.images[:128]), transform=tf)
+    assert isinstance(model, GraphBNN) and "add" in [n["op"] for n in model.nodes]
+    grid = grid_of(model)
+    with torch.no_grad():
+        assert torch.equal(model(grid.to_float(test.images)).argmax(1),
+                           user(tf.to_float(test.images)).argmax(1))
+    small = test.subset(200)
+    df = evaluate.sweep(model, small, bers=[0.05], n_maps=2, seed=0, progress=False)
+    with errors.inject(model, 0.05, seed=int(df.map_seed.iloc[-1])):
+        assert evaluate.accuracy(model, small) == df.accuracy.iloc[-1]
+    back = bnn_tol.load(bnn_tol.save(model, tmp_path / "g"))
+    x = grid.to_float(test.images[:64])
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    with pytest.raises(bnn_tol.core.compiled.UnsupportedModel, match="residual BNN"):
+        metrics.margin(model, small)
+    with pytest.raises(bnn_tol.core.compiled.UnsupportedModel, match="residual BNN"):
+        bnn_tol.export(model, tmp_path / "bundle")
+
+
 @pytest.mark.parametrize("make, needle", [
     (P.BinaryResNet, "forward feeds layer1.bn2 (BatchNorm2d) something other than the output "
-                     "of layer1.conv2: a skip connection"),
-    (P.BiRealNet, "a skip connection (the sum of two branches, as in residual BNNs"),
+                     "of layer1.conv2: a skip connection (residual block) or an operation the "
+                     "module walk cannot see; residual BNNs are adapted from a torch.fx trace"),
     (P.BinaryNetMnist, "fc4 (Linear) is a full-precision layer"),
 ])
 def test_what_cannot_be_adapted_is_refused_naming_the_cause(make, needle, fmnist):

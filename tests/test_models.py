@@ -7,7 +7,7 @@ from bnn_tol.core.layers import BinaryConv2d, BinaryLinear
 
 def test_registry_lists_anchor_models_and_rejects_unknown():
     assert {"fc", "vgg3", "vgg7"} <= set(models.available())
-    with pytest.raises(ValueError, match="available: custom, fc, vgg3, vgg7"):
+    with pytest.raises(ValueError, match="available: custom, fc, graph, vgg3, vgg7"):
         models.build("resnet18")
 
 

@@ -258,6 +258,12 @@ def compile_model(model: nn.Module) -> CompiledModel:
             BatchNorm, a hidden block with real outputs before the last one, or a last block
             with binary outputs (names the block).
     """
+    if getattr(model, "nodes", None) is not None and getattr(model, "config", {}).get(
+            "name") == "graph":
+        raise UnsupportedModel(
+            "a residual BNN (a graph with shortcut additions, bnn_tol.core.graph) is supported "
+            "by errors.inject, the reference sweep engine, accuracy, save/load; not yet by the "
+            "block-based engines, margins, importance, export or deploy")
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise UnsupportedModel(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build "

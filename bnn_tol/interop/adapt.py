@@ -26,9 +26,12 @@ not trace), reads the chain of operations, and maps it onto the library's blocks
   binarized ``sign(b)``), per-tensor and per-channel weight scales, and positive scales/shifts
   after a block (``Scale``, ``TensorNorm``) are folded into the block's BatchNorm (a block
   without one gets one: its bias becomes the threshold).
-* **Residual blocks** (a sum of two branches around a layer) are refused naming the skip
-  connection, also where ``torch.fx`` cannot trace ``forward`` (found by comparing what each
-  registered module receives with what the chain of modules would give it).
+* **Residual blocks** (a sum of two branches around a layer: binary ResNets, Bi-Real-Net) are
+  mapped from the ``torch.fx`` trace onto a :class:`~bnn_tol.core.graph.GraphBNN` (its nodes:
+  binary layers, BatchNorms, sign, hardtanh, add, max-pool, flatten), verified like a chain.
+  Where ``torch.fx`` cannot trace ``forward`` (data-dependent control flow), the skip
+  connection is named (found by comparing what each registered module receives with what the
+  chain of modules would give it) and the model refused.
 * **Brevitas**: ``QuantLinear``/``QuantConv2d``/``QuantIdentity`` are leaves; binary weights
   with a per-tensor scale (``alpha sign(W)``, Brevitas' default ``alpha = 0.1``) are recognized
   and ``alpha`` is folded into the following BatchNorm.
@@ -44,6 +47,7 @@ studies, ``io.save``/``load`` and :func:`bnn_tol.export` work on it.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -64,6 +68,10 @@ __all__ = ["adapt", "AdaptError"]
 
 class AdaptError(UnsupportedModel):
     """The user's module cannot be mapped onto BNN blocks (names the operation and why)."""
+
+
+class _SkipConnection(AdaptError):
+    """A traced forward with a shortcut around a layer: mapped as a residual graph."""
 
 
 #: The values an activation is probed with (a tuple: no tensor is shared between calls, so a
@@ -204,9 +212,9 @@ def _segment_op(seg: list, start, side: dict, mods: dict) -> tuple[str, Any]:
     if inner:
         joins = [n for n in seg if _is_join(n) and len(_tensor_args(n, side)) == 2]
         if joins:
-            raise AdaptError(f"{joins[0].name}: a skip connection (the sum of two branches, "
-                             "as in residual BNNs: binary ResNets, Bi-Real-Net) around "
-                             f"{inner[0].target}; bnn_tol adapts chains of blocks only")
+            raise _SkipConnection(f"{joins[0].name}: a skip connection (the sum of two "
+                                  "branches, as in residual BNNs: binary ResNets, Bi-Real-Net) "
+                                  f"around {inner[0].target}")
         raise AdaptError(f"{node.name}: only a chain of one-input operations can be adapted "
                          f"(branches around {inner[0].target})")
     return "(" + " -> ".join(n.name for n in seg) + ")", _Subgraph(seg, start, side, mods)
@@ -373,6 +381,8 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
     y = y.reshape(-1)
     if torch.equal(y, torch.where(ref > 0, 1.0, -1.0)):
         return "sign"
+    if desc in (".clone", ".contiguous", ".detach", "clone", "contiguous", "detach"):
+        return "drop"  # an identity (x.clone(), ...): nothing to map
     line = _line(ref, y)
     if line is not None and line != (1.0, 0.0):
         return "affine"  # a positive scale / shift: Scale, TensorNorm, x * s + t
@@ -746,6 +756,11 @@ def _adapt(ctx: _Ctx):
         raise AdaptError(f"no Linear/Conv2d layer found in the module ({type(module).__name__})")
     try:
         ops, traced, untraceable = _ops(module)
+    except _SkipConnection as skip:  # a residual BNN: a graph of operations
+        try:
+            return _build_graph_verified(ctx, _map_graph(ctx))
+        except AdaptError as e:
+            raise AdaptError(f"{skip}: mapped as a residual graph, {e}") from None
     except AdaptError as first:  # traced, but not a chain (a constant built from x, ...):
         try:  # the module walk may still map it; verified like any other
             return _build_verified(ctx, _map_ops(ctx, _leaves(module), False), "")
@@ -772,6 +787,213 @@ def _adapt(ctx: _Ctx):
         except AdaptError:
             raise first from None
     return _build_verified(ctx, mapped, None)
+
+
+def _map_graph(ctx: _Ctx) -> tuple[list[dict], dict, InputGrid, bool]:
+    """A traced forward with shortcuts as :class:`~bnn_tol.core.graph.GraphBNN` nodes.
+
+    Every traced operation is run on the example (on copies: in-place activations change
+    nothing) and mapped by behaviour as in a chain: binarized layers (their input binarized
+    inside the layer becomes a ``sign`` node; a scale or bias becomes a BatchNorm, folded into
+    the user's BatchNorm when that is the layer's only consumer), BatchNorms, sign-like
+    activations, hardtanh, max-pooling, flatten, and sums of two tensors (``add``). The
+    operations before the first layer are the input transform (:func:`_input_grid`).
+
+    Returns:
+        The node specs, ``{node name: (user layer or folded BatchNorm)}`` to copy, the input
+        grid, and whether nothing was folded (bit-exact verification)."""
+    gm = torch.fx.GraphModule(ctx.module, _Tracer().trace(ctx.module))
+    mods = dict(gm.named_modules())
+    side: dict = {}
+    order = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        resolved = _resolve(node, side, gm)
+        if resolved is _UNRESOLVED:
+            order.append(node)
+        else:
+            side[node] = resolved
+    users: dict = {}
+    for node in order:
+        for a in _tensor_args(node, side):
+            users.setdefault(a, []).append(node)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    values = {next(n for n in gm.graph.nodes if n.op == "placeholder"): ctx.example.clone()}
+    nodes: list[dict] = []
+    state: dict = {}
+    lib: dict = {}  # fx node -> (library node name or "x", pending _Form or None)
+    pre: list[tuple[str, Any]] = []
+    grid, exact, first_seen = None, True, False
+
+    def value(a):
+        if isinstance(a, torch.fx.Node):
+            v = values[a] if a in values else side[a]
+            return v.clone() if isinstance(v, Tensor) else v
+        return a
+
+    def emit(spec: dict, module=None) -> str:
+        name = f"n{len(nodes)}"
+        nodes.append({"name": name, **spec})
+        if module is not None:
+            state[name] = module
+        return name
+
+    def settle(a) -> str:
+        """The library name of ``a``'s value, a pending scale/bias materialized as a BN."""
+        name, form = lib[a]
+        if form is None or form.exact:
+            return name
+        c = int(values[a].shape[1])
+        conv = values[a].dim() == 4
+        bn = _fold(None, c, form, conv=conv)
+        new = emit({"op": "bn", "inputs": [name], "features": c, "conv": conv,
+                    "eps": float(bn.eps), "affine": True}, bn)
+        lib[a] = (new, None)
+        return new
+
+    placeholder = next(iter(values))
+    lib[placeholder] = ("x", None)
+    for node in order:
+        args = torch.fx.node.map_aggregate(node.args, value)
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+        if node.op == "call_module":
+            op = mods[node.target]
+            desc = str(node.target)
+            y = _call(_name(desc, op), "the example", functools.partial(op, **kwargs), *args)
+        elif node.op == "call_function":
+            op = node.target
+            desc = getattr(op, "__name__", str(op))
+            y = _call(desc, "the example", functools.partial(op, **kwargs), *args)
+        elif node.target in ("view", "reshape") and any(
+                isinstance(a, torch.fx.Node) and isinstance(side.get(a), str) for a in node.args):
+            op, desc = None, ".flatten"  # x.view(x.size(0), -1)
+            y = args[0].flatten(1)
+        else:
+            op = None
+            desc = f".{node.target}"
+            y = _call(desc, "the example", functools.partial(_method, node.target, kwargs),
+                      *args)
+        y = y.value if hasattr(y, "value") else y
+        values[node] = y.clone() if isinstance(y, Tensor) else y
+        ins = _tensor_args(node, side)
+        if not first_seen:  # the input transform, up to the first layer
+            if node.op == "call_module" and isinstance(op, nn.Linear | nn.Conv2d):
+                first_seen = True
+            else:
+                if len(ins) != 1 or len(users.get(ins[0], [])) != 1:
+                    raise AdaptError(f"{node.name}: the input feeds more than the first layer")
+                pre.append((desc, mods[node.target] if node.op == "call_module" else
+                            _Subgraph([node], ins[0], side, mods)))
+                lib[node] = ("x", None)
+                continue
+        if _is_join(node) and len(ins) == 2:
+            if node.kwargs.get("alpha", 1) != 1:
+                raise AdaptError(f"{node.name}: a scaled sum (alpha)")
+            lib[node] = (emit({"op": "add", "inputs": [settle(ins[0]), settle(ins[1])]}),
+                         None)
+            continue
+        if len(ins) != 1:
+            raise AdaptError(f"{node.name}: an operation on {len(ins)} tensors")
+        src = ins[0]
+        x_in = values[src]
+        fn = mods[node.target] if node.op == "call_module" else (
+            nn.Flatten() if desc == ".flatten" else _Subgraph([node], src, side, mods))
+        if node.op == "call_module" and isinstance(op, nn.Linear | nn.Conv2d):
+            form = _fit_form(op, x_in, y)
+            name_in = settle(src) if lib[src][0] != "x" else "x"
+            if form is None:
+                found = _own_sign(op, x_in, y)
+                if found is None:
+                    raise AdaptError(_why_not_binary(desc, op, x_in, y))
+                form, sign = found
+                if sign is torch.sign and ctx.sign_zero is None and bool((x_in == 0).any()):
+                    raise AdaptError(f"{desc}: it binarizes its input with torch.sign, and an "
+                                     "input of the example is exactly 0: pass sign_zero=0")
+                if grid is None:
+                    pre.append(("the layer's own input sign", sign))
+                else:
+                    name_in = emit({"op": "sign", "inputs": [name_in]})
+            if grid is None:
+                grid, factor = _input_grid(ctx, pre)
+                if factor != 1.0:
+                    form.alpha = (form.alpha if form.alpha is not None else torch.ones(
+                        y.shape[1], dtype=torch.float64)) * factor
+            spec = _layer_spec(desc, op, False)
+            spec = {k: v for k, v in spec.items() if k in ("type", "in", "out", "kernel",
+                                                          "padding")}
+            lib[node] = (emit({"op": "binary", "inputs": [name_in], **spec}, op), form)
+            exact &= form.exact
+            continue
+        kind = _kind(desc, fn, x_in)
+        if kind == "bn":
+            if fn.running_mean is None:
+                raise AdaptError(f"{desc}: a BatchNorm without running statistics")
+            name, form = lib[src]
+            form = form if form is not None and len(users.get(src, [])) == 1 else None
+            if form is None:
+                name = settle(src)
+            bn = _fold(fn, fn.num_features, form or _Form(None, None),
+                       conv=isinstance(fn, nn.BatchNorm2d))
+            lib[node] = (emit({"op": "bn", "inputs": [name], "features": int(fn.num_features),
+                               "conv": isinstance(fn, nn.BatchNorm2d), "eps": float(bn.eps),
+                               "affine": bool(bn.affine)}, bn), None)
+        elif kind == "sign":
+            if _sign_at_zero(desc, fn, x_in.dim()) != 1.0 and ctx.sign_zero is None and bool(
+                    (x_in == 0).any()):
+                raise AdaptError(f"{desc}: an input of this sign is exactly 0 on the example "
+                                 "and it does not map 0 to +1: pass sign_zero")
+            lib[node] = (emit({"op": "sign", "inputs": [settle(src)]}), None)
+        elif kind == "clip":
+            probe = _probe(x_in.dtype).reshape((1, -1) if x_in.dim() == 2 else (1, -1, 1, 1))
+            yp = _call(_name(desc, fn), "the probe values", fn, probe)
+            lib[node] = (emit({"op": "hardtanh", "inputs": [settle(src)],
+                               "min": float(yp.min()), "max": float(yp.max())}), None)
+        elif kind == "pool":
+            k = _pool_k(fn if isinstance(fn, nn.MaxPool2d) else _pool_module(
+                desc, list(torch.fx.node.map_aggregate(node.args[1:], value)), dict(kwargs)))
+            lib[node] = (emit({"op": "pool", "inputs": [settle(src)], "kernel": k}), None)
+        elif kind == "flatten":
+            lib[node] = (emit({"op": "flatten", "inputs": [settle(src)]}), None)
+        elif kind in ("drop", "softmax"):
+            if kind == "softmax" and _tensor_args(out_node, side) != [node]:
+                raise AdaptError(f"{desc}: softmax is only allowed as the last operation")
+            lib[node] = lib[src]
+        else:
+            raise AdaptError(f"{_name(desc, fn)}: a {kind} operation in a residual graph")
+    last = _tensor_args(out_node, side)
+    if len(last) != 1:
+        raise AdaptError("the module's output is not one tensor")
+    settle(last[0])
+    if nodes[-1]["name"] != lib[last[0]][0]:
+        raise AdaptError("the module's output is not the last operation")
+    return nodes, state, grid, exact
+
+
+def _method(name: str, kwargs: dict, x: Any, *args: Any) -> Any:
+    return getattr(x, name)(*args, **kwargs)
+
+
+def _build_graph_verified(ctx: _Ctx, mapped) -> nn.Module:
+    """Build the :class:`~bnn_tol.core.graph.GraphBNN` of :func:`_map_graph`, verify it."""
+    nodes, state, grid, exact = mapped
+    last = ctx.module
+    n_classes = None
+    with torch.no_grad():
+        out = _reference(last, ctx.example, "the example")
+        n_classes = int(out.shape[1])
+    model = build("graph", nodes=nodes, in_shape=ctx.shape, n_classes=n_classes,
+                  input_grid=None if grid == INPUT else grid.config())
+    with torch.no_grad():
+        for name, src in state.items():
+            dst = model.ops[name]
+            if isinstance(dst, nn.modules.batchnorm._BatchNorm):
+                dst.load_state_dict(src.state_dict())
+            else:
+                dst.weight.copy_(src.weight)
+    model.eval()
+    _verify(ctx, model, exact=exact)
+    return model
 
 
 def _walk_divergence(ctx: _Ctx, leaves: list[tuple[str, Any]]) -> str | None:
@@ -803,7 +1025,8 @@ def _walk_divergence(ctx: _Ctx, leaves: list[tuple[str, Any]]) -> str | None:
         if not any(c.shape == got.shape and torch.equal(c, got) for c in fits):
             return (f"forward feeds {name} ({type(mod).__name__}) something other than the "
                     f"output of {prev}: a skip connection (residual block) or an operation "
-                    "the module walk cannot see; bnn_tol adapts chains of blocks only")
+                    "the module walk cannot see; residual BNNs are adapted from a torch.fx "
+                    "trace of forward, which this forward does not allow")
         x = _call(name, "the example", mod, got.clone())
         x = x.value if hasattr(x, "value") else x
         prev = name
