@@ -18,6 +18,7 @@ from bnn_tol.faults import apply
 from bnn_tol.faults.attack import (
     attack,
     bit_scores,
+    curves,
     deployed_gradient,
     one_shot,
     random_baseline,
@@ -162,3 +163,39 @@ def test_attack_refuses_bad_arguments_in_one_line(net, splits):
     with pytest.raises(InvalidArgument, match="k must be <="):
         random_baseline(net, splits[1], 2).prefix(3)
     assert attack(net, splits[1], 0).curve["n_flips"].tolist() == [0]
+
+
+def test_curves_compare_networks_in_one_attack_table(net, splits):
+    df = curves({"a": net, "b": net}, splits[1], 2, random_seeds=(0, 1), attack_size=64)
+    schema.validate(df, "attack")
+    assert len(df) == 2 * 3 * 3 and df.columns[0] == "model"
+    sizes = df.groupby(["model", "method"]).size()
+    assert sizes.xs("attack", level="method").eq(3).all()
+    assert sizes.xs("random", level="method").eq(6).all()
+    a = df[(df.model == "a") & (df.method == "attack")].reset_index(drop=True)
+    b = df[(df.model == "b") & (df.method == "attack")].reset_index(drop=True)
+    assert a.drop(columns="model").equals(b.drop(columns="model"))
+
+
+def _adv_fit(bits, **kw):
+    ds = data.load("digits", "train").subset(384)
+    m = models.build("fc", seed=0, hidden=(32,), in_shape=(1, 8, 8), weight_bits=bits)
+    hist = train.fit(m, ds, epochs=1, batch_size=64, lr=1e-2, progress=False, threads=1, **kw)
+    return m, hist
+
+
+@pytest.mark.parametrize("bits", [1, 8])
+def test_adversarial_bit_error_training_is_deterministic_and_recorded(bits):
+    runs = [_adv_fit(bits, adversarial_bits=3, seed=2) for _ in range(2)]
+    (m1, h1), (m2, h2) = runs
+    assert all(torch.equal(v, m2.state_dict()[n]) for n, v in m1.state_dict().items())
+    assert h1["train_loss"].equals(h2["train_loss"])
+    rec = m1.meta["training"]
+    assert rec["adversarial_bits"] == 3 and rec["adversarial_layers"] == list(
+        stored_layers(m1))
+    plain, hp = _adv_fit(bits, seed=2)
+    assert "adversarial_bits" not in plain.meta["training"]
+    assert float(h1["train_loss"].iloc[0]) != float(hp["train_loss"].iloc[0])
+    assert all(layer.fault is None for layer in stored_layers(m1).values())
+    with pytest.raises(InvalidArgument, match="adversarial_bits"):
+        _adv_fit(bits, adversarial_bits=-1)

@@ -66,8 +66,8 @@ from bnn_tol.faults.apply import FixedFlips, FlipSet, apply, attach, negate
 from bnn_tol.faults.maps import select_layers
 from bnn_tol.faults.seeds import derive
 
-__all__ = ["AttackResult", "attack", "random_baseline", "bit_scores", "deployed_gradient",
-           "one_shot"]
+__all__ = ["AttackResult", "attack", "random_baseline", "curves", "bit_scores",
+           "deployed_gradient", "one_shot"]
 
 _CURVE = ["method", "attack_seed", "n_flips", "accuracy", "loss", "attack_loss"]
 _ORDER = ["method", "attack_seed", "n_flips", "layer", "bit_index", "weight_index", "bit",
@@ -345,6 +345,33 @@ def random_baseline(model: nn.Module, data: BNNDataset, n_bits: int, *,
         acc, loss = _evaluate(model, data, _flip_set(order), batch_size)
         curve.append((k, acc, loss, np.nan))
     return _tables("random", seed, curve, rows)
+
+
+def curves(models: Mapping[str, nn.Module], data: BNNDataset, n_bits: int, *,
+           eval_data: BNNDataset | None = None, random_seeds: Sequence[int] = (0, 1, 2),
+           seed: int = 0, **kwargs) -> pd.DataFrame:
+    """Accuracy vs ``N`` under the attack and under random flips, for several networks (say
+    normal, clipped, RandBET and flip-trained ones): the ``curve`` tables of :func:`attack`
+    (``seed``, attack images from ``data``) and of :func:`random_baseline` (one per seed of
+    ``random_seeds``, on ``eval_data``) with a ``model`` column in front, one table ``attack``.
+
+    ``kwargs`` go to :func:`attack` (``candidates``, ``attack_size``, ``layers``, ...;
+    ``layers`` and ``batch_size`` to the baseline too).
+
+    >>> df = curves({"normal": a, "flip": b}, train, 20, eval_data=test)  # doctest: +SKIP
+    >>> sns.lineplot(df, x="n_flips", y="accuracy", hue="model", style="method")  # doctest: +SKIP
+    """
+    from bnn_tol import schema  # pandera, only when a result is made
+
+    eval_data = data if eval_data is None else eval_data
+    base = {k: kwargs[k] for k in ("layers", "batch_size") if k in kwargs}
+    parts = []
+    for label, model in models.items():
+        runs = [attack(model, data, n_bits, eval_data=eval_data, seed=seed, **kwargs)]
+        runs += [random_baseline(model, eval_data, n_bits, seed=s, **base) for s in random_seeds]
+        for r in runs:
+            parts.append(r.curve.assign(model=str(label))[["model", *_CURVE]])
+    return schema.validate(pd.concat(parts, ignore_index=True), "attack")
 
 
 def one_shot(model: nn.Module, grads: Mapping[str, Tensor], n_bits: int) -> FlipSet:
