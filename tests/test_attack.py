@@ -199,3 +199,10 @@ def test_adversarial_bit_error_training_is_deterministic_and_recorded(bits):
     assert all(layer.fault is None for layer in stored_layers(m1).values())
     with pytest.raises(InvalidArgument, match="adversarial_bits"):
         _adv_fit(bits, adversarial_bits=-1)
+
+
+def test_ties_go_to_the_lower_index():
+    from bnn_tol.faults.attack import _top
+    score = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, -torch.inf])
+    assert _top(score, 4).tolist() == [1, 3, 2, 4]
+    assert _top(score, 0).tolist() == []

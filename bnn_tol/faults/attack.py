@@ -293,7 +293,7 @@ def attack(model: nn.Module, data: BNNDataset, n_bits: int, *,
                             split=adata.split, classes=adata.classes)
         grads, _ = deployed_gradient(model, target, flips, chosen, batch_size=batch_size)
         score = torch.cat([bit_scores(chosen[n], grads[n], flips.get(n)).cpu() for n in names])
-        top = torch.topk(score, min(candidates, _open(score))).indices
+        top = _top(score, min(candidates, _open(score)))
         best = None
         for gi in top.tolist():  # in first-order rank order: ties keep the better rank
             pos = int(torch.searchsorted(starts, gi, right=True)) - 1
@@ -314,6 +314,19 @@ def attack(model: nn.Module, data: BNNDataset, n_bits: int, *,
 def _open(score: Tensor) -> int:
     """Candidates still open: entries of ``score`` that are not ``-inf`` (already flipped)."""
     return int((score > -torch.inf).sum())
+
+
+def _top(score: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest entries of the 1-d ``score``, by score descending and
+    index ascending among equal scores (one ``topk`` for the threshold, then exact ties by
+    index: the same set and order whatever ``topk``'s own tie order)."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    thr = torch.topk(score, k).values[-1]
+    above = (score > thr).nonzero().reshape(-1)
+    at = (score == thr).nonzero().reshape(-1)[: k - above.numel()]
+    idx = torch.cat([above, at])
+    return idx[torch.sort(score[idx], descending=True, stable=True).indices]
 
 
 def random_baseline(model: nn.Module, data: BNNDataset, n_bits: int, *,
@@ -385,7 +398,6 @@ def one_shot(model: nn.Module, grads: Mapping[str, Tensor], n_bits: int) -> Flip
     score = torch.cat([bit_scores(layers[n], grads[n]).cpu() for n in names])
     sizes = torch.tensor([layers[n].n_stored_bits for n in names])
     starts = torch.cumsum(sizes, 0) - sizes
-    k = min(int(n_bits), int((score > 0).sum()))
-    top = torch.sort(torch.topk(score, k).indices).values if k else torch.empty(0, dtype=torch.long)
+    top = torch.sort(_top(score, min(int(n_bits), int((score > 0).sum())))).values
     pos = torch.searchsorted(starts, top, right=True) - 1
     return {n: (top[pos == p] - starts[p]) for p, n in enumerate(names) if bool((pos == p).any())}
