@@ -206,3 +206,10 @@ def test_ties_go_to_the_lower_index():
     score = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, -torch.inf])
     assert _top(score, 4).tolist() == [1, 3, 2, 4]
     assert _top(score, 0).tolist() == []
+
+
+def test_replay_is_exact_over_several_batches(net, splits):
+    res = attack(net, splits[1], 3, eval_data=splits[0], batch_size=200, attack_size=200)
+    for k in range(4):
+        with apply(net, res.prefix(k)):
+            assert accuracy(net, splits[0], batch_size=200) == res.curve["accuracy"][k]

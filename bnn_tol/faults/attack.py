@@ -128,7 +128,7 @@ class _Probe(FixedFlips):
 
 def deployed_gradient(model: nn.Module, data: BNNDataset, flips: Mapping[str, Tensor],
                       layers: Mapping[str, BinaryLayer], *,
-                      batch_size: int = 1024) -> tuple[dict[str, Tensor], float]:
+                      batch_size: int = 2048) -> tuple[dict[str, Tensor], float]:
     """``g = dL/dw`` for the deployed weights ``w`` of ``layers`` with ``flips`` applied, and
     ``L``, the mean cross-entropy over ``data`` (eval mode; float64 sums).
 
@@ -243,7 +243,7 @@ def _tables(method: str, seed: int, curve_rows: list, order_rows: list) -> Attac
 
 def attack(model: nn.Module, data: BNNDataset, n_bits: int, *,
            eval_data: BNNDataset | None = None, candidates: int = 8, attack_size: int = 512,
-           layers: Sequence[str | int] | str | None = None, batch_size: int = 1024,
+           layers: Sequence[str | int] | str | None = None, batch_size: int = 2048,
            seed: int = 0) -> AttackResult:
     """Greedy gradient-guided bit-flip attack: flip the ``n_bits`` stored bits that hurt most.
 
@@ -263,7 +263,9 @@ def attack(model: nn.Module, data: BNNDataset, n_bits: int, *,
         candidates: bits evaluated exactly per round (1: pure gradient ranking).
         attack_size: attack images (all of ``data`` if it has fewer).
         layers: the attacked layers (:func:`bnn_tol.faults.select_layers`; default all).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (the default is that of
+            :func:`bnn_tol.core.inference.accuracy`, so ``accuracy(model, eval_data)`` under
+            ``apply(model, result.prefix(k))`` computes on the same batches).
         seed: seeds the attack images.
 
     Returns:
@@ -330,7 +332,7 @@ def _top(score: Tensor, k: int) -> Tensor:
 
 
 def random_baseline(model: nn.Module, data: BNNDataset, n_bits: int, *,
-                    layers: Sequence[str | int] | str | None = None, batch_size: int = 1024,
+                    layers: Sequence[str | int] | str | None = None, batch_size: int = 2048,
                     seed: int = 0) -> AttackResult:
     """``n_bits`` stored bits drawn uniformly without replacement from all stored bits of the
     attacked ``layers`` (numpy ``default_rng(derive(seed, 1)).choice``), flipped in the drawn
