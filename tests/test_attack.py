@@ -16,6 +16,7 @@ from bnn_tol.core.inference import accuracy
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults import apply
 from bnn_tol.faults.attack import (
+    _top,
     attack,
     bit_scores,
     curves,
@@ -202,7 +203,6 @@ def test_adversarial_bit_error_training_is_deterministic_and_recorded(bits):
 
 
 def test_ties_go_to_the_lower_index():
-    from bnn_tol.faults.attack import _top
     score = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, -torch.inf])
     assert _top(score, 4).tolist() == [1, 3, 2, 4]
     assert _top(score, 0).tolist() == []

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnn_tol import schema
 from bnn_tol.core.compiled import eval_mode, stored_layers
 from bnn_tol.core.inference import check_batch_size
 from bnn_tol.core.layers import BinaryLayer
@@ -226,8 +227,6 @@ def _check(model, data, eval_data, n_bits, batch_size, seed, layers):
 
 
 def _tables(method: str, seed: int, curve_rows: list, order_rows: list) -> AttackResult:
-    from bnn_tol import schema  # pandera, only when a result is made
-
     curve = pd.DataFrame(curve_rows, columns=_CURVE[2:])
     curve.insert(0, "attack_seed", seed)
     curve.insert(0, "method", method)
@@ -376,8 +375,6 @@ def curves(models: Mapping[str, nn.Module], data: BNNDataset, n_bits: int, *,
     >>> df = curves({"normal": a, "flip": b}, train, 20, eval_data=test)  # doctest: +SKIP
     >>> sns.lineplot(df, x="n_flips", y="accuracy", hue="model", style="method")  # doctest: +SKIP
     """
-    from bnn_tol import schema  # pandera, only when a result is made
-
     eval_data = data if eval_data is None else eval_data
     base = {k: kwargs[k] for k in ("layers", "batch_size") if k in kwargs}
     parts = []
