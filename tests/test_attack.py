@@ -9,8 +9,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 
+import bnn_tol
 from bnn_tol import data, models, schema, train
+from bnn_tol.cli import main
 from bnn_tol.core.compiled import stored_layers
 from bnn_tol.core.inference import accuracy
 from bnn_tol.exceptions import InvalidArgument
@@ -213,3 +216,13 @@ def test_replay_is_exact_over_several_batches(net, splits):
     for k in range(4):
         with apply(net, res.prefix(k)):
             assert accuracy(net, splits[0], batch_size=200) == res.curve["accuracy"][k]
+
+
+def test_cli_train_takes_adversarial_bits(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--model", "fc", "--hidden", "16", "--dataset",
+                                    "digits", "--epochs", "1", "--train-subset", "256",
+                                    "--adversarial-bits", "2", "--out", str(out), "--quiet",
+                                    "--device", "cpu", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert bnn_tol.load(out).meta["training"]["adversarial_bits"] == 2
