@@ -138,8 +138,10 @@ def test_first_order_estimate_is_the_decoded_weight_change_times_the_gradient(ne
     assert torch.isinf(bit_scores(layers[name], grads[name], flipped)[flipped]).all()
 
 
-def test_attack_reaches_conv_layers_and_replays(splits):
-    net = models.build("vgg3", seed=0, in_shape=(1, 8, 8), channels=((8,), (8,)), fc_width=32)
+@pytest.mark.parametrize("bits", [1, 4])
+def test_attack_reaches_conv_layers_and_replays(splits, bits):
+    net = models.build("vgg3", seed=0, in_shape=(1, 8, 8), channels=((8,), (8,)), fc_width=32,
+                       weight_bits=bits)
     train.fit(net, splits[0], epochs=2, batch_size=64, lr=1e-2, progress=False, threads=1)
     net.eval()
     res = attack(net, splits[1], 4, layers=[0], candidates=4, attack_size=128)
