@@ -254,7 +254,8 @@ def attack(model: nn.Module, data: BNNDataset, n_bits: int, *,
 
     Args:
         model: a network of binary / quantized layers (sign or fixed-point codecs, linear or
-            conv); run in eval mode, its weights and faults are left as they were.
+            conv); run in eval mode, its weights and faults are left as they were (a
+            fixed-point codec's range is set from the weights, as by every forward pass).
         data: where the attack images come from: ``data.subset(attack_size,
             seed=derive(seed, 0))``.
         n_bits: ``N``, the flips to make (0 gives the clean row alone).
