@@ -205,6 +205,9 @@ _MAX_MAPS = 100_000
               help="Weight clipping w_max: latent weights kept in [-w_max, w_max].")
 @click.option("--randbet-ber", default=None,
               help="Random bit error training (RandBET) rate: p or p01,p10.")
+@click.option("--adversarial-bits", type=click.IntRange(min=0), default=None,
+              help="Adversarial bit error training: also minimize the loss with the N stored "
+                   "bits flipped that a one-shot gradient attack picks each step.")
 @click.option("--train-subset", type=click.IntRange(min=1), default=None,
               help="Use only the first N training samples (quick runs).")
 @click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
@@ -221,10 +224,10 @@ _MAX_MAPS = 100_000
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, lr, lr_step, loss,
           mhl_margin, flip_ber, flip_layers, flip_warmup, weight_bits, quant, granularity,
-          rounding, activation, clip, randbet_ber, train_subset, seed, device, threads,
-          out, overwrite, quiet) -> None:
-    """Train a BNN (or an m-bit network: --weight-bits) normally, with bit flip training or
-    RandBET, and save a checkpoint."""
+          rounding, activation, clip, randbet_ber, adversarial_bits, train_subset, seed, device,
+          threads, out, overwrite, quiet) -> None:
+    """Train a BNN (or an m-bit network: --weight-bits) normally, with bit flip training,
+    RandBET or adversarial bit errors, and save a checkpoint."""
     import torch
 
     from bnn_tol import data
@@ -259,7 +262,8 @@ def train(model_name, hidden, fc_width, dataset, data_dir, epochs, batch_size, l
     hist = train_mod.fit(model, tr, te, epochs=epochs, batch_size=batch_size, lr=lr,
                          lr_step=lr_step, loss=loss, mhl_margin=mhl_margin,
                          flip_ber=ber, flip_layers=layers, flip_warmup=flip_warmup,
-                         clip=clip, randbet_ber=_parse_ber(randbet_ber), seed=seed,
+                         clip=clip, randbet_ber=_parse_ber(randbet_ber),
+                         adversarial_bits=adversarial_bits, seed=seed,
                          device=device, out=out, overwrite=overwrite, progress=not quiet,
                          threads=threads if threads is not None else torch.get_num_threads())
     checkpoint.save(model, out)

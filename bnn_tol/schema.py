@@ -31,6 +31,9 @@ Tables (:func:`describe` lists the columns of one with their meaning):
 ``flip_probability``     per (neuron, BER): :func:`bnn_tol.metrics.flip_probability`
 ``predictions``          per BER: :func:`bnn_tol.metrics.predict_accuracy`
 ``score_margin``         per sample: :func:`bnn_tol.metrics.score_margin`
+``attack``               per (method, seed, flips so far): adversarial bit errors and their
+                         random baseline (:func:`bnn_tol.faults.attack.attack`)
+``attack_flips``         per flipped bit, in flip order (the same functions)
 ``study.models``         a study's ``models.csv``: one row per trained network
 ``study.sweeps``         ``sweeps.csv``: task columns + ``sweep``
 ``study.metrics``        ``metrics.csv``: long form, one row per (network, layer, metric, split)
@@ -226,6 +229,21 @@ VOCABULARY: dict[str, ColumnSpec] = {
                                        "protection"),
     "n_maps": _i("fault maps per curve point", _ge(1)),
     "n_baseline": _i("random rankings (seeds) in the baseline", _ge(1)),
+    # adversarial bit errors (issue 23)
+    "method": _s("how the flipped bits were chosen: attack (greedy, gradient-guided) or "
+                 "random (uniform stored bits, the baseline)", _isin(("attack", "random"))),
+    "attack_seed": _i("seed of the attack images (attack) or of the drawn bits (random): "
+                      "faults.attack.attack(..., seed=attack_seed) replays the rows", _nonneg),
+    "n_flips": _i("stored bits flipped so far (0: the clean network)", _nonneg),
+    "loss": _f("mean cross-entropy on the evaluation images"),
+    "attack_loss": _f("mean cross-entropy on the attack images (NaN: random flips)"),
+    "bit_index": _i("flat index of the flipped bit in layer.stored_bits() (weight_index m + "
+                    "bit)", _nonneg),
+    "weight_index": _i("flat index of the weight the flipped bit belongs to", _nonneg),
+    "bit": _i("bit position in the weight's m-bit code (0: least significant; BNN: 0, the "
+              "sign bit)", _nonneg),
+    "estimate": _f("first-order loss increase g dw of the flip when it was chosen (NaN: "
+                   "random flips)"),
     # study: models.csv
     "clean_acc": ColumnSpec("float", "clean accuracy of the network on the study's test set "
                             "(mean of its BER-0 sweep rows)", False, (_rate,)),
@@ -382,6 +400,17 @@ _DECLS: dict[str, _Decl] = {
     "score_margin": _Decl(("sample", "label", "pred", "correct", "score_margin",
                            "score_margin_flips"), "one row per sample: metrics.score_margin",
                           "metrics.score_margin(model, data)", key=("sample",)),
+    "attack": _Decl(("model", "method", "attack_seed", "n_flips", "accuracy", "loss",
+                     "attack_loss"), "one row per (method, seed, flips so far): "
+                    "faults.attack.attack / random_baseline (AttackResult.curve)",
+                    "faults.attack.attack(model, data, n_bits)",
+                    key=("method", "attack_seed", "n_flips"), optional=("model",)),
+    "attack_flips": _Decl(("model", "method", "attack_seed", "n_flips", "layer", "bit_index",
+                           "weight_index", "bit", "estimate", "attack_loss"),
+                          "one row per flipped bit, in flip order: faults.attack.attack / "
+                          "random_baseline (AttackResult.flips_table)",
+                          "faults.attack.attack(model, data, n_bits)",
+                          key=("method", "attack_seed", "n_flips"), optional=("model",)),
     "study.models": _Decl(("model_id", "model", "arch", "train_ber", "train_seed", "clean_acc",
                            "train_acc", "epochs", "checkpoint", "threads", "recipe"),
                           "a study's models.csv: one row per trained network", _STUDY,

@@ -5,6 +5,10 @@ or the modified hinge loss. Bit flip training binarizes the latent weights on ev
 pass, flips them with a fresh transient map at the training BER (``p`` or ``(p01, p10)``), and
 backpropagates straight through the flips (:class:`bnn_tol.errors.TransientFlip`).
 
+Adversarial bit error training (``adversarial_bits=N``) also minimizes the loss on the weights
+with the ``N`` stored bits flipped that a one-shot gradient attack picks
+(:func:`bnn_tol.faults.attack.one_shot`).
+
 Latent weights are clipped to ``[-1, 1]`` after every step (the STE is zero outside).
 Same seed, same device -> identical weights, bit for bit.
 """
@@ -32,6 +36,7 @@ from bnn_tol.core.inference import accuracy, resolve_device
 from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
 from bnn_tol.faults.apply import attach
+from bnn_tol.faults.attack import one_shot
 from bnn_tol.faults.seeds import spawn
 from bnn_tol.interop.checkpoint import check_out, save
 
@@ -160,6 +165,25 @@ def _randbet_step(model: nn.Module, params: list, rb_layers: dict, rb_faults: di
     return 0.5 * (clean.detach() + err.detach())
 
 
+def _adversarial_loss(model: nn.Module, adv_layers: dict, n_bits: int, loss_fn, x: Tensor,
+                      y: Tensor, clean: Tensor, rb_layers: dict, rb_faults: dict) -> Tensor:
+    """Adversarial bit error training's loss: the mean of ``clean``, the RandBET loss (when on)
+    and the loss on the weights attacked by :func:`~bnn_tol.faults.attack.one_shot` from the
+    gradient of ``clean`` (the graph of ``clean`` is kept for the step's backward pass)."""
+    weights = [layer.weight for layer in adv_layers.values()]
+    grads = torch.autograd.grad(clean, weights, retain_graph=True, allow_unused=True)
+    grads = {n: (g if g is not None else torch.zeros_like(w)).detach()
+             for n, g, w in zip(adv_layers, grads, weights, strict=True)}
+    flips = one_shot(model, grads, n_bits)
+    attacked = {n: faults.FixedFlips(flips.get(n, torch.empty(0, dtype=torch.int64)))
+                for n in adv_layers}
+    with attach(adv_layers, attacked):
+        terms = [clean, loss_fn(model(x), y)]
+    if rb_layers:
+        terms.insert(1, _perturbed_loss(model, rb_layers, rb_faults, loss_fn, x, y))
+    return sum(terms[1:], terms[0]) / len(terms)
+
+
 def _ber_at(epoch: int, target: tuple[float, float], warmup: int) -> tuple[float, float]:
     """Linear BER warm-up: ``p(epoch) = p * min(1, (epoch + 1) / (warmup + 1))``."""
     f = 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / (warmup + 1))
@@ -191,6 +215,8 @@ def fit(
     optimizer: str = "adam",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    adversarial_bits: int | None = None,
+    adversarial_layers: Sequence[str | int] | str | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
     out: str | Path | None = None,
@@ -235,6 +261,17 @@ def fit(
             :data:`RANDBET_PAPER` holds the paper's three settings.
         optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``; the paper: lr 0.05, momentum
             0.9, ``weight_decay`` 5e-4). ``weight_decay``: L2 penalty of either optimizer.
+        adversarial_bits: adversarial bit error training with ``N`` bits: every step also
+            computes the loss ``L_adv`` on weights attacked by a cheap one-shot attack
+            (:func:`bnn_tol.faults.attack.one_shot`: the ``N`` stored bits of largest
+            first-order loss increase ``g (decode(c XOR 2^b) - decode(c))`` from the batch's
+            own clean gradient ``g``, that of the latent weights -- for fixed point exactly
+            ``dL/dw`` of the deployed weight, for sign bits the STE's, equal to it inside the
+            clip range), gradients passing straight through the flips, and minimizes the mean
+            of the clean loss, the RandBET loss (when on) and ``L_adv``. Deterministic (no
+            draw); the attacked pass updates BatchNorm's running statistics too, as RandBET's
+            does. ``None``/0 = off.
+        adversarial_layers: the attacked layers (default all).
         seed: seeds shuffling and flips (init is seeded by :func:`bnn_tol.models.build`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         out: checkpoint directory, written after every epoch (nothing lost on interruption).
@@ -280,6 +317,8 @@ def fit(
         faults.rates(flip_ber)
     if randbet_ber is not None:
         faults.rates(randbet_ber)
+    if adversarial_bits is not None:
+        adversarial_bits = require_int(adversarial_bits, "adversarial_bits", minimum=0)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
                              or not math.isfinite(clip) or clip <= 0):
         raise InvalidArgument(f"clip must be a finite number > 0 (w_max), got {clip!r}")
@@ -300,7 +339,9 @@ def fit(
                     lr_step=lr_step, lr_gamma=lr_gamma, loss=loss, mhl_margin=mhl_margin,
                     flip_ber=flip_ber, flip_layers=flip_layers, flip_warmup=flip_warmup,
                     clip=clip, randbet_ber=randbet_ber, randbet_layers=randbet_layers,
-                    seed=seed, device=device, out=out, progress=progress,
+                    adversarial_bits=adversarial_bits or 0,
+                    adversarial_layers=adversarial_layers, seed=seed, device=device, out=out,
+                    progress=progress,
                     options=_Options(clip_params, randbet_start_loss, randbet_grad_clip,
                                      randbet_bn, optimizer, momentum, weight_decay))
     finally:
@@ -389,8 +430,9 @@ def _clamp_bounds(layers: dict, clip: float | None) -> list[tuple[nn.Module, flo
 
 
 def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss, mhl_margin,
-         flip_ber, flip_layers, flip_warmup, clip, randbet_ber, randbet_layers, seed, device, out,
-         progress, options: _Options | None = None) -> pd.DataFrame:
+         flip_ber, flip_layers, flip_warmup, clip, randbet_ber, randbet_layers, adversarial_bits,
+         adversarial_layers, seed, device, out, progress,
+         options: _Options | None = None) -> pd.DataFrame:
     """The training loop of :func:`fit`, on validated arguments."""
     options = options if options is not None else _Options()
     dev = resolve_device(device)
@@ -409,6 +451,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     rb_gen = torch.Generator(device=dev).manual_seed(spawn(seed, 3)[2]) \
         if rb_layers else None
     rb_faults = {n: faults.TransientFlip(rb, rb_gen) for n in rb_layers}
+    adv_layers = faults.select_layers(model, adversarial_layers) if adversarial_bits else {}
     opt = _make_optimizer(model, lr, options)
     params = [p for p in model.parameters() if p.requires_grad]
     every = [p for p in params] if options.clip_params == "all" else []
@@ -429,6 +472,9 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
         recipe.update({"clip": clip, "randbet_ber": list(rb) if rb_layers else None,
                        "randbet_layers": list(rb_layers), "codecs": codecs})
     recipe.update(options.changed())  # only what differs from the original recipe
+    if adv_layers:
+        recipe.update({"adversarial_bits": adversarial_bits,
+                       "adversarial_layers": list(adv_layers)})
     meta = getattr(model, "meta", None)
     if meta is None:
         meta = {}
@@ -453,15 +499,20 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
             for k_batch, (x, y) in enumerate(inner):
                 z = model(x)
                 batch_loss = loss_fn(z, y)
+                clean_loss = batch_loss.detach()
                 opt.zero_grad(set_to_none=True)
-                if rb_layers and rb_open:
+                if adv_layers:  # RandBET's term (when on) enters the mean as it is
+                    batch_loss = _adversarial_loss(model, adv_layers, adversarial_bits, loss_fn,
+                                                   x, y, batch_loss,
+                                                   rb_layers if rb_open else {}, rb_faults)
+                    batch_loss.backward()
+                elif rb_layers and rb_open:
                     batch_loss = _randbet_step(model, params, rb_layers, rb_faults, loss_fn, x,
                                                y, batch_loss, options)
                 else:
                     batch_loss.backward()
                 opt.step()
-                if rb_layers and not rb_open and float(batch_loss.detach()) < \
-                        options.randbet_start_loss:
+                if rb_layers and not rb_open and float(clean_loss) < options.randbet_start_loss:
                     rb_open = True  # from the next step on
                     recipe["randbet_started"] = [epoch + 1, k_batch + 1]
                 with torch.no_grad():
@@ -487,7 +538,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
             if out is not None:
                 save(model, out)
     finally:
-        for layer in (*layers.values(), *rb_layers.values()):
+        for layer in (*layers.values(), *rb_layers.values(), *adv_layers.values()):
             layer.fault = None
         model.eval()
     return pd.DataFrame(rows, columns=["epoch", "lr", "p01", "p10", "train_loss", "train_acc",

@@ -10,10 +10,12 @@
 * one module per built-in error model (:mod:`~bnn_tol.faults.bernoulli`, ...);
 * :mod:`~bnn_tol.faults.params` -- errors in BN thresholds and BN words;
 * :mod:`~bnn_tol.faults.apply` -- flip sets applied to a model, the flip primitive;
-* :mod:`~bnn_tol.faults.inject` -- :func:`inject`, the replay of a sweep row.
+* :mod:`~bnn_tol.faults.inject` -- :func:`inject`, the replay of a sweep row;
+* :mod:`~bnn_tol.faults.attack` -- worst-case bit errors: the greedy gradient-guided attack
+  (``faults.attack.attack``) and its random baseline, as flip sets in flip order.
 """
 
-from bnn_tol.faults import bernoulli, chip, stuck_at  # noqa: F401 -- register the error models
+from bnn_tol.faults import attack, bernoulli, chip, stuck_at  # noqa: F401 -- models register
 from bnn_tol.faults.apply import (
     BULK_FROM,
     FixedFlips,
