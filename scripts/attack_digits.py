@@ -15,10 +15,13 @@ is the mean over seeds 0, 1, 2.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 import torch
 
-from bnn_tol import data, models, train
+from bnn_tol import data, models, provenance, train
 from bnn_tol.faults.attack import curves
 
 RECIPES = {
@@ -44,11 +47,17 @@ def main() -> None:
             train.fit(m, tr, epochs=8, batch_size=64, lr=1e-2, progress=False, **kw)
             nets[f"{'bnn' if bits == 1 else f'{bits}-bit'} {label}"] = m.eval()
     df = curves(nets, tr, args.n_bits, eval_data=te, attack_size=256)
+    env = provenance.environment(threads=1, command="python scripts/attack_digits.py "
+                                 + " ".join(sys.argv[1:]))
     if args.out:
         df.to_csv(args.out, index=False)
+        Path(args.out).with_suffix(".environment.json").write_text(json.dumps(env, indent=2))
     last = df[df["n_flips"].isin([0, args.n_bits])]
     table = last.groupby(["model", "method", "n_flips"], sort=False)["accuracy"].mean()
     print(table.unstack(["method", "n_flips"]).round(3).to_string())
+    print(f"\nbnn_tol {env.get('bnn_tol')} @ {str(env.get('git_commit'))[:12]}"
+          f"{' (dirty)' if env.get('git_dirty') else ''}, torch {env.get('torch')}, "
+          f"{env.get('cpu', '?')}, {env.get('threads', 1)} thread(s)")
 
 
 if __name__ == "__main__":
