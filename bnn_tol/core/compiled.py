@@ -262,8 +262,9 @@ def compile_model(model: nn.Module) -> CompiledModel:
             "name") == "graph":
         raise UnsupportedModel(
             "a residual BNN (a graph with shortcut additions, bnn_tol.core.graph) is supported "
-            "by errors.inject, the reference sweep engine, accuracy, save/load; not yet by the "
-            "block-based engines, margins, importance, export or deploy")
+            "by errors.inject, the reference sweep engine, accuracy, margin, importance "
+            "(negation estimators) and save/load; not yet by the block-based engines, flip "
+            "probability, predicted accuracy, export or deploy")
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise UnsupportedModel(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build "

@@ -16,14 +16,15 @@ reading earlier nodes by name (the input is ``"x"``)::
 
 The last node gives the class scores. Its binary layers are stored layers like any other
 (:func:`bnn_tol.core.compiled.stored_layers`, in node order), so fault injection, replay and the
-``reference`` sweep engine (faults + the model's own forward) are exact on it; what assumes a
-chain of sign blocks (the packed/int8/fp32 engines, margins, importance, export, deploy)
-refuses it by name (:func:`bnn_tol.core.compiled.compile_model`).
+``reference`` sweep engine (faults + the model's own forward) are exact on it; margins and the
+negation importance are defined for its binary neurons (:meth:`GraphBNN.units`); what assumes a
+chain of sign blocks (the packed/int8/fp32 engines, flip probability, predicted accuracy,
+export, deploy) refuses it by name (:func:`bnn_tol.core.compiled.compile_model`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -71,6 +72,13 @@ class GraphBNN(BNN):
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores ``(N, n_classes)`` for inputs ``(N, *in_shape)`` on the model's grid."""
+        return self.run(x)[0]
+
+    def run(self, x: Tensor, capture: Sequence[str] = (),
+            edit: Callable[[str, Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
+        """The class scores and the values of the nodes named in ``capture`` (``"x"`` the
+        input); ``edit(name, value)``, when given, replaces each node's value as it is
+        computed (the metrics negate one binary neuron's output this way)."""
         if tuple(x.shape[1:]) != self.in_shape:
             raise InvalidArgument(f"graph expects inputs of shape (N, {self.in_shape}), got "
                                   f"{tuple(x.shape)}")
@@ -93,7 +101,44 @@ class GraphBNN(BNN):
                 env[node["name"]] = F.max_pool2d(args[0], node["kernel"])
             else:  # flatten
                 env[node["name"]] = args[0].flatten(1)
-        return env[self.nodes[-1]["name"]]
+            if edit is not None:
+                env[node["name"]] = edit(node["name"], env[node["name"]])
+        return env[self.nodes[-1]["name"]], {k: env[k] for k in capture}
+
+    def units(self) -> list[dict]:
+        """The binary neurons: every ``sign`` node reading a BatchNorm node directly or through
+        ``hardtanh`` nodes whose range contains 0 (``sign(hardtanh(v)) = sign(v)``), so that
+        ``sign(BN(v))`` with ``v`` the BatchNorm's input: a binary layer's pre-activation
+        ``a``, or ``a + r`` where a shortcut ``r`` is added before the BatchNorm (the
+        shortcut shifts the unit's threshold per sample: ``a >= tau - r``).
+
+        Returns:
+            Per unit (one per BatchNorm; several sign nodes may read it): ``signs``, ``bn``,
+            ``input`` (the BatchNorm's input node), ``layer`` (the binary node giving ``a``:
+            the BatchNorm's input, or the binary input of the ``add`` there), in node order.
+        """
+        by = {n["name"]: n for n in self.nodes}
+        out: dict[str, dict] = {}
+        for n in self.nodes:
+            if n["op"] != "sign":
+                continue
+            src = by.get(n["inputs"][0])
+            while src is not None and src["op"] == "hardtanh" and src["min"] < 0 < src["max"]:
+                src = by.get(src["inputs"][0])
+            if src is None or src["op"] != "bn":
+                continue
+            inp = by.get(src["inputs"][0])
+            layer = inp if inp is not None and inp["op"] == "binary" else None
+            if inp is not None and inp["op"] == "add":
+                cands = [by.get(i) for i in inp["inputs"]]
+                layer = next((c for c in cands if c is not None and c["op"] == "binary"), None)
+            if layer is None:
+                continue
+            unit = out.setdefault(src["name"], {"signs": [], "bn": src["name"],
+                                                "input": src["inputs"][0],
+                                                "layer": layer["name"]})
+            unit["signs"].append(n["name"])
+        return list(out.values())
 
 
 def _validate(nodes: Sequence[dict]) -> list[dict]:

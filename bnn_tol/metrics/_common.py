@@ -7,6 +7,7 @@ Private: the public functions live in :mod:`.margin`, :mod:`.importance`, :mod:`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -93,3 +94,60 @@ def run_block(fn, x: Tensor, name: str) -> Tensor:
 def binary_weight(layer: nn.Module) -> Tensor:
     """Deployed {-1, +1} weight (faults included), detached."""
     return layer.binary_weight().detach()
+
+
+class GraphUnits(NamedTuple):
+    """The binary neurons of a residual graph (:meth:`bnn_tol.core.graph.GraphBNN.units`), one
+    entry per unit: its ``sign`` nodes, BatchNorm module and input node, binary layer module,
+    qualified layer name, ``layer_index`` (the layer's position among the stored layers) and
+    ``kind`` (``"first"`` for a layer reading the input)."""
+
+    sign: list[tuple[str, ...]]
+    bn: list[nn.Module]
+    inputs: list[str]
+    layers: list[nn.Module]
+    names: list[str]
+    index: list[int]
+    kind: list[str]
+
+
+def is_graph(model: nn.Module) -> bool:
+    """A residual graph model (:class:`bnn_tol.core.graph.GraphBNN`)."""
+    return callable(getattr(model, "units", None)) and callable(getattr(model, "run", None))
+
+
+def graph_units(model: nn.Module, layers: list[int] | None = None) -> GraphUnits:
+    """The units of a graph model to measure (``layers``: their ``layer_index`` values).
+
+    Raises:
+        InvalidArgument: no unit, or ``layers`` naming none of them.
+    """
+    pos = {id(m): k for k, m in enumerate(m for m in model.modules()
+                                          if isinstance(m, BinaryLinear | BinaryConv2d))}
+    qual = {id(m): n for n, m in model.named_modules()}
+    by = {n["name"]: n for n in model.nodes}
+    out = GraphUnits([], [], [], [], [], [], [])
+    for u in model.units():
+        layer = model.ops[u["layer"]]
+        k = pos[id(layer)]
+        if layers is not None and k not in set(layers):
+            continue
+        bn = model.ops[u["bn"]]
+        if bn.running_mean is None:
+            raise InvalidArgument(f"{qual[id(bn)]}: a BatchNorm without running statistics")
+        out.sign.append(tuple(u["signs"]))
+        out.bn.append(bn)
+        out.inputs.append(u["input"])
+        out.layers.append(layer)
+        out.names.append(qual[id(layer)])
+        out.index.append(k)
+        out.kind.append("first" if by[u["layer"]]["inputs"] == ["x"] else "hidden")
+    if not out.sign:
+        raise InvalidArgument("the graph has no binary neuron to measure (a sign reading a "
+                              "BatchNorm)" + (f" in layers {layers}" if layers else ""))
+    return out
+
+
+def per_image(v: Tensor) -> Tensor:
+    """``(B, C[, H, W])`` -> ``(B, C)``: the mean over output positions (conv)."""
+    return v.flatten(2).mean(2) if v.dim() > 2 else v

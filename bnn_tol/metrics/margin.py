@@ -58,6 +58,8 @@ from torch import Tensor, nn
 from bnn_tol import schema
 from bnn_tol.core import kernels
 from bnn_tol.core.compiled import Stage, eval_mode
+from bnn_tol.core.layers import bn_threshold
+from bnn_tol.core.models import check_data as check_model_data
 from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.metrics._common import (
@@ -65,7 +67,10 @@ from bnn_tol.metrics._common import (
     check_data,
     compiled,
     device_of,
+    graph_units,
     hidden_layers,
+    is_graph,
+    per_image,
     run_block,
 )
 
@@ -771,10 +776,92 @@ def margin(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000, max_bi
         ValueError: empty dataset, images of the wrong shape, or a hidden binary layer not
             followed by BatchNorm (the message names the layer).
     """
+    if is_graph(model):
+        return _graph_margin(model, data, batch_size=batch_size, quantile=quantile,
+                             layers=layers)
     stats = margin_pass(model, data, batch_size=batch_size, max_bins=max_bins, layers=layers,
                         se=True)
     out = pd.concat([_neuron_table(st, quantile) for st in stats], ignore_index=True)
     return schema.validate(out, "margin", what="the margin table")
+
+
+def _moments(v: Tensor, u: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per column of the per-image values ``v (N, C)``: the standard error of its mean and its
+    covariances with the per-image aggregates ``u (N,)`` and ``w (N,)``, all ``/ ((N-1) N)``."""
+    n = v.shape[0]
+    d = n * (n - 1) if n > 1 else math.nan
+    dv = v - v.mean(0)
+    se = ((dv * dv).sum(0) / d).sqrt()
+    return se, (dv * (u - u.mean())[:, None]).sum(0) / d, (dv * (w - w.mean())[:, None]).sum(
+        0) / d
+
+
+@torch.no_grad()
+def _graph_margin(model: nn.Module, data: BNNDataset, *, batch_size: int, quantile: float,
+                  layers: list[int] | None) -> pd.DataFrame:
+    """:func:`margin` of a residual graph (:class:`bnn_tol.core.graph.GraphBNN`), one row per
+    binary neuron (:meth:`~bnn_tol.core.graph.GraphBNN.units`).
+
+    The unit's pre-activation is its BatchNorm's input ``v``: the binary layer's ``a``, or
+    ``v = a + r`` where a shortcut ``r`` is added before the BatchNorm, so ``m = |v - tau|``
+    is the distance of ``a`` to the per-sample threshold ``tau - r``. The statistics and
+    their standard errors are those of :func:`margin`, computed in float64 from the per-image
+    values (memory ``O(samples x positions x neurons)`` for the quantile).
+    """
+    if len(data) == 0:
+        raise InvalidArgument(f"dataset {data.name!r} is empty")
+    check_model_data(model, data)
+    units = graph_units(model, layers)
+    thr = [bn_threshold(bn) for bn in units.bn]
+    scale = [(bn.weight.detach().double().cpu().abs() if bn.weight is not None else
+              torch.ones(bn.num_features, dtype=torch.float64))
+             / torch.sqrt(bn.running_var.detach().double().cpu() + bn.eps) for bn in units.bn]
+    allm: list[list[Tensor]] = [[] for _ in units.sign]
+    img: list[list[Tensor]] = [[] for _ in units.sign]
+    dev = device_of(model)
+    with eval_mode(model):
+        for x, _ in data.batches(batch_size, device=dev, grid=grid_of(model)):
+            _, got = model.run(x, capture=units.inputs)
+            for k, name in enumerate(units.inputs):
+                v = got[name].double().cpu()
+                tau = thr[k].tau.view(1, -1, *([1] * (v.dim() - 2)))
+                m = (v - tau).abs()
+                allm[k].append(m.transpose(0, 1).reshape(m.shape[1], -1).float())
+                img[k].append(per_image(m))
+    frames, per = [], []
+    for k in range(len(units.sign)):
+        dead = thr[k].direction == 0
+        v = torch.cat(img[k])  # (N, C) per-image mean margins
+        mm = torch.cat(allm[k], 1)  # (C, n)
+        n = mm.shape[1]
+        need = max(1, math.ceil(n * quantile - 1e-9))
+        fan = float(units.layers[k].fan_in)
+        stats = {"mean_margin": v, "mean_margin_half": v / 2, "mean_margin_norm": v / fan,
+                 "mean_margin_bn": v * scale[k]}
+        per.append((dead, stats))
+        inf = torch.full((v.shape[1],), math.inf, dtype=torch.float64)
+        mean = v.mean(0)
+        frames.append({
+            "layer": units.names[k], "layer_index": units.index[k], "kind": units.kind[k],
+            "neuron": range(v.shape[1]), "fan_in": int(fan), "tau": thr[k].tau.numpy(),
+            "direction": thr[k].direction.numpy().astype("int8"), "dead": dead.numpy(),
+            "n": n, "mean_margin": torch.where(dead, inf, mean).numpy(),
+            "min_margin": torch.where(dead, inf, mm.min(1).values.double()).numpy(),
+            "q10_margin": torch.where(dead, inf, mm.kthvalue(need, 1).values.double()).numpy(),
+            "mean_margin_half": torch.where(dead, inf, mean / 2).numpy(),
+            "mean_margin_norm": torch.where(dead, inf, mean / fan).numpy(),
+            "mean_margin_bn": torch.where(dead, inf, mean * scale[k]).numpy()})
+    for s in _SE_STATS:  # per-image aggregates over the live neurons of a layer, the network
+        u = [torch.nan_to_num(st[s][:, ~dead].mean(1)) for dead, st in per]
+        w = torch.stack(u).mean(0)
+        for k, (dead, st) in enumerate(per):
+            se, cl, cn = _moments(st[s], u[k], w)
+            nan = torch.full_like(se, math.nan)
+            frames[k][f"{s}_se"] = torch.where(dead, nan, se).numpy()
+            frames[k][f"cov_layer_{s}"] = torch.where(dead, torch.zeros_like(cl), cl).numpy()
+            frames[k][f"cov_network_{s}"] = torch.where(dead, torch.zeros_like(cn), cn).numpy()
+    out = pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
+    return schema.validate(out[MARGIN_COLUMNS], "margin", what="the margin table")
 
 
 def margin_positions(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
