@@ -30,8 +30,9 @@ not trace), reads the chain of operations, and maps it onto the library's blocks
   mapped from the ``torch.fx`` trace onto a :class:`~bnn_tol.core.graph.GraphBNN` (its nodes:
   binary layers, BatchNorms, sign, hardtanh, add, max-pool, flatten), verified like a chain.
   Where ``torch.fx`` cannot trace ``forward`` (data-dependent control flow), the skip
-  connection is named (found by comparing what each registered module receives with what the
-  chain of modules would give it) and the model refused.
+  connection is found by comparing what each registered module receives with what the chain
+  of modules would give it, and the dataflow is reconstructed from one run
+  (:func:`_observed_graph`), then verified on the probes like any other mapping.
 * **Brevitas**: ``QuantLinear``/``QuantConv2d``/``QuantIdentity`` are leaves; binary weights
   with a per-tensor scale (``alpha sign(W)``, Brevitas' default ``alpha = 0.1``) are recognized
   and ``alpha`` is folded into the following BatchNorm.
@@ -773,8 +774,11 @@ def _adapt(ctx: _Ctx):
             return _build_verified(ctx, mapped, why)
         except AdaptError as e:
             skip = _walk_divergence(ctx, ops)
-            if skip:
-                raise AdaptError(f"{skip}{why}") from None
+            if skip:  # a shortcut: reconstruct the dataflow from hooks, verify it
+                try:
+                    return _build_graph_verified(ctx, _map_graph(ctx, _observed_graph(ctx)))
+                except AdaptError as g:
+                    raise AdaptError(f"{skip}{why}; reconstructing its dataflow: {g}") from None
             if why in str(e):
                 raise
             raise AdaptError(f"{e} -- the module walk{why} takes the registered modules in "
@@ -789,7 +793,96 @@ def _adapt(ctx: _Ctx):
     return _build_verified(ctx, mapped, None)
 
 
-def _map_graph(ctx: _Ctx) -> tuple[list[dict], dict, InputGrid, bool]:
+def _observed_graph(ctx: _Ctx) -> torch.fx.GraphModule:
+    """The dataflow of a forward that torch.fx cannot trace (data-dependent control flow such
+    as ``if residual.data.max() > 1``), reconstructed from one run on the example.
+
+    Every registered leaf module's calls are recorded with copies of their input and output.
+    Each call's input must then be, bit for bit, the input ``x``, an earlier output, its
+    flatten, its max-pooling (kernel 2, 3 or 4), or the sum of two earlier values (the
+    shortcut ``out += residual``); the module's output likewise. The result is a torch.fx
+    graph of those calls (and the ``add`` / ``flatten`` / pooling between them) that
+    :func:`_map_graph` maps like a traced one; the probe batches then verify it. A layer called
+    twice (shared weights) is refused.
+
+    Raises:
+        AdaptError: a call whose input is none of these (naming the module).
+    """
+    events: list[list] = []
+    names = {id(m): n for n, m in _leaves(ctx.module) if isinstance(m, nn.Module)}
+
+    def pre(m, args):
+        if args and isinstance(args[0], Tensor):
+            events.append([names[id(m)], args[0].detach().clone(), None])
+
+    def post(m, _args, out):
+        out = out.value if hasattr(out, "value") else out
+        if isinstance(out, Tensor):
+            for ev in reversed(events):
+                if ev[0] == names[id(m)] and ev[2] is None:
+                    ev[2] = out.detach().clone()
+                    break
+
+    handles = []
+    for mid, _ in names.items():
+        m = next(mod for mod in ctx.module.modules() if id(mod) == mid)
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        out = _call(f"the module ({type(ctx.module).__name__})", "the example", ctx.module,
+                    ctx.example.clone())
+    finally:
+        for h in handles:
+            h.remove()
+    out = out.value if hasattr(out, "value") else out
+    graph = torch.fx.Graph()
+    known = [(graph.placeholder("x"), ctx.example.clone())]
+    layers_seen = set()
+
+    def source(t: Tensor, what: str):
+        for node, v in reversed(known):
+            if v.shape == t.shape and torch.equal(v, t):
+                return node
+        for node, v in reversed(known):
+            if v.dim() > 2 and t.dim() == 2 and v.flatten(1).shape == t.shape and torch.equal(
+                    v.flatten(1), t):
+                new = graph.call_method("flatten", (node, 1))
+                known.append((new, t))
+                return new
+        for node, v in reversed(known):
+            for k in (2, 3, 4):
+                if v.dim() == 4 and v.shape[-1] // k == t.shape[-1] and v.shape[1] == t.shape[1]:
+                    p = F.max_pool2d(v, k)
+                    if p.shape == t.shape and torch.equal(p, t):
+                        new = graph.call_function(F.max_pool2d, (node, k))
+                        known.append((new, t))
+                        return new
+        recent = known[-40:]
+        for i, (a, va) in enumerate(recent):
+            for b, vb in recent[i + 1:]:
+                if va.shape == t.shape == vb.shape and torch.equal(va + vb, t):
+                    new = graph.call_function(operator.add, (b, a))
+                    known.append((new, t))
+                    return new
+        raise AdaptError(f"{what}: its input is not the input, an earlier module's output (or "
+                         "its flatten, max-pool, or the sum of two) -- forward does more than "
+                         "this reconstruction of a forward torch.fx cannot trace can see")
+
+    for name, x_in, y in events:
+        if y is None:
+            raise AdaptError(f"{name}: no tensor output recorded")
+        mod = ctx.module.get_submodule(name)
+        if isinstance(mod, nn.Linear | nn.Conv2d):
+            if name in layers_seen:
+                raise AdaptError(f"{name}: a layer called twice (shared weights)")
+            layers_seen.add(name)
+        node = graph.call_module(name, (source(x_in, name),))
+        known.append((node, y))
+    graph.output(source(out, "the module's output"))
+    return torch.fx.GraphModule(ctx.module, graph)
+
+
+def _map_graph(ctx: _Ctx, gm: torch.fx.GraphModule | None = None
+               ) -> tuple[list[dict], dict, InputGrid, bool]:
     """A traced forward with shortcuts as :class:`~bnn_tol.core.graph.GraphBNN` nodes.
 
     Every traced operation is run on the example (on copies: in-place activations change
@@ -802,7 +895,8 @@ def _map_graph(ctx: _Ctx) -> tuple[list[dict], dict, InputGrid, bool]:
     Returns:
         The node specs, ``{node name: (user layer or folded BatchNorm)}`` to copy, the input
         grid, and whether nothing was folded (bit-exact verification)."""
-    gm = torch.fx.GraphModule(ctx.module, _Tracer().trace(ctx.module))
+    if gm is None:
+        gm = torch.fx.GraphModule(ctx.module, _Tracer().trace(ctx.module))
     mods = dict(gm.named_modules())
     side: dict = {}
     order = []
