@@ -148,15 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated labels (quick runs)")
     ap.add_argument("--ladder", default="", help="weight widths of the quantization ladder, "
                     "e.g. 8,4,3,2 (empty: no ladder networks)")
+    ap.add_argument("--ladder-only", action="store_true",
+                    help="only the ladder networks (with --ladder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bers = [float(b) for b in args.bers.split(",")]
     tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
-    nets = networks(args.epochs)
+    nets = {} if args.ladder_only else networks(args.epochs)
     if args.ladder:
         nets.update(ladder(args.epochs, [int(m) for m in args.ladder.split(",")]))
+    if not nets:
+        ap.error("no networks: --ladder-only needs --ladder")
     if args.only:
         nets = {k: v for k, v in nets.items() if k in args.only.split(",")}
     frames, clean, t0 = [], [], time.perf_counter()
