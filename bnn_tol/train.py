@@ -212,6 +212,8 @@ def fit(
     randbet_start_loss: float | None = None,
     randbet_grad_clip: float | None = None,
     randbet_bn: str = "both",
+    randbet_fixed: bool = False,
+    label_smoothing: float = 0.0,
     optimizer: str = "adam",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
@@ -259,6 +261,11 @@ def fit(
         randbet_bn: ``"both"`` (the perturbed forward pass updates the BatchNorm running
             statistics too) or ``"clean"`` (they come from the clean pass only: the paper).
             :data:`RANDBET_PAPER` holds the paper's three settings.
+        randbet_fixed: the fixed-pattern control of Stutz et al.: RandBET's errors come from
+            one persistent fault map (the chip ``faults.draw_maps(model, s, p)`` with ``s``
+            RandBET's child seed) at every step instead of a fresh pattern per step.
+        label_smoothing: cross-entropy label smoothing ``eps`` (``loss="ce"``; the paper's
+            control: targets ``(1 - eps) onehot + eps / C``).
         optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``; the paper: lr 0.05, momentum
             0.9, ``weight_decay`` 5e-4). ``weight_decay``: L2 penalty of either optimizer.
         adversarial_bits: adversarial bit error training with ``N`` bits: every step also
@@ -326,6 +333,12 @@ def fit(
                           optimizer=optimizer, randbet_start_loss=randbet_start_loss,
                           randbet_grad_clip=randbet_grad_clip, momentum=momentum,
                           weight_decay=weight_decay)
+    if not isinstance(randbet_fixed, bool):
+        raise InvalidArgument(f"randbet_fixed must be True or False, got {randbet_fixed!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float) or \
+            not 0.0 <= label_smoothing < 1.0 or (label_smoothing and loss != "ce"):
+        raise InvalidArgument(f"label_smoothing must be in [0, 1) with loss='ce', got "
+                              f"{label_smoothing!r} (loss {loss!r})")
     _loss_fn(loss, mhl_margin)
     if len(train) == 0:
         raise InvalidArgument("the training set is empty")
@@ -343,7 +356,8 @@ def fit(
                     adversarial_layers=adversarial_layers, seed=seed, device=device, out=out,
                     progress=progress,
                     options=_Options(clip_params, randbet_start_loss, randbet_grad_clip,
-                                     randbet_bn, optimizer, momentum, weight_decay))
+                                     randbet_bn, optimizer, momentum, weight_decay,
+                                     randbet_fixed, float(label_smoothing)))
     finally:
         torch.set_num_threads(old_threads)
 
@@ -367,6 +381,8 @@ class _Options(NamedTuple):
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    randbet_fixed: bool = False
+    label_smoothing: float = 0.0
 
     def changed(self) -> dict[str, Any]:
         """The options that differ from the defaults (recorded in the recipe)."""
@@ -438,6 +454,9 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     dev = resolve_device(device)
     model.to(dev)
     loss_fn = _loss_fn(loss, mhl_margin)
+    if options.label_smoothing:
+        def loss_fn(z, y, eps=options.label_smoothing):  # noqa: F811 -- the smoothed CE
+            return F.cross_entropy(z, y, label_smoothing=eps)
     p_target = faults.rates(flip_ber) if flip_ber is not None else (0.0, 0.0)
     flipping = max(p_target) > 0
     layers = faults.select_layers(model, flip_layers)
@@ -451,6 +470,9 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     rb_gen = torch.Generator(device=dev).manual_seed(spawn(seed, 3)[2]) \
         if rb_layers else None
     rb_faults = {n: faults.TransientFlip(rb, rb_gen) for n in rb_layers}
+    if rb_layers and options.randbet_fixed:  # one chip for every step: the fixed pattern
+        maps = faults.draw_maps(model, spawn(seed, 3)[2], max(rb), layers=list(rb_layers))
+        rb_faults = {n: faults.PersistentFlip(maps[n], *rb) for n in rb_layers}
     adv_layers = faults.select_layers(model, adversarial_layers) if adversarial_bits else {}
     opt = _make_optimizer(model, lr, options)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -152,3 +152,38 @@ def test_the_paper_settings_are_one_dict_and_recorded():
 def test_bad_recipe_options_are_refused_naming_them(kw, needle):
     with pytest.raises(InvalidArgument, match=needle):
         _fit(_model(), **kw)
+
+
+def test_the_fixed_pattern_control_uses_one_chip_at_every_step():
+    """``randbet_fixed``: the perturbed pass reads one persistent map, the chip RandBET's
+    child seed names -- the first step's perturbed loss is the loss of the initial model with
+    that chip injected, and a second step sees the same flipped cells."""
+    ds = _data()
+    model = _model()
+    ref = copy.deepcopy(model).train()
+    hist = _fit(model, randbet_ber=0.05, randbet_fixed=True)
+    x, y = _batch(ds)
+    clean = F.cross_entropy(ref(x), y).detach()
+    with errors.inject(ref, 0.05, seed=spawn(5, 3)[2]):
+        err = F.cross_entropy(ref(x), y).detach()
+    assert float(err) != float(clean)
+    assert hist["train_loss"].iloc[0] == pytest.approx(0.5 * (float(clean) + float(err)),
+                                                       rel=128 * 2**-23)
+    assert model.meta["training"]["randbet_fixed"] is True
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy_step():
+    ds = _data()
+    model = _model()
+    ref = copy.deepcopy(model).train()
+    _fit(model, optimizer="sgd", momentum=0.0, label_smoothing=0.1, lr=0.05)
+    x, y = _batch(ds)
+    F.cross_entropy(ref(x), y, label_smoothing=0.1).backward()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            assert torch.allclose(dict(model.named_parameters())[n], p - 0.05 * p.grad,
+                                  rtol=1e-5, atol=1e-7), n
+    with pytest.raises(InvalidArgument, match="label_smoothing"):
+        _fit(_model(), label_smoothing=0.1, loss="mhl")
+    with pytest.raises(InvalidArgument, match="label_smoothing"):
+        _fit(_model(), label_smoothing=1.0)
