@@ -120,7 +120,7 @@ def _roofline(quick: bool) -> list[dict]:
     roof = min(pops.values())
     rows += [(f"XOR+popcount numba, {k}", v) for k, v in pops.items()]
     rows.append(("popcount roofline (best blocking above)", roof))
-    net_w = np.ascontiguousarray(w.T)  # the engine's layout: (words, neurons)
+    net_w = w  # the engine's layout: rows (neurons, words)
     d, td = kernels.comparator(np.ones(m), np.zeros(m), np.ones(m))
     bits = np.empty((n, m // 64), np.uint64)
     rows.append(("packed engine fc_hidden (popcount + comparator + pack)",

@@ -79,18 +79,18 @@ class _PackedLayout:
         self.nw = -(-self.c_in // 64)
 
     def pack(self, wb: Tensor) -> np.ndarray:
-        """+-1 weights in the layer's own shape -> transposed packed words ``(K, O)``: conv
-        taps ``(i, j, word)`` major, linear input words (channels-last order after a conv)."""
+        """+-1 weights in the layer's own shape -> packed words: conv transposed ``(K, O)``,
+        taps ``(i, j, word)`` major; linear rows ``(O, K)`` of input words (channels-last order
+        after a conv)."""
         w = wb.detach().cpu().numpy()
         if self.conv:
             rows = kernels.pack_rows(w.transpose(0, 2, 3, 1)).reshape(self.o, -1)
-        elif self.hw is not None:
+            return np.ascontiguousarray(rows.T)
+        if self.hw is not None:
             h, wd = self.hw
             w = w.reshape(self.o, self.c_in, h, wd).transpose(0, 2, 3, 1)
-            rows = kernels.pack_rows(w).reshape(self.o, -1)
-        else:
-            rows = kernels.pack_rows(w)
-        return np.ascontiguousarray(rows.T)
+            return np.ascontiguousarray(kernels.pack_rows(w).reshape(self.o, -1))
+        return kernels.pack_rows(w)
 
     def tap_pop(self, w_t: np.ndarray) -> np.ndarray | None:
         """Conv: popcount of each tap's weight words, int64 ``(k k, O)``."""
@@ -111,9 +111,9 @@ class _PackedLayout:
             n_pos = self.hw[0] * self.hw[1]
             o, f = np.divmod(idx, self.c_in * n_pos)
             c, p = np.divmod(f, n_pos)
-            return (p * self.nw + c // 64) * self.o + o, c % 64
+            return (o * n_pos + p) * self.nw + c // 64, c % 64
         o, f = np.divmod(idx, self.c_in)
-        return (f // 64) * self.o + o, f % 64
+        return o * self.nw + f // 64, f % 64
 
 
 #: The first linear layer is updated from its clean output when ``flips * DELTA_FRACTION <
@@ -166,7 +166,8 @@ class PackedNet:
 
     def _stage_weights(self, k: int, wb: Tensor) -> tuple:
         """What stage ``k``'s kernel takes: first conv ``(w_t int32 (k k C, O),)``, first
-        linear ``(wb float,)``, later stages ``(w_t uint64 (K, O), tap_pop)``."""
+        linear ``(wb float,)``, later stages ``(w uint64, tap_pop)`` (:meth:`_PackedLayout.
+        pack`)."""
         lay = self.layouts[k]
         if k == 0:
             if lay.conv:
