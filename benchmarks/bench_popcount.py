@@ -12,11 +12,12 @@ roofline.
 
 ``profile``: one packed-engine sweep of fc 784-2048-2048-10 (``runs/fc`` when it exists, else
 random init) on the 10k test images (quick: 500), 11 BERs (0 to 10 %) x 5 maps (quick: 2),
-seconds per faulty row split by stage: first layer (float GEMM on integer pixels below the
-``DELTA_FRACTION`` crossover, ``p > 1/16``; the delta update from the clean output under it),
-hidden binary layers (``fc_hidden``), output layer (``fc_output`` and the float BatchNorm +
-argmax), the per-map weight flips (:meth:`PackedNet.weights`) and the rest (drawing the fault
-maps, the sweep driver). Measured by wrapping the engine's kernel calls with timers.
+seconds per faulty row split by stage: first layer (float GEMM on integer pixels from the
+``DELTA_FRACTION`` crossover on, ``p >= 1 / DELTA_FRACTION``; below it the delta update from
+the clean output), hidden binary layers (``fc_hidden``), output layer (``fc_output`` and the
+float BatchNorm + argmax), the per-map weight flips (:meth:`PackedNet.weights`) and the rest
+(drawing the fault maps, the sweep driver). Measured by wrapping the engine's kernel calls
+with timers.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def _profile(quick: bool) -> list[dict]:
     rows_n = int((df["ber"] > 0).sum())
     first = acc["run"] - acc["hidden"] - acc["output"]
     split = [("first layer (GEMM or delta, threshold, pack)", first),
-             ("  of which delta update (p <= 1/16)", acc["first_delta"]),
+             ("  of which delta update (p < 1 / DELTA_FRACTION)", acc["first_delta"]),
              ("hidden binary layers (fc_hidden)", acc["hidden"]),
              ("output layer (fc_output, BatchNorm, argmax)", acc["output"]),
              ("weight flips (PackedNet.weights)", acc["weights"]),

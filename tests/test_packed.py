@@ -80,6 +80,32 @@ def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
     assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
 
 
+@pytest.mark.parametrize("n_b", [1, 63, 64, 130])
+@pytest.mark.parametrize("n_flips", [0, 1, 40, 900])
+def test_fc_first_delta_equals_the_flipped_integer_product(n_b, n_flips):
+    """``a0 + sum_f coef_f q[col_f]`` by rows == ``W' q`` of the flipped weights, thresholded;
+    flips in any order, sample blocks with tails, odd unit count, ties, dead units."""
+    n_in, n_out = 50, 70
+    g = torch.Generator().manual_seed(n_b + n_flips)
+    q = torch.randint(-128, 128, (n_b, n_in), generator=g, dtype=torch.int64)
+    w = _pm1((n_out, n_in), 15).to(torch.int64)
+    idx = torch.randperm(w.numel(), generator=g)[:n_flips]  # unsorted
+    w2 = w.clone().view(-1)
+    w2[idx] = -w2[idx]
+    a = (q @ w2.view_as(w).t()).numpy()
+    rows, cols = np.divmod(idx.numpy(), n_in)
+    coef = (-2 * w.view(-1)[idx]).to(torch.int32).numpy()
+    d, t, const = _rule(n_out, 16)
+    t = t * 40
+    t[::4] = a[0, ::4]  # ties
+    bits = np.full((n_b, 2), 2**64 - 1, np.uint64)
+    kernels.fc_first_delta(np.ascontiguousarray((w @ q.t()).to(torch.int32).numpy()),
+                           np.ascontiguousarray(q.t().to(torch.int32).numpy()), rows, cols,
+                           coef, *kernels.comparator(d, t, const), bits)
+    assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
+    assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
+
+
 @pytest.mark.parametrize("kind", ["linear", "flatten", "conv"])
 def test_flip_positions_equal_packing_the_flipped_weights(kind):
     """XOR at :meth:`_PackedLayout.positions` == packing the negated +-1 weights."""

@@ -317,30 +317,85 @@ if AVAILABLE:
                                 acc[o] += v * w_t[t, o]
                     _pack_rule(False, acc, 0, d, td, out[b, oh, ow])
 
+    @njit(nogil=True)
+    def _value_window(d, td):  # pragma: no cover - compiled
+        """The rule ``d a >= td`` as a window on an integer ``a`` (``|a| < 2^61``): ``bit =
+        uint64(a - lo) <= span``. ``d = 1``: ``a >= td``; ``d = -1``: ``a <= -td``; dead: all
+        ``a`` (``td <= 0``) or none (``lo = 2^62``, ``span = 0``)."""
+        n_o = d.shape[0]
+        big = np.int64(2**62)
+        lo = np.empty(n_o, np.int64)
+        span = np.empty(n_o, np.uint64)
+        for o in range(n_o):
+            a, b = -big, big
+            if d[o] > 0:
+                a = td[o]
+            elif d[o] < 0:
+                b = -td[o]
+            elif td[o] > 0:
+                a = big
+            if b < a:
+                a, b = big, big
+            lo[o] = a
+            span[o] = np.uint64(b - a)
+        return lo, span
+
+    @njit(nogil=True)
+    def _by_row(rows, cols, coef, n_o):  # pragma: no cover - compiled
+        """Flips grouped by row (a stable counting sort): ``start`` ``(O + 1,)``, and the
+        columns and coefficients of row ``o`` at ``start[o]:start[o + 1]``."""
+        nf = rows.shape[0]
+        start = np.zeros(n_o + 1, np.int64)
+        for f in range(nf):
+            start[rows[f] + 1] += 1
+        for o in range(n_o):
+            start[o + 1] += start[o]
+        fill = start[:-1].copy()
+        c_s = np.empty(nf, np.int64)
+        v_s = np.empty(nf, np.int32)
+        for f in range(nf):
+            r = rows[f]
+            c_s[fill[r]] = cols[f]
+            v_s[fill[r]] = coef[f]
+            fill[r] += 1
+        return start, c_s, v_s
+
     @njit(parallel=True, cache=True, nogil=True)
     def fc_first_delta(a0_t, q_t, rows, cols, coef, d, td, out):  # pragma: no cover - compiled
         """First linear layer of a faulty copy from the clean one: ``a = a0 + sum_f coef_f
         q[cols_f]`` added to row ``rows_f`` (``coef = -2 w`` of each flipped weight), then the
         rule, packed. ``a0_t`` int32 ``(O, B)`` clean ``W q``; ``q_t`` int32 ``(I, B)`` ->
-        ``out`` ``(B, ceil(O / 64))``. Work ``flips x B`` instead of ``O x I x B``; samples go
-        in blocks of 32 so a block's ``(O, 32)`` accumulator stays in cache."""
+        ``out`` ``(B, ceil(O / 64))``. Work ``flips x B`` instead of ``O x I x B``.
+
+        Samples go in blocks of 64; per block, unit by unit, the clean row is copied to a
+        64-sample accumulator, each flip of the unit adds ``coef q[col]`` over the block (a
+        contiguous loop the compiler vectorizes) and the rule (:func:`_value_window`) sets the
+        unit's bit in the block's output words."""
         n_o, nb = a0_t.shape
-        blk = 32
+        start, c_s, v_s = _by_row(rows, cols, coef, n_o)
+        lo, span = _value_window(d, td)
+        blk = 64
         for ib in prange((nb + blk - 1) // blk):
             b0 = ib * blk
-            b1 = min(nb, b0 + blk)
-            acc = a0_t[:, b0:b1].copy()
-            for f in range(rows.shape[0]):
-                r, c, v = rows[f], cols[f], coef[f]
-                for t in range(b1 - b0):
-                    acc[r, t] += v * q_t[c, b0 + t]
-            for t in range(b1 - b0):
-                for o0 in range(0, n_o, 64):
-                    word = np.uint64(0)
-                    for o in range(o0, min(n_o, o0 + 64)):
-                        if d[o] * np.int64(acc[o, t]) >= td[o]:
-                            word |= np.uint64(1) << np.uint64(o - o0)
-                    out[b0 + t, o0 // 64] = word
+            m = min(nb, b0 + blk) - b0
+            acc = np.empty(m, np.int32)
+            bits = np.zeros(m, np.uint64)
+            for o in range(n_o):
+                arow = a0_t[o, b0:b0 + m]
+                for t in range(m):
+                    acc[t] = arow[t]
+                for f in range(start[o], start[o + 1]):
+                    qrow = q_t[c_s[f], b0:b0 + m]
+                    v = v_s[f]
+                    for t in range(m):
+                        acc[t] += v * qrow[t]
+                lo_o, span_o, sh = lo[o], span[o], np.uint64(o % 64)
+                for t in range(m):
+                    bits[t] |= np.uint64(1 if np.uint64(acc[t] - lo_o) <= span_o else 0) << sh
+                if o % 64 == 63 or o == n_o - 1:
+                    for t in range(m):
+                        out[b0 + t, o // 64] = bits[t]
+                        bits[t] = 0
 
     @njit(parallel=True, cache=True, nogil=True)
     def pool_or(x, k, out):  # pragma: no cover - compiled

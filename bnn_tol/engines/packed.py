@@ -117,10 +117,11 @@ class _PackedLayout:
 
 
 #: The first linear layer is updated from its clean output when ``flips * DELTA_FRACTION <
-#: numel``: a flip costs ``B`` int32 updates (~0.14 ns per sample) against ``numel`` MACs per
-#: sample of the float GEMM (~0.01 ns): measured crossovers p = 0.03-0.07 on fc 784-512 and
-#: 784-2048 (10k images, 2 threads; Xeon AVX-512 and AMD EPYC AVX2).
-DELTA_FRACTION = 16
+#: numel``: a flip costs ``B`` int32 updates (vectorized, ~0.06 ns per sample on 2 threads)
+#: against ``numel`` MACs per sample of the float GEMM (~0.02 ns): measured crossovers p =
+#: 0.22-0.25 on fc 784-512 and 784-2048 (10k images, 2 threads, AMD EPYC AVX-512, shared and
+#: loaded machine; p = 0.03-0.07 before the delta kernel was vectorized).
+DELTA_FRACTION = 5
 
 
 class _FirstLinear:
