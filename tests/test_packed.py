@@ -9,6 +9,7 @@ from _helpers import randomize_bn
 
 from bnn_tol import data, errors, evaluate, models
 from bnn_tol.core import kernels
+from bnn_tol.engines import int8 as int8_engine
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
@@ -256,12 +257,12 @@ def test_packed_engine_equals_naive_loop_on_explicit_flips():
 
 
 def test_auto_picks_packed_for_bnns_on_cpu():
-    """packed for conv BNNs; for fc too unless an int8 dot product (VNNI/AMX) makes int8
-    faster (both branches with a patched CPU check: test_engines)."""
+    """packed for conv BNNs; for fc too unless AMX makes int8 faster (both branches with a
+    patched CPU check: test_engines)."""
     model = models.build("fc", hidden=(32,), in_shape=(1, 4, 4))
     conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     cpu = torch.device("cpu")
-    fc_engine = "int8" if evaluate.int8_is_fast() else "packed"
+    fc_engine = "int8" if int8_engine.int8_has_amx() else "packed"
     assert (
         evaluate.pick_engine(model, device=cpu, engine="auto", targets=("weights",)).name
         == fc_engine
