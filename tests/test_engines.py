@@ -96,11 +96,17 @@ def test_auto_picks_the_fastest_exact_engine_that_supports_the_model(monkeypatch
     q = models.build("fc", hidden=(8,), in_shape=(1, 4, 4), weight_bits=4)
     conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     monkeypatch.setattr(kernels, "AVAILABLE", True)
-    # an int8 dot product (VNNI/AMX) makes int8 the fastest on fc; conv models stay packed
+    # AMX makes int8 the fastest on fc; conv models stay packed
     monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: True)
+    monkeypatch.setattr(int8_engine, "int8_has_amx", lambda: True)
     assert evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("weights",)).name == "int8"
     assert (
         evaluate.pick_engine(conv, device=cpu, engine="auto", targets=("weights",)).name == "packed"
+    )
+    # VNNI without AMX: the popcount kernels beat torch._int_mm on fc (issue 24)
+    monkeypatch.setattr(int8_engine, "int8_has_amx", lambda: False)
+    assert (
+        evaluate.pick_engine(bnn, device=cpu, engine="auto", targets=("weights",)).name == "packed"
     )
     monkeypatch.setattr(int8_engine, "int8_is_fast", lambda: False)
     assert (

@@ -9,6 +9,7 @@ from _helpers import randomize_bn
 
 from bnn_tol import data, errors, evaluate, models
 from bnn_tol.core import kernels
+from bnn_tol.engines import int8 as int8_engine
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
@@ -51,14 +52,81 @@ def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
     x, w = _pm1((33, n_in), 0), _pm1((n_out, n_in), 1)
     a = (x @ w.t()).numpy().astype(np.int64)  # exact: small integers
     x_p = kernels.pack_rows(x.numpy())
-    w_t = np.ascontiguousarray(kernels.pack_rows(w.numpy()).T)
+    w_p = kernels.pack_rows(w.numpy())
     out = np.empty((33, n_out), np.int64)
-    kernels.fc_output(x_p, w_t, n_in, out)
+    kernels.fc_output(x_p, w_p, n_in, out)
     assert (out == a).all()
     d, t, const = _rule(n_out, 2)
     bits = np.empty((33, -(-n_out // 64)), np.uint64)
-    kernels.fc_hidden(x_p, w_t, n_in, *kernels.comparator(d, t, const), bits)
+    kernels.fc_hidden(x_p, w_p, n_in, *kernels.comparator(d, t, const), bits)
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
+
+
+@pytest.mark.parametrize("n_b", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n_in,n_out", [(1, 1), (63, 3), (65, 67), (130, 128), (2048, 131)])
+def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
+    """4-sample x 2-unit tiles: batches not a multiple of 4, odd unit counts, widths not a
+    multiple of 64; every unit kind of the comparator (d = +1, -1, dead +1 / -1)."""
+    x, w = _pm1((n_b, n_in), 10 + n_b), _pm1((n_out, n_in), 11)
+    a = (x.double() @ w.double().t()).numpy().astype(np.int64)
+    x_p, w_p = kernels.pack_rows(x.numpy()), kernels.pack_rows(w.numpy())
+    out = np.full((n_b, n_out), 7, np.int64)
+    kernels.fc_output(x_p, w_p, n_in, out)
+    assert (out == a).all()
+    d, t, const = _rule(n_out, 12)
+    t[::3] = a[0, ::3]  # ties a == t on the first sample: >= and <= both hold
+    bits = np.full((n_b, -(-n_out // 64)), 2**64 - 1, np.uint64)
+    kernels.fc_hidden(x_p, w_p, n_in, *kernels.comparator(d, t, const), bits)
+    assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
+    assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
+
+
+@pytest.mark.parametrize("n_b", [1, 63, 64, 130])
+@pytest.mark.parametrize("n_flips", [0, 1, 40, 900])
+def test_fc_first_delta_equals_the_flipped_integer_product(n_b, n_flips):
+    """``a0 + sum_f coef_f q[col_f]`` by rows == ``W' q`` of the flipped weights, thresholded;
+    flips in any order, sample blocks with tails, odd unit count, ties, dead units."""
+    n_in, n_out = 50, 70
+    g = torch.Generator().manual_seed(n_b + n_flips)
+    q = torch.randint(-128, 128, (n_b, n_in), generator=g, dtype=torch.int64)
+    w = _pm1((n_out, n_in), 15).to(torch.int64)
+    idx = torch.randperm(w.numel(), generator=g)[:n_flips]  # unsorted
+    w2 = w.clone().view(-1)
+    w2[idx] = -w2[idx]
+    a = (q @ w2.view_as(w).t()).numpy()
+    rows, cols = np.divmod(idx.numpy(), n_in)
+    coef = (-2 * w.view(-1)[idx]).to(torch.int32).numpy()
+    d, t, const = _rule(n_out, 16)
+    t = t * 40
+    t[::4] = a[0, ::4]  # ties
+    bits = np.full((n_b, 2), 2**64 - 1, np.uint64)
+    kernels.fc_first_delta(np.ascontiguousarray((w @ q.t()).to(torch.int32).numpy()),
+                           np.ascontiguousarray(q.t().to(torch.int32).numpy()), rows, cols,
+                           coef, *kernels.comparator(d, t, const), bits)
+    assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
+    assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "flatten", "conv"])
+def test_flip_positions_equal_packing_the_flipped_weights(kind):
+    """XOR at :meth:`_PackedLayout.positions` == packing the negated +-1 weights."""
+    from bnn_tol.engines.packed import _PackedLayout
+    from bnn_tol.faults.apply import negate
+
+    shape = {"linear": (5, 130), "flatten": (5, 70 * 3 * 2), "conv": (70, 67, 3, 3)}[kind]
+    w = _pm1(shape, 13)
+
+    class St:
+        conv, pool, index, wb, kernel, padding = kind == "conv", None, 1, w, (3, 3), (1, 1)
+        in_shape = (67, 5, 5) if kind == "conv" else (shape[1],)
+        preact_shape = (shape[0], 5, 5) if kind == "conv" else (shape[0],)
+
+    lay = _PackedLayout(St, (70, 3, 2) if kind == "flatten" else St.in_shape)
+    idx = torch.randperm(w.numel(), generator=torch.Generator().manual_seed(14))[:97]
+    words = lay.pack(w)
+    word, bit = lay.positions(idx.numpy())
+    kernels.flip_words(words, word.astype(np.int64), bit.astype(np.int64))
+    assert (words == lay.pack(negate(w, idx))).all()
 
 
 @pytest.mark.parametrize(
@@ -147,6 +215,30 @@ def test_packed_sweep_rows_equal_the_reference_engine(arch, kw, shape):
     assert got["accuracy"].tolist() == ref["accuracy"].tolist()
 
 
+ODD = [
+    ("fc", {"hidden": (67, 129, 3)}, (1, 11, 9)),
+    ("vgg3", {"channels": ((5,), (67,)), "fc_width": 33}, (1, 10, 10)),
+]
+
+
+@pytest.mark.parametrize("arch,kw,shape", ODD, ids=[c[0] for c in ODD])
+def test_packed_equals_reference_on_odd_widths_dead_units_and_negative_gamma(arch, kw, shape):
+    """Widths that are not multiples of 64 (odd unit counts, a 3-unit layer), a data chunk that
+    is not a multiple of the kernels' 4-sample tiles, dead units (gamma = 0) and gamma < 0
+    units in every hidden block."""
+    model = randomize_bn(models.build(arch, in_shape=shape, seed=7, **kw), seed=8)
+    with torch.no_grad():
+        for b in model.blocks[:-1]:
+            b.bn.weight[0] = 0.0
+            b.bn.weight[1] = -abs(float(b.bn.weight[1])) - 0.1
+    ds = _data(model, shape, n=251, seed=3)
+    sw = dict(bers=[0.0, 0.01, 0.04, 0.1, 0.3], n_maps=3, seed=2, progress=False, batch_size=83)
+    ref = evaluate.sweep(model, ds, engine="reference", **sw)
+    got = evaluate.sweep(model, ds, engine="packed", **sw)
+    assert got["accuracy"].tolist() == ref["accuracy"].tolist()
+    assert ref["accuracy"].nunique() > 3
+
+
 def test_packed_engine_equals_naive_loop_on_explicit_flips():
     model = randomize_bn(
         models.build("vgg3", in_shape=(1, 14, 14), channels=((16,), (64,)), fc_width=40, seed=5),
@@ -165,12 +257,12 @@ def test_packed_engine_equals_naive_loop_on_explicit_flips():
 
 
 def test_auto_picks_packed_for_bnns_on_cpu():
-    """packed for conv BNNs; for fc too unless an int8 dot product (VNNI/AMX) makes int8
-    faster (both branches with a patched CPU check: test_engines)."""
+    """packed for conv BNNs; for fc too unless AMX makes int8 faster (both branches with a
+    patched CPU check: test_engines)."""
     model = models.build("fc", hidden=(32,), in_shape=(1, 4, 4))
     conv = models.build("vgg3", in_shape=(1, 8, 8), channels=((4,), (8,)), fc_width=16)
     cpu = torch.device("cpu")
-    fc_engine = "int8" if evaluate.int8_is_fast() else "packed"
+    fc_engine = "int8" if int8_engine.int8_has_amx() else "packed"
     assert (
         evaluate.pick_engine(model, device=cpu, engine="auto", targets=("weights",)).name
         == fc_engine

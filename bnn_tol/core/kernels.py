@@ -168,25 +168,101 @@ if AVAILABLE:
                         patch[base + c] = 0
         return nv
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def fc_hidden(x, w_t, n, d, td, out):  # pragma: no cover - compiled
-        """``x`` ``(B, nw)``, transposed weights ``w_t`` ``(nw, O)``, ``n`` inputs -> bits
-        ``out`` ``(B, ceil(O / 64))``."""
-        n_o = w_t.shape[1]
-        for b in prange(x.shape[0]):
-            s = np.empty(n_o, np.int64)
-            _accumulate(x[b], w_t, s)
-            _pack_rule(True, s, n, d, td, out[b])
+    @njit(inline="always", nogil=True)
+    def _dot4x2(x, b0, b1, b2, b3, w, o0, o1):  # pragma: no cover - compiled
+        """``popcount(x[b] XOR w[o])`` summed over the words, for samples ``b0..b3`` x rows
+        ``o0, o1``: one load of each weight word serves 4 samples (register blocking)."""
+        s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = 0
+        for k in range(x.shape[1]):
+            v0, v1 = w[o0, k], w[o1, k]
+            x0, x1, x2, x3 = x[b0, k], x[b1, k], x[b2, k], x[b3, k]
+            s00 += _popcount(x0 ^ v0)
+            s01 += _popcount(x0 ^ v1)
+            s10 += _popcount(x1 ^ v0)
+            s11 += _popcount(x1 ^ v1)
+            s20 += _popcount(x2 ^ v0)
+            s21 += _popcount(x2 ^ v1)
+            s30 += _popcount(x3 ^ v0)
+            s31 += _popcount(x3 ^ v1)
+        return s00, s01, s10, s11, s20, s21, s30, s31
+
+    @njit(nogil=True)
+    def _count_window(n, d, td):  # pragma: no cover - compiled
+        """The rule ``d a >= td`` on ``a = n - 2 s`` as a window on the popcount ``s`` in
+        ``[0, n]``: ``bit = lo <= s <= lo + span``, one unsigned compare ``uint64(s - lo) <=
+        span``. ``d = 1``: ``s <= floor((n - td) / 2)``; ``d = -1``: ``s >= ceil((n + td) /
+        2)``; dead: all ``s`` (``td <= 0``) or none (an empty window: ``lo = n + 1``,
+        ``span = 0``)."""
+        n_o = d.shape[0]
+        lo = np.empty(n_o, np.int64)
+        span = np.empty(n_o, np.uint64)
+        for o in range(n_o):
+            a, b = 0, n
+            if d[o] > 0:
+                b = (n - td[o]) // 2
+            elif d[o] < 0:
+                a = -((-(n + td[o])) // 2)
+            elif td[o] > 0:
+                a = n + 1
+            a, b = max(a, 0), min(b, n)
+            if b < a:
+                a, b = n + 1, n + 1
+            lo[o] = a
+            span[o] = np.uint64(b - a)
+        return lo, span
+
+    @njit(inline="always", nogil=True)
+    def _bit(s, lo, span, shift):  # pragma: no cover - compiled
+        """Bit ``shift`` set iff the popcount ``s`` lies in the unit's window."""
+        return np.uint64(1 if np.uint64(s - lo) <= span else 0) << np.uint64(shift)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def fc_output(x, w_t, n, out):  # pragma: no cover - compiled
-        """``x`` ``(B, nw)``, ``w_t`` ``(nw, O)`` -> exact ``a`` int64 ``out`` ``(B, O)``."""
-        n_o = w_t.shape[1]
-        for b in prange(x.shape[0]):
-            s = np.empty(n_o, np.int64)
-            _accumulate(x[b], w_t, s)
-            for o in range(n_o):
-                out[b, o] = n - 2 * s[o]
+    def fc_hidden(x, w, n, d, td, out):  # pragma: no cover - compiled
+        """``x`` ``(B, nw)``, weight rows ``w`` ``(O, nw)``, ``n`` inputs -> bits ``out``
+        ``(B, ceil(O / 64))``.
+
+        Tiles of 4 samples x 2 units (:func:`_dot4x2`); a tail tile repeats the last sample or
+        unit (clamped indices), which recomputes and rewrites the same bits. The comparator is
+        applied to the popcount (:func:`_count_window`)."""
+        nb = x.shape[0]
+        n_o = w.shape[0]
+        lo, span = _count_window(n, d, td)
+        for ib in prange((nb + 3) // 4):
+            b0 = 4 * ib
+            b1, b2, b3 = min(b0 + 1, nb - 1), min(b0 + 2, nb - 1), min(b0 + 3, nb - 1)
+            for q in range(out.shape[1]):
+                r0 = r1 = r2 = r3 = np.uint64(0)
+                for o0 in range(64 * q, min(n_o, 64 * q + 64), 2):
+                    o1 = min(o0 + 1, n_o - 1)
+                    s00, s01, s10, s11, s20, s21, s30, s31 = _dot4x2(x, b0, b1, b2, b3, w, o0,
+                                                                      o1)
+                    l0, p0, l1, p1 = lo[o0], span[o0], lo[o1], span[o1]
+                    h0, h1 = o0 - 64 * q, o1 - 64 * q
+                    r0 |= _bit(s00, l0, p0, h0) | _bit(s01, l1, p1, h1)
+                    r1 |= _bit(s10, l0, p0, h0) | _bit(s11, l1, p1, h1)
+                    r2 |= _bit(s20, l0, p0, h0) | _bit(s21, l1, p1, h1)
+                    r3 |= _bit(s30, l0, p0, h0) | _bit(s31, l1, p1, h1)
+                out[b0, q] = r0
+                out[b1, q] = r1
+                out[b2, q] = r2
+                out[b3, q] = r3
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def fc_output(x, w, n, out):  # pragma: no cover - compiled
+        """``x`` ``(B, nw)``, weight rows ``w`` ``(O, nw)`` -> exact ``a`` int64 ``out``
+        ``(B, O)`` (tiles as :func:`fc_hidden`)."""
+        nb = x.shape[0]
+        n_o = w.shape[0]
+        for ib in prange((nb + 3) // 4):
+            b0 = 4 * ib
+            b1, b2, b3 = min(b0 + 1, nb - 1), min(b0 + 2, nb - 1), min(b0 + 3, nb - 1)
+            for o0 in range(0, n_o, 2):
+                o1 = min(o0 + 1, n_o - 1)
+                s00, s01, s10, s11, s20, s21, s30, s31 = _dot4x2(x, b0, b1, b2, b3, w, o0, o1)
+                out[b0, o0], out[b0, o1] = n - 2 * s00, n - 2 * s01
+                out[b1, o0], out[b1, o1] = n - 2 * s10, n - 2 * s11
+                out[b2, o0], out[b2, o1] = n - 2 * s20, n - 2 * s21
+                out[b3, o0], out[b3, o1] = n - 2 * s30, n - 2 * s31
 
     @njit(parallel=True, cache=True, nogil=True)
     def conv_hidden(x, w_t, tap_pop, k, pad, c_in, d, td, out):  # pragma: no cover - compiled
@@ -241,30 +317,85 @@ if AVAILABLE:
                                 acc[o] += v * w_t[t, o]
                     _pack_rule(False, acc, 0, d, td, out[b, oh, ow])
 
+    @njit(nogil=True)
+    def _value_window(d, td):  # pragma: no cover - compiled
+        """The rule ``d a >= td`` as a window on an integer ``a`` (``|a| < 2^61``): ``bit =
+        uint64(a - lo) <= span``. ``d = 1``: ``a >= td``; ``d = -1``: ``a <= -td``; dead: all
+        ``a`` (``td <= 0``) or none (``lo = 2^62``, ``span = 0``)."""
+        n_o = d.shape[0]
+        big = np.int64(2**62)
+        lo = np.empty(n_o, np.int64)
+        span = np.empty(n_o, np.uint64)
+        for o in range(n_o):
+            a, b = -big, big
+            if d[o] > 0:
+                a = td[o]
+            elif d[o] < 0:
+                b = -td[o]
+            elif td[o] > 0:
+                a = big
+            if b < a:
+                a, b = big, big
+            lo[o] = a
+            span[o] = np.uint64(b - a)
+        return lo, span
+
+    @njit(nogil=True)
+    def _by_row(rows, cols, coef, n_o):  # pragma: no cover - compiled
+        """Flips grouped by row (a stable counting sort): ``start`` ``(O + 1,)``, and the
+        columns and coefficients of row ``o`` at ``start[o]:start[o + 1]``."""
+        nf = rows.shape[0]
+        start = np.zeros(n_o + 1, np.int64)
+        for f in range(nf):
+            start[rows[f] + 1] += 1
+        for o in range(n_o):
+            start[o + 1] += start[o]
+        fill = start[:-1].copy()
+        c_s = np.empty(nf, np.int64)
+        v_s = np.empty(nf, np.int32)
+        for f in range(nf):
+            r = rows[f]
+            c_s[fill[r]] = cols[f]
+            v_s[fill[r]] = coef[f]
+            fill[r] += 1
+        return start, c_s, v_s
+
     @njit(parallel=True, cache=True, nogil=True)
     def fc_first_delta(a0_t, q_t, rows, cols, coef, d, td, out):  # pragma: no cover - compiled
         """First linear layer of a faulty copy from the clean one: ``a = a0 + sum_f coef_f
         q[cols_f]`` added to row ``rows_f`` (``coef = -2 w`` of each flipped weight), then the
         rule, packed. ``a0_t`` int32 ``(O, B)`` clean ``W q``; ``q_t`` int32 ``(I, B)`` ->
-        ``out`` ``(B, ceil(O / 64))``. Work ``flips x B`` instead of ``O x I x B``; samples go
-        in blocks of 32 so a block's ``(O, 32)`` accumulator stays in cache."""
+        ``out`` ``(B, ceil(O / 64))``. Work ``flips x B`` instead of ``O x I x B``.
+
+        Samples go in blocks of 64; per block, unit by unit, the clean row is copied to a
+        64-sample accumulator, each flip of the unit adds ``coef q[col]`` over the block (a
+        contiguous loop the compiler vectorizes) and the rule (:func:`_value_window`) sets the
+        unit's bit in the block's output words."""
         n_o, nb = a0_t.shape
-        blk = 32
+        start, c_s, v_s = _by_row(rows, cols, coef, n_o)
+        lo, span = _value_window(d, td)
+        blk = 64
         for ib in prange((nb + blk - 1) // blk):
             b0 = ib * blk
-            b1 = min(nb, b0 + blk)
-            acc = a0_t[:, b0:b1].copy()
-            for f in range(rows.shape[0]):
-                r, c, v = rows[f], cols[f], coef[f]
-                for t in range(b1 - b0):
-                    acc[r, t] += v * q_t[c, b0 + t]
-            for t in range(b1 - b0):
-                for o0 in range(0, n_o, 64):
-                    word = np.uint64(0)
-                    for o in range(o0, min(n_o, o0 + 64)):
-                        if d[o] * np.int64(acc[o, t]) >= td[o]:
-                            word |= np.uint64(1) << np.uint64(o - o0)
-                    out[b0 + t, o0 // 64] = word
+            m = min(nb, b0 + blk) - b0
+            acc = np.empty(m, np.int32)
+            bits = np.zeros(m, np.uint64)
+            for o in range(n_o):
+                arow = a0_t[o, b0:b0 + m]
+                for t in range(m):
+                    acc[t] = arow[t]
+                for f in range(start[o], start[o + 1]):
+                    qrow = q_t[c_s[f], b0:b0 + m]
+                    v = v_s[f]
+                    for t in range(m):
+                        acc[t] += v * qrow[t]
+                lo_o, span_o, sh = lo[o], span[o], np.uint64(o % 64)
+                for t in range(m):
+                    bits[t] |= np.uint64(1 if np.uint64(acc[t] - lo_o) <= span_o else 0) << sh
+                if o % 64 == 63 or o == n_o - 1:
+                    for t in range(m):
+                        out[b0 + t, o // 64] = bits[t]
+                        bits[t] = 0
 
     @njit(parallel=True, cache=True, nogil=True)
     def pool_or(x, k, out):  # pragma: no cover - compiled

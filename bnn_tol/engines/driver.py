@@ -121,8 +121,10 @@ def sweep(
     * ``"packed"`` (any stride-1 BNN, fc or conv, on CPU with numba): +-1 values as bits,
       XNOR/popcount dot products (:mod:`bnn_tol.packed`); the first conv as an int32 kernel
       on ``q = p - 128``, a first linear layer updated from its cached clean output. ``auto``
-      takes it for conv BNNs, and for fc ones where int8 is not fast.
-    * ``"int8"`` (fully connected BNNs on a CPU with VNNI/AMX, :func:`int8_is_fast`):
+      takes it for conv BNNs, and for fc ones unless the CPU has AMX (:func:`bnn_tol.engines.
+      int8.int8_has_amx`).
+    * ``"int8"`` (fully connected BNNs on a CPU with VNNI/AMX, :func:`int8_is_fast`; ``auto``
+      takes it before ``packed`` only with AMX, or where numba is missing):
       ``torch._int_mm`` int8 x int8 -> int32 on +-1 weights, folded integer thresholds,
       bit activations; the clean prefix before the first faulty layer is computed once.
     * ``"fp32"`` (any BNN, also CUDA): ``maps_per_step`` maps batched through stacked weights /

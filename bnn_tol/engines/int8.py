@@ -17,7 +17,7 @@ from bnn_tol.engines.base import SignEngine, register_engine
 from bnn_tol.faults.apply import negate_
 from bnn_tol.provenance import has_cpu_flag
 
-__all__ = ["Int8Engine", "int8_is_fast", "int8_available", "VNNI_FLAGS"]
+__all__ = ["Int8Engine", "int8_is_fast", "int8_has_amx", "int8_available", "VNNI_FLAGS"]
 
 
 def int8_available(device: torch.device) -> bool:
@@ -42,6 +42,13 @@ def int8_is_fast() -> bool:
     ``/proc/cpuinfo`` is unreadable.
     """
     return has_cpu_flag(*VNNI_FLAGS)
+
+
+def int8_has_amx() -> bool:
+    """Whether this CPU has AMX int8 tiles (``amx_int8``): there ``engine="auto"`` prefers the
+    int8 engine over ``packed`` for fc BNNs (:meth:`bnn_tol.engines.packed.PackedEngine.
+    preferred`). ``False`` where ``/proc/cpuinfo`` is unreadable."""
+    return has_cpu_flag("amx_int8")
 
 
 class _Int8Net:

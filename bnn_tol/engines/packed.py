@@ -79,18 +79,18 @@ class _PackedLayout:
         self.nw = -(-self.c_in // 64)
 
     def pack(self, wb: Tensor) -> np.ndarray:
-        """+-1 weights in the layer's own shape -> transposed packed words ``(K, O)``: conv
-        taps ``(i, j, word)`` major, linear input words (channels-last order after a conv)."""
+        """+-1 weights in the layer's own shape -> packed words: conv transposed ``(K, O)``,
+        taps ``(i, j, word)`` major; linear rows ``(O, K)`` of input words (channels-last order
+        after a conv)."""
         w = wb.detach().cpu().numpy()
         if self.conv:
             rows = kernels.pack_rows(w.transpose(0, 2, 3, 1)).reshape(self.o, -1)
-        elif self.hw is not None:
+            return np.ascontiguousarray(rows.T)
+        if self.hw is not None:
             h, wd = self.hw
             w = w.reshape(self.o, self.c_in, h, wd).transpose(0, 2, 3, 1)
-            rows = kernels.pack_rows(w).reshape(self.o, -1)
-        else:
-            rows = kernels.pack_rows(w)
-        return np.ascontiguousarray(rows.T)
+            return np.ascontiguousarray(kernels.pack_rows(w).reshape(self.o, -1))
+        return kernels.pack_rows(w)
 
     def tap_pop(self, w_t: np.ndarray) -> np.ndarray | None:
         """Conv: popcount of each tap's weight words, int64 ``(k k, O)``."""
@@ -111,16 +111,17 @@ class _PackedLayout:
             n_pos = self.hw[0] * self.hw[1]
             o, f = np.divmod(idx, self.c_in * n_pos)
             c, p = np.divmod(f, n_pos)
-            return (p * self.nw + c // 64) * self.o + o, c % 64
+            return (o * n_pos + p) * self.nw + c // 64, c % 64
         o, f = np.divmod(idx, self.c_in)
-        return (f // 64) * self.o + o, f % 64
+        return o * self.nw + f // 64, f % 64
 
 
 #: The first linear layer is updated from its clean output when ``flips * DELTA_FRACTION <
-#: numel``: a flip costs ``B`` int32 updates (~0.14 ns per sample) against ``numel`` MACs per
-#: sample of the float GEMM (~0.01 ns): measured crossovers p = 0.03-0.07 on fc 784-512 and
-#: 784-2048 (10k images, 2 threads; Xeon AVX-512 and AMD EPYC AVX2).
-DELTA_FRACTION = 16
+#: numel``: a flip costs ``B`` int32 updates (vectorized, ~0.06 ns per sample on 2 threads)
+#: against ``numel`` MACs per sample of the float GEMM (~0.02 ns): measured crossovers p =
+#: 0.22-0.25 on fc 784-512 and 784-2048 (10k images, 2 threads, AMD EPYC AVX-512, shared and
+#: loaded machine; p = 0.03-0.07 before the delta kernel was vectorized).
+DELTA_FRACTION = 5
 
 
 class _FirstLinear:
@@ -166,7 +167,8 @@ class PackedNet:
 
     def _stage_weights(self, k: int, wb: Tensor) -> tuple:
         """What stage ``k``'s kernel takes: first conv ``(w_t int32 (k k C, O),)``, first
-        linear ``(wb float,)``, later stages ``(w_t uint64 (K, O), tap_pop)``."""
+        linear ``(wb float,)``, later stages ``(w uint64, tap_pop)`` (:meth:`_PackedLayout.
+        pack`)."""
         lay = self.layouts[k]
         if k == 0:
             if lay.conv:
@@ -321,9 +323,13 @@ class PackedEngine(SignEngine):
 
     @classmethod
     def preferred(cls, cm, device):  # noqa: D102
-        # with an int8 dot product (VNNI/AMX) the int8 engine is faster on fc models: measured
-        # 2-3x on fc 512-512 and 2048-2048 (Xeon with AMX, 2 threads)
-        return not (cm.all_linear and int8.int8_is_fast())
+        # fc models: packed unless the CPU has AMX. With the register-tiled popcount and the
+        # vectorized first-layer delta (issue 24) packed was 2.5x faster than int8 on fc
+        # 784-2048-2048-10 and 1.8x on 784-512-512-10 (10k images, 11 BERs x 4 maps, 2 threads,
+        # both engines in one process, AMD EPYC with AVX-512 VNNI + VPOPCNTDQ, loaded machine;
+        # before those kernels int8 was 1.7x faster there). On a Xeon with AMX int8 had been
+        # 2-3x faster than the earlier packed kernels (not re-measured), so it stays preferred.
+        return not (cm.all_linear and int8.int8_has_amx())
 
     def __init__(self, model, data, *, batch_size, maps_per_step, **kw) -> None:
         super().__init__(model, data, batch_size=batch_size, maps_per_step=1, **kw)

@@ -1,0 +1,207 @@
+"""Popcount roofline of one binary layer, and where a packed sweep map spends its time.
+
+``roofline``: one 2048 x 2048 binary layer on 10k samples (quick: 1k samples, 512 x 512), 2
+threads, best of 3 each: fp32 ``a @ b``, int8 ``torch._int_mm`` and a plain XOR + popcount +
+accumulate numba kernel over packed ``uint64`` words (``numba.prange`` over sample blocks,
+inner loop over words, ``S`` samples x ``N`` neurons held in registers so one weight-word load
+serves ``S`` samples) in a few blockings; ``roofline`` is the best of them. Then the packed
+engine's own kernels on the same layer: ``fc_hidden`` (popcount, comparator, packed output
+bits) and ``fc_output`` (exact int64 pre-activations). ``gmacs``: G (binary) multiply-
+accumulates per second, ``ratio``: against fp32, ``of_roofline``: fraction of the popcount
+roofline.
+
+``profile``: one packed-engine sweep of fc 784-2048-2048-10 (``runs/fc`` when it exists, else
+random init) on the 10k test images (quick: 500), 11 BERs (0 to 10 %) x 5 maps (quick: 2),
+seconds per faulty row split by stage: first layer (float GEMM on integer pixels from the
+``DELTA_FRACTION`` crossover on, ``p >= 1 / DELTA_FRACTION``; below it the delta update from
+the clean output), hidden binary layers (``fc_hidden``), output layer (``fc_output`` and the
+float BatchNorm + argmax), the per-map weight flips (:meth:`PackedNet.weights`) and the rest
+(drawing the fault maps, the sweep driver). Measured by wrapping the engine's kernel calls
+with timers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bnn_tol import evaluate
+from bnn_tol.core import kernels
+from bnn_tol.engines import packed
+
+if kernels.AVAILABLE:
+    from numba import njit, prange
+
+    _pc = kernels._popcount
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _xor_pop_1x4(x, w, s):  # pragma: no cover - compiled
+        nb, nw = x.shape
+        for b in prange(nb):
+            for o in range(0, w.shape[0], 4):
+                a0 = a1 = a2 = a3 = 0
+                for k in range(nw):
+                    v = x[b, k]
+                    a0 += _pc(v ^ w[o, k])
+                    a1 += _pc(v ^ w[o + 1, k])
+                    a2 += _pc(v ^ w[o + 2, k])
+                    a3 += _pc(v ^ w[o + 3, k])
+                s[b, o], s[b, o + 1], s[b, o + 2], s[b, o + 3] = a0, a1, a2, a3
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _xor_pop_4x1(x, w, s):  # pragma: no cover - compiled
+        nb, nw = x.shape
+        for ib in prange(nb // 4):
+            b = 4 * ib
+            for o in range(w.shape[0]):
+                a0 = a1 = a2 = a3 = 0
+                for k in range(nw):
+                    v = w[o, k]
+                    a0 += _pc(x[b, k] ^ v)
+                    a1 += _pc(x[b + 1, k] ^ v)
+                    a2 += _pc(x[b + 2, k] ^ v)
+                    a3 += _pc(x[b + 3, k] ^ v)
+                s[b, o], s[b + 1, o], s[b + 2, o], s[b + 3, o] = a0, a1, a2, a3
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _xor_pop_4x2(x, w, s):  # pragma: no cover - compiled
+        nb, nw = x.shape
+        for ib in prange(nb // 4):
+            b = 4 * ib
+            for o in range(0, w.shape[0], 2):
+                a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = 0
+                for k in range(nw):
+                    v0, v1 = w[o, k], w[o + 1, k]
+                    x0, x1, x2, x3 = x[b, k], x[b + 1, k], x[b + 2, k], x[b + 3, k]
+                    a00 += _pc(x0 ^ v0)
+                    a01 += _pc(x0 ^ v1)
+                    a10 += _pc(x1 ^ v0)
+                    a11 += _pc(x1 ^ v1)
+                    a20 += _pc(x2 ^ v0)
+                    a21 += _pc(x2 ^ v1)
+                    a30 += _pc(x3 ^ v0)
+                    a31 += _pc(x3 ^ v1)
+                s[b, o], s[b, o + 1], s[b + 1, o], s[b + 1, o + 1] = a00, a01, a10, a11
+                s[b + 2, o], s[b + 2, o + 1], s[b + 3, o], s[b + 3, o + 1] = a20, a21, a30, a31
+
+    _BLOCKINGS = {"1 sample x 4 neurons": _xor_pop_1x4, "4 samples x 1 neuron": _xor_pop_4x1,
+                  "4 samples x 2 neurons": _xor_pop_4x2}
+
+
+def _best(f, repeat: int = 3) -> float:
+    f()  # warm up (compilation, allocator)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _roofline(quick: bool) -> list[dict]:
+    n, m = (1000, 512) if quick else (10_000, 2048)
+    macs = n * m * m
+    case = f"one {m}x{m} binary layer, {n} samples"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, m, generator=g), torch.randn(m, m, generator=g)
+    rows = [("fp32 a @ b (torch)", _best(lambda: a @ b))]
+    a8 = torch.randint(-128, 128, (n, m), dtype=torch.int8, generator=g)
+    w8 = torch.randint(-1, 2, (m, m), dtype=torch.int8, generator=g)
+    rows.append(("int8 torch._int_mm", _best(lambda: torch._int_mm(a8, w8.t()))))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**63, (n, m // 64), dtype=np.int64).view(np.uint64)
+    w = rng.integers(0, 2**63, (m, m // 64), dtype=np.int64).view(np.uint64)
+    s = np.empty((n, m), np.int64)
+    pops = {name: _best(lambda f=f: f(x, w, s)) for name, f in _BLOCKINGS.items()}
+    roof = min(pops.values())
+    rows += [(f"XOR+popcount numba, {k}", v) for k, v in pops.items()]
+    rows.append(("popcount roofline (best blocking above)", roof))
+    net_w = w  # the engine's layout: rows (neurons, words)
+    d, td = kernels.comparator(np.ones(m), np.zeros(m), np.ones(m))
+    bits = np.empty((n, m // 64), np.uint64)
+    rows.append(("packed engine fc_hidden (popcount + comparator + pack)",
+                 _best(lambda: kernels.fc_hidden(x, net_w, m, d, td, bits))))
+    rows.append(("packed engine fc_output (popcount, int64 a)",
+                 _best(lambda: kernels.fc_output(x, net_w, m, s))))
+    fp32 = rows[0][1]
+    return [{"section": "roofline", "case": case, "implementation": name, "seconds": t,
+             "gmacs": macs / t / 1e9, "ratio": fp32 / t, "of_roofline": roof / t}
+            for name, t in rows]
+
+
+@contextmanager
+def _timed(obj, name: str, acc: dict, key: str):
+    """Replace ``obj.name`` by a wrapper adding its wall time to ``acc[key]``."""
+    f = getattr(obj, name)
+
+    def wrapper(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return f(*args, **kw)
+        finally:
+            acc[key] += time.perf_counter() - t0
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(obj, name, f)
+
+
+def _profile(quick: bool) -> list[dict]:
+    from benchmarks.bench_sweep import BERS, _model, _test_set
+
+    test = _test_set()
+    if quick:
+        test = test.subset(500)
+    model, label = _model("fc", test.shape)
+    n_maps = 2 if quick else 5
+    acc: dict[str, float] = defaultdict(float)
+    parts = [(kernels, "fc_hidden", "hidden"), (kernels, "fc_output", "output"),
+             (packed.PackedNet, "_scores", "output"), (kernels, "fc_first_delta", "first_delta"),
+             (kernels, "pack_threshold", "first_gemm"), (packed.PackedNet, "run", "run"),
+             (packed.PackedNet, "weights", "weights")]
+    evaluate.sweep(model, test.subset(64), bers=[0.05], n_maps=1, engine="packed",
+                   progress=False)  # warm up
+    with ExitStack() as stack:
+        for obj, name, key in parts:
+            stack.enter_context(_timed(obj, name, acc, key))
+        t0 = time.perf_counter()
+        df = evaluate.sweep(model, test, bers=BERS, n_maps=n_maps, seed=0, engine="packed",
+                            progress=False)
+        total = time.perf_counter() - t0
+    rows_n = int((df["ber"] > 0).sum())
+    first = acc["run"] - acc["hidden"] - acc["output"]
+    split = [("first layer (GEMM or delta, threshold, pack)", first),
+             ("  of which delta update (p < 1 / DELTA_FRACTION)", acc["first_delta"]),
+             ("hidden binary layers (fc_hidden)", acc["hidden"]),
+             ("output layer (fc_output, BatchNorm, argmax)", acc["output"]),
+             ("weight flips (PackedNet.weights)", acc["weights"]),
+             ("map drawing, driver (the rest)", total - acc["run"] - acc["weights"]),
+             ("total", total)]
+    case = f"packed sweep, {label}, {len(test)} images, {len(BERS)} BERs x {n_maps} maps"
+    return [{"section": "profile", "case": case, "implementation": name,
+             "seconds": t / rows_n, "share": t / total} for name, t in split]
+
+
+def run(quick: bool = False) -> pd.DataFrame:
+    if not kernels.AVAILABLE:
+        raise RuntimeError("the popcount benchmark needs numba")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.threads(2):
+            rows = _roofline(quick)
+        rows += _profile(quick)
+    finally:
+        torch.set_num_threads(threads)
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    print(run().to_markdown(index=False, floatfmt=".4g"))
