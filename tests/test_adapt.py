@@ -193,7 +193,8 @@ def test_brevitas_binary_network_adapts_with_its_weight_scale_folded():
     # in exact arithmetic; the float results agree to rounding and the predictions exactly
     assert torch.equal(model(x).argmax(1), ref.argmax(1))
     assert torch.allclose(model(x), ref, rtol=0, atol=1e-5)
-    assert abs(model.blocks[0].bn.eps - net[2].eps / 0.01) < 1e-9
+    # alpha folded into the BN scale (eps unchanged): gamma' = 0.1 gamma
+    assert torch.allclose(model.blocks[0].bn.weight, 0.1 * net[2].weight, rtol=1e-5)
 
 
 class ScaledBinLin(nn.Linear):
