@@ -37,3 +37,18 @@ def plain_accuracy(model, test) -> float:
     with torch.no_grad():
         pred = torch.cat([model(x).argmax(1) for x, _ in test.batches(500)])
     return float((pred == test.labels).double().mean())
+
+
+def quadrants(n: int = 256, seed: int = 0):
+    """A learnable synthetic task on 1x8x8 images: the class is the brightest of the 4 image
+    quadrants (plus noise)."""
+    from bnn_tol.data import BNNDataset
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    img = torch.randint(0, 100, (n, 1, 8, 8), generator=g)
+    for q in range(4):
+        r, c = divmod(q, 2)
+        img[y == q, :, 4 * r: 4 * r + 4, 4 * c: 4 * c + 4] += 150
+    return BNNDataset(img.clamp(0, 255).to(torch.uint8), y, name="quadrants",
+                      classes=[str(i) for i in range(4)])

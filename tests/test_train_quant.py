@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import quadrants
 from click.testing import CliRunner
 
 import bnn_tol
@@ -20,16 +21,7 @@ from bnn_tol.faults.seeds import spawn
 
 
 def _data(n: int = 256, seed: int = 0) -> BNNDataset:
-    """A learnable synthetic task: the class is the brightest of 4 image quadrants (+ noise)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    img = torch.randint(0, 100, (n, 1, 8, 8), generator=g)
-    for q in range(4):
-        r, c = divmod(q, 2)
-        sel = y == q
-        img[sel, :, 4 * r: 4 * r + 4, 4 * c: 4 * c + 4] += 150
-    return BNNDataset(img.clamp(0, 255).to(torch.uint8), y, name="quadrants",
-                      classes=[str(i) for i in range(4)])
+    return quadrants(n, seed)
 
 
 def _model(bits: int = 4, **kw) -> models.BNN:

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import quadrants
 
 from bnn_tol import errors, models, train
 from bnn_tol.data import BNNDataset
@@ -17,15 +18,7 @@ from bnn_tol.faults.seeds import spawn
 
 
 def _data(n: int = 128, seed: int = 0) -> BNNDataset:
-    """The class is the brightest of 4 image quadrants (plus noise)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    img = torch.randint(0, 100, (n, 1, 8, 8), generator=g)
-    for q in range(4):
-        r, c = divmod(q, 2)
-        img[y == q, :, 4 * r: 4 * r + 4, 4 * c: 4 * c + 4] += 150
-    return BNNDataset(img.clamp(0, 255).to(torch.uint8), y, name="quadrants",
-                      classes=[str(i) for i in range(4)])
+    return quadrants(n, seed)
 
 
 def _model() -> models.BNN:
