@@ -55,3 +55,32 @@ def test_brevitas_bnn_pynq_models_adapt_unchanged(name, tmp_path):
         assert evaluate.accuracy(model, ds) == df.accuracy.iloc[-1]
     bundle = bnn_tol.export(model, tmp_path / name)
     assert np.array_equal(deploy.predict(bundle, imgs.numpy()), ref.numpy())
+
+
+@pytest.mark.parametrize("name", ["tfc_1w1a", "cnv_1w1a"])
+def test_brevitas_qonnx_exports_import_through_adapt(name, tmp_path):
+    """Brevitas' QONNX export (BipolarQuant weights and activations, an 8-bit ``Quant`` input
+    quantizer for CNV, ``2x - 1`` and TensorNorm as elementwise nodes, a fixed batch of 1)
+    imports with ``transform=``: read as a module, adapted, predictions checked against
+    onnxruntime and equal to Brevitas' own."""
+    pytest.importorskip("onnxoptimizer")
+    pytest.importorskip("onnxruntime")
+    from brevitas.export import export_qonnx
+
+    from bnn_tol.interop.onnx import import_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net, _ = bnn_pynq.model_with_cfg(name, pretrained=False)
+        imgs = _images(name)
+        tf = Normalize()
+        torch.manual_seed(0)
+        user = P.calibrate(net, tf.to_float(imgs))
+        path = tmp_path / f"{name}.onnx"
+        export_qonnx(user, torch.rand(1, *imgs.shape[1:]), export_path=str(path))
+    model = import_onnx(path, transform=tf)
+    assert model.meta["imported_by"] == "adapt" and "verified_with" in model.meta
+    with torch.no_grad():
+        ref = user(tf.to_float(imgs))
+        ref = (ref.value if hasattr(ref, "value") else ref).argmax(1)
+        assert torch.equal(model(grid_of(model).to_float(imgs)).argmax(1), ref)

@@ -385,6 +385,8 @@ def _kind(desc: str, op: Any, x: Tensor) -> str:
     if desc in (".clone", ".contiguous", ".detach", "clone", "contiguous", "detach"):
         return "drop"  # an identity (x.clone(), ...): nothing to map
     line = _line(ref, y)
+    if line == (1.0, 0.0) and _identity_far(op, x.dim()):
+        return "drop"  # x - 0, x * 1 (a TensorNorm's unit parameters): nothing to map
     if line is not None and line != (1.0, 0.0):
         return "affine"  # a positive scale / shift: Scale, TensorNorm, x * s + t
     if y.shape == ref.shape and torch.equal(torch.sign(y), torch.sign(ref)) and bool(
@@ -425,6 +427,20 @@ def _sign_at_zero(desc: str, op: Any, dim: int) -> float:
     z = torch.zeros((1, 1) if dim == 2 else (1, 1, 1, 1))
     y = _call(_name(desc, op), "an input of 0", op, z)
     return float((y.value if hasattr(y, "value") else y).reshape(-1)[0])
+
+
+def _identity_far(op: Any, dim: int) -> bool:
+    """``op`` leaves values far outside the probe range unchanged too (so it is not a clip
+    with a wide range, such as ``Hardtanh(-10, 10)``)."""
+    far = torch.tensor([-1e6, -1e3, 1e3, 1e6])
+    far = far.reshape(1, -1) if dim == 2 else far.reshape(1, -1, 1, 1)
+    try:
+        with torch.no_grad():
+            y = op(far.clone())
+    except Exception:  # noqa: BLE001 -- it cannot take the values: not an identity
+        return False
+    y = y.value if hasattr(y, "value") else y
+    return isinstance(y, Tensor) and y.shape == far.shape and torch.equal(y, far)
 
 
 def _is_softmax(desc: str, op: Any) -> bool:

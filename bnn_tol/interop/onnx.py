@@ -640,9 +640,12 @@ def _qonnx(proto: Any, where: str) -> Any:
             nodes.append(n)
             continue
         label = f"{n.op_type} node {n.name!r}" if n.name else f"{n.op_type} node #{i}"
+        if n.op_type == "Quant":
+            nodes += _quant_nodes(n, label, consts, fresh, g)
+            continue
         if n.op_type != "BipolarQuant":
-            raise OnnxError(f"{label}: QONNX operator {n.op_type} is not supported (only the "
-                            "1-bit BipolarQuant)")
+            raise OnnxError(f"{label}: QONNX operator {n.op_type} is not supported (only "
+                            "BipolarQuant and Quant)")
         if len(n.input) != 2 or len(n.output) != 1 or n.attribute or not n.input[0]:
             raise OnnxError(f"{label}: BipolarQuant takes the inputs X, scale, one output and no "
                             "attributes")
@@ -680,6 +683,40 @@ def _qonnx(proto: Any, where: str) -> Any:
     del out.opset_import[:]
     out.opset_import.extend(keep)
     return out
+
+
+def _quant_nodes(n: Any, label: str, consts: dict, fresh, g: Any) -> list:
+    """QONNX ``Quant(X, scale, zeropt, bitwidth)`` (``rounding_mode="ROUND"``, half to even)
+    as standard operators, ``Mul(Sub(Clip(Round(Add(Div(X, s), z)), lo, hi), z), s)`` with
+    ``lo, hi`` from the bit width, ``signed`` and ``narrow``: an input quantizer (Brevitas'
+    8-bit Q1.7 ``QuantIdentity``) becomes operations :func:`bnn_tol.adapt` reads as part of
+    the input transform; on weights it is folded like any constant expression."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    mode = attrs.get("rounding_mode", b"ROUND")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if len(n.input) != 4 or any(i not in consts for i in n.input[1:]) or mode != "ROUND" or \
+            set(attrs) - {"signed", "narrow", "rounding_mode"}:
+        raise OnnxError(f"{label}: Quant is read with constant scale, zero point and bit width "
+                        "and rounding_mode ROUND")
+    bits = _array(consts[n.input[3]], f"{label} bitwidth").reshape(-1)
+    if bits.size != 1 or not 1 <= float(bits[0]) <= 16 or float(bits[0]) != int(bits[0]):
+        raise OnnxError(f"{label}: its bit width must be one integer 1..16")
+    b, signed, narrow = int(bits[0]), int(attrs.get("signed", 1)), int(attrs.get("narrow", 0))
+    lo = (-(2 ** (b - 1)) + narrow) if signed else 0
+    hi = (2 ** (b - 1) - 1) if signed else (2**b - 1 - narrow)
+    names = [fresh(f"{n.name or 'quant'}_{k}") for k in ("div", "add", "round", "lo", "hi",
+                                                         "clip", "sub")]
+    g.initializer.append(numpy_helper.from_array(np.float32(lo), names[3]))
+    g.initializer.append(numpy_helper.from_array(np.float32(hi), names[4]))
+    x, s, z = n.input[0], n.input[1], n.input[2]
+    return [helper.make_node("Div", [x, s], [names[0]], name=names[0]),
+            helper.make_node("Add", [names[0], z], [names[1]], name=names[1]),
+            helper.make_node("Round", [names[1]], [names[2]], name=names[2]),
+            helper.make_node("Clip", [names[2], names[3], names[4]], [names[5]], name=names[5]),
+            helper.make_node("Sub", [names[5], z], [names[6]], name=names[6]),
+            helper.make_node("Mul", [names[6], s], [n.output[0]], name=n.name or n.output[0])]
 
 
 def _io(gr: _Graph, in_shape) -> _Io:
@@ -1399,8 +1436,8 @@ def _own_export(gr: _Graph, io: _Io) -> BNN | None:
     return model
 
 
-def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor | None = None
-                ) -> BNN:
+def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor | None = None,
+                transform=None) -> BNN:
     """Read an ONNX BNN graph (see the module docstring) into a bnn_tol BNN, checked and verified.
 
     A graph written by :func:`export_onnx` comes back as the exported model (BatchNorm
@@ -1446,6 +1483,12 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
             equal the graph's dims where they are known.
         verify: optional example inputs ``(N, C, H, W)`` (library scaling) checked in addition
             to the probe images (needs onnxruntime).
+        transform: the graph input's convention (:class:`bnn_tol.data.Normalize`, as for
+            :func:`bnn_tol.adapt`). With it, a chain the block reader refuses -- operations
+            before the first layer (Brevitas' ``2x - 1`` and input quantizer), a
+            ``TensorNorm`` (Sub/Div/Mul/Add) after the last layer, a fixed batch size -- is
+            read as a torch module and mapped by :func:`bnn_tol.adapt` (its verification,
+            then onnxruntime's predictions on the probe images).
 
     Raises:
         OnnxError: naming the node, attribute or tensor that cannot be imported, and why.
@@ -1481,8 +1524,14 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
     chain, _ = gr.chain()
     try:
         blocks = _blocks(gr, chain, io)
-    except OnnxError:
-        raise
+    except OnnxError as first:
+        if transform is None:
+            raise
+        try:  # an input transform, TensorNorm, ...: read as a module, mapped by adapt
+            return _import_by_adapt(gr, chain, io, transform, where)
+        except UnsupportedModel as e:
+            raise OnnxError(f"{first}; read as a module and adapted with {transform!r}: "
+                            f"{e}") from None
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
         # a case the checks above do not foresee: still one line naming the node
         raise OnnxError(f"{gr.at.label if gr.at is not None else where}: cannot be imported "
@@ -1503,6 +1552,178 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
         model.meta["verified_with"] = f"onnxruntime {ort.__version__}"
         if ties:
             model.meta["onnx_rounding_ties"] = ties
+    return model
+
+
+class _Elementwise(torch.nn.Module):
+    """An ONNX ``Add``/``Sub``/``Mul``/``Div`` of the data and a constant, operands in the
+    graph's order (``Sub(c, x)`` is ``c - x``)."""
+
+    _OPS = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+
+    def __init__(self, op: str, const: np.ndarray, data_first: bool) -> None:
+        super().__init__()
+        self.op, self.data_first = op, data_first
+        self.register_buffer("c", torch.from_numpy(np.array(const, dtype=np.float32)))
+
+    def forward(self, x):
+        fn = self._OPS[self.op]
+        return fn(x, self.c) if self.data_first else fn(self.c, x)
+
+
+class _OnnxSign(torch.nn.Module):
+    """``Where(x >= 0, 1, -1)`` (``strict``: ``x > 0``), or ONNX ``Sign`` (0 -> 0)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "Sign":
+            return torch.sign(x)
+        return torch.where(x > 0 if self.kind == "Greater" else x >= 0, 1.0, -1.0)
+
+
+class _Round(torch.nn.Module):
+    def forward(self, x):
+        return torch.round(x)
+
+
+def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
+    """The chain as a torch module computing what the graph computes (for :func:`adapt`):
+    Gemm/MatMul/Conv as Linear/Conv2d with the graph's (binarized, scaled) weights,
+    BatchNormalization, elementwise Add/Sub/Mul/Div with a constant, a sign written as
+    ``Where(x >= 0, 1, -1)`` or ``Sign``, Clip, MaxPool, Flatten/Reshape to ``(N, -1)``,
+    Softmax. Refuses other operators naming the node."""
+    mods: list[torch.nn.Module] = []
+    k = 0
+    while k < len(chain):
+        n = chain[k]
+        gr.at = n
+        data = next(i for i in n.inputs if i and i not in gr.const)
+        consts = [i for i in n.inputs if i and i in gr.const]
+        if n.op in ("Identity", "Dropout"):
+            pass
+        elif n.op in ("Flatten", "Reshape"):
+            mods.append(torch.nn.Flatten())
+        elif n.op in ("Gemm", "MatMul"):
+            if n.attr("transA", 0) or n.inputs[0] != data:
+                raise OnnxError(f"{n.label}: the data must be its first input, not transposed")
+            w = gr.f32(n, n.inputs[1], "weight")
+            w = w if (n.op == "Gemm" and n.attr("transB", 0)) else w.T
+            w = w * float(n.attr("alpha", 1.0))
+            bias = gr.f32(n, n.inputs[2], "bias") * float(n.attr("beta", 1.0)) \
+                if len(n.inputs) > 2 and n.inputs[2] else None
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+                if bias is not None:
+                    lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (w.shape[0],)).copy()))
+            mods.append(lin)
+        elif n.op == "Conv":
+            w = gr.f32(n, n.inputs[1], "weight")
+            pads = list(n.attr("pads", [0] * 4))
+            if n.attr("group", 1) != 1 or any(v != 1 for v in n.attr("dilations", [1, 1])) \
+                    or pads[:2] != pads[2:] or pads[0] != pads[1]:
+                raise OnnxError(f"{n.label}: only ungrouped, undilated convolutions with "
+                                "symmetric padding")
+            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=tuple(
+                n.attr("strides", [1, 1])), padding=pads[0], bias=len(n.inputs) > 2 and bool(
+                n.inputs[2]))
+            with torch.no_grad():
+                conv.weight.copy_(torch.from_numpy(w))
+                if conv.bias is not None:
+                    conv.bias.copy_(torch.from_numpy(gr.f32(n, n.inputs[2], "bias")))
+            mods.append(conv)
+        elif n.op == "BatchNormalization":
+            gamma, beta, mean, var = (gr.f32(n, i, w) for i, w in zip(
+                n.inputs[1:5], ("scale", "bias", "mean", "variance"), strict=True))
+            kind = torch.nn.BatchNorm1d if len(_shape_of(mods, gr)) <= 2 else torch.nn.BatchNorm2d
+            bn = kind(len(gamma), eps=float(n.attr("epsilon", 1e-5))).eval()
+            with torch.no_grad():
+                for t, v in ((bn.weight, gamma), (bn.bias, beta), (bn.running_mean, mean),
+                             (bn.running_var, var)):
+                    t.copy_(torch.from_numpy(np.ascontiguousarray(v)))
+            mods.append(bn)
+        elif n.op in ("Add", "Sub", "Mul", "Div"):
+            if len(consts) != 1:
+                raise OnnxError(f"{n.label}: {n.op} of the data and one constant only")
+            mods.append(_Elementwise(n.op, gr.f32(n, consts[0], "operand"),
+                                     n.inputs[0] == data))
+        elif n.op in ("GreaterOrEqual", "Greater") and k + 1 < len(chain) and \
+                chain[k + 1].op == "Where":
+            w = chain[k + 1]
+            ok = (len(consts) == 1 and float(np.max(np.abs(gr.const[consts[0]]))) == 0.0
+                  and n.inputs[0] == data and len(w.inputs) == 3
+                  and all(i in gr.const for i in w.inputs[1:])
+                  and float(np.max(gr.const[w.inputs[1]])) == 1.0 == float(
+                      np.min(gr.const[w.inputs[1]]))
+                  and float(np.max(gr.const[w.inputs[2]])) == -1.0 == float(
+                      np.min(gr.const[w.inputs[2]])))
+            if not ok:
+                raise OnnxError(f"{n.label}: only Where(x >= 0, 1, -1) (or x > 0) is a sign")
+            mods.append(_OnnxSign(n.op))
+            k += 1
+        elif n.op == "Sign":
+            mods.append(_OnnxSign("Sign"))
+        elif n.op == "Round":  # half to even, as torch.round
+            mods.append(_Round())
+        elif n.op == "Clip":
+            lo, hi = _clip_range(gr, n)
+            mods.append(torch.nn.Hardtanh(lo, hi))
+        elif n.op == "MaxPool":
+            kern = n.attr("kernel_shape")
+            if kern is None or len(set(kern)) != 1 or any(n.attr("pads", [0])) or \
+                    list(n.attr("strides", kern)) != list(kern):
+                raise OnnxError(f"{n.label}: only square max-pooling with stride = kernel")
+            mods.append(torch.nn.MaxPool2d(int(kern[0])))
+        elif n.op in ("Softmax", "LogSoftmax"):
+            mods.append(torch.nn.Softmax(1) if n.op == "Softmax" else torch.nn.LogSoftmax(1))
+        else:
+            raise OnnxError(f"{n.label}: operator {n.op} is not supported")
+        k += 1
+    return torch.nn.Sequential(*mods)
+
+
+def _shape_of(mods: list, gr: _Graph) -> tuple:
+    """Rank of the data after ``mods`` (2 after a Linear/Flatten, else the input's)."""
+    for m in reversed(mods):
+        if isinstance(m, torch.nn.Linear | torch.nn.Flatten):
+            return (0, 0)
+        if isinstance(m, torch.nn.Conv2d):
+            return (0, 0, 0, 0)
+    t = gr.input.type.tensor_type
+    return tuple(t.shape.dim)
+
+
+def _import_by_adapt(gr: _Graph, chain: list[_Node], io: _Io, transform, where: str) -> BNN:
+    """A chain the block reader refuses (an input transform such as Brevitas' ``2x - 1`` and
+    input quantizer, a ``TensorNorm`` after the last layer, a static batch size): read as a
+    torch module (:func:`_to_torch`) and mapped by :func:`bnn_tol.adapt` with the user's input
+    ``transform``; then, with onnxruntime, the predictions on the probe images checked against
+    the graph run as written."""
+    from bnn_tol.interop.adapt import _LIBRARY, adapt
+
+    module = _to_torch(gr, chain)
+    user = transform if transform is not None else _LIBRARY
+    pixels = _probe_pixels(io.in_shape)
+    x = user.to_float(pixels)
+    model = adapt(module, x.reshape(len(x), *io.shape), transform=transform,
+                  in_shape=io.in_shape if len(io.shape) == 1 else None)
+    model.meta = {"imported_from": where, "imported_by": "adapt"}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return model
+    rt = _Runtime(ort, where)
+    ref = rt.run(rt.session(gr.proto, "the graph"), io.name,
+                 x.numpy().reshape(len(x), *io.shape), io.batch, "the probe inputs")
+    with torch.no_grad():
+        got = model(grid_of(model).to_float(pixels)).argmax(1).numpy()
+    if not np.array_equal(ref.argmax(1), got):
+        raise OnnxError(f"{where}: onnxruntime's predictions differ from the adapted model's on "
+                        f"{int((ref.argmax(1) != got).sum())} of {len(got)} probe images")
+    model.meta["verified_with"] = f"onnxruntime {ort.__version__} (predictions)"
     return model
 
 
