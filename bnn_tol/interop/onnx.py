@@ -51,6 +51,7 @@ from bnn_tol.core.compiled import UnsupportedModel, check_bnn, compile_model
 from bnn_tol.core.models import BNN, build
 from bnn_tol.data import INPUT, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
+from bnn_tol.interop.adapt import _LIBRARY, adapt
 from bnn_tol.interop.bundle import _score_table
 
 __all__ = ["export_onnx", "import_onnx", "OnnxError"]
@@ -1702,8 +1703,6 @@ def _import_by_adapt(gr: _Graph, chain: list[_Node], io: _Io, transform, where: 
     torch module (:func:`_to_torch`) and mapped by :func:`bnn_tol.adapt` with the user's input
     ``transform``; then, with onnxruntime, the predictions on the probe images checked against
     the graph run as written."""
-    from bnn_tol.interop.adapt import _LIBRARY, adapt
-
     module = _to_torch(gr, chain)
     user = transform if transform is not None else _LIBRARY
     pixels = _probe_pixels(io.in_shape)
