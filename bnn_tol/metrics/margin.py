@@ -595,11 +595,12 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
     blocks = [s.block for s in stages]
     stats: dict[int, LayerStats] = {}
     dev = device_of(model)
+    packed: dict[int, np.ndarray | None] = {}
     with eval_mode(model):
         for x, _ in data.batches(batch_size, device=dev, grid=grid_of(model)):
             values = {}
             for k, block in enumerate(blocks[: last + 1]):
-                a = run_block(block.preact, x, stages[k].name)
+                a = _preact(stages[k], x, packed)
                 if k in wanted:
                     h = block.post(a) if k < last else None
                     if k not in stats:
@@ -613,6 +614,26 @@ def margin_pass(model: nn.Module, data: BNNDataset, *, batch_size: int = 1000,
             if se:
                 _add_se(stats, values)
     return [stats[k] for k in sorted(stats)]
+
+
+def _preact(stage: Stage, x: Tensor, packed: dict) -> Tensor:
+    """The block's pre-activation ``a = layer(x)``, for a hidden linear sign layer reading
+    +-1 inputs on CPU by the packed engine's XNOR/popcount kernel (``a = n - 2 popcount(x XOR
+    w)``, the exact integers the float product gives, at the popcount roofline); otherwise the
+    layer's own forward. ``packed`` caches each layer's packed weight rows for the pass."""
+    layer = stage.layer
+    fast = (kernels.AVAILABLE and stage.index > 0 and not stage.conv and stage.sign_codec
+            and layer.bias is None and x.device.type == "cpu" and x.dtype == torch.float32)
+    if not fast:
+        return run_block(stage.block.preact, x, stage.name)
+    if stage.index not in packed:
+        packed[stage.index] = kernels.pack_rows(layer.binary_weight().detach().cpu().numpy())
+    h = x.flatten(1) if stage.flatten else x
+    if h.shape[1] != layer.in_features:
+        return run_block(stage.block.preact, x, stage.name)  # the layer names the mismatch
+    out = np.empty((h.shape[0], layer.out_features), dtype=np.int64)
+    kernels.fc_output(kernels.pack_rows(h.numpy()), packed[stage.index], layer.in_features, out)
+    return torch.from_numpy(out).to(torch.float32)
 
 
 def _hist_margins(st: LayerStats) -> tuple[Tensor, Tensor]:
