@@ -621,8 +621,12 @@ def plot_sweep(csv, out, metric, level, overwrite) -> None:
               help="Checkpoint directory to write (then sweep/metrics/study as usual).")
 @click.option("--in-shape", default=None,
               help="C,H,W when the graph input is flat or its dims are symbolic.")
+@click.option("--normalize", default=None, metavar="MEAN,STD",
+              help="The graph input's convention, ToTensor then Normalize(MEAN, STD) (0,1 for "
+                   "[0, 1] inputs, 0.5,0.5 for 2x-1); lets graphs with an input transform, an "
+                   "input quantizer or a TensorNorm (Brevitas' QONNX export) import via adapt.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
-def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
+def import_cmd(onnx_file, out, in_shape, normalize, overwrite) -> None:
     """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
     [onnx] extra) and save it as a bnn_tol checkpoint. Reads bnn_tol's own --onnx exports (as
     the exported model), torch.onnx.export graphs of a plain BNN (both exporters) and QONNX
@@ -632,11 +636,17 @@ def import_cmd(onnx_file, out, in_shape, overwrite) -> None:
     verified against it before anything is written; a graph that cannot be imported exactly
     ends in one line and a non-zero exit."""
     shape = _parse_ints(in_shape, "--in-shape")
+    norm = _parse_floats(normalize, "--normalize")
+    if norm is not None and len(norm) != 2:
+        raise click.BadParameter(f"expected MEAN,STD, got {normalize!r}",
+                                 param_hint="--normalize")
+    from bnn_tol.data import Normalize
     from bnn_tol.interop import checkpoint
     from bnn_tol.interop import onnx as onnx_io
 
+    transform = Normalize(*norm) if norm is not None else None
     checkpoint.check_out(out, overwrite=overwrite)
-    model = onnx_io.import_onnx(onnx_file, in_shape=shape)
+    model = onnx_io.import_onnx(onnx_file, in_shape=shape, transform=transform)
     if "verified_with" not in model.meta:
         click.echo("warning: onnxruntime is not installed: the graph was checked but not "
                    "verified (pip install 'bnn_tol[onnx]')", err=True)

@@ -84,3 +84,38 @@ def test_brevitas_qonnx_exports_import_through_adapt(name, tmp_path):
         ref = user(tf.to_float(imgs))
         ref = (ref.value if hasattr(ref, "value") else ref).argmax(1)
         assert torch.equal(model(grid_of(model).to_float(imgs)).argmax(1), ref)
+
+
+def test_bnn_tol_import_reads_a_brevitas_qonnx_export_with_normalize(tmp_path):
+    pytest.importorskip("onnxoptimizer")
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from brevitas.export import export_qonnx
+    from click.testing import CliRunner
+
+    from bnn_tol.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net, _ = bnn_pynq.model_with_cfg("tfc_1w1a", pretrained=False)
+        imgs = _images("tfc_1w1a")
+        user = P.calibrate(net, Normalize().to_float(imgs))
+        path = tmp_path / "tfc.onnx"
+        export_qonnx(user, torch.rand(1, 1, 28, 28), export_path=str(path))
+    runner = CliRunner()
+    plain = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "a")])
+    assert plain.exit_code != 0 and "Reshape" in plain.output and "Traceback" not in plain.output
+    bad = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "b"),
+                               "--normalize", "0.5"])
+    assert bad.exit_code != 0 and "MEAN,STD" in bad.output
+    ok = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "c"),
+                              "--normalize", "0,1"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output.strip().splitlines()[-1])["verified_with"].startswith(
+        "onnxruntime")
+    model = bnn_tol.load(tmp_path / "c")
+    with torch.no_grad():
+        ref = user(Normalize().to_float(imgs))
+        ref = (ref.value if hasattr(ref, "value") else ref).argmax(1)
+        assert torch.equal(model(grid_of(model).to_float(imgs)).argmax(1), ref)
