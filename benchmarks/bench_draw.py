@@ -8,26 +8,19 @@ the numpy replica of its generator (``exact``: the same values bit for bit).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks._timing import best
 from bnn_tol.faults import draw, maps
 
 SEED = 7
 
 
-def _best(f: Callable[[], object], repeat: int = 7) -> float:
-    f()  # warm up (allocator)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+
+def _best(f, repeat: int = 7) -> float:
+    return best(f, repeat)
 
 
 def _naive(n: int, cap: float):

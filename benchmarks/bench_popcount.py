@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks._timing import best
 from bnn_tol import evaluate
 from bnn_tol.core import kernels
 from bnn_tol.engines import packed
@@ -93,14 +94,9 @@ if kernels.AVAILABLE:
                   "4 samples x 2 neurons": _xor_pop_4x2}
 
 
+
 def _best(f, repeat: int = 3) -> float:
-    f()  # warm up (compilation, allocator)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best(f, repeat)
 
 
 def _roofline(quick: bool) -> list[dict]:
