@@ -453,13 +453,15 @@ def _lib_sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def _binary(layer: nn.Module, x: Tensor, wb: Tensor | None = None) -> Tensor:
-    """``r = linear/conv(x, sign(W))`` without the bias (``wb``: other binary weights)."""
+def _binary(layer: nn.Module, x: Tensor, wb: Tensor | None = None,
+            bias: Tensor | None = None) -> Tensor:
+    """``r = linear/conv(x, sign(W), bias)`` (``wb``: other binary weights; the bias inside
+    the product, which rounds differently from adding it after)."""
     if wb is None:
         wb = torch.where(layer.weight >= 0, 1.0, -1.0).to(layer.weight.dtype)
     if isinstance(layer, nn.Linear):
-        return F.linear(x, wb)
-    return F.conv2d(x, wb, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return F.linear(x, wb, bias)
+    return F.conv2d(x, wb, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def _channels(t: Tensor, c: int) -> Tensor:
@@ -483,6 +485,13 @@ class _Form:
     @property
     def exact(self) -> bool:
         return self.alpha is None and self.bias is None
+
+    def scale(self, factor: float, c: int) -> None:
+        """The layer reads ``factor`` times the library's input (the first layer's input
+        grid, :func:`_input_grid`): ``alpha <- factor alpha`` over its ``c`` channels."""
+        if factor != 1.0:
+            one = torch.ones(c, dtype=torch.float64)
+            self.alpha = (self.alpha if self.alpha is not None else one) * factor
 
     def describe(self) -> str:
         parts = [] if self.alpha is None else ["a weight scale"]
@@ -513,7 +522,7 @@ def _fit_form(layer: nn.Module, x: Tensor, out: Tensor) -> _Form | None:
         if b is None and torch.equal(out, r):
             return _Form(None, None)
         if b is not None and (torch.equal(out, r + b.view(shape)) or torch.equal(
-                out, _binary_with_bias(layer, x, b))):
+                out, _binary(layer, x, bias=b))):
             return _Form(None, b.double())
     rc, tol = _channels(r.double(), c), 1e-5 * float(out.abs().max()) + 1e-12
     for b in _bias_candidates(layer):
@@ -526,14 +535,6 @@ def _fit_form(layer: nn.Module, x: Tensor, out: Tensor) -> _Form | None:
         if bool(((oc - alpha[:, None] * rc).abs() <= tol).all()):
             return _Form(alpha, None if b is None else b.double())
     return None
-
-
-def _binary_with_bias(layer: nn.Module, x: Tensor, b: Tensor) -> Tensor:
-    """``linear/conv(x, sign(W), b)``: the bias inside the product (rounds differently)."""
-    wb = torch.where(layer.weight >= 0, 1.0, -1.0).to(layer.weight.dtype)
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, wb, b)
-    return F.conv2d(x, wb, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def _why_not_binary(desc: str, layer: nn.Module, x: Tensor, out: Tensor) -> str:
@@ -809,6 +810,42 @@ def _adapt(ctx: _Ctx):
     return _build_verified(ctx, mapped, None)
 
 
+def _record_calls(ctx: _Ctx, leaves: list[tuple[str, Any]]) -> tuple[list[list], Any]:
+    """One run of the module on (a copy of) the example with the calls of the registered
+    leaf modules recorded in call order, ``[name, copy of its input, copy of its output]``
+    (the hooks return nothing: the module computes as it would); and the module's output.
+
+    Raises:
+        AdaptError: the module fails on the example.
+    """
+    events: list[list] = []
+
+    def pre(name: str, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            events.append([name, args[0].detach().clone(), None])
+
+    def post(name: str, out: Any) -> None:
+        out = out.value if hasattr(out, "value") else out
+        if isinstance(out, Tensor):
+            for ev in reversed(events):
+                if ev[0] == name and ev[2] is None:
+                    ev[2] = out.detach().clone()
+                    break
+
+    handles = []
+    for name, mod in leaves:
+        if isinstance(mod, nn.Module):
+            handles += [mod.register_forward_pre_hook(lambda _m, a, name=name: pre(name, a)),
+                        mod.register_forward_hook(lambda _m, _a, o, name=name: post(name, o))]
+    try:
+        out = _call(f"the module ({type(ctx.module).__name__})", "the example", ctx.module,
+                    ctx.example.clone())
+    finally:
+        for h in handles:
+            h.remove()
+    return events, (out.value if hasattr(out, "value") else out)
+
+
 def _observed_graph(ctx: _Ctx) -> torch.fx.GraphModule:
     """The dataflow of a forward that torch.fx cannot trace (data-dependent control flow such
     as ``if residual.data.max() > 1``), reconstructed from one run on the example.
@@ -824,32 +861,7 @@ def _observed_graph(ctx: _Ctx) -> torch.fx.GraphModule:
     Raises:
         AdaptError: a call whose input is none of these (naming the module).
     """
-    events: list[list] = []
-    names = {id(m): n for n, m in _leaves(ctx.module) if isinstance(m, nn.Module)}
-
-    def pre(m, args):
-        if args and isinstance(args[0], Tensor):
-            events.append([names[id(m)], args[0].detach().clone(), None])
-
-    def post(m, _args, out):
-        out = out.value if hasattr(out, "value") else out
-        if isinstance(out, Tensor):
-            for ev in reversed(events):
-                if ev[0] == names[id(m)] and ev[2] is None:
-                    ev[2] = out.detach().clone()
-                    break
-
-    handles = []
-    for mid, _ in names.items():
-        m = next(mod for mod in ctx.module.modules() if id(mod) == mid)
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    try:
-        out = _call(f"the module ({type(ctx.module).__name__})", "the example", ctx.module,
-                    ctx.example.clone())
-    finally:
-        for h in handles:
-            h.remove()
-    out = out.value if hasattr(out, "value") else out
+    events, out = _record_calls(ctx, _leaves(ctx.module))
     graph = torch.fx.Graph()
     known = [(graph.placeholder("x"), ctx.example.clone())]
     layers_seen = set()
@@ -1026,9 +1038,7 @@ def _map_graph(ctx: _Ctx, gm: torch.fx.GraphModule | None = None
                     name_in = emit({"op": "sign", "inputs": [name_in]})
             if grid is None:
                 grid, factor = _input_grid(ctx, pre)
-                if factor != 1.0:
-                    form.alpha = (form.alpha if form.alpha is not None else torch.ones(
-                        y.shape[1], dtype=torch.float64)) * factor
+                form.scale(factor, y.shape[1])
             spec = _layer_spec(desc, op, False)
             spec = {k: v for k, v in spec.items() if k in ("type", "in", "out", "kernel",
                                                           "padding")}
@@ -1110,22 +1120,13 @@ def _walk_divergence(ctx: _Ctx, leaves: list[tuple[str, Any]]) -> str | None:
     """Where ``forward`` feeds a registered module something other than what the walk's
     chain gives it (the previous module's output, flattened or binarized): a skip connection
     (residual blocks) or an operation the walk cannot see; ``None`` when none is found."""
-    seen: dict[str, Tensor] = {}
-
-    def capture(name: str, args: tuple) -> None:  # returns None: the input is not replaced
-        if name not in seen and args and isinstance(args[0], Tensor):
-            seen[name] = args[0].detach().clone()
-
-    handles = [mod.register_forward_pre_hook(lambda _m, args, name=name: capture(name, args))
-               for name, mod in leaves if isinstance(mod, nn.Module)]
     try:
-        _call(f"the module ({type(ctx.module).__name__})", "the example", ctx.module,
-              ctx.example.clone())
+        events, _ = _record_calls(ctx, leaves)
     except AdaptError:
         return None
-    finally:
-        for h in handles:
-            h.remove()
+    seen: dict[str, Tensor] = {}
+    for name, x_in, _ in events:
+        seen.setdefault(name, x_in)  # the first call's input
     x, prev = ctx.example.clone(), "the input"
     for name, mod in leaves:
         got = seen.get(name)
@@ -1301,10 +1302,7 @@ def _map_ops(ctx: _Ctx, ops, traced: bool):
                     raise AdaptError(_why_not_binary(desc, op, x, out))
             if grid is None:  # the first layer: its input grid and the factor to fold
                 grid, factor = _input_grid(ctx, pre)
-                if factor != 1.0:
-                    c = out.shape[1]
-                    form.alpha = (form.alpha if form.alpha is not None else torch.ones(
-                        c, dtype=torch.float64)) * factor
+                form.scale(factor, out.shape[1])
             if bool((op.weight == 0).any()) and sign_zero not in (1, None):
                 raise AdaptError(f"{desc}: latent weights exactly 0 binarize to {sign_zero}, "
                                  "the library binarizes them to +1")
