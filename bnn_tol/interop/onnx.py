@@ -1597,6 +1597,7 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
     ``Where(x >= 0, 1, -1)`` or ``Sign``, Clip, MaxPool, Flatten/Reshape to ``(N, -1)``,
     Softmax. Refuses other operators naming the node."""
     mods: list[torch.nn.Module] = []
+    rank = len(gr.input.type.tensor_type.shape.dim)  # of the data: 2 after a flatten or Gemm
     k = 0
     while k < len(chain):
         n = chain[k]
@@ -1607,6 +1608,7 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
             pass
         elif n.op in ("Flatten", "Reshape"):
             mods.append(torch.nn.Flatten())
+            rank = 2
         elif n.op in ("Gemm", "MatMul"):
             if n.attr("transA", 0) or n.inputs[0] != data:
                 raise OnnxError(f"{n.label}: the data must be its first input, not transposed")
@@ -1621,6 +1623,7 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
                 if bias is not None:
                     lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (w.shape[0],)).copy()))
             mods.append(lin)
+            rank = 2
         elif n.op == "Conv":
             w = gr.f32(n, n.inputs[1], "weight")
             pads = list(n.attr("pads", [0] * 4))
@@ -1639,7 +1642,7 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
         elif n.op == "BatchNormalization":
             gamma, beta, mean, var = (gr.f32(n, i, w) for i, w in zip(
                 n.inputs[1:5], ("scale", "bias", "mean", "variance"), strict=True))
-            kind = torch.nn.BatchNorm1d if len(_shape_of(mods, gr)) <= 2 else torch.nn.BatchNorm2d
+            kind = torch.nn.BatchNorm1d if rank <= 2 else torch.nn.BatchNorm2d
             bn = kind(len(gamma), eps=float(n.attr("epsilon", 1e-5))).eval()
             with torch.no_grad():
                 for t, v in ((bn.weight, gamma), (bn.bias, beta), (bn.running_mean, mean),
@@ -1684,17 +1687,6 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
             raise OnnxError(f"{n.label}: operator {n.op} is not supported")
         k += 1
     return torch.nn.Sequential(*mods)
-
-
-def _shape_of(mods: list, gr: _Graph) -> tuple:
-    """Rank of the data after ``mods`` (2 after a Linear/Flatten, else the input's)."""
-    for m in reversed(mods):
-        if isinstance(m, torch.nn.Linear | torch.nn.Flatten):
-            return (0, 0)
-        if isinstance(m, torch.nn.Conv2d):
-            return (0, 0, 0, 0)
-    t = gr.input.type.tensor_type
-    return tuple(t.shape.dim)
 
 
 def _import_by_adapt(gr: _Graph, chain: list[_Node], io: _Io, transform, where: str) -> BNN:
