@@ -158,3 +158,29 @@ def test_graph_importance_equals_negating_one_neuron_at_a_time(net, test):
                 assert flips.importance.iloc[j] == pytest.approx(flip, abs=1e-12)
     with pytest.raises(InvalidArgument, match="only the negation estimators"):
         metrics.importance(net, sub, estimator="taylor")
+
+
+def test_graph_loss_norm_uses_the_output_batchnorm_scale(net, test):
+    """``loss_norm`` divides the logits by the mean scale of the graph's output BatchNorm (its
+    last node), ``s = mean_c |gamma_c| / sqrt(var_c + eps)``."""
+    sub = test.subset(40)
+    imp = metrics.importance(net, sub, estimator="loss_norm", layers=[0])
+    bo = net.ops["bo"]
+    s = float((bo.weight.detach().double().abs() / torch.sqrt(bo.running_var.double()
+                                                              + bo.eps)).mean())
+    x = data.to_float(sub.images)
+    u = net.units()[0]
+    with torch.no_grad():
+        z = net(x)
+        for j in (0, 3):
+            def edit(name, v, j=j):
+                if name in u["signs"]:
+                    v = v.clone()
+                    v[:, j] *= -1
+                return v
+
+            zj, _ = net.run(x, edit=edit)
+            ce = torch.nn.functional.cross_entropy
+            want = float((ce(zj / s, sub.labels, reduction="none").double()
+                          - ce(z / s, sub.labels, reduction="none").double()).mean())
+            assert imp.importance.iloc[j] == pytest.approx(want, rel=1e-5, abs=1e-7)

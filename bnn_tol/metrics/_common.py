@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from bnn_tol.core.compiled import CompiledModel, Stage, check_bnn
+from bnn_tol.core.compiled import CompiledModel, Stage, check_bnn, positions
 from bnn_tol.core.layers import BinaryConv2d, BinaryLinear
 from bnn_tol.core.models import check_data as check_model_data
 from bnn_tol.data import BNNDataset
@@ -122,14 +122,13 @@ def graph_units(model: nn.Module, layers: list[int] | None = None) -> GraphUnits
     Raises:
         InvalidArgument: no unit, or ``layers`` naming none of them.
     """
-    pos = {id(m): k for k, m in enumerate(m for m in model.modules()
-                                          if isinstance(m, BinaryLinear | BinaryConv2d))}
+    pos = positions(model)  # layer name -> position among the stored layers
     qual = {id(m): n for n, m in model.named_modules()}
     by = {n["name"]: n for n in model.nodes}
     out = GraphUnits([], [], [], [], [], [], [])
     for u in model.units():
         layer = model.ops[u["layer"]]
-        k = pos[id(layer)]
+        k = pos[qual[id(layer)]]
         if layers is not None and k not in set(layers):
             continue
         bn = model.ops[u["bn"]]

@@ -196,10 +196,9 @@ def _jackknife(reps: Tensor) -> tuple[Tensor, Tensor]:
     return (f * (dev * dev).sum(1)).sqrt(), f * (dev * net).sum(1)
 
 
-def _output_scale(blocks: Sequence[nn.Module]) -> float:
+def _output_scale(bn: nn.Module | None) -> float:
     """Mean logit change per unit of output pre-activation, ``mean_c |gamma_c| / sqrt(s2_c +
-    eps)`` of the output BatchNorm (1 without one): the unit of ``"loss_norm"``."""
-    bn = getattr(blocks[-1], "bn", None)
+    eps)`` of the output BatchNorm ``bn`` (1 without one): the unit of ``"loss_norm"``."""
     if bn is None or bn.running_var is None:
         return 1.0
     g = bn.weight.detach().double().abs() if bn.weight is not None else 1.0
@@ -482,7 +481,8 @@ def importance(
     clean_loss = 0.0
     n_groups = max(1, min(JACKKNIFE_GROUPS, len(data)))
     contrib = {(e, i.index): _Contributions(n_groups) for e in ests for i in infos}
-    scale = _output_scale(blocks) if any(estimators.get(e).needs_scale for e in ests) else 1.0
+    scale = _output_scale(getattr(blocks[-1], "bn", None)) \
+        if any(estimators.get(e).needs_scale for e in ests) else 1.0
     flipped_w: dict[tuple[int, int], Tensor] = {}
     if mc:
         em = error_model(error)
@@ -583,14 +583,9 @@ def _graph_importance(model: nn.Module, data: BNNDataset, ests: list[str], *,
         raise InvalidArgument(f"dataset {data.name!r} is empty")
     check_model_data(model, data)
     units = graph_units(model, None if layers is None else list(layers))
-    scale = 1.0
-    if any(estimators.get(e).needs_scale for e in ests):
-        last = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        bn = last[-1] if last else None
-        if bn is not None and bn.running_var is not None:
-            g = bn.weight.detach().abs() if bn.weight is not None else torch.ones_like(
-                bn.running_var)
-            scale = float((g / torch.sqrt(bn.running_var + bn.eps)).mean())
+    last = model.nodes[-1]  # the output BatchNorm: the graph's last node, if a BatchNorm
+    scale = _output_scale(model.ops[last["name"]] if last["op"] == "bn" else None) \
+        if any(estimators.get(e).needs_scale for e in ests) else 1.0
     dev = device_of(model)
     n_groups = max(1, min(JACKKNIFE_GROUPS, len(data)))
     contrib = {(e, k): _Contributions(n_groups) for e in ests for k in range(len(units.sign))}
