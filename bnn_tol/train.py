@@ -15,6 +15,7 @@ Same seed, same device -> identical weights, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -453,10 +454,8 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     options = options if options is not None else _Options()
     dev = resolve_device(device)
     model.to(dev)
-    loss_fn = _loss_fn(loss, mhl_margin)
-    if options.label_smoothing:
-        def loss_fn(z, y, eps=options.label_smoothing):  # noqa: F811 -- the smoothed CE
-            return F.cross_entropy(z, y, label_smoothing=eps)
+    loss_fn = _loss_fn(loss, mhl_margin) if not options.label_smoothing else \
+        functools.partial(F.cross_entropy, label_smoothing=options.label_smoothing)
     p_target = faults.rates(flip_ber) if flip_ber is not None else (0.0, 0.0)
     flipping = max(p_target) > 0
     layers = faults.select_layers(model, flip_layers)
@@ -476,7 +475,7 @@ def _fit(model, train, test, *, epochs, batch_size, lr, lr_step, lr_gamma, loss,
     adv_layers = faults.select_layers(model, adversarial_layers) if adversarial_bits else {}
     opt = _make_optimizer(model, lr, options)
     params = [p for p in model.parameters() if p.requires_grad]
-    every = [p for p in params] if options.clip_params == "all" else []
+    every = params if options.clip_params == "all" else []
     rb_open = options.randbet_start_loss is None
     step = lr_step if lr_step is not None else max(1, epochs // 4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=lr_gamma)
