@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bnn_tol.provenance import environment
+from bnn_tol.provenance import describe, environment
 
 HERE = Path(__file__).parent
 
@@ -32,11 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(exist_ok=True)
     env = environment(command="make bench" if not args.quick else "python -m benchmarks.run "
                       "--quick")
-    commit = (env["git_commit"] or "no git")[:12] + (" (dirty)" if env["git_dirty"] else "")
     lines = ["# Benchmark results", "",
-             f"{time.strftime('%Y-%m-%d %H:%M')} · {env['cpu']} ({env['cores']} cores) · "
-             f"bnn_tol {env['bnn_tol']} @ {commit} · torch {env['torch']} · "
-             f"python {env['python']} · {env['torch_threads']} threads · "
+             f"{time.strftime('%Y-%m-%d %H:%M')} · {describe(env)} · "
              f"{'quick' if args.quick else 'full'} run", ""]
     failed = 0
     for name in names:

@@ -104,6 +104,16 @@ def environment(threads: int | None = None, workers: int = 1,
             "workers": int(workers), "command": command}
 
 
+def describe(env: dict[str, Any]) -> str:
+    """One line of an :func:`environment` record: ``CPU (cores) · bnn_tol version @ commit
+    [(dirty)] · torch version · python version · threads``."""
+    commit = (env.get("git_commit") or "no git")[:12] + (" (dirty)" if env.get("git_dirty")
+                                                        else "")
+    return (f"{env.get('cpu')} ({env.get('cores')} cores) · bnn_tol {env.get('bnn_tol')} @ "
+            f"{commit} · torch {env.get('torch')} · python {env.get('python')} · "
+            f"{env.get('torch_threads')} threads")
+
+
 def _tensor_bytes(t) -> bytes:
     return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 

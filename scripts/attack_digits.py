@@ -55,9 +55,7 @@ def main() -> None:
     last = df[df["n_flips"].isin([0, args.n_bits])]
     table = last.groupby(["model", "method", "n_flips"], sort=False)["accuracy"].mean()
     print(table.unstack(["method", "n_flips"]).round(3).to_string())
-    print(f"\nbnn_tol {env.get('bnn_tol')} @ {str(env.get('git_commit'))[:12]}"
-          f"{' (dirty)' if env.get('git_dirty') else ''}, torch {env.get('torch')}, "
-          f"{env.get('cpu', '?')}, {env.get('threads', 1)} thread(s)")
+    print("\n" + provenance.describe(env))
 
 
 if __name__ == "__main__":

@@ -62,9 +62,7 @@ def main() -> None:
     table = df[df["n_flips"].isin(keep)].groupby(["model", "method", "n_flips"],
                                                  sort=False)["accuracy"].mean()
     print(table.unstack(["method", "n_flips"]).round(3).to_string())
-    print(f"\nbnn_tol {env.get('bnn_tol')} @ {str(env.get('git_commit'))[:12]}"
-          f"{' (dirty)' if env.get('git_dirty') else ''}, torch {env.get('torch')}, "
-          f"{env.get('cpu', '?')}, {args.threads} thread(s)")
+    print("\n" + provenance.describe(env))
 
 
 if __name__ == "__main__":

@@ -28,3 +28,13 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch):
     d = provenance.cpu_flags_digest()
     monkeypatch.setattr(provenance, "cpuinfo", lambda: {"flags": "sse avx2 avx512_vnni"})
     assert provenance.cpu_flags_digest() == d
+
+
+def test_describe_is_one_line_with_commit_dirty_flag_and_threads():
+    env = provenance.environment(threads=3)
+    line = provenance.describe(env)
+    assert "\n" not in line and line.endswith("· 3 threads")
+    assert f"@ {(env['git_commit'] or 'no git')[:12]}" in line
+    assert ("(dirty)" in line) == bool(env["git_dirty"])
+    assert provenance.describe({**env, "git_commit": None, "git_dirty": None}).count(
+        "@ no git ·") == 1
