@@ -202,7 +202,7 @@ class BiRealNet(nn.Module):
 # -- Brevitas bnn_pynq 1W1A, quantizers in plain torch -----------------------------------------
 
 
-class _BinarySignSTE(torch.autograd.Function):
+class BinarySignSTE(torch.autograd.Function):
     """Brevitas' ``binary_sign``: +1 where x >= 0, else -1 (a constant scale of 1)."""
 
     @staticmethod
@@ -218,7 +218,7 @@ class BinaryIdentity(nn.Module):
     """``QuantIdentity(act_quant=CommonActQuant, bit_width=1)``: binary activations."""
 
     def forward(self, x):
-        return _BinarySignSTE.apply(x)
+        return BinarySignSTE.apply(x)
 
 
 class Q17Identity(nn.Module):
@@ -233,12 +233,12 @@ class QuantLinear(nn.Linear):
     """``QuantLinear(bias=False, weight_quant=CommonWeightQuant, weight_bit_width=1)``."""
 
     def forward(self, x):
-        return F.linear(x, _BinarySignSTE.apply(self.weight))
+        return F.linear(x, BinarySignSTE.apply(self.weight))
 
 
 class QuantConv2d(nn.Conv2d):
     def forward(self, x):
-        return self._conv_forward(x, _BinarySignSTE.apply(self.weight), None)
+        return self._conv_forward(x, BinarySignSTE.apply(self.weight), None)
 
 
 class TensorNorm(nn.Module):
@@ -340,13 +340,13 @@ class XnorConv2d(nn.Conv2d):
 
     def forward(self, x):
         alpha = self.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
-        return self._conv_forward(x, alpha * _BinarySignSTE.apply(self.weight), self.bias)
+        return self._conv_forward(x, alpha * BinarySignSTE.apply(self.weight), self.bias)
 
 
 class XnorLinear(nn.Linear):
     def forward(self, x):
         alpha = self.weight.abs().mean(dim=1, keepdim=True)
-        return F.linear(x, alpha * _BinarySignSTE.apply(self.weight), self.bias)
+        return F.linear(x, alpha * BinarySignSTE.apply(self.weight), self.bias)
 
 
 class Scale(nn.Module):
@@ -371,8 +371,8 @@ class XnorNet(nn.Module):
         self.scale = Scale()
 
     def forward(self, x):
-        x = F.max_pool2d(_BinarySignSTE.apply(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(_BinarySignSTE.apply(self.bn2(self.conv2(x))), 2)
+        x = F.max_pool2d(BinarySignSTE.apply(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(BinarySignSTE.apply(self.bn2(self.conv2(x))), 2)
         return self.scale(self.fc(torch.flatten(x, 1)))
 
 

@@ -19,20 +19,19 @@ from bnn_tol.data import to_float
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from _onnx_graphs import G, probe_images  # noqa: E402
+from _public_bnns import BinarySignSTE as SignSTE  # noqa: E402
 
 from bnn_tol.interop.onnx import OnnxError, import_onnx  # noqa: E402
 
 
-class SignSTE(torch.autograd.Function):
-    """sign with a straight-through gradient, +1 at 0."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
+def _agrees(net, model) -> None:
+    """The imported model predicts what ``net`` predicts on 300 probe images, its scores
+    within float32 rounding of ``net``'s."""
+    x = to_float(probe_images(n=300))
+    with torch.no_grad():
+        ref, got = net(x), model(x)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
 
 
 class BinLinear(nn.Linear):
@@ -120,11 +119,7 @@ def test_torch_exported_bnn_imports_with_the_models_own_scores(tmp_path, make, d
     if not dynamo:  # what this test is about
         assert {"Shape", "ConstantOfShape", "Where", "Identity"} <= _ops(path)
     model = import_onnx(path)
-    x = to_float(probe_images(n=300))
-    with torch.no_grad():
-        ref, got = net(x), model(x)
-    assert torch.equal(got.argmax(1), ref.argmax(1))
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
+    _agrees(net, model)
 
 
 def test_a_value_computed_from_the_batch_size_is_refused_naming_its_node(tmp_path):
@@ -207,11 +202,7 @@ def test_batchnorms_folded_into_the_weights_import_as_the_original_bnn(tmp_path)
     net = _trained_looking(Mlp(), seed=1)
     model = import_onnx(_fused(net).save(tmp_path / "f.onnx"))
     assert all(set(b.layer.weight.unique().tolist()) == {-1.0, 1.0} for b in model.blocks)
-    x = to_float(probe_images(n=300))
-    with torch.no_grad():
-        ref, got = net(x), model(x)
-    assert torch.equal(got.argmax(1), ref.argmax(1))
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5)
+    _agrees(net, model)
 
 
 def test_a_per_channel_weight_scale_before_a_batchnorm_is_folded_into_it(tmp_path):
