@@ -106,6 +106,7 @@ def test_bnn_tol_import_reads_a_brevitas_qonnx_export_with_normalize(tmp_path):
     runner = CliRunner()
     plain = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "a")])
     assert plain.exit_code != 0 and "Reshape" in plain.output and "Traceback" not in plain.output
+    assert "--normalize MEAN,STD" in plain.output and len(plain.output.strip().splitlines()) == 1
     bad = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "b"),
                                "--normalize", "0.5"])
     assert bad.exit_code != 0 and "MEAN,STD" in bad.output

@@ -1526,8 +1526,11 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
     try:
         blocks = _blocks(gr, chain, io)
     except OnnxError as first:
-        if transform is None:
-            raise
+        if transform is None:  # adapt needs the input convention: the graph does not say it
+            raise OnnxError(f"{first}; to read the graph as a torch module and map it with "
+                            "bnn_tol.adapt instead, pass the input convention it was trained "
+                            "with: transform=bnn_tol.data.Normalize(mean, std) (bnn-tol import "
+                            "--normalize MEAN,STD)") from None
         try:  # an input transform, TensorNorm, ...: read as a module, mapped by adapt
             return _import_by_adapt(gr, chain, io, transform, where)
         except UnsupportedModel as e:
@@ -1619,7 +1622,7 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
                 if len(n.inputs) > 2 and n.inputs[2] else None
             lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
             with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+                lin.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
                 if bias is not None:
                     lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (w.shape[0],)).copy()))
             mods.append(lin)
@@ -1635,9 +1638,9 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
                 n.attr("strides", [1, 1])), padding=pads[0], bias=len(n.inputs) > 2 and bool(
                 n.inputs[2]))
             with torch.no_grad():
-                conv.weight.copy_(torch.from_numpy(w))
+                conv.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
                 if conv.bias is not None:
-                    conv.bias.copy_(torch.from_numpy(gr.f32(n, n.inputs[2], "bias")))
+                    conv.bias.copy_(torch.from_numpy(np.array(gr.f32(n, n.inputs[2], "bias"))))
             mods.append(conv)
         elif n.op == "BatchNormalization":
             gamma, beta, mean, var = (gr.f32(n, i, w) for i, w in zip(
@@ -1647,7 +1650,7 @@ def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
             with torch.no_grad():
                 for t, v in ((bn.weight, gamma), (bn.bias, beta), (bn.running_mean, mean),
                              (bn.running_var, var)):
-                    t.copy_(torch.from_numpy(np.ascontiguousarray(v)))
+                    t.copy_(torch.from_numpy(np.array(v, dtype=np.float32)))
             mods.append(bn)
         elif n.op in ("Add", "Sub", "Mul", "Div"):
             if len(consts) != 1:
