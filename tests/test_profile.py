@@ -111,6 +111,24 @@ def test_energy_is_normalized_to_the_lowest_error_free_voltage():
                        "energy": [1.0, 0.81, 0.64, 0.49]})
     s = evaluate.summary_energy(df, tolerance=0.01)
     assert s["voltage"].iloc[0] == 0.9 and s["energy_saving"].iloc[0] == pytest.approx(0.19)
+    s = evaluate.summary_energy(df, tolerance=[0.001, 0.02, 0.5])
+    assert list(s["voltage"]) == [1.0, 0.8, 0.7] and list(s["tolerance"]) == [0.001, 0.02, 0.5]
+    assert np.isnan(evaluate.summary_energy(df.assign(accuracy=0.1), 0.01)["voltage"].iloc[0])
+
+
+def test_energy_summary_needs_every_higher_voltage_within_tolerance_and_gives_the_spread():
+    """A dip below the tolerance at 0.9 ends the search there, even though 0.8 recovers by
+    chance; the accuracy at the chosen voltage is the mean over placements with its sd."""
+    df = pd.DataFrame({"model": "m", "voltage": [1.0, 1.0, 0.9, 0.9, 0.8, 0.8],
+                       "offset": [0, 1] * 3, "accuracy": [0.9, 0.9, 0.86, 0.87, 0.9, 0.89],
+                       "clean_accuracy": 0.9, "energy": [1.0, 1.0, 0.81, 0.81, 0.64, 0.64]})
+    s = evaluate.summary_energy(df, tolerance=0.02).iloc[0]
+    assert s["voltage"] == 1.0 and s["energy_saving"] == 0 and s["n_placements"] == 2
+    s = evaluate.summary_energy(df, tolerance=0.05).iloc[0]
+    assert s["voltage"] == 0.8 and s["accuracy"] == pytest.approx(0.895)
+    assert s["accuracy_sd"] == pytest.approx(np.std([0.9, 0.89], ddof=1))
+    with pytest.raises(InvalidArgument, match="tolerance"):
+        evaluate.summary_energy(df, tolerance=1.5)
 
 
 def test_profile_file_round_trip_and_validation(tmp_path):

@@ -103,27 +103,47 @@ def profile_sweep(models, data, profile: Profile, *, voltages: Sequence[float] |
                            what="the profile sweep")
 
 
-def summary_energy(df: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
-    """Per model the lowest-energy voltage whose accuracy (mean over offsets) stays within
+def summary_energy(df: pd.DataFrame, tolerance: float | Sequence[float] = 0.01
+                   ) -> pd.DataFrame:
+    """Per model and tolerance the lowest voltage down to which the accuracy stays within
     ``tolerance`` of the clean accuracy -- the paper's headline quantity -- and its saving.
 
+    With ``acc(V)`` the mean accuracy over placements (offsets) at voltage ``V`` and ``A`` the
+    clean accuracy, the chosen voltage is the lowest ``V*`` such that ``acc(V) >= A - tol``
+    at **every** swept ``V >= V*`` (a curve that dips below and recovers at a lower voltage by
+    chance does not count there); its saving is ``1 - E(V*)``.
+
+    Args:
+        df: a profile sweep (:func:`profile_sweep`): one row per model, voltage, offset.
+        tolerance: the allowed accuracy loss (absolute, e.g. ``0.01`` = one point), or several.
+
     Returns:
-        One row per model: ``model, clean_accuracy, voltage, accuracy, energy,
-        energy_saving`` (NaN voltage when no voltage qualifies).
+        One row per model and tolerance: ``model, tolerance, clean_accuracy, voltage,
+        accuracy`` (mean over placements at ``V*``), ``accuracy_sd`` (sd over placements,
+        NaN with one), ``n_placements, energy, energy_saving`` (NaN voltage and saving when
+        even the highest voltage loses more than ``tolerance``).
     """
     need = {"model", "voltage", "accuracy", "clean_accuracy", "energy"}
     if not need <= set(df.columns):
         raise InvalidArgument(f"summary_energy needs a profile sweep with {sorted(need)}")
+    tols = [tolerance] if isinstance(tolerance, (int, float)) else list(tolerance)
+    if not tols or not all(isinstance(t, (int, float)) and 0 <= t < 1 for t in tols):
+        raise InvalidArgument(f"tolerance must be in [0, 1) (an accuracy loss), got "
+                              f"{tolerance!r}")
     out = []
     for label, g in df.groupby("model", sort=False):
-        m = g.groupby("voltage", sort=True).agg(accuracy=("accuracy", "mean"),
-                                                energy=("energy", "first")).reset_index()
+        m = g.groupby("voltage", sort=True).agg(
+            accuracy=("accuracy", "mean"), accuracy_sd=("accuracy", "std"),
+            n_placements=("accuracy", "count"), energy=("energy", "first"))
+        m = m.sort_index(ascending=False).reset_index()  # highest voltage first
         clean = float(g["clean_accuracy"].iloc[0])
-        ok = m[m["accuracy"] >= clean - tolerance]
-        best = ok.loc[ok["energy"].idxmin()] if len(ok) else None
-        out.append({"model": label, "clean_accuracy": clean,
-                    "voltage": float(best["voltage"]) if best is not None else math.nan,
-                    "accuracy": float(best["accuracy"]) if best is not None else math.nan,
-                    "energy": float(best["energy"]) if best is not None else math.nan,
-                    "energy_saving": 1 - float(best["energy"]) if best is not None else math.nan})
+        for tol in tols:
+            ok = (m["accuracy"] >= clean - float(tol)).cummin()  # every V above qualifies
+            best = m[ok].iloc[-1] if bool(ok.iloc[0]) else None
+            row = {"model": label, "tolerance": float(tol), "clean_accuracy": clean}
+            for key in ("voltage", "accuracy", "accuracy_sd", "energy"):
+                row[key] = float(best[key]) if best is not None else math.nan
+            row["n_placements"] = int(best["n_placements"]) if best is not None else 0
+            row["energy_saving"] = 1 - row["energy"]
+            out.append(row)
     return pd.DataFrame(out)
