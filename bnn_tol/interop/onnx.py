@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx
 
 from bnn_tol.core.compiled import UnsupportedModel, check_bnn, compile_model
 from bnn_tol.core.models import BNN, build
@@ -64,6 +66,10 @@ _META = "bnn_tol.model"
 
 class OnnxError(UnsupportedModel):
     """A graph that cannot be imported, or ``onnx`` missing (one line naming why)."""
+
+
+class _Branching(OnnxError):
+    """The data flow branches (a tensor feeds several nodes): not a chain of blocks."""
 
 
 def _onnx():
@@ -403,7 +409,7 @@ class _Graph:
                 raise OnnxError(f"tensor {cur!r}{after} feeds no node and is not the graph "
                                 f"output {self.output.name!r}")
             if len(users) > 1:
-                raise OnnxError(f"tensor {cur!r}{after} feeds {len(users)} nodes "
+                raise _Branching(f"tensor {cur!r}{after} feeds {len(users)} nodes "
                                 f"({', '.join(u.label for u in users[:3])}): only a chain of "
                                 "layers can be imported (no branches)")
             n = users[0]
@@ -431,6 +437,51 @@ class _Graph:
             raise OnnxError(f"{off[0].label} is not on the path from the input "
                             f"{self.input.name!r} to the output {self.output.name!r}")
         return chain, cur
+
+
+    def dag(self) -> list[_Node]:
+        """The nodes in an evaluation order, for a data flow that branches and joins (a
+        residual BNN: a tensor read by a layer and by a shortcut ``Add``): every non-constant
+        input of a node is the data input or the first output of another node, no cycle, every
+        node on a path from the data input to the output, no second output used."""
+        made, order = {self.input.name}, []
+        for n in self.nodes:
+            if not n.outputs or not n.outputs[0]:
+                raise OnnxError(f"{n.label}: has no output")
+            for o in n.outputs[1:]:
+                if o and (o in self.consumers or o == self.output.name):
+                    raise OnnxError(f"{n.label}: its second output {o!r} is used; only the "
+                                    "first output of a node can be imported")
+        produced = {n.outputs[0] for n in self.nodes}
+        pending = list(self.nodes)
+        while pending:
+            ready = [n for n in pending
+                     if all(i in made or i in self.const for i in n.inputs if i)]
+            if not ready:
+                n = pending[0]
+                i = next(i for i in n.inputs if i and i not in made and i not in self.const)
+                raise OnnxError(f"{n.label}: the graph has a cycle" if i in produced else
+                                f"{n.label}: input {i!r} is neither the data, a node's output "
+                                "nor a constant (initializer or Constant)")
+            for n in ready:
+                order.append(n)
+                made.add(n.outputs[0])
+                pending.remove(n)
+        if self.output.name not in made:
+            raise OnnxError(f"the output {self.output.name!r} is not computed from the input "
+                            f"{self.input.name!r}")
+        needed, reached = {self.output.name}, {self.input.name}
+        for n in reversed(order):  # backwards from the output
+            if n.outputs[0] in needed:
+                needed.update(i for i in n.inputs if i and i not in self.const)
+        for n in order:  # forwards from the input
+            if any(i in reached for i in n.inputs if i):
+                reached.add(n.outputs[0])
+        for n in order:
+            if n.outputs[0] not in needed or n.outputs[0] not in reached:
+                raise OnnxError(f"{n.label} is not on a path from the input "
+                                f"{self.input.name!r} to the output {self.output.name!r}")
+        return order
 
 
 #: Operators evaluated at import when all their inputs are constants, or shapes of the data:
@@ -1522,7 +1573,19 @@ def import_onnx(path: str | os.PathLike, *, in_shape=None, verify: torch.Tensor 
                         "that matches its graph (exported by a version before the record, or "
                         "edited beyond its weights): its folded thresholds and score table do "
                         "not determine the BatchNorms; export the model again")
-    chain, _ = gr.chain()
+    try:
+        chain, _ = gr.chain()
+    except _Branching as branch:  # a residual BNN: read as a module, mapped by adapt
+        if transform is None:
+            raise OnnxError(f"{branch}; a graph with shortcut additions (a residual BNN) is "
+                            "read as a torch module and mapped by bnn_tol.adapt: pass the input "
+                            "convention it was trained with, transform=bnn_tol.data.Normalize("
+                            "mean, std) (bnn-tol import --normalize MEAN,STD)") from None
+        try:
+            return _import_by_adapt(gr, gr.dag(), io, transform, where)
+        except UnsupportedModel as e:
+            raise OnnxError(f"{branch}; read as a module and adapted with {transform!r}: "
+                            f"{e}") from None
     try:
         blocks = _blocks(gr, chain, io)
     except OnnxError as first:
@@ -1593,112 +1656,175 @@ class _Round(torch.nn.Module):
         return torch.round(x)
 
 
-def _to_torch(gr: _Graph, chain: list[_Node]) -> torch.nn.Module:
-    """The chain as a torch module computing what the graph computes (for :func:`adapt`):
-    Gemm/MatMul/Conv as Linear/Conv2d with the graph's (binarized, scaled) weights,
-    BatchNormalization, elementwise Add/Sub/Mul/Div with a constant, a sign written as
-    ``Where(x >= 0, 1, -1)`` or ``Sign``, Clip, MaxPool, Flatten/Reshape to ``(N, -1)``,
-    Softmax. Refuses other operators naming the node."""
-    mods: list[torch.nn.Module] = []
-    rank = len(gr.input.type.tensor_type.shape.dim)  # of the data: 2 after a flatten or Gemm
-    k = 0
-    while k < len(chain):
-        n = chain[k]
+def _to_torch(gr: _Graph, nodes: list[_Node]) -> torch.nn.Module:
+    """The graph as a torch module computing what it computes (for :func:`adapt`), a
+    ``torch.fx.GraphModule`` with one submodule per node: Gemm/MatMul/Conv as Linear/Conv2d
+    with the graph's (binarized, scaled) weights, BatchNormalization, elementwise
+    Add/Sub/Mul/Div with a constant, a sign written as ``Where(x >= 0, 1, -1)`` or ``Sign``,
+    Clip, MaxPool, Flatten/Reshape to ``(N, -1)``, Softmax; and ``Add``/``Sub``/``Mul`` of two
+    data tensors (a residual BNN's shortcut) as the torch operator. ``nodes``: a chain
+    (:meth:`_Graph.chain`) or an evaluation order (:meth:`_Graph.dag`). Refuses other operators
+    naming the node."""
+    root, graph = torch.nn.Module(), torch.fx.Graph()
+    env = {gr.input.name: graph.placeholder("x")}
+    rank = {gr.input.name: len(gr.input.type.tensor_type.shape.dim)}  # 2 after a flatten
+    skip: set[int] = set()  # the Where of a sign read with its comparison
+    made_by: dict[str, torch.nn.Module] = {}  # tensor -> the module computing it
+    for k, n in enumerate(nodes):
+        if id(n) in skip:
+            continue
         gr.at = n
-        data = next(i for i in n.inputs if i and i not in gr.const)
-        consts = [i for i in n.inputs if i and i in gr.const]
-        if n.op in ("Identity", "Dropout"):
-            pass
-        elif n.op in ("Flatten", "Reshape"):
-            mods.append(torch.nn.Flatten())
-            rank = 2
-        elif n.op in ("Gemm", "MatMul"):
-            if n.attr("transA", 0) or n.inputs[0] != data:
-                raise OnnxError(f"{n.label}: the data must be its first input, not transposed")
-            w = gr.f32(n, n.inputs[1], "weight")
-            w = w if (n.op == "Gemm" and n.attr("transB", 0)) else w.T
-            w = w * float(n.attr("alpha", 1.0))
-            bias = gr.f32(n, n.inputs[2], "bias") * float(n.attr("beta", 1.0)) \
-                if len(n.inputs) > 2 and n.inputs[2] else None
-            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
-                if bias is not None:
-                    lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (w.shape[0],)).copy()))
-            mods.append(lin)
-            rank = 2
-        elif n.op == "Conv":
-            w = gr.f32(n, n.inputs[1], "weight")
-            pads = list(n.attr("pads", [0] * 4))
-            if n.attr("group", 1) != 1 or any(v != 1 for v in n.attr("dilations", [1, 1])) \
-                    or pads[:2] != pads[2:] or pads[0] != pads[1]:
-                raise OnnxError(f"{n.label}: only ungrouped, undilated convolutions with "
-                                "symmetric padding")
-            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=tuple(
-                n.attr("strides", [1, 1])), padding=pads[0], bias=len(n.inputs) > 2 and bool(
-                n.inputs[2]))
-            with torch.no_grad():
-                conv.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
-                if conv.bias is not None:
-                    conv.bias.copy_(torch.from_numpy(np.array(gr.f32(n, n.inputs[2], "bias"))))
-            mods.append(conv)
-        elif n.op == "BatchNormalization":
-            gamma, beta, mean, var = (gr.f32(n, i, w) for i, w in zip(
-                n.inputs[1:5], ("scale", "bias", "mean", "variance"), strict=True))
-            kind = torch.nn.BatchNorm1d if rank <= 2 else torch.nn.BatchNorm2d
-            bn = kind(len(gamma), eps=float(n.attr("epsilon", 1e-5))).eval()
-            with torch.no_grad():
-                for t, v in ((bn.weight, gamma), (bn.bias, beta), (bn.running_mean, mean),
-                             (bn.running_var, var)):
-                    t.copy_(torch.from_numpy(np.array(v, dtype=np.float32)))
-            mods.append(bn)
-        elif n.op in ("Add", "Sub", "Mul", "Div"):
-            if len(consts) != 1:
-                raise OnnxError(f"{n.label}: {n.op} of the data and one constant only")
-            mods.append(_Elementwise(n.op, gr.f32(n, consts[0], "operand"),
-                                     n.inputs[0] == data))
-        elif n.op in ("GreaterOrEqual", "Greater") and k + 1 < len(chain) and \
-                chain[k + 1].op == "Where":
-            w = chain[k + 1]
-            ok = (len(consts) == 1 and float(np.max(np.abs(gr.const[consts[0]]))) == 0.0
-                  and n.inputs[0] == data and len(w.inputs) == 3
-                  and all(i in gr.const for i in w.inputs[1:])
-                  and float(np.max(gr.const[w.inputs[1]])) == 1.0 == float(
-                      np.min(gr.const[w.inputs[1]]))
-                  and float(np.max(gr.const[w.inputs[2]])) == -1.0 == float(
-                      np.min(gr.const[w.inputs[2]])))
-            if not ok:
+        data = [i for i in n.inputs if i and i not in gr.const]
+        out = n.outputs[0]
+        if len(data) == 2 and n.op in _JOIN:
+            env[out] = graph.call_function(_JOIN[n.op], tuple(env[i] for i in data))
+            rank[out] = max(rank[i] for i in data)
+            continue
+        if len(data) != 1:
+            raise OnnxError(f"{n.label}: {n.op} of {len(data)} data tensors is not supported "
+                            "(one, or the sum of two for a shortcut)")
+        if n.op == "Add" and _fold_bias(gr, n, data[0], made_by.get(data[0])):
+            env[out], rank[out] = env[data[0]], rank[data[0]]  # the layer's bias, added there
+            continue
+        mod = _node_module(gr, n, data[0], rank[data[0]])
+        if n.op in ("GreaterOrEqual", "Greater"):  # read with its Where: the sign
+            users = gr.consumers.get(out, [])
+            if len(users) != 1 or users[0].op != "Where":
                 raise OnnxError(f"{n.label}: only Where(x >= 0, 1, -1) (or x > 0) is a sign")
-            mods.append(_OnnxSign(n.op))
-            k += 1
-        elif n.op == "Sign":
-            mods.append(_OnnxSign("Sign"))
-        elif n.op == "Round":  # half to even, as torch.round
-            mods.append(_Round())
-        elif n.op == "Clip":
-            lo, hi = _clip_range(gr, n)
-            mods.append(torch.nn.Hardtanh(lo, hi))
-        elif n.op == "MaxPool":
-            kern = n.attr("kernel_shape")
-            if kern is None or len(set(kern)) != 1 or any(n.attr("pads", [0])) or \
-                    list(n.attr("strides", kern)) != list(kern):
-                raise OnnxError(f"{n.label}: only square max-pooling with stride = kernel")
-            mods.append(torch.nn.MaxPool2d(int(kern[0])))
-        elif n.op in ("Softmax", "LogSoftmax"):
-            mods.append(torch.nn.Softmax(1) if n.op == "Softmax" else torch.nn.LogSoftmax(1))
-        else:
-            raise OnnxError(f"{n.label}: operator {n.op} is not supported")
-        k += 1
-    return torch.nn.Sequential(*mods)
+            _check_sign_where(gr, n, users[0], data[0])
+            skip.add(id(users[0]))
+            out = users[0].outputs[0]
+        rank[out] = 2 if n.op in ("Flatten", "Reshape", "Gemm", "MatMul") else rank[data[0]]
+        if mod is None:  # Identity, Dropout
+            env[out] = env[data[0]]
+            continue
+        name = f"{n.op.lower()}{k}"
+        root.add_module(name, mod)
+        env[out] = graph.call_module(name, (env[data[0]],))
+        made_by[out] = mod
+    graph.output(env[gr.output.name])
+    return torch.fx.GraphModule(root, graph)
 
 
-def _import_by_adapt(gr: _Graph, chain: list[_Node], io: _Io, transform, where: str) -> BNN:
+def _fold_bias(gr: _Graph, n: _Node, data: str, layer: torch.nn.Module | None) -> bool:
+    """Add ``n``'s constant to the bias of ``layer`` (a Linear/Conv2d whose output ``data``
+    feeds only ``n``) when the constant is one value per output channel -- what the exporters
+    write for a layer's bias as ``MatMul`` then ``Add`` -- so that ``adapt`` folds it as any
+    bias; ``False`` (nothing changed) otherwise."""
+    consts = [i for i in n.inputs if i and i in gr.const]
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or len(consts) != 1 or \
+            len(gr.consumers.get(data, [])) != 1:
+        return False
+    c = np.asarray(gr.f32(n, consts[0], "operand"))
+    out = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
+    per_channel = (out,) if isinstance(layer, torch.nn.Linear) else (out, 1, 1)
+    if c.size != 1 and c.shape not in (per_channel, (1, *per_channel)):
+        return False
+    c = np.broadcast_to(c.reshape(-1), (out,))
+    if layer.bias is None:
+        layer.bias = torch.nn.Parameter(torch.zeros(out))
+    with torch.no_grad():
+        layer.bias.add_(torch.from_numpy(np.array(c, dtype=np.float32)))
+    return True
+
+
+#: Binary operators of two data tensors: a residual BNN's shortcut (``Add``).
+_JOIN = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul}
+
+
+def _check_sign_where(gr: _Graph, n: _Node, where: _Node, data: str) -> None:
+    """``Where(x >= 0, 1, -1)`` (``Greater``: ``x > 0``): the comparison with 0 and the two
+    constants +1 / -1, refused otherwise naming the node."""
+    consts = [i for i in n.inputs if i and i in gr.const]
+    ok = (len(consts) == 1 and float(np.max(np.abs(gr.const[consts[0]]))) == 0.0
+          and n.inputs[0] == data and len(where.inputs) == 3
+          and all(i in gr.const for i in where.inputs[1:])
+          and float(np.max(gr.const[where.inputs[1]])) == 1.0 == float(
+              np.min(gr.const[where.inputs[1]]))
+          and float(np.max(gr.const[where.inputs[2]])) == -1.0 == float(
+              np.min(gr.const[where.inputs[2]])))
+    if not ok:
+        raise OnnxError(f"{n.label}: only Where(x >= 0, 1, -1) (or x > 0) is a sign")
+
+
+def _node_module(gr: _Graph, n: _Node, data: str, rank: int) -> torch.nn.Module | None:
+    """The torch module computing node ``n`` on its one data input ``data`` (of ``rank``
+    dims), ``None`` for an identity (see :func:`_to_torch`)."""
+    consts = [i for i in n.inputs if i and i in gr.const]
+    if n.op in ("Identity", "Dropout"):
+        return None
+    if n.op in ("Flatten", "Reshape"):
+        return torch.nn.Flatten()
+    if n.op in ("Gemm", "MatMul"):
+        if n.attr("transA", 0) or n.inputs[0] != data:
+            raise OnnxError(f"{n.label}: the data must be its first input, not transposed")
+        w = gr.f32(n, n.inputs[1], "weight")
+        w = w if (n.op == "Gemm" and n.attr("transB", 0)) else w.T
+        w = w * float(n.attr("alpha", 1.0))
+        bias = gr.f32(n, n.inputs[2], "bias") * float(n.attr("beta", 1.0)) \
+            if len(n.inputs) > 2 and n.inputs[2] else None
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            if bias is not None:
+                lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (w.shape[0],)).copy()))
+        return lin
+    if n.op == "Conv":
+        w = gr.f32(n, n.inputs[1], "weight")
+        pads = list(n.attr("pads", [0] * 4))
+        if n.attr("group", 1) != 1 or any(v != 1 for v in n.attr("dilations", [1, 1])) \
+                or pads[:2] != pads[2:] or pads[0] != pads[1]:
+            raise OnnxError(f"{n.label}: only ungrouped, undilated convolutions with "
+                            "symmetric padding")
+        conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=tuple(
+            n.attr("strides", [1, 1])), padding=pads[0], bias=len(n.inputs) > 2 and bool(
+            n.inputs[2]))
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            if conv.bias is not None:
+                conv.bias.copy_(torch.from_numpy(np.array(gr.f32(n, n.inputs[2], "bias"))))
+        return conv
+    if n.op == "BatchNormalization":
+        gamma, beta, mean, var = (gr.f32(n, i, w) for i, w in zip(
+            n.inputs[1:5], ("scale", "bias", "mean", "variance"), strict=True))
+        kind = torch.nn.BatchNorm1d if rank <= 2 else torch.nn.BatchNorm2d
+        bn = kind(len(gamma), eps=float(n.attr("epsilon", 1e-5))).eval()
+        with torch.no_grad():
+            for t, v in ((bn.weight, gamma), (bn.bias, beta), (bn.running_mean, mean),
+                         (bn.running_var, var)):
+                t.copy_(torch.from_numpy(np.array(v, dtype=np.float32)))
+        return bn
+    if n.op in ("Add", "Sub", "Mul", "Div"):
+        if len(consts) != 1:
+            raise OnnxError(f"{n.label}: {n.op} of the data and one constant only")
+        return _Elementwise(n.op, gr.f32(n, consts[0], "operand"), n.inputs[0] == data)
+    if n.op in ("GreaterOrEqual", "Greater", "Sign"):
+        return _OnnxSign(n.op)
+    if n.op == "Round":  # half to even, as torch.round
+        return _Round()
+    if n.op == "Clip":
+        lo, hi = _clip_range(gr, n)
+        return torch.nn.Hardtanh(lo, hi)
+    if n.op == "MaxPool":
+        kern = n.attr("kernel_shape")
+        if kern is None or len(set(kern)) != 1 or any(n.attr("pads", [0])) or \
+                list(n.attr("strides", kern)) != list(kern):
+            raise OnnxError(f"{n.label}: only square max-pooling with stride = kernel")
+        return torch.nn.MaxPool2d(int(kern[0]))
+    if n.op in ("Softmax", "LogSoftmax"):
+        return torch.nn.Softmax(1) if n.op == "Softmax" else torch.nn.LogSoftmax(1)
+    raise OnnxError(f"{n.label}: operator {n.op} is not supported")
+
+
+def _import_by_adapt(gr: _Graph, nodes: list[_Node], io: _Io, transform, where: str) -> BNN:
     """A chain the block reader refuses (an input transform such as Brevitas' ``2x - 1`` and
-    input quantizer, a ``TensorNorm`` after the last layer, a static batch size): read as a
+    input quantizer, a ``TensorNorm`` after the last layer, a static batch size) or a graph
+    with shortcut additions (a residual BNN, ``nodes`` from :meth:`_Graph.dag`): read as a
     torch module (:func:`_to_torch`) and mapped by :func:`bnn_tol.adapt` with the user's input
-    ``transform``; then, with onnxruntime, the predictions on the probe images checked against
-    the graph run as written."""
-    module = _to_torch(gr, chain)
+    ``transform`` (a residual one becomes a :class:`bnn_tol.core.graph.GraphBNN`); then, with
+    onnxruntime, the predictions on the probe images checked against the graph run as
+    written."""
+    module = _to_torch(gr, nodes)
     user = transform if transform is not None else _LIBRARY
     pixels = _probe_pixels(io.in_shape)
     x = user.to_float(pixels)

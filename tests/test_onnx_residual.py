@@ -1,0 +1,96 @@
+"""Residual BNNs through ONNX (issue 22): a binary ResNet or Bi-Real-Net written the usual way,
+exported by either torch exporter, imports as a :class:`~bnn_tol.core.graph.GraphBNN` (the
+graph read as a torch module and mapped by :func:`bnn_tol.adapt`), predicting what the original
+predicts on real Fashion-MNIST images; without the input convention the import names the way.
+The evaluation order of a branching graph is checked (cycles, nodes off the path)."""
+
+from __future__ import annotations
+
+import warnings
+
+import _public_bnns as P
+import pytest
+import torch
+
+from bnn_tol import data, errors, evaluate
+from bnn_tol.core.graph import GraphBNN
+from bnn_tol.data import Normalize, grid_of
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+from bnn_tol.interop.onnx import OnnxError, import_onnx  # noqa: E402
+
+TF = Normalize(0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    try:
+        return data.load("fashion-mnist", "test").subset(600)
+    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _export(net, path, x, dynamo: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
+                              external_data=False,
+                              dynamic_shapes={"x": {0: torch.export.Dim("N")}})
+        else:
+            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
+                              output_names=["scores"],
+                              dynamic_axes={"x": {0: "N"}, "scores": {0: "N"}})
+    return path
+
+
+@pytest.mark.parametrize("make", [P.BiRealNet, lambda: P.BinaryResNet(check_range=False)],
+                         ids=["bireal", "resnet_binary"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_torch_exported_residual_bnn_imports_as_a_graph_with_its_predictions(
+        make, dynamo, fmnist, tmp_path):
+    if dynamo:
+        pytest.importorskip("onnxscript")  # the dynamo exporter needs it
+    user = P.calibrate(make(), TF.to_float(fmnist.images[:512]))
+    path = _export(user, tmp_path / "res.onnx", TF.to_float(fmnist.images[:4]), dynamo)
+    assert sum(n.op_type == "Add" for n in onnx.load(str(path)).graph.node) >= 1
+    with pytest.raises(OnnxError, match="residual BNN.*--normalize MEAN,STD") as e:
+        import_onnx(path)
+    assert "\n" not in str(e.value)
+    model = import_onnx(path, transform=TF)
+    assert isinstance(model, GraphBNN) and "add" in [n["op"] for n in model.nodes]
+    assert model.meta["imported_by"] == "adapt" and "verified_with" in model.meta
+    with torch.no_grad():
+        got = model(grid_of(model).to_float(fmnist.images)).argmax(1)
+        assert torch.equal(got, user(TF.to_float(fmnist.images)).argmax(1))
+    small = fmnist.subset(100)
+    df = evaluate.sweep(model, small, bers=[0.05], n_maps=1, seed=0, progress=False)
+    with errors.inject(model, 0.05, seed=int(df.map_seed.iloc[-1])):
+        assert evaluate.accuracy(model, small) == df.accuracy.iloc[-1]
+
+
+def _graph(nodes, path, inits=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    g = helper.make_graph(nodes, "g", [x], [y], initializer=list(inits))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_branch_off_the_path_to_the_output_is_refused_naming_its_node(tmp_path):
+    """``x`` feeds a Relu (the output path, with a shortcut Add) and a dangling Neg."""
+    path = _graph([helper.make_node("Relu", ["x"], ["a"], name="r"),
+                   helper.make_node("Add", ["a", "x"], ["y"], name="sum"),
+                   helper.make_node("Neg", ["x"], ["dead"], name="dangling")], tmp_path / "g.onnx")
+    with pytest.raises(OnnxError, match="dangling.*not on a path"):
+        import_onnx(path, transform=TF, in_shape=(1, 2, 2))
+
+
+def test_an_operator_of_a_residual_graph_that_is_not_supported_is_named(tmp_path):
+    path = _graph([helper.make_node("Relu", ["x"], ["a"], name="r"),
+                   helper.make_node("Add", ["a", "x"], ["y"], name="sum")], tmp_path / "g.onnx")
+    with pytest.raises(OnnxError, match="Relu.*not supported"):
+        import_onnx(path, transform=TF, in_shape=(1, 2, 2))
