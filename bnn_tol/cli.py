@@ -450,6 +450,84 @@ def sweep(runs, bers, n_maps, seed, layers, targets, error, dataset, data_dir, s
         click.echo(f"wrote {len(df)} rows to {out}")
 
 
+_ATTACK_TABLE = "model,method,attack_seed,n_flips,accuracy,loss,attack_loss"
+
+
+@main.command("attack")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--bits", "n_bits", type=click.IntRange(min=0), required=True,
+              help="N: the stored bits each attack flips (the curve has rows 0..N).")
+@click.option("--random-seeds", default="0,1,2", show_default=True,
+              help="Seeds of the random-flip baselines (uniform stored bits), e.g. 0,1,2.")
+@click.option("--candidates", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Bits evaluated exactly per greedy round (1: pure gradient ranking).")
+@click.option("--attack-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Attack images, drawn from the training split with --seed.")
+@click.option("--layers", default=None,
+              help="Attacked layers: names or indices, comma-separated (default: all).")
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
+              help="Seed of the attack images.")
+@click.option("--dataset", default=None,
+              help="Dataset name (default: the one the first checkpoint was trained on).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory searched first for the dataset files.")
+@click.option("--subset", type=click.IntRange(min=1), default=None,
+              help="Evaluate on the first N test images only.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="CSV (table `attack`): one row per (model, method, seed, bits flipped).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out that `attack` did not write (never a checkpoint "
+                   "read).")
+def attack_cmd(runs, n_bits, random_seeds, candidates, attack_size, layers, seed, dataset,
+               data_dir, subset, out, overwrite) -> None:
+    """Worst-case bit errors: accuracy of checkpoints RUNS... as a greedy gradient-guided attack
+    flips the N stored bits that hurt most, beside N random flips (bnn_tol.errors.attack)."""
+    import pandas as pd
+
+    from bnn_tol import data, errors, files
+    from bnn_tol.core import models as core_models
+    from bnn_tol.interop import checkpoint
+
+    files.check_output(out, inputs=[*runs, data_dir], replace=True if overwrite
+                       else files.starts_with(_ATTACK_TABLE))
+    seeds = _parse_ints(random_seeds, "--random-seeds") or ()
+    labels = [Path(r).name for r in runs]
+    if len(set(labels)) != len(labels):
+        raise click.BadParameter("two checkpoints have the same directory name: rows are "
+                                 "labelled by it", param_hint="RUNS")
+    loaded = {label: checkpoint.load(r) for label, r in zip(labels, runs, strict=True)}
+    first = next(iter(loaded.values()))
+    name = dataset or first.meta.get("training", {}).get("dataset", "fashion-mnist")
+    train_ds = data.load(name, "train", data_dir=data_dir)
+    test = data.load(name, "test", data_dir=data_dir)
+    if subset is not None:
+        test = test.subset(subset)
+    for label, model in loaded.items():
+        try:
+            core_models.check_data(model, test)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{label}: {e}") from e
+    sel = [int(v) if v.lstrip("-").isdigit() else v for v in layers.split(",")] if layers \
+        else None
+    parts = []
+    for label, model in loaded.items():  # one model at a time: its line as soon as it is done
+        df = errors.attack.curves({label: model}, train_ds, n_bits, eval_data=test,
+                           random_seeds=seeds, seed=seed, candidates=candidates,
+                           attack_size=attack_size, layers=sel)
+        parts.append(df)
+        last = df[df["n_flips"] == n_bits].groupby("method")["accuracy"]
+        cells = [f"{m} {100 * g.mean():.2f} %" + (f" ± {100 * g.std():.2f}" if len(g) > 1
+                                                   else "") for m, g in last]
+        clean = 100 * float(df.loc[df["n_flips"] == 0, "accuracy"].iloc[0])
+        click.echo(f"{label}: clean {clean:.2f} %; after {n_bits} flipped bits: "
+                   + ", ".join(cells))
+    table = pd.concat(parts, ignore_index=True)
+    files.atomic_write(out, lambda p: table.to_csv(p, index=False, float_format="%.17g"),
+                       inputs=[*runs, data_dir], replace=True if overwrite
+                       else files.starts_with(_ATTACK_TABLE))
+    click.echo(f"wrote {len(table)} rows to {out}")
+
+
 #: Options of a BER sweep that a profile sweep (--profile) does not take, and back.
 _BER_ONLY = ("bers", "n_maps", "seed", "layers", "targets", "error", "batch_size", "engine",
              "device", "resume")

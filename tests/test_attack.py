@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +229,29 @@ def test_cli_train_takes_adversarial_bits(tmp_path):
                                     "--device", "cpu", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert bnn_tol.load(out).meta["training"]["adversarial_bits"] == 2
+
+
+def test_cli_attack_writes_the_attack_table_that_the_library_gives(net, splits, tmp_path):
+    """``bnn-tol attack``: attack images from the training split, accuracy on the test split;
+    its rows are those of ``curves`` with the same arguments, bit for bit; a file it did not
+    write is not replaced; bad seeds are one line."""
+    ck = bnn_tol.save(net, tmp_path / "net")
+    out = tmp_path / "attack.csv"
+    args = ["attack", str(ck), "--bits", "2", "--random-seeds", "0,1", "--attack-size", "64",
+            "--candidates", "2", "--dataset", "digits", "--subset", "150", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "net: clean" in res.output and "after 2 flipped bits" in res.output
+    want = curves({"net": bnn_tol.load(ck)}, splits[0], 2, eval_data=splits[1].subset(150),
+                  random_seeds=(0, 1), attack_size=64, candidates=2)
+    pd.testing.assert_frame_equal(pd.read_csv(out), want, check_dtype=False, check_exact=True)
+    again = CliRunner().invoke(main, args)  # our own file: replaced
+    assert again.exit_code == 0, again.output
+    foreign = tmp_path / "notes.csv"
+    foreign.write_text("mine\n")
+    bad = CliRunner().invoke(main, [*args[:-1], str(foreign)])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert foreign.read_text() == "mine\n"
+    seeds = CliRunner().invoke(main, [*args[:5], "x,1", *args[6:]])
+    assert seeds.exit_code != 0 and "--random-seeds" in seeds.output
+    assert len(seeds.output.strip().splitlines()) == 1
