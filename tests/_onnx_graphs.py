@@ -3,6 +3,8 @@ the oracle (the ONNX import tests and the ONNX fuzz test)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -161,3 +163,19 @@ def ort_run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
         return np.concatenate([sess.run(None, {inp.name: x[i:i + b]})[0]
                                for i in range(0, len(x), b)])[:n]
     return sess.run(None, {inp.name: x})[0]
+
+
+def export_torch(net, path, x, dynamo: bool, optimize: bool = True):
+    """``torch.onnx.export`` of ``net`` on the example ``x`` with a dynamic batch: the dynamo
+    exporter (``optimize``: its graph optimizer) or the TorchScript one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
+                              optimize=optimize, external_data=False,
+                              dynamic_shapes={"x": {0: torch.export.Dim("N")}})
+        else:
+            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
+                              output_names=["scores"],
+                              dynamic_axes={"x": {0: "N"}, "scores": {0: "N"}})
+    return path

@@ -6,8 +6,6 @@ The evaluation order of a branching graph is checked (cycles, nodes off the path
 
 from __future__ import annotations
 
-import warnings
-
 import _public_bnns as P
 import pytest
 import torch
@@ -18,6 +16,7 @@ from bnn_tol.data import Normalize, grid_of
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+from _onnx_graphs import export_torch  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from bnn_tol.interop.onnx import OnnxError, import_onnx  # noqa: E402
@@ -33,20 +32,6 @@ def fmnist():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 
 
-def _export(net, path, x, dynamo: bool):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
-                              external_data=False,
-                              dynamic_shapes={"x": {0: torch.export.Dim("N")}})
-        else:
-            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
-                              output_names=["scores"],
-                              dynamic_axes={"x": {0: "N"}, "scores": {0: "N"}})
-    return path
-
-
 @pytest.mark.parametrize("make", [P.BiRealNet, lambda: P.BinaryResNet(check_range=False)],
                          ids=["bireal", "resnet_binary"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
@@ -55,7 +40,7 @@ def test_a_torch_exported_residual_bnn_imports_as_a_graph_with_its_predictions(
     if dynamo:
         pytest.importorskip("onnxscript")  # the dynamo exporter needs it
     user = P.calibrate(make(), TF.to_float(fmnist.images[:512]))
-    path = _export(user, tmp_path / "res.onnx", TF.to_float(fmnist.images[:4]), dynamo)
+    path = export_torch(user, tmp_path / "res.onnx", TF.to_float(fmnist.images[:4]), dynamo)
     assert sum(n.op_type == "Add" for n in onnx.load(str(path)).graph.node) >= 1
     with pytest.raises(OnnxError, match="residual BNN.*--normalize MEAN,STD") as e:
         import_onnx(path)

@@ -6,8 +6,6 @@ computes something else from the batch size is refused naming the node."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,7 @@ from bnn_tol.data import to_float
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from _onnx_graphs import G, probe_images  # noqa: E402
+from _onnx_graphs import G, export_torch, probe_images  # noqa: E402
 from _public_bnns import BinarySignSTE as SignSTE  # noqa: E402
 
 from bnn_tol.interop.onnx import OnnxError, import_onnx  # noqa: E402
@@ -86,18 +84,7 @@ def _trained_looking(net, seed=0, fresh_bn=()):
 
 
 def _export(net, path, dynamo: bool, optimize: bool = True):
-    x = to_float(probe_images(n=4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
-                              optimize=optimize, external_data=False,
-                              dynamic_shapes={"x": {0: torch.export.Dim("N")}})
-        else:
-            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
-                              output_names=["scores"],
-                              dynamic_axes={"x": {0: "N"}, "scores": {0: "N"}})
-    return path
+    return export_torch(net, path, to_float(probe_images(n=4)), dynamo, optimize)
 
 
 def _ops(path) -> set[str]:

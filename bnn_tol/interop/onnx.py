@@ -423,12 +423,7 @@ class _Graph:
                 if i and i != cur and i not in self.const:
                     raise OnnxError(f"{n.label}: input {i!r} is neither the data flowing "
                                     "through the chain nor a constant (initializer or Constant)")
-            if not n.outputs or not n.outputs[0]:
-                raise OnnxError(f"{n.label}: has no output")
-            for o in n.outputs[1:]:
-                if o and (o in self.consumers or o == self.output.name):
-                    raise OnnxError(f"{n.label}: its second output {o!r} is used; only the "
-                                    "first output of a node can be imported")
+            self._one_output(n)
             cur = n.outputs[0]
         if self.consumers.get(cur):
             raise OnnxError(f"the output {cur!r} also feeds {self.consumers[cur][0].label}")
@@ -438,6 +433,14 @@ class _Graph:
                             f"{self.input.name!r} to the output {self.output.name!r}")
         return chain, cur
 
+    def _one_output(self, n: _Node) -> None:
+        """``n`` has a first output and no other output that is read."""
+        if not n.outputs or not n.outputs[0]:
+            raise OnnxError(f"{n.label}: has no output")
+        for o in n.outputs[1:]:
+            if o and (o in self.consumers or o == self.output.name):
+                raise OnnxError(f"{n.label}: its second output {o!r} is used; only the "
+                                "first output of a node can be imported")
 
     def dag(self) -> list[_Node]:
         """The nodes in an evaluation order, for a data flow that branches and joins (a
@@ -446,12 +449,7 @@ class _Graph:
         node on a path from the data input to the output, no second output used."""
         made, order = {self.input.name}, []
         for n in self.nodes:
-            if not n.outputs or not n.outputs[0]:
-                raise OnnxError(f"{n.label}: has no output")
-            for o in n.outputs[1:]:
-                if o and (o in self.consumers or o == self.output.name):
-                    raise OnnxError(f"{n.label}: its second output {o!r} is used; only the "
-                                    "first output of a node can be imported")
+            self._one_output(n)
         produced = {n.outputs[0] for n in self.nodes}
         pending = list(self.nodes)
         while pending:
