@@ -14,6 +14,9 @@ Networks (fc, Fashion-MNIST, one training seed each, same recipe: Adam, ``--epoc
   and fc 784-1280-1280-10 -- the BNN with the memory of the 4-bit 512-512 network (2.65 vs 2.67
   Mbit of stored weights) -- normal and flip-trained.
 
+``--sweeps`` adds the w_max and training-p sweeps and the fixed-pattern and label-smoothing
+controls around the 8-bit asym+clip+randbet network (:func:`sweeps`).
+
 Every network is swept over ``--bers`` with ``--maps`` persistent fault maps per BER (the same
 chips for every network of a layout; ``evaluate.sweep``, exact engines). Outputs: ``rows.csv``
 (one row per network, BER, map: accuracy, RErr, bits per weight, memory bits), ``summary.csv``
@@ -60,6 +63,29 @@ def ladder(epochs: int, bits=(8, 4, 3, 2)) -> dict[str, tuple[dict, dict, str]]:
                                      "granularity": gran, "rounding": rounding},
                                     {"epochs": epochs}, f"{m}-bit ladder")
     return nets
+
+
+def sweeps(epochs: int) -> dict[str, tuple[dict, dict, tuple[str, ...]]]:
+    """Stutz et al.'s sweeps around the 8-bit ``asym+clip+randbet`` network (fc 784-512-512-10,
+    ``w_max = 0.1``, RandBET at ``p = 1 %``): ``w_max`` in {0.025, 0.05, 0.1, 0.2}, training
+    ``p`` in {0.1, 1, 5} %, and two controls: RandBET with one fixed error pattern (drawn once,
+    ``randbet_fixed``; in the paper it does not generalize to other rates) and label smoothing
+    0.1 with clipping instead of RandBET (the paper's check that clipping's gain is not a
+    regularization effect alone). The ``w_max = 0.1, p = 1 %`` network belongs to both sweeps
+    (trained once)."""
+    base = {"hidden": [512, 512], "weight_bits": 8, "quant": "asymmetric"}
+    wmax, rate, ctrl = "8-bit w_max (RandBET 1 %)", "8-bit training p (w_max 0.1)", \
+        "8-bit controls (w_max 0.1)"
+    nets: dict[str, tuple[dict, dict, tuple[str, ...]]] = {}
+    for w in (0.025, 0.05, 0.1, 0.2):
+        nets[f"q8 w{w:g} p1%"] = (base, {"clip": w, "randbet_ber": 0.01},
+                                  (wmax, rate) if w == 0.1 else (wmax,))
+    for p in (0.001, 0.05):
+        nets[f"q8 w0.1 p{100 * p:g}%"] = (base, {"clip": 0.1, "randbet_ber": p}, (rate,))
+    nets["q8 w0.1 p1% fixed pattern"] = (base, {"clip": 0.1, "randbet_ber": 0.01,
+                                                "randbet_fixed": True}, (ctrl,))
+    nets["q8 w0.1 label smoothing 0.1"] = (base, {"clip": 0.1, "label_smoothing": 0.1}, (ctrl,))
+    return {k: (a, {**f, "epochs": epochs}, g) for k, (a, f, g) in nets.items()}
 
 
 def networks(epochs: int) -> dict[str, tuple[dict, dict, str]]:
@@ -150,15 +176,23 @@ def main(argv: list[str] | None = None) -> int:
                     "e.g. 8,4,3,2 (empty: no ladder networks)")
     ap.add_argument("--ladder-only", action="store_true",
                     help="only the ladder networks (with --ladder)")
+    ap.add_argument("--sweeps", action="store_true",
+                    help="also the w_max / training-p sweeps and controls (sweeps())")
+    ap.add_argument("--sweeps-only", action="store_true",
+                    help="only the sweep networks (implies --sweeps)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bers = [float(b) for b in args.bers.split(",")]
     tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
-    nets = {} if args.ladder_only else networks(args.epochs)
-    if args.ladder:
+    if args.ladder_only and args.sweeps_only:
+        ap.error("--ladder-only and --sweeps-only exclude each other")
+    nets = {} if args.ladder_only or args.sweeps_only else networks(args.epochs)
+    if args.ladder and not args.sweeps_only:
         nets.update(ladder(args.epochs, [int(m) for m in args.ladder.split(",")]))
+    if args.sweeps or args.sweeps_only:
+        nets.update(sweeps(args.epochs))
     if not nets:
         ap.error("no networks: --ladder-only needs --ladder")
     if args.only:
@@ -171,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         sign = model.blocks[0].layer.codec.is_sign
         df = evaluate.sweep({label: model}, te, bers=bers, n_maps=args.maps, seed=args.seed,
                             progress=False, engine="auto" if sign else "reference")
-        df["group"] = group
         df["bits_per_weight"] = model.blocks[0].layer.codec.bits_per_weight
         df["memory_bits"] = models.memory_bits(model)
-        frames.append(df)
-        clean.append({"model": label, "group": group, "clean_acc": evaluate.accuracy(model, te),
+        groups = (group,) if isinstance(group, str) else group  # a network in several sweeps
+        frames += [df.assign(group=g) for g in groups]
+        clean.append({"model": label, "group": ", ".join(groups),
+                      "clean_acc": evaluate.accuracy(model, te),
                       "train_s": t2 - t1, "sweep_s": time.perf_counter() - t2})
         print(f"{label}: clean {clean[-1]['clean_acc']:.4f}, train {t2 - t1:.0f} s, "
               f"sweep {clean[-1]['sweep_s']:.0f} s", file=sys.stderr)
@@ -185,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     s.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     pd.DataFrame(clean).to_csv(out / "networks.csv", index=False, float_format="%.6g")
     groups = [g for g in ("8-bit", "4-bit", "1-bit") if g in set(s["group"])]
-    groups += [g for g in s["group"].unique() if g.endswith("ladder")]  # never pooled
+    groups += [g for g in s["group"].unique() if g not in groups]  # never pooled: a panel each
     plot(s, out / "rerr_vs_ber.png", groups, "fc 784-512-512-10")
     eq = s[s["model"].isin(["q4 asym+clip+randbet", "bnn1280 bft", "bnn1280"])].copy()
     eq["group"] = "equal memory (~2.66 Mbit)"
