@@ -66,6 +66,8 @@ stutz: setup
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_fmnist
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_ladder --ladder 8,4,3,2 \
 	  --ladder-only --epochs 5 --maps 20 --bers 0,0.005,0.01,0.02 --threads 1
+	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_sweeps --sweeps-only \
+	  --epochs 5 --maps 10 --bers 0,0.005,0.01,0.02,0.05 --threads 1
 	$(BIN)/python scripts/stutz_energy.py --out docs/results/stutz_fmnist
 
 bench: setup
