@@ -226,6 +226,8 @@ def test_main_mnist_normalize_adapts_on_a_rounded_grid_within_its_stated_bound(
                                  targets=("weights",))
     man = _deploys_and_reloads(model, test, tmp_path)
     assert man["input"]["error"] == grid.error and "approximate" in man["input"]["transform"]
+    assert bnn_tol.models.summary(model).splitlines()[-1] == f"input: {grid.describe()}"
+    assert f"within {grid.error:.4g} fan_in" in grid.describe()
 
 
 def test_per_channel_normalize_adapts_with_one_table_per_channel(cifar_style, tmp_path):
@@ -257,7 +259,7 @@ def test_rounded_grids_round_trip_through_onnx(mnist_style, cifar_style, fmnist,
             assert torch.equal(back(x), model(x))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.floats(-1.0, 1.0), st.floats(0.05, 2.0)), min_size=1,
                 max_size=4), st.integers(1, 5000))
 def test_every_rounded_level_is_within_the_stated_error(channels, fan_in):
