@@ -148,7 +148,9 @@ class InputGrid:
         Otherwise approximate: ``unit = s / m`` with ``s`` the smallest gap between a
         channel's values and the integer ``m >= 1`` that minimizes ``unit * error``,
         ``q = round(T / unit)``, ``error = max |q - T / unit|``, while ``|q| < 2^15`` and
-        ``max |q| fan_in < 2^24`` (first-layer sums stay exact in float32).
+        ``max |q| fan_in < 2^24`` (first-layer sums stay exact in float32); where even
+        ``m = 1`` needs more levels (a wide fan-in, very different stds), the finest coarser
+        step ``unit = j s`` (integer ``j >= 2``) within those limits.
 
         Returns:
             The grid (``scale``: the power of two nearest to ``1 / unit``, at least 1) and
@@ -185,6 +187,15 @@ class InputGrid:
             err = float((q - t / u).abs().max())
             if best is None or err * u < best[0] * (1 - 1e-6):
                 best = (err * u, q, u, err)
+        if best is None:  # even the smallest gap needs too many levels: a coarser step
+            limit = min(2**15 - 1, (2**24 - 1) // fan_in)
+            j0 = max(2, math.ceil(float(t.abs().max()) / max(limit, 1) / s))
+            for j in range(j0, j0 + 8):
+                q = (t / (s * j)).round()
+                top = int(q.abs().max())
+                if 0 < top <= limit:
+                    best = (0.0, q, s * j, float((q - t / (s * j)).abs().max()))
+                    break
         if best is None:
             raise InvalidArgument(f"its levels need integers up to {top} on a step of "
                                   f"{s:.6g} (|q| < 2^15 and max |q| fan_in = {top} x {fan_in} "
