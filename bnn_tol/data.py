@@ -16,6 +16,7 @@ summation order, and ``q = p - 128`` fits in int8 for integer kernels.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -71,22 +72,36 @@ class CorruptDataset(BnnTolError, ValueError):
 class InputGrid:
     """How ``uint8`` pixels ``p`` enter a model: ``x = q / scale`` with the integer
     ``q = p - offset`` (affine), or ``q = levels[p]`` (an input quantizer, e.g. Brevitas'
-    8-bit ``QuantIdentity`` after ``2x - 1``: ``levels[p] = round((2p - 255) 127 / 255)``).
+    8-bit ``QuantIdentity`` after ``2x - 1``: ``levels[p] = round((2p - 255) 127 / 255)``), or
+    ``q = levels[c][p]`` per input channel ``c`` (``Normalize`` with a mean and std per
+    channel).
 
     ``q`` is the integer input of the integer engines and of the deploy bundle; a first layer
     of +-1 weights then has pre-activations on the grid ``a = k / scale`` with the integer
     ``k = sum_i w_i q_i`` (its folded threshold lives on that grid, see
     :attr:`bnn_tol.core.compiled.Stage.scale`).
 
+    **Approximate grids.** A transform ``T`` whose values are not all integer multiples of one
+    step (``Normalize(0.1307, 0.3081)``: zero point at pixel 33.33; per-channel stds) is
+    represented by rounded levels ``q = round(T(p) / unit)`` (:meth:`fit`); ``error`` is then
+    ``max |q - T(p) / unit|`` over pixel values and channels (``0``: exact), so the first
+    layer's ``k`` is within ``error * fan_in`` of the exact ``sum_i w_i T_i / unit``. The model
+    built on the grid is the definition every engine, export and deploy reproduces exactly;
+    ``error`` only says how far it is from the user's float transform.
+
     Attributes:
         offset: subtracted from the pixel (``q = p - offset``; ignored with ``levels``).
         scale: a power of two, so ``x`` is exact in float32 and sums of ``+-x`` are exact.
-        levels: ``None`` (affine) or the 256 integers ``q`` of the pixel values ``0..255``.
+        levels: ``None`` (affine), the 256 integers ``q`` of the pixel values ``0..255``, or
+            one such tuple per input channel (``(C, 256)``).
+        error: ``max |q - T / unit|`` of an approximate grid, in units of ``q`` (``0 <= error
+            <= 0.5``); ``0.0`` for an exact one.
     """
 
     offset: int
     scale: int
-    levels: tuple[int, ...] | None = None
+    levels: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None
+    error: float = 0.0
 
     def __post_init__(self) -> None:
         scale = require_int(self.scale, "input grid scale", minimum=1, strict=True)
@@ -94,26 +109,120 @@ class InputGrid:
             raise InvalidArgument(f"input grid scale must be a power of two, got {scale}")
         require_int(self.offset, "input grid offset", strict=True)
         if self.levels is not None:
-            if len(self.levels) != 256 or not all(
+            rows = self.levels if self.levels and isinstance(self.levels[0], tuple) else (
+                self.levels,)
+            if not rows or not all(isinstance(r, tuple) and len(r) == 256 and all(
                     isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**15
-                    for v in self.levels):
+                    for v in r) for r in rows):
                 raise InvalidArgument("input grid levels must be 256 integers |q| < 2^15 (one "
-                                      "per pixel value 0..255)")
+                                      "per pixel value 0..255), or one such list per channel")
+        e = self.error
+        if isinstance(e, bool) or not isinstance(e, int | float) or not 0.0 <= e <= 0.5:
+            raise InvalidArgument(f"input grid error must be a number in [0, 0.5] (the largest "
+                                  f"|q - T / unit| of a rounded grid), got {e!r}")
 
     @classmethod
-    def from_levels(cls, levels, scale: int) -> InputGrid:
-        """The grid of ``q = levels[p]``: affine (``offset``) when ``levels[p] = p - offset``."""
-        levels = tuple(int(v) for v in levels)
+    def from_levels(cls, levels, scale: int, error: float = 0.0) -> InputGrid:
+        """The grid of ``q = levels[p]`` (``(256,)``) or ``q = levels[c][p]`` (``(C, 256)``):
+        one table when every channel's is the same, affine (``offset``) when ``levels[p] = p -
+        offset``."""
+        arr = np.asarray(levels.cpu() if isinstance(levels, Tensor) else levels)
+        rows = [tuple(int(v) for v in r) for r in arr.reshape(-1, arr.shape[-1])] if \
+            arr.ndim == 2 else [tuple(int(v) for v in arr.reshape(-1))]
+        error = float(error)
+        if any(r != rows[0] for r in rows):
+            return cls(offset=0, scale=scale, levels=tuple(rows), error=error)
+        levels = rows[0]
         if len(levels) == 256 and len({p - q for p, q in enumerate(levels)}) == 1:
-            return cls(offset=-levels[0], scale=scale)
-        return cls(offset=0, scale=scale, levels=levels)
+            return cls(offset=-levels[0], scale=scale, error=error)
+        return cls(offset=0, scale=scale, levels=levels, error=error)
+
+    @classmethod
+    def fit(cls, values: Tensor, *, fan_in: int) -> tuple[InputGrid, float]:
+        """The grid of a transform given by its values: ``values`` float ``(C, 256)`` (or
+        ``(256,)``), ``T_c(p)`` the first layer's input for pixel value ``p`` in channel ``c``.
+
+        Exact when every value is an integer multiple of one step ``unit`` (``u``: the smallest
+        gap between values, or half of it, refined by least squares; float32 noise up to
+        ``1e-3 u`` is the transform's own rounding): ``q = T / unit``, ``error = 0``.
+        Otherwise approximate: ``unit = s / m`` with ``s`` the smallest gap between a
+        channel's values and the integer ``m >= 1`` that minimizes ``unit * error``,
+        ``q = round(T / unit)``, ``error = max |q - T / unit|``, while ``|q| < 2^15`` and
+        ``max |q| fan_in < 2^24`` (first-layer sums stay exact in float32); where even
+        ``m = 1`` needs more levels (a wide fan-in, very different stds), the finest coarser
+        step ``unit = j s`` (integer ``j >= 2``) within those limits.
+
+        Returns:
+            The grid (``scale``: the power of two nearest to ``1 / unit``, at least 1) and
+            ``unit``, so ``T ~ unit q = (unit scale) x``: ``unit scale`` is the factor a caller
+            folds into the first layer.
+
+        Raises:
+            InvalidArgument: fewer than two distinct values, or levels beyond those limits even
+                for ``m = 1``.
+        """
+        t = values.detach().double().reshape(-1, 256)
+        fan_in = require_int(fan_in, "fan_in", minimum=1)
+        flat = t.reshape(-1)
+        distinct = torch.unique(flat)
+        if len(distinct) < 2:
+            raise InvalidArgument(f"every pixel value maps to {float(distinct[0]):.6g}")
+        gap = float(torch.diff(distinct).min())
+        for parts in (1, 2):  # exact: every value an integer multiple of one step
+            u = gap / parts
+            for _ in range(3):  # refine u by least squares on the rounded levels (float noise)
+                q = (flat / u).round()
+                u = float((flat * q).sum() / (q * q).sum())
+            if float((flat / u - q).abs().max()) <= 1e-3 and float(q.abs().max()) < 2**15:
+                return cls._scaled(q.reshape(t.shape), u, 0.0), u
+        steps = [torch.diff(torch.unique(r)) for r in t]
+        s = min(float(d.min()) for d in steps if len(d))
+        best = None
+        for m in range(1, 4097):
+            u = s / m
+            q = (t / u).round()
+            top = int(q.abs().max())
+            if top >= 2**15 or top * fan_in >= 2**24:
+                break
+            err = float((q - t / u).abs().max())
+            if best is None or err * u < best[0] * (1 - 1e-6):
+                best = (err * u, q, u, err)
+        if best is None:  # even the smallest gap needs too many levels: a coarser step
+            limit = min(2**15 - 1, (2**24 - 1) // fan_in)
+            j0 = max(2, math.ceil(float(t.abs().max()) / max(limit, 1) / s))
+            for j in range(j0, j0 + 8):
+                q = (t / (s * j)).round()
+                top = int(q.abs().max())
+                if 0 < top <= limit:
+                    best = (0.0, q, s * j, float((q - t / (s * j)).abs().max()))
+                    break
+        if best is None:
+            raise InvalidArgument(f"its levels need integers up to {top} on a step of "
+                                  f"{s:.6g} (|q| < 2^15 and max |q| fan_in = {top} x {fan_in} "
+                                  "< 2^24 keep the first layer exact)")
+        _, q, u, err = best
+        return cls._scaled(q, u, err), u
+
+    @classmethod
+    def _scaled(cls, q: Tensor, u: float, error: float) -> InputGrid:
+        scale = 2 ** max(0, round(math.log2(1 / u)))
+        return cls.from_levels(q.long().tolist() if len(q) > 1 else q[0].long().tolist(),
+                               scale, error)
+
+    @property
+    def channels(self) -> int | None:
+        """The number of per-channel tables, or ``None`` (one transform for every channel)."""
+        if self.levels is not None and isinstance(self.levels[0], tuple):
+            return len(self.levels)
+        return None
 
     @property
     def q_range(self) -> tuple[int, int]:
-        """``(min q, max q)`` over the pixel values ``0..255``."""
+        """``(min q, max q)`` over the pixel values ``0..255`` (and channels)."""
         if self.levels is None:
             return -self.offset, 255 - self.offset
-        return min(self.levels), max(self.levels)
+        flat = [v for r in self.levels for v in r] if self.channels else self.levels
+        return min(flat), max(flat)
 
     @property
     def q_max(self) -> int:
@@ -121,48 +230,80 @@ class InputGrid:
         lo, hi = self.q_range
         return max(-lo, hi)
 
-    def _table(self, dtype: torch.dtype, device) -> Tensor:
-        return torch.tensor(self.levels, dtype=dtype, device=device)
+    def _lookup(self, images: Tensor, dtype: torch.dtype) -> Tensor:
+        """``q`` of ``images`` from the table(s) ``levels`` (per channel: axis ``-3``)."""
+        table = torch.tensor(self.levels, dtype=dtype, device=images.device)
+        c = self.channels
+        if c is None:
+            return table[images.long()]
+        if images.dim() < 3 or images.shape[-3] != c:
+            raise InvalidArgument(f"a per-channel input grid ({c} channels) needs pixels "
+                                  f"(..., {c}, H, W), got shape {tuple(images.shape)}")
+        return table[torch.arange(c, device=images.device).view(c, 1, 1), images.long()]
 
     def to_float(self, images: Tensor) -> Tensor:
-        """``uint8`` pixels, any shape -> float32 ``q / scale``."""
+        """``uint8`` pixels, any shape (``(..., C, H, W)`` per channel) -> float32
+        ``q / scale``."""
         if self.levels is not None:
-            return self._table(torch.float32, images.device)[images.long()] / float(self.scale)
+            return self._lookup(images, torch.float32) / float(self.scale)
         return (images.to(torch.float32) - float(self.offset)) / float(self.scale)
 
     def to_int(self, images: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
-        """``uint8`` pixels, any shape -> the integers ``q`` (``dtype``)."""
+        """``uint8`` pixels, any shape (``(..., C, H, W)`` per channel) -> the integers ``q``
+        (``dtype``)."""
         if self.levels is not None:
-            return self._table(dtype, images.device)[images.long()]
+            return self._lookup(images, dtype)
         return images.to(dtype) - self.offset
 
     def describe(self) -> str:
         """The transform in words (written into export manifests)."""
-        if self.levels is not None:
+        if self.channels:
             lo, hi = self.q_range
-            return (f"q = levels[p] (int, an input quantizer with levels {lo}..{hi}); the "
+            text = (f"q = levels[c][p] (int, one table per input channel c of {self.channels}, "
+                    f"levels {lo}..{hi}); the float model sees q / {self.scale}")
+        elif self.levels is not None:
+            lo, hi = self.q_range
+            what = "the rounded input transform" if self.error else "an input quantizer"
+            text = (f"q = levels[p] (int, {what} with levels {lo}..{hi}); the "
                     f"float model sees q / {self.scale}")
-        return (f"q = p - {self.offset} (int); the float model sees "
-                f"(p - {self.offset}) / {self.scale}")
+        else:
+            text = (f"q = p - {self.offset} (int); the float model sees "
+                    f"(p - {self.offset}) / {self.scale}")
+        if self.error:
+            text += (f"; approximate: each q is within {self.error:.4g} of the trained "
+                     f"transform's exact value (in units of q), so the first layer's "
+                     f"k = sum w q is within {self.error:.4g} fan_in of it")
+        return text
 
     def config(self) -> dict:
-        """JSON form (``offset``, ``scale``, and ``levels`` for a quantizer)."""
+        """JSON form (``offset``, ``scale``; ``levels`` for a quantizer or per-channel tables;
+        ``error`` for an approximate grid)."""
         out: dict = {"offset": int(self.offset), "scale": int(self.scale)}
         if self.levels is not None:
-            out["levels"] = list(self.levels)
+            out["levels"] = [list(r) for r in self.levels] if self.channels else list(
+                self.levels)
+        if self.error:
+            out["error"] = float(self.error)
         return out
 
     @classmethod
     def from_config(cls, cfg: dict) -> InputGrid:
         """Inverse of :meth:`config` (validated)."""
         if not isinstance(cfg, dict) or not {"offset", "scale"} <= set(cfg) <= {
-                "offset", "scale", "levels"}:
-            raise InvalidArgument(f"an input grid is {{offset, scale[, levels]}}, got {cfg!r}")
+                "offset", "scale", "levels", "error"}:
+            raise InvalidArgument(f"an input grid is {{offset, scale[, levels][, error]}}, got "
+                                  f"{cfg!r:.200}")
         levels = cfg.get("levels")
-        if levels is not None and not isinstance(levels, list | tuple):
-            raise InvalidArgument("input grid levels must be a list of 256 integers")
-        return cls(offset=cfg["offset"], scale=cfg["scale"],
-                   levels=None if levels is None else tuple(levels))
+        if levels is not None:
+            if not isinstance(levels, list | tuple) or not levels:
+                raise InvalidArgument("input grid levels must be a list of 256 integers (or one "
+                                      "such list per channel)")
+            if isinstance(levels[0], list | tuple):
+                levels = tuple(tuple(r) if isinstance(r, list | tuple) else r for r in levels)
+            else:
+                levels = tuple(levels)
+        return cls(offset=cfg["offset"], scale=cfg["scale"], levels=levels,
+                   error=cfg.get("error", 0.0))
 
 
 #: The library's input grid: ``x = (p - 128) / 128`` in ``[-1, 0.9921875]``, step 1/128.
@@ -183,33 +324,66 @@ def to_float(images: Tensor) -> Tensor:
 class Normalize:
     """The input convention of public BNN code: ``ToTensor()`` then ``Normalize(mean, std)``,
 
-        x = (p / 255 - mean) / std          (float32, in that order, as torchvision),
+        x = (p / 255 - mean_c) / std_c          (float32, in that order, as torchvision),
 
-    so ``Normalize()`` is ``[0, 1]`` inputs and ``Normalize(0.5, 0.5)`` is ``2x - 1``. One
-    mean and std for every channel (the first layer's integer grid is per tensor)."""
+    so ``Normalize()`` is ``[0, 1]`` inputs and ``Normalize(0.5, 0.5)`` is ``2x - 1``. ``mean``
+    and ``std`` are one number each, or one per channel (``Normalize((0.4914, 0.4822, 0.4465),
+    (0.247, 0.243, 0.261))``; a one-element tuple is one number for every channel): channel
+    ``c`` is axis ``-3`` of ``(..., C, H, W)`` pixels, or the ``c``-th block of a flat
+    ``(N, C H W)`` batch (torch's flattening order)."""
 
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
 
     def __post_init__(self) -> None:
+        sizes = set()
         for name in ("mean", "std"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
-                raise InvalidArgument(f"Normalize {name} must be one finite number (the same "
-                                      f"for every channel), got {v!r}")
-        if not self.std > 0:
-            raise InvalidArgument(f"Normalize std must be > 0, got {self.std!r}")
+            vals = tuple(v) if isinstance(v, list | tuple) else (v,)
+            if not vals or any(isinstance(e, bool) or not isinstance(e, int | float)
+                               or not np.isfinite(e) for e in vals):
+                raise InvalidArgument(f"Normalize {name} must be a finite number or a tuple of "
+                                      f"finite numbers (one per channel), got {v!r}")
+            if isinstance(v, list | tuple):
+                object.__setattr__(self, name, tuple(float(e) for e in vals))
+            if len(vals) > 1:
+                sizes.add(len(vals))
+            if name == "std" and not all(e > 0 for e in vals):
+                raise InvalidArgument(f"Normalize std must be > 0, got {v!r}")
+        if len(sizes) > 1:
+            raise InvalidArgument(f"Normalize mean and std give different numbers of channels "
+                                  f"({self.mean!r}, {self.std!r})")
+
+    @property
+    def channels(self) -> int | None:
+        """The number of channels with their own mean/std, or ``None`` (one for all)."""
+        n = max(len(v) if isinstance(v, tuple) else 1 for v in (self.mean, self.std))
+        return n if n > 1 else None
+
+    def _per_channel(self, x: Tensor, fn) -> Tensor:
+        """``fn(x, mean, std)`` with float32 ``mean``/``std`` broadcast over ``x``'s channels."""
+        m, s = (torch.tensor(v, dtype=torch.float32) for v in (self.mean, self.std))
+        c = self.channels
+        if c is None:
+            return fn(x, m.reshape(()), s.reshape(()))
+        m, s = m.expand(c), s.expand(c)
+        if x.dim() >= 3 and x.shape[-3] == c:
+            return fn(x, m.view(c, 1, 1), s.view(c, 1, 1))
+        if x.dim() == 2 and x.shape[1] % c == 0:
+            return fn(x.reshape(len(x), c, -1), m.view(c, 1), s.view(c, 1)).reshape(x.shape)
+        raise InvalidArgument(f"Normalize with {c} channels needs (..., {c}, H, W) or flat "
+                              f"(N, {c} H W) inputs, got shape {tuple(x.shape)}")
 
     def to_float(self, images: Tensor) -> Tensor:
-        """``uint8`` pixels, any shape -> the float32 inputs the user's model was trained on."""
-        x = images.to(torch.float32).div(255)
-        return x.sub(torch.tensor(self.mean, dtype=torch.float32)).div(
-            torch.tensor(self.std, dtype=torch.float32))
+        """``uint8`` pixels, any shape (see the class docstring for channels) -> the float32
+        inputs the user's model was trained on."""
+        return self._per_channel(images.to(torch.float32).div(255),
+                                 lambda x, m, s: x.sub(m).div(s))
 
     def pixels(self, x: Tensor) -> Tensor | None:
         """The ``uint8`` pixels ``p`` with ``to_float(p) == x`` bit for bit, or ``None``."""
-        p = torch.round((x.double() * float(np.float32(self.std)) + float(np.float32(
-            self.mean))) * 255)
+        p = self._per_channel(x.double(), lambda v, m, s: torch.round(
+            (v * s.double() + m.double()) * 255))
         if not bool(((p >= 0) & (p <= 255)).all()):
             return None
         p = p.to(torch.uint8)

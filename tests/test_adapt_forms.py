@@ -251,7 +251,8 @@ def test_normalize_inverts_exactly_on_pixels_and_refuses_other_values():
     assert torch.equal(tf.pixels(x), imgs)
     assert tf.pixels(x + 1e-3) is None
     assert Normalize().pixels(torch.tensor([2.0])) is None
-    for bad in (dict(std=0.0), dict(mean=float("nan")), dict(mean=(0.5, 0.5)), dict(std=True)):
+    for bad in (dict(std=0.0), dict(mean=float("nan")), dict(std=True), dict(mean=()),
+                dict(mean=(0.5, 0.5), std=(0.5, 0.5, 0.5)), dict(std=(0.5, -1.0))):
         with pytest.raises(InvalidArgument):
             Normalize(**bad)
 

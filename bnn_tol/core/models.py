@@ -422,7 +422,9 @@ def summary(model: BNN) -> str:
     """One line per block plus a total, like ``larq.models.summary``.
 
     Columns: block, layer type, output units, fan-in, weights, bits per weight, weight memory
-    (bits), BN parameters (stored as 32-bit floats).
+    (bits), BN parameters (stored as 32-bit floats). A model that declares its own
+    ``input_grid`` gets a last line ``input: ...`` (:meth:`bnn_tol.data.InputGrid.describe`,
+    which says whether the grid is rounded and by how much).
     """
     rows = [f"{'block':<6} {'layer':<13} {'units':>6} {'fan_in':>7} {'weights':>11}"
             f" {'bits/w':>6} {'weight bits':>12} {'bn params':>10}"]
@@ -441,6 +443,9 @@ def summary(model: BNN) -> str:
     rows.append(f"{model.config['name']}: {total_w:,} weights in {total_bits:,} stored bits"
                 f" ({total_bits / 8 / 1024:.1f} KiB), {total_bn:,} BN params; total memory"
                 f" {bits:,} bits ({bits / 8 / 1024:.1f} KiB)")
+    grid = getattr(model, "input_grid", None)  # a declared grid (adapted models); else INPUT
+    if grid is not None:
+        rows.append(f"input: {grid.describe()}")
     return "\n".join(rows)
 
 

@@ -120,7 +120,7 @@ class _Int8Net:
 
     def input(self, images: Tensor) -> Tensor:
         """uint8 ``(B, C, H, W)`` -> int8 ``q = p - offset`` neuron-major ``(C H W, B)``."""
-        q = self.grid.to_int(images.reshape(images.shape[0], -1), torch.int16).to(torch.int8)
+        q = self.grid.to_int(images, torch.int16).reshape(images.shape[0], -1).to(torch.int8)
         return q.t().contiguous().to(self.device)
 
     def run(self, h: Tensor, start: int, ws: list[Tensor], cs: list[Tensor]) -> Tensor:

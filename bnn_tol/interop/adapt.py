@@ -20,8 +20,10 @@ not trace), reads the chain of operations, and maps it onto the library's blocks
 * **Inputs**: what the user's model saw (``transform``: the library's ``(p - 128) / 128`` or
   ``ToTensor``/``Normalize(mean, std)``), composed with the operations ``forward`` runs before
   the first layer (``2x - 1``, an input quantizer), is recorded as the adapted model's
-  :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` with integer ``q_p``; a transform off every
-  integer grid (a zero point that is not a whole or half pixel value) is refused with the reason.
+  :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` with integer ``q_p`` (per input channel for
+  a per-channel ``Normalize``); a transform off every integer grid (a zero point that is not a
+  whole or half pixel value, per-channel stds) gets a rounded grid whose error is stated and
+  verified (:func:`_input_grid`, :func:`_undecided`).
 * **Biases, scales, output normalization**: layer biases (also ``+ b`` after the product and
   binarized ``sign(b)``), per-tensor and per-channel weight scales, and positive scales/shifts
   after a block (``Scale``, ``TensorNorm``) are folded into the block's BatchNorm (a block
@@ -59,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_tol.core.compiled import UnsupportedModel
+from bnn_tol.core.compiled import UnsupportedModel, compile_model
 from bnn_tol.core.models import build
 from bnn_tol.data import INPUT, InputGrid, Normalize, grid_of
 from bnn_tol.exceptions import InvalidArgument, require_int
@@ -635,10 +637,21 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
     input quantizer such as Brevitas' 8-bit ``QuantIdentity``, a flatten) is composed with
     ``transform`` into the pixel -> first-layer-input map ``T(p)``, which must be one integer
     grid ``T(p) = u q_p`` (``u > 0``; affine transforms whose zero point ``255 mean`` is a
-    whole or half pixel value, and input quantizers). The adapted model records it as its
-    :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` (``S`` the power of two nearest to
-    ``1 / u``), so its first layer is exact integer arithmetic on ``q``; the factor ``u S``
-    is folded into the first BatchNorm.
+    whole or half pixel value, and input quantizers; per channel with one ``u`` for all
+    channels). The adapted model records it as its :class:`~bnn_tol.data.InputGrid`
+    ``x = q_p / S`` (``S`` the power of two nearest to ``1 / u``), so its first layer is exact
+    integer arithmetic on ``q``; the factor ``u S`` is folded into the first BatchNorm.
+    Otherwise (``Normalize(0.1307, 0.3081)``, CIFAR's per-channel stds) the grid is rounded,
+    ``q_p = round(T(p) / u)`` (:meth:`bnn_tol.data.InputGrid.fit`), with ``error =
+    max |q_p - T(p) / u|`` recorded on the grid: the adapted model's first-layer
+    pre-activations ``k = sum_i w_i q_i`` are within ``bound = fan_in (error + 2^-23 q_max)``
+    of the original's (``2^-23 q_max fan_in`` allows for float32 rounding in the original),
+    so its hidden bits are the original's on every sample whose ``k`` are all farther than
+    ``bound`` from their thresholds. Samples with some ``k`` within ``bound`` (or, for a
+    single-layer model, top-two scores within the bound's effect) are *undecided*: left out of
+    the comparison below and counted in ``model.meta["input"]`` (``unit`` ``u``, ``error``,
+    ``bound``, ``undecided`` per verification batch). Residual graphs with a rounded grid are
+    refused (the bound is not carried through real-valued shortcuts).
 
     **Folded into the BatchNorms** (exact in real arithmetic): layer biases (``linear(x, W,
     b)``, ``linear(x, W) + b``, binarized ``sign(b)``; before a BN they shift its mean, without
@@ -651,7 +664,8 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
     softmax) on ``example`` and on probe batches of pixels -- dark, bright, uniform random,
     and constant images (black, white, mid-gray) -- bit for bit, or, where something was
     folded (a scale, bias, input factor), with equal predictions and scores within
-    ``1e-4 max |score|``. A module walk (``torch.fx`` cannot trace ``forward``, e.g.
+    ``1e-4 max |score|`` (with a rounded input grid: on the samples the bound decides). A
+    module walk (``torch.fx`` cannot trace ``forward``, e.g.
     data-dependent control flow such as ``if x.mean() > 0: h = -h``) sees only the registered
     modules, and the probes are what shows whether ``forward`` does more with them.
 
@@ -685,7 +699,10 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
         raise AdaptError(f"example must be float32 inputs made from 8-bit pixels "
                          f"(bnn_tol.data.to_float or transform.to_float), got {example.dtype}")
     user = transform if transform is not None else _LIBRARY
-    pixels = user.pixels(example)
+    try:
+        pixels = user.pixels(example)
+    except InvalidArgument as e:
+        raise AdaptError(f"example does not fit {user!r}: {e}") from None
     if pixels is None:
         raise AdaptError(
             f"example is not {user!r} of 8-bit pixels: pass the transform the model was trained "
@@ -701,9 +718,10 @@ def adapt(module: nn.Module, example: Tensor, *, in_shape=None, sign_zero: int |
     finally:
         for m, flag in was:
             m.training = flag
-    model.meta = {"adapted_from": type(module).__name__}
+    model.meta = {"adapted_from": type(module).__name__, **model.meta}
     if transform is not None:
-        model.meta["transform"] = {"mean": float(transform.mean), "std": float(transform.std)}
+        model.meta["transform"] = {k: list(v) if isinstance(v, tuple) else float(v) for k, v in
+                                   (("mean", transform.mean), ("std", transform.std))}
     return model
 
 
@@ -738,6 +756,8 @@ class _Ctx:
     shape: tuple[int, int, int]
     sign_zero: int | None
     user: Any
+    unit: float | None = None  # the input grid's step in the user's units (_input_grid)
+    residual: Tensor | None = None  # float64 (C or 1, 256): q - T / unit (_input_grid)
 
 
 def _in_shape(example: Tensor, in_shape) -> tuple[int, int, int]:
@@ -1037,7 +1057,14 @@ def _map_graph(ctx: _Ctx, gm: torch.fx.GraphModule | None = None
                 else:
                     name_in = emit({"op": "sign", "inputs": [name_in]})
             if grid is None:
-                grid, factor = _input_grid(ctx, pre)
+                grid, factor = _input_grid(ctx, pre, op.weight[0].numel())
+                if grid.error:
+                    raise AdaptError(
+                        f"the input transform ({ctx.user!r}) is not an integer grid, and a "
+                        "rounded grid is verified through the first layer's sign decisions, "
+                        "which the real-valued shortcuts of a residual graph bypass: train "
+                        "with a mean of k / 510 and one std for all channels (e.g. "
+                        "Normalize(0.5, 0.5))")
                 form.scale(factor, y.shape[1])
             spec = _layer_spec(desc, op, False)
             spec = {k: v for k, v in spec.items() if k in ("type", "in", "out", "kernel",
@@ -1301,7 +1328,7 @@ def _map_ops(ctx: _Ctx, ops, traced: bool):
                 if form is None:
                     raise AdaptError(_why_not_binary(desc, op, x, out))
             if grid is None:  # the first layer: its input grid and the factor to fold
-                grid, factor = _input_grid(ctx, pre)
+                grid, factor = _input_grid(ctx, pre, op.weight[0].numel())
                 form.scale(factor, out.shape[1])
             if bool((op.weight == 0).any()) and sign_zero not in (1, None):
                 raise AdaptError(f"{desc}: latent weights exactly 0 binarize to {sign_zero}, "
@@ -1375,12 +1402,16 @@ def _map_ops(ctx: _Ctx, ops, traced: bool):
     return blocks, assumed, grid
 
 
-def _input_grid(ctx: _Ctx, pre: list[tuple[str, Any]]) -> tuple[InputGrid, float]:
+def _input_grid(ctx: _Ctx, pre: list[tuple[str, Any]], fan_in: int
+                ) -> tuple[InputGrid, float]:
     """The pixel -> first-layer-input map ``T(p)`` (the user's transform, then the operations
-    ``pre`` before the first layer, on 256 constant images) as an integer grid: ``T(p) = u
-    q_p`` with integers ``q_p`` (``u``: the smallest gap between values, or half of it, refined
-    by least squares). Returns the :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` (``S`` the
-    power of two nearest to ``1 / u``) and the factor ``u S`` (1 for the library's grid)."""
+    ``pre`` before the first layer, on 256 constant images) per input channel where channels
+    differ, as an integer grid (:meth:`bnn_tol.data.InputGrid.fit`: exact ``T(p) = u q_p``
+    where the values allow, else rounded with its error stated; ``fan_in``: the first layer's,
+    which bounds the levels so that its sums stay exact). Returns the
+    :class:`~bnn_tol.data.InputGrid` ``x = q_p / S`` and the factor ``u S`` (1 for the
+    library's grid); sets ``ctx.unit = u`` and ``ctx.residual`` (float64 ``(C or 1, 256)``:
+    ``q_p - T(p) / u``, what rounding added to each level)."""
     p = torch.arange(256, dtype=torch.uint8).reshape(256, 1, 1, 1).expand(
         256, *ctx.shape).contiguous()
     x = ctx.user.to_float(p)
@@ -1390,34 +1421,85 @@ def _input_grid(ctx: _Ctx, pre: list[tuple[str, Any]]) -> tuple[InputGrid, float
         x = _call(_name(desc, op), "constant images (one per pixel value)", op, x)
         x = x.value if hasattr(x, "value") else x
     rows = x.reshape(256, -1).double()
-    if not bool((rows == rows[:, :1]).all()):
-        raise AdaptError(f"the operations before the first layer ({names}) do not treat every "
-                         "pixel alike: not an input transform bnn_tol can record")
-    t = rows[:, 0]
-    values = torch.unique(t)
-    if len(values) < 2:
-        raise AdaptError(f"the input transform (operations before the first layer: {names}) "
-                         f"maps every pixel to {float(values[0]):.6g}")
-    gap = float(torch.diff(values).min())
-    for parts in (1, 2):
-        u = gap / parts
-        for _ in range(3):  # refine u by least squares on the rounded levels (float noise)
-            q = (t / u).round()
-            u = float((t * q).sum() / (q * q).sum())
-        if float((t / u - q).abs().max()) <= 1e-3:
-            break
+    c = ctx.shape[0]
+    if bool((rows == rows[:, :1]).all()):
+        t = rows[:, :1].t()  # (1, 256): one transform for every input
     else:
-        zero = float(-t[0] / (t[1] - t[0])) if float(t[1] - t[0]) != 0 else math.nan
-        raise AdaptError(
-            f"the input transform ({ctx.user!r}, then {names}) is not an integer grid: pixel 0 "
-            f"-> {float(t[0]):.6g}, step {gap:.6g}, zero point at pixel {zero:.4g}, not a whole "
-            "or half pixel value; bnn_tol's first layer is integer arithmetic on q = p - "
-            "offset: train with a mean of k / 510 (e.g. Normalize(0.5, 0.5) or Normalize(0, 1))")
-    if float(q.abs().max()) >= 2**15:
-        raise AdaptError(f"the input transform needs {int(q.abs().max())} levels per side (more "
-                         "than 2^15)")
-    scale = 2 ** max(0, round(math.log2(1 / u)))
-    return InputGrid.from_levels(q.long().tolist(), scale), u * scale
+        per = rows.reshape(256, c, -1) if rows.shape[1] % c == 0 else None
+        if per is None or not bool((per == per[:, :, :1]).all()):
+            raise AdaptError(f"the operations before the first layer ({names}) do not treat "
+                             "every pixel of a channel alike: not an input transform bnn_tol "
+                             "can record")
+        t = per[:, :, 0].t()  # (C, 256): one transform per input channel
+    try:
+        grid, unit = InputGrid.fit(t, fan_in=fan_in)
+    except InvalidArgument as e:
+        raise AdaptError(f"the input transform ({ctx.user!r}, then {names}): {e}") from None
+    ctx.unit = unit
+    pix = torch.arange(256, dtype=torch.uint8)
+    q = grid.to_int(pix if grid.channels is None else pix.view(1, 256, 1).expand(
+        len(t), 256, 1), torch.int64).double().reshape(-1, 256)
+    ctx.residual = q - t / unit
+    return grid, unit * grid.scale
+
+
+def _undecided(model, grid: InputGrid, pixels: Tensor, residual: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """Which samples of ``pixels`` (``uint8`` ``(N, C, H, W)``) a rounded input grid
+    (``grid.error > 0``) may decide differently from the user's transform.
+
+    The first layer's ``k = sum_i w_i q_i`` differs from the exact ``k* = sum_i w_i T_i / u``
+    by ``sum_i w_i r_i`` (``residual`` ``r = q - T / u``, float64 ``(C or 1, 256)``), at most
+    ``fan_in error``; ``bound = fan_in (error + 2^-23 q_max)`` adds float32 rounding of the
+    original's sum (``slack = 2^-23 q_max fan_in``). With ``tau`` the real threshold on the
+    ``k`` grid (dead neurons never count):
+
+    * *within the bound*: some ``|k - tau| <= bound`` -- the a-priori test;
+    * *undecided*: some neuron decides differently on ``k`` and ``k*`` (``k - tau`` and
+      ``k* - tau`` of different signs) or ``|k* - tau| <= slack``. Every other sample has the
+      original's hidden bits, so the adapted model must predict what the original predicts.
+
+    A first layer that outputs the scores ``z = BN(k / S)``: within the bound when its top two
+    scores differ by at most ``2 bound max_c |gamma_c| / sqrt(s2_c + eps) / S``, undecided
+    when ``k`` and ``k*`` give different argmaxes or ``k*``'s top two are within the slack's
+    share of that. Returns ``(within_bound, undecided)``, ``(N,)`` bool each."""
+    st = compile_model(model).stages[0]
+    q = grid.to_int(pixels, torch.int64).double()
+    idx = pixels.long()
+    r = residual[0][idx] if len(residual) == 1 else residual[
+        torch.arange(len(residual)).view(-1, 1, 1), idx]
+    wb = st.wb.double()
+
+    def layer(v: Tensor) -> Tensor:
+        return F.conv2d(v, wb, padding=st.padding) if st.conv else v.flatten(1) @ wb.t()
+
+    k = layer(q)
+    k_exact = k - layer(r)
+    slack = st.fan_in * grid.q_max * 2.0**-23
+    bound = st.fan_in * grid.error + slack
+    if st.hidden:
+        tau = (st.tau * st.scale).view((1, -1, 1, 1) if k.dim() == 4 else (1, -1))
+        d, d_exact = k - tau, k_exact - tau  # nan for dead neurons: never counted
+        within = (d.abs() <= bound).flatten(1).any(1)
+        flips = ((d >= 0) != (d_exact >= 0)) & ~torch.isnan(d)
+        return within, (flips | (d_exact.abs() <= slack)).flatten(1).any(1)
+    bn = st.block.bn
+
+    def scores(v: Tensor) -> Tensor:
+        return F.batch_norm(v / st.scale, bn.running_mean.double(), bn.running_var.double(),
+                            None if bn.weight is None else bn.weight.double(),
+                            None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
+
+    z, z_exact = scores(k), scores(k_exact)
+    if z.shape[1] < 2:
+        none = torch.zeros(len(z), dtype=torch.bool)
+        return none, none
+    per = 2 * float(st.bn_scale.max()) / st.scale
+    top, top_exact = z.topk(2, dim=1).values, z_exact.topk(2, dim=1).values
+    within = top[:, 0] - top[:, 1] <= per * bound
+    undecided = (z.argmax(1) != z_exact.argmax(1)) | (
+        top_exact[:, 0] - top_exact[:, 1] <= per * slack)
+    return within, undecided
 
 
 def _check_no_zero(module, example, hidden_bns) -> None:
@@ -1494,13 +1576,25 @@ def _verify(ctx: _Ctx, model, exact: bool = True, walk_why: str | None = None,
     bit; where something was folded (``exact=False``: a weight scale, a bias, an input
     factor) the predictions must be equal and the scores within ``1e-4 max |score|``.
     ``walk_why``: the operations came from a module walk (named in the refusal with what it
-    ``assumed``)."""
+    ``assumed``). With a rounded input grid (``grid.error > 0``) the samples it leaves
+    undecided (:func:`_undecided`) are left out and counted, and the grid's ``unit``,
+    ``error``, ``bound`` and per batch ``{"samples", "within_bound", "undecided"}`` are
+    recorded in ``model.meta["input"]``."""
     grid = grid_of(model)
+    counts: dict[str, dict[str, int]] = {}
     for name, p in _probe_batches(ctx):
         x = ctx.example if name == "the example" else ctx.user.to_float(p)
         x = x.reshape(len(p), -1) if ctx.example.dim() == 2 else x
         ref = _reference(ctx.module, x, name)
         got = model(grid.to_float(p))
+        if grid.error and ref.shape == got.shape:
+            exact = False
+            within, near = _undecided(model, grid, p, ctx.residual)
+            counts[name] = {"samples": len(p), "within_bound": int(within.sum()),
+                            "undecided": int(near.sum())}
+            ref, got = ref[~near], got[~near]
+            if len(ref) == 0:
+                continue
         if not exact and ref.shape == got.shape and torch.equal(ref.argmax(1), got.argmax(1)) \
                 and torch.allclose(ref, got, rtol=1e-4, atol=1e-4 * float(ref.abs().max())):
             continue
@@ -1509,7 +1603,7 @@ def _verify(ctx: _Ctx, model, exact: bool = True, walk_why: str | None = None,
         same = ref.shape == got.shape and torch.equal(ref.argmax(1), got.argmax(1))
         diff = math.inf if ref.shape != got.shape else float((ref - got).abs().max())
         preds = "same predictions" if same else (
-            f"{int((ref.argmax(1) != got.argmax(1)).sum())} of {len(x)} predictions differ"
+            f"{int((ref.argmax(1) != got.argmax(1)).sum())} of {len(ref)} predictions differ"
             if ref.shape == got.shape else f"scores of shape {tuple(ref.shape)} vs "
             f"{tuple(got.shape)}")
         if walk_why is None:
@@ -1521,3 +1615,9 @@ def _verify(ctx: _Ctx, model, exact: bool = True, walk_why: str | None = None,
                    f"`if x.mean() > 0`){extra}")
         raise AdaptError(f"the adapted model differs from the original on {name} ({preds}, "
                          f"max |score diff| {diff:.3g}){why}")
+    if grid.error:
+        fan_in = compile_model(model).stages[0].fan_in
+        model.meta["input"] = {
+            "approximate": True, "unit": float(ctx.unit), "error": float(grid.error),
+            "bound": float(fan_in * (grid.error + grid.q_max * 2.0**-23)),
+            "verified": counts}

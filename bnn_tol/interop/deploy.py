@@ -42,7 +42,10 @@ input. Bit errors go into the packed memory image:
   if these checks pass, their grid read from ``input.transform``): the known top-level, input
   and layer fields and no others; ``format``, ``version``, ``bit_order`` (the documented
   text, :data:`BIT_ORDER`), ``input.dtype`` ``uint8``, the input offset (0..255; the number in
-  ``input.transform`` must agree) and scale; roles ``first``, ``hidden``..., ``output`` in
+  ``input.transform`` must agree) and scale, ``input.levels`` (256 integers ``|q| < 2^15``,
+  or one such list per channel of ``input.shape``, with the matching transform text) and
+  ``input.error`` (a number in [0, 0.5]: a rounded grid's distance from the trained
+  transform); roles ``first``, ``hidden``..., ``output`` in
   order with strictly increasing ``index``; ``kind`` ``linear`` or ``conv`` (the output layer
   linear); the geometry from ``input.shape`` through every layer (a linear ``fan_in`` is the
   size of its input, flattened -- a multi-dimensional input must say ``flatten``; a conv's
@@ -100,7 +103,7 @@ _MAX_LAYERS = 4096
 _HEX = re.compile(r"[0-9a-f]{64}")
 _TOP = {"format", "version", "bnn_tol", "model", "input", "bit_order", "classes", "layers",
         "sha256", "memory_bits", "manifest_sha256"}
-_INPUT = {"shape", "dtype", "offset", "scale", "transform", "levels"}
+_INPUT = {"shape", "dtype", "offset", "scale", "transform", "levels", "error"}
 _LAYER = {"index", "name", "kind", "rows", "fan_in", "flatten", "pool", "input_scale", "role",
           "weights"}
 _CONV = {"kernel", "padding", "in_channels"}
@@ -297,16 +300,37 @@ def _input_offset(man: dict) -> int:
     return offset
 
 
+def _levels(row: object) -> bool:
+    return isinstance(row, list) and len(row) == 256 and all(
+        isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**15 for v in row)
+
+
 def _input_table(man: dict) -> np.ndarray:
-    """``(256,)`` int64: the first block's integer input ``q`` of each pixel value -- ``p -
+    """int64 ``(256,)``: the first block's integer input ``q`` of each pixel value -- ``p -
     offset``, or ``input.levels`` (an input quantizer: 256 integers ``|q| < 2^15``, with the
-    transform text ``q = levels[p] ...``)."""
+    transform text ``q = levels[p] ...``) -- or ``(C, 256)``: ``input.levels`` as one such
+    list per input channel (``input.shape`` ``[C, H, W]``, transform text ``q = levels[c][p]
+    ...``). ``input.error`` (optional, a number in [0, 0.5]) says how far a rounded grid is
+    from the trained transform; it changes nothing here."""
     inp = man["input"]
+    err = inp.get("error", 0.0)
+    if isinstance(err, bool) or not isinstance(err, int | float) or not 0.0 <= err <= 0.5:
+        raise DeployError(f"input.error must be a number in [0, 0.5] (in units of q), got "
+                          f"{_show(err)}")
     levels = inp.get("levels")
     if levels is None:
         return np.arange(256, dtype=np.int64) - _input_offset(man)
-    if not isinstance(levels, list) or len(levels) != 256 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**15 for v in levels):
+    if isinstance(levels, list) and levels and isinstance(levels[0], list):
+        shape = inp["shape"]
+        if len(shape) != 3 or shape[0] != len(levels) or not all(_levels(r) for r in levels):
+            raise DeployError(f"per-channel input.levels must list one list of 256 integers "
+                              f"|q| < 2^15 per channel of input.shape [C, H, W] "
+                              f"{_show(shape)}")
+        if not inp["transform"].startswith("q = levels[c][p]"):
+            raise DeployError("per-channel input.levels are given but input.transform does not "
+                              "say q = levels[c][p]: an inconsistent manifest")
+        return np.asarray(levels, dtype=np.int64)
+    if not _levels(levels):
         raise DeployError("input.levels must list 256 integers |q| < 2^15 (one per pixel value)")
     if not inp["transform"].startswith("q = levels[p]"):
         raise DeployError("input.levels is given but input.transform does not say q = levels[p]: "
@@ -621,7 +645,9 @@ def _compare(a: np.ndarray, t, d, const) -> np.ndarray:
 def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     arr = man["arrays"]
     n = images.shape[0]
-    x: np.ndarray = _input_table(man)[images]  # first block: integers q
+    table = _input_table(man)  # first block: integers q (one table, or one per channel)
+    x: np.ndarray = table[images] if table.ndim == 1 else table[
+        np.arange(len(table))[:, None, None], images]
     first = True
     layers = man["layers"]
     for e in layers:
