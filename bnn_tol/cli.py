@@ -701,8 +701,9 @@ def plot_sweep(csv, out, metric, level, overwrite) -> None:
               help="C,H,W when the graph input is flat or its dims are symbolic.")
 @click.option("--normalize", default=None, metavar="MEAN,STD",
               help="The graph input's convention, ToTensor then Normalize(MEAN, STD) (0,1 for "
-                   "[0, 1] inputs, 0.5,0.5 for 2x-1); lets graphs with an input transform, an "
-                   "input quantizer or a TensorNorm (Brevitas' QONNX export) import via adapt.")
+                   "[0, 1] inputs, 0.5,0.5 for 2x-1; per channel M1/M2/M3,S1/S2/S3); lets "
+                   "graphs with an input transform, an input quantizer, a TensorNorm (Brevitas' "
+                   "QONNX export) or shortcut additions (residual BNNs) import via adapt.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
 def import_cmd(onnx_file, out, in_shape, normalize, overwrite) -> None:
     """Import a BNN from ONNX (Gemm/MatMul/Conv +-1 weights, BatchNorm, sign; needs the
@@ -714,23 +715,28 @@ def import_cmd(onnx_file, out, in_shape, normalize, overwrite) -> None:
     verified against it before anything is written; a graph that cannot be imported exactly
     ends in one line and a non-zero exit."""
     shape = _parse_ints(in_shape, "--in-shape")
-    norm = _parse_floats(normalize, "--normalize")
-    if norm is not None and len(norm) != 2:
-        raise click.BadParameter(f"expected MEAN,STD, got {normalize!r}",
-                                 param_hint="--normalize")
     from bnn_tol.data import Normalize
     from bnn_tol.interop import checkpoint
     from bnn_tol.interop import onnx as onnx_io
 
-    transform = Normalize(*norm) if norm is not None else None
+    transform = None
+    if normalize is not None:
+        parts = normalize.split(",")
+        if len(parts) != 2:
+            raise click.BadParameter(f"expected MEAN,STD (per channel M1/M2/M3,S1/S2/S3), got "
+                                     f"{normalize!r}", param_hint="--normalize")
+        mean, std = (_parse_floats(p.replace("/", ","), "--normalize") for p in parts)
+        transform = Normalize(mean[0] if len(mean) == 1 else mean,
+                              std[0] if len(std) == 1 else std)
     checkpoint.check_out(out, overwrite=overwrite)
     model = onnx_io.import_onnx(onnx_file, in_shape=shape, transform=transform)
     if "verified_with" not in model.meta:
         click.echo("warning: onnxruntime is not installed: the graph was checked but not "
                    "verified (pip install 'bnn_tol[onnx]')", err=True)
     checkpoint.save(model, out)
-    click.echo(json.dumps({"out": str(out), "blocks": len(model.blocks),
-                           "in_shape": list(model.in_shape),
+    size = {"blocks": len(model.blocks)} if hasattr(model, "blocks") else \
+        {"nodes": len(model.nodes)}  # a residual BNN (bnn_tol.core.graph)
+    click.echo(json.dumps({"out": str(out), **size, "in_shape": list(model.in_shape),
                            "verified_with": model.meta.get("verified_with")}))
 
 

@@ -79,3 +79,33 @@ def test_an_operator_of_a_residual_graph_that_is_not_supported_is_named(tmp_path
                    helper.make_node("Add", ["a", "x"], ["y"], name="sum")], tmp_path / "g.onnx")
     with pytest.raises(OnnxError, match="Relu.*not supported"):
         import_onnx(path, transform=TF, in_shape=(1, 2, 2))
+
+
+def test_bnn_tol_import_reads_a_residual_graph_with_normalize(fmnist, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    import bnn_tol
+    from bnn_tol.cli import main
+
+    user = P.calibrate(P.BiRealNet(), TF.to_float(fmnist.images[:512]))
+    path = export_torch(user, tmp_path / "res.onnx", TF.to_float(fmnist.images[:4]), False)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "m"),
+                              "--normalize", "0.5,0.5"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output.strip().splitlines()[-1])["nodes"] > 0
+    model = bnn_tol.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(grid_of(model).to_float(fmnist.images)).argmax(1),
+                           user(TF.to_float(fmnist.images)).argmax(1))
+    for bad in ("0.5", "0.5,0.5,0.5", "0.5/x,0.5"):
+        res = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "b"),
+                                   "--normalize", bad])
+        assert res.exit_code != 0 and "--normalize" in res.output, (bad, res.output)
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    two = runner.invoke(main, ["import", str(path), "--out", str(tmp_path / "c"),
+                               "--normalize", "0.5/0.5,0.5/0.5"])  # 2 channels for 1
+    assert two.exit_code != 0 and "Traceback" not in two.output, two.output
+    assert len(two.output.strip().splitlines()) == 1
