@@ -17,6 +17,14 @@ Bundle layout (plain ``.npy`` files, no pickle; every array's sha256 in the mani
     layer{k}_scores.npy      float32 (2 fan_in + 1, classes): output block, the float32 score
                              torch's BatchNorm gives for every reachable integer a = -fan_in..fan_in
 
+**Residual BNNs** (:class:`bnn_tol.core.graph.GraphBNN`) are written as graph bundles (format
+version 2, ``kind: "graph"``): ``nodes`` (the model's node specs with the files of their
+arrays), ``layer{k}_weights.npy`` per binary node ``k`` (in node order; packed as below),
+``node{j}_bn.npy`` float32 ``(4, C)`` (weight, bias, running mean, running variance) per
+BatchNorm node ``j`` and, where a sign reads ``sign(BN(a))`` of a binary node, that
+BatchNorm's folded thresholds ``node{j}_{t,direction,const}.npy`` (see :mod:`bnn_tol.deploy`).
+Chain bundles stay version 1, file for file.
+
 **Bit order.** Row ``r`` is output neuron (conv: output channel) ``r``; its ``fan_in`` weights
 are in torch's flattening order (linear: input feature; conv: ``(c_in, kh, kw)`` C order). Bit
 ``j`` (LSB = 0) of word ``w`` of row ``r`` holds weight ``64 w + j``: 1 for +1, 0 for -1.
@@ -371,7 +379,8 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names: Sequence | 
     of one, and a replaced bundle leaves no file of the old one behind.
 
     Args:
-        model: a :class:`~bnn_tol.models.BNN`.
+        model: a :class:`~bnn_tol.models.BNN`, or a residual
+            :class:`~bnn_tol.core.graph.GraphBNN` (written as a graph bundle, version 2).
         out: a new or empty directory, or -- with ``overwrite`` -- one of our bundles (see
             :func:`check_out`; a directory holding anything else is never replaced).
         class_names: names of the output classes (default ``"0".."C-1"``).
@@ -381,7 +390,9 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names: Sequence | 
 
     Raises:
         UnsupportedModel: m-bit weights, ReLU blocks, a block layout the integer arithmetic
-            cannot express (stride/groups/bias), or a single-block model.
+            cannot express (stride/groups/bias), or a single-block model; for a graph, a
+            binary node reading real values, a BatchNorm without running statistics, or any
+            other node the graph format refuses (naming the node).
         InvalidArgument: class names that do not match the classes.
         ResultsMismatch: ``out`` holds something else, or an export without ``overwrite``.
         ExportError: writing failed (disk full, read-only, ...); ``out`` is unchanged.

@@ -7,7 +7,30 @@ This file imports only numpy at module level; every bundle carries a copy
 Clean inference imports only numpy: XNOR + popcount (``np.bitwise_count``, numpy >= 2) on the
 packed weight words, integer threshold comparisons, bit max-pooling, and the exported score
 table of the output block; predictions equal ``model(x).argmax(1)`` of the torch model for every
-input. Bit errors go into the packed memory image:
+input. :func:`scores` gives the class scores (float32), :func:`predict` their first maximum.
+
+**Graph bundles** (format version 2, ``kind: "graph"``: residual BNNs,
+:mod:`bnn_tol.core.graph`) list ``nodes`` instead of ``layers`` -- the model's node specs
+(``name``, ``op`` in :data:`GRAPH_OPS`, ``inputs`` among the nodes before it or ``"x"``, the
+op's fields) plus, per binary node, its number ``index`` ``k`` (0, 1, ... in node order) and
+``weights`` ``layer{k}_weights.npy`` (packed as a chain layer's, :data:`BIT_ORDER`), per
+BatchNorm node ``j`` its ``params`` ``node{j}_bn.npy`` (float32 ``(4, C)``: weight, bias,
+running mean, running variance; eps in the node) and, where a sign reads ``sign(BN(a))`` of a
+binary node ``a`` (directly or through ``hardtanh`` nodes whose range holds 0), its folded
+thresholds ``node{j}_{t,direction,const}.npy`` on ``a``'s integer grid. Deploy mirrors
+``GraphBNN.run`` node by node in float32: binary nodes in integers (``k = sum w q`` on the
+image's integers, value ``k / scale``; XNOR/popcount on +-1 inputs: exact, as the float model's
+sums are below 2^24), a folded sign by its integer comparator (exact, ties included), BatchNorm
+as torch's CPU kernel computes it (``alpha = w (1 / sqrt(var + eps))``, then fused
+multiply-adds ``beta = b - mean alpha`` and ``y = x alpha + beta``, each rounded once to
+float32), hardtanh, add, max-pool and flatten as float32 does. The scores then equal torch's
+bit for bit where torch fuses these multiply-adds (its vectorized x86 kernels); a build that
+rounds twice differs by a few float32 units (``2^-24 (|x alpha| + |mean alpha| + 2|beta| +
+2|y|)`` per BatchNorm), which changes a sign or a prediction only where a value is that close
+to 0 or to a tie.
+
+Bit errors go into the packed memory image (chain blocks and graph binary nodes alike: stored
+layer ``k`` in forward order):
 
 * ``ber=p`` or ``(p01, p10)`` with ``seed=s`` (and ``error=``, default ``bernoulli``): exactly
   the flips of ``errors.inject(model, ber, seed=s, error=...)``, drawn by the library's own
@@ -23,8 +46,9 @@ input. Bit errors go into the packed memory image:
 
 * files: only the names the format defines are opened -- ``manifest.json``, ``bnn_deploy.py``
   and ``layer{k}_{weights,t,direction,const,scores}.npy`` for the layer indices ``k`` of the
-  manifest. A name in the manifest that differs from the one its layer entry implies (``..``,
-  absolute paths, ``/dev/zero``, other spellings) is refused unopened. Each file must be a
+  manifest (graph bundles: ``layer{k}_weights.npy`` and ``node{j}_{bn,t,direction,const}.npy``).
+  A name in the manifest that differs from the one its layer entry implies (``..``, absolute
+  paths, ``/dev/zero``, other spellings) is refused unopened. Each file must be a
   plain file directly in the bundle directory (not a symbolic link, directory, device or
   pipe: opened with ``O_NOFOLLOW``/``O_NONBLOCK`` and checked with ``fstat``), and its size must
   be what the manifest's shapes imply (``.npy``: data bytes plus a header of at most
@@ -54,6 +78,19 @@ input. Bit errors go into the packed memory image:
   ``(rows,)`` in {-1, 0, +1}, ``const`` int8 ``(rows,)``, +-1 exactly where ``direction`` is 0
   and 0 elsewhere, ``scores`` float32 ``(2 fan_in + 1, rows)``. ``model``, ``bnn_tol`` and
   layer ``name`` are informational (their types are checked).
+
+* graph bundles (version 2): the top-level fields with ``kind`` ``"graph"`` and ``nodes``
+  for ``layers``; ``input.offset`` and ``input.scale`` (a power of two) given, ``input.shape``
+  ``[C, H, W]``; 1 to 4096 nodes, each a JSON object with a known ``op``, exactly its fields,
+  a new identifier of at most 64 characters as name (not ``x``), inputs among the nodes before
+  it (so no cycle, no forward reference; two for ``add``, one otherwise); shapes propagated
+  from ``input.shape`` (a linear node's ``in`` is its input's size, a conv's ``in`` its
+  channels, kernel and padding leave an output, a BatchNorm's ``features`` and ``conv`` fit its
+  input, ``add`` adds equal shapes, a pool fits), every count below 2^31; a binary node reads
+  the image or +-1 values (a sign, maybe pooled or flattened), never real values, with
+  pre-activations below 2^24; folded thresholds only on a BatchNorm reading a binary node; the
+  last node a vector of ``classes`` scores; BatchNorm parameters finite, variance >= 0 and
+  ``var + eps > 0``.
 
 What the checks cannot catch: a deliberate edit that recomputes every hash and stays
 consistent (other thresholds, weights or input offset) is a different model, which is what it
