@@ -774,7 +774,8 @@ def export_cmd(run, out, overwrite, onnx_path) -> None:
             raise bundle.ExportError(f"writing --onnx {onnx_path} failed ({e.strerror or e}); "
                                      f"the bundle {path} is complete") from e
     man = json.loads((Path(path) / bundle.MANIFEST).read_text())
-    click.echo(json.dumps({"out": str(path), "layers": len(man["layers"]),
+    stored = man.get("layers") or [n for n in man["nodes"] if n["op"] == "binary"]
+    click.echo(json.dumps({"out": str(path), "layers": len(stored),
                            "memory_bits": man["memory_bits"]}))
 
 

@@ -133,7 +133,8 @@ def test_residual_bnns_adapt_as_graphs_that_sweep_replay_and_reload(make, fmnist
     also resnet_binary's forward with ``if residual.data.max() > 1``, which torch.fx cannot
     trace: its dataflow is reconstructed from one run): a
     :class:`~bnn_tol.core.graph.GraphBNN`, predicting what the original predicts, swept
-    exactly by the reference engine, measured; export refuses it by name."""
+    exactly by the reference engine, measured, exported and deployed with its predictions
+    (tests/test_graph_export.py checks the bundle in detail)."""
     from bnn_tol.core.graph import GraphBNN
 
     train, test = fmnist
@@ -157,8 +158,10 @@ def test_residual_bnns_adapt_as_graphs_that_sweep_replay_and_reload(make, fmnist
     assert len(margin) > 0 and np.isfinite(margin["mean_margin_se"]).any()  # the values
     imp = metrics.importance(model, small.subset(50))
     assert len(imp) > 0 and np.isfinite(imp["importance"]).all()
-    with pytest.raises(bnn_tol.core.compiled.UnsupportedModel, match="residual BNN"):
-        bnn_tol.export(model, tmp_path / "bundle")
+    bundle = bnn_tol.export(model, tmp_path / "bundle")
+    with torch.no_grad():
+        ref = model(grid.to_float(small.images)).argmax(1).numpy()
+    assert np.array_equal(deploy.predict(bundle, small.images.numpy()), ref)
 
 
 @pytest.mark.parametrize("make, needle", [

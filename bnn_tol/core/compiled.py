@@ -264,7 +264,7 @@ def compile_model(model: nn.Module) -> CompiledModel:
             "a residual BNN (a graph with shortcut additions, bnn_tol.core.graph) is supported "
             "by errors.inject, the reference sweep engine, accuracy, margin, importance "
             "(negation estimators) and save/load; not yet by the block-based engines, flip "
-            "probability, predicted accuracy, export or deploy")
+            "probability, predicted accuracy or ONNX export (bnn_tol.export and deploy take it)")
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise UnsupportedModel(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build "

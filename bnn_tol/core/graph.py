@@ -17,9 +17,10 @@ reading earlier nodes by name (the input is ``"x"``)::
 The last node gives the class scores. Its binary layers are stored layers like any other
 (:func:`bnn_tol.core.compiled.stored_layers`, in node order), so fault injection, replay and the
 ``reference`` sweep engine (faults + the model's own forward) are exact on it; margins and the
-negation importance are defined for its binary neurons (:meth:`GraphBNN.units`); what assumes a
-chain of sign blocks (the packed/int8/fp32 engines, flip probability, predicted accuracy,
-export, deploy) refuses it by name (:func:`bnn_tol.core.compiled.compile_model`).
+negation importance are defined for its binary neurons (:meth:`GraphBNN.units`); export and the
+numpy deploy take it as a graph bundle (:mod:`bnn_tol.interop.bundle`); what assumes a chain of
+sign blocks (the packed/int8/fp32 engines, flip probability, predicted accuracy, ONNX export)
+refuses it by name (:func:`bnn_tol.core.compiled.compile_model`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ Bundle layout (plain ``.npy`` files, no pickle; every array's sha256 in the mani
     layer{k}_scores.npy      float32 (2 fan_in + 1, classes): output block, the float32 score
                              torch's BatchNorm gives for every reachable integer a = -fan_in..fan_in
 
+**Residual BNNs** (:class:`bnn_tol.core.graph.GraphBNN`) are written as graph bundles (format
+version 2, ``kind: "graph"``): ``nodes`` (the model's node specs with the files of their
+arrays), ``layer{k}_weights.npy`` per binary node ``k`` (in node order; packed as below),
+``node{j}_bn.npy`` float32 ``(4, C)`` (weight, bias, running mean, running variance) per
+BatchNorm node ``j`` and, where a sign reads ``sign(BN(a))`` of a binary node, that
+BatchNorm's folded thresholds ``node{j}_{t,direction,const}.npy`` (see :mod:`bnn_tol.deploy`).
+Chain bundles stay version 1, file for file.
+
 **Bit order.** Row ``r`` is output neuron (conv: output channel) ``r``; its ``fan_in`` weights
 are in torch's flattening order (linear: input feature; conv: ``(c_in, kh, kw)`` C order). Bit
 ``j`` (LSB = 0) of word ``w`` of row ``r`` holds weight ``64 w + j``: 1 for +1, 0 for -1.
@@ -55,7 +63,10 @@ import torch
 from torch import nn
 
 from bnn_tol._version import __version__
-from bnn_tol.core.compiled import UnsupportedModel, check_bnn
+from bnn_tol.core.compiled import UnsupportedModel, check_bnn, stored_layers
+from bnn_tol.core.graph import GraphBNN
+from bnn_tol.core.layers import fold_threshold
+from bnn_tol.data import grid_of
 from bnn_tol.exceptions import BnnTolError, InvalidArgument, ResultsMismatch
 from bnn_tol.files import atomic_dir
 from bnn_tol.interop import deploy
@@ -67,7 +78,8 @@ FORMAT = deploy.FORMAT
 MANIFEST = deploy.MANIFEST
 #: Names a file of a bundle can have (any layer index): what an export may replace.
 BUNDLE_FILE = re.compile(r"manifest\.json|bnn_deploy\.py|"
-                         r"layer\d+_(?:weights|t|direction|const|scores)\.npy")
+                         r"layer\d+_(?:weights|t|direction|const|scores)\.npy|"
+                         r"node\d+_(?:bn|t|direction|const)\.npy")
 
 
 class ExportError(BnnTolError, OSError):
@@ -272,6 +284,91 @@ def _write(model: nn.Module, cm, out: Path, names: list[str]) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+def _graph_nodes(model: GraphBNN) -> list[dict]:
+    """The manifest's node entries of a graph (its node specs, binary nodes numbered with the
+    files of their packed weights, BatchNorms with their parameters and -- where a sign reads
+    ``sign(BN(a))`` of a binary node ``a`` -- their folded thresholds), checked by the reader's
+    own rules; refusals as :class:`UnsupportedModel`."""
+    layers = stored_layers(model)
+    folded = {u["bn"] for u in model.units() if u["input"] == u["layer"]}
+    out, k = [], 0
+    for j, node in enumerate(model.nodes):
+        e, name = dict(node), node["name"]
+        if node["op"] == "binary":
+            if not layers[f"ops.{name}"].codec.is_sign:
+                raise UnsupportedModel(f"export needs sign (1-bit) weights; graph node {name} "
+                                       "stores fixed-point weights")
+            e.update(index=k, weights=f"layer{k}_weights.npy")
+            k += 1
+        elif node["op"] == "bn":
+            if model.ops[name].running_mean is None:
+                raise UnsupportedModel(f"export: graph node {name}: its BatchNorm has no running "
+                                       "statistics (track_running_stats=False)")
+            e["params"] = f"node{j}_bn.npy"
+            if name in folded:
+                e.update({f: f"node{j}_{f}.npy" for f in ("t", "direction", "const")})
+        out.append(e)
+    return out
+
+
+def _graph_manifest(model: GraphBNN, names: list[str]) -> dict:
+    """The manifest of a graph bundle (format version 2) but its checksums, checked by the
+    reader's rules (:func:`bnn_tol.deploy.check_graph`; a refusal is an
+    :class:`UnsupportedModel` naming the node)."""
+    grid = grid_of(model)
+    man = {
+        "format": FORMAT, "version": deploy.GRAPH_VERSION, "kind": "graph",
+        "bnn_tol": __version__, "model": getattr(model, "config", {}),
+        "input": {"shape": [int(v) for v in model.in_shape], "dtype": "uint8",
+                  **grid.config(), "transform": grid.describe()},
+        "bit_order": deploy.BIT_ORDER, "classes": names, "nodes": _graph_nodes(model),
+        "memory_bits": int(sum(layer.n_stored_bits for layer in stored_layers(model).values())),
+    }
+    try:
+        deploy.check_graph(man, "export")
+    except deploy.DeployError as e:
+        raise UnsupportedModel(str(e)) from None
+    return man
+
+
+def _write_graph(model: GraphBNN, man: dict, out: Path) -> None:
+    """The files of the graph bundle ``man`` in the new, empty directory ``out``, the
+    manifest last (with the checksums and its own hash)."""
+    files: dict[str, str] = {}
+
+    def save(name: str, arr: np.ndarray) -> None:
+        np.save(out / name, arr, allow_pickle=False)
+        files[name] = _sha(out / name)
+
+    image = {"x"}  # nodes holding the image's integers q (pooled, flattened)
+    on_grid = set()  # binary nodes reading them: pre-activations k / scale
+    for e in man["nodes"]:
+        name, src = e["name"], e["inputs"][0]
+        if e["op"] in ("pool", "flatten") and src in image:
+            image.add(name)
+        elif e["op"] == "binary":
+            if src in image:
+                on_grid.add(name)
+            w = model.ops[name].weight.detach()
+            save(e["weights"], pack_rows(w.reshape(w.shape[0], -1).cpu().numpy() >= 0))
+        elif e["op"] == "bn":
+            bn = model.ops[name]
+            c = bn.num_features
+            rows = [bn.weight if bn.affine else torch.ones(c),
+                    bn.bias if bn.affine else torch.zeros(c), bn.running_mean, bn.running_var]
+            save(e["params"], torch.stack([r.detach().cpu().float() for r in rows]).numpy())
+            if "t" in e:  # sign(BN(a)) of binary node src: on the grid k = scale a
+                f = fold_threshold(bn, scale=man["input"]["scale"] if src in on_grid else 1)
+                save(e["t"], f.t.numpy().astype(np.int64))
+                save(e["direction"], f.direction.numpy().astype(np.int8))
+                save(e["const"], f.const.numpy().astype(np.int8))
+    shutil.copyfile(deploy.__file__, out / deploy.READER)
+    files[deploy.READER] = _sha(out / deploy.READER)
+    man = {**man, "sha256": files}
+    man["manifest_sha256"] = deploy.manifest_digest(man)
+    (out / MANIFEST).write_text(json.dumps(man, indent=2))
+
+
 def export(model: nn.Module, out: str | os.PathLike, *, class_names: Sequence | None = None,
            overwrite: bool = False) -> Path:
     """Write ``model`` (a BNN: sign weights and activations) as a deployable bundle.
@@ -282,7 +379,8 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names: Sequence | 
     of one, and a replaced bundle leaves no file of the old one behind.
 
     Args:
-        model: a :class:`~bnn_tol.models.BNN`.
+        model: a :class:`~bnn_tol.models.BNN`, or a residual
+            :class:`~bnn_tol.core.graph.GraphBNN` (written as a graph bundle, version 2).
         out: a new or empty directory, or -- with ``overwrite`` -- one of our bundles (see
             :func:`check_out`; a directory holding anything else is never replaced).
         class_names: names of the output classes (default ``"0".."C-1"``).
@@ -292,24 +390,35 @@ def export(model: nn.Module, out: str | os.PathLike, *, class_names: Sequence | 
 
     Raises:
         UnsupportedModel: m-bit weights, ReLU blocks, a block layout the integer arithmetic
-            cannot express (stride/groups/bias), or a single-block model.
+            cannot express (stride/groups/bias), or a single-block model; for a graph, a
+            binary node reading real values, a BatchNorm without running statistics, or any
+            other node the graph format refuses (naming the node).
         InvalidArgument: class names that do not match the classes.
         ResultsMismatch: ``out`` holds something else, or an export without ``overwrite``.
         ExportError: writing failed (disk full, read-only, ...); ``out`` is unchanged.
     """
-    cm = check_bnn(model, what="export", need_integer=True)
-    if len(cm.stages) < 2:
-        raise UnsupportedModel("export needs at least one hidden block before the output block")
-    n_classes = int(cm.stages[-1].wb.shape[0])
+    graph = isinstance(model, GraphBNN)
+    if graph:
+        n_classes = int(model.config["kwargs"]["n_classes"])
+    else:
+        cm = check_bnn(model, what="export", need_integer=True)
+        if len(cm.stages) < 2:
+            raise UnsupportedModel("export needs at least one hidden block before the output "
+                                   "block")
+        n_classes = int(cm.stages[-1].wb.shape[0])
     names = [str(c) for c in (range(n_classes) if class_names is None else class_names)]
     if len(names) != n_classes:
         raise InvalidArgument(f"{len(names)} class names for {n_classes} classes")
+    man = _graph_manifest(model, names) if graph else None
     out = Path(out)
     check_out(out, overwrite)
     existed = out.exists()
     try:
         with atomic_dir(out) as tmp:
-            _write(model, cm, tmp, names)
+            if man is not None:
+                _write_graph(model, man, tmp)
+            else:
+                _write(model, cm, tmp, names)
             deploy.load_bundle(tmp)
     except deploy.DeployError as e:
         raise ExportError(f"export wrote a bundle that deploy refuses, a bug in bnn_tol "

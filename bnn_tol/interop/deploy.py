@@ -7,7 +7,30 @@ This file imports only numpy at module level; every bundle carries a copy
 Clean inference imports only numpy: XNOR + popcount (``np.bitwise_count``, numpy >= 2) on the
 packed weight words, integer threshold comparisons, bit max-pooling, and the exported score
 table of the output block; predictions equal ``model(x).argmax(1)`` of the torch model for every
-input. Bit errors go into the packed memory image:
+input. :func:`scores` gives the class scores (float32), :func:`predict` their first maximum.
+
+**Graph bundles** (format version 2, ``kind: "graph"``: residual BNNs,
+:mod:`bnn_tol.core.graph`) list ``nodes`` instead of ``layers`` -- the model's node specs
+(``name``, ``op`` in :data:`GRAPH_OPS`, ``inputs`` among the nodes before it or ``"x"``, the
+op's fields) plus, per binary node, its number ``index`` ``k`` (0, 1, ... in node order) and
+``weights`` ``layer{k}_weights.npy`` (packed as a chain layer's, :data:`BIT_ORDER`), per
+BatchNorm node ``j`` its ``params`` ``node{j}_bn.npy`` (float32 ``(4, C)``: weight, bias,
+running mean, running variance; eps in the node) and, where a sign reads ``sign(BN(a))`` of a
+binary node ``a`` (directly or through ``hardtanh`` nodes whose range holds 0), its folded
+thresholds ``node{j}_{t,direction,const}.npy`` on ``a``'s integer grid. Deploy mirrors
+``GraphBNN.run`` node by node in float32: binary nodes in integers (``k = sum w q`` on the
+image's integers, value ``k / scale``; XNOR/popcount on +-1 inputs: exact, as the float model's
+sums are below 2^24), a folded sign by its integer comparator (exact, ties included), BatchNorm
+as torch's CPU kernel computes it (``alpha = w (1 / sqrt(var + eps))``, then fused
+multiply-adds ``beta = b - mean alpha`` and ``y = x alpha + beta``, each rounded once to
+float32), hardtanh, add, max-pool and flatten as float32 does. The scores then equal torch's
+bit for bit where torch fuses these multiply-adds (its vectorized x86 kernels); a build that
+rounds twice differs by a few float32 units (``2^-24 (|x alpha| + |mean alpha| + 2|beta| +
+2|y|)`` per BatchNorm), which changes a sign or a prediction only where a value is that close
+to 0 or to a tie.
+
+Bit errors go into the packed memory image (chain blocks and graph binary nodes alike: stored
+layer ``k`` in forward order):
 
 * ``ber=p`` or ``(p01, p10)`` with ``seed=s`` (and ``error=``, default ``bernoulli``): exactly
   the flips of ``errors.inject(model, ber, seed=s, error=...)``, drawn by the library's own
@@ -23,8 +46,9 @@ input. Bit errors go into the packed memory image:
 
 * files: only the names the format defines are opened -- ``manifest.json``, ``bnn_deploy.py``
   and ``layer{k}_{weights,t,direction,const,scores}.npy`` for the layer indices ``k`` of the
-  manifest. A name in the manifest that differs from the one its layer entry implies (``..``,
-  absolute paths, ``/dev/zero``, other spellings) is refused unopened. Each file must be a
+  manifest (graph bundles: ``layer{k}_weights.npy`` and ``node{j}_{bn,t,direction,const}.npy``).
+  A name in the manifest that differs from the one its layer entry implies (``..``, absolute
+  paths, ``/dev/zero``, other spellings) is refused unopened. Each file must be a
   plain file directly in the bundle directory (not a symbolic link, directory, device or
   pipe: opened with ``O_NOFOLLOW``/``O_NONBLOCK`` and checked with ``fstat``), and its size must
   be what the manifest's shapes imply (``.npy``: data bytes plus a header of at most
@@ -58,6 +82,19 @@ input. Bit errors go into the packed memory image:
   and 0 elsewhere, ``scores`` float32 ``(2 fan_in + 1, rows)``. ``model``, ``bnn_tol`` and
   layer ``name`` are informational (their types are checked).
 
+* graph bundles (version 2): the top-level fields with ``kind`` ``"graph"`` and ``nodes``
+  for ``layers``; ``input.offset`` and ``input.scale`` (a power of two) given, ``input.shape``
+  ``[C, H, W]``; 1 to 4096 nodes, each a JSON object with a known ``op``, exactly its fields,
+  a new identifier of at most 64 characters as name (not ``x``), inputs among the nodes before
+  it (so no cycle, no forward reference; two for ``add``, one otherwise); shapes propagated
+  from ``input.shape`` (a linear node's ``in`` is its input's size, a conv's ``in`` its
+  channels, kernel and padding leave an output, a BatchNorm's ``features`` and ``conv`` fit its
+  input, ``add`` adds equal shapes, a pool fits), every count below 2^31; a binary node reads
+  the image or +-1 values (a sign, maybe pooled or flattened), never real values, with
+  pre-activations below 2^24; folded thresholds only on a BatchNorm reading a binary node; the
+  last node a vector of ``classes`` scores; BatchNorm parameters finite, variance >= 0 and
+  ``var + eps > 0``.
+
 What the checks cannot catch: a deliberate edit that recomputes every hash and stays
 consistent (other thresholds, weights or input offset) is a different model, which is what it
 then computes. The hash guards against accidents and half edits, not against an author.
@@ -81,11 +118,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_bundle", "predict", "memory_image", "manifest_digest", "DeployError",
-           "FORMAT", "VERSION", "MANIFEST", "READER", "BIT_ORDER"]
+__all__ = ["load_bundle", "predict", "scores", "memory_image", "manifest_digest", "check_graph",
+           "DeployError", "FORMAT", "VERSION", "GRAPH_VERSION", "GRAPH_OPS", "MANIFEST",
+           "READER", "BIT_ORDER"]
 
 FORMAT = "bnn_tol.export"
+#: Version of a bundle of a chain of blocks (``layers``).
 VERSION = 1
+#: Version of a bundle of a graph of nodes (``kind: "graph"``, ``nodes``; residual BNNs).
+GRAPH_VERSION = 2
 MANIFEST = "manifest.json"
 #: The numpy-only reader each bundle carries (a copy of this file).
 READER = "bnn_deploy.py"
@@ -93,7 +134,8 @@ BIT_ORDER = ("row r = output neuron/channel; bit j (LSB 0) of word w of row r = 
              "of that row in torch flatten order; 1 = +1, 0 = -1; padding bits 0; stored-bit "
              "index i = r * fan_in + c")
 #: dtype of each array of a layer entry (``layer{k}_{field}.npy``), as ``np.dtype.str``.
-ARRAYS = {"weights": "<u8", "t": "<i8", "direction": "|i1", "const": "|i1", "scores": "<f4"}
+ARRAYS = {"weights": "<u8", "t": "<i8", "direction": "|i1", "const": "|i1", "scores": "<f4",
+          "bn": "<f4"}
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_READER_BYTES = 4 << 20
 #: Bytes an ``.npy`` file may hold beyond its data (magic, version, header).
@@ -107,6 +149,25 @@ _INPUT = {"shape", "dtype", "offset", "scale", "transform", "levels", "error"}
 _LAYER = {"index", "name", "kind", "rows", "fan_in", "flatten", "pool", "input_scale", "role",
           "weights"}
 _CONV = {"kernel", "padding", "in_channels"}
+_GRAPH_TOP = (_TOP - {"layers"}) | {"kind", "nodes"}
+#: Operations of a graph bundle's nodes and their fields besides ``name``, ``op`` and
+#: ``inputs``: the node specs of :mod:`bnn_tol.core.graph` (kept here too: this reader imports
+#: numpy only), plus the files of the node's arrays. A ``bn`` node may also name the folded
+#: thresholds ``t``, ``direction``, ``const`` of the binary node it reads (all three or none).
+GRAPH_OPS = {
+    "binary": {"type", "in", "out", "kernel", "padding", "index", "weights"},
+    "bn": {"features", "conv", "eps", "affine", "params"},
+    "sign": set(),
+    "hardtanh": {"min", "max"},
+    "add": set(),
+    "pool": {"kernel"},
+    "flatten": set(),
+}
+_FOLD = ("t", "direction", "const")
+_MAX_NODES = 4096
+#: Pre-activations of a binary node must stay below this bound: float32 holds every integer
+#: up to 2^24, so the float model's own sums are exact (and deploy's float values equal them).
+_EXACT = 1 << 24
 _ROLE_ARRAYS = {"first": ("t", "direction", "const"), "hidden": ("t", "direction", "const"),
                 "output": ("scores",)}
 
@@ -305,6 +366,15 @@ def _levels(row: object) -> bool:
         isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**15 for v in row)
 
 
+def _input_q(man: dict, images: np.ndarray) -> np.ndarray:
+    """int64 ``(N, C, H, W)``: the integers ``q`` of uint8 ``images`` ``(N, C, H, W)``
+    through :func:`_input_table` (one table, or the table of each pixel's channel)."""
+    table = _input_table(man)
+    if table.ndim == 1:
+        return table[images]
+    return table[np.arange(len(table))[:, None, None], images]
+
+
 def _input_table(man: dict) -> np.ndarray:
     """int64 ``(256,)``: the first block's integer input ``q`` of each pixel value -- ``p -
     offset``, or ``input.levels`` (an input quantizer: 256 integers ``|q| < 2^15``, with the
@@ -339,16 +409,19 @@ def _input_table(man: dict) -> np.ndarray:
 
 
 def _check_manifest(man: object, where: str) -> list[dict]:
-    """Check every field of a manifest (see the module docstring); return per layer the
-    arrays it needs: ``[{field: (file name, dtype, shape)}]``."""
+    """Check every field of a manifest (see the module docstring); return the arrays it
+    needs: ``[{"key", "rows", "fan_in", "files": {field: (file name, dtype, shape)}}]`` per
+    stored layer (``key`` ``"layer{k}"``), and for graph bundles ``[{"node", "eps", "files"}]``
+    per BatchNorm node as well."""
     if not isinstance(man, dict):
         raise DeployError(f"{where}: the manifest must be a JSON object, got "
                           f"{type(man).__name__}")
     if man.get("format") != FORMAT:
         raise DeployError(f"{where} is not a bnn_tol export (format {_show(man.get('format'))})")
-    if man.get("version") != VERSION or isinstance(man.get("version"), bool):
-        raise DeployError(f"{where}: a version-{_show(man.get('version'))} bundle; this reader "
-                          f"knows version {VERSION}")
+    version = man.get("version")
+    if isinstance(version, bool) or version not in (VERSION, GRAPH_VERSION):
+        raise DeployError(f"{where}: a version-{_show(version)} bundle; this reader knows "
+                          f"version {VERSION} (chains of blocks) and {GRAPH_VERSION} (graphs)")
     if "manifest_sha256" in man:
         got = man["manifest_sha256"]
         if not isinstance(got, str) or not _HEX.fullmatch(got):
@@ -357,13 +430,16 @@ def _check_manifest(man: object, where: str) -> list[dict]:
         if manifest_digest(man) != got:
             raise DeployError(f"{where}: the manifest does not match its manifest_sha256 (edited "
                               "or corrupted)")
-    _keys(man, f"{where}: the manifest", _TOP, _TOP - {"manifest_sha256"})
+    graph = version == GRAPH_VERSION
+    top = _GRAPH_TOP if graph else _TOP
+    _keys(man, f"{where}: the manifest", top, top - {"manifest_sha256"})
     for key, typ in (("bnn_tol", str), ("model", dict), ("bit_order", str)):
         if not isinstance(man[key], typ):
             raise DeployError(f"{where}: {key} must be a {typ.__name__}, got {_show(man[key])}")
     if man["bit_order"] != BIT_ORDER:
         raise DeployError(f"{where}: bit_order is not the documented one ({BIT_ORDER})")
-    inp = _keys(man["input"], f"{where}: input", _INPUT, {"shape", "dtype", "transform"})
+    inp = _keys(man["input"], f"{where}: input", _INPUT,
+                {"shape", "dtype", "transform"} | ({"offset", "scale"} if graph else set()))
     if ("offset" in inp) != ("scale" in inp):
         raise DeployError(f"{where}: input states offset and scale together, or neither")
     if inp["dtype"] != "uint8" or not isinstance(inp["transform"], str):
@@ -377,12 +453,42 @@ def _check_manifest(man: object, where: str) -> list[dict]:
         raise DeployError(f"{where}: input.shape {shape} is larger than 2^31 pixels")
     _input_table(man)
     scale = _int(inp["scale"], f"{where}: input.scale", 1) if "scale" in inp else None
+    if graph:
+        plans, n_classes, bits = _check_graph(man, where, shape, scale)
+    else:
+        plans = _check_layers(man, where, shape, scale)
+        n_classes, bits = plans[-1]["rows"], sum(p["rows"] * p["fan_in"] for p in plans)
+    classes = man["classes"]
+    if not isinstance(classes, list) or len(classes) != n_classes or \
+            not all(isinstance(c, str) for c in classes):
+        raise DeployError(f"{where}: classes must name the {n_classes} output classes "
+                          "(strings)")
+    if isinstance(man["memory_bits"], bool) or man["memory_bits"] != bits:
+        raise DeployError(f"{where}: memory_bits {_show(man['memory_bits'])} but the layers "
+                          f"store {bits} bits")
+    sums = man["sha256"]
+    if not isinstance(sums, dict):
+        raise DeployError(f"{where}: sha256 must map file names to digests, got {_show(sums)}")
+    names = {n for p in plans for n, _, _ in p["files"].values()} | {READER}
+    extra = sorted(set(sums) - names, key=str)
+    if extra:
+        raise DeployError(f"{where}: sha256 lists {_show(extra[0])}, a file the format does not "
+                          "define")
+    for name in sorted(names):
+        digest = sums.get(name)
+        if not isinstance(digest, str) or not _HEX.fullmatch(digest):
+            raise DeployError(f"{where}: sha256 of {name} must be a lowercase hex sha256, got "
+                              f"{_show(digest)}")
+    return plans
 
+
+def _check_layers(man: dict, where: str, shape: list[int], scale: int | None) -> list[dict]:
+    """The ``layers`` of a chain bundle (version 1) against the format and ``input.shape``."""
     layers = man["layers"]
     if not isinstance(layers, list) or not 2 <= len(layers) <= _MAX_LAYERS:
         raise DeployError(f"{where}: layers must list 2 to {_MAX_LAYERS} layer entries, got "
                           f"{_show(layers)}")
-    plans, last_index, bits = [], -1, 0
+    plans, last_index = [], -1
     for pos, e in enumerate(layers):
         what = f"{where}: layer entry {pos}"
         if not isinstance(e, dict):
@@ -451,30 +557,172 @@ def _check_manifest(man: object, where: str) -> list[dict]:
             if e[f] != name:
                 raise DeployError(f"{what}: {f} names the file {_show(e[f])}; the format names "
                                   f"it {name!r}")
-        bits += rows * fan_in
         plans.append({"key": f"layer{index}", "rows": rows, "fan_in": fan_in, "files": files})
-    classes = man["classes"]
-    if not isinstance(classes, list) or len(classes) != plans[-1]["rows"] or \
-            not all(isinstance(c, str) for c in classes):
-        raise DeployError(f"{where}: classes must name the {plans[-1]['rows']} output classes "
-                          "(strings)")
-    if isinstance(man["memory_bits"], bool) or man["memory_bits"] != bits:
-        raise DeployError(f"{where}: memory_bits {_show(man['memory_bits'])} but the layers "
-                          f"store {bits} bits")
-    sums = man["sha256"]
-    if not isinstance(sums, dict):
-        raise DeployError(f"{where}: sha256 must map file names to digests, got {_show(sums)}")
-    names = {n for p in plans for n, _, _ in p["files"].values()} | {READER}
-    extra = sorted(set(sums) - names, key=str)
-    if extra:
-        raise DeployError(f"{where}: sha256 lists {_show(extra[0])}, a file the format does not "
-                          "define")
-    for name in sorted(names):
-        digest = sums.get(name)
-        if not isinstance(digest, str) or not _HEX.fullmatch(digest):
-            raise DeployError(f"{where}: sha256 of {name} must be a lowercase hex sha256, got "
-                              f"{_show(digest)}")
     return plans
+
+
+def _number(v: object, what: str) -> float:
+    """A finite JSON number (not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
+        raise DeployError(f"{what} must be a finite number, got {_show(v)}")
+    return float(v)
+
+
+def _check_graph(man: dict, where: str, shape: list[int],
+                 scale: int) -> tuple[list[dict], int, int]:
+    """The ``nodes`` of a graph bundle (version 2) against the format and ``input.shape``:
+    known ops and fields, a new identifier as name, inputs among the nodes before (so no
+    cycle), shapes that fit, a binary node reading the image or +-1 values (a sign, possibly
+    pooled or flattened), exact float32 pre-activations, the last node's class scores.
+
+    Returns:
+        ``(plans, n_classes, memory bits)``; plans as :func:`_check_manifest`'s.
+    """
+    if man["kind"] != "graph":
+        raise DeployError(f"{where}: kind {_show(man['kind'])}; a version-{GRAPH_VERSION} "
+                          "bundle is a 'graph'")
+    if len(shape) != 3:
+        raise DeployError(f"{where}: input.shape must be [channels, height, width] for a graph, "
+                          f"got {shape}")
+    if scale & (scale - 1):
+        raise DeployError(f"{where}: input.scale must be a power of two (exact float32 inputs), "
+                          f"got {scale}")
+    nodes = man["nodes"]
+    if not isinstance(nodes, list) or not 1 <= len(nodes) <= _MAX_NODES:
+        raise DeployError(f"{where}: nodes must list 1 to {_MAX_NODES} node entries, got "
+                          f"{_show(nodes)}")
+    q_max = int(np.abs(_input_table(man)).max())
+    # per node: its shape and what it holds -- "grid" (the image's integers q, maybe pooled or
+    # flattened), "pm1" (+-1 values), "preact" (a binary node's integers), "real"
+    seen: dict[str, dict] = {"x": {"shape": shape, "kind": "grid"}}
+    plans: list[dict] = []
+    bits = 0
+    for j, e in enumerate(nodes):
+        what = f"{where}: node entry {j}"
+        if not isinstance(e, dict):
+            raise DeployError(f"{what} must be a JSON object, got {_show(e)}")
+        op = e.get("op")
+        if not isinstance(op, str) or op not in GRAPH_OPS:
+            raise DeployError(f"{what}: op {_show(op)}; the format has {', '.join(GRAPH_OPS)}")
+        name = e.get("name")
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > 64 or \
+                name in seen:
+            raise DeployError(f"{what}: name must be a new identifier of at most 64 characters "
+                              f"(not x), got {_show(name)}")
+        what = f"{where}: node {name} ({op})"
+        need = {"name", "op", "inputs"} | GRAPH_OPS[op]
+        if op == "binary" and e.get("type") == "linear":
+            need -= {"kernel", "padding"}
+        folded = op == "bn" and any(f in e for f in _FOLD)
+        _keys(e, what, need | (set(_FOLD) if op == "bn" else set()),
+              need | (set(_FOLD) if folded else set()))
+        inputs, want = e["inputs"], 2 if op == "add" else 1
+        if not isinstance(inputs, list) or len(inputs) != want or not all(
+                isinstance(i, str) and i in seen for i in inputs):
+            raise DeployError(f"{what}: inputs must name {want} node(s) defined before it (or "
+                              f"x), got {_show(inputs)}")
+        src = seen[inputs[0]]
+        ins, kind, files = src["shape"], "real", {}
+        if op == "binary":
+            if e["type"] not in ("linear", "conv"):
+                raise DeployError(f"{what}: type {_show(e['type'])}; linear or conv")
+            if src["kind"] not in ("grid", "pm1"):
+                raise DeployError(f"{what}: reads {inputs[0]}, which holds real values; a binary "
+                                  "node reads the image or +-1 values (a sign)")
+            cin = _int(e["in"], f"{what}: in", 1)
+            rows = _int(e["out"], f"{what}: out", 1)
+            index = e["index"]
+            n_binary = len(_stored(plans))
+            if isinstance(index, bool) or index != n_binary:
+                raise DeployError(f"{what}: index {_show(index)}; binary nodes are numbered 0, "
+                                  f"1, ... in node order (this one {n_binary})")
+            if e["type"] == "linear":
+                size = int(np.prod(ins, dtype=object))
+                if cin != size:
+                    raise DeployError(f"{what}: in {cin} but its input {inputs[0]} holds {size} "
+                                      f"values ({ins})")
+                fan_in, out = cin, [rows]
+            else:
+                k = _int(e["kernel"], f"{what}: kernel", 1)
+                pad = _int(e["padding"], f"{what}: padding", 0)
+                if len(ins) != 3 or ins[0] != cin:
+                    raise DeployError(f"{what}: in {cin} channels but its input {inputs[0]} has "
+                                      f"shape {ins}")
+                h, w = ins[1] + 2 * pad - k + 1, ins[2] + 2 * pad - k + 1
+                if h < 1 or w < 1:
+                    raise DeployError(f"{what}: its kernel and padding leave no output")
+                fan_in, out = cin * k * k, [rows, h, w]
+            bound = (q_max if src["kind"] == "grid" else 1) * fan_in
+            if bound >= _EXACT:
+                raise DeployError(f"{what}: pre-activations up to {bound} are not exact in "
+                                  "float32 (2^24)")
+            kind = "preact"
+            files["weights"] = (f"layer{index}_weights.npy", ARRAYS["weights"],
+                                (rows, (fan_in + 63) // 64))
+            bits += rows * fan_in
+            plans.append({"key": f"layer{index}", "rows": rows, "fan_in": fan_in,
+                          "files": files})
+        elif op == "bn":
+            c = _int(e["features"], f"{what}: features", 1)
+            if not isinstance(e["conv"], bool) or not isinstance(e["affine"], bool):
+                raise DeployError(f"{what}: conv and affine must be true/false")
+            if e["conv"] and (len(ins) != 3 or ins[0] != c) or not e["conv"] and ins != [c]:
+                raise DeployError(f"{what}: {c} features ({'conv' if e['conv'] else 'linear'}) "
+                                  f"but its input {inputs[0]} has shape {ins}")
+            eps = _number(e["eps"], f"{what}: eps")
+            if eps < 0:
+                raise DeployError(f"{what}: eps must be >= 0, got {eps}")
+            files["params"] = (f"node{j}_bn.npy", ARRAYS["bn"], (4, c))
+            if folded:
+                if src["kind"] != "preact":
+                    raise DeployError(f"{what}: folded thresholds (t, direction, const) need a "
+                                      f"binary node as input, not {inputs[0]}")
+                files.update({f: (f"node{j}_{f}.npy", ARRAYS[f], (c,)) for f in _FOLD})
+            plans.append({"node": name, "eps": eps, "files": files})
+            out = ins
+        elif op == "hardtanh":
+            lo, hi = _number(e["min"], f"{what}: min"), _number(e["max"], f"{what}: max")
+            if lo > hi:
+                raise DeployError(f"{what}: min {lo} > max {hi}")
+            out = ins
+        elif op == "add":
+            if seen[inputs[1]]["shape"] != ins:
+                raise DeployError(f"{what}: adds shapes {ins} and {seen[inputs[1]]['shape']}; "
+                                  "the format adds equal shapes")
+            out = ins
+        elif op == "pool":
+            k = _int(e["kernel"], f"{what}: kernel", 1)
+            if len(ins) != 3 or ins[1] < k or ins[2] < k:
+                raise DeployError(f"{what}: a {k} x {k} pool needs a C x H x W input of at least "
+                                  f"that size, got {ins}")
+            out, kind = [ins[0], ins[1] // k, ins[2] // k], src["kind"]
+        elif op == "flatten":
+            out, kind = [int(np.prod(ins, dtype=object))], src["kind"]
+        else:  # sign
+            out, kind = ins, "pm1"
+        if kind == "preact" and op != "binary":
+            kind = "real"
+        for f, (fname, _, _) in files.items():
+            if e[f] != fname:
+                raise DeployError(f"{what}: {f} names the file {_show(e[f])}; the format names "
+                                  f"it {fname!r}")
+        seen[name] = {"shape": out, "kind": kind}
+    last = seen[nodes[-1]["name"]]["shape"]
+    if len(last) != 1:
+        raise DeployError(f"{where}: the last node gives {last} values per image, not a vector "
+                          "of class scores")
+    return plans, last[0], bits
+
+
+def check_graph(man: dict, where: str = "the bundle") -> None:
+    """Check the nodes of a graph manifest (format version 2) against the format and its
+    ``input`` (taken as valid: ``shape``, ``scale`` and the grid): what :func:`load_bundle`
+    checks of them, before any file is named. Export checks a model with it before writing.
+
+    Raises:
+        DeployError: the first node that breaks a rule (one line naming it).
+    """
+    _check_graph(man, where, list(man["input"]["shape"]), int(man["input"]["scale"]))
 
 
 def _check_arrays(plans: list[dict], arrays: object, where: str) -> None:
@@ -488,11 +736,21 @@ def _check_arrays(plans: list[dict], arrays: object, where: str) -> None:
                 got = (f"{a.dtype.str} {a.shape}" if isinstance(a, np.ndarray)
                        else type(a).__name__)
                 raise DeployError(f"{where}: {name} must be {dtype} {shape}, got {got}")
-        w = arrays[p["files"]["weights"][0]]
-        tail = p["fan_in"] % 64
-        if tail and (w[:, -1] >> np.uint64(tail)).any():
-            raise DeployError(f"{where}: {p['files']['weights'][0]} sets padding bits beyond "
-                              f"fan_in {p['fan_in']} (the format keeps them 0)")
+        if "weights" in p["files"]:
+            w = arrays[p["files"]["weights"][0]]
+            tail = p["fan_in"] % 64
+            if tail and (w[:, -1] >> np.uint64(tail)).any():
+                raise DeployError(f"{where}: {p['files']['weights'][0]} sets padding bits beyond "
+                                  f"fan_in {p['fan_in']} (the format keeps them 0)")
+        if "params" in p["files"]:
+            name = p["files"]["params"][0]
+            bn = arrays[name]
+            with np.errstate(over="ignore"):
+                ok = np.isfinite(bn).all() and (bn[3] >= 0).all() and \
+                    (bn[3] + np.float32(p["eps"]) > 0).all()
+            if not ok:
+                raise DeployError(f"{where}: {name} must hold finite weight, bias, running mean "
+                                  "and running variance (>= 0, > 0 with eps)")
         if "direction" in p["files"]:
             d = arrays[p["files"]["direction"][0]]
             c = arrays[p["files"]["const"][0]]
@@ -569,10 +827,17 @@ def _bundle(bundle: object) -> tuple[dict, list[dict]]:
     return _load(Path(bundle))
 
 
+def _stored(plans: list[dict]) -> list[dict]:
+    """The stored layers of a bundle's plans (chain blocks or graph binary nodes), in forward
+    order: ``key`` ``"layer{k}"``, ``rows``, ``fan_in``, ``files["weights"]``."""
+    return [p for p in plans if "weights" in p["files"]]
+
+
 def memory_image(bundle: str | os.PathLike | dict) -> dict[str, np.ndarray]:
-    """The packed weights per block, ``{"layer{k}": uint64 (rows, words)}`` (a copy)."""
-    b, _ = _bundle(bundle)
-    return {f"layer{e['index']}": b["arrays"][e["weights"]].copy() for e in b["layers"]}
+    """The packed weights per stored layer (chain block or graph binary node ``k``, in
+    forward order), ``{"layer{k}": uint64 (rows, words)}`` (a copy)."""
+    b, plans = _bundle(bundle)
+    return {p["key"]: b["arrays"][p["files"]["weights"][0]].copy() for p in _stored(plans)}
 
 
 def _pixels(x, shape: list[int]) -> np.ndarray:
@@ -642,45 +907,53 @@ def _compare(a: np.ndarray, t, d, const) -> np.ndarray:
     return np.where(d == 0, const > 0, pos)
 
 
-def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+def _preact(x: np.ndarray, w: np.ndarray, e: dict, integer: bool) -> np.ndarray:
+    """Integer pre-activations of a block of packed +-1 weights ``w`` (rows, words).
+
+    ``integer``: ``x`` holds the image's integers ``q`` (int64) and ``a = sum_i w_i q_i``
+    exactly; else ``x`` is bool (True = +1) and ``a = n - 2 popcount((x XOR w) AND valid)``,
+    ``n`` the number of valid (non-padding) inputs. ``e``: ``kind`` ("linear" or "conv"),
+    ``rows``, ``fan_in`` and for a conv ``kernel``, ``padding`` (pairs). ``x``: ``(N, ...)``
+    (a linear block flattens it) or ``(N, C, H, W)``; returns int64 ``(N, rows)`` or
+    ``(N, rows, H', W')``.
+    """
+    n, fan_in = x.shape[0], e["fan_in"]
+    if e["kind"] == "linear":
+        if x.ndim > 2:
+            x = x.reshape(n, -1)
+        if integer:
+            return _int_matmul(x, _unpack_pm1(w, fan_in))  # (N, rows)
+        xb = _pack(x)  # (N, words)
+        diff = np.zeros((n, e["rows"]), dtype=np.int64)
+        for j in range(w.shape[1]):  # one word at a time: (N, rows) per step
+            diff += _popcount(xb[:, j, None] ^ w[None, :, j])
+        return fan_in - 2 * diff
+    cols, valid = _unfold(x, e["kernel"], e["padding"])
+    if integer:
+        a = _int_matmul(cols, _unpack_pm1(w, fan_in))  # padding q = 0
+    else:
+        vb = _pack(valid)  # (HW, words)
+        xb = _pack(cols)  # (N, HW, words)
+        nvalid = _popcount(vb).sum(-1, dtype=np.int64)  # (HW,)
+        diff = np.zeros((n, cols.shape[1], e["rows"]), dtype=np.int64)
+        for r in range(e["rows"]):
+            diff[:, :, r] = _popcount((xb ^ w[r]) & vb).sum(-1, dtype=np.int64)
+        a = nvalid[None, :, None] - 2 * diff
+    h_out = x.shape[2] + 2 * e["padding"][0] - e["kernel"][0] + 1
+    return a.reshape(n, h_out, cols.shape[1] // h_out, e["rows"]).transpose(0, 3, 1, 2)
+
+
+def _chain_forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """Class scores float32 ``(N, classes)`` of a chain bundle: integer blocks, then the
+    output block's score table at its pre-activations."""
     arr = man["arrays"]
-    n = images.shape[0]
-    table = _input_table(man)  # first block: integers q (one table, or one per channel)
-    x: np.ndarray = table[images] if table.ndim == 1 else table[
-        np.arange(len(table))[:, None, None], images]
+    x: np.ndarray = _input_q(man, images)  # first block: integers q
     first = True
-    layers = man["layers"]
-    for e in layers:
-        w = weights[f"layer{e['index']}"]
+    for e in man["layers"]:
         fan_in = e["fan_in"]
-        if e["kind"] == "linear":
-            if e["flatten"] or x.ndim > 2:
-                x = x.reshape(n, -1)
-            if first:
-                a = _int_matmul(x, _unpack_pm1(w, fan_in))  # (N, rows) = k = scale a
-            else:
-                xb = _pack(x > 0)  # (N, words)
-                diff = np.zeros((n, e["rows"]), dtype=np.int64)
-                for j in range(w.shape[1]):  # one word at a time: (N, rows) per step
-                    diff += _popcount(xb[:, j, None] ^ w[None, :, j])
-                a = fan_in - 2 * diff
-        else:
-            cols, valid = _unfold(x if first else (x > 0), e["kernel"], e["padding"])
-            if first:
-                a = _int_matmul(cols, _unpack_pm1(w, fan_in))  # padding q = 0
-            else:
-                vb = _pack(valid)  # (HW, words)
-                xb = _pack(cols.astype(bool))  # (N, HW, words)
-                nvalid = _popcount(vb).sum(-1, dtype=np.int64)  # (HW,)
-                diff = np.zeros((n, cols.shape[1], e["rows"]), dtype=np.int64)
-                for r in range(e["rows"]):
-                    diff[:, :, r] = _popcount((xb ^ w[r]) & vb).sum(-1, dtype=np.int64)
-                a = nvalid[None, :, None] - 2 * diff
-            h_out = x.shape[2] + 2 * e["padding"][0] - e["kernel"][0] + 1
-            a = a.reshape(n, h_out, cols.shape[1] // h_out, e["rows"]).transpose(0, 3, 1, 2)
+        a = _preact(x if first else x > 0, weights[f"layer{e['index']}"], e, first)
         if e["role"] == "output":
-            z = arr[e["scores"]][a + fan_in, np.arange(e["rows"])[None, :]]  # (N, classes)
-            return np.argmax(z, axis=1)  # the first maximum, as torch.argmax
+            return arr[e["scores"]][a + fan_in, np.arange(e["rows"])[None, :]]  # (N, classes)
         t, d, const = (arr[e[k]] for k in ("t", "direction", "const"))
         shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1)
         y = _compare(a, t.reshape(shape), d.reshape(shape), const.reshape(shape))
@@ -692,6 +965,129 @@ def _forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> n
         x = np.where(y, 1, -1).astype(np.int64)
         first = False
     raise DeployError("the bundle has no output layer")
+
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a * b + c`` of float32 arrays (broadcast), rounded once to float32 (a fused
+    multiply-add, as torch's vectorized CPU kernels compute it).
+
+    The product of two float32 is exact in float64, so the float64 sum ``s`` is off by at most
+    half a float64 unit, and rounding ``s`` to float32 is right unless ``s`` lies exactly
+    halfway between two float32 values (its 29 low mantissa bits ``1 << 28``; or ``s`` is
+    tiny, where float32 has fewer bits): there the sum's error ``r`` (TwoSum: ``s + r = a b +
+    c`` exactly) picks the neighbour on its side when ``r != 0``.
+    """
+    p = a.astype(np.float64) * b
+    s = p + c
+    out = s.astype(np.float32)
+    low = s.view(np.uint64) & np.uint64((1 << 29) - 1)
+    maybe = np.nonzero((low == np.uint64(1 << 28)) | (np.abs(s) < 2.0 ** -125))
+    if len(maybe[0]):
+        pm, sm = p[maybe], s[maybe]
+        cm = np.broadcast_to(c, s.shape)[maybe].astype(np.float64)
+        bb = sm - pm
+        r = (pm - (sm - bb)) + (cm - bb)
+        o = out[maybe]
+        near = o.astype(np.float64)
+        other = np.nextafter(o, np.where(sm > near, np.float32(np.inf), np.float32(-np.inf)))
+        tie = (sm != near) & (sm - near == other.astype(np.float64) - sm) & (r != 0)
+        out[maybe] = np.where(tie, np.where(r > 0, np.maximum(o, other),
+                                            np.minimum(o, other)), o)
+    return out
+
+
+def _batchnorm(x: np.ndarray, params: np.ndarray, eps: float) -> np.ndarray:
+    """Eval-mode BatchNorm in float32 as torch's CPU kernel computes it: per channel
+    ``alpha = weight (1 / sqrt(var + eps))``, ``beta = bias - mean alpha`` (fused), then
+    ``y = x alpha + beta`` (fused), every step rounded to float32. ``x``: ``(N, C)`` or
+    ``(N, C, H, W)``; ``params``: float32 ``(4, C)`` rows weight, bias, running mean, running
+    variance."""
+    w, b, mean, var = params
+    alpha = np.float32(1) / np.sqrt(var + np.float32(eps)) * w
+    beta = _fma32(-mean, alpha, b)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return _fma32(x, alpha.reshape(shape), beta.reshape(shape))
+
+
+def _maxpool(x: np.ndarray, k: int) -> np.ndarray:
+    """Max-pooling of ``(N, C, H, W)`` with a ``k x k`` window and stride ``k`` (rows and
+    columns beyond the last whole window dropped, as torch's ``max_pool2d``)."""
+    n, c, h, w = x.shape
+    x = x[:, :, :h - h % k, :w - w % k].reshape(n, c, h // k, k, w // k, k)
+    return x.max(axis=(3, 5))
+
+
+def _folded_bn(e: dict, nodes: dict[str, dict]) -> dict | None:
+    """The BatchNorm node with folded thresholds that sign node ``e`` reads, directly or
+    through ``hardtanh`` nodes whose range holds 0 (``sign(hardtanh(v)) = sign(v)``); else
+    None (also for any other node)."""
+    if e["op"] != "sign":
+        return None
+    s = nodes.get(e["inputs"][0])
+    while s is not None and s["op"] == "hardtanh" and s["min"] < 0 < s["max"]:
+        s = nodes.get(s["inputs"][0])
+    return s if s is not None and s["op"] == "bn" and "t" in s else None
+
+
+def _graph_forward(man: dict, images: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """Class scores float32 ``(N, classes)`` of a graph bundle: ``GraphBNN.run`` in numpy.
+
+    Every node's value is the float32 tensor torch computes; binary nodes compute integers
+    (``k = sum w q`` on the image's integers, value ``k / scale``; or XNOR/popcount on +-1
+    inputs), a ``sign`` reading a BatchNorm with folded thresholds (directly or through
+    ``hardtanh`` nodes whose range holds 0) compares that BatchNorm's integer input with them.
+    """
+    arr, inp = man["arrays"], man["input"]
+    nodes = {e["name"]: e for e in man["nodes"]}
+    needed = {man["nodes"][-1]["name"]}  # nodes whose values the scores depend on
+    for e in reversed(man["nodes"]):
+        if e["name"] in needed:
+            bn = _folded_bn(e, nodes)
+            needed.update([bn["inputs"][0]] if bn is not None else e["inputs"])
+    q = _input_q(man, images)  # (N, C, H, W) int64
+    vals = {"x": q.astype(np.float32) / np.float32(inp["scale"])}  # exact: a power of two
+    grids = {"x": q}  # nodes holding the image's integers
+    preacts: dict[str, np.ndarray] = {}  # a binary node's integers k
+    for e in man["nodes"]:
+        op, name, src = e["op"], e["name"], e["inputs"][0]
+        if name not in needed:
+            continue
+        v = vals.get(src)
+        if op == "binary":
+            conv = e["type"] == "conv"
+            spec = {"kind": e["type"], "rows": e["out"],
+                    "fan_in": e["in"] * (e["kernel"] ** 2 if conv else 1)}
+            if conv:
+                spec.update(kernel=(e["kernel"],) * 2, padding=(e["padding"],) * 2)
+            grid = src in grids
+            k = _preact(grids[src] if grid else v > 0, weights[f"layer{e['index']}"], spec, grid)
+            preacts[name] = k
+            out = k.astype(np.float32)
+            vals[name] = out / np.float32(inp["scale"]) if grid else out
+        elif op == "bn":
+            vals[name] = _batchnorm(v, arr[e["params"]], e["eps"])
+        elif op == "sign":
+            bn = _folded_bn(e, nodes)
+            if bn is not None:
+                a = preacts[bn["inputs"][0]]
+                shape = (1, -1) + (1,) * (a.ndim - 2)
+                y = _compare(a, *(arr[bn[f]].reshape(shape) for f in _FOLD))
+            else:
+                y = v >= 0
+            vals[name] = np.where(y, 1.0, -1.0).astype(np.float32)
+        elif op == "hardtanh":
+            vals[name] = np.minimum(np.maximum(v, np.float32(e["min"])), np.float32(e["max"]))
+        elif op == "add":
+            vals[name] = v + vals[e["inputs"][1]]
+        elif op == "pool":
+            vals[name] = _maxpool(v, e["kernel"])
+            if src in grids:
+                grids[name] = _maxpool(grids[src], e["kernel"])
+        else:  # flatten
+            vals[name] = v.reshape(len(v), -1)
+            if src in grids:
+                grids[name] = grids[src].reshape(len(v), -1)
+    return vals[man["nodes"][-1]["name"]]
 
 
 def _int_matmul(q: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -737,7 +1133,8 @@ def _library_rates(ber, error):
     return em, (p01, p10)
 
 
-def _flip_with_maps(man: dict, weights: dict, em, p01: float, p10: float, seed: int) -> None:
+def _flip_with_maps(plans: list[dict], weights: dict, em, p01: float, p10: float,
+                    seed: int) -> None:
     """XOR the flips of ``errors.inject(model, ber, seed=seed, error=error)`` into the packed
     image: the maps come from the library's own drawing function
     (:func:`bnn_tol.faults.registry.draw_sites`, what ``inject`` and the sweep draw)."""
@@ -747,16 +1144,16 @@ def _flip_with_maps(man: dict, weights: dict, em, p01: float, p10: float, seed: 
     from bnn_tol.faults.registry import Site, draw_sites
 
     sites, address = [], 0
-    for pos, e in enumerate(man["layers"]):  # every stored layer, in forward order
+    for pos, e in enumerate(_stored(plans)):  # every stored layer, in forward order
         n_bits = e["rows"] * e["fan_in"]
-        sites.append(Site(f"layer{e['index']}", pos, n_bits, 0, address))
+        sites.append(Site(e["key"], pos, n_bits, 0, address))
         address += n_bits
     try:
         maps = draw_sites(sites, seed, max(p01, p10), error=em)
     except BnnTolError as e:
         raise DeployError(str(e)) from None
-    for e in man["layers"]:
-        key, fan_in = f"layer{e['index']}", e["fan_in"]
+    for e in _stored(plans):
+        key, fan_in = e["key"], e["fan_in"]
         stored = _unpack_pm1(weights[key], fan_in).reshape(-1)
         idx = maps[key].flips(torch.from_numpy(stored.astype(np.float32)), p01, p10).numpy()
         r, c = np.divmod(idx, fan_in)
@@ -796,7 +1193,7 @@ def _read_masks(path: Path, shapes: dict[str, tuple[int, int]]) -> dict[str, np.
     return masks
 
 
-def _apply_masks(flip_mask, man: dict, weights: dict[str, np.ndarray]) -> None:
+def _apply_masks(flip_mask, plans: list[dict], weights: dict[str, np.ndarray]) -> None:
     """XOR ``flip_mask`` (a dict or an ``.npz`` path) into the packed weights, checked."""
     shapes = {k: w.shape for k, w in weights.items()}
     if isinstance(flip_mask, str | os.PathLike):
@@ -813,7 +1210,7 @@ def _apply_masks(flip_mask, man: dict, weights: dict[str, np.ndarray]) -> None:
         if not isinstance(m, np.ndarray) or m.shape != weights[key].shape or \
                 m.dtype != np.uint64:
             raise DeployError(f"flip mask {key} must be a uint64 array {weights[key].shape}")
-        e = next(e for e in man["layers"] if f"layer{e['index']}" == key)
+        e = next(e for e in _stored(plans) if e["key"] == key)
         pad = _pack(np.ones((1, e["fan_in"]), dtype=bool))[0]
         if (m & ~pad[None, :]).any():
             raise DeployError(f"flip mask {key} sets padding bits beyond fan_in")
@@ -824,7 +1221,8 @@ def predict(bundle: str | os.PathLike | dict, x: np.ndarray, *,
             ber: float | tuple[float, float] | None = None, seed: int | None = None,
             flip_mask: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
             batch_size: int = 1000, error: str | None = None) -> np.ndarray:
-    """Predicted classes ``(N,)`` int64 of inputs ``x`` with the exported BNN.
+    """Predicted classes ``(N,)`` int64 of inputs ``x`` with the exported BNN: the first
+    maximum of :func:`scores`, as ``torch.argmax``.
 
     Args:
         bundle: the export directory (or a :func:`load_bundle` result, checked again).
@@ -845,6 +1243,21 @@ def predict(bundle: str | os.PathLike | dict, x: np.ndarray, *,
         DeployError: bad inputs, arguments, masks or bundles (one line; never another
             exception type for malformed input).
     """
+    z = scores(bundle, x, ber=ber, seed=seed, flip_mask=flip_mask, batch_size=batch_size,
+               error=error)
+    return np.argmax(z, axis=1).astype(np.int64) if len(z) else np.zeros(0, np.int64)
+
+
+def scores(bundle: str | os.PathLike | dict, x: np.ndarray, *,
+           ber: float | tuple[float, float] | None = None, seed: int | None = None,
+           flip_mask: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+           batch_size: int = 1000, error: str | None = None) -> np.ndarray:
+    """Class scores float32 ``(N, classes)`` of inputs ``x``; arguments as :func:`predict`.
+
+    Chain bundles: the output block's exported score table at its integer pre-activations
+    (torch's float32 values, bit for bit). Graph bundles: the last node's float32 value,
+    computed as the module docstring says.
+    """
     batch_size = _int_arg(batch_size, "batch_size", minimum=1, strict=True)
     em = rates = None
     if ber is None:
@@ -856,13 +1269,16 @@ def predict(bundle: str | os.PathLike | dict, x: np.ndarray, *,
         if seed is None:
             raise DeployError("ber= needs seed= (the chip)")
         seed = _int_arg(seed, "seed", minimum=0, strict=False)
-    man, _ = _bundle(bundle)
+    man, plans = _bundle(bundle)
     images = _pixels(x, man["input"]["shape"])
-    weights = {f"layer{e['index']}": man["arrays"][e["weights"]].copy() for e in man["layers"]}
+    weights = {p["key"]: man["arrays"][p["files"]["weights"][0]].copy()
+               for p in _stored(plans)}
     if em is not None:
-        _flip_with_maps(man, weights, em, *rates, seed)
+        _flip_with_maps(plans, weights, em, *rates, seed)
     if flip_mask is not None:
-        _apply_masks(flip_mask, man, weights)
-    out = [_forward(man, images[i:i + batch_size], weights)
+        _apply_masks(flip_mask, plans, weights)
+    forward = _graph_forward if man["version"] == GRAPH_VERSION else _chain_forward
+    n_classes = len(man["classes"])
+    out = [forward(man, images[i:i + batch_size], weights)
            for i in range(0, len(images), batch_size)]
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    return np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)
