@@ -11,7 +11,7 @@ import torch
 from test_graph import NODES, _bn, _conv
 
 import bnn_tol
-from bnn_tol import data, errors, evaluate, models
+from bnn_tol import data, errors, evaluate, metrics, models
 from bnn_tol.core.compiled import UnsupportedModel
 from bnn_tol.data import BNNDataset, Normalize
 from bnn_tol.engines import GraphFp32Engine, ReferenceEngine, pick_engine
@@ -139,6 +139,17 @@ def test_fp32_refuses_a_binary_layer_on_real_values_and_auto_falls_back(digits):
         pick_engine(m, engine="fp32", device="cpu")
     assert pick_engine(m, device="cpu") is ReferenceEngine
     assert len(evaluate.sweep(m, digits, bers=[0.1], n_maps=1, progress=False)) == 1
+
+
+@pytest.mark.parametrize("measure", [
+    lambda m, d: metrics.flip_probability(m, d, ber=0.01),
+    lambda m, d: metrics.predict_accuracy(m, d, bers=[0.01]),
+])
+def test_flip_probability_and_predicted_accuracy_refuse_a_graph_by_name(net, test, measure):
+    with pytest.raises(UnsupportedModel, match=r"^a residual BNN .* the reference and fp32 "
+                       r"sweep engines.* not by the packed, int8 and fixed engines, flip "
+                       r"probability, predicted accuracy"):
+        measure(net, test)
 
 
 def test_value_kinds_follow_signs_through_pooling_and_hardtanh(net):

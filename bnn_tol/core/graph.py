@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_tol.core.layers import BinaryConv2d, BinaryLinear
+from bnn_tol.core.layers import BinaryConv2d, BinaryLinear, sign
 from bnn_tol.core.models import BNN, register
 from bnn_tol.data import InputGrid
 from bnn_tol.exceptions import InvalidArgument, require_int
@@ -115,7 +115,8 @@ class GraphBNN(BNN):
         """The value of ``node`` (one of :attr:`nodes`) from the values ``args`` of its
         inputs, with the model's own ops: a ``binary`` node its layer (current fault
         included; a linear layer flattens its input), ``bn`` its BatchNorm module, ``sign``
-        ``+1`` where ``v >= 0``, ``hardtanh`` a clamp, ``add`` ``a + b``, ``pool`` max-pooling,
+        the library's :func:`~bnn_tol.core.layers.sign` (``+1`` where ``v >= 0``, else ``-1``;
+        straight-through gradient), ``hardtanh`` a clamp, ``add`` ``a + b``, ``pool`` max-pooling,
         ``flatten``; the value is made contiguous (NCHW). Every op but ``binary`` acts on each
         value alone (BatchNorm in eval mode: ``v alpha_c + beta_c`` per channel), so it takes
         any leading batch size: the ``fp32`` sweep engine evaluates all nodes but the binary
@@ -127,7 +128,7 @@ class GraphBNN(BNN):
                 h = h.flatten(1)
             v = self.ops[node["name"]](h)
         elif op == "sign":
-            v = torch.where(args[0] >= 0, 1.0, -1.0).to(args[0].dtype)
+            v = sign(args[0])
         elif op == "hardtanh":
             v = F.hardtanh(args[0], node["min"], node["max"])
         elif op == "add":

@@ -264,8 +264,8 @@ class GraphFp32Engine(Engine):
             b = h.shape[0] // g
             a = torch.bmm(h.view(b, g, -1).transpose(0, 1), w.transpose(1, 2))
             a = a.transpose(0, 1).reshape(b * g, -1)
-        scale = self.scale[node["name"]]
-        return torch.round(a * scale) / scale if scale != 1 else torch.round(a)
+        scale = self.scale[node["name"]]  # a power of two: a * scale and / scale are exact
+        return a.mul_(scale).round_().div_(scale) if scale != 1 else a.round_()
 
     def _chunks(self) -> list[tuple[dict[str, Tensor], Tensor]]:
         """Per data chunk: the shared values the map-dependent nodes read (computed once)
