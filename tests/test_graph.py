@@ -94,7 +94,7 @@ def test_a_graph_saves_loads_and_its_faults_replay(net, test, tmp_path):
     for row in df.itertuples():
         with errors.inject(net, (row.p01, row.p10), seed=int(row.map_seed)):
             assert evaluate.accuracy(net, test) == row.accuracy
-    with pytest.raises(UnsupportedModel, match="needs a bnn_tol block model"):
+    with pytest.raises(UnsupportedModel, match="not a residual graph"):
         evaluate.sweep(net, test, bers=[0.1], n_maps=1, engine="packed", progress=False)
 
 

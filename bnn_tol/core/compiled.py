@@ -262,9 +262,10 @@ def compile_model(model: nn.Module) -> CompiledModel:
             "name") == "graph":
         raise UnsupportedModel(
             "a residual BNN (a graph with shortcut additions, bnn_tol.core.graph) is supported "
-            "by errors.inject, the reference sweep engine, accuracy, margin, importance "
-            "(negation estimators) and save/load; not yet by the block-based engines, flip "
-            "probability, predicted accuracy or ONNX export (bnn_tol.export and deploy take it)")
+            "by errors.inject, the reference and fp32 sweep engines, accuracy, margin, "
+            "importance (negation estimators), save/load, export and the numpy deploy; not by "
+            "the packed, int8 and fixed engines, flip probability, predicted accuracy or ONNX "
+            "export")
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise UnsupportedModel(f"{type(model).__name__} is not a bnn_tol BNN (no .blocks); build "

@@ -15,12 +15,35 @@ reading earlier nodes by name (the input is ``"x"``)::
     {"op": "flatten"}
 
 The last node gives the class scores. Its binary layers are stored layers like any other
-(:func:`bnn_tol.core.compiled.stored_layers`, in node order), so fault injection, replay and the
-``reference`` sweep engine (faults + the model's own forward) are exact on it; margins and the
-negation importance are defined for its binary neurons (:meth:`GraphBNN.units`); export and the
-numpy deploy take it as a graph bundle (:mod:`bnn_tol.interop.bundle`); what assumes a chain of
-sign blocks (the packed/int8/fp32 engines, flip probability, predicted accuracy, ONNX export)
-refuses it by name (:func:`bnn_tol.core.compiled.compile_model`).
+(:func:`bnn_tol.core.compiled.stored_layers`, in node order), so fault injection, replay and
+the ``reference`` sweep engine (faults + the model's own forward) are exact on it; the ``fp32``
+sweep engine evaluates it too, many fault maps at once, with the same results bit for bit
+(:class:`bnn_tol.engines.fp32.GraphFp32Engine`); margins and the negation importance are
+defined for its binary neurons (:meth:`GraphBNN.units`); export and the numpy deploy take it
+as a graph bundle (:mod:`bnn_tol.interop.bundle`); what assumes a chain of sign blocks (the
+packed/int8/fixed engines, flip probability, predicted accuracy, ONNX export) refuses it by
+name (:func:`bnn_tol.core.compiled.compile_model`).
+
+**What is exact.** A binary layer reading ``+-1`` values (a ``sign`` node, pooled or
+flattened) or the input on the model's grid ``x = q / scale`` (``scale`` a power of two,
+:class:`bnn_tol.data.InputGrid`) has pre-activations ``a = k / scale`` with an integer
+``k = sum_i w_i q_i``; every partial sum of any summation order is such a multiple of
+``1 / scale`` below ``2^24 / scale`` in magnitude (``q_max fan_in < 2^24``), so float32
+GEMMs and direct convolutions compute ``a`` exactly, whatever the blocking or thread count.
+Everything else acts on each value alone -- ``sign``, ``hardtanh`` and max-pooling compare,
+``add`` is one correctly rounded float32 addition, eval-mode BatchNorm is ``v alpha_c +
+beta_c`` with per-channel constants, computed by torch's CPU kernel with the same vector
+expression on every element of one sample's channel plane (contiguous NCHW; BatchNorm1d: of
+one sample's row; its threads split the batch into whole planes/rows) -- so a value does not
+depend on the batch it is computed in, nor on the thread count. :meth:`GraphBNN.node_value`
+keeps every value contiguous (a conv on one input channel may answer channels-last, whose
+BatchNorm kernel is another loop). That is why :meth:`GraphBNN.run` needs no rounding, and
+why the ``fp32`` engine, which puts fault maps into the batch dimension and rounds its
+pre-activations to the exact ``k / scale``, predicts what ``model(x)`` predicts on every map
+(:meth:`GraphBNN.value_kinds` tells which binary layers read such values; the engine refuses a
+graph where one does not). On CUDA, cuDNN may pick a convolution algorithm that is not a sum
+of products (Winograd, FFT) for the model's own forward; the engine rounds, the forward does
+not, so there the two agree only when the forward's algorithm is exact.
 """
 
 from __future__ import annotations
@@ -32,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_tol.core.layers import BinaryConv2d, BinaryLinear
+from bnn_tol.core.layers import BinaryConv2d, BinaryLinear, sign
 from bnn_tol.core.models import BNN, register
 from bnn_tol.data import InputGrid
 from bnn_tol.exceptions import InvalidArgument, require_int
@@ -85,26 +108,61 @@ class GraphBNN(BNN):
                                   f"{tuple(x.shape)}")
         env = {"x": x}
         for node in self.nodes:
-            args = [env[i] for i in node["inputs"]]
-            op = node["op"]
-            if op in ("binary", "bn"):
-                h = args[0]
-                if op == "binary" and node["type"] == "linear" and h.dim() > 2:
-                    h = h.flatten(1)
-                env[node["name"]] = self.ops[node["name"]](h)
-            elif op == "sign":
-                env[node["name"]] = torch.where(args[0] >= 0, 1.0, -1.0).to(args[0].dtype)
-            elif op == "hardtanh":
-                env[node["name"]] = F.hardtanh(args[0], node["min"], node["max"])
-            elif op == "add":
-                env[node["name"]] = args[0] + args[1]
-            elif op == "pool":
-                env[node["name"]] = F.max_pool2d(args[0], node["kernel"])
-            else:  # flatten
-                env[node["name"]] = args[0].flatten(1)
-            if edit is not None:
-                env[node["name"]] = edit(node["name"], env[node["name"]])
+            value = self.node_value(node, [env[i] for i in node["inputs"]])
+            env[node["name"]] = value if edit is None else edit(node["name"], value)
         return env[self.nodes[-1]["name"]], {k: env[k] for k in capture}
+
+    def node_value(self, node: dict, args: Sequence[Tensor]) -> Tensor:
+        """The value of ``node`` (one of :attr:`nodes`) from the values ``args`` of its
+        inputs, with the model's own ops: a ``binary`` node its layer (current fault
+        included; a linear layer flattens its input), ``bn`` its BatchNorm module, ``sign``
+        the library's :func:`~bnn_tol.core.layers.sign` (``+1`` where ``v >= 0``, else ``-1``;
+        straight-through gradient), ``hardtanh`` a clamp, ``add`` ``a + b``, ``pool`` max-pooling,
+        ``flatten``; the value is made contiguous (NCHW). Every op but ``binary`` acts on each
+        value alone (BatchNorm in eval mode: ``v alpha_c + beta_c`` per channel), so it takes
+        any leading batch size: the ``fp32`` sweep engine evaluates all nodes but the binary
+        ones through it, on many fault maps at once."""
+        op = node["op"]
+        if op in ("binary", "bn"):
+            h = args[0]
+            if op == "binary" and node["type"] == "linear" and h.dim() > 2:
+                h = h.flatten(1)
+            v = self.ops[node["name"]](h)
+        elif op == "sign":
+            v = sign(args[0])
+        elif op == "hardtanh":
+            v = F.hardtanh(args[0], node["min"], node["max"])
+        elif op == "add":
+            v = args[0] + args[1]
+        elif op == "pool":
+            v = F.max_pool2d(args[0], node["kernel"])
+        else:  # flatten
+            v = args[0].flatten(1)
+        # contiguous (NCHW) whatever format an op chose (a conv on one input channel may
+        # answer channels-last): every BatchNorm then runs torch's contiguous kernel
+        return v.contiguous()
+
+    def value_kinds(self) -> dict[str, str]:
+        """What each node's values are, for every sample: ``"pm1"`` (all in {-1, +1}: a
+        ``sign`` node, and max-pooling, flattening or a ``hardtanh`` with ``min <= -1 <= 1 <=
+        max`` of one), ``"grid"`` (the input ``"x"``, on the model's input grid ``q / scale``,
+        and max-pooling or flattening of it) or ``"real"`` (anything else). A binary layer
+        reading ``pm1`` or ``grid`` values has exact pre-activations ``k / scale`` (integer
+        ``k``; module docstring)."""
+        kinds = {"x": "grid"}
+        for node in self.nodes:
+            op, src = node["op"], kinds[node["inputs"][0]]
+            if op == "sign":
+                kind = "pm1"
+            elif op in ("pool", "flatten"):
+                kind = src
+            elif op == "hardtanh":
+                kind = "pm1" if src == "pm1" and node["min"] <= -1 and node["max"] >= 1 \
+                    else "real"
+            else:
+                kind = "real"
+            kinds[node["name"]] = kind
+        return kinds
 
     def units(self) -> list[dict]:
         """The binary neurons: every ``sign`` node reading a BatchNorm node directly or through

@@ -7,7 +7,8 @@ in speed and in what they support (:func:`engines` lists them, fastest first):
   on CPU (numba);
 * ``int8`` (:mod:`~bnn_tol.engines.int8`): ``torch._int_mm``, fc BNNs on CPUs with VNNI/AMX;
 * ``fp32`` (:mod:`~bnn_tol.engines.fp32`): maps batched through stacked weights, any BNN,
-  also CUDA;
+  also residual graphs (:mod:`bnn_tol.core.graph`; the only engine besides ``reference`` that
+  sweeps them), also CUDA;
 * ``fixed`` (:mod:`~bnn_tol.engines.fixed`): any codec (m-bit fixed point) and activation;
 * ``reference`` (:mod:`~bnn_tol.engines.reference`): inject + forward, every fault target.
 
@@ -35,7 +36,7 @@ from bnn_tol.engines.base import (
 from bnn_tol.engines.chips import profile_sweep, summary_energy
 from bnn_tol.engines.driver import accuracy_under_flips, summarize, sweep
 from bnn_tol.engines.fixed import FixedPointEngine
-from bnn_tol.engines.fp32 import Fp32Engine
+from bnn_tol.engines.fp32 import Fp32Engine, GraphFp32Engine
 from bnn_tol.engines.int8 import Int8Engine, int8_is_fast
 from bnn_tol.engines.packed import PackedEngine
 from bnn_tol.engines.reference import ReferenceEngine
@@ -55,5 +56,5 @@ __all__ = ["accuracy", "predict", "resolve_device", "sweep", "accuracy_under_fli
            "OLD_COLUMNS", "META_SUFFIX", "META_VERSION",
            "engines", "engine_class", "pick_engine", "register_engine", "Engine", "SignEngine",
            "FlipSet", "MEMORY_BUDGET", "Int8Engine", "PackedEngine", "Fp32Engine",
-           "FixedPointEngine", "ReferenceEngine", "int8_is_fast", "profile_sweep",
-           "summary_energy"]
+           "GraphFp32Engine", "FixedPointEngine", "ReferenceEngine", "int8_is_fast",
+           "profile_sweep", "summary_energy"]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnn_tol.core.compiled import CompiledModel, UnsupportedModel, check_bnn, compile_model
+from bnn_tol.core.graph import GraphBNN
 from bnn_tol.core.inference import resolve_device
 from bnn_tol.core.layers import apply_folded
 from bnn_tol.data import BNNDataset
@@ -32,10 +33,14 @@ from bnn_tol.faults.protect import Protection
 from bnn_tol.faults.registry import ErrorModel, error_model
 
 __all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
-           "MEMORY_BUDGET", "FlipSet"]
+           "MEMORY_BUDGET", "FlipSet", "CHAINS_ONLY"]
 
 #: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
 MEMORY_BUDGET = 2**28
+
+#: Why an engine built on compiled chains of blocks refuses a residual graph.
+CHAINS_ONLY = ("it evaluates chains of blocks, not a residual graph (bnn_tol.core.graph); "
+               "'fp32' and 'reference' sweep graphs")
 
 
 class Engine:
@@ -56,18 +61,25 @@ class Engine:
     targets: frozenset = frozenset({"weights"})
 
     @classmethod
-    def unsupported(cls, cm: CompiledModel | None, device: torch.device,
+    def unsupported(cls, cm: CompiledModel | GraphBNN | None, device: torch.device,
                     targets: tuple) -> str | None:
         """Why this engine cannot evaluate the compiled model ``cm`` (``None``: it can;
-        ``cm`` is ``None`` for a module that is not a block model)."""
+        ``cm`` is the :class:`~bnn_tol.core.graph.GraphBNN` itself for a residual graph and
+        ``None`` for any other module that is not a block model)."""
         if not {t.partition(":")[0] for t in targets} <= cls.targets:
             return f"it evaluates {sorted(cls.targets)} errors only"
         return None
 
     @classmethod
-    def preferred(cls, cm: CompiledModel, device: torch.device) -> bool:
+    def preferred(cls, cm: CompiledModel | GraphBNN, device: torch.device) -> bool:
         """Whether ``"auto"`` should pick it when supported (e.g. int8 only with VNNI)."""
         return True
+
+    @classmethod
+    def for_model(cls, cm: CompiledModel | GraphBNN | None) -> type[Engine]:
+        """The class that evaluates ``cm`` under this engine's name (itself; the ``fp32``
+        engine has its own class for residual graphs)."""
+        return cls
 
     def __init__(self, model: nn.Module, data: BNNDataset, *, layers, device: torch.device,
                  batch_size: int | None, maps_per_step: int | None, targets: tuple,
@@ -158,7 +170,8 @@ def pick_engine(model: nn.Module, *, engine: str = "auto",
                 device: str | torch.device = "auto",
                 targets: tuple[str, ...] | str = ("weights",)) -> type[Engine]:
     """The engine that evaluates ``model``: the named one (refused with the reason when it
-    cannot), or for ``"auto"`` the first supported and preferred engine in rank order.
+    cannot), or for ``"auto"`` the first supported and preferred engine in rank order (its
+    :meth:`Engine.for_model` class: residual graphs get the fp32 engine's graph class).
 
     Raises:
         InvalidArgument: an unknown engine name.
@@ -171,16 +184,18 @@ def pick_engine(model: nn.Module, *, engine: str = "auto",
     try:
         cm = compile_model(model)
     except UnsupportedModel:
-        cm = None  # not a block model: only the reference engine (inject + forward) applies
+        # a residual graph (its own view), or not a block model: only the reference engine
+        # (inject + forward) applies
+        cm = model if isinstance(model, GraphBNN) else None
     if engine != "auto":
         cls = _ENGINES[engine]
         why = cls.unsupported(cm, dev, targets)
         if why:
             raise UnsupportedModel(f"engine={engine!r} cannot evaluate this model: {why}")
-        return cls
+        return cls.for_model(cm)
     for cls in sorted(_ENGINES.values(), key=lambda c: c.rank):
         if cls.unsupported(cm, dev, targets) is None and cls.preferred(cm, dev):
-            return cls
+            return cls.for_model(cm)
     raise UnsupportedModel("no sweep engine supports this model")  # reference supports all
 
 
@@ -193,6 +208,8 @@ class SignEngine(Engine):
         why = super().unsupported(cm, device, targets)
         if why:
             return why
+        if isinstance(cm, GraphBNN):
+            return CHAINS_ONLY
         if cm is None:
             return "it needs a bnn_tol block model (.blocks)"
         if not cm.is_bnn:

@@ -128,7 +128,8 @@ def sweep(
       ``torch._int_mm`` int8 x int8 -> int32 on +-1 weights, folded integer thresholds,
       bit activations; the clean prefix before the first faulty layer is computed once.
     * ``"fp32"`` (any BNN, also CUDA): ``maps_per_step`` maps batched through stacked weights /
-      ``bmm`` / grouped conv.
+      ``bmm`` / grouped conv. Also residual graphs (:mod:`bnn_tol.core.graph`), which
+      ``auto`` sweeps with it (:class:`~bnn_tol.engines.fp32.GraphFp32Engine`).
     * ``"fixed"`` (any codec, e.g. m-bit fixed point, and ReLU or sign activations): flips the
       stored bits in cached codes, decodes, and runs the model's own ops from the clean prefix
       (:class:`FixedPointEngine`).

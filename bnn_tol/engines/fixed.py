@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnn_tol.core.compiled import compile_model, eval_mode
-from bnn_tol.engines.base import Engine, register_engine
+from bnn_tol.core.graph import GraphBNN
+from bnn_tol.engines.base import CHAINS_ONLY, Engine, register_engine
 
 __all__ = ["FixedPointEngine"]
 
@@ -32,6 +33,8 @@ class FixedPointEngine(Engine):
         why = super().unsupported(cm, device, targets)
         if why:
             return why
+        if isinstance(cm, GraphBNN):
+            return CHAINS_ONLY
         return "it needs a bnn_tol block model (.blocks)" if cm is None else None
 
     def __init__(self, model, data, **kw) -> None:

@@ -37,6 +37,7 @@ from scipy import stats
 from torch import nn
 
 from bnn_tol import schema
+from bnn_tol.core.compiled import compile_model
 from bnn_tol.data import BNNDataset
 from bnn_tol.exceptions import InvalidArgument
 from bnn_tol.faults.maps import rates
@@ -155,7 +156,7 @@ def flip_probability(
     if layers is not None and 0 in set(layers):
         raise InvalidArgument("block 0 has real-valued inputs: a weight flip moves its "
                          "pre-activation by 2|x_i|, not 2, so the binomial law does not apply")
-    n_blocks = len(model.blocks)
+    n_blocks = len(compile_model(model).stages)  # refuses a residual graph by name
     want = list(layers) if layers is not None else list(range(1, n_blocks - 1))
     if not want:
         raise InvalidArgument(
