@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bers", default="0.001,0.002,0.005,0.01,0.02,0.03,0.05,0.1,0.2,0.3")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
+    command = "python scripts/predict_validity.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    # the code that runs: recorded before any output changes the tree (git_dirty)
+    env = provenance.environment(threads=args.threads, command=command)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -173,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     fit = pd.concat(fits, ignore_index=True).merge(extra, on=["method", "ber"])
     rows.to_csv(out / "rows.csv", index=False)
     fit.to_csv(out / "fit.csv", index=False)
-    command = "python scripts/predict_validity.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
     (out / "summary.md").write_text(summary_md(rows, fit, ids, args, seconds, command))
-    env = provenance.environment(threads=args.threads, command=command)
     env["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     env["data_digest"] = provenance.data_digest(te)
     (out / "environment.json").write_text(json.dumps(env, indent=2) + "\n")

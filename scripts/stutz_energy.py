@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="sweep the chip's voltages down to this one (V / V_min; 0.79: bit "
                          "error rate about 5.6 %%, where every network here has failed)")
     args = ap.parse_args(argv)
+    # the code that runs: recorded before any output changes the tree (git_dirty)
+    env = provenance.environment(command="python scripts/stutz_energy.py " +
+                                 " ".join(argv or sys.argv[1:]))
     out = Path(args.out)
     make = profile.synthetic_profile if args.chip == "legacy" else profile.calibrated_profile
     chip = make(seed=args.seed)
@@ -72,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
                  "Fashion-MNIST").savefig(out / "energy.png", dpi=120)
     rates = chip.cell_error_rate()
     rates.to_csv(out / "chip_rates.csv", index=False, float_format="%.6g")
-    env = provenance.environment(command="python scripts/stutz_energy.py " +
-                                 " ".join(argv or sys.argv[1:]))
     (out / "environment_energy.json").write_text(json.dumps(env, indent=2))
     print(summ.to_string(index=False))
     return 0

@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the sweep networks (implies --sweeps)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # the code that runs: recorded before any output changes the tree (git_dirty)
+    env = provenance.environment(threads=args.threads,
+                                 command="python scripts/stutz_fmnist.py " + " ".join(argv or
+                                                                                     sys.argv[1:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bers = [float(b) for b in args.bers.split(",")]
@@ -227,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     eq.to_csv(out / "equal_memory.csv", index=False, float_format="%.6g")
     if len(eq):
         plot(eq, out / "equal_memory.png", ["equal memory (~2.66 Mbit)"], "fc")
-    env = provenance.environment(threads=args.threads,
-                                 command="python scripts/stutz_fmnist.py " + " ".join(argv or
-                                                                                     sys.argv[1:]))
     (out / "environment.json").write_text(json.dumps(env, indent=2))
     text = ["# Stutz et al. on Fashion-MNIST (fc)", "",
             f"RErr (%) = test error under bit errors, mean ± sd over {args.maps} fault maps "
