@@ -65,7 +65,9 @@ and the rest of the network runs on the chunk of perturbed copies. Two cases nee
        a'_out(j)_nc = a_out,nc + 1/2 |u_nj| sum_k D_nck
                                + 1/2 u_nj  sum_k D_nck sigma_nk W[k, j],
 
-   one ``(N C_out, K) x (K, J)`` matrix product for all neurons of the layer. All
+   one ``(N C_out, K) x (K, J)`` matrix product for all neurons of the layer (on CPU with
+   numba a sparse one: image ``n`` sums only its units with ``e_nk = 1``, typically a few
+   per cent of ``K``; :func:`bnn_tol.core.kernels.near_threshold_preact`). All
    quantities are integers, exact in float32, and the folded comparator equals the float BN
    bit for bit, so the result equals the per-neuron forward pass.
 """
@@ -82,6 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnn_tol import schema
+from bnn_tol.core import kernels
 from bnn_tol.core.compiled import Stage, eval_mode
 from bnn_tol.core.layers import BinaryConv2d, apply_folded
 from bnn_tol.core.models import check_data as check_model_data
@@ -254,7 +257,14 @@ def _logits_rest(blocks: Sequence[nn.Module], start: int, h: Tensor) -> Tensor:
 
 def _argmax1(z: Tensor) -> Tensor:
     """``z.argmax(1)`` for ``(B, C, J)`` with small ``C`` (first maximum on ties), fast on
-    the strided class axis: a running comparison over the ``C`` contiguous ``(B, J)`` slices."""
+    the strided class axis: a running comparison over the ``C`` ``(B, J)`` slices (the numba
+    kernel :func:`bnn_tol.core.kernels.argmax_classes` on CPU, the same comparisons)."""
+    if (kernels.AVAILABLE and z.device.type == "cpu" and z.dim() == 3 and z.shape[1] > 0
+            and not z.requires_grad):
+        idx = torch.empty((z.shape[0], z.shape[2]), dtype=torch.int64)
+        with kernels.threads(torch.get_num_threads()):
+            kernels.argmax_classes(z.numpy(), idx.numpy())
+        return idx
     best = z[:, 0].clone()
     idx = torch.zeros(best.shape, dtype=torch.int64, device=z.device)
     for c in range(1, z.shape[1]):
@@ -281,25 +291,67 @@ def _pm_matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _near_threshold_logits(blocks, l: int, cache, u: Tensor, cols: Tensor,
-                           info_next: Stage, w1: Tensor, w2: Tensor) -> Tensor:
-    """Case 2 of the module doc: logits ``(B, C_out, J)`` for ``u = delta / 2`` ``(B, J)``."""
-    xs, as_, hs = cache
-    a1, h1 = as_[l + 1], hs[l + 1]
-    d = info_next.folded.direction.to(a1.device, a1.dtype)
-    sigma = -h1 * d  # (B, K), 0 for dead neurons
-    e = (apply_folded(a1 + 2 * sigma, info_next.folded) != h1).to(a1.dtype)
-    half_d = (-h1 * e)[:, None, :] * w2[None]  # D / 2: (B, C_out, K), entries in {-1, 0, 1}
-    base = as_[l + 2] + half_d.sum(2)  # a_out + 1/2 sum_k D  (used where |u| = 1)
-    m = _pm_matmul((half_d * sigma[:, None, :]).reshape(-1, half_d.shape[2]), w1[:, cols])
-    m = m.view(half_d.shape[0], half_d.shape[1], -1)  # 1/2 sum_k D sigma W: (B, C_out, J)
-    absu = u.abs()
-    if bool((absu == 1).all()):
-        a2 = m.mul_(u[:, None, :]).add_(base[:, :, None])
-    else:
-        a2 = (m.mul_(u[:, None, :]).add_(as_[l + 2][:, :, None])
-              .add_(absu[:, None, :] * (base - as_[l + 2])[:, :, None]))
-    return blocks[l + 2].post(a2)
+def _as_ternary_int8(t: Tensor) -> Tensor | None:
+    """``t`` as int8 if every entry is -1, 0 or 1 (exactly), else ``None``."""
+    t8 = t.to(torch.int8)
+    return t8 if bool(t8.abs().le(1).all()) and torch.equal(t8.to(t.dtype), t) else None
+
+
+class _NearThreshold:
+    """Case 2 of the module doc for one batch: what does not depend on the perturbed neurons
+    is computed once, :meth:`preact` then gives each chunk of neurons.
+
+    With ``sigma = -h1 d`` ``(B, K)`` (0 for dead units) and ``e`` ``(B, K)`` (1 where the
+    unit's bit flips when ``a1`` moves by 2 towards its threshold), ``g = -h1 e`` and
+    ``D / 2 = g W2`` ``(B, C_out, K)``:
+
+        a2(j) = a_out + |u_j| sum_k (D / 2)_k + u_j sum_k (D / 2)_k sigma_k W1[k, j].
+
+    On CPU with numba, binary ``h1`` and ternary weights the sums run in
+    :func:`bnn_tol.core.kernels.near_threshold_preact` over the units with ``e = 1`` only
+    (exact int32 sums, the same float32 operations as the torch expression); else the torch
+    expression with :func:`_pm_matmul`.
+    """
+
+    def __init__(self, cache, l: int, info_next: Stage, w1: Tensor, w2: Tensor) -> None:
+        xs, as_, hs = cache
+        a1, h1 = as_[l + 1], hs[l + 1]
+        self.a_out, self.w1, self.w2 = as_[l + 2], w1, w2
+        d = info_next.folded.direction.to(a1.device, a1.dtype)
+        self.sigma = -h1 * d  # (B, K), 0 for dead neurons
+        e = (apply_folded(a1 + 2 * self.sigma, info_next.folded) != h1).to(a1.dtype)
+        self.g = -h1 * e
+        ts = (self.a_out, h1, w1, w2)
+        self.kernel = (kernels.AVAILABLE and all(t.device.type == "cpu" and t.dtype ==
+                                                 torch.float32 and not t.requires_grad
+                                                 for t in ts)
+                       and bool((h1.abs() == 1).all()) and _as_ternary_int8(w2) is not None)
+        self.w1_i8 = _as_ternary_int8(w1) if self.kernel else None
+        self.kernel = self.w1_i8 is not None
+        if self.kernel:
+            self.args = (self.a_out.contiguous().numpy(), self.g.contiguous().numpy(),
+                         (self.g * self.sigma).contiguous().numpy(), w2.contiguous().numpy())
+
+    def preact(self, u: Tensor, cols: Tensor) -> Tensor:
+        """``a2`` ``(B, C_out, J)`` for ``u = delta / 2`` ``(B, J)`` of neurons ``cols``."""
+        if self.kernel and not u.requires_grad and _as_ternary_int8(u) is not None:
+            a2 = torch.empty((u.shape[0], self.w2.shape[0], len(cols)), dtype=torch.float32)
+            with kernels.threads(torch.get_num_threads()):
+                kernels.near_threshold_preact(
+                    *self.args, self.w1_i8[:, cols].contiguous().numpy(),
+                    u.to(torch.float32).contiguous().numpy(), bool((u.abs() == 1).all()),
+                    a2.numpy())
+            return a2
+        half_d = self.g[:, None, :] * self.w2[None]  # D / 2: (B, C_out, K), in {-1, 0, 1}
+        base = self.a_out + half_d.sum(2)  # a_out + 1/2 sum_k D  (used where |u| = 1)
+        m = _pm_matmul((half_d * self.sigma[:, None, :]).reshape(-1, half_d.shape[2]),
+                       self.w1[:, cols])
+        m = m.view(half_d.shape[0], half_d.shape[1], -1)  # 1/2 sum_k D sigma W: (B, C_out, J)
+        absu = u.abs()
+        if bool((absu == 1).all()):
+            return m.mul_(u[:, None, :]).add_(base[:, :, None])
+        return (m.mul_(u[:, None, :]).add_(self.a_out[:, :, None])
+                .add_(absu[:, None, :] * (base - self.a_out)[:, :, None]))
 
 
 def _chunk_size(blocks, l: int, cache, n_cols: int, fast: bool) -> int:
@@ -345,12 +397,13 @@ def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
     fast = case2 or l + 1 == n_blocks - 1
     step = _chunk_size(blocks, l, cache, len(cols), fast)
     w1 = binary_weight(blocks[l + 1].layer)
-    w2 = binary_weight(blocks[l + 2].layer) if case2 else None
+    near = _NearThreshold(cache, l, infos[l + 1], w1, binary_weight(blocks[l + 2].layer)) \
+        if case2 else None
     for start in range(0, len(cols), step):
         cc = cols[start : start + step]
         dj = delta[:, cc]
         if case2:
-            z = _near_threshold_logits(blocks, l, cache, dj / 2, cc, infos[l + 1], w1, w2)
+            z = blocks[l + 2].post(near.preact(dj / 2, cc))
         elif l + 1 == n_blocks - 1 and dj.dim() == 2:  # rank-1 on the class scores
             a1 = (w1[:, cc][None] * dj[:, None, :]).add_(as_[l + 1][:, :, None])
             z = blocks[l + 1].post(a1)
