@@ -114,13 +114,25 @@ def test_near_threshold_kernel_equals_torch_path_and_is_taken_only_for_ternary_w
         info = {i.index: i for i in imp_mod.hidden_layers(model)}[1]
         w1 = model.blocks[1].layer.binary_weight()
         w2 = model.blocks[2].layer.binary_weight()
-        near = imp_mod._NearThreshold(cache, 0, info, w1, w2)
-        slow = imp_mod._NearThreshold(cache, 0, info, w1, w2)
-        slow.kernel = False
-        assert near.kernel and int((near.g * near.sigma != 0).sum()) > 0  # units near threshold
-        assert not imp_mod._NearThreshold(cache, 0, info, w1 * 0.5, w2).kernel
         neg = -cache[2][0]  # negation: |u| = 1
         part = neg * (torch.arange(neg.shape[1]) % 3 != 0)  # a fault map: some u = 0
+        assert not imp_mod._NearThreshold(cache, 0, info, w1 * 0.5, w2, neg).kernel
         for u in (neg, part):
-            cols = torch.arange(1, u.shape[1], 2)
-            assert torch.equal(near.preact(u[:, cols], cols), slow.preact(u[:, cols], cols))
+            near = imp_mod._NearThreshold(cache, 0, info, w1, w2, u)
+            slow = imp_mod._NearThreshold(cache, 0, info, w1, w2, u)
+            slow.kernel = False
+            assert near.kernel and int((near.g * near.sigma != 0).sum()) > 0  # near threshold
+            for cols in (torch.arange(1, u.shape[1], 2), torch.arange(0, 3)):
+                assert torch.equal(near.preact(cols), slow.preact(cols))
+
+
+def test_clean_forward_by_popcount_equals_float_product_on_binary_inputs():
+    model = _odd_fc()
+    weights = imp_mod._Weights(model.blocks)
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randint(0, 2, (9, 37), generator=gen).float() * 2 - 1  # odd width 37
+    with torch.no_grad():
+        got = imp_mod._binary_preact(model.blocks[1], h, 1, weights)
+        assert got is not None and torch.equal(got, model.blocks[1].preact(h))
+        # real-valued inputs (the first layer) keep the float product
+        assert imp_mod._binary_preact(model.blocks[1], h * 0.5, 1, weights) is None

@@ -547,16 +547,16 @@ if AVAILABLE:
         ``a_out`` ``(B, C)`` float32; ``g``, ``gs`` ``(B, K)`` float32 in {-1, 0, 1}
         (``g = -h e``, ``gs = g sigma``); ``w2`` ``(C, K)`` float32; ``w1c`` ``(K, J)`` int8 in
         {-1, 0, 1}; ``u`` ``(B, J)`` float32 -> ``out`` ``(B, C, J)``. The integer sums are
-        exact (int32). Work per sample ``|{k: gs_nk != 0}| C J``: only the units next to their
-        threshold (few) enter, where the dense product costs ``K C J``.
+        exact (int16 accumulators: ``K < 2^15``). Work per sample ``|{k: gs_nk != 0}| C J``
+        additions of weight rows: only the units next to their threshold (a few per cent)
+        enter, where the dense product costs ``K C J``.
         """
         nb, nk = g.shape
         nc = w2.shape[0]
         nj = w1c.shape[1]
         for n in prange(nb):
-            acc = np.zeros((nc, nj), np.int32)
+            acc = np.zeros((nc, nj), np.int16)  # |M| <= K < 2^15 (the caller checks)
             hsum = np.zeros(nc, np.int64)
-            v = np.empty(nc, np.int32)
             for k in range(nk):
                 gk = g[n, k]
                 if gk != 0:
@@ -564,15 +564,16 @@ if AVAILABLE:
                         hsum[c] += np.int64(gk * w2[c, k])
                 sk = gs[n, k]
                 if sk != 0:
-                    for c in range(nc):
-                        v[c] = np.int32(sk * w2[c, k])
                     row = w1c[k]
                     for c in range(nc):
-                        vc = v[c]
-                        if vc != 0:
-                            ac = acc[c]
+                        vc = sk * w2[c, k]
+                        ac = acc[c]
+                        if vc > 0:
                             for j in range(nj):
-                                ac[j] += vc * np.int32(row[j])
+                                ac[j] += row[j]
+                        elif vc < 0:
+                            for j in range(nj):
+                                ac[j] -= row[j]
             for c in range(nc):
                 ao = a_out[n, c]
                 base = ao + np.float32(hsum[c])
