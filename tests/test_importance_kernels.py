@@ -136,3 +136,13 @@ def test_clean_forward_by_popcount_equals_float_product_on_binary_inputs():
         assert got is not None and torch.equal(got, model.blocks[1].preact(h))
         # real-valued inputs (the first layer) keep the float product
         assert imp_mod._binary_preact(model.blocks[1], h * 0.5, 1, weights) is None
+
+
+@pytest.mark.parametrize("b,c,j", [(1, 1, 1), (17, 10, 67), (5, 3, 130)])
+def test_rank1_preact_equals_torch_expression(b, c, j):
+    gen = torch.Generator().manual_seed(j)
+    a_out = torch.randn(b, c, generator=gen) * 37  # non-integer: the rounding is visible
+    w = torch.randn(c, j, generator=gen)
+    d = torch.randint(-1, 2, (b, j), generator=gen).float() * 2 * torch.rand(b, j, generator=gen)
+    got = imp_mod._rank1(a_out, w, d)
+    assert torch.equal(got, (w[None] * d[:, None, :]).add_(a_out[:, :, None]))

@@ -42,7 +42,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 __all__ = ["AVAILABLE", "threads", "serial", "comparator", "pack_rows", "pack_threshold",
            "fc_hidden", "fc_output", "conv_hidden", "conv_first", "fc_first_delta", "pool_or",
            "flip_words", "gap_positions", "negate_at", "margin_rows", "margin_cols",
-           "margin_comoments", "near_threshold_preact", "argmax_classes"]
+           "margin_comoments", "near_threshold_preact", "rank1_preact",
+           "argmax_classes"]
 
 
 def comparator(direction: np.ndarray, t: np.ndarray, const: np.ndarray) -> tuple[np.ndarray,
@@ -587,6 +588,21 @@ if AVAILABLE:
                     for j in range(nj):
                         uj = u[n, j]
                         oc[j] = (np.float32(ac[j]) * uj + ao) + abs(uj) * dif
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def rank1_preact(a_out, w, d, out):  # pragma: no cover - compiled
+        """``out[n, c, j] = w[c, j] d[n, j] + a_out[n, c]`` (float32: the product rounded,
+        then the sum, as ``(w[None] * d[:, None]).add_(a_out[:, :, None])``): the output
+        pre-activations when neuron ``j`` of the last hidden layer changes by ``d[:, j]``.
+        ``a_out`` ``(B, C)``, ``w`` ``(C, J)``, ``d`` ``(B, J)`` -> ``out`` ``(B, C, J)``."""
+        nb, nc, nj = out.shape
+        for n in prange(nb):
+            for c in range(nc):
+                ao = a_out[n, c]
+                oc = out[n, c]
+                wc = w[c]
+                for j in range(nj):
+                    oc[j] = wc[j] * d[n, j] + ao
 
     @njit(parallel=True, cache=True, nogil=True)
     def argmax_classes(z, out):  # pragma: no cover - compiled

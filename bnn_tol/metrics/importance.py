@@ -382,7 +382,8 @@ class _NearThreshold:
         xs, as_, hs = cache
         self.u = u  # (B, J_all): delta / 2 of every neuron of the layer
         self.unit_col = (u.abs() == 1).all(0)
-        self.ternary_col = ((u == 1) | (u == 0) | (u == -1)).all(0)
+        self.ternary_col = (self.unit_col if bool(self.unit_col.all())
+                            else ((u == 1) | (u == 0) | (u == -1)).all(0))
         a1, h1 = as_[l + 1], hs[l + 1]
         self.a_out, self.w1, self.w2 = as_[l + 2], w1, w2
         d = info_next.folded.direction.to(a1.device, a1.dtype)
@@ -437,6 +438,21 @@ def _chunk_size(blocks, l: int, cache, n_cols: int, fast: bool) -> int:
     return max(1, min(n_cols, _CHUNK_ELEMS // max(1, b * per)))
 
 
+def _rank1(a_out: Tensor, w: Tensor, d: Tensor) -> Tensor:
+    """``a_out[:, :, None] + w[None] * d[:, None]`` ``(B, C, J)`` (``a_out`` ``(B, C)``, ``w``
+    ``(C, J)``, ``d`` ``(B, J)``): one fused pass (:func:`bnn_tol.core.kernels.rank1_preact`)
+    on CPU float32, the same float32 operations."""
+    ts = (a_out, w, d)
+    if kernels.AVAILABLE and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                 and not t.requires_grad for t in ts):
+        out = torch.empty((d.shape[0], w.shape[0], d.shape[1]), dtype=torch.float32)
+        with kernels.threads(torch.get_num_threads()):
+            kernels.rank1_preact(a_out.contiguous().numpy(), w.contiguous().numpy(),
+                                 d.contiguous().numpy(), out.numpy())
+        return out
+    return (w[None] * d[:, None, :]).add_(a_out[:, :, None])
+
+
 def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
                     delta: Tensor | None = None, *, cols: Tensor | None = None,
                     cache=None, infos: dict[int, Stage] | None = None,
@@ -480,8 +496,7 @@ def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
         if case2:
             z = blocks[l + 2].post(near.preact(cc))
         elif l + 1 == n_blocks - 1 and dj.dim() == 2:  # rank-1 on the class scores
-            a1 = (w1[:, cc][None] * dj[:, None, :]).add_(as_[l + 1][:, :, None])
-            z = blocks[l + 1].post(a1)
+            z = blocks[l + 1].post(_rank1(as_[l + 1], w1[:, cc], dj))
         else:
             q = _contrib_cols(blocks[l + 1], dj, cc)
             a1 = as_[l + 1][:, None] + q  # (B, J, ...)
