@@ -1,7 +1,7 @@
 """Tolerance metrics on ``fc`` (784-2048-2048-10), Fashion-MNIST test set (10k; quick: 1k).
 
 ``importance``: exact negation importance (accuracy estimator) of all 4096 hidden neurons,
-batched (:func:`bnn_tol.metrics.importance`: near-threshold int8 product for layer 0, rank-1
+batched (:func:`bnn_tol.metrics.importance`: sparse near-threshold product for layer 0, rank-1
 update of the class scores for layer 1) vs the naive loop (one full forward pass per neuron
 with a hook negating it), timed on a sample of ``n_naive`` neurons per layer and
 extrapolated to all 4096 (column ``extrapolated``). The sampled neurons' importances are

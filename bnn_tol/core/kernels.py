@@ -42,7 +42,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 __all__ = ["AVAILABLE", "threads", "serial", "comparator", "pack_rows", "pack_threshold",
            "fc_hidden", "fc_output", "conv_hidden", "conv_first", "fc_first_delta", "pool_or",
            "flip_words", "gap_positions", "negate_at", "margin_rows", "margin_cols",
-           "margin_comoments"]
+           "margin_comoments", "near_threshold_preact", "rank1_preact",
+           "argmax_classes"]
 
 
 def comparator(direction: np.ndarray, t: np.ndarray, const: np.ndarray) -> tuple[np.ndarray,
@@ -530,3 +531,92 @@ if AVAILABLE:
                             xv *= r[n]
                         s += (xv - mean) * (xv - mean)
                     sxx[c0 + j] = s
+
+    # -- exact negation importance (bnn_tol.metrics.importance) ------------------------------
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def near_threshold_preact(a_out, g, gs, w2, w1c, u, unit, out):  # pragma: no cover
+        """Output pre-activations when each neuron ``j`` of the layer before last but one is
+        perturbed alone (case 2 of :mod:`bnn_tol.metrics.importance`), all in float32:
+
+            hsum_nc = sum_k g_nk w2[c, k],          M_ncj = sum_k gs_nk w2[c, k] w1c[k, j],
+            unit:      out[n, c, j] = u_nj M_ncj + (a_out_nc + hsum_nc)
+            otherwise: out[n, c, j] = (u_nj M_ncj + a_out_nc) + |u_nj| ((a_out_nc + hsum_nc)
+                                                                       - a_out_nc)
+
+        (the float32 operations, in this order, of the torch expression it replaces).
+        ``a_out`` ``(B, C)`` float32; ``g``, ``gs`` ``(B, K)`` float32 in {-1, 0, 1}
+        (``g = -h e``, ``gs = g sigma``); ``w2`` ``(C, K)`` float32; ``w1c`` ``(K, J)`` int8 in
+        {-1, 0, 1}; ``u`` ``(B, J)`` float32 -> ``out`` ``(B, C, J)``. The integer sums are
+        exact (int16 accumulators: ``K < 2^15``). Work per sample ``|{k: gs_nk != 0}| C J``
+        additions of weight rows: only the units next to their threshold (a few per cent)
+        enter, where the dense product costs ``K C J``.
+        """
+        nb, nk = g.shape
+        nc = w2.shape[0]
+        nj = w1c.shape[1]
+        for n in prange(nb):
+            acc = np.zeros((nc, nj), np.int16)  # |M| <= K < 2^15 (the caller checks)
+            hsum = np.zeros(nc, np.int64)
+            for k in range(nk):
+                gk = g[n, k]
+                if gk != 0:
+                    for c in range(nc):
+                        hsum[c] += np.int64(gk * w2[c, k])
+                sk = gs[n, k]
+                if sk != 0:
+                    row = w1c[k]
+                    for c in range(nc):
+                        vc = sk * w2[c, k]
+                        ac = acc[c]
+                        if vc > 0:
+                            for j in range(nj):
+                                ac[j] += row[j]
+                        elif vc < 0:
+                            for j in range(nj):
+                                ac[j] -= row[j]
+            for c in range(nc):
+                ao = a_out[n, c]
+                base = ao + np.float32(hsum[c])
+                oc = out[n, c]
+                ac = acc[c]
+                if unit:
+                    for j in range(nj):
+                        oc[j] = np.float32(ac[j]) * u[n, j] + base
+                else:
+                    dif = base - ao
+                    for j in range(nj):
+                        uj = u[n, j]
+                        oc[j] = (np.float32(ac[j]) * uj + ao) + abs(uj) * dif
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def rank1_preact(a_out, w, d, out):  # pragma: no cover - compiled
+        """``out[n, c, j] = w[c, j] d[n, j] + a_out[n, c]`` (float32: the product rounded,
+        then the sum, as ``(w[None] * d[:, None]).add_(a_out[:, :, None])``): the output
+        pre-activations when neuron ``j`` of the last hidden layer changes by ``d[:, j]``.
+        ``a_out`` ``(B, C)``, ``w`` ``(C, J)``, ``d`` ``(B, J)`` -> ``out`` ``(B, C, J)``."""
+        nb, nc, nj = out.shape
+        for n in prange(nb):
+            for c in range(nc):
+                ao = a_out[n, c]
+                oc = out[n, c]
+                wc = w[c]
+                for j in range(nj):
+                    oc[j] = wc[j] * d[n, j] + ao
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def argmax_classes(z, out):  # pragma: no cover - compiled
+        """``out[n, j] = argmax_c z[n, c, j]``, first maximum on ties: ``z`` ``(B, C, J)`` ->
+        int64 ``out`` ``(B, J)``, a running maximum from class 0 updated on a strict ``>``."""
+        nb, nc, nj = z.shape
+        for n in prange(nb):
+            best = z[n, 0].copy()
+            idx = out[n]
+            for j in range(nj):
+                idx[j] = 0
+            for c in range(1, nc):
+                zc = z[n, c]
+                for j in range(nj):
+                    if zc[j] > best[j]:
+                        best[j] = zc[j]
+                        idx[j] = c

@@ -65,7 +65,9 @@ and the rest of the network runs on the chunk of perturbed copies. Two cases nee
        a'_out(j)_nc = a_out,nc + 1/2 |u_nj| sum_k D_nck
                                + 1/2 u_nj  sum_k D_nck sigma_nk W[k, j],
 
-   one ``(N C_out, K) x (K, J)`` matrix product for all neurons of the layer. All
+   one ``(N C_out, K) x (K, J)`` matrix product for all neurons of the layer (on CPU with
+   numba a sparse one: image ``n`` sums only its units with ``e_nk = 1``, typically a few
+   per cent of ``K``; :func:`bnn_tol.core.kernels.near_threshold_preact`). All
    quantities are integers, exact in float32, and the folded comparator equals the float BN
    bit for bit, so the result equals the per-neuron forward pass.
 """
@@ -82,8 +84,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnn_tol import schema
+from bnn_tol.core import kernels
 from bnn_tol.core.compiled import Stage, eval_mode
-from bnn_tol.core.layers import BinaryConv2d, apply_folded
+from bnn_tol.core.layers import BinaryConv2d, BinaryLinear, apply_folded
 from bnn_tol.core.models import check_data as check_model_data
 from bnn_tol.data import BNNDataset, grid_of
 from bnn_tol.engines import int8
@@ -144,12 +147,20 @@ class _Contributions:
         r = d.mean(1)
         # rows padded with zeros so that row i + o falls in group (i + o) mod G: the group sums
         # are a reshape and a sum (zero rows add nothing), much faster than index_add_
+        # (written in place into one buffer: the same tensor as cat + pad, without the copies)
         g, o = self.groups, self.seen % self.groups
-        tail = -(len(c) + o) % g
-        one = torch.ones_like(r)
-        packed = torch.cat([one[:, None], r[:, None], d, d * d, d * r[:, None]], 1)
-        packed = F.pad(packed, (0, 0, o, tail)).view(-1, g, packed.shape[1]).sum(0)
-        j = d.shape[1]
+        b, j = d.shape
+        tail = -(b + o) % g
+        buf = torch.empty((o + b + tail, 3 * j + 2), dtype=d.dtype, device=d.device)
+        buf[:o].zero_()
+        buf[o + b:].zero_()
+        rows = buf[o:o + b]
+        rows[:, 0] = 1
+        rows[:, 1] = r
+        rows[:, 2:2 + j] = d
+        torch.mul(d, d, out=rows[:, 2 + j:2 + 2 * j])
+        torch.mul(d, r[:, None], out=rows[:, 2 + 2 * j:])
+        packed = buf.view(-1, g, buf.shape[1]).sum(0)
         self.n += packed[:, 0]
         self.sr += packed[:, 1]
         self.s1 += packed[:, 2:2 + j]
@@ -209,12 +220,68 @@ def _output_scale(bn: nn.Module | None) -> float:
     return s
 
 
-def _forward_cache(blocks: Sequence[nn.Module], x: Tensor, names: dict[int, str]):
-    """Clean forward: block inputs, pre-activations, outputs; returns (xs, as_, hs)."""
+class _Weights:
+    """Deployed weights of a model's blocks, prepared once and kept across batches:
+    ``binary(k)`` the {-1, +1} weight of block ``k`` (faults included), ``int8(k)`` the same
+    as int8 (``None`` unless every entry is -1, 0 or 1), ``packed(k)`` its rows packed for
+    :func:`bnn_tol.core.kernels.fc_output` (``None`` unless every entry is +-1)."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.blocks = blocks
+        self._memo: dict[tuple[str, int], object] = {}
+
+    def _get(self, what: str, k: int, make):
+        if (what, k) not in self._memo:
+            self._memo[what, k] = make()
+        return self._memo[what, k]
+
+    def binary(self, k: int) -> Tensor:
+        return self._get("binary", k, lambda: binary_weight(self.blocks[k].layer))
+
+    def int8(self, k: int) -> Tensor | None:
+        return self._get("int8", k, lambda: _as_ternary_int8(self.binary(k)))
+
+    def packed(self, k: int) -> np.ndarray | None:
+        def make():
+            w = self.binary(k)
+            ok = w.device.type == "cpu" and bool(w.abs().eq(1).all())
+            return kernels.pack_rows(w.numpy()) if ok else None
+
+        return self._get("packed", k, make)
+
+
+def _binary_preact(block: nn.Module, x: Tensor, k: int, weights: _Weights) -> Tensor | None:
+    """Pre-activation of linear block ``k`` on +-1 inputs ``x`` ``(B, n)`` by XNOR/popcount,
+    ``a = n - 2 popcount(bits(x) XOR bits(w))`` (:func:`bnn_tol.core.kernels.fc_output`),
+    float32 ``(B, O)``: exact, so equal to the float32 product (integer sums below 2^24).
+    ``None`` where it does not apply (numba missing, not CPU float32, a bias, a conv layer,
+    entries other than +-1)."""
+    layer = block.layer
+    if not (kernels.AVAILABLE and isinstance(layer, BinaryLinear) and layer.bias is None
+            and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32
+            and not x.requires_grad and x.shape[1] == layer.in_features
+            and bool(x.abs().eq(1).all())):
+        return None
+    w = weights.packed(k)
+    if w is None:
+        return None
+    out = np.empty((x.shape[0], w.shape[0]), dtype=np.int64)
+    with kernels.threads(torch.get_num_threads()):
+        kernels.fc_output(kernels.pack_rows(x.numpy()), w, x.shape[1], out)
+    return torch.from_numpy(out).to(torch.float32)
+
+
+def _forward_cache(blocks: Sequence[nn.Module], x: Tensor, names: dict[int, str],
+                   weights: _Weights | None = None):
+    """Clean forward: block inputs, pre-activations, outputs; returns (xs, as_, hs).
+    Linear blocks on +-1 inputs run by XNOR/popcount (:func:`_binary_preact`, the same
+    values) when ``weights`` is given."""
     xs, as_, hs = [], [], []
     for k, b in enumerate(blocks):
         xs.append(x)
-        a = run_block(b.preact, x, names.get(k, f"blocks.{k}.layer"))
+        a = None if weights is None else _binary_preact(b, x, k, weights)
+        if a is None:
+            a = run_block(b.preact, x, names.get(k, f"blocks.{k}.layer"))
         as_.append(a)
         x = b.post(a)
         hs.append(x)
@@ -254,7 +321,14 @@ def _logits_rest(blocks: Sequence[nn.Module], start: int, h: Tensor) -> Tensor:
 
 def _argmax1(z: Tensor) -> Tensor:
     """``z.argmax(1)`` for ``(B, C, J)`` with small ``C`` (first maximum on ties), fast on
-    the strided class axis: a running comparison over the ``C`` contiguous ``(B, J)`` slices."""
+    the strided class axis: a running comparison over the ``C`` ``(B, J)`` slices (the numba
+    kernel :func:`bnn_tol.core.kernels.argmax_classes` on CPU, the same comparisons)."""
+    if (kernels.AVAILABLE and z.device.type == "cpu" and z.dim() == 3 and z.shape[1] > 0
+            and not z.requires_grad):
+        idx = torch.empty((z.shape[0], z.shape[2]), dtype=torch.int64)
+        with kernels.threads(torch.get_num_threads()):
+            kernels.argmax_classes(z.numpy(), idx.numpy())
+        return idx
     best = z[:, 0].clone()
     idx = torch.zeros(best.shape, dtype=torch.int64, device=z.device)
     for c in range(1, z.shape[1]):
@@ -281,25 +355,76 @@ def _pm_matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _near_threshold_logits(blocks, l: int, cache, u: Tensor, cols: Tensor,
-                           info_next: Stage, w1: Tensor, w2: Tensor) -> Tensor:
-    """Case 2 of the module doc: logits ``(B, C_out, J)`` for ``u = delta / 2`` ``(B, J)``."""
-    xs, as_, hs = cache
-    a1, h1 = as_[l + 1], hs[l + 1]
-    d = info_next.folded.direction.to(a1.device, a1.dtype)
-    sigma = -h1 * d  # (B, K), 0 for dead neurons
-    e = (apply_folded(a1 + 2 * sigma, info_next.folded) != h1).to(a1.dtype)
-    half_d = (-h1 * e)[:, None, :] * w2[None]  # D / 2: (B, C_out, K), entries in {-1, 0, 1}
-    base = as_[l + 2] + half_d.sum(2)  # a_out + 1/2 sum_k D  (used where |u| = 1)
-    m = _pm_matmul((half_d * sigma[:, None, :]).reshape(-1, half_d.shape[2]), w1[:, cols])
-    m = m.view(half_d.shape[0], half_d.shape[1], -1)  # 1/2 sum_k D sigma W: (B, C_out, J)
-    absu = u.abs()
-    if bool((absu == 1).all()):
-        a2 = m.mul_(u[:, None, :]).add_(base[:, :, None])
-    else:
-        a2 = (m.mul_(u[:, None, :]).add_(as_[l + 2][:, :, None])
-              .add_(absu[:, None, :] * (base - as_[l + 2])[:, :, None]))
-    return blocks[l + 2].post(a2)
+def _as_ternary_int8(t: Tensor) -> Tensor | None:
+    """``t`` as int8 if every entry is -1, 0 or 1 (exactly), else ``None``."""
+    t8 = t.to(torch.int8)
+    return t8 if bool(t8.abs().le(1).all()) and torch.equal(t8.to(t.dtype), t) else None
+
+
+class _NearThreshold:
+    """Case 2 of the module doc for one batch: what does not depend on the perturbed neurons
+    is computed once, :meth:`preact` then gives each chunk of neurons.
+
+    With ``sigma = -h1 d`` ``(B, K)`` (0 for dead units) and ``e`` ``(B, K)`` (1 where the
+    unit's bit flips when ``a1`` moves by 2 towards its threshold), ``g = -h1 e`` and
+    ``D / 2 = g W2`` ``(B, C_out, K)``:
+
+        a2(j) = a_out + |u_j| sum_k (D / 2)_k + u_j sum_k (D / 2)_k sigma_k W1[k, j].
+
+    On CPU with numba, binary ``h1`` and ternary weights the sums run in
+    :func:`bnn_tol.core.kernels.near_threshold_preact` over the units with ``e = 1`` only
+    (exact integer sums, the same float32 operations as the torch expression); else the torch
+    expression with :func:`_pm_matmul`.
+    """
+
+    def __init__(self, cache, l: int, info_next: Stage, w1: Tensor, w2: Tensor, u: Tensor,
+                 w1_i8: Tensor | None = None) -> None:
+        xs, as_, hs = cache
+        self.u = u  # (B, J_all): delta / 2 of every neuron of the layer
+        self.unit_col = (u.abs() == 1).all(0)
+        self.ternary_col = (self.unit_col if bool(self.unit_col.all())
+                            else ((u == 1) | (u == 0) | (u == -1)).all(0))
+        a1, h1 = as_[l + 1], hs[l + 1]
+        self.a_out, self.w1, self.w2 = as_[l + 2], w1, w2
+        d = info_next.folded.direction.to(a1.device, a1.dtype)
+        self.sigma = -h1 * d  # (B, K), 0 for dead neurons
+        e = (apply_folded(a1 + 2 * self.sigma, info_next.folded) != h1).to(a1.dtype)
+        self.g = -h1 * e
+        ts = (self.a_out, h1, w1, w2, u)
+        self.kernel = (kernels.AVAILABLE and all(t.device.type == "cpu" and t.dtype ==
+                                                 torch.float32 and not t.requires_grad
+                                                 for t in ts)
+                       and w1.shape[0] < 2**15 and bool((h1.abs() == 1).all())
+                       and _as_ternary_int8(w2) is not None)
+        if self.kernel:
+            self.w1_i8 = w1_i8 if w1_i8 is not None else _as_ternary_int8(w1)
+        else:
+            self.w1_i8 = None
+        self.kernel = self.w1_i8 is not None
+        if self.kernel:
+            self.args = (self.a_out.contiguous().numpy(), self.g.contiguous().numpy(),
+                         (self.g * self.sigma).contiguous().numpy(), w2.contiguous().numpy())
+
+    def preact(self, cols: Tensor) -> Tensor:
+        """``a2`` ``(B, C_out, J)`` of the neurons ``cols`` ``(J,)``."""
+        u = self.u[:, cols]
+        unit = bool(self.unit_col[cols].all())  # per chunk, as the torch expression decides
+        if self.kernel and bool(self.ternary_col[cols].all()):
+            a2 = torch.empty((u.shape[0], self.w2.shape[0], len(cols)), dtype=torch.float32)
+            with kernels.threads(torch.get_num_threads()):
+                kernels.near_threshold_preact(
+                    *self.args, self.w1_i8[:, cols].contiguous().numpy(),
+                    u.contiguous().numpy(), unit, a2.numpy())
+            return a2
+        half_d = self.g[:, None, :] * self.w2[None]  # D / 2: (B, C_out, K), in {-1, 0, 1}
+        base = self.a_out + half_d.sum(2)  # a_out + 1/2 sum_k D  (used where |u| = 1)
+        m = _pm_matmul((half_d * self.sigma[:, None, :]).reshape(-1, half_d.shape[2]),
+                       self.w1[:, cols])
+        m = m.view(half_d.shape[0], half_d.shape[1], -1)  # 1/2 sum_k D sigma W: (B, C_out, J)
+        if unit:
+            return m.mul_(u[:, None, :]).add_(base[:, :, None])
+        return (m.mul_(u[:, None, :]).add_(self.a_out[:, :, None])
+                .add_(u.abs()[:, None, :] * (base - self.a_out)[:, :, None]))
 
 
 def _chunk_size(blocks, l: int, cache, n_cols: int, fast: bool) -> int:
@@ -313,15 +438,32 @@ def _chunk_size(blocks, l: int, cache, n_cols: int, fast: bool) -> int:
     return max(1, min(n_cols, _CHUNK_ELEMS // max(1, b * per)))
 
 
+def _rank1(a_out: Tensor, w: Tensor, d: Tensor) -> Tensor:
+    """``a_out[:, :, None] + w[None] * d[:, None]`` ``(B, C, J)`` (``a_out`` ``(B, C)``, ``w``
+    ``(C, J)``, ``d`` ``(B, J)``): one fused pass (:func:`bnn_tol.core.kernels.rank1_preact`)
+    on CPU float32, the same float32 operations."""
+    ts = (a_out, w, d)
+    if kernels.AVAILABLE and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                 and not t.requires_grad for t in ts):
+        out = torch.empty((d.shape[0], w.shape[0], d.shape[1]), dtype=torch.float32)
+        with kernels.threads(torch.get_num_threads()):
+            kernels.rank1_preact(a_out.contiguous().numpy(), w.contiguous().numpy(),
+                                 d.contiguous().numpy(), out.numpy())
+        return out
+    return (w[None] * d[:, None, :]).add_(a_out[:, :, None])
+
+
 def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
                     delta: Tensor | None = None, *, cols: Tensor | None = None,
-                    cache=None, infos: dict[int, Stage] | None = None):
+                    cache=None, infos: dict[int, Stage] | None = None,
+                    weights: _Weights | None = None):
     """Logits with each channel of block ``layer_index``'s output perturbed alone.
 
     Yields ``(cols_chunk, z')`` with ``z'`` of shape ``(B, C_out, J)``: ``z'[:, :, i]`` are
     the class scores when channel ``cols_chunk[i]`` of ``h_l`` is replaced by
     ``h_l + delta[:, cols_chunk[i]]`` (default ``delta = -2 h_l``: negation), all other
     channels clean. Exact (equal to the per-neuron forward pass); see the module doc.
+    ``weights`` (internal) keeps the prepared deployed weights across calls on one model.
     """
     blocks = blocks_of(model)
     n_blocks = len(blocks)
@@ -344,16 +486,17 @@ def negation_logits(model: nn.Module, x: Tensor, layer_index: int,
              and not getattr(blocks[l + 1], "pool", None))
     fast = case2 or l + 1 == n_blocks - 1
     step = _chunk_size(blocks, l, cache, len(cols), fast)
-    w1 = binary_weight(blocks[l + 1].layer)
-    w2 = binary_weight(blocks[l + 2].layer) if case2 else None
+    weights = _Weights(blocks) if weights is None else weights
+    w1 = weights.binary(l + 1)
+    near = _NearThreshold(cache, l, infos[l + 1], w1, weights.binary(l + 2), delta / 2,
+                          weights.int8(l + 1)) if case2 else None
     for start in range(0, len(cols), step):
         cc = cols[start : start + step]
         dj = delta[:, cc]
         if case2:
-            z = _near_threshold_logits(blocks, l, cache, dj / 2, cc, infos[l + 1], w1, w2)
+            z = blocks[l + 2].post(near.preact(cc))
         elif l + 1 == n_blocks - 1 and dj.dim() == 2:  # rank-1 on the class scores
-            a1 = (w1[:, cc][None] * dj[:, None, :]).add_(as_[l + 1][:, :, None])
-            z = blocks[l + 1].post(a1)
+            z = blocks[l + 1].post(_rank1(as_[l + 1], w1[:, cc], dj))
         else:
             q = _contrib_cols(blocks[l + 1], dj, cc)
             a1 = as_[l + 1][:, None] + q  # (B, J, ...)
@@ -499,9 +642,10 @@ def importance(
     def _acc(store, key, val):
         store[key] = val if store[key] is None else store[key] + val
 
+    weights = _Weights(blocks)
     with eval_mode(model), torch.no_grad():
         for x, y in data.batches(batch_size, device=dev, grid=grid_of(model)):
-            cache = _forward_cache(blocks, x, names)
+            cache = _forward_cache(blocks, x, names, weights)
             z = cache[2][-1]
             clean = estimators.Clean(z, y, scale)
             ok = clean.ok
@@ -514,7 +658,8 @@ def importance(
                 if exact:
                     parts = {e: [] for e in exact}
                     per = {e: [] for e in exact}  # per-sample contributions c_nj: (B, chunk)
-                    for _, zj in negation_logits(model, x, l, cache=cache, infos=by_index):
+                    for _, zj in negation_logits(model, x, l, cache=cache, infos=by_index,
+                                                 weights=weights):
                         pj = _argmax1(zj)
                         for e in exact:
                             per[e].append(estimators.get(e).contribution(zj, pj, clean))
@@ -531,7 +676,7 @@ def importance(
                         delta = info.block.post(a_f) - h
                         cs = [ok[:, None] - (_argmax1(zj) == y[:, None]).double()
                               for _, zj in negation_logits(model, x, l, delta, cache=cache,
-                                                           infos=by_index)]
+                                                           infos=by_index, weights=weights)]
                         drop = torch.cat([c.sum(0) for c in cs])
                         tot = drop if tot is None else tot + drop
                         cs = torch.cat(cs, 1)
