@@ -19,9 +19,41 @@ designs -- no third-party code is vendored:
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bnn_tol import data
+
+
+def fashion_mnist(n_train: int, n_test: int):
+    """``(train, test)``: ``n_train`` training images (subset seed 0) and the first ``n_test``
+    test images of Fashion-MNIST; the test is skipped where the dataset is not installed."""
+    try:
+        return (data.load("fashion-mnist", "train").subset(n_train, seed=0),
+                data.load("fashion-mnist", "test").subset(n_test))
+    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def fit(user: nn.Module, x, y, steps: int = 60, seed: int = 0) -> nn.Module:
+    """A few Adam steps on the user's own model and inputs (straight-through estimators),
+    latent weights clipped to [-1, 1] as BinaryNet and Brevitas do; eval mode after."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(user.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    user.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(user(x[idx].clone()), y[idx]).backward()
+        opt.step()
+        with torch.no_grad():
+            for name, p in user.named_parameters():
+                if name.endswith("weight") and p.dim() > 1:
+                    p.clamp_(-1, 1)
+    return user.eval()
 
 # -- BinaryNet.pytorch -------------------------------------------------------------------------
 

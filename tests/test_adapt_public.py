@@ -13,7 +13,6 @@ import _public_bnns as P
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bnn_tol
 from bnn_tol import data, errors, evaluate, metrics
@@ -24,31 +23,7 @@ from bnn_tol.interop.adapt import AdaptError
 
 @pytest.fixture(scope="module")
 def fmnist():
-    try:
-        train = data.load("fashion-mnist", "train").subset(2048, seed=0)
-        test = data.load("fashion-mnist", "test").subset(1000)
-    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    return train, test
-
-
-def _fit(user, x, y, steps: int = 60, seed: int = 0):
-    """A few Adam steps on the user's own model and inputs (straight-through estimators),
-    latent weights clipped to [-1, 1] as BinaryNet and Brevitas do."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(user.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    user.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(user(x[idx].clone()), y[idx]).backward()
-        opt.step()
-        with torch.no_grad():
-            for name, p in user.named_parameters():
-                if name.endswith("weight") and p.dim() > 1:
-                    p.clamp_(-1, 1)
-    return user.eval()
+    return P.fashion_mnist(2048, 1000)
 
 
 #: name -> (model factory, the user's input convention, train it (fc) or only calibrate BN)
@@ -67,7 +42,7 @@ def _user(name, train):
     conv = tf.to_float if tf is not None else data.to_float
     user = P.calibrate(make(), conv(train.images[:1024]))
     if fit:
-        user = _fit(user, conv(train.images), train.labels)
+        user = P.fit(user, conv(train.images), train.labels)
     return user, tf, conv
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import bn_node, conv_node, random_graph
 
 import bnn_tol
 from bnn_tol import data, errors, evaluate, metrics, models
@@ -16,47 +17,27 @@ from bnn_tol.core.graph import GraphBNN
 from bnn_tol.core.layers import bn_threshold
 from bnn_tol.exceptions import InvalidArgument
 
-
-def _conv(name, src, c_in, c_out, k=3):
-    return {"name": name, "op": "binary", "inputs": [src], "type": "conv", "in": c_in,
-            "out": c_out, "kernel": k, "padding": k // 2}
-
-
-def _bn(name, src, c, conv=True):
-    return {"name": name, "op": "bn", "inputs": [src], "features": c, "conv": conv,
-            "eps": 1e-5, "affine": True}
-
-
 #: A binary ResNet block on 8x8 digits: stem -> (conv, BN, sign, conv, BN) + shortcut -> BN,
 #: hardtanh, sign; the stem's sign feeds both the block's conv and ... the shortcut is real.
 NODES = [
-    _conv("c0", "x", 1, 6), _bn("b0", "c0", 6), {"name": "h0", "op": "hardtanh",
+    conv_node("c0", "x", 1, 6), bn_node("b0", "c0", 6), {"name": "h0", "op": "hardtanh",
                                                  "inputs": ["b0"], "min": -1.0, "max": 1.0},
     {"name": "s0", "op": "sign", "inputs": ["h0"]},
-    _conv("c1", "s0", 6, 6), _bn("b1", "c1", 6), {"name": "s1", "op": "sign", "inputs": ["b1"]},
-    _conv("c2", "s1", 6, 6), {"name": "r", "op": "add", "inputs": ["c2", "h0"]},
-    _bn("b2", "r", 6), {"name": "s2", "op": "sign", "inputs": ["b2"]},
+    conv_node("c1", "s0", 6, 6), bn_node("b1", "c1", 6),
+    {"name": "s1", "op": "sign", "inputs": ["b1"]},
+    conv_node("c2", "s1", 6, 6), {"name": "r", "op": "add", "inputs": ["c2", "h0"]},
+    bn_node("b2", "r", 6), {"name": "s2", "op": "sign", "inputs": ["b2"]},
     {"name": "p", "op": "pool", "inputs": ["s2"], "kernel": 2},
     {"name": "f", "op": "flatten", "inputs": ["p"]},
     {"name": "fc", "op": "binary", "inputs": ["f"], "type": "linear", "in": 6 * 4 * 4, "out": 10},
-    _bn("bo", "fc", 10, conv=False),
+    bn_node("bo", "fc", 10, conv=False),
 ]
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    m = models.build("graph", nodes=NODES, in_shape=(1, 8, 8), seed=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.running_mean.normal_(0, 2, generator=g)
-                mod.running_var.uniform_(1, 9, generator=g)
-                mod.weight.uniform_(-1, 1.5, generator=g)  # gamma < 0 channels too
-                mod.bias.normal_(0, 0.5, generator=g)
-        m.ops["b1"].weight[2] = 0.0  # a dead neuron
-    return m.eval()
+    return random_graph(NODES, dead="b1")  # gamma < 0 channels and a dead neuron
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +55,8 @@ def test_bad_node_specs_are_refused_naming_the_node():
     bad = [
         ([{"name": "a", "op": "conv3d", "inputs": ["x"]}], "op one of"),
         ([{"name": "a", "op": "sign", "inputs": ["y"]}], "needs 1 input"),
-        ([_conv("a", "x", 1, 2), {"name": "a", "op": "sign", "inputs": ["a"]}], "new identifier"),
+        ([conv_node("a", "x", 1, 2), {"name": "a", "op": "sign", "inputs": ["a"]}],
+         "new identifier"),
         ([{"name": "a", "op": "add", "inputs": ["x"]}], "needs 2 input"),
         ([{"name": "a", "op": "pool", "inputs": ["x"]}], "lacks"),
         ([{"name": "a", "op": "sign", "inputs": ["x"], "bias": 1}], "unknown fields"),

@@ -8,27 +8,14 @@ from __future__ import annotations
 import _public_bnns as P
 import pytest
 import torch
-from test_graph import NODES, _bn, _conv
+from _helpers import bn_node, conv_node, random_bn
+from test_graph import NODES
 
 import bnn_tol
-from bnn_tol import data, errors, evaluate, metrics, models
+from bnn_tol import errors, evaluate, metrics, models
 from bnn_tol.core.compiled import UnsupportedModel
 from bnn_tol.data import BNNDataset, Normalize
 from bnn_tol.engines import GraphFp32Engine, ReferenceEngine, pick_engine
-
-
-def _random_bn(model, seed):
-    """BatchNorm statistics and affine parameters drawn at random (gamma < 0 channels too), so
-    that bit errors change predictions."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.running_mean.normal_(0, 2, generator=g)
-                mod.running_var.uniform_(1, 9, generator=g)
-                mod.weight.uniform_(-1, 1.5, generator=g)
-                mod.bias.normal_(0, 0.5, generator=g)
-    return model.eval()
 
 
 def _labelled_by(model, data_):
@@ -40,7 +27,7 @@ def _labelled_by(model, data_):
 @pytest.fixture(scope="module")
 def net():
     m = models.build("graph", nodes=NODES, in_shape=(1, 8, 8), seed=2)
-    _random_bn(m, 1)
+    random_bn(m, 1)
     with torch.no_grad():
         m.ops["b1"].weight[2] = 0.0  # a dead neuron
     return m.eval()
@@ -127,11 +114,11 @@ def test_chain_engines_declare_graphs_unsupported_in_one_line(net, test, engine)
 def test_fp32_refuses_a_binary_layer_on_real_values_and_auto_falls_back(digits):
     """A binary conv reading a BatchNorm output directly (real values: a float sum that
     depends on the summation order) is the reference engine's."""
-    nodes = [_conv("c0", "x", 1, 4), _bn("b0", "c0", 4), _conv("c1", "b0", 4, 4),
+    nodes = [conv_node("c0", "x", 1, 4), bn_node("b0", "c0", 4), conv_node("c1", "b0", 4, 4),
              {"name": "f", "op": "flatten", "inputs": ["c1"]},
              {"name": "fc", "op": "binary", "inputs": ["f"], "type": "linear",
               "in": 4 * 8 * 8, "out": 10}]
-    m = _random_bn(models.build("graph", nodes=nodes, in_shape=(1, 8, 8), seed=0), 0)
+    m = random_bn(models.build("graph", nodes=nodes, in_shape=(1, 8, 8), seed=0), 0)
     assert m.value_kinds() == {"x": "grid", "c0": "real", "b0": "real", "c1": "real",
                                "f": "real", "fc": "real"}
     with pytest.raises(UnsupportedModel, match=r"graph node c1 \(binary\) reads real values "
@@ -162,12 +149,7 @@ def test_value_kinds_follow_signs_through_pooling_and_hardtanh(net):
 
 @pytest.fixture(scope="module")
 def fmnist():
-    try:
-        train = data.load("fashion-mnist", "train").subset(256, seed=0)
-        test = data.load("fashion-mnist", "test").subset(64)
-    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    return train, test
+    return P.fashion_mnist(256, 64)
 
 
 @pytest.mark.parametrize("make", [P.BiRealNet, lambda: P.BinaryResNet(check_range=False)])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _bundle_helpers import IMAGES, manifest, put_array, write_manifest
-from _helpers import small_bnn
+from _helpers import bn_node, conv_node, random_graph, small_bnn
 from click.testing import CliRunner
 
 import bnn_tol
@@ -38,12 +38,7 @@ FAMILIES = {"Bi-Real-Net": P.BiRealNet, "resnet_binary": P.BinaryResNet}
 
 @pytest.fixture(scope="module")
 def fmnist():
-    try:
-        train = data.load("fashion-mnist", "train").subset(1024, seed=0)
-        test = data.load("fashion-mnist", "test").subset(600)
-    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    return train, test
+    return P.fashion_mnist(1024, 600)
 
 
 @pytest.fixture(scope="module")
@@ -139,44 +134,28 @@ def test_flip_masks_and_fault_maps_in_deploy_equal_faults_on_the_model(name, res
 
 # --- a graph on the library's input grid: folded first layer (scale 128), gamma < 0, dead -----
 
-def _conv(name, src, c_in, c_out, k=3):
-    return {"name": name, "op": "binary", "inputs": [src], "type": "conv", "in": c_in,
-            "out": c_out, "kernel": k, "padding": k // 2}
-
-
-def _bn(name, src, c, conv=True):
-    return {"name": name, "op": "bn", "inputs": [src], "features": c, "conv": conv,
-            "eps": 1e-5, "affine": True}
 
 
 #: stem (folded) -> Bi-Real block (conv, BN, + shortcut, sign of the sum) -> pool -> conv (folded)
 #: -> flatten -> binary linear -> BN scores.
 NODES = [
-    _conv("c0", "x", 1, 6), _bn("b0", "c0", 6),
+    conv_node("c0", "x", 1, 6), bn_node("b0", "c0", 6),
     {"name": "h0", "op": "hardtanh", "inputs": ["b0"], "min": -1.0, "max": 1.0},
     {"name": "s0", "op": "sign", "inputs": ["h0"]},
-    _conv("c1", "s0", 6, 6), _bn("b1", "c1", 6), {"name": "r", "op": "add", "inputs": ["b1", "h0"]},
+    conv_node("c1", "s0", 6, 6), bn_node("b1", "c1", 6),
+    {"name": "r", "op": "add", "inputs": ["b1", "h0"]},
     {"name": "s1", "op": "sign", "inputs": ["r"]},
     {"name": "p", "op": "pool", "inputs": ["s1"], "kernel": 2},
-    _conv("c2", "p", 6, 5), _bn("b2", "c2", 5), {"name": "s2", "op": "sign", "inputs": ["b2"]},
+    conv_node("c2", "p", 6, 5), bn_node("b2", "c2", 5),
+    {"name": "s2", "op": "sign", "inputs": ["b2"]},
     {"name": "f", "op": "flatten", "inputs": ["s2"]},
     {"name": "fc", "op": "binary", "inputs": ["f"], "type": "linear", "in": 5 * 4 * 4, "out": 10},
-    _bn("bo", "fc", 10, conv=False),
+    bn_node("bo", "fc", 10, conv=False),
 ]
 
 
 def _small_graph(nodes=NODES):
-    m = models.build("graph", nodes=nodes, in_shape=(1, 8, 8), seed=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.running_mean.normal_(0, 2, generator=g)
-                mod.running_var.uniform_(1, 9, generator=g)
-                mod.weight.uniform_(-1, 1.5, generator=g)  # gamma < 0 channels too
-                mod.bias.normal_(0, 0.5, generator=g)
-        m.ops["b0"].weight[2] = 0.0  # a dead neuron
-    return m.eval()
+    return random_graph(nodes, dead="b0")  # gamma < 0 channels and a dead neuron
 
 
 @pytest.fixture(scope="module")

@@ -36,30 +36,7 @@ CIFAR = Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 
 @pytest.fixture(scope="module")
 def fmnist():
-    try:
-        train = data.load("fashion-mnist", "train").subset(2048, seed=0)
-        test = data.load("fashion-mnist", "test").subset(600)
-    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    return train, test
-
-
-def _fit(user, x, y, steps: int = 60, seed: int = 0):
-    """A few Adam steps (straight-through estimators), latent weights clipped to [-1, 1]."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(user.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    user.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(user(x[idx].clone()), y[idx]).backward()
-        opt.step()
-        with torch.no_grad():
-            for name, p in user.named_parameters():
-                if name.endswith("weight") and p.dim() > 1:
-                    p.clamp_(-1, 1)
-    return user.eval()
+    return P.fashion_mnist(2048, 600)
 
 
 class _CifarStyle(nn.Module):
@@ -93,7 +70,7 @@ def _three(ds: data.BNNDataset) -> data.BNNDataset:
 def mnist_style(fmnist):
     train, test = fmnist
     user = P.calibrate(P.BinaryNetMnist(binary_head=True), MNIST.to_float(train.images[:1024]))
-    user = _fit(user, MNIST.to_float(train.images), train.labels)
+    user = P.fit(user, MNIST.to_float(train.images), train.labels)
     return user, bnn_tol.adapt(user, MNIST.to_float(test.images[:256]), transform=MNIST)
 
 

@@ -10,7 +10,7 @@ import _public_bnns as P
 import pytest
 import torch
 
-from bnn_tol import data, errors, evaluate
+from bnn_tol import errors, evaluate
 from bnn_tol.core.graph import GraphBNN
 from bnn_tol.data import Normalize, grid_of
 
@@ -26,10 +26,7 @@ TF = Normalize(0.5, 0.5)
 
 @pytest.fixture(scope="module")
 def fmnist():
-    try:
-        return data.load("fashion-mnist", "test").subset(600)
-    except data.DatasetNotFound:  # pragma: no cover - depends on the machine
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    return P.fashion_mnist(1, 600)[1]
 
 
 @pytest.mark.parametrize("make", [P.BiRealNet, lambda: P.BinaryResNet(check_range=False)],
