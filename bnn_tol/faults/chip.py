@@ -397,6 +397,15 @@ def _n_cells(n_arrays: int, rows: int, cols: int) -> int:
     return n
 
 
+def _geometry(rows: int, cols: int, n_arrays: int) -> tuple[int, int, int]:
+    """``(rows, cols, n_arrays)`` checked: integers >= 1, at most :data:`MAX_CELLS` cells."""
+    rows = require_int(rows, "rows", minimum=1)
+    cols = require_int(cols, "cols", minimum=1)
+    n_arrays = require_int(n_arrays, "n_arrays", minimum=1)
+    _n_cells(n_arrays, rows, cols)
+    return rows, cols, n_arrays
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if n < 1000 or unit == "PB":
@@ -761,10 +770,7 @@ def synthetic_profile(
             raise InvalidArgument(f"{name} must be a finite number >= 0, got {val!r}")
     if not 0.0 <= _real(to_one, "to_one") <= 1.0:
         raise InvalidArgument(f"to_one must be in [0, 1], got {to_one!r}")
-    rows = require_int(rows, "rows", minimum=1)
-    cols = require_int(cols, "cols", minimum=1)
-    n_arrays = require_int(n_arrays, "n_arrays", minimum=1)
-    _n_cells(n_arrays, rows, cols)  # before allocating
+    rows, cols, n_arrays = _geometry(rows, cols, n_arrays)  # before allocating
     volts = np.round(np.linspace(1.0, 0.8, 11), 10) if voltages is None \
         else _real_array(voltages, "voltages")
     rng = np.random.default_rng(seed)
@@ -835,10 +841,7 @@ def calibrated_profile(
             raise InvalidArgument(f"{name} must be in [0, 1], got {val!r}")
     if col_share + row_share > 1.0:
         raise InvalidArgument(f"col_share + row_share must be <= 1, got {col_share + row_share}")
-    rows = require_int(rows, "rows", minimum=1)
-    cols = require_int(cols, "cols", minimum=1)
-    n_arrays = require_int(n_arrays, "n_arrays", minimum=1)
-    _n_cells(n_arrays, rows, cols)  # before allocating
+    rows, cols, n_arrays = _geometry(rows, cols, n_arrays)  # before allocating
     rng = np.random.default_rng(seed)
     z = math.sqrt(1.0 - col_share - row_share) * rng.standard_normal((n_arrays, rows, cols))
     z += math.sqrt(col_share) * rng.standard_normal((n_arrays, 1, cols))
@@ -846,12 +849,12 @@ def calibrated_profile(
     mean_flip = (1.0 - flaky / 2) * (1.0 + two_way) / 2
     knots_v = np.array(sorted(FIGURE1))
     knots_z = np.array([-NormalDist().inv_cdf(FIGURE1[v] / mean_flip) for v in knots_v])
-    v = np.interp(z.reshape(-1), knots_z, knots_v)
+    z = z.reshape(-1)
+    v = np.interp(z, knots_z, knots_v)
     lo = (knots_v[1] - knots_v[0]) / (knots_z[1] - knots_z[0])
     hi = (knots_v[-1] - knots_v[-2]) / (knots_z[-1] - knots_z[-2])
-    v = np.where(z.reshape(-1) < knots_z[0], knots_v[0] + lo * (z.reshape(-1) - knots_z[0]), v)
-    v = np.where(z.reshape(-1) > knots_z[-1], knots_v[-1] + hi * (z.reshape(-1) - knots_z[-1]),
-                 v)
+    v = np.where(z < knots_z[0], knots_v[0] + lo * (z - knots_z[0]), v)
+    v = np.where(z > knots_z[-1], knots_v[-1] + hi * (z - knots_z[-1]), v)
     v_fail = np.minimum(v, 1.0).astype(np.float32)
     v_fail[v_fail >= 1.0] = np.nextafter(np.float32(1.0), np.float32(0.0))
     n = v_fail.size
