@@ -488,8 +488,8 @@ def attack_cmd(runs, n_bits, random_seeds, candidates, attack_size, layers, seed
     from bnn_tol.core import models as core_models
     from bnn_tol.interop import checkpoint
 
-    files.check_output(out, inputs=[*runs, data_dir], replace=True if overwrite
-                       else files.starts_with(_ATTACK_TABLE))
+    replace = True if overwrite else files.starts_with(_ATTACK_TABLE)
+    files.check_output(out, inputs=[*runs, data_dir], replace=replace)  # before the long run
     seeds = _parse_ints(random_seeds, "--random-seeds") or ()
     labels = [Path(r).name for r in runs]
     if len(set(labels)) != len(labels):
@@ -523,8 +523,7 @@ def attack_cmd(runs, n_bits, random_seeds, candidates, attack_size, layers, seed
                    + ", ".join(cells))
     table = pd.concat(parts, ignore_index=True)
     files.atomic_write(out, lambda p: table.to_csv(p, index=False, float_format="%.17g"),
-                       inputs=[*runs, data_dir], replace=True if overwrite
-                       else files.starts_with(_ATTACK_TABLE))
+                       inputs=[*runs, data_dir], replace=replace)
     click.echo(f"wrote {len(table)} rows to {out}")
 
 
