@@ -68,6 +68,8 @@ stutz: setup
 	  --ladder-only --epochs 5 --maps 20 --bers 0,0.005,0.01,0.02 --threads 1
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_sweeps --sweeps-only \
 	  --epochs 5 --maps 10 --bers 0,0.005,0.01,0.02,0.05 --threads 1
+	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_vgg3 --conv \
+	  --epochs 2 --maps 10 --bers 0,0.005,0.01,0.02,0.05
 	$(BIN)/python scripts/stutz_energy.py --out docs/results/stutz_fmnist
 
 bench: setup

@@ -15,7 +15,9 @@ Networks (fc, Fashion-MNIST, one training seed each, same recipe: Adam, ``--epoc
   Mbit of stored weights) -- normal and flip-trained.
 
 ``--sweeps`` adds the w_max and training-p sweeps and the fixed-pattern and label-smoothing
-controls around the 8-bit asym+clip+randbet network (:func:`sweeps`).
+controls around the 8-bit asym+clip+randbet network (:func:`sweeps`). ``--conv`` trains the same
+ladder as conv networks instead (vgg3 64C3-MP2-64C3-MP2-2048FC-10 with m-bit weights,
+:func:`conv_networks`).
 
 Every network is swept over ``--bers`` with ``--maps`` persistent fault maps per BER (the same
 chips for every network of a layout; ``evaluate.sweep``, exact engines). Outputs: ``rows.csv``
@@ -105,12 +107,31 @@ def networks(epochs: int) -> dict[str, tuple[dict, dict, str]]:
     return {k: (a, {**f, "epochs": epochs}, g) for k, (a, f, g) in nets.items()}
 
 
+def conv_networks(epochs: int) -> dict[str, tuple[dict, dict, str]]:
+    """The conv networks: vgg3 (``64C3-MP2-64C3-MP2-2048FC-10``, every layer stored in ``m``
+    bits) symmetric and asymmetric + clipping + RandBET at 8 and 4 bits, and the same vgg3 as a
+    BNN, normal and flip-trained (BFT at 1 %). The fc layer holds 99 % of the weights, so the
+    BNN stores 1/8 (1/4) of the 8-bit (4-bit) network's bits."""
+    nets: dict[str, tuple[dict, dict, str]] = {}
+    for m in (8, 4):
+        base = {"model": "vgg3", "weight_bits": m}
+        nets[f"vgg3 q{m} sym"] = ({**base, "quant": "symmetric"}, {}, f"{m}-bit")
+        nets[f"vgg3 q{m} asym+clip+randbet"] = ({**base, "quant": "asymmetric"},
+                                                {"clip": 0.1, "randbet_ber": 0.01}, f"{m}-bit")
+    nets["vgg3 bnn"] = ({"model": "vgg3"}, {}, "1-bit")
+    nets["vgg3 bnn bft"] = ({"model": "vgg3"}, {"flip_ber": 0.01}, "1-bit")
+    return {k: (a, {**f, "epochs": epochs}, g) for k, (a, f, g) in nets.items()}
+
+
 def _train(label: str, arch: dict, fit: dict, out: Path, tr, te, seed: int) -> models.BNN:
+    """Train ``models.build(arch["model"] or "fc", **arch)`` with ``train.fit(**fit)``, or load
+    the checkpoint under ``out/models`` whose recipe is the same."""
     path = out / "models" / label.replace(" ", "_").replace("+", "-")
     recipe = {"arch": arch, "fit": fit, "seed": seed}
     if (path / "recipe.json").exists() and json.loads((path / "recipe.json").read_text()) == recipe:
         return bnn_tol.load(path)
-    model = models.build("fc", seed=seed, **arch)
+    kw = dict(arch)
+    model = models.build(kw.pop("model", "fc"), seed=seed, **kw)
     train.fit(model, tr, te, seed=seed, device="cpu", progress=False, **fit)
     bnn_tol.save(model, path)
     (path / "recipe.json").write_text(json.dumps(recipe))
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the w_max / training-p sweeps and controls (sweeps())")
     ap.add_argument("--sweeps-only", action="store_true",
                     help="only the sweep networks (implies --sweeps)")
+    ap.add_argument("--conv", action="store_true",
+                    help="only the vgg3 networks (conv_networks()) instead of the fc ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # the code that runs: recorded before any output changes the tree (git_dirty)
@@ -190,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bers = [float(b) for b in args.bers.split(",")]
     tr, te = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
-    if args.ladder_only and args.sweeps_only:
-        ap.error("--ladder-only and --sweeps-only exclude each other")
-    nets = {} if args.ladder_only or args.sweeps_only else networks(args.epochs)
+    if sum((args.ladder_only, args.sweeps_only, args.conv)) > 1:
+        ap.error("--ladder-only, --sweeps-only and --conv exclude each other")
+    if args.conv and (args.ladder or args.sweeps):
+        ap.error("--conv trains only the vgg3 networks: no --ladder or --sweeps with it")
+    nets = {} if args.ladder_only or args.sweeps_only else \
+        conv_networks(args.epochs) if args.conv else networks(args.epochs)
     if args.ladder and not args.sweeps_only:
         nets.update(ladder(args.epochs, [int(m) for m in args.ladder.split(",")]))
     if args.sweeps or args.sweeps_only:
@@ -225,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     pd.DataFrame(clean).to_csv(out / "networks.csv", index=False, float_format="%.6g")
     groups = [g for g in ("8-bit", "4-bit", "1-bit") if g in set(s["group"])]
     groups += [g for g in s["group"].unique() if g not in groups]  # never pooled: a panel each
-    plot(s, out / "rerr_vs_ber.png", groups, "fc 784-512-512-10")
+    arch_name = "vgg3" if args.conv else "fc 784-512-512-10"
+    plot(s, out / "rerr_vs_ber.png", groups, arch_name)
     eq = s[s["model"].isin(["q4 asym+clip+randbet", "bnn1280 bft", "bnn1280"])].copy()
     eq["group"] = "equal memory (~2.66 Mbit)"
-    eq.to_csv(out / "equal_memory.csv", index=False, float_format="%.6g")
     if len(eq):
+        eq.to_csv(out / "equal_memory.csv", index=False, float_format="%.6g")
         plot(eq, out / "equal_memory.png", ["equal memory (~2.66 Mbit)"], "fc")
     (out / "environment.json").write_text(json.dumps(env, indent=2))
-    text = ["# Stutz et al. on Fashion-MNIST (fc)", "",
+    text = [f"# Stutz et al. on Fashion-MNIST ({arch_name})", "",
             f"RErr (%) = test error under bit errors, mean ± sd over {args.maps} fault maps "
             f"(the standard error of the mean is sd / {args.maps ** 0.5:.0f}); one training "
             f"seed per network ({args.epochs} epochs), so differences between networks also "
