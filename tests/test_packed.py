@@ -102,7 +102,7 @@ def test_fc_first_delta_equals_the_flipped_integer_product(n_b, n_flips):
     bits = np.full((n_b, 2), 2**64 - 1, np.uint64)
     kernels.fc_first_delta(np.ascontiguousarray((w @ q.t()).to(torch.int32).numpy()),
                            np.ascontiguousarray(q.t().to(torch.int32).numpy()), rows, cols,
-                           coef, *kernels.comparator(d, t, const), bits)
+                           coef, *kernels.comparator(d, t, const), bits, np.zeros((0, 0), np.int32))
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
     assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
 
@@ -232,7 +232,7 @@ def test_packed_equals_reference_on_odd_widths_dead_units_and_negative_gamma(arc
             b.bn.weight[0] = 0.0
             b.bn.weight[1] = -abs(float(b.bn.weight[1])) - 0.1
     ds = _data(model, shape, n=251, seed=3)
-    sw = dict(bers=[0.0, 0.01, 0.04, 0.1, 0.3], n_maps=3, seed=2, progress=False, batch_size=83)
+    sw = dict(bers=[0.0, 0.04, 0.01, 0.3, 0.1], n_maps=3, seed=2, progress=False, batch_size=83)
     ref = evaluate.sweep(model, ds, engine="reference", **sw)
     got = evaluate.sweep(model, ds, engine="packed", **sw)
     assert got["accuracy"].tolist() == ref["accuracy"].tolist()
@@ -254,6 +254,39 @@ def test_packed_engine_equals_naive_loop_on_explicit_flips():
     got = evaluate.accuracy_under_flips(model, ds, sets, engine="packed")
     want = evaluate.accuracy_under_flips(model, ds, sets, engine="reference")
     assert got == want
+
+
+def test_chained_first_layer_equals_each_flip_set_alone():
+    """:meth:`PackedNet.weights_seq` chains a first linear layer through consecutive flip sets
+    (nested, shrinking, disjoint, clean, and a dense GEMM set in the middle, several data
+    chunks with tails): every set's predictions equal evaluating it alone from the clean
+    output, and the chain is taken where it is shorter."""
+    from bnn_tol.core.compiled import compile_model
+    from bnn_tol.engines.packed import PackedEngine
+
+    model = randomize_bn(models.build("fc", hidden=(97, 70), in_shape=(1, 9, 9), seed=11),
+                         seed=12)
+    ds = _data(model, (1, 9, 9), n=203, seed=5)
+    n = model.blocks[0].layer.weight.numel()
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(n, generator=g)
+    first = compile_model(model).stages[0].name
+    sets = [{first: torch.nonzero(u < p).flatten()} for p in (0.01, 0.03, 0.04, 0, 0.08, 0.07)]
+    sets[3] = {}  # clean in the middle
+    sets.append({first: torch.nonzero(u > 0.97).flatten()})  # disjoint from the previous one
+    sets.append({first: torch.nonzero(u < 0.5).flatten()})  # dense: the float GEMM
+    sets.append({first: torch.nonzero(u < 0.49).flatten()})  # after a GEMM: from clean
+    eng = PackedEngine(model, ds, layers=None, device=torch.device("cpu"), batch_size=64,
+                       maps_per_step=None, targets=("weights",))
+    seq = eng.net.weights_seq([eng.by_index(f) for f in sets])
+    kinds = [ws[0][0] if ws[0][0] != "delta" else ("chained" if ws[0][4] else "clean")
+             for ws in seq]
+    assert kinds == ["clean", "chained", "chained", "clean", "clean", "chained", "clean",
+                     "dense", "dense"]
+    assert eng.evaluate(sets) == [eng.evaluate([f])[0] for f in sets]
+    assert eng.evaluate(sets) == evaluate.accuracy_under_flips(model, ds, sets,
+                                                               engine="reference")
+    assert len(set(eng.evaluate(sets))) > 3
 
 
 def test_auto_picks_packed_for_bnns_on_cpu():

@@ -145,15 +145,17 @@ from pathlib import Path
 import bnn_tol
 from bnn_tol import data, evaluate
 release = Path(sys.argv[3])
-orig = evaluate.Engine.accuracies
 calls = []
-def slow(self, *a, **k):
-    if calls:  # the first BER is on disk: wait until the parent says go
-        while not release.exists():
-            time.sleep(0.05)
-    calls.append(1)
-    return orig(self, *a, **k)
-evaluate.Engine.accuracies = slow
+def slowed(orig):
+    def slow(self, *a, **k):
+        if calls:  # the first BER (or map, for map-major engines) is on disk: wait for go
+            while not release.exists():
+                time.sleep(0.05)
+        calls.append(1)
+        return orig(self, *a, **k)
+    return slow
+evaluate.Engine.accuracies = slowed(evaluate.Engine.accuracies)
+evaluate.Engine.accuracies_of_map = slowed(evaluate.Engine.accuracies_of_map)
 model = bnn_tol.load(sys.argv[1])
 evaluate.sweep({"fcrun": model}, data.load("digits", "test"), bers=[0, 0.05], n_maps=2,
                seed=0, progress=False, out=sys.argv[2])
@@ -327,3 +329,20 @@ def test_dataset_shape_must_match_the_model(fc, tmp_path):
         evaluate.sweep(fc, wrong, out=out, **KW)
     assert not out.exists()
 
+
+
+def test_a_map_major_engine_leaves_the_file_in_the_table_order(fc, digits, tmp_path):
+    """The packed engine evaluates one map at all its BERs in a row and appends its rows per
+    map; the finished file holds the returned table in its order (BERs as listed, unsorted
+    here), rows of an earlier sweep into the file first, and equals the reference engine."""
+    out = tmp_path / "s.csv"
+    first = evaluate.sweep(fc, digits, bers=[0.2], n_maps=2, seed=1, progress=False, out=out,
+                           engine="packed")
+    kw = dict(bers=[0.05, 0, 0.1], n_maps=3, seed=1, progress=False)
+    got = evaluate.sweep(fc, digits, out=out, resume=True, engine="packed", **kw)
+    assert got["ber"].tolist() == [0.05] * 3 + [0.0] * 3 + [0.1] * 3
+    on_disk = evaluate.read_sweep(out)
+    pd.testing.assert_frame_equal(on_disk, pd.concat([first, got], ignore_index=True),
+                                  check_dtype=False)
+    ref = evaluate.sweep(fc, digits, engine="reference", **kw)
+    assert got["accuracy"].tolist() == ref["accuracy"].tolist()

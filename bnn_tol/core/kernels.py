@@ -362,17 +362,21 @@ if AVAILABLE:
         return start, c_s, v_s
 
     @njit(parallel=True, cache=True, nogil=True)
-    def fc_first_delta(a0_t, q_t, rows, cols, coef, d, td, out):  # pragma: no cover - compiled
-        """First linear layer of a faulty copy from the clean one: ``a = a0 + sum_f coef_f
-        q[cols_f]`` added to row ``rows_f`` (``coef = -2 w`` of each flipped weight), then the
-        rule, packed. ``a0_t`` int32 ``(O, B)`` clean ``W q``; ``q_t`` int32 ``(I, B)`` ->
-        ``out`` ``(B, ceil(O / 64))``. Work ``flips x B`` instead of ``O x I x B``.
+    def fc_first_delta(a0_t, q_t, rows, cols, coef, d, td, out, dst_t):  # pragma: no cover
+        """First linear layer of a faulty copy from known pre-activations: ``a = a0 + sum_f
+        coef_f q[cols_f]`` added to row ``rows_f`` (``coef = -2 w`` of a weight that flips,
+        ``+2 w`` of one that flips back), then the rule, packed. ``a0_t`` int32 ``(O, B)``
+        (the clean ``W q``, or the pre-activations of another flip set); ``q_t`` int32 ``(I,
+        B)`` -> ``out`` ``(B, ceil(O / 64))``; ``a`` is also written to ``dst_t`` (int32 ``(O,
+        B)``, may be ``a0_t`` itself) unless ``dst_t`` has no rows. Work ``flips x B`` instead
+        of ``O x I x B``.
 
-        Samples go in blocks of 64; per block, unit by unit, the clean row is copied to a
+        Samples go in blocks of 64; per block, unit by unit, the known row is copied to a
         64-sample accumulator, each flip of the unit adds ``coef q[col]`` over the block (a
         contiguous loop the compiler vectorizes) and the rule (:func:`_value_window`) sets the
         unit's bit in the block's output words."""
         n_o, nb = a0_t.shape
+        store = dst_t.shape[0] > 0
         start, c_s, v_s = _by_row(rows, cols, coef, n_o)
         lo, span = _value_window(d, td)
         blk = 64
@@ -390,6 +394,10 @@ if AVAILABLE:
                     v = v_s[f]
                     for t in range(m):
                         acc[t] += v * qrow[t]
+                if store:
+                    drow = dst_t[o, b0:b0 + m]
+                    for t in range(m):
+                        drow[t] = acc[t]
                 lo_o, span_o, sh = lo[o], span[o], np.uint64(o % 64)
                 for t in range(m):
                     bits[t] |= np.uint64(1 if np.uint64(acc[t] - lo_o) <= span_o else 0) << sh

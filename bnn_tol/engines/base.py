@@ -38,6 +38,10 @@ __all__ = ["Engine", "SignEngine", "register_engine", "engines", "pick_engine",
 #: Rough upper bound (bytes) on the activations held per data chunk; sets the default chunk size.
 MEMORY_BUDGET = 2**28
 
+#: Most flip sets of one map :meth:`Engine.accuracies_of_map` passes to one
+#: :meth:`Engine.evaluate` (each holds its faulty layers' weights while the group runs).
+MAP_GROUP = 16
+
 #: Why an engine built on compiled chains of blocks refuses a residual graph.
 CHAINS_ONLY = ("it evaluates chains of blocks, not a residual graph (bnn_tol.core.graph); "
                "'fp32' and 'reference' sweep graphs")
@@ -59,6 +63,10 @@ class Engine:
     name = ""
     rank = 100
     targets: frozenset = frozenset({"weights"})
+    #: The sweep evaluates one fault map at all its BERs in a row (:meth:`accuracies_of_map`)
+    #: instead of all maps at one BER: for engines whose cost falls when consecutive flip sets
+    #: are nested (the packed engine's first linear layer).
+    map_major = False
 
     @classmethod
     def unsupported(cls, cm: CompiledModel | GraphBNN | None, device: torch.device,
@@ -114,6 +122,23 @@ class Engine:
         """Accuracies of fault maps ``maps`` (an iterable, consumed in order; or seeds, for
         engines that draw them) at one BER; maps that flip nothing reuse the clean accuracy.
         At most ``maps_per_step`` maps and their flips are held at a time."""
+        return self._stream((self.flips(fm, p01, p10) for fm in maps), self.g, bar)
+
+    def accuracies_of_map(self, fmap, rates: list[tuple[float, float]], bar) -> list[float]:
+        """Accuracies of one chip ``fmap`` at each ``(p01, p10)`` of ``rates`` (results in that
+        order), evaluated in order of rising ``p01 + p10`` in groups of up to
+        :data:`MAP_GROUP` flip sets: for a :attr:`map_major` engine, consecutive sets of one
+        persistent map differ by the bits that start to flip between the two rates."""
+        order = sorted(range(len(rates)), key=lambda i: sum(rates[i]))
+        accs = self._stream((self.flips(fmap, *rates[i]) for i in order), MAP_GROUP, bar)
+        out = [0.0] * len(rates)
+        for i, a in zip(order, accs, strict=True):
+            out[i] = a
+        return out
+
+    def _stream(self, flip_sets, size: int, bar) -> list[float]:
+        """Accuracies of an iterable of flip sets, :meth:`evaluate` d ``size`` at a time; sets
+        that flip nothing reuse the clean accuracy."""
         results: list[float | None] = []
         group: list[tuple[int, FlipSet]] = []
 
@@ -123,15 +148,14 @@ class Engine:
             bar.update(len(group))
             group.clear()
 
-        for i, fm in enumerate(maps):
-            f = self.flips(fm, p01, p10)
+        for i, f in enumerate(flip_sets):
             if all(v.numel() == 0 for v in f.values()):
                 results.append(self.clean_accuracy())
                 bar.update(1)
                 continue
             results.append(None)
             group.append((i, f))
-            if len(group) == self.g:
+            if len(group) == size:
                 flush()
         if group:
             flush()

@@ -242,6 +242,18 @@ def sweep(
             if layout != map_layout:
                 maps, map_layout = _MapCache(), layout
             storage = _storage(model)
+            if runner.map_major:  # one chip at all its BERs in a row (nested flip sets)
+                for m in range(n_maps):
+                    todo = [r for r in ber_list if (str(label), *r, m, seeds[m]) not in done]
+                    bar.update(len(ber_list) - len(todo))
+                    if not todo:
+                        continue
+                    fmap = protect_maps(maps.get(m, lambda m=m, model=model: draw_maps(
+                        model, seeds[m], cap, layers=layers, error=err)), shield)
+                    accs = runner.accuracies_of_map(fmap, todo, bar)
+                    frames.append(_rows(label, todo, [m] * len(todo), seeds, accs, storage,
+                                        file))
+                continue
             for p01, p10 in ber_list:
                 todo = [m for m in range(n_maps)
                         if (str(label), p01, p10, m, seeds[m]) not in done]
@@ -252,35 +264,46 @@ def sweep(
                     fmaps = (protect_maps(maps.get(m, lambda m=m, model=model: draw_maps(
                         model, seeds[m], cap, layers=layers, error=err)), shield) for m in todo)
                 accs = runner.accuracies(fmaps, [seeds[m] for m in todo], p01, p10, bar)
-                rows = pd.DataFrame({
-                    "model": str(label), "ber": _ber_value(p01, p10), "p01": p01, "p10": p10,
-                    "map": todo, "map_seed": [seeds[m] for m in todo], "accuracy": accs,
-                    "rerr": [1.0 - a for a in accs], **storage}, columns=COLUMNS)
-                if len(rows):
-                    if file is not None:
-                        file.append(rows)
-                    frames.append(rows)
+                frames.append(_rows(label, [(p01, p10)] * len(todo), todo, seeds, accs,
+                                    storage, file))
+        frames = [f for f in frames if len(f)]
+        df = (pd.concat(frames, ignore_index=True) if frames
+              else pd.DataFrame(columns=COLUMNS))
+        if len(old):
+            keys = {(str(lb), p01, p10) for lb in models for p01, p10 in ber_list}
+            mask = [(m, a, b) in keys and s == seeds[k] if k < n_maps else False
+                    for m, a, b, k, s in zip(old["model"], old["p01"], old["p10"], old["map"],
+                                             old["map_seed"], strict=True)]
+            df = pd.concat([old[mask], df], ignore_index=True)
+        order_m = {str(lb): i for i, lb in enumerate(models)}
+        order_b = {b: i for i, b in enumerate(ber_list)}
+        df = df.assign(_m=df["model"].map(order_m),
+                       _b=[order_b[(a, b)] for a, b in zip(df["p01"], df["p10"], strict=True)])
+        df = df.sort_values(["_m", "_b", "map"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+        df = df.astype({c: "int64" for c in ("map", "map_seed", "memory_bits")}
+                       | {c: "float64" for c in ("ber", "p01", "p10", "accuracy", "rerr",
+                                                 "bits_per_weight")})
+        df = schema.validate(df, "sweep", what="the sweep")
+        if file is not None:
+            file.finish(df)
     finally:
         bar.close()
         if file is not None:
             file.close()
-    df = (pd.concat(frames, ignore_index=True) if frames
-          else pd.DataFrame(columns=COLUMNS))
-    if len(old):
-        keys = {(str(lb), p01, p10) for lb in models for p01, p10 in ber_list}
-        mask = [(m, a, b) in keys and s == seeds[k] if k < n_maps else False
-                for m, a, b, k, s in zip(old["model"], old["p01"], old["p10"], old["map"],
-                                         old["map_seed"], strict=True)]
-        df = pd.concat([old[mask], df], ignore_index=True)
-    order_m = {str(lb): i for i, lb in enumerate(models)}
-    order_b = {b: i for i, b in enumerate(ber_list)}
-    df = df.assign(_m=df["model"].map(order_m),
-                   _b=[order_b[(a, b)] for a, b in zip(df["p01"], df["p10"], strict=True)])
-    df = df.sort_values(["_m", "_b", "map"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
-    df = df.astype({c: "int64" for c in ("map", "map_seed", "memory_bits")}
-                   | {c: "float64" for c in ("ber", "p01", "p10", "accuracy", "rerr",
-                                             "bits_per_weight")})
-    return schema.validate(df, "sweep", what="the sweep")
+    return df
+
+
+def _rows(label, rates: list[tuple[float, float]], maps: list[int], seeds, accs: list[float],
+          storage: dict, file: SweepFile | None) -> pd.DataFrame:
+    """Sweep rows of ``label``: one per (rate, map number, accuracy), appended to ``file``."""
+    rows = pd.DataFrame({
+        "model": str(label), "ber": [_ber_value(a, b) for a, b in rates],
+        "p01": [a for a, _ in rates], "p10": [b for _, b in rates], "map": maps,
+        "map_seed": [seeds[m] for m in maps], "accuracy": accs,
+        "rerr": [1.0 - a for a in accs], **storage}, columns=COLUMNS)
+    if len(rows) and file is not None:
+        file.append(rows)
+    return rows
 
 
 class _MapCache:

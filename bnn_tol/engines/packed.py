@@ -116,6 +116,19 @@ class _PackedLayout:
         return o * self.nw + f // 64, f % 64
 
 
+_NO_FLIPS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
+_NO_STATE = np.zeros((0, 0), np.int32)
+
+
+def _difference(prev: np.ndarray, cur: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (of ``n``) in ``cur`` and not in ``prev`` (gained, ascending), and in
+    ``prev`` and not in ``cur`` (lost)."""
+    mark = np.zeros(n, np.int8)
+    mark[cur] += 1
+    mark[prev] -= 1
+    return np.flatnonzero(mark > 0), np.flatnonzero(mark < 0)
+
+
 #: The first linear layer is updated from its clean output when ``flips * DELTA_FRACTION <
 #: numel``: a flip costs ``B`` int32 updates (vectorized, ~0.06 ns per sample on 2 threads)
 #: against ``numel`` MACs per sample of the float GEMM (~0.02 ns): measured crossovers p =
@@ -162,6 +175,7 @@ class PackedNet:
         # first conv: int32 numba kernel; first linear: float GEMM, exact below 2^24
         self.first_dtype = torch.float32 if fan_in * self.grid.q_max < _EXACT_F32 else torch.float64
         self.clean = [self._stage_weights(k, st.wb) for k, st in enumerate(stages)]
+        self.w0 = stages[0].wb.reshape(-1).to(torch.int32).cpu().numpy()  # first layer, flat
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -178,21 +192,20 @@ class PackedNet:
         w_t = lay.pack(wb)
         return (w_t, lay.tap_pop(w_t))
 
-    def weights(self, flips: dict[int, Tensor]) -> list[tuple]:
+    def weights(self, flips: dict[int, Tensor], *, first: bool = True) -> list[tuple]:
         """Per-stage kernel weights with the bits at ``flips[k]`` (flat ``layer.weight``
-        indices) flipped: stage 0 from its flipped +-1 tensor, later stages by XOR of the
-        packed words (``O(flips)``)."""
+        indices) flipped: stage 0 from its flipped +-1 tensor (or, for a hidden first linear
+        layer, the ``("delta", rows, cols, coef, chained, store)`` update of its clean output;
+        left clean with ``first=False``), later stages by XOR of the packed words
+        (``O(flips)``)."""
         ws = list(self.clean)
         if self._delta_first(0):  # clean first layer: its cached output, thresholded
-            ws[0] = ("delta", *(np.zeros(0, t) for t in (np.int64, np.int64, np.int32)))
+            ws[0] = ("delta", *_NO_FLIPS, False, False)
         for k, idx in flips.items():
-            if idx.numel() == 0:
+            if idx.numel() == 0 or (k == 0 and not first):
                 continue
             if k == 0 and self._delta_first(idx.numel()):
-                wb = self.stages[0].wb
-                rows, cols = np.divmod(idx.cpu().numpy(), wb.shape[1])
-                coef = (-2 * wb.view(-1)[idx]).to(torch.int32).numpy()
-                ws[0] = ("delta", rows.astype(np.int64), cols.astype(np.int64), coef)
+                ws[0] = ("delta", *self._first_update(idx.cpu().numpy(), None), False, False)
             elif k == 0:
                 ws[0] = self._stage_weights(0, negate(self.stages[0].wb, idx))
             else:
@@ -201,6 +214,52 @@ class PackedNet:
                 kernels.flip_words(w_t, word.astype(np.int64), bit.astype(np.int64))
                 ws[k] = (w_t, self.layouts[k].tap_pop(w_t))
         return ws
+
+    def weights_seq(self, flips: list[dict[int, Tensor]]) -> list[list[tuple]]:
+        """:meth:`weights` of flip sets evaluated one after the other on each data chunk
+        (:meth:`run` with one ``state`` per chunk). A hidden first linear layer chains: set
+        ``j``'s pre-activations ``a_j = a_{j-1} + sum -2 w_i q_i`` over the weights flipped in
+        ``j`` and not in ``j - 1``, ``+2 w_i q_i`` over those flipped back, whenever that is
+        fewer terms than from the clean output (``|F_{j-1} symmetric-difference F_j| < |F_j|``;
+        nested fault maps at rising BERs: only the new flips), set ``j - 1`` then writing its
+        ``a`` to the state. Integer sums: the same bits as from the clean output."""
+        seq, prev = [], None  # prev: the first layer's flips whose a the state can hold
+        for f in flips:
+            if not self._delta_first(0):  # no hidden first linear layer: nothing to chain
+                seq.append(self.weights(f))
+                continue
+            idx = f.get(0)
+            cur = np.zeros(0, np.int64) if idx is None else idx.cpu().numpy()
+            step = None
+            if prev is not None and len(cur):
+                gained, lost = _difference(prev, cur, len(self.w0))
+                if len(gained) + len(lost) < len(cur) and \
+                        self._delta_first(len(gained) + len(lost)):
+                    step = ("delta", *self._first_update(gained, lost), True, False)
+                    seq[-1][0] = seq[-1][0][:-1] + (True,)  # the previous set stores its a
+            ws = self.weights(f, first=step is None)
+            if step is not None:
+                ws[0] = step
+            prev = cur if ws[0][0] == "delta" else None
+            seq.append(ws)
+        return seq
+
+    def _first_update(self, gained: np.ndarray, lost: np.ndarray | None) -> tuple:
+        """``(rows, cols, coef)`` of the first layer's weights that flip (``gained``, ``coef =
+        -2 w``) and flip back (``lost``, ``+2 w``), ``w`` the clean +-1 weight."""
+        idx = gained if lost is None else np.concatenate([gained, lost])
+        rows, cols = np.divmod(idx.astype(np.int64), self.stages[0].wb.shape[1])
+        coef = self.w0[idx] * np.int32(-2)
+        if lost is not None:
+            coef[len(gained):] *= -1
+        return rows, cols, coef
+
+    def state(self, h, seq: list[list[tuple]]) -> np.ndarray:
+        """The buffer :meth:`run` keeps a chained first layer's pre-activations in for the data
+        chunk ``h`` (no rows when no set of ``seq`` stores them)."""
+        if self._delta_first(0) and any(ws[0][0] == "delta" and ws[0][-1] for ws in seq):
+            return np.empty_like(h.a0_t)
+        return _NO_STATE
 
     def _delta_first(self, n_flips: int) -> bool:
         """A hidden first linear layer is updated from its clean output when fewer than
@@ -243,9 +302,10 @@ class PackedNet:
         kernels.pool_or(x, p, out)
         return out
 
-    def run(self, h, start: int, ws: list[tuple]) -> Tensor:
+    def run(self, h, start: int, ws: list[tuple], state: np.ndarray | None = None) -> Tensor:
         """Predictions ``(B,)`` from stage ``start``: ``h`` is :meth:`first_input` (start 0)
-        or the packed words of stage ``start``'s input."""
+        or the packed words of stage ``start``'s input; ``state``: the chunk's buffer of
+        :meth:`state` when ``ws`` comes from :meth:`weights_seq`."""
         for k in range(start, len(self.stages)):
             st, lay, w = self.stages[k], self.layouts[k], ws[k]
             nwo = -(-lay.o // 64)
@@ -258,8 +318,10 @@ class PackedNet:
                 kernels.conv_first(h, w[0], lay.kh, lay.pad, *self.rule[k], out)
                 h = self._pool(k, out)
             elif k == 0 and w[0] == "delta":
+                _, rows, cols, coef, chained, store = w
                 out = np.empty((b, nwo), dtype=np.uint64)
-                kernels.fc_first_delta(h.a0_t, h.q_t, *w[1:], *self.rule[k], out)
+                kernels.fc_first_delta(state if chained else h.a0_t, h.q_t, rows, cols, coef,
+                                       *self.rule[k], out, state if store else _NO_STATE)
                 h = out
             elif k == 0:
                 a = torch.round(h.q @ w[1].t())  # exact integers; round: any backend
@@ -301,6 +363,7 @@ class PackedEngine(SignEngine):
     (fc and conv) on CPU; the first stage as an exact float conv/GEMM on integer pixels."""
 
     name, rank = "packed", -1
+    map_major = True  # a first linear layer chains nested flip sets (PackedNet.weights_seq)
 
     @classmethod
     def unsupported(cls, cm, device, targets):  # noqa: D102
@@ -348,12 +411,11 @@ class PackedEngine(SignEngine):
                                          fp32_prefix(self.stages, h, self.w_dev, self.start))
 
     def evaluate(self, flips):  # noqa: D102
-        n, out = len(self.data), []
         with kernels.threads(torch.get_num_threads()), torch.no_grad():
-            for f in flips:
-                ws = self.net.weights(self.by_index(f))
-                correct = 0
-                for h, y in self._chunks():
-                    correct += int((self.net.run(h, self.start, ws) == y).sum())
-                out.append(correct / n)
-        return out
+            seq = self.net.weights_seq([self.by_index(f) for f in flips])
+            correct = [0] * len(seq)
+            for h, y in self._chunks():
+                state = self.net.state(h, seq) if self.start == 0 else None
+                for i, ws in enumerate(seq):
+                    correct[i] += int((self.net.run(h, self.start, ws, state) == y).sum())
+        return [c / len(self.data) for c in correct]

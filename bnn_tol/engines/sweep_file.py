@@ -400,6 +400,25 @@ class SweepFile:
             self.fh.flush()
             os.fsync(self.fh.fileno())
 
+    def finish(self, table: pd.DataFrame) -> None:
+        """After a complete sweep, order the file as the returned ``table`` (models, then BERs
+        as the call listed them, then maps; engines may append one map at all its BERs at a
+        time): rows of the file that ``table`` does not hold (earlier sweeps into it) first,
+        in their order, then ``table``'s rows. The same rows, written beside the file and renamed over it while the lock is held: a crash
+        leaves the old or the new order, never fewer rows."""
+        with open(self.path, "rb") as fh:
+            raw = fh.read()
+        if not raw:
+            return
+        rows = _parse_sweep(raw, self.path)
+        ours = set(zip(*(table[c] for c in _KEY), strict=True))
+        rest = rows[[k not in ours for k in zip(*(rows[c] for c in _KEY), strict=True)]]
+        frame = pd.concat([rest[COLUMNS], table[COLUMNS]], ignore_index=True) if len(rest) \
+            else table[COLUMNS]
+        text = frame.to_csv(index=False, float_format="%.17g", lineterminator="\n")
+        if text.encode("utf-8") != raw:
+            write_text(self.path, text, fsync=True, replace=True)
+
     def close(self) -> None:
         """Release the lock; a file this sweep created but never wrote a row to is removed."""
         try:
