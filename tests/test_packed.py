@@ -160,18 +160,44 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     assert (_unpack(out, c_out) == want).all()
 
 
-def test_conv_first_equals_conv2d_on_integer_pixels():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randint(-128, 128, (3, 2, 9, 9), generator=g, dtype=torch.int32)
+@pytest.mark.parametrize("pool,pad,size", [(2, 1, 9), (1, 0, 8), (3, 1, 10)])
+def test_conv_first_equals_conv2d_and_recomputes_the_named_channels_only(pool, pad, size):
+    """``conv_first`` with every channel == the rule on ``F.conv2d`` of the integer pixels,
+    max-pooled (both words of 70 channels, odd sizes and floor pooling, zero padding, dead
+    units, a tail block of images); with some channels named it equals the flipped conv on
+    those and keeps the clean bits of the others even where they would change."""
+    g = torch.Generator().manual_seed(pool + pad)
+    q = torch.randint(-128, 128, (67, 2, size, size), generator=g, dtype=torch.int32)
     w = _pm1((70, 2, 3, 3), 6)
-    a = F.conv2d(q.double(), w.double(), padding=1).numpy().astype(np.int64)
+    w2 = w.clone()
+    flipped = [0, 3, 63, 64, 69]
+    for o in flipped:
+        w2[o, 1] *= -1
+    w2[7, 0, 1, 1] *= -1  # changed, but not named: must keep its clean bits
     d, t, const = _rule(70, 7)
-    d, td = kernels.comparator(d, t * 50, const)
-    out = np.empty((3, 9, 9, 2), np.uint64)
-    w_t = np.ascontiguousarray(w.permute(2, 3, 1, 0).reshape(-1, 70).to(torch.int32).numpy())
-    kernels.conv_first(np.ascontiguousarray(q.permute(0, 2, 3, 1).numpy()), w_t, 3, 1, d, td, out)
-    want = (d * a.transpose(0, 2, 3, 1)) >= td
-    assert (_unpack(out, 70) == want).all()
+    dd, td = kernels.comparator(d, t * 50, const)  # the folded rule d a >= td, dead units too
+
+    def pooled(weights):
+        a = F.conv2d(q.double(), weights.double(), padding=pad).numpy().astype(np.int64)
+        bits = (dd[:, None, None] * a) >= td[:, None, None]  # (B, O, H, W)
+        bits = torch.from_numpy(bits.astype(np.float32))
+        return (F.max_pool2d(bits, pool) > 0).permute(0, 2, 3, 1).numpy()
+
+    ho = (size + 2 * pad - 2) // pool
+    clean, out = (np.empty((67, ho, ho, 2), np.uint64) for _ in range(2))
+    qc = np.ascontiguousarray(q.permute(2, 3, 1, 0).numpy())  # batch last
+    for weights, dst, chans in ((w, clean, list(range(70))), (w2, out, flipped)):
+        w_t = np.ascontiguousarray(weights.permute(2, 3, 1, 0).reshape(-1, 70)
+                                   .to(torch.int32).numpy())
+        kernels.conv_first(qc, w_t, 3, pad, pool, np.array(chans, np.int64), dd, td,
+                           np.zeros_like(dst) if dst is clean else clean, dst)
+    want_clean = pooled(w)
+    assert (_unpack(clean, 70) == want_clean).all()  # every channel named: the whole conv
+    want = pooled(w2)
+    got = _unpack(out, 70)
+    assert (got[..., flipped] == want[..., flipped]).all()
+    assert (got[..., 7] == _unpack(clean, 70)[..., 7]).all()
+    assert (want[..., flipped] != want_clean[..., flipped]).any()  # the flips matter
 
 
 def test_pool_or_is_max_pooling_of_signs_in_floor_mode():

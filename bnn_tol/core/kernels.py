@@ -295,28 +295,71 @@ if AVAILABLE:
                     _pack_rule(True, s, nv * c_in, d, td, out[b, oh, ow])
 
     @njit(parallel=True, cache=True, nogil=True)
-    def conv_first(q, w_t, k, pad, d, td, out):  # pragma: no cover - compiled
-        """First conv on integer inputs: ``q`` int32 ``(B, H, W, C)`` channels-last, ``w_t``
-        int32 +-1 ``(k k C, O)`` -> bits ``out`` ``(B, Ho, Wo, ceil(O / 64))`` of the rule on the
-        exact integer ``a = sum w q`` (zero padding: ``q = 0``, as ``F.conv2d`` pads
-        ``x = q / INPUT_SCALE`` with zeros)."""
-        nb, hh, ww, nc = q.shape
-        n_o = w_t.shape[1]
-        _, ho, wo, _ = out.shape
-        for b in prange(nb):
-            acc = np.empty(n_o, np.int64)
-            patch = np.empty(w_t.shape[0], np.int32)
-            for oh in range(ho):
-                for ow in range(wo):
-                    _gather(q[b], oh, ow, k, pad, patch)
-                    for o in range(n_o):
-                        acc[o] = 0
-                    for t in range(patch.shape[0]):
-                        v = patch[t]
-                        if v != 0:
-                            for o in range(n_o):
-                                acc[o] += v * w_t[t, o]
-                    _pack_rule(False, acc, 0, d, td, out[b, oh, ow])
+    def conv_first(q_bl, w_t, k, pad, pool, chans, d, td, clean, out):  # pragma: no cover
+        """First conv on integer inputs followed by ``pool x pool`` max pooling (floor mode, OR
+        of the bits), computed for the output channels ``chans`` only: the others are copied
+        from ``clean`` (the pooled bits of the same input with weights in which those channels
+        are unchanged; any array for a complete ``chans``). ``q_bl`` int32 ``(H, W, C, B)``
+        (batch last), ``w_t`` int32 +-1 ``(k k C, O)``; ``clean``, ``out`` ``(B, Ho // pool,
+        Wo // pool, ceil(O / 64))``. A channel's bit is the OR over its pooling window of
+        ``d a >= td`` on the exact ``a = sum w q`` (zero padding, as ``F.conv2d`` pads ``x = q
+        / scale`` with zeros).
+
+        Images go in blocks of 64, each tap a contiguous multiply-add over the block
+        (vectorized); work ``len(chans) / O`` of the whole conv: a fault map at low BER flips
+        the weights of a few of the first layer's channels."""
+        hh, ww, nc, nb = q_bl.shape
+        _, ph, pw, nwo = out.shape
+        n_all = chans.shape[0] == w_t.shape[1]
+        blk = 64
+        for ib in prange((nb + blk - 1) // blk):
+            b0 = ib * blk
+            m = min(nb, b0 + blk) - b0
+            acc = np.empty(m, np.int32)
+            on = np.empty(m, np.bool_)
+            words = np.empty((m, nwo), np.uint64)
+            for y in range(ph):
+                for x in range(pw):
+                    for t in range(m):
+                        for wd in range(nwo):
+                            if n_all:  # (two branches: no uint64/int64 unification to float)
+                                words[t, wd] = np.uint64(0)
+                            else:
+                                words[t, wd] = clean[b0 + t, y, x, wd]
+                    for ci in range(chans.shape[0]):
+                        o = chans[ci]
+                        for t in range(m):
+                            on[t] = False
+                        for dy in range(pool):
+                            for dx in range(pool):
+                                oh, ow = y * pool + dy, x * pool + dx
+                                for t in range(m):
+                                    acc[t] = 0
+                                for i in range(k):
+                                    ih = oh + i - pad
+                                    if ih < 0 or ih >= hh:
+                                        continue
+                                    for j in range(k):
+                                        iw = ow + j - pad
+                                        if iw < 0 or iw >= ww:
+                                            continue
+                                        for c in range(nc):
+                                            wv = w_t[(i * k + j) * nc + c, o]
+                                            qrow = q_bl[ih, iw, c, b0:b0 + m]
+                                            for t in range(m):
+                                                acc[t] += wv * qrow[t]
+                                do, to = d[o], td[o]
+                                for t in range(m):
+                                    on[t] |= do * acc[t] >= to
+                        bit = np.uint64(1) << np.uint64(o % 64)
+                        for t in range(m):
+                            if on[t]:
+                                words[t, o // 64] |= bit
+                            else:
+                                words[t, o // 64] &= ~bit
+                    for t in range(m):
+                        for wd in range(nwo):
+                            out[b0 + t, y, x, wd] = words[t, wd]
 
     @njit(nogil=True)
     def _value_window(d, td):  # pragma: no cover - compiled

@@ -3,9 +3,14 @@
 :class:`PackedNet` holds a BNN's stages as packed ``uint64`` words (:mod:`bnn_tol.kernels`) and
 evaluates faulty copies of it without a float model:
 
-- the first stage sees integer pixels ``q = p - offset`` and runs as a float32 conv/GEMM on
-  ``q`` (every partial sum is an integer below ``2^24``, so any summation order is exact; float64
-  when the fan-in could reach ``2^24``), compared with the folded integer threshold;
+- the first stage sees integer pixels ``q = p - offset``: a first linear layer runs as a
+  float32 GEMM on ``q`` (every partial sum is an integer below ``2^24``, so any summation
+  order is exact; float64 when the fan-in could reach ``2^24``) or, per fault map, as the
+  clean ``W q`` plus the flipped weights' terms (:func:`kernels.fc_first_delta`; one map at
+  rising BERs: only the bits that start to flip); a first conv as an int32 numba kernel on
+  batch-last ``q`` that recomputes only the channels whose weights flip and keeps the clean
+  pooled bits of the others (:func:`kernels.conv_first`); both compared with the folded
+  integer threshold;
 - every later stage sees +-1 bits: ``a = n - 2 popcount(w XOR x)``, compared with the folded
   threshold (hidden) or fed to the model's float BatchNorm and ``argmax`` (output), as
   ``model(x)`` does with the same exact ``a``: the predictions are bit-identical;
@@ -18,8 +23,9 @@ Fault maps flip stored bits by the flat index of ``layer.weight`` (the index of
 
 Memory. Cached once per data chunk of ``B`` images (for the whole test set, since the engine
 reuses it for every map): the input of the first faulty stage -- for a first conv ``q`` int32
-``4 C H W`` bytes per image, for a first linear layer ``q`` (float32 and int32) and the clean
-``W q`` (int32), ``4 (2 I + O)`` bytes per image; for a later start its packed words. Per
+``4 C H W`` bytes per image and its clean pooled bits, for a first linear layer ``q`` (float32
+and int32) and the clean ``W q`` (int32), ``4 (2 I + O)`` bytes per image, plus ``4 O`` per
+image while a map's BERs chain; for a later start its packed words. Per
 chunk while a map runs: each stage's packed output, ``H W ceil(C / 64) 8`` bytes per image
 (64 times less than float32). Per map: one copy of the packed weights of each faulty layer
 (``numel / 8`` bytes) and its flip indices. Nothing grows with the number of maps.
@@ -118,6 +124,7 @@ class _PackedLayout:
 
 _NO_FLIPS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
 _NO_STATE = np.zeros((0, 0), np.int32)
+_NO_CHANNELS = np.zeros(0, np.int64)
 
 
 def _difference(prev: np.ndarray, cur: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +152,15 @@ class _FirstLinear:
     def __init__(self, q: Tensor, q_t, a0_t) -> None:
         self.q, self.q_t, self.a0_t = q, q_t, a0_t
         self.shape = q.shape
+
+
+class _FirstConv:
+    """A data chunk's input to a first conv stage: ``q`` int32 batch-last ``(H, W, C, B)``
+    and the stage's clean output bits after pooling ``(B, Ho, Wo, ceil(O / 64))``."""
+
+    def __init__(self, q: np.ndarray, clean: np.ndarray | None) -> None:
+        self.q, self.clean = q, clean
+        self.shape = (q.shape[3], *q.shape[:3])
 
 
 class PackedNet:
@@ -208,6 +224,9 @@ class PackedNet:
                 ws[0] = ("delta", *self._first_update(idx.cpu().numpy(), None), False, False)
             elif k == 0:
                 ws[0] = self._stage_weights(0, negate(self.stages[0].wb, idx))
+                if self.layouts[0].conv:  # the output channels whose weights flip
+                    per_o = self.stages[0].wb[0].numel()
+                    ws[0] += (np.unique(idx.cpu().numpy() // per_o).astype(np.int64),)
             else:
                 word, bit = self.layouts[k].positions(idx.cpu().numpy())
                 w_t = self.clean[k][0].copy()
@@ -277,7 +296,12 @@ class PackedNet:
         float tensor, and for a hidden one also ``q`` transposed and the clean ``W q``)."""
         q = self.grid.to_int(images)
         if self.layouts[0].conv:
-            return np.ascontiguousarray(q.permute(0, 2, 3, 1).numpy())
+            q = np.ascontiguousarray(q.permute(2, 3, 1, 0).numpy())
+            if not self.stages[0].hidden:
+                return _FirstConv(q, None)
+            lay = self.layouts[0]
+            return _FirstConv(q, self._conv_first(q, self.clean[0][0],
+                                                  np.arange(lay.o, dtype=np.int64), None))
         qf = q.flatten(1).to(self.first_dtype)
         if not self.stages[0].hidden:
             return _FirstLinear(qf, None, None)
@@ -292,6 +316,19 @@ class PackedNet:
             words = kernels.pack_rows(h.permute(0, 2, 3, 1).numpy())
             return words if self.layouts[k].conv else words.reshape(len(h), -1)
         return kernels.pack_rows(h.numpy())
+
+    def _conv_first(self, q: np.ndarray, w_t: np.ndarray, chans: np.ndarray,
+                    clean: np.ndarray | None) -> np.ndarray:
+        """Pooled output bits of a first conv stage on the batch-last integer input ``q``
+        (:func:`kernels.conv_first`): channels ``chans`` computed with ``w_t``, the others
+        taken from ``clean`` (unused when ``chans`` are all channels)."""
+        lay = self.layouts[0]
+        ho, wo = lay.out_hw
+        out = np.empty((q.shape[3], ho // lay.pool, wo // lay.pool, -(-lay.o // 64)),
+                       dtype=np.uint64)
+        kernels.conv_first(q, w_t, lay.kh, lay.pad, lay.pool, chans, *self.rule[0],
+                           out if clean is None else clean, out)
+        return out
 
     def _pool(self, k: int, x: np.ndarray) -> np.ndarray:
         p = self.layouts[k].pool
@@ -313,10 +350,8 @@ class PackedNet:
             if k == 0 and lay.conv:
                 if not st.hidden:
                     raise NotImplementedError("a conv output layer")
-                ho, wo = lay.out_hw
-                out = np.empty((b, ho, wo, nwo), dtype=np.uint64)
-                kernels.conv_first(h, w[0], lay.kh, lay.pad, *self.rule[k], out)
-                h = self._pool(k, out)
+                # the clean bits, the channels whose weights flip recomputed
+                h = self._conv_first(h.q, w[0], w[1] if len(w) > 1 else _NO_CHANNELS, h.clean)
             elif k == 0 and w[0] == "delta":
                 _, rows, cols, coef, chained, store = w
                 out = np.empty((b, nwo), dtype=np.uint64)

@@ -404,8 +404,9 @@ class SweepFile:
         """After a complete sweep, order the file as the returned ``table`` (models, then BERs
         as the call listed them, then maps; engines may append one map at all its BERs at a
         time): rows of the file that ``table`` does not hold (earlier sweeps into it) first,
-        in their order, then ``table``'s rows. The same rows, written beside the file and renamed over it while the lock is held: a crash
-        leaves the old or the new order, never fewer rows."""
+        in their order, then ``table``'s rows. The same rows, written beside the file and
+        renamed over it while the lock is held: a crash leaves the old or the new order, never
+        fewer rows."""
         with open(self.path, "rb") as fh:
             raw = fh.read()
         if not raw:
