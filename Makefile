@@ -69,7 +69,7 @@ stutz: setup
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_sweeps --sweeps-only \
 	  --epochs 5 --maps 10 --bers 0,0.005,0.01,0.02,0.05 --threads 1
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_vgg3 --conv \
-	  --epochs 2 --maps 10 --bers 0,0.005,0.01,0.02,0.05
+	  --epochs 2 --maps 5 --bers 0,0.005,0.01,0.02,0.05
 	$(BIN)/python scripts/stutz_energy.py --out docs/results/stutz_fmnist
 
 bench: setup
