@@ -23,7 +23,7 @@ help:
 	@echo "make bench      benchmarks -> benchmarks/RESULTS.md"
 	@echo "make results    every published number: STUDIES (default decisive fc, vgg3, recipes)"
 	@echo "                each fresh into docs/results/<study>/ (report, environment.json), figures -> docs/figures/"
-	@echo "make stutz      m-bit networks vs BNNs (Stutz et al.) -> docs/results/stutz_fmnist/"
+	@echo "make stutz      m-bit networks vs BNNs (Stutz et al.) -> docs/results/stutz_*/"
 	@echo "make notebooks  run notebooks/*.ipynb in place and store them with their outputs"
 
 $(STAMP): pyproject.toml
@@ -70,6 +70,7 @@ stutz: setup
 	  --epochs 5 --maps 10 --bers 0,0.005,0.01,0.02,0.05 --threads 1
 	$(BIN)/python scripts/stutz_fmnist.py --out docs/results/stutz_vgg3 --conv \
 	  --epochs 2 --maps 5 --bers 0,0.005,0.01,0.02,0.05
+	$(BIN)/python scripts/attack_equal_memory.py --out docs/results/stutz_attack --threads 1
 	$(BIN)/python scripts/stutz_energy.py --out docs/results/stutz_fmnist
 
 bench: setup

@@ -10,14 +10,18 @@ bits) and ``fc_output`` (exact int64 pre-activations). ``gmacs``: G (binary) mul
 accumulates per second, ``ratio``: against fp32, ``of_roofline``: fraction of the popcount
 roofline.
 
+Also the engine's ``conv_hidden`` on a 3x3 conv of vgg3 (64 -> 64 channels on 14 x 14) and of
+vgg7 (256 -> 256 on 8 x 8), as a fraction of the roofline's MAC rate.
+
 ``profile``: one packed-engine sweep of fc 784-2048-2048-10 (``runs/fc`` when it exists, else
-random init) on the 10k test images (quick: 500), 11 BERs (0 to 10 %) x 5 maps (quick: 2),
-seconds per faulty row split by stage: first layer (float GEMM on integer pixels from the
-``DELTA_FRACTION`` crossover on, ``p >= 1 / DELTA_FRACTION``; below it the delta update from
-the clean output), hidden binary layers (``fc_hidden``), output layer (``fc_output`` and the
-float BatchNorm + argmax), the per-map weight flips (:meth:`PackedNet.weights`) and the rest
-(drawing the fault maps, the sweep driver). Measured by wrapping the engine's kernel calls
-with timers.
+random init; 5 maps, quick: 2) and of vgg3 (random init; 2 maps, quick: 1) on the 10k test
+images (quick: 500), 11 BERs (0 to 10 %), seconds per faulty row split by stage: first layer
+(fc: the delta update from the clean output or from the same map's previous BER, a float GEMM
+on integer pixels from ``p >= 1 / DELTA_FRACTION``; conv: the channels whose weights flip),
+hidden binary layers (``fc_hidden``, ``conv_hidden``, ``pool_or``), output layer
+(``fc_output`` and the float BatchNorm + argmax), the per-map weight flips
+(:meth:`PackedNet.weights_seq`) and the rest (drawing the fault maps, the sweep driver).
+Measured by wrapping the engine's kernel calls with timers.
 """
 
 from __future__ import annotations
@@ -125,9 +129,36 @@ def _roofline(quick: bool) -> list[dict]:
     rows.append(("packed engine fc_output (popcount, int64 a)",
                  _best(lambda: kernels.fc_output(x, net_w, m, s))))
     fp32 = rows[0][1]
-    return [{"section": "roofline", "case": case, "implementation": name, "seconds": t,
-             "gmacs": macs / t / 1e9, "ratio": fp32 / t, "of_roofline": roof / t}
-            for name, t in rows]
+    out = [{"section": "roofline", "case": case, "implementation": name, "seconds": t,
+            "gmacs": macs / t / 1e9, "ratio": fp32 / t, "of_roofline": roof / t}
+           for name, t in rows]
+    # hidden 3x3 convs (vgg3's 64 -> 64 on 14 x 14, a vgg7 256 -> 256 on 8 x 8), same images
+    # count: G binary MACs per second against the roofline's (padding taps not counted)
+    roof_rate = macs / roof
+    for c, hw, nb in ((64, 14, n), (256, 8, n // 4)):
+        layout = packed._PackedLayout(_ConvStage(c, hw), (c, hw, hw))
+        wt = layout.pack(torch.where(torch.rand(c, c, 3, 3, generator=g) < 0.5, 1.0, -1.0))
+        xc = rng.integers(0, 2**63, (nb, hw, hw, -(-c // 64)), dtype=np.int64).view(np.uint64)
+        dc, tdc = kernels.comparator(np.ones(c), np.zeros(c), np.ones(c))
+        oc = np.empty((nb, hw, hw, -(-c // 64)), np.uint64)
+        args = (xc, wt, layout.tap_pop(wt), 3, 1, c, dc, tdc, oc)
+        t = _best(lambda args=args: kernels.conv_hidden(*args))
+        cmacs = nb * hw * hw * c * c * 9
+        out.append({"section": "roofline", "case": f"3x3 conv {c}->{c} on {hw}x{hw}, {nb} "
+                    "samples", "implementation": "packed engine conv_hidden (popcount + "
+                    "comparator + pack)", "seconds": t, "gmacs": cmacs / t / 1e9,
+                    "ratio": float("nan"), "of_roofline": cmacs / t / roof_rate})
+    return out
+
+
+class _ConvStage:
+    """The compiled-stage facts a :class:`packed._PackedLayout` reads, for a stride-1 3x3
+    conv with padding 1."""
+
+    conv, pool, index, kernel, padding = True, None, 1, (3, 3), (1, 1)
+
+    def __init__(self, c: int, hw: int) -> None:
+        self.in_shape, self.preact_shape = (c, hw, hw), (c, hw, hw)
 
 
 @contextmanager
@@ -155,34 +186,47 @@ def _profile(quick: bool) -> list[dict]:
     test = _test_set()
     if quick:
         test = test.subset(500)
-    model, label = _model("fc", test.shape)
-    n_maps = 2 if quick else 5
+    rows = []
+    for arch, n_maps in (("fc", 2 if quick else 5), ("vgg3", 1 if quick else 2)):
+        model, label = _model(arch, test.shape)
+        rows += _profile_one(model, label, test, n_maps, BERS)
+    return rows
+
+
+def _profile_one(model, label: str, test, n_maps: int, bers: list[float]) -> list[dict]:
+    """Seconds per faulty row of one packed sweep, split by stage (the engine's kernel calls
+    wrapped with timers)."""
     acc: dict[str, float] = defaultdict(float)
-    parts = [(kernels, "fc_hidden", "hidden"), (kernels, "fc_output", "output"),
+    parts = [(kernels, "fc_hidden", "hidden"), (kernels, "conv_hidden", "hidden"),
+             (kernels, "pool_or", "hidden"), (kernels, "fc_output", "output"),
              (packed.PackedNet, "_scores", "output"), (kernels, "fc_first_delta", "first_delta"),
-             (kernels, "pack_threshold", "first_gemm"), (packed.PackedNet, "run", "run"),
-             (packed.PackedNet, "weights", "weights")]
+             (kernels, "conv_first", "first_conv"), (kernels, "pack_threshold", "first_gemm"),
+             (packed.PackedNet, "run", "run"), (packed.PackedNet, "weights_seq", "weights")]
     evaluate.sweep(model, test.subset(64), bers=[0.05], n_maps=1, engine="packed",
                    progress=False)  # warm up
     with ExitStack() as stack:
         for obj, name, key in parts:
             stack.enter_context(_timed(obj, name, acc, key))
         t0 = time.perf_counter()
-        df = evaluate.sweep(model, test, bers=BERS, n_maps=n_maps, seed=0, engine="packed",
+        df = evaluate.sweep(model, test, bers=bers, n_maps=n_maps, seed=0, engine="packed",
                             progress=False)
         total = time.perf_counter() - t0
     rows_n = int((df["ber"] > 0).sum())
     first = acc["run"] - acc["hidden"] - acc["output"]
-    split = [("first layer (GEMM or delta, threshold, pack)", first),
-             ("  of which delta update (p < 1 / DELTA_FRACTION)", acc["first_delta"]),
-             ("hidden binary layers (fc_hidden)", acc["hidden"]),
+    split = [("first layer (all of it)", first),
+             ("  of which fc delta update (from the clean output or the map's previous BER)",
+              acc["first_delta"]),
+             ("  conv_first calls (per map the channels whose weights flip; with the clean "
+              "pass once per data chunk, outside the rows)", acc["first_conv"]),
+             ("hidden binary layers (fc_hidden, conv_hidden, pool_or)", acc["hidden"]),
              ("output layer (fc_output, BatchNorm, argmax)", acc["output"]),
-             ("weight flips (PackedNet.weights)", acc["weights"]),
+             ("weight flips (PackedNet.weights_seq)", acc["weights"]),
              ("map drawing, driver (the rest)", total - acc["run"] - acc["weights"]),
              ("total", total)]
-    case = f"packed sweep, {label}, {len(test)} images, {len(BERS)} BERs x {n_maps} maps"
+    case = f"packed sweep, {label}, {len(test)} images, {len(bers)} BERs x {n_maps} maps"
     return [{"section": "profile", "case": case, "implementation": name,
-             "seconds": t / rows_n, "share": t / total} for name, t in split]
+             "seconds": t / rows_n, "share": t / total} for name, t in split
+            if t > 0 or "of which" not in name]
 
 
 def run(quick: bool = False) -> pd.DataFrame:
