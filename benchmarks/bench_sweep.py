@@ -191,27 +191,30 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _memory_child(arch: str, n_maps: int, queue) -> None:
+def _memory_child(arch: str, n_maps: int, bers: list[float], queue) -> None:
     torch.set_num_threads(2)
     test = _test_set()
     model, label = _model(arch, test.shape)
     start = _rss_mb()
     t0 = time.perf_counter()
-    evaluate.sweep(model, test, bers=[0.05], n_maps=n_maps, seed=0, engine="packed", progress=False)
+    evaluate.sweep(model, test, bers=bers, n_maps=n_maps, seed=0, engine="packed", progress=False)
     queue.put((label, start, _rss_mb(), time.perf_counter() - t0))
 
 
-def _memory(arch: str, n_maps: int) -> dict:
+def _memory(arch: str, n_maps: int, bers: list[float] = (0.05,)) -> dict:
+    """Peak RSS of a fresh process sweeping ``arch`` (a multi-BER fc sweep also holds the
+    chained first layer's pre-activations)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_memory_child, args=(arch, n_maps, q))
+    p = ctx.Process(target=_memory_child, args=(arch, n_maps, list(bers), q))
     p.start()
     label, start, peak, secs = q.get()
     p.join()
+    grid = f"p=0.05 x {n_maps} maps" if len(bers) == 1 else f"{len(bers)} BERs x {n_maps} maps"
     return {
-        "case": f"memory: {label}, 10k images, p=0.05 x {n_maps} maps",
+        "case": f"memory: {label}, 10k images, {grid}",
         "implementation": "sweep packed engine (fresh process)",
-        "seconds_per_map": secs / n_maps,
+        "seconds_per_map": secs / (n_maps * sum(b > 0 for b in bers)),
         "peak_rss_mb": peak,
         "rss_above_start_mb": peak - start,
     }
@@ -245,5 +248,6 @@ def _run(quick: bool) -> pd.DataFrame:
     rows += _case("vgg3", test, 2 if quick else 20, 2 if quick else 3, 0)
     rows += _case("vgg7", test.subset(100) if quick else test, 1, 2, 0)
     if not quick:
-        rows += [_memory("vgg7", 2), _memory("fc", 10), _memory("fc", 100)]
+        rows += [_memory("vgg7", 2), _memory("fc", 10), _memory("fc", 100),
+                 _memory("fc", 10, BERS)]
     return pd.DataFrame(rows)
