@@ -13,14 +13,16 @@ one on the sampled maps (``exact``).
 Cases: ``fc`` (784-2048-2048-10; ``runs/fc`` when it exists) and ``vgg3`` on all 10k test
 images, 11 BERs (0 to 10 %) x 20 maps; ``vgg7`` (2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC-10
 on 1x28x28, random init) on all 10k images with 11 BERs x 1 map (a naive vgg7 map takes
-minutes). Target: naive / engine >= 3 for the conv models, >= 7 for fc.
+minutes). Targets (issue 24): naive / engine >= 12 for the conv models, >= 10 for fc.
 
 ``memory``: peak resident memory (``VmHWM``) of a fresh process running one sweep --
-vgg7 on 10k images (2 maps) and fc 2048-2048 with 10 and 100 maps -- and its growth over the
-same process after loading the model and the data (``rss_above_start_mb``). The engines stream
-the data in chunks (default from a 256 MiB budget) and hold one map's weights and flips at a
-time; fault maps are kept for reuse across BERs up to a 256 MiB budget and redrawn from their
-seeds beyond it, so the peak does not grow with the number of maps.
+vgg7 on 10k images (2 maps), fc 2048-2048 at one BER with 10 and 100 maps and at the 11 BERs
+with 10 maps -- and its growth over the same process after loading the model and the data
+(``rss_above_start_mb``). The engines stream the data in chunks (default from a 256 MiB
+budget) and hold one map's weights and flips at a time (the packed engine: one map's flip sets
+at up to 16 BERs, and for a first linear layer one more copy of its pre-activations per chunk);
+fault maps are kept for reuse across BERs up to a 256 MiB budget and redrawn from their seeds
+beyond it, so the peak does not grow with the number of maps.
 """
 
 from __future__ import annotations
