@@ -81,7 +81,7 @@ def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
     assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
 
 
-@pytest.mark.parametrize("n_b", [1, 63, 64, 130])
+@pytest.mark.parametrize("n_b", [1, 63, 64, 130, 1100, 4700])
 @pytest.mark.parametrize("n_flips", [0, 1, 40, 900])
 def test_fc_first_delta_equals_the_flipped_integer_product(n_b, n_flips):
     """``a0 + sum_f coef_f q[col_f]`` by rows == ``W' q`` of the flipped weights, thresholded;

