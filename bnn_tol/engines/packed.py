@@ -127,6 +127,24 @@ _NO_STATE = np.zeros((0, 0), np.int32)
 _NO_CHANNELS = np.zeros(0, np.int64)
 
 
+class _Chain:
+    """A data chunk's first-layer result kept from one flip set to the next
+    (:meth:`PackedNet.weights_seq`): ``a`` the pre-activations of a first linear layer (int32
+    ``(O, B)``, written in place), ``bits`` the pooled output bits of a first conv."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.bits = a, None
+
+
+def _stored(w: tuple) -> tuple:
+    """A first-layer entry of :meth:`PackedNet.weights` that keeps its result in the chain:
+    ``("delta", rows, cols, coef, chained, keep)`` or conv ``(w_t, chans, chained, keep)``
+    (the clean conv ``(w_t,)`` too)."""
+    if isinstance(w[0], str):
+        return (*w[:-1], True)
+    return (w[0], w[1] if len(w) > 1 else _NO_CHANNELS, len(w) > 2 and w[2], True)
+
+
 def _difference(prev: np.ndarray, cur: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices (of ``n``) in ``cur`` and not in ``prev`` (gained, ascending), and in
     ``prev`` and not in ``cur`` (lost)."""
@@ -226,7 +244,8 @@ class PackedNet:
                 ws[0] = self._stage_weights(0, negate(self.stages[0].wb, idx))
                 if self.layouts[0].conv:  # the output channels whose weights flip
                     per_o = self.stages[0].wb[0].numel()
-                    ws[0] += (np.unique(idx.cpu().numpy() // per_o).astype(np.int64),)
+                    ws[0] += (np.unique(idx.cpu().numpy() // per_o).astype(np.int64), False,
+                              False)
             else:
                 word, bit = self.layouts[k].positions(idx.cpu().numpy())
                 w_t = self.clean[k][0].copy()
@@ -236,15 +255,24 @@ class PackedNet:
 
     def weights_seq(self, flips: list[dict[int, Tensor]]) -> list[list[tuple]]:
         """:meth:`weights` of flip sets evaluated one after the other on each data chunk
-        (:meth:`run` with one ``state`` per chunk). A hidden first linear layer chains: set
-        ``j``'s pre-activations ``a_j = a_{j-1} + sum -2 w_i q_i`` over the weights flipped in
-        ``j`` and not in ``j - 1``, ``+2 w_i q_i`` over those flipped back, whenever that is
-        fewer terms than from the clean output (``|F_{j-1} symmetric-difference F_j| < |F_j|``;
-        nested fault maps at rising BERs: only the new flips), set ``j - 1`` then writing its
-        ``a`` to the state. Integer sums: the same bits as from the clean output."""
-        seq, prev = [], None  # prev: the first layer's flips whose a the state can hold
+        (:meth:`run` with one :class:`_Chain` per chunk). The first layer chains from one set
+        to the next (nested fault maps at rising BERs differ by the bits that start to flip):
+
+        - a hidden first linear layer: set ``j``'s pre-activations ``a_j = a_{j-1} + sum -2 w_i
+          q_i`` over the weights flipped in ``j`` and not in ``j - 1``, ``+2 w_i q_i`` over
+          those flipped back, whenever that is fewer terms than from the clean output
+          (``|F_{j-1} symmetric-difference F_j| < |F_j|``);
+        - a hidden first conv: only the channels whose flips differ from set ``j - 1``'s are
+          recomputed, the others keep set ``j - 1``'s pooled bits, whenever those are fewer
+          than the channels with any flip (which the clean bits would need).
+
+        Set ``j - 1`` then keeps its ``a`` (bits) in the chain. Integer sums and the same rule:
+        the same bits as from the clean output."""
+        seq: list[list[tuple]] = []
+        prev = None  # the first layer's flips of the set whose a (bits) the chain holds
+        first = self.stages[0].hidden and (self.layouts[0].conv or self._delta_first(0))
         for f in flips:
-            if not self._delta_first(0):  # no hidden first linear layer: nothing to chain
+            if not first:  # an output first layer, or one the float GEMM computes
                 seq.append(self.weights(f))
                 continue
             idx = f.get(0)
@@ -252,14 +280,22 @@ class PackedNet:
             step = None
             if prev is not None and len(cur):
                 gained, lost = _difference(prev, cur, len(self.w0))
-                if len(gained) + len(lost) < len(cur) and \
+                if self.layouts[0].conv:
+                    per_o = len(self.w0) // self.layouts[0].o
+                    changed = np.unique(np.concatenate([gained, lost]) // per_o)
+                    if len(changed) < len(np.unique(cur // per_o)):
+                        step = "conv", changed
+                elif len(gained) + len(lost) < len(cur) and \
                         self._delta_first(len(gained) + len(lost)):
-                    step = ("delta", *self._first_update(gained, lost), True, False)
-                    seq[-1][0] = seq[-1][0][:-1] + (True,)  # the previous set stores its a
-            ws = self.weights(f, first=step is None)
+                    step = "delta", (gained, lost)
+            ws = self.weights(f, first=step is None or step[0] == "conv")
             if step is not None:
-                ws[0] = step
-            prev = cur if ws[0][0] == "delta" else None
+                if step[0] == "conv":
+                    ws[0] = (ws[0][0], step[1], True, False)
+                else:
+                    ws[0] = ("delta", *self._first_update(*step[1]), True, False)
+                seq[-1][0] = _stored(seq[-1][0])  # the previous set keeps its a (bits)
+            prev = cur if self.layouts[0].conv or ws[0][0] == "delta" else None
             seq.append(ws)
         return seq
 
@@ -273,12 +309,13 @@ class PackedNet:
             coef[len(gained):] *= -1
         return rows, cols, coef
 
-    def state(self, h, seq: list[list[tuple]]) -> np.ndarray:
-        """The buffer :meth:`run` keeps a chained first layer's pre-activations in for the data
-        chunk ``h`` (no rows when no set of ``seq`` stores them)."""
-        if self._delta_first(0) and any(ws[0][0] == "delta" and ws[0][-1] for ws in seq):
-            return np.empty_like(h.a0_t)
-        return _NO_STATE
+    def chain(self, h, seq: list[list[tuple]]) -> _Chain:
+        """What :meth:`run` keeps between the flip sets of ``seq`` on the data chunk ``h``: for
+        a chained first linear layer a buffer for its pre-activations (allocated only when a
+        set of ``seq`` keeps them)."""
+        keep = any(isinstance(ws[0][0], str) and ws[0][0] == "delta" and ws[0][-1]
+                   for ws in seq)
+        return _Chain(np.empty_like(h.a0_t) if keep else _NO_STATE)
 
     def _delta_first(self, n_flips: int) -> bool:
         """A hidden first linear layer is updated from its clean output when fewer than
@@ -339,10 +376,10 @@ class PackedNet:
         kernels.pool_or(x, p, out)
         return out
 
-    def run(self, h, start: int, ws: list[tuple], state: np.ndarray | None = None) -> Tensor:
+    def run(self, h, start: int, ws: list[tuple], chain: _Chain | None = None) -> Tensor:
         """Predictions ``(B,)`` from stage ``start``: ``h`` is :meth:`first_input` (start 0)
-        or the packed words of stage ``start``'s input; ``state``: the chunk's buffer of
-        :meth:`state` when ``ws`` comes from :meth:`weights_seq`."""
+        or the packed words of stage ``start``'s input; ``chain``: the chunk's :meth:`chain`
+        when ``ws`` comes from :meth:`weights_seq`."""
         for k in range(start, len(self.stages)):
             st, lay, w = self.stages[k], self.layouts[k], ws[k]
             nwo = -(-lay.o // 64)
@@ -351,12 +388,16 @@ class PackedNet:
                 if not st.hidden:
                     raise NotImplementedError("a conv output layer")
                 # the clean bits, the channels whose weights flip recomputed
-                h = self._conv_first(h.q, w[0], w[1] if len(w) > 1 else _NO_CHANNELS, h.clean)
+                chained, keep = len(w) == 4 and w[2], len(w) == 4 and w[3]
+                h = self._conv_first(h.q, w[0], w[1] if len(w) > 1 else _NO_CHANNELS,
+                                     chain.bits if chained else h.clean)
+                if keep:  # a fresh array, never written again
+                    chain.bits = h
             elif k == 0 and w[0] == "delta":
                 _, rows, cols, coef, chained, store = w
                 out = np.empty((b, nwo), dtype=np.uint64)
-                kernels.fc_first_delta(state if chained else h.a0_t, h.q_t, rows, cols, coef,
-                                       *self.rule[k], out, state if store else _NO_STATE)
+                kernels.fc_first_delta(chain.a if chained else h.a0_t, h.q_t, rows, cols, coef,
+                                       *self.rule[k], out, chain.a if store else _NO_STATE)
                 h = out
             elif k == 0:
                 a = torch.round(h.q @ w[1].t())  # exact integers; round: any backend
@@ -450,7 +491,7 @@ class PackedEngine(SignEngine):
             seq = self.net.weights_seq([self.by_index(f) for f in flips])
             correct = [0] * len(seq)
             for h, y in self._chunks():
-                state = self.net.state(h, seq) if self.start == 0 else None
+                chain = self.net.chain(h, seq) if self.start == 0 else None
                 for i, ws in enumerate(seq):
-                    correct[i] += int((self.net.run(h, self.start, ws, state) == y).sum())
+                    correct[i] += int((self.net.run(h, self.start, ws, chain) == y).sum())
         return [c / len(self.data) for c in correct]
