@@ -243,9 +243,7 @@ class PackedNet:
             elif k == 0:
                 ws[0] = self._stage_weights(0, negate(self.stages[0].wb, idx))
                 if self.layouts[0].conv:  # the output channels whose weights flip
-                    per_o = self.stages[0].wb[0].numel()
-                    ws[0] += (np.unique(idx.cpu().numpy() // per_o).astype(np.int64), False,
-                              False)
+                    ws[0] += (self._channels(idx.cpu().numpy()), False, False)
             else:
                 word, bit = self.layouts[k].positions(idx.cpu().numpy())
                 w_t = self.clean[k][0].copy()
@@ -277,27 +275,31 @@ class PackedNet:
                 continue
             idx = f.get(0)
             cur = np.zeros(0, np.int64) if idx is None else idx.cpu().numpy()
-            step = None
+            chans = step = None  # chained: the conv's changed channels / the linear update
             if prev is not None and len(cur):
                 gained, lost = _difference(prev, cur, len(self.w0))
-                if self.layouts[0].conv:
-                    per_o = len(self.w0) // self.layouts[0].o
-                    changed = np.unique(np.concatenate([gained, lost]) // per_o)
-                    if len(changed) < len(np.unique(cur // per_o)):
-                        step = "conv", changed
+                if self.layouts[0].conv:  # fewer channels than the flipped ones (weights())
+                    changed = self._channels(np.concatenate([gained, lost]))
+                    if len(changed) < len(self._channels(cur)):
+                        chans = changed
                 elif len(gained) + len(lost) < len(cur) and \
                         self._delta_first(len(gained) + len(lost)):
-                    step = "delta", (gained, lost)
-            ws = self.weights(f, first=step is None or step[0] == "conv")
-            if step is not None:
-                if step[0] == "conv":
-                    ws[0] = (ws[0][0], step[1], True, False)
-                else:
-                    ws[0] = ("delta", *self._first_update(*step[1]), True, False)
+                    step = ("delta", *self._first_update(gained, lost), True, False)
+            ws = self.weights(f, first=step is None)
+            if chans is not None:
+                ws[0] = (ws[0][0], chans, True, False)
+            elif step is not None:
+                ws[0] = step
+            if chans is not None or step is not None:
                 seq[-1][0] = _stored(seq[-1][0])  # the previous set keeps its a (bits)
             prev = cur if self.layouts[0].conv or ws[0][0] == "delta" else None
             seq.append(ws)
         return seq
+
+    def _channels(self, idx: np.ndarray) -> np.ndarray:
+        """The first conv's output channels (ascending, unique) holding the flat weight
+        indices ``idx``."""
+        return np.unique(idx // (len(self.w0) // self.layouts[0].o)).astype(np.int64)
 
     def _first_update(self, gained: np.ndarray, lost: np.ndarray | None) -> tuple:
         """``(rows, cols, coef)`` of the first layer's weights that flip (``gained``, ``coef =
@@ -328,8 +330,9 @@ class PackedNet:
     # -- activations --------------------------------------------------------------------------
 
     def first_input(self, images: Tensor):
-        """uint8 ``(B, C, H, W)`` -> the first stage's input: for a first conv ``q = p -
-        offset`` int32 channels-last; for a first linear layer ``_FirstLinear`` (``q`` as a
+        """uint8 ``(B, C, H, W)`` -> the first stage's input: for a first conv ``_FirstConv``
+        (``q = p - offset`` int32 batch-last and, for a hidden one, its clean pooled output
+        bits); for a first linear layer ``_FirstLinear`` (``q`` as a
         float tensor, and for a hidden one also ``q`` transposed and the clean ``W q``)."""
         q = self.grid.to_int(images)
         if self.layouts[0].conv:
@@ -439,7 +442,7 @@ class PackedEngine(SignEngine):
     (fc and conv) on CPU; the first stage as an exact float conv/GEMM on integer pixels."""
 
     name, rank = "packed", -1
-    map_major = True  # a first linear layer chains nested flip sets (PackedNet.weights_seq)
+    map_major = True  # the first layer chains nested flip sets (PackedNet.weights_seq)
 
     @classmethod
     def unsupported(cls, cm, device, targets):  # noqa: D102
