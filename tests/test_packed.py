@@ -130,9 +130,14 @@ def test_flip_positions_equal_packing_the_flipped_weights(kind):
 
 
 @pytest.mark.parametrize(
-    "c_in,c_out,k,pad,hw", [(64, 64, 3, 1, 7), (70, 130, 3, 1, 6), (5, 9, 3, 0, 5), (3, 4, 5, 2, 4)]
+    "c_in,c_out,k,pad,hw",
+    [(64, 64, 3, 1, 7), (70, 130, 3, 1, 6), (5, 9, 3, 0, 5), (3, 4, 5, 2, 4), (65, 128, 3, 1, 2),
+     (128, 192, 3, 1, 5), (9, 70, 5, 1, 3)],
 )
 def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
+    """Every border class (corners, edges, images smaller than the kernel, more padding
+    classes than 3 x 3), odd position counts (the last position of a pair computed twice),
+    widths across word boundaries, dead units of both signs."""
     x, w = _pm1((4, c_in, hw, hw), 3), _pm1((c_out, c_in, k, k), 4)
     a = F.conv2d(x, w, padding=pad).numpy().astype(np.int64)  # (B, O, Ho, Wo)
     from bnn_tol.engines.packed import _PackedLayout
@@ -149,11 +154,9 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     kernels.conv_hidden(
         kernels.pack_rows(x.permute(0, 2, 3, 1).numpy()),
         w_t,
-        lay.tap_pop(w_t),
         k,
         pad,
-        c_in,
-        *kernels.comparator(d, t, const),
+        *lay.windows(w_t, kernels.comparator(d, t, const)),
         out,
     )
     want = _expected_bits(a.transpose(0, 2, 3, 1), d, t, const)

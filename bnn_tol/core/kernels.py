@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     AVAILABLE = False
 
 __all__ = ["AVAILABLE", "threads", "serial", "comparator", "pack_rows", "pack_threshold",
-           "fc_hidden", "fc_output", "conv_hidden", "conv_first", "fc_first_delta", "pool_or",
+           "fc_hidden", "fc_output", "conv_windows", "conv_hidden", "conv_first",
+           "fc_first_delta", "pool_or",
            "flip_words", "gap_positions", "negate_at", "margin_rows", "margin_cols",
            "margin_comoments", "near_threshold_preact", "rank1_preact",
            "argmax_classes"]
@@ -99,6 +100,49 @@ def pack_rows(v: np.ndarray) -> np.ndarray:
     return by.view(np.uint64).reshape(*bits.shape[:-1], nw).copy()
 
 
+
+def conv_windows(in_hw: tuple[int, int], k: int, pad: int, c_in: int, tap_pop: np.ndarray,
+                 d: np.ndarray, td: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The comparator of a hidden stride-1 ``k x k`` conv as popcount windows per border
+    class, for :func:`conv_hidden`.
+
+    A position whose patch has ``n_v`` taps inside the image has ``a = n_v c_in - 2 s``, ``s``
+    the popcount over those taps, and the bit ``d a >= td`` is the window ``lo <= s <= lo +
+    span`` of ``_count_window`` on ``n = n_v c_in``. :func:`conv_hidden` counts the padding
+    taps too, as zero words (``popcount(0 XOR w) = popcount(w)``), i.e. ``s + P`` with ``P``
+    the popcount of the missing taps' weights, so the window is shifted by ``P``. Positions
+    missing the same taps share one window: a row class (which kernel rows ``i`` fall inside)
+    times a column class, at most ``(2 pad + 1)^2`` of them.
+
+    Args:
+        in_hw: input ``(H, W)``; output ``Ho = H + 2 pad - k + 1`` (likewise ``Wo``).
+        tap_pop: int64 ``(k k, O)``, popcount of each tap's weight words.
+        d, td: int64 ``(O,)``, the rule of :func:`comparator`.
+
+    Returns:
+        ``rc`` int64 ``(Ho,)`` and ``cc`` ``(Wo,)``: each output row's / column's class;
+        ``lo`` int64 ``(n_rc, n_cc, O)`` and ``span`` uint64 ``(n_rc, n_cc, O)``.
+    """
+    def classes(n_in: int) -> tuple[np.ndarray, np.ndarray]:
+        inside = np.array([[0 <= o + i - pad < n_in for i in range(k)]
+                           for o in range(n_in + 2 * pad - k + 1)], dtype=bool)
+        masks, ids = np.unique(inside, axis=0, return_inverse=True)
+        return ids.reshape(-1).astype(np.int64), masks
+
+    rc, rows = classes(in_hw[0])
+    cc, cols = classes(in_hw[1])
+    taps = np.asarray(tap_pop, np.int64).reshape(k, k, -1)
+    lo = np.empty((len(rows), len(cols), taps.shape[2]), np.int64)
+    span = np.empty(lo.shape, np.uint64)
+    for a, rv in enumerate(rows):
+        for b, cv in enumerate(cols):
+            inside = np.outer(rv, cv)
+            lo[a, b], span[a, b] = _count_window(int(inside.sum()) * c_in, d, td)
+            lo[a, b] += taps[~inside].sum(0)
+    return rc, cc, lo, span
+
+
+
 if AVAILABLE:
 
     @intrinsic
@@ -124,50 +168,6 @@ if AVAILABLE:
                         if d[o] * np.int64(a[b, p, o]) >= td[o]:
                             word |= np.uint64(1) << np.uint64(o - o0)
                     out[b, p, o0 // 64] = word
-
-    @njit(inline="always", nogil=True)
-    def _accumulate(patch, w_t, s):  # pragma: no cover - compiled
-        """``s[o] = sum_k popcount(patch[k] XOR w_t[k, o])`` (vectorized over ``o``)."""
-        n_k, n_o = w_t.shape
-        for o in range(n_o):
-            s[o] = 0
-        for k in range(n_k):
-            xk = patch[k]
-            for o in range(n_o):
-                s[o] += _popcount(xk ^ w_t[k, o])
-
-    @njit(inline="always", nogil=True)
-    def _pack_rule(a_of_s, s, n, d, td, out):  # pragma: no cover - compiled
-        """Bits of ``d_o a_o >= td_o`` packed into ``out`` (``a = n - 2 s`` when ``a_of_s``,
-        else ``a = s``)."""
-        n_o = s.shape[0]
-        for o0 in range(0, n_o, 64):
-            word = np.uint64(0)
-            for o in range(o0, min(n_o, o0 + 64)):
-                a = n - 2 * s[o] if a_of_s else s[o]
-                if d[o] * a >= td[o]:
-                    word |= np.uint64(1) << np.uint64(o - o0)
-            out[o0 // 64] = word
-
-    @njit(inline="always", nogil=True)
-    def _gather(x, oh, ow, k, pad, patch):  # pragma: no cover - compiled
-        """Patch of output position ``(oh, ow)`` of a stride-1 ``k x k`` conv: ``x`` ``(H, W,
-        n)`` -> ``patch`` ``(k k n)``, taps ``(i, j)`` major, zero outside the image. Returns
-        the number of taps inside."""
-        hh, ww, n = x.shape
-        nv = 0
-        for i in range(k):
-            for j in range(k):
-                ih, iw = oh + i - pad, ow + j - pad
-                base = (i * k + j) * n
-                if 0 <= ih < hh and 0 <= iw < ww:
-                    nv += 1
-                    for c in range(n):
-                        patch[base + c] = x[ih, iw, c]
-                else:  # (a separate branch: no uint64/int64 unification to float)
-                    for c in range(n):
-                        patch[base + c] = 0
-        return nv
 
     @njit(inline="always", nogil=True)
     def _dot4x2(x, b0, b1, b2, b3, w, o0, o1):  # pragma: no cover - compiled
@@ -265,34 +265,87 @@ if AVAILABLE:
                 out[b2, o0], out[b2, o1] = n - 2 * s20, n - 2 * s21
                 out[b3, o0], out[b3, o1] = n - 2 * s30, n - 2 * s31
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def conv_hidden(x, w_t, tap_pop, k, pad, c_in, d, td, out):  # pragma: no cover - compiled
-        """Stride-1 ``k x k`` conv with zero padding ``pad`` on packed +-1 activations.
+    @njit(inline="always", nogil=True)
+    def _pack_window(s, lo, span, out):  # pragma: no cover - compiled
+        """Bits ``lo_o <= s_o <= lo_o + span_o`` of ``s`` ``(O,)`` packed into ``out``
+        ``(ceil(O / 64),)``. Whole words in a fixed 64-trip loop (LLVM vectorizes it: one
+        unsigned compare per 8 units and an OR reduction; with a variable trip count it stays
+        scalar, ~7x slower), then the tail word."""
+        n_o = s.shape[0]
+        nq = n_o // 64
+        for q in range(nq):
+            word = np.uint64(0)
+            for o in range(64):
+                u = 64 * q + o
+                if np.uint64(s[u] - lo[u]) <= span[u]:
+                    word |= np.uint64(1) << np.uint64(o)
+            out[q] = word
+        if n_o > 64 * nq:
+            word = np.uint64(0)
+            for u in range(64 * nq, n_o):
+                if np.uint64(s[u] - lo[u]) <= span[u]:
+                    word |= np.uint64(1) << np.uint64(u - 64 * nq)
+            out[nq] = word
 
-        ``x`` ``(B, H, W, nw)``; ``w_t`` ``(k k nw, O)`` (taps ``(i, j, word)`` major);
-        ``tap_pop`` ``(k k, O)`` popcount of each tap's weight words -> bits ``out``
-        ``(B, Ho, Wo, ceil(O / 64))``. Each output position gathers its patch once (padding
-        taps as zero words, whose ``popcount(0 XOR w)`` is subtracted again), so a padding tap
-        contributes 0 as in ``F.conv2d``: ``a = n_valid c_in - 2 popcount``.
-        """
-        nb, hh, ww, nw = x.shape
+    @njit(inline="always", nogil=True)
+    def _taps(xf, off, w_t, q0, q1, s0, s1):  # pragma: no cover - compiled
+        """``s_p[o] = sum_r popcount(xf[q_p + off[r]] XOR w_t[r, o])`` for two output
+        positions ``p`` (``q_p``: the flat index of the patch's first word in the zero-bordered
+        image ``xf``, ``off[r]``: tap ``r``'s word relative to it); one weight load serves both,
+        vectorized over ``o``."""
         n_o = w_t.shape[1]
-        _, ho, wo, _ = out.shape
-        for b in prange(nb):
-            s = np.empty(n_o, np.int64)
-            patch = np.empty(w_t.shape[0], np.uint64)
-            for oh in range(ho):
-                for ow in range(wo):
-                    nv = _gather(x[b], oh, ow, k, pad, patch)
-                    _accumulate(patch, w_t, s)
-                    if nv < k * k:
-                        for i in range(k):
-                            for j in range(k):
-                                ih, iw = oh + i - pad, ow + j - pad
-                                if not (0 <= ih < hh and 0 <= iw < ww):
-                                    for o in range(n_o):
-                                        s[o] -= tap_pop[i * k + j, o]
-                    _pack_rule(True, s, nv * c_in, d, td, out[b, oh, ow])
+        for o in range(n_o):
+            s0[o] = 0
+            s1[o] = 0
+        for r in range(off.shape[0]):
+            x0, x1 = xf[q0 + off[r]], xf[q1 + off[r]]
+            for o in range(n_o):
+                wv = w_t[r, o]
+                s0[o] += _popcount(x0 ^ wv)
+                s1[o] += _popcount(x1 ^ wv)
+
+    @njit(inline="always", nogil=True)
+    def _conv_image(x, w_t, k, pad, rc, cc, lo, span, out, s0, s1):  # pragma: no cover
+        """:func:`conv_hidden` of one image ``x`` ``(H, W, nw)`` -> ``out`` ``(Ho, Wo, nwo)``,
+        with scratch ``s0, s1`` ``(O,)``."""
+        hh, ww, nw = x.shape
+        ho, wo, _ = out.shape
+        n_pos = ho * wo
+        wp = ww + 2 * pad
+        xp = np.zeros((hh + 2 * pad, wp, nw), np.uint64)
+        xp[pad:pad + hh, pad:pad + ww] = x
+        xf = xp.ravel()
+        off = np.empty(k * k * nw, np.int64)
+        for i in range(k):
+            for j in range(k):
+                for c in range(nw):
+                    off[(i * k + j) * nw + c] = (i * wp + j) * nw + c
+        for p0 in range(0, n_pos, 2):
+            h0, v0 = divmod(p0, wo)
+            h1, v1 = divmod(min(p0 + 1, n_pos - 1), wo)
+            q0, q1 = (h0 * wp + v0) * nw, (h1 * wp + v1) * nw
+            _taps(xf, off, w_t, q0, q1, s0, s1)
+            _pack_window(s0, lo[rc[h0], cc[v0]], span[rc[h0], cc[v0]], out[h0, v0])
+            _pack_window(s1, lo[rc[h1], cc[v1]], span[rc[h1], cc[v1]], out[h1, v1])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def conv_hidden(x, w_t, k, pad, rc, cc, lo, span, out):  # pragma: no cover - compiled
+        """Stride-1 ``k x k`` conv with zero padding ``pad`` on packed +-1 activations, then
+        the comparator, as bits.
+
+        ``x`` ``(B, H, W, nw)``; ``w_t`` ``(k k nw, O)`` (taps ``(i, j, word)`` major); ``rc,
+        cc, lo, span`` from :func:`conv_windows` -> bits ``out`` ``(B, Ho, Wo, ceil(O / 64))``.
+        Each image is copied once into a zero-bordered buffer, so every tap reads a word
+        without a bounds test, and its taps' words are one flat loop (``off``); a padding tap's
+        zero word counts ``popcount(w)``, which the position's window (per border class)
+        already adds. Two output positions share each weight load (:func:`_taps`); an odd last
+        position is computed twice, writing the same bits. Measured against the previous
+        kernel (per-position patch gather, comparator after subtracting the padding taps, one
+        position per weight load): 1.5x on 512 channels, 2.9x on 64."""
+        for b in prange(x.shape[0]):
+            s0 = np.empty(w_t.shape[1], np.int64)
+            s1 = np.empty(w_t.shape[1], np.int64)
+            _conv_image(x[b], w_t, k, pad, rc, cc, lo, span, out[b], s0, s1)
 
     @njit(parallel=True, cache=True, nogil=True)
     def conv_first(q_bl, w_t, k, pad, pool, chans, d, td, clean, out):  # pragma: no cover

@@ -76,6 +76,7 @@ class _PackedLayout:
             if pad[0] != pad[1] or self.kh != self.kw:
                 raise ValueError("square kernels with equal padding only")
             self.pad = int(pad[0])
+            self.in_hw = tuple(st.in_shape[1:])
             self.out_hw = tuple(st.preact_shape[1:])
         elif len(source) == 3 and st.index > 0:  # flatten after a conv stage
             c, h, wd = source
@@ -98,12 +99,14 @@ class _PackedLayout:
             return np.ascontiguousarray(kernels.pack_rows(w).reshape(self.o, -1))
         return kernels.pack_rows(w)
 
-    def tap_pop(self, w_t: np.ndarray) -> np.ndarray | None:
-        """Conv: popcount of each tap's weight words, int64 ``(k k, O)``."""
-        if not self.conv:
+    def windows(self, w_t: np.ndarray, rule: tuple | None) -> tuple | None:
+        """A hidden conv's comparator on the padded popcount for the packed words ``w_t``
+        (:func:`bnn_tol.core.kernels.conv_windows`); ``None`` for other layers."""
+        if not self.conv or rule is None:
             return None
         counts = np.bitwise_count(w_t).astype(np.int64)
-        return counts.reshape(self.kh * self.kw, self.nw, self.o).sum(1)
+        tap_pop = counts.reshape(self.kh * self.kw, self.nw, self.o).sum(1)
+        return kernels.conv_windows(self.in_hw, self.kh, self.pad, self.c_in, tap_pop, *rule)
 
     def positions(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Flat indices into ``layer.weight`` -> (flat word index, bit) of :meth:`pack`."""
@@ -215,8 +218,8 @@ class PackedNet:
 
     def _stage_weights(self, k: int, wb: Tensor) -> tuple:
         """What stage ``k``'s kernel takes: first conv ``(w_t int32 (k k C, O),)``, first
-        linear ``(wb float,)``, later stages ``(w uint64, tap_pop)`` (:meth:`_PackedLayout.
-        pack`)."""
+        linear ``(wb float,)``, later stages ``(w uint64, windows)`` (:meth:`_PackedLayout.
+        pack`, :meth:`_PackedLayout.windows`)."""
         lay = self.layouts[k]
         if k == 0:
             if lay.conv:
@@ -224,7 +227,7 @@ class PackedNet:
                 return (np.ascontiguousarray(w.numpy()),)
             return ("dense", wb.to(self.first_dtype))
         w_t = lay.pack(wb)
-        return (w_t, lay.tap_pop(w_t))
+        return (w_t, lay.windows(w_t, self.rule[k]))
 
     def weights(self, flips: dict[int, Tensor], *, first: bool = True) -> list[tuple]:
         """Per-stage kernel weights with the bits at ``flips[k]`` (flat ``layer.weight``
@@ -248,7 +251,7 @@ class PackedNet:
                 word, bit = self.layouts[k].positions(idx.cpu().numpy())
                 w_t = self.clean[k][0].copy()
                 kernels.flip_words(w_t, word.astype(np.int64), bit.astype(np.int64))
-                ws[k] = (w_t, self.layouts[k].tap_pop(w_t))
+                ws[k] = (w_t, self.layouts[k].windows(w_t, self.rule[k]))
         return ws
 
     def weights_seq(self, flips: list[dict[int, Tensor]]) -> list[list[tuple]]:
@@ -413,8 +416,7 @@ class PackedNet:
             elif lay.conv:
                 ho, wo = lay.out_hw
                 out = np.empty((b, ho, wo, nwo), dtype=np.uint64)
-                kernels.conv_hidden(h, w[0], w[1], lay.kh, lay.pad, lay.c_in, *self.rule[k],
-                                    out)
+                kernels.conv_hidden(h, w[0], lay.kh, lay.pad, *w[1], out)
                 h = self._pool(k, out)
             else:
                 h = h.reshape(b, -1)
