@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import randomize_bn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bnn_tol import data, errors, evaluate, models
 from bnn_tol.core import kernels
@@ -163,6 +165,33 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     assert (_unpack(out, c_out) == want).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(c_in=st.integers(1, 140), c_out=st.integers(1, 140), k=st.sampled_from([1, 3, 5]),
+       pad=st.integers(0, 3), h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 99))
+def test_conv_hidden_equals_conv2d_on_any_shape(c_in, c_out, k, pad, h, w, seed):
+    """Property: any channel counts, kernel, padding (also wider than the kernel: positions
+    with no tap inside) and non-square image whose output is not empty."""
+    if h + 2 * pad < k or w + 2 * pad < k:
+        return
+    x, wt = _pm1((3, c_in, h, w), seed), _pm1((c_out, c_in, k, k), seed + 1)
+    a = F.conv2d(x, wt, padding=pad).numpy().astype(np.int64)
+    from bnn_tol.engines.packed import _PackedLayout
+
+    class St:
+        conv, pool, index, wb, kernel, padding = True, None, 1, wt, (k, k), (pad, pad)
+        in_shape = (c_in, h, w)
+        preact_shape = (c_out, *a.shape[2:])
+
+    lay = _PackedLayout(St, (c_in, h, w))
+    w_t = lay.pack(wt)
+    d, t, const = _rule(c_out, seed)
+    out = np.empty((3, *a.shape[2:], -(-c_out // 64)), np.uint64)
+    xb = kernels.pack_rows(x.permute(0, 2, 3, 1).numpy())
+    kernels.conv_hidden(xb, w_t, k, pad, *lay.windows(w_t, kernels.comparator(d, t, const)), out)
+    want = _expected_bits(a.transpose(0, 2, 3, 1), d, t, const)
+    assert (_unpack(out, c_out) == want).all()
+
+
 @pytest.mark.parametrize("pool,pad,size", [(2, 1, 9), (1, 0, 8), (3, 1, 10)])
 def test_conv_first_equals_conv2d_and_recomputes_the_named_channels_only(pool, pad, size):
     """``conv_first`` with every channel == the rule on ``F.conv2d`` of the integer pixels,
@@ -247,13 +276,15 @@ def test_packed_sweep_rows_equal_the_reference_engine(arch, kw, shape):
 ODD = [
     ("fc", {"hidden": (67, 129, 3)}, (1, 11, 9)),
     ("vgg3", {"channels": ((5,), (67,)), "fc_width": 33}, (1, 10, 10)),
+    ("vgg7", {"channels": ((5, 64), (67, 130), (3, 65)), "fc_width": 33}, (3, 12, 12)),
 ]
 
 
 @pytest.mark.parametrize("arch,kw,shape", ODD, ids=[c[0] for c in ODD])
 def test_packed_equals_reference_on_odd_widths_dead_units_and_negative_gamma(arch, kw, shape):
-    """Widths that are not multiples of 64 (odd unit counts, a 3-unit layer), a data chunk that
-    is not a multiple of the kernels' 4-sample tiles, dead units (gamma = 0) and gamma < 0
+    """Widths that are not multiples of 64 (odd unit counts, a 3-unit layer; vgg7: exactly 64,
+    two words with a tail, a tail word alone, odd positions 3 x 3), a data chunk that is not a
+    multiple of the kernels' 4-sample tiles, dead units (gamma = 0) and gamma < 0
     units in every hidden block."""
     model = randomize_bn(models.build(arch, in_shape=shape, seed=7, **kw), seed=8)
     with torch.no_grad():

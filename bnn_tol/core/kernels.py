@@ -266,26 +266,27 @@ if AVAILABLE:
                 out[b3, o0], out[b3, o1] = n - 2 * s30, n - 2 * s31
 
     @njit(inline="always", nogil=True)
-    def _pack_window(s, lo, span, out):  # pragma: no cover - compiled
-        """Bits ``lo_o <= s_o <= lo_o + span_o`` of ``s`` ``(O,)`` packed into ``out``
-        ``(ceil(O / 64),)``. Whole words in a fixed 64-trip loop (LLVM vectorizes it: one
-        unsigned compare per 8 units and an OR reduction; with a variable trip count it stays
-        scalar, ~7x slower), then the tail word."""
+    def _pack_window(s, lo, span, a, b, out, h, v):  # pragma: no cover - compiled
+        """Bits ``lo[a, b, o] <= s[o] <= lo[a, b, o] + span[a, b, o]`` of ``s`` ``(O,)``
+        packed into ``out[h, v]`` ``(ceil(O / 64),)``. Whole words in a fixed 64-trip loop
+        (LLVM vectorizes it: one unsigned compare per 8 units and an OR reduction; with a
+        variable trip count it stays scalar, ~7x slower), then the tail word. Indexed, not
+        sliced: a numba slice is a reference-counted view (atomic increments per call)."""
         n_o = s.shape[0]
         nq = n_o // 64
         for q in range(nq):
             word = np.uint64(0)
             for o in range(64):
                 u = 64 * q + o
-                if np.uint64(s[u] - lo[u]) <= span[u]:
+                if np.uint64(s[u] - lo[a, b, u]) <= span[a, b, u]:
                     word |= np.uint64(1) << np.uint64(o)
-            out[q] = word
+            out[h, v, q] = word
         if n_o > 64 * nq:
             word = np.uint64(0)
             for u in range(64 * nq, n_o):
-                if np.uint64(s[u] - lo[u]) <= span[u]:
+                if np.uint64(s[u] - lo[a, b, u]) <= span[a, b, u]:
                     word |= np.uint64(1) << np.uint64(u - 64 * nq)
-            out[nq] = word
+            out[h, v, nq] = word
 
     @njit(inline="always", nogil=True)
     def _taps(xf, off, w_t, q0, q1, s0, s1):  # pragma: no cover - compiled
@@ -325,8 +326,8 @@ if AVAILABLE:
             h1, v1 = divmod(min(p0 + 1, n_pos - 1), wo)
             q0, q1 = (h0 * wp + v0) * nw, (h1 * wp + v1) * nw
             _taps(xf, off, w_t, q0, q1, s0, s1)
-            _pack_window(s0, lo[rc[h0], cc[v0]], span[rc[h0], cc[v0]], out[h0, v0])
-            _pack_window(s1, lo[rc[h1], cc[v1]], span[rc[h1], cc[v1]], out[h1, v1])
+            _pack_window(s0, lo, span, rc[h0], cc[v0], out, h0, v0)
+            _pack_window(s1, lo, span, rc[h1], cc[v1], out, h1, v1)
 
     @njit(parallel=True, cache=True, nogil=True)
     def conv_hidden(x, w_t, k, pad, rc, cc, lo, span, out):  # pragma: no cover - compiled
