@@ -295,10 +295,12 @@ if AVAILABLE:
         image ``xf``, ``off[r]``: tap ``r``'s word relative to it); one weight load serves both,
         vectorized over ``o``."""
         n_o = w_t.shape[1]
-        for o in range(n_o):
-            s0[o] = 0
-            s1[o] = 0
-        for r in range(off.shape[0]):
+        x0, x1 = xf[q0 + off[0]], xf[q1 + off[0]]
+        for o in range(n_o):  # the first word sets the counts (no zeroing pass)
+            wv = w_t[0, o]
+            s0[o] = _popcount(x0 ^ wv)
+            s1[o] = _popcount(x1 ^ wv)
+        for r in range(1, off.shape[0]):
             x0, x1 = xf[q0 + off[r]], xf[q1 + off[r]]
             for o in range(n_o):
                 wv = w_t[r, o]
