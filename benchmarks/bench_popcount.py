@@ -4,18 +4,20 @@
 threads: fp32 ``a @ b``, int8 ``torch._int_mm`` and a plain XOR + popcount + accumulate numba
 kernel over packed ``uint64`` words in a few blockings (``numba.prange`` over sample blocks,
 inner loop over words, ``S`` samples x ``N`` neurons held in registers so one weight-word load
-serves ``S`` samples); ``popcount roofline`` is the best rate of them. Then the packed engine's
-own kernels: ``fc_hidden`` (popcount, comparator, packed output bits) and ``fc_output`` (exact
-int64 pre-activations) on the same fc layer, and ``conv_hidden`` (zero-bordered image copy, two
-positions per weight load, the comparator as a popcount window per border class) on vgg3's 64 ->
-64 channels on 14 x 14, 256 -> 256 on 8 x 8 and vgg7's 512 -> 512 on 7 x 7 (an odd number of
-positions). Every kernel is timed in the same 3 interleaved rounds (best of each), so the
-fractions survive this VM's drift. A conv counts every tap it computes as a MAC, the padding
-taps included (a padded 8 x 8 layer has 16 % of its taps outside the image). The conv kernel's
-scheme (weights transposed, the neurons vectorized, accumulators in registers across the taps)
-can beat the fc blockings slightly on wide layers, so a conv's fraction can exceed 1. ``gmacs``:
-G (binary) multiply-accumulates per second, ``ratio``: against fp32 (fc layer), ``of_roofline``:
-fraction of the popcount roofline.
+serves ``S`` samples; or 2 samples per weight load with the neurons vectorized over transposed
+weights, 4 words per pass over the counts), each reducing its counts to one total per sample (so
+that no kernel measures the store of a (B, O) int64 array); ``popcount roofline`` is the best
+rate of them. Then the packed engine's own kernels: ``fc_hidden`` (popcount, comparator, packed
+output bits) and ``fc_output`` (exact int64 pre-activations) on the same fc layer, and
+``conv_hidden`` (zero-bordered image copy, two positions per weight load, the comparator as a
+popcount window per border class) on vgg3's 64 -> 64 channels on 14 x 14, 256 -> 256 on 8 x 8
+and vgg7's 512 -> 512 on 7 x 7 (an odd number of positions). Every kernel is timed in the same 3
+interleaved rounds (best of each), so the fractions survive this VM's drift. A conv counts every
+tap it computes as a MAC, the padding taps included (a padded 8 x 8 layer has 16 % of its taps
+outside the image). The conv kernel's scheme (weights transposed, the neurons vectorized,
+accumulators in registers across the taps) can beat the fc blockings slightly on wide layers, so
+a conv's fraction can exceed 1. ``gmacs``: G (binary) multiply-accumulates per second,
+``ratio``: against fp32 (fc layer), ``of_roofline``: fraction of the popcount roofline.
 
 ``profile``: one packed-engine sweep of fc 784-2048-2048-10 (``runs/fc`` when it exists, else
 random init; 5 maps, quick: 2) and of vgg3 (random init; 2 maps, quick: 1) on the 10k test
@@ -47,11 +49,18 @@ if kernels.AVAILABLE:
     from numba import njit, prange
 
     _pc = kernels._popcount
+    _taps = kernels._taps
+
+    # The plain kernels reduce their counts to one total per sample (``s`` ``(B,)``), which
+    # keeps every count live: writing a (B, O) int64 array moves 8 bytes per (sample, neuron)
+    # and on this machine made the 2048 x 2048 layer memory-bound (~1.1x slower), so a
+    # roofline would have measured the store, not the popcounts.
 
     @njit(parallel=True, cache=True, nogil=True)
     def _xor_pop_1x4(x, w, s):  # pragma: no cover - compiled
         nb, nw = x.shape
         for b in prange(nb):
+            t = 0
             for o in range(0, w.shape[0], 4):
                 a0 = a1 = a2 = a3 = 0
                 for k in range(nw):
@@ -60,13 +69,15 @@ if kernels.AVAILABLE:
                     a1 += _pc(v ^ w[o + 1, k])
                     a2 += _pc(v ^ w[o + 2, k])
                     a3 += _pc(v ^ w[o + 3, k])
-                s[b, o], s[b, o + 1], s[b, o + 2], s[b, o + 3] = a0, a1, a2, a3
+                t += a0 + a1 + a2 + a3
+            s[b] = t
 
     @njit(parallel=True, cache=True, nogil=True)
     def _xor_pop_4x1(x, w, s):  # pragma: no cover - compiled
         nb, nw = x.shape
         for ib in prange(nb // 4):
             b = 4 * ib
+            t0 = t1 = t2 = t3 = 0
             for o in range(w.shape[0]):
                 a0 = a1 = a2 = a3 = 0
                 for k in range(nw):
@@ -75,13 +86,15 @@ if kernels.AVAILABLE:
                     a1 += _pc(x[b + 1, k] ^ v)
                     a2 += _pc(x[b + 2, k] ^ v)
                     a3 += _pc(x[b + 3, k] ^ v)
-                s[b, o], s[b + 1, o], s[b + 2, o], s[b + 3, o] = a0, a1, a2, a3
+                t0, t1, t2, t3 = t0 + a0, t1 + a1, t2 + a2, t3 + a3
+            s[b], s[b + 1], s[b + 2], s[b + 3] = t0, t1, t2, t3
 
     @njit(parallel=True, cache=True, nogil=True)
     def _xor_pop_4x2(x, w, s):  # pragma: no cover - compiled
         nb, nw = x.shape
         for ib in prange(nb // 4):
             b = 4 * ib
+            t0 = t1 = t2 = t3 = 0
             for o in range(0, w.shape[0], 2):
                 a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = 0
                 for k in range(nw):
@@ -95,11 +108,29 @@ if kernels.AVAILABLE:
                     a21 += _pc(x2 ^ v1)
                     a30 += _pc(x3 ^ v0)
                     a31 += _pc(x3 ^ v1)
-                s[b, o], s[b, o + 1], s[b + 1, o], s[b + 1, o + 1] = a00, a01, a10, a11
-                s[b + 2, o], s[b + 2, o + 1], s[b + 3, o], s[b + 3, o + 1] = a20, a21, a30, a31
+                t0, t1 = t0 + a00 + a01, t1 + a10 + a11
+                t2, t3 = t2 + a20 + a21, t3 + a30 + a31
+            s[b], s[b + 1], s[b + 2], s[b + 3] = t0, t1, t2, t3
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _xor_pop_2xv(x, w, s):  # pragma: no cover - compiled
+        """2 samples per weight load, the neurons vectorized over the transposed weights ``w``
+        ``(nw, O)``, 4 words per pass over the counts (the engine kernels' scheme,
+        :func:`bnn_tol.core.kernels._taps`)."""
+        nb, nw = x.shape
+        n_o = w.shape[1]
+        xf = x.ravel()
+        off = np.arange(nw)
+        for ib in prange(nb // 2):
+            b = 2 * ib
+            s0 = np.empty(n_o, np.int64)
+            s1 = np.empty(n_o, np.int64)
+            _taps(xf, off, w, b * nw, (b + 1) * nw, s0, s1)
+            s[b], s[b + 1] = s0.sum(), s1.sum()
 
     _BLOCKINGS = {"1 sample x 4 neurons": _xor_pop_1x4, "4 samples x 1 neuron": _xor_pop_4x1,
-                  "4 samples x 2 neurons": _xor_pop_4x2}
+                  "4 samples x 2 neurons": _xor_pop_4x2,
+                  "2 samples x neurons vectorized, 4 words per pass": _xor_pop_2xv}
 
 
 
@@ -121,15 +152,17 @@ def _roofline(quick: bool) -> list[dict]:
     jobs["int8 torch._int_mm"] = (fc_case, n * m * m, lambda: torch._int_mm(a8, w8.t()))
     x = rng.integers(0, 2**63, (n, m // 64), dtype=np.int64).view(np.uint64)
     w = rng.integers(0, 2**63, (m, m // 64), dtype=np.int64).view(np.uint64)
-    s = np.empty((n, m), np.int64)
+    s, totals = np.empty((n, m), np.int64), np.empty(n, np.int64)
+    w_t = np.ascontiguousarray(w.T)
     for name, f in _BLOCKINGS.items():
+        wf = w_t if f is _xor_pop_2xv else w
         jobs[f"XOR+popcount numba, {name}"] = (fc_case, n * m * m,
-                                               lambda f=f: f(x, w, s))
+                                               lambda f=f, wf=wf: f(x, wf, totals))
     n_plain = len(jobs)
     d, td = kernels.comparator(np.ones(m), np.zeros(m), np.ones(m))
     bits = np.empty((n, m // 64), np.uint64)
     jobs["packed engine fc_hidden (popcount + comparator + pack)"] = (
-        fc_case, n * m * m, lambda: kernels.fc_hidden(x, w, m, d, td, bits))
+        fc_case, n * m * m, lambda: kernels.fc_hidden(x, w_t, m, d, td, bits))
     jobs["packed engine fc_output (popcount, int64 a)"] = (
         fc_case, n * m * m, lambda: kernels.fc_output(x, w, m, s))
     # hidden 3x3 convs of vgg3 and vgg7 (an odd number of positions on 7 x 7)

@@ -60,15 +60,18 @@ def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
     assert (out == a).all()
     d, t, const = _rule(n_out, 2)
     bits = np.empty((33, -(-n_out // 64)), np.uint64)
-    kernels.fc_hidden(x_p, w_p, n_in, *kernels.comparator(d, t, const), bits)
+    kernels.fc_hidden(x_p, w_p.T.copy(), n_in, *kernels.comparator(d, t, const), bits)
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
 
 
 @pytest.mark.parametrize("n_b", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("n_in,n_out", [(1, 1), (63, 3), (65, 67), (130, 128), (2048, 131)])
+@pytest.mark.parametrize("n_in,n_out", [(1, 1), (63, 3), (65, 67), (130, 128), (2048, 131),
+                                         (2100, 64)])
 def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
-    """4-sample x 2-unit tiles: batches not a multiple of 4, odd unit counts, widths not a
-    multiple of 64; every unit kind of the comparator (d = +1, -1, dead +1 / -1)."""
+    """``fc_output``'s 4-sample x 2-unit tiles and ``fc_hidden``'s sample pairs and 4-word
+    passes: batches not a multiple of 4 (or odd), odd unit counts, widths not a multiple of 64
+    (1, 2, 3 and 33 words: every remainder of the 4-word passes); every unit kind of the
+    comparator (d = +1, -1, dead +1 / -1), ties ``a == t``."""
     x, w = _pm1((n_b, n_in), 10 + n_b), _pm1((n_out, n_in), 11)
     a = (x.double() @ w.double().t()).numpy().astype(np.int64)
     x_p, w_p = kernels.pack_rows(x.numpy()), kernels.pack_rows(w.numpy())
@@ -78,7 +81,7 @@ def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
     d, t, const = _rule(n_out, 12)
     t[::3] = a[0, ::3]  # ties a == t on the first sample: >= and <= both hold
     bits = np.full((n_b, -(-n_out // 64)), 2**64 - 1, np.uint64)
-    kernels.fc_hidden(x_p, w_p, n_in, *kernels.comparator(d, t, const), bits)
+    kernels.fc_hidden(x_p, w_p.T.copy(), n_in, *kernels.comparator(d, t, const), bits)
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
     assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
 

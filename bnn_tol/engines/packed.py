@@ -218,16 +218,26 @@ class PackedNet:
 
     def _stage_weights(self, k: int, wb: Tensor) -> tuple:
         """What stage ``k``'s kernel takes: first conv ``(w_t int32 (k k C, O),)``, first
-        linear ``(wb float,)``, later stages ``(w uint64, windows)`` (:meth:`_PackedLayout.
-        pack`, :meth:`_PackedLayout.windows`)."""
+        linear ``(wb float,)``, later stages ``(w uint64, ...)`` (:meth:`_PackedLayout.pack`,
+        :meth:`_packed`)."""
         lay = self.layouts[k]
         if k == 0:
             if lay.conv:
                 w = wb.permute(2, 3, 1, 0).reshape(-1, lay.o).to(torch.int32)
                 return (np.ascontiguousarray(w.numpy()),)
             return ("dense", wb.to(self.first_dtype))
-        w_t = lay.pack(wb)
-        return (w_t, lay.windows(w_t, self.rule[k]))
+        return self._packed(k, lay.pack(wb))
+
+    def _packed(self, k: int, words: np.ndarray) -> tuple:
+        """Stage ``k``'s packed words and what its kernel takes beside them: a hidden conv's
+        comparator windows (:meth:`_PackedLayout.windows`), a hidden linear layer's words
+        transposed ``(nw, O)`` (:func:`kernels.fc_hidden`), nothing for the output layer."""
+        lay = self.layouts[k]
+        if lay.conv:
+            return (words, lay.windows(words, self.rule[k]))
+        if self.rule[k] is not None:
+            return (words, np.ascontiguousarray(words.T))
+        return (words, None)
 
     def weights(self, flips: dict[int, Tensor], *, first: bool = True) -> list[tuple]:
         """Per-stage kernel weights with the bits at ``flips[k]`` (flat ``layer.weight``
@@ -251,7 +261,7 @@ class PackedNet:
                 word, bit = self.layouts[k].positions(idx.cpu().numpy())
                 w_t = self.clean[k][0].copy()
                 kernels.flip_words(w_t, word.astype(np.int64), bit.astype(np.int64))
-                ws[k] = (w_t, self.layouts[k].windows(w_t, self.rule[k]))
+                ws[k] = self._packed(k, w_t)
         return ws
 
     def weights_seq(self, flips: list[dict[int, Tensor]]) -> list[list[tuple]]:
@@ -426,7 +436,7 @@ class PackedNet:
                     kernels.fc_output(h, w[0], n_in, a)
                     return self._scores(k, torch.from_numpy(a).to(torch.float64))
                 out = np.empty((b, nwo), dtype=np.uint64)
-                kernels.fc_hidden(h, w[0], n_in, *self.rule[k], out)
+                kernels.fc_hidden(np.ascontiguousarray(h), w[1], n_in, *self.rule[k], out)
                 h = out
         raise AssertionError("unreachable: the last stage returns")
 
