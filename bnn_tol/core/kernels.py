@@ -102,7 +102,6 @@ def pack_rows(v: np.ndarray) -> np.ndarray:
     return by.view(np.uint64).reshape(*bits.shape[:-1], nw).copy()
 
 
-
 def conv_windows(in_hw: tuple[int, int], k: int, pad: int, c_in: int, tap_pop: np.ndarray,
                  d: np.ndarray, td: np.ndarray) -> tuple[np.ndarray, ...]:
     """The comparator of a hidden stride-1 ``k x k`` conv as popcount windows per border
@@ -142,7 +141,6 @@ def conv_windows(in_hw: tuple[int, int], k: int, pad: int, c_in: int, tap_pop: n
             lo[a, b], span[a, b] = _count_window(int(inside.sum()) * c_in, d, td)
             lo[a, b] += taps[~inside].sum(0)
     return rc, cc, lo, span
-
 
 
 if AVAILABLE:
@@ -320,30 +318,6 @@ if AVAILABLE:
                 s1[o] += _popcount(x1 ^ wv)
             r += 1
 
-    @njit(inline="always", nogil=True)
-    def _conv_image(x, w_t, k, pad, rc, cc, lo, span, out, s0, s1):  # pragma: no cover
-        """:func:`conv_hidden` of one image ``x`` ``(H, W, nw)`` -> ``out`` ``(Ho, Wo, nwo)``,
-        with scratch ``s0, s1`` ``(O,)``."""
-        hh, ww, nw = x.shape
-        ho, wo, _ = out.shape
-        n_pos = ho * wo
-        wp = ww + 2 * pad
-        xp = np.zeros((hh + 2 * pad, wp, nw), np.uint64)
-        xp[pad:pad + hh, pad:pad + ww] = x
-        xf = xp.ravel()
-        off = np.empty(k * k * nw, np.int64)
-        for i in range(k):
-            for j in range(k):
-                for c in range(nw):
-                    off[(i * k + j) * nw + c] = (i * wp + j) * nw + c
-        for p0 in range(0, n_pos, 2):
-            h0, v0 = divmod(p0, wo)
-            h1, v1 = divmod(min(p0 + 1, n_pos - 1), wo)
-            q0, q1 = (h0 * wp + v0) * nw, (h1 * wp + v1) * nw
-            _taps(xf, off, w_t, q0, q1, s0, s1)
-            _pack_window(s0, lo, span, rc[h0], cc[v0], out, h0, v0)
-            _pack_window(s1, lo, span, rc[h1], cc[v1], out, h1, v1)
-
     @njit(parallel=True, cache=True, nogil=True)
     def conv_hidden(x, w_t, k, pad, rc, cc, lo, span, out):  # pragma: no cover - compiled
         """Stride-1 ``k x k`` conv with zero padding ``pad`` on packed +-1 activations, then
@@ -358,10 +332,28 @@ if AVAILABLE:
         position is computed twice, writing the same bits. Measured against the previous
         kernel (per-position patch gather, comparator after subtracting the padding taps, one
         position per weight load): 2.0-2.6x on 128-512 channels, 3.4x on 64."""
-        for b in prange(x.shape[0]):
+        nb, hh, ww, nw = x.shape
+        _, ho, wo, _ = out.shape
+        n_pos = ho * wo
+        wp = ww + 2 * pad
+        off = np.empty(k * k * nw, np.int64)
+        for i in range(k):
+            for j in range(k):
+                for c in range(nw):
+                    off[(i * k + j) * nw + c] = (i * wp + j) * nw + c
+        for b in prange(nb):
             s0 = np.empty(w_t.shape[1], np.int64)
             s1 = np.empty(w_t.shape[1], np.int64)
-            _conv_image(x[b], w_t, k, pad, rc, cc, lo, span, out[b], s0, s1)
+            xp = np.zeros((hh + 2 * pad, wp, nw), np.uint64)
+            xp[pad:pad + hh, pad:pad + ww] = x[b]
+            xf, ob = xp.ravel(), out[b]
+            for p0 in range(0, n_pos, 2):
+                h0, v0 = divmod(p0, wo)
+                h1, v1 = divmod(min(p0 + 1, n_pos - 1), wo)
+                q0, q1 = (h0 * wp + v0) * nw, (h1 * wp + v1) * nw
+                _taps(xf, off, w_t, q0, q1, s0, s1)
+                _pack_window(s0, lo, span, rc[h0], cc[v0], ob, h0, v0)
+                _pack_window(s1, lo, span, rc[h1], cc[v1], ob, h1, v1)
 
     @njit(parallel=True, cache=True, nogil=True)
     def conv_first(q_bl, w_t, k, pad, pool, chans, d, td, clean, out):  # pragma: no cover

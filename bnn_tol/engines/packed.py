@@ -451,7 +451,8 @@ class PackedNet:
 @register_engine
 class PackedEngine(SignEngine):
     """Packed-bit XNOR/popcount (:class:`PackedNet`, numba kernels): any stride-1 BNN
-    (fc and conv) on CPU; the first stage as an exact float conv/GEMM on integer pixels."""
+    (fc and conv) on CPU; the first stage exact on integer pixels (a first conv as an int32
+    kernel, a first linear layer as a float GEMM or a delta of its clean output)."""
 
     name, rank = "packed", -1
     map_major = True  # the first layer chains nested flip sets (PackedNet.weights_seq)
@@ -482,7 +483,8 @@ class PackedEngine(SignEngine):
         # 784-2048-2048-10 and 1.8x on 784-512-512-10 (10k images, 11 BERs x 4 maps, 2 threads,
         # both engines in one process, AMD EPYC with AVX-512 VNNI + VPOPCNTDQ, loaded machine;
         # before those kernels int8 was 1.7x faster there); with the first layer chained
-        # through a map's BERs 2.65x (make bench, 11 BERs x 20 maps, quiet machine). On a Xeon
+        # through a map's BERs 2.65x, with fc_hidden on the shared _taps scheme 3.4x (make
+        # bench, 11 BERs x 20 maps, quiet machine, benchmarks/RESULTS.md). On a Xeon
         # with AMX int8 had been 2-3x faster than the earlier packed kernels (not re-measured),
         # so it stays preferred.
         return not (cm.all_linear and int8.int8_has_amx())
