@@ -5,18 +5,17 @@ threads: fp32 ``a @ b``, int8 ``torch._int_mm`` and a plain XOR + popcount + acc
 kernel over packed ``uint64`` words in a few blockings (``numba.prange`` over sample blocks,
 inner loop over words, ``S`` samples x ``N`` neurons held in registers so one weight-word load
 serves ``S`` samples; or 2 samples per weight load with the neurons vectorized over transposed
-weights, 4 words per pass over the counts), each reducing its counts to one total per sample (so
-that no kernel measures the store of a (B, O) int64 array); ``popcount roofline`` is the best
-rate of them. Then the packed engine's own kernels: ``fc_hidden`` (popcount, comparator, packed
-output bits) and ``fc_output`` (exact int64 pre-activations) on the same fc layer, and
-``conv_hidden`` (zero-bordered image copy, two positions per weight load, the comparator as a
+weights, either 4 words per pass over counts in memory or 64 neurons' counts in registers over
+all words as 32-bit lanes), each reducing its counts to one total per sample (so that no kernel
+measures the store of a (B, O) int64 array); ``popcount roofline`` is the best rate of them.
+Then the packed engine's own kernels: ``fc_hidden`` (popcount, comparator, packed output bits)
+and ``fc_output`` (exact int64 pre-activations) on the same fc layer, and ``conv_hidden``
+(zero-bordered image copy, 2 positions x 64 units per register tile, the comparator as a
 popcount window per border class) on vgg3's 64 -> 64 channels on 14 x 14, 256 -> 256 on 8 x 8
-and vgg7's 512 -> 512 on 7 x 7 (an odd number of positions). Every kernel is timed in the same 3
+and vgg7's 512 -> 512 on 7 x 7 (an odd number of positions). Every kernel is timed in the same 9
 interleaved rounds (best of each), so the fractions survive this VM's drift. A conv counts every
 tap it computes as a MAC, the padding taps included (a padded 8 x 8 layer has 16 % of its taps
-outside the image). The conv kernel's scheme (weights transposed, the neurons vectorized,
-accumulators in registers across the taps) can beat the fc blockings slightly on wide layers, so
-a conv's fraction can exceed 1. ``gmacs``: G (binary) multiply-accumulates per second,
+outside the image). ``gmacs``: G (binary) multiply-accumulates per second,
 ``ratio``: against fp32 (fc layer), ``of_roofline``: fraction of the popcount roofline.
 
 ``profile``: one packed-engine sweep of fc 784-2048-2048-10 (``runs/fc`` when it exists, else
@@ -49,7 +48,7 @@ if kernels.AVAILABLE:
     from numba import njit, prange
 
     _pc = kernels._popcount
-    _taps = kernels._taps
+    _tile_sum = kernels._tile_sum
 
     # The plain kernels reduce their counts to one total per sample (``s`` ``(B,)``), which
     # keeps every count live: writing a (B, O) int64 array moves 8 bytes per (sample, neuron)
@@ -115,22 +114,50 @@ if kernels.AVAILABLE:
     @njit(parallel=True, cache=True, nogil=True)
     def _xor_pop_2xv(x, w, s):  # pragma: no cover - compiled
         """2 samples per weight load, the neurons vectorized over the transposed weights ``w``
-        ``(nw, O)``, 4 words per pass over the counts (the engine kernels' scheme,
-        :func:`bnn_tol.core.kernels._taps`)."""
+        ``(nw, O)``, the counts in memory, 4 words per pass over them (the engine's scheme
+        until the register tiles)."""
         nb, nw = x.shape
         n_o = w.shape[1]
-        xf = x.ravel()
-        off = np.arange(nw)
         for ib in prange(nb // 2):
             b = 2 * ib
-            s0 = np.empty(n_o, np.int64)
-            s1 = np.empty(n_o, np.int64)
-            _taps(xf, off, w, b * nw, (b + 1) * nw, s0, s1)
+            s0 = np.zeros(n_o, np.int64)
+            s1 = np.zeros(n_o, np.int64)
+            for r in range(0, nw - nw % 4, 4):
+                a0, b0, c0, d0 = x[b, r], x[b, r + 1], x[b, r + 2], x[b, r + 3]
+                a1, b1, c1, d1 = x[b + 1, r], x[b + 1, r + 1], x[b + 1, r + 2], x[b + 1, r + 3]
+                for o in range(n_o):
+                    wa, wb, wc, wd = w[r, o], w[r + 1, o], w[r + 2, o], w[r + 3, o]
+                    s0[o] += _pc(a0 ^ wa) + _pc(b0 ^ wb) + _pc(c0 ^ wc) + _pc(d0 ^ wd)
+                    s1[o] += _pc(a1 ^ wa) + _pc(b1 ^ wb) + _pc(c1 ^ wc) + _pc(d1 ^ wd)
+            for r in range(nw - nw % 4, nw):
+                for o in range(n_o):
+                    s0[o] += _pc(x[b, r] ^ w[r, o])
+                    s1[o] += _pc(x[b + 1, r] ^ w[r, o])
             s[b], s[b + 1] = s0.sum(), s1.sum()
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _xor_pop_tile(x, w, s):  # pragma: no cover - compiled
+        """2 samples x 64 neurons per register tile over the transposed weights as 32-bit
+        half-words ``w`` ``(2 nw, O)`` (:func:`bnn_tol.core.kernels._halves`), the counts in
+        registers across all words (the engine's scheme,
+        :func:`bnn_tol.core.kernels._tile_counts`), each tile summed; ``O`` a multiple of
+        64."""
+        nb, nh = x.shape[0], w.shape[0]
+        xf = x.ravel().view(np.uint32)
+        off = np.arange(nh)
+        for ib in prange(nb // 2):
+            b = 2 * ib
+            t0 = t1 = 0
+            for o0 in range(0, w.shape[1], 64):
+                u0, u1 = _tile_sum(xf, off, w, b * nh, (b + 1) * nh, o0)
+                t0, t1 = t0 + u0, t1 + u1
+            s[b], s[b + 1] = t0, t1
 
     _BLOCKINGS = {"1 sample x 4 neurons": _xor_pop_1x4, "4 samples x 1 neuron": _xor_pop_4x1,
                   "4 samples x 2 neurons": _xor_pop_4x2,
-                  "2 samples x neurons vectorized, 4 words per pass": _xor_pop_2xv}
+                  "2 samples x neurons vectorized, 4 words per pass": _xor_pop_2xv,
+                  "2 samples x 64 neurons in registers over all words (32-bit lanes)":
+                      _xor_pop_tile}
 
 
 
@@ -154,8 +181,9 @@ def _roofline(quick: bool) -> list[dict]:
     w = rng.integers(0, 2**63, (m, m // 64), dtype=np.int64).view(np.uint64)
     s, totals = np.empty((n, m), np.int64), np.empty(n, np.int64)
     w_t = np.ascontiguousarray(w.T)
+    w_h = kernels._halves(w_t)
     for name, f in _BLOCKINGS.items():
-        wf = w_t if f is _xor_pop_2xv else w
+        wf = {_xor_pop_2xv: w_t, _xor_pop_tile: w_h}.get(f, w)
         jobs[f"XOR+popcount numba, {name}"] = (fc_case, n * m * m,
                                                lambda f=f, wf=wf: f(x, wf, totals))
     n_plain = len(jobs)
@@ -178,7 +206,7 @@ def _roofline(quick: bool) -> list[dict]:
         jobs[f"packed engine conv_hidden {c}->{c} on {hw}x{hw}"] = (
             f"3x3 conv {c}->{c} on {hw}x{hw} (every tap), {nb} samples",
             nb * hw * hw * 9 * c * c, lambda args=args: kernels.conv_hidden(*args))
-    times = best_interleaved({name: job[2] for name, job in jobs.items()})
+    times = best_interleaved({name: job[2] for name, job in jobs.items()}, rounds=9)
     rates = {name: job[1] / times[name] for name, job in jobs.items()}
     roof = max(list(rates.values())[2:n_plain])
     fp32 = rates["fp32 a @ b (torch)"]

@@ -68,10 +68,12 @@ def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
 @pytest.mark.parametrize("n_in,n_out", [(1, 1), (63, 3), (65, 67), (130, 128), (2048, 131),
                                          (2100, 64)])
 def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
-    """``fc_output``'s 4-sample x 2-unit tiles and ``fc_hidden``'s sample pairs and 4-word
-    passes: batches not a multiple of 4 (or odd), odd unit counts, widths not a multiple of 64
-    (1, 2, 3 and 33 words: every remainder of the 4-word passes); every unit kind of the
-    comparator (d = +1, -1, dead +1 / -1), ties ``a == t``."""
+    """``fc_output``'s 4-sample x 2-unit tiles and ``fc_hidden``'s register tiles (sample
+    pairs x 64 units over 32-bit half-words): batches not a multiple of 4 (or odd), unit
+    counts below 64 and past a multiple of 64 (the masked last tile; its bits past the last
+    unit stay 0 in a buffer that started all ones), widths not a multiple of 64 (1, 2, 3 and
+    33 words); every unit kind of the comparator (d = +1, -1, dead +1 / -1), ties ``a ==
+    t``."""
     x, w = _pm1((n_b, n_in), 10 + n_b), _pm1((n_out, n_in), 11)
     a = (x.double() @ w.double().t()).numpy().astype(np.int64)
     x_p, w_p = kernels.pack_rows(x.numpy()), kernels.pack_rows(w.numpy())

@@ -13,6 +13,10 @@ unused high bits zero in weights and activations alike, so they never count):
 - conv activations channels-last ``(B, H, W, nw)``; weights transposed ``(k k nw, O)`` (taps
   ``(i, j, word)`` major).
 
+The hidden-layer kernels (:func:`fc_hidden`, :func:`conv_hidden`) read both as 32-bit half-words
+(the activations as their uint64 array viewed as uint32, little-endian; the weights through
+:func:`_halves`) in register tiles of two samples or positions x 64 units.
+
 Hidden layers end in the folded comparator of :func:`bnn_tol.layers.fold_threshold`, written
 branch-free per output unit ``o`` as ``bit = d_o a >= td_o`` (``d_o = +-1``, ``td_o = d_o t_o``;
 a dead unit has ``d_o = 0`` and ``td_o = 0`` for constant +1, ``1`` for constant -1). The output
@@ -35,6 +39,7 @@ try:  # optional dependency: the packed engine is unsupported without it
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 
     AVAILABLE = True
@@ -217,27 +222,22 @@ if AVAILABLE:
         """``x`` ``(B, nw)`` (C-contiguous), weights transposed ``w_t`` ``(nw, O)``, ``n``
         inputs -> bits ``out`` ``(B, ceil(O / 64))``.
 
-        The conv kernel's scheme on a 1 x 1 "image" per sample (:func:`_taps` with the words
-        ``0 .. nw - 1``): two samples per weight load, the units vectorized, four words per
-        pass over the counts; the comparator is the window of :func:`_count_window` on the
-        popcount. An odd last sample is computed twice, writing the same bits. Measured
-        1.34x the previous kernel (4 samples x 2 units register tiles over rows ``(O, nw)``)
-        on a 2048 x 2048 layer."""
+        The conv kernel's register tiles on a 1 x 1 "image" per sample (:func:`_tiles` over
+        the half-words ``0 .. 2 nw - 1``): two samples x 64 units, the counts in registers
+        over all words, the comparator the window of :func:`_count_window` on the popcount.
+        An odd last sample is computed twice, writing the same bits. About as fast as the
+        previous kernel on a 2048 x 2048 layer (0.95-1.17x in three same-run A/Bs)."""
         nb, nw = x.shape
         n_o = w_t.shape[1]
         lo, span = _count_window(n, d, td)
-        lo3, span3 = lo.reshape((1, 1, n_o)), span.reshape((1, 1, n_o))
-        out3 = out.reshape((nb, 1, out.shape[1]))
-        xf = x.ravel()
-        off = np.arange(nw)
+        lo2 = lo.astype(np.int32).reshape((1, n_o))
+        span2 = span.astype(np.uint32).reshape((1, n_o))
+        xf, w_h = x.ravel().view(np.uint32), _halves(w_t)
+        off = np.arange(2 * nw)
         for ip in prange((nb + 1) // 2):
             b0 = 2 * ip
             b1 = min(b0 + 1, nb - 1)
-            s0 = np.empty(n_o, np.int64)
-            s1 = np.empty(n_o, np.int64)
-            _taps(xf, off, w_t, b0 * nw, b1 * nw, s0, s1)
-            _pack_window(s0, lo3, span3, 0, 0, out3, b0, 0)
-            _pack_window(s1, lo3, span3, 0, 0, out3, b1, 0)
+            _tiles(xf, off, w_h, 2 * nw * b0, 2 * nw * b1, lo2, span2, 0, 0, out, b0, b1)
 
     @njit(parallel=True, cache=True, nogil=True)
     def fc_output(x, w, n, out):  # pragma: no cover - compiled
@@ -258,65 +258,141 @@ if AVAILABLE:
                 out[b2, o0], out[b2, o1] = n - 2 * s20, n - 2 * s21
                 out[b3, o0], out[b3, o1] = n - 2 * s30, n - 2 * s31
 
-    @njit(inline="always", nogil=True)
-    def _pack_window(s, lo, span, a, b, out, h, v):  # pragma: no cover - compiled
-        """Bits ``lo[a, b, o] <= s[o] <= lo[a, b, o] + span[a, b, o]`` of ``s`` ``(O,)``
-        packed into ``out[h, v]`` ``(ceil(O / 64),)``. Whole words in a fixed 64-trip loop
-        (LLVM vectorizes it: one unsigned compare per 8 units and an OR reduction; with a
-        variable trip count it stays scalar, ~7x slower), then the tail word. Indexed, not
-        sliced: a numba slice is a reference-counted view (atomic increments per call)."""
-        n_o = s.shape[0]
-        nq = n_o // 64
-        for q in range(nq):
-            word = np.uint64(0)
-            for o in range(64):
-                u = 64 * q + o
-                if np.uint64(s[u] - lo[a, b, u]) <= span[a, b, u]:
-                    word |= np.uint64(1) << np.uint64(o)
-            out[h, v, q] = word
-        if n_o > 64 * nq:
-            word = np.uint64(0)
-            for u in range(64 * nq, n_o):
-                if np.uint64(s[u] - lo[a, b, u]) <= span[a, b, u]:
-                    word |= np.uint64(1) << np.uint64(u - 64 * nq)
-            out[h, v, nq] = word
+    # The register tile: 64 units x two positions, the units' weights as 32-bit half-words
+    # in the lanes of a <64 x i32> (four zmm registers per position), the counts in registers
+    # across all the words (LLVM IR written here: numba's loops kept them in memory). Same-run
+    # A/B (9 interleaved rounds) against the counts-in-memory kernel (four words per pass, the
+    # comparator packed bit by bit): conv 64 -> 64 on 14x14 1.66x, 256 -> 256 on 8x8 1.16x,
+    # 512 -> 512 on 7x7 1.05x, fc 2048 -> 2048 0.95-1.17x (three runs). 32-bit lanes against
+    # 64-bit lanes: 1.08x on the 64-channel conv (half the compares and mask merges per
+    # position), 1.06x on 256, 0.96x on 512, 1.07x on the fc layer.
+    _LANES = 64
+    _I32 = ir.IntType(32)
+    _VEC = ir.VectorType(_I32, _LANES)
+
+    def _splat(builder, x):
+        """``x`` (i32) in every lane of a ``<64 x i32>``."""
+        one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), ir.Constant(
+            ir.VectorType(_I32, _LANES), [0] * _LANES))
+
+    def _lane_loader(builder, masked, nv):
+        """``load(pointer) -> <64 x i32>``: all 64 lanes, or with ``masked`` the first ``nv``
+        (a masked load; the other lanes read as 0, so a tile may end past the last unit)."""
+        if not masked:
+            return lambda ptr: builder.load(ptr, typ=_VEC, align=4)
+        mask = builder.icmp_unsigned("<", ir.Constant(_VEC, list(range(_LANES))),
+                                     _splat(builder, builder.trunc(nv, _I32)))
+        masked_load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _VEC, [ir.PointerType(), _I32, mask.type, _VEC]), "llvm.masked.load.v64i32.p0")
+        return lambda ptr: builder.call(masked_load, [ptr, ir.Constant(_I32, 4), mask,
+                                                      ir.Constant(_VEC, None)])
+
+    def _tile_counts(context, builder, sig, args, load):
+        """IR of the register tile: ``<64 x i32>`` counts of units ``o0 .. o0 + 63`` at two
+        positions, ``acc_p = sum_r popcount(xf[q_p + off[r]] XOR w_h[r, o0:o0 + 64])``
+        (``args``: ``xf`` uint32 (1-d), ``off`` int64 ``(n_r,)``, ``w_h`` uint32 ``(n_r,
+        O)``, ``q0, q1, o0``), held in registers across every half-word ``r``; ``load`` from
+        :func:`_lane_loader`."""
+        xf, off, w_h = (context.make_array(t)(context, builder, v)
+                        for t, v in zip(sig.args[:3], args[:3], strict=True))
+        q0, q1, o0 = args[3:6]
+        n_r = builder.extract_value(off.shape, 0)
+        n_o = builder.extract_value(w_h.shape, 1)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC]),
+                                               "llvm.ctpop.v64i32")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_VEC, None)) for _ in range(2)]
+        with cgutils.for_range(builder, n_r) as loop:
+            r = loop.index
+            o = builder.load(builder.gep(off.data, [r]))
+            w = load(builder.gep(w_h.data, [builder.add(builder.mul(r, n_o), o0)]))
+            for acc, q in zip(accs, (q0, q1), strict=True):
+                x = builder.load(builder.gep(xf.data, [builder.add(q, o)]))
+                pop = builder.call(ctpop, [builder.xor(w, _splat(builder, x))])
+                builder.store(builder.add(builder.load(acc), pop), acc)
+        return [builder.load(acc) for acc in accs]
+
+    def _window_tile(masked):
+        """``tile(xf, off, w_h, q0, q1, o0, nv, lo, span, c0, c1) -> (word_0, word_1)``: the
+        comparator bits of units ``o0 .. o0 + 63`` at two positions, ``bit_o = uint32(s_p[o]
+        - lo[c_p, o0 + o]) <= span[c_p, o0 + o]`` (the window ``lo <= s <= lo + span`` of
+        :func:`_count_window`, one unsigned compare per lane; the 64 lanes' compares bitcast
+        to the word), ``s_p`` the counts of :func:`_tile_counts`; ``lo`` int32, ``span``
+        uint32 ``(classes, O)``, ``c_p`` the position's class. ``masked``: the last ``nv <
+        64`` units only (bits ``nv ..`` are 0); otherwise ``nv`` is ignored."""
+
+        @intrinsic
+        def tile(typingctx, xf, off, w_h, q0, q1, o0, nv, lo, span, c0, c1):
+            sig = types.UniTuple(types.uint64, 2)(xf, off, w_h, types.intp, types.intp,
+                                                  types.intp, types.intp, lo, span,
+                                                  types.intp, types.intp)
+
+            def codegen(context, builder, signature, args):
+                load = _lane_loader(builder, masked, args[6])
+                accs = _tile_counts(context, builder, signature, args, load)
+                lo_a, span_a = (context.make_array(t)(context, builder, v)
+                                for t, v in zip(signature.args[7:9], args[7:9], strict=True))
+                n_o = builder.extract_value(lo_a.shape, 1)
+                words = []
+                for acc, c in zip(accs, args[9:11], strict=True):
+                    at = builder.add(builder.mul(c, n_o), args[5])
+                    bits = builder.icmp_unsigned("<=", builder.sub(acc, load(
+                        builder.gep(lo_a.data, [at]))), load(builder.gep(span_a.data, [at])))
+                    words.append(builder.bitcast(bits, ir.IntType(64)))
+                if masked:  # lanes past the last unit are no units: clear their bits
+                    keep = builder.lshr(ir.Constant(ir.IntType(64), -1),
+                                        builder.sub(ir.Constant(ir.IntType(64), 64), args[6]))
+                    words = [builder.and_(word, keep) for word in words]
+                return context.make_tuple(builder, signature.return_type, words)
+
+            return sig, codegen
+
+        return tile
+
+    _tile = _window_tile(False)
+    _tile_tail = _window_tile(True)
+
+    @intrinsic
+    def _tile_sum(typingctx, xf, off, w_h, q0, q1, o0):
+        """``(sum(acc_0), sum(acc_1))`` of a full register tile over its 64 units, no
+        comparator (the popcount roofline's blocking in ``benchmarks/bench_popcount.py``)."""
+        sig = types.UniTuple(types.int64, 2)(xf, off, w_h, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            accs = _tile_counts(context, builder, signature, args,
+                                _lane_loader(builder, False, None))
+            add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                _I32, [_VEC]), "llvm.vector.reduce.add.v64i32")
+            return context.make_tuple(builder, signature.return_type, [
+                builder.sext(builder.call(add, [acc]), ir.IntType(64)) for acc in accs])
+
+        return sig, codegen
+
+    @njit(nogil=True)
+    def _halves(w_t):  # pragma: no cover - compiled
+        """Transposed weight words ``(n_r, O)`` uint64 -> half-words ``(2 n_r, O)`` uint32,
+        row ``2 r`` the low and ``2 r + 1`` the high 32 bits of row ``r`` (the order of a
+        little-endian uint64 array viewed as uint32, as the activations are read)."""
+        n_r, n_o = w_t.shape
+        out = np.empty((2 * n_r, n_o), np.uint32)
+        for r in range(n_r):
+            for o in range(n_o):
+                out[2 * r, o] = np.uint32(w_t[r, o] & np.uint64(0xFFFFFFFF))
+                out[2 * r + 1, o] = np.uint32(w_t[r, o] >> np.uint64(32))
+        return out
 
     @njit(inline="always", nogil=True)
-    def _taps(xf, off, w_t, q0, q1, s0, s1):  # pragma: no cover - compiled
-        """``s_p[o] = sum_r popcount(xf[q_p + off[r]] XOR w_t[r, o])`` for two output
-        positions ``p`` (``q_p``: the flat index of the patch's first word in the zero-bordered
-        image ``xf``, ``off[r]``: tap word ``r``'s offset from it; for a linear layer the
-        sample's words), vectorized over ``o``: one weight load serves both positions, and the
-        words go four at a time into each pass over the counts (the first word sets them), so
-        the counts are read and written a quarter as often (measured 1.2-1.3x over one word
-        per pass)."""
+    def _tiles(xf, off, w_t, q0, q1, lo, span, c0, c1, out, i0, i1):  # pragma: no cover
+        """Every unit of two positions: ``out[i_p]`` ``(ceil(O / 64),)`` = the comparator
+        bits of the position at ``q_p`` (class ``c_p``), one :func:`_tile` per 64 units and
+        a :func:`_tile_tail` for the rest."""
         n_o = w_t.shape[1]
-        n_r = off.shape[0]
-        x0, x1 = xf[q0 + off[0]], xf[q1 + off[0]]
-        for o in range(n_o):
-            wv = w_t[0, o]
-            s0[o] = _popcount(x0 ^ wv)
-            s1[o] = _popcount(x1 ^ wv)
-        r = 1
-        while r + 3 < n_r:
-            a0, a1 = xf[q0 + off[r]], xf[q1 + off[r]]
-            b0, b1 = xf[q0 + off[r + 1]], xf[q1 + off[r + 1]]
-            c0, c1 = xf[q0 + off[r + 2]], xf[q1 + off[r + 2]]
-            d0, d1 = xf[q0 + off[r + 3]], xf[q1 + off[r + 3]]
-            for o in range(n_o):
-                wa, wb, wc, wd = w_t[r, o], w_t[r + 1, o], w_t[r + 2, o], w_t[r + 3, o]
-                s0[o] += (_popcount(a0 ^ wa) + _popcount(b0 ^ wb) + _popcount(c0 ^ wc)
-                          + _popcount(d0 ^ wd))
-                s1[o] += (_popcount(a1 ^ wa) + _popcount(b1 ^ wb) + _popcount(c1 ^ wc)
-                          + _popcount(d1 ^ wd))
-            r += 4
-        while r < n_r:
-            x0, x1 = xf[q0 + off[r]], xf[q1 + off[r]]
-            for o in range(n_o):
-                wv = w_t[r, o]
-                s0[o] += _popcount(x0 ^ wv)
-                s1[o] += _popcount(x1 ^ wv)
-            r += 1
+        nq = n_o // 64
+        for q in range(nq):
+            out[i0, q], out[i1, q] = _tile(xf, off, w_t, q0, q1, 64 * q, 64, lo, span, c0, c1)
+        if n_o > 64 * nq:
+            out[i0, nq], out[i1, nq] = _tile_tail(xf, off, w_t, q0, q1, 64 * nq, n_o - 64 * nq,
+                                                  lo, span, c0, c1)
 
     @njit(parallel=True, cache=True, nogil=True)
     def conv_hidden(x, w_t, k, pad, rc, cc, lo, span, out):  # pragma: no cover - compiled
@@ -328,32 +404,34 @@ if AVAILABLE:
         Each image is copied once into a zero-bordered buffer, so every tap reads a word
         without a bounds test, and its taps' words are one flat loop (``off``); a padding tap's
         zero word counts ``popcount(w)``, which the position's window (per border class)
-        already adds. Two output positions share each weight load (:func:`_taps`); an odd last
-        position is computed twice, writing the same bits. Measured against the previous
-        kernel (per-position patch gather, comparator after subtracting the padding taps, one
-        position per weight load): 2.0-2.6x on 128-512 channels, 3.4x on 64."""
+        already adds. Two output positions x 64 units per register tile (:func:`_tiles`): the
+        counts stay in registers over all the taps' words and the comparator is 64 lane
+        compares read as the word. An odd last position is computed twice, writing the same
+        bits. Measured (same run) against the previous kernel (counts in memory, four words per
+        pass, the comparator packed bit by bit): 1.66x on 64 channels, 1.05-1.16x on 256-512."""
         nb, hh, ww, nw = x.shape
-        _, ho, wo, _ = out.shape
+        _, ho, wo, nq = out.shape
         n_pos = ho * wo
         wp = ww + 2 * pad
-        off = np.empty(k * k * nw, np.int64)
+        n_rc, ncc, n_o = lo.shape
+        lo2 = lo.astype(np.int32).reshape((n_rc * ncc, n_o))
+        span2 = span.astype(np.uint32).reshape((n_rc * ncc, n_o))
+        w_h, nh = _halves(w_t), 2 * nw
+        off = np.empty(k * k * nh, np.int64)
         for i in range(k):
             for j in range(k):
-                for c in range(nw):
-                    off[(i * k + j) * nw + c] = (i * wp + j) * nw + c
+                for c in range(nh):
+                    off[(i * k + j) * nh + c] = (i * wp + j) * nh + c
         for b in prange(nb):
-            s0 = np.empty(w_t.shape[1], np.int64)
-            s1 = np.empty(w_t.shape[1], np.int64)
             xp = np.zeros((hh + 2 * pad, wp, nw), np.uint64)
             xp[pad:pad + hh, pad:pad + ww] = x[b]
-            xf, ob = xp.ravel(), out[b]
+            xf, ob = xp.ravel().view(np.uint32), out[b].reshape((n_pos, nq))
             for p0 in range(0, n_pos, 2):
+                p1 = min(p0 + 1, n_pos - 1)
                 h0, v0 = divmod(p0, wo)
-                h1, v1 = divmod(min(p0 + 1, n_pos - 1), wo)
-                q0, q1 = (h0 * wp + v0) * nw, (h1 * wp + v1) * nw
-                _taps(xf, off, w_t, q0, q1, s0, s1)
-                _pack_window(s0, lo, span, rc[h0], cc[v0], ob, h0, v0)
-                _pack_window(s1, lo, span, rc[h1], cc[v1], ob, h1, v1)
+                h1, v1 = divmod(p1, wo)
+                _tiles(xf, off, w_h, (h0 * wp + v0) * nh, (h1 * wp + v1) * nh, lo2, span2,
+                       rc[h0] * ncc + cc[v0], rc[h1] * ncc + cc[v1], ob, p0, p1)
 
     @njit(parallel=True, cache=True, nogil=True)
     def conv_first(q_bl, w_t, k, pad, pool, chans, d, td, clean, out):  # pragma: no cover
