@@ -230,8 +230,7 @@ if AVAILABLE:
         nb, nw = x.shape
         n_o = w_t.shape[1]
         lo, span = _count_window(n, d, td)
-        lo2 = lo.astype(np.int32).reshape((1, n_o))
-        span2 = span.astype(np.uint32).reshape((1, n_o))
+        lo2, span2 = _windows32(lo.reshape((1, n_o)), span.reshape((1, n_o)))
         xf, w_h = x.ravel().view(np.uint32), _halves(w_t)
         off = np.arange(2 * nw)
         for ip in prange((nb + 1) // 2):
@@ -369,17 +368,39 @@ if AVAILABLE:
         return sig, codegen
 
     @njit(nogil=True)
+    def _empty64(rows, cols, dtype):  # pragma: no cover - compiled
+        """An uninitialized C-contiguous ``(rows, cols)`` array of a 4-byte ``dtype`` whose data
+        starts on a 64-byte boundary: a tile's zmm loads then never straddle two cache lines
+        (measured on the 2048 x 2048 layer: 2217 G MAC/s aligned, 1643-1839 at offsets of 4,
+        16 and 32 bytes; numba's allocations are not 64-byte aligned in general)."""
+        buf = np.empty(rows * cols + 15, dtype)
+        start = (-(buf.ctypes.data // 4)) % 16
+        return buf[start:start + rows * cols].reshape((rows, cols))
+
+    @njit(nogil=True)
     def _halves(w_t):  # pragma: no cover - compiled
-        """Transposed weight words ``(n_r, O)`` uint64 -> half-words ``(2 n_r, O)`` uint32,
-        row ``2 r`` the low and ``2 r + 1`` the high 32 bits of row ``r`` (the order of a
-        little-endian uint64 array viewed as uint32, as the activations are read)."""
+        """Transposed weight words ``(n_r, O)`` uint64 -> half-words ``(2 n_r, O)`` uint32
+        (64-byte aligned), row ``2 r`` the low and ``2 r + 1`` the high 32 bits of row ``r``
+        (the order of a little-endian uint64 array viewed as uint32, as the activations are
+        read)."""
         n_r, n_o = w_t.shape
-        out = np.empty((2 * n_r, n_o), np.uint32)
+        out = _empty64(2 * n_r, n_o, np.uint32)
         for r in range(n_r):
             for o in range(n_o):
                 out[2 * r, o] = np.uint32(w_t[r, o] & np.uint64(0xFFFFFFFF))
                 out[2 * r + 1, o] = np.uint32(w_t[r, o] >> np.uint64(32))
         return out
+
+    @njit(nogil=True)
+    def _windows32(lo, span):  # pragma: no cover - compiled
+        """Windows ``(classes, O)`` int64 / uint64 -> int32 / uint32, 64-byte aligned (the
+        lanes of :func:`_tile`; every count and bound is far below 2^31)."""
+        n_c, n_o = lo.shape
+        lo32, span32 = _empty64(n_c, n_o, np.int32), _empty64(n_c, n_o, np.uint32)
+        for c in range(n_c):
+            for o in range(n_o):
+                lo32[c, o], span32[c, o] = np.int32(lo[c, o]), np.uint32(span[c, o])
+        return lo32, span32
 
     @njit(inline="always", nogil=True)
     def _tiles(xf, off, w_t, q0, q1, lo, span, c0, c1, out, i0, i1):  # pragma: no cover
@@ -414,8 +435,7 @@ if AVAILABLE:
         n_pos = ho * wo
         wp = ww + 2 * pad
         n_rc, ncc, n_o = lo.shape
-        lo2 = lo.astype(np.int32).reshape((n_rc * ncc, n_o))
-        span2 = span.astype(np.uint32).reshape((n_rc * ncc, n_o))
+        lo2, span2 = _windows32(lo.reshape((n_rc * ncc, n_o)), span.reshape((n_rc * ncc, n_o)))
         w_h, nh = _halves(w_t), 2 * nw
         off = np.empty(k * k * nh, np.int64)
         for i in range(k):
