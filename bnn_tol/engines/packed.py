@@ -483,8 +483,9 @@ class PackedEngine(SignEngine):
         # 784-2048-2048-10 and 1.8x on 784-512-512-10 (10k images, 11 BERs x 4 maps, 2 threads,
         # both engines in one process, AMD EPYC with AVX-512 VNNI + VPOPCNTDQ, loaded machine;
         # before those kernels int8 was 1.7x faster there); with the first layer chained
-        # through a map's BERs 2.65x, with fc_hidden on the conv kernel's scheme 3.4x (make
-        # bench, 11 BERs x 20 maps, benchmarks/RESULTS.md). On a Xeon with AMX int8 had been
+        # through a map's BERs 2.65x, with fc_hidden on the conv kernel's scheme 3.4x, on the
+        # register tiles 2.85x / 3.07x in two runs whose int8 rows were faster (make bench, 11
+        # BERs x 20 maps, benchmarks/RESULTS.md). On a Xeon with AMX int8 had been
         # 2-3x faster than the earlier packed kernels (not re-measured), so it stays preferred.
         return not (cm.all_linear and int8.int8_has_amx())
 
