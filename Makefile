@@ -46,7 +46,7 @@ demo: setup
 	$(BIN)/bnn-tol demo --out $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnn_tol tests benchmarks scripts
+	$(BIN)/ruff check bnn_tol tests benchmarks scripts notebooks
 	$(BIN)/lint-imports
 
 test: setup lint

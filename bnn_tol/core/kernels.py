@@ -372,7 +372,8 @@ if AVAILABLE:
         """An uninitialized C-contiguous ``(rows, cols)`` array of a 4-byte ``dtype`` whose data
         starts on a 64-byte boundary: a tile's zmm loads then never straddle two cache lines
         (measured on the 2048 x 2048 layer: 2217 G MAC/s aligned, 1643-1839 at offsets of 4,
-        16 and 32 bytes; numba's allocations are not 64-byte aligned in general)."""
+        16 and 32 bytes; numba aligns its arrays to 32 bytes only,
+        ``BaseContext.get_preferred_array_alignment``)."""
         buf = np.empty(rows * cols + 15, dtype)
         start = (-(buf.ctypes.data // 4)) % 16
         return buf[start:start + rows * cols].reshape((rows, cols))
@@ -403,16 +404,16 @@ if AVAILABLE:
         return lo32, span32
 
     @njit(inline="always", nogil=True)
-    def _tiles(xf, off, w_t, q0, q1, lo, span, c0, c1, out, i0, i1):  # pragma: no cover
+    def _tiles(xf, off, w_h, q0, q1, lo, span, c0, c1, out, i0, i1):  # pragma: no cover
         """Every unit of two positions: ``out[i_p]`` ``(ceil(O / 64),)`` = the comparator
         bits of the position at ``q_p`` (class ``c_p``), one :func:`_tile` per 64 units and
-        a :func:`_tile_tail` for the rest."""
-        n_o = w_t.shape[1]
+        a :func:`_tile_tail` for the rest (``w_h`` ``(n_r, O)`` from :func:`_halves`)."""
+        n_o = w_h.shape[1]
         nq = n_o // 64
         for q in range(nq):
-            out[i0, q], out[i1, q] = _tile(xf, off, w_t, q0, q1, 64 * q, 64, lo, span, c0, c1)
+            out[i0, q], out[i1, q] = _tile(xf, off, w_h, q0, q1, 64 * q, 64, lo, span, c0, c1)
         if n_o > 64 * nq:
-            out[i0, nq], out[i1, nq] = _tile_tail(xf, off, w_t, q0, q1, 64 * nq, n_o - 64 * nq,
+            out[i0, nq], out[i1, nq] = _tile_tail(xf, off, w_h, q0, q1, 64 * nq, n_o - 64 * nq,
                                                   lo, span, c0, c1)
 
     @njit(parallel=True, cache=True, nogil=True)
