@@ -15,6 +15,21 @@ from bnn_tol.engines import int8 as int8_engine
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
+#: Both implementations of the hidden-layer kernels, ``(fc_hidden, conv_hidden)``: the register
+#: tiles (AVX-512 VPOPCNTDQ) and the counts-in-memory kernels; ``kernels.TILES`` picks one per
+#: CPU, and the tests run both on every CPU.
+HIDDEN = {"tiles": ("_fc_hidden_tiles", "_conv_hidden_tiles"),
+          "taps": ("_fc_hidden_taps", "_conv_hidden_taps")}
+by_impl = pytest.mark.parametrize("impl", list(HIDDEN))
+
+
+def _fc_hidden(impl):
+    return getattr(kernels, HIDDEN[impl][0])
+
+
+def _conv_hidden(impl):
+    return getattr(kernels, HIDDEN[impl][1])
+
 
 def _pm1(shape, seed):
     g = torch.Generator().manual_seed(seed)
@@ -49,8 +64,9 @@ def test_pack_rows_is_little_endian_per_word():
     assert w[0].tolist() == [1, 1, 0] and w[1].tolist() == [0, 0, 2]
 
 
+@by_impl
 @pytest.mark.parametrize("n_in,n_out", [(64, 64), (100, 70), (300, 129)])
-def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
+def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out, impl):
     x, w = _pm1((33, n_in), 0), _pm1((n_out, n_in), 1)
     a = (x @ w.t()).numpy().astype(np.int64)  # exact: small integers
     x_p = kernels.pack_rows(x.numpy())
@@ -60,7 +76,7 @@ def test_fc_kernels_equal_the_integer_dot_product(n_in, n_out):
     assert (out == a).all()
     d, t, const = _rule(n_out, 2)
     bits = np.empty((33, -(-n_out // 64)), np.uint64)
-    kernels.fc_hidden(x_p, w_p.T.copy(), n_in, *kernels.comparator(d, t, const), bits)
+    _fc_hidden(impl)(x_p, w_p.T.copy(), n_in, *kernels.comparator(d, t, const), bits)
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
 
 
@@ -81,7 +97,8 @@ def test_halves_split_each_word_in_order_on_a_64_byte_boundary(n_r, n_o):
 @pytest.mark.parametrize("n_b", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("n_in,n_out", [(1, 1), (63, 3), (65, 67), (130, 128), (2048, 131),
                                          (2100, 64)])
-def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
+@by_impl
+def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out, impl):
     """``fc_output``'s 4-sample x 2-unit tiles and ``fc_hidden``'s register tiles (sample
     pairs x 64 units over 32-bit half-words): batches not a multiple of 4 (or odd), unit
     counts below 64 and past a multiple of 64 (the masked last tile; its bits past the last
@@ -97,7 +114,7 @@ def test_fc_kernel_tiles_cover_odd_widths_and_batch_tails(n_b, n_in, n_out):
     d, t, const = _rule(n_out, 12)
     t[::3] = a[0, ::3]  # ties a == t on the first sample: >= and <= both hold
     bits = np.full((n_b, -(-n_out // 64)), 2**64 - 1, np.uint64)
-    kernels.fc_hidden(x_p, w_p.T.copy(), n_in, *kernels.comparator(d, t, const), bits)
+    _fc_hidden(impl)(x_p, w_p.T.copy(), n_in, *kernels.comparator(d, t, const), bits)
     assert (_unpack(bits, n_out) == _expected_bits(a, d, t, const)).all()
     assert (np.bitwise_count(bits).sum(1) == _expected_bits(a, d, t, const).sum(1)).all()
 
@@ -155,7 +172,8 @@ def test_flip_positions_equal_packing_the_flipped_weights(kind):
     [(64, 64, 3, 1, 7), (70, 130, 3, 1, 6), (5, 9, 3, 0, 5), (3, 4, 5, 2, 4), (65, 128, 3, 1, 2),
      (128, 192, 3, 1, 5), (9, 70, 5, 1, 3)],
 )
-def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
+@by_impl
+def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw, impl):
     """Every border class (corners, edges, images smaller than the kernel, more padding
     classes than 3 x 3), odd position counts (the last position of a pair computed twice),
     widths across word boundaries, dead units of both signs."""
@@ -172,7 +190,7 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
     w_t = lay.pack(w)
     d, t, const = _rule(c_out, 5)
     out = np.empty((4, *a.shape[2:], -(-c_out // 64)), np.uint64)
-    kernels.conv_hidden(
+    _conv_hidden(impl)(
         kernels.pack_rows(x.permute(0, 2, 3, 1).numpy()),
         w_t,
         k,
@@ -187,7 +205,8 @@ def test_conv_hidden_equals_conv2d_with_zero_padding(c_in, c_out, k, pad, hw):
 @settings(max_examples=30, deadline=None)
 @given(c_in=st.integers(1, 140), c_out=st.integers(1, 140), k=st.sampled_from([1, 3, 5]),
        pad=st.integers(0, 3), h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 99))
-def test_conv_hidden_equals_conv2d_on_any_shape(c_in, c_out, k, pad, h, w, seed):
+@by_impl
+def test_conv_hidden_equals_conv2d_on_any_shape(impl, c_in, c_out, k, pad, h, w, seed):
     """Property: any channel counts, kernel, padding (also wider than the kernel: positions
     with no tap inside) and non-square image whose output is not empty."""
     if h + 2 * pad < k or w + 2 * pad < k:
@@ -206,7 +225,8 @@ def test_conv_hidden_equals_conv2d_on_any_shape(c_in, c_out, k, pad, h, w, seed)
     d, t, const = _rule(c_out, seed)
     out = np.empty((3, *a.shape[2:], -(-c_out // 64)), np.uint64)
     xb = kernels.pack_rows(x.permute(0, 2, 3, 1).numpy())
-    kernels.conv_hidden(xb, w_t, k, pad, *lay.windows(w_t, kernels.comparator(d, t, const)), out)
+    args = (xb, w_t, k, pad, *lay.windows(w_t, kernels.comparator(d, t, const)), out)
+    _conv_hidden(impl)(*args)
     want = _expected_bits(a.transpose(0, 2, 3, 1), d, t, const)
     assert (_unpack(out, c_out) == want).all()
 
@@ -312,12 +332,16 @@ ODD = [
 ]
 
 
+@by_impl
 @pytest.mark.parametrize("arch,kw,shape", ODD, ids=[c[0] for c in ODD])
-def test_packed_equals_reference_on_odd_widths_dead_units_and_negative_gamma(arch, kw, shape):
+def test_packed_equals_reference_on_odd_widths_dead_units_and_negative_gamma(
+        arch, kw, shape, impl, monkeypatch):
     """Widths that are not multiples of 64 (odd unit counts, a 3-unit layer; vgg7: exactly 64,
     two words with a tail, a tail word alone, odd positions 3 x 3), a data chunk that is not a
     multiple of the kernels' 4-sample tiles, dead units (gamma = 0) and gamma < 0
-    units in every hidden block."""
+    units in every hidden block; with either implementation of the hidden kernels."""
+    monkeypatch.setattr(kernels, "fc_hidden", _fc_hidden(impl))
+    monkeypatch.setattr(kernels, "conv_hidden", _conv_hidden(impl))
     model = randomize_bn(models.build(arch, in_shape=shape, seed=7, **kw), seed=8)
     with torch.no_grad():
         for b in model.blocks[:-1]:
