@@ -8,7 +8,8 @@ serves ``S`` samples; or 2 samples per weight load with the neurons vectorized o
 weights, either 4 words per pass over counts in memory or 64 neurons' counts in registers over
 all words as 32-bit lanes), each reducing its counts to one total per sample (so that no kernel
 measures the store of a (B, O) int64 array); ``popcount roofline`` is the best rate of them.
-Then the packed engine's own kernels: ``fc_hidden`` (popcount, comparator, packed output bits)
+Then the packed engine's own kernels (the hidden ones as ``kernels.TILES`` picks them for this
+CPU): ``fc_hidden`` (popcount, comparator, packed output bits)
 and ``fc_output`` (exact int64 pre-activations) on the same fc layer, and ``conv_hidden``
 (zero-bordered image copy, 2 positions x 64 units per register tile, the comparator as a
 popcount window per border class) on vgg3's 64 -> 64 channels on 14 x 14, 256 -> 256 on 8 x 8
@@ -48,6 +49,7 @@ if kernels.AVAILABLE:
     from numba import njit, prange
 
     _pc = kernels._popcount
+    _taps = kernels._taps
     _tile_sum = kernels._tile_sum
 
     # The plain kernels reduce their counts to one total per sample (``s`` ``(B,)``), which
@@ -114,25 +116,17 @@ if kernels.AVAILABLE:
     @njit(parallel=True, cache=True, nogil=True)
     def _xor_pop_2xv(x, w, s):  # pragma: no cover - compiled
         """2 samples per weight load, the neurons vectorized over the transposed weights ``w``
-        ``(nw, O)``, the counts in memory, 4 words per pass over them (the engine's scheme
-        until the register tiles)."""
+        ``(nw, O)``, the counts in memory, 4 words per pass over them (the engine's kernels on
+        CPUs without AVX-512 VPOPCNTDQ, :func:`bnn_tol.core.kernels._taps`)."""
         nb, nw = x.shape
         n_o = w.shape[1]
+        xf = x.ravel()
+        off = np.arange(nw)
         for ib in prange(nb // 2):
             b = 2 * ib
-            s0 = np.zeros(n_o, np.int64)
-            s1 = np.zeros(n_o, np.int64)
-            for r in range(0, nw - nw % 4, 4):
-                a0, b0, c0, d0 = x[b, r], x[b, r + 1], x[b, r + 2], x[b, r + 3]
-                a1, b1, c1, d1 = x[b + 1, r], x[b + 1, r + 1], x[b + 1, r + 2], x[b + 1, r + 3]
-                for o in range(n_o):
-                    wa, wb, wc, wd = w[r, o], w[r + 1, o], w[r + 2, o], w[r + 3, o]
-                    s0[o] += _pc(a0 ^ wa) + _pc(b0 ^ wb) + _pc(c0 ^ wc) + _pc(d0 ^ wd)
-                    s1[o] += _pc(a1 ^ wa) + _pc(b1 ^ wb) + _pc(c1 ^ wc) + _pc(d1 ^ wd)
-            for r in range(nw - nw % 4, nw):
-                for o in range(n_o):
-                    s0[o] += _pc(x[b, r] ^ w[r, o])
-                    s1[o] += _pc(x[b + 1, r] ^ w[r, o])
+            s0 = np.empty(n_o, np.int64)
+            s1 = np.empty(n_o, np.int64)
+            _taps(xf, off, w, b * nw, (b + 1) * nw, s0, s1)
             s[b], s[b + 1] = s0.sum(), s1.sum()
 
     @njit(parallel=True, cache=True, nogil=True)

@@ -411,6 +411,18 @@ if AVAILABLE:
                 lo32[c, o], span32[c, o] = np.int32(lo[c, o]), np.uint32(span[c, o])
         return lo32, span32
 
+    @njit(nogil=True)
+    def _tap_offsets(k, wp, nw):  # pragma: no cover - compiled
+        """``off`` int64 ``(k k nw,)``: tap word ``((i, j), c)``'s offset in a zero-bordered
+        image ``(Hp, wp, nw)`` (flattened) from its patch's first word, ``(i wp + j) nw + c``
+        (taps ``(i, j, word)`` major, as the transposed weights)."""
+        off = np.empty(k * k * nw, np.int64)
+        for i in range(k):
+            for j in range(k):
+                for c in range(nw):
+                    off[(i * k + j) * nw + c] = (i * wp + j) * nw + c
+        return off
+
     @njit(inline="always", nogil=True)
     def _tiles(xf, off, w_h, q0, q1, lo, span, c0, c1, out, i0, i1):  # pragma: no cover
         """Every unit of two positions: ``out[i_p]`` ``(ceil(O / 64),)`` = the comparator
@@ -446,11 +458,7 @@ if AVAILABLE:
         n_rc, ncc, n_o = lo.shape
         lo2, span2 = _windows32(lo.reshape((n_rc * ncc, n_o)), span.reshape((n_rc * ncc, n_o)))
         w_h, nh = _halves(w_t), 2 * nw
-        off = np.empty(k * k * nh, np.int64)
-        for i in range(k):
-            for j in range(k):
-                for c in range(nh):
-                    off[(i * k + j) * nh + c] = (i * wp + j) * nh + c
+        off = _tap_offsets(k, wp, nh)
         for b in prange(nb):
             xp = np.zeros((hh + 2 * pad, wp, nw), np.uint64)
             xp[pad:pad + hh, pad:pad + ww] = x[b]
@@ -492,11 +500,7 @@ if AVAILABLE:
         _, ho, wo, _ = out.shape
         n_pos = ho * wo
         wp = ww + 2 * pad
-        off = np.empty(k * k * nw, np.int64)
-        for i in range(k):
-            for j in range(k):
-                for c in range(nw):
-                    off[(i * k + j) * nw + c] = (i * wp + j) * nw + c
+        off = _tap_offsets(k, wp, nw)
         for b in prange(nb):
             s0 = np.empty(w_t.shape[1], np.int64)
             s1 = np.empty(w_t.shape[1], np.int64)
