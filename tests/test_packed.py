@@ -87,8 +87,8 @@ def test_halves_split_each_word_in_order_on_a_64_byte_boundary(n_r, n_o):
     cost the 2048 x 2048 layer up to 26 %)."""
     rng = np.random.default_rng(n_r * n_o)
     w = rng.integers(0, 2**63, (n_r, n_o), dtype=np.int64).view(np.uint64) ^ np.uint64(2**63)
-    for _ in range(5):
-        h = kernels._halves(w)
+    kept = [kernels._halves(w) for _ in range(20)]  # alive: 20 distinct allocations
+    for h in kept:
         assert h.dtype == np.uint32 and h.shape == (2 * n_r, n_o) and h.flags.c_contiguous
         assert h.ctypes.data % 64 == 0
         assert (h[0::2].astype(np.uint64) | h[1::2].astype(np.uint64) << np.uint64(32) == w).all()
